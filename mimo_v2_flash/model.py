@@ -1,0 +1,205 @@
+"""MiMoV2FlashModel: embedding, 48 decoder layers, final norm, untied lm_head; KV cache and generation.
+
+```python
+model = MiMoV2FlashModel.from_pretrained(path)        # Hub-layout checkpoint directory
+logits = model.forward(input_ids)                     # int [B, T] -> float32 [B, T, vocab]
+tokens = model.generate(input_ids, max_new_tokens=32) # greedy at temperature 0
+```
+
+Expert subset: a model may load only some routed experts (`expert_subset`). Its router then
+chooses the top-8 among the loaded experts only (unloaded experts get -inf selection scores);
+weights are renormalised over the chosen 8 as usual. With all experts loaded this is exactly
+the real model; with a subset it is a smaller model of the same structure, not an approximation
+of the full one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import MiMoV2FlashConfig, load_config
+from .kv_cache import KVCache
+from .layer import LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from .weights import random_weights
+
+
+def _make_ops(backend: str, config, weights, allowed):
+    if backend == "reference":
+        return ReferenceOps(config, weights, allowed)
+    if backend == "nki":
+        from .nki_ops import NkiOps   # kernels are imported only when asked for
+        return NkiOps(config, weights, allowed)
+    raise ValueError(f"unknown backend {backend!r}: expected 'reference' or 'nki'")
+
+
+class MiMoV2FlashModel:
+    def __init__(self, config: MiMoV2FlashConfig, weights, expert_subset=None,
+                 backend: str = "reference", expert_executor=None):
+        """`weights` maps Hub tensor names to arrays (Hub layout [out, in]).
+
+        `expert_subset`: the routed experts the router may choose (None = all of them).
+        `expert_executor`: runs routed experts (default: locally; `parallel` supplies the
+        expert-parallel one, in which case this process may hold none of the experts).
+        """
+        self.config = config
+        self.weights = weights
+        self.expert_subset = None if expert_subset is None else sorted(int(e) for e in expert_subset)
+        allowed = None
+        if self.expert_subset is not None:
+            bad = [e for e in self.expert_subset if not 0 <= e < config.n_routed_experts]
+            if bad:
+                raise ValueError(f"expert_subset holds expert {bad[0]} outside 0..{config.n_routed_experts - 1}")
+            if len(self.expert_subset) < config.num_experts_per_tok:
+                raise ValueError(f"expert_subset has {len(self.expert_subset)} experts; the router "
+                                 f"needs at least num_experts_per_tok={config.num_experts_per_tok}")
+            allowed = np.zeros(config.n_routed_experts, bool)
+            allowed[self.expert_subset] = True
+        self.backend = backend
+        self.ops = _make_ops(backend, config, weights, allowed)
+        self.expert_executor = expert_executor or LocalExperts(self.ops)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def random(cls, config: MiMoV2FlashConfig | str = "tiny", seed: int = 0, expert_subset=None, **kwargs):
+        """Seeded random weights (see `weights.random_weights`)."""
+        if isinstance(config, str):
+            config = load_config(config)
+        weights = random_weights(config, seed, experts=expert_subset)
+        return cls(config, weights, expert_subset=expert_subset, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, expert_subset=None, **kwargs):
+        """Load a Hub-layout checkpoint directory (`config.json`, index, shards)."""
+        from .checkpoint import load_hub_checkpoint
+        config, weights = load_hub_checkpoint(path, experts=expert_subset)
+        return cls(config, weights, expert_subset=expert_subset, **kwargs)
+
+    def save_pretrained(self, path, dtype: str = "float32") -> None:
+        """Write a Hub-layout checkpoint (config, index, per-layer shards) of these weights."""
+        from .checkpoint import save_hub_checkpoint
+        save_hub_checkpoint(path, self.config, self.weights, dtype=dtype)
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(self.config, batch)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            raise ValueError(f"{what} is empty: at least one token is needed")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"{what} holds token id {int(ids[bad][0])} outside the vocabulary "
+                             f"0..{self.config.vocab_size - 1}")
+        return ids.astype(np.int64)
+
+    def forward_ragged(self, sequences: list, cache: KVCache | None = None,
+                       seq_indices: list[int] | None = None) -> list[np.ndarray]:
+        """New tokens for several sequences of different lengths -> logits [T_i, vocab] each.
+
+        With a cache, sequence i continues cache slot `seq_indices[i]` (default i) from its
+        current length; without one, each sequence starts at position 0.
+        """
+        seq_indices = list(range(len(sequences))) if seq_indices is None else list(seq_indices)
+        ids, starts, stops, positions = [], [], [], []
+        offset = 0
+        for i, (seq, tokens) in enumerate(zip(seq_indices, sequences)):
+            tokens = self._check_ids(np.asarray(tokens).reshape(-1), f"input_ids of sequence {i}")
+            start = 0 if cache is None else int(cache.seq_lens[seq])
+            if start + len(tokens) > self.config.max_position_embeddings:
+                raise ValueError(f"sequence {i} would reach position {start + len(tokens)} beyond "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
+            ids.append(tokens)
+            positions.append(np.arange(start, start + len(tokens)))
+            starts.append(offset)
+            offset += len(tokens)
+            stops.append(offset)
+        batch = TokenBatch(seq_indices, starts, stops, np.concatenate(positions))
+        x = self.ops.embed(np.concatenate(ids))
+        for layer in range(self.config.num_hidden_layers):
+            x = decoder_layer(self.ops, self.config, layer, x, batch, cache, self.expert_executor)
+        logits = self.ops.logits(x)
+        if cache is not None:
+            for seq, start, stop in batch.segments():
+                cache.seq_lens[seq] += stop - start
+        return [logits[start:stop] for _, start, stop in batch.segments()]
+
+    def forward(self, input_ids, cache: KVCache | None = None) -> np.ndarray:
+        """input_ids int [B, T] -> logits float32 [B, T, vocab] (continuing `cache` if given)."""
+        input_ids = self._check_ids(input_ids, "input_ids")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
+        if cache is not None and cache.batch != input_ids.shape[0]:
+            raise ValueError(f"cache holds {cache.batch} sequences but input_ids has {input_ids.shape[0]}")
+        return np.stack(self.forward_ragged(list(input_ids), cache))
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_tokens=None, return_timing: bool = False):
+        """Prefill, then decode one token at a time with the KV cache.
+
+        Greedy at temperature 0; otherwise sample from softmax(logits / temperature) restricted to
+        the `top_k` most likely tokens and the smallest set reaching probability `top_p`.
+        A sequence that emits one of `stop_tokens` stops; its row is padded with that token.
+        Returns int64 [B, T + max_new_tokens] (and timings if asked).
+        """
+        import time
+        input_ids = self._check_ids(input_ids, "input_ids")
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None, :]
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop = set(stop_tokens if stop_tokens is not None else self.config.stop_token_ids)
+        rng = np.random.default_rng(seed)
+        batch = input_ids.shape[0]
+        cache = self.new_cache(batch)
+        out = np.zeros((batch, input_ids.shape[1] + max_new_tokens), np.int64)
+        out[:, : input_ids.shape[1]] = input_ids
+        t0 = time.perf_counter()
+        logits = [l[-1] for l in self.forward_ragged(list(input_ids), cache)] if max_new_tokens else []
+        prefill_s = time.perf_counter() - t0
+        active = list(range(batch))
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            col = input_ids.shape[1] + step
+            next_tokens = [sample(l, temperature, top_k, top_p, rng) for l in logits]
+            still = []
+            for seq, token in zip(active, next_tokens):
+                out[seq, col] = token
+                if token in stop:
+                    out[seq, col + 1:] = token
+                else:
+                    still.append(seq)
+            active = still
+            if not active or step == max_new_tokens - 1:
+                break
+            logits = [l[-1] for l in self.forward_ragged([[out[s, col]] for s in active], cache, active)]
+        decode_s = time.perf_counter() - t1
+        if return_timing:
+            return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes}
+        return out
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+           rng: np.random.Generator) -> int:
+    """One token from a logits vector; argmax (lowest id on ties) when temperature is 0."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < len(z):
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+        mask = np.zeros_like(probs, bool)
+        mask[keep] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
