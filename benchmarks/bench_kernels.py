@@ -1,0 +1,70 @@
+"""Kernel benchmark: the simulator's estimated Trainium2 time against the roofline, per kernel.
+
+    python benchmarks/bench_kernels.py [--tokens 1,8,64,512,4096] [--topics kernels_basic,...]
+
+For every kernel topic (mimo_v2_flash/selfcheck/kernels_*.py) at decode (T = 1, 8, 64) and
+prefill (T = 512, 4096) token counts, and the attention shapes of its own topic: estimated time
+(cost model, not a measurement), roofline time (max of FLOPs / peak and HBM bytes / bandwidth),
+percent of roofline, and the issue's goal. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import time
+
+KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention"]
+DEFAULT_TOKENS = [1, 8, 64, 512, 4096]
+
+
+def collect(topics, token_counts):
+    rows = []
+    for topic in topics:
+        module = importlib.import_module(f"mimo_v2_flash.selfcheck.{topic}")
+        started = time.perf_counter()
+        for row in module.bench(token_counts):
+            row = dict(row, topic=topic)
+            est, roof = row.get("estimated_us"), row.get("roofline_us")
+            row["roofline_fraction"] = roof / est if est and roof else None
+            row["meets_goal"] = (row["roofline_fraction"] is not None and row.get("goal") is not None
+                                 and row["roofline_fraction"] >= row["goal"])
+            rows.append(row)
+        print(f"[{topic}: simulated in {time.perf_counter() - started:.0f} s]")
+    return rows
+
+
+def format_rows(rows) -> str:
+    header = f"{'kernel':<26} {'shapes':<40} {'T':>6} {'bound':>6} {'est us':>10} {'roof us':>10} " \
+             f"{'% roof':>7} {'goal':>5} {'met':>4}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        frac = r["roofline_fraction"]
+        goal = r.get("goal")
+        lines.append(f"{r['kernel']:<26} {r['shapes']:<40} {r['tokens']:>6} {r.get('bound', ''):>6} "
+                     f"{r['estimated_us']:>10.1f} {r['roofline_us']:>10.1f} "
+                     f"{'-' if frac is None else f'{frac:.0%}':>7} "
+                     f"{'-' if goal is None else f'{goal:.0%}':>5} {'yes' if r['meets_goal'] else 'no':>4}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)))
+    parser.add_argument("--topics", default=",".join(KERNEL_TOPICS))
+    parser.add_argument("--json", default="benchmarks/results/kernels.json")
+    args = parser.parse_args(argv)
+    rows = collect(args.topics.split(","), [int(t) for t in args.tokens.split(",")])
+    print(format_rows(rows))
+    print("estimated times come from the simulator's cost model of Trainium2 (see docs/simulator.md); "
+          "they are estimates, not measurements")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"timestamp": time.time(), "rows": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
