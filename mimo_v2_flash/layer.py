@@ -98,6 +98,41 @@ class ReferenceOps:
         return ref.linear(self.rmsnorm(x, FINAL_NORM), self.w(LM_HEAD))
 
 
+class CheckedOps:
+    """Runs every op on a backend and on the reference, returns the backend's result and records
+    the largest relative difference per op ("numpy-reference-checked").
+
+    Both backends see the same inputs, so each recorded number is that op's own error, not the
+    error accumulated through the layer. `differences[op] = max |a - b| / max |b|`. Routing is
+    compared as the fraction of (token, slot) expert ids that differ.
+    """
+
+    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "rope", "attention", "router",
+                 "experts", "dense_mlp", "logits")
+
+    def __init__(self, backend, reference):
+        self.backend, self.reference = backend, reference
+        self.differences: dict[str, float] = {}
+
+    def __getattr__(self, name):
+        primary = getattr(self.backend, name)
+        if name not in self._COMPARED:
+            return primary
+
+        def checked(*args, **kwargs):
+            got = primary(*args, **kwargs)
+            want = getattr(self.reference, name)(*args, **kwargs)
+            if name == "router":
+                diff = float(np.mean(np.sort(got[0], -1) != np.sort(want[0], -1)))
+            else:
+                pairs = zip(got, want) if isinstance(got, (list, tuple)) else [(got, want)]
+                diff = max(float(np.abs(np.asarray(a, np.float32) - b).max() / max(np.abs(b).max(), 1e-30))
+                           for a, b in pairs)
+            self.differences[name] = max(self.differences.get(name, 0.0), diff)
+            return got
+        return checked
+
+
 class LocalExperts:
     """Runs a layer's routed experts in this process (the default expert executor).
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
-from .layer import LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
 from .weights import random_weights
 
 
@@ -34,12 +34,14 @@ def _make_ops(backend: str, config, weights, allowed):
 
 class MiMoV2FlashModel:
     def __init__(self, config: MiMoV2FlashConfig, weights, expert_subset=None,
-                 backend: str = "reference", expert_executor=None):
+                 backend: str = "reference", expert_executor=None, check_reference: bool = False):
         """`weights` maps Hub tensor names to arrays (Hub layout [out, in]).
 
         `expert_subset`: the routed experts the router may choose (None = all of them).
         `expert_executor`: runs routed experts (default: locally; `parallel` supplies the
         expert-parallel one, in which case this process may hold none of the experts).
+        `check_reference`: also run every op on the NumPy reference with the same inputs and
+        record the per-op relative difference in `self.ops.differences`.
         """
         self.config = config
         self.weights = weights
@@ -56,6 +58,8 @@ class MiMoV2FlashModel:
             allowed[self.expert_subset] = True
         self.backend = backend
         self.ops = _make_ops(backend, config, weights, allowed)
+        if check_reference:
+            self.ops = CheckedOps(self.ops, ReferenceOps(config, weights, allowed))
         self.expert_executor = expert_executor or LocalExperts(self.ops)
 
     # ---- construction ------------------------------------------------------------------------
