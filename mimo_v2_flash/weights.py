@@ -6,6 +6,7 @@ module which tensors exist; nothing else spells a weight name.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,12 +105,14 @@ def random_weights(config: MiMoV2FlashConfig, seed: int = 0, experts=None,
     """Seeded random weights with activations of order one through every layer.
 
     Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks ~ N(0, 1).
-    `experts` loads only those routed experts (an expert subset).
+    `experts` loads only those routed experts (an expert subset). Each tensor has its own
+    stream seeded by (seed, name), so a subset holds exactly the full model's values (an
+    expert-parallel rank's weights match the single-process model).
     """
-    rng = np.random.default_rng(seed)
     weights = {}
     for spec in model_tensors(config, experts=experts):
         name, shape = spec.name, spec.shape
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         if name.endswith("layernorm.weight") or name == FINAL_NORM:
             w = 1.0 + 0.05 * rng.standard_normal(shape)
         elif name.endswith("e_score_correction_bias"):
