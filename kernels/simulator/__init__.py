@@ -1,0 +1,18 @@
+"""CPU simulator of the NKI 0.6 dialect (``import nki``) for Trainium2.
+
+This package stands in for the ``nki`` module: ``nki.jit``, ``nki.simulate``, ``nki.language``
+(``nl``) and ``nki.isa`` (``nisa``).  Kernels import it through :mod:`kernels.backend`.
+
+Layout: ``dtypes`` (types and rounding), ``memory`` (buffers, tensors, views, access patterns),
+``ops`` (ALU operators and activation functions), ``isa`` and ``language`` (the APIs),
+``cost`` (the Trainium2 cost model and :class:`Report`), ``context`` (settings, allocation
+tracking), ``runtime`` (``jit``/``simulate``), ``errors`` (exception classes).
+"""
+from . import errors, isa, language
+from .cost import Report, Trn2Model, TRN2
+from .errors import *  # noqa: F401,F403  (the exception classes)
+from .memory import MemoryRegion, NkiTensor, VirtualRegister
+from .runtime import Kernel, jit, simulate
+
+__version__ = "0.6.0+cpu-sim"
+IS_SIMULATOR = True

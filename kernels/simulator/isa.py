@@ -1,0 +1,941 @@
+"""``nki.isa`` for the CPU simulator: one vectorised NumPy operation per instruction.
+
+Every instruction takes its destination ``dst`` first (NKI 0.2+), validates its operands against
+the Trainium2 limits (partitions, buffers, tile sizes, dtypes), computes in fp32 (bit patterns for
+bitvec operators and same-dtype copies), rounds once into ``dst.dtype`` and records its cost.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from . import dtypes as dt
+from . import ops
+from .context import current
+from .errors import (AccumulationError, DtypeError, MemoryRegionError, NkiValidationError,
+                     OutOfBoundsError, PartitionLimitError, PartitionMismatchError, ReductionAxisError,
+                     ShapeMismatchError, TileSizeError, UninitializedReadError, UnsupportedError)
+from .memory import (ACC_NONE, ACC_OPEN, ACC_READ, PMAX, MemoryRegion, NkiTensor, VirtualRegister,
+                     runtime_int)
+
+# --------------------------------------------------------------------------- enumerations
+
+
+class engine(enum.Enum):
+    """Engine selector (``engine=`` arguments)."""
+
+    unknown = 0
+    tensor = 1
+    scalar = 2
+    gpsimd = 3
+    dma = 4
+    vector = 5
+    sync = 6
+
+
+tensor_engine, scalar_engine, gpsimd_engine = engine.tensor, engine.scalar, engine.gpsimd
+vector_engine, unknown_engine = engine.vector, engine.unknown
+
+
+class reduce_cmd(enum.Enum):
+    """ScalarE accumulator-register control of ``activation``."""
+
+    idle = 0
+    reset = 1
+    reduce = 2
+    reset_reduce = 3
+    load_reduce = 4
+
+
+class dge_mode(enum.Enum):
+    unknown = 0
+    swdge = 1
+    hwdge = 2
+    none = 3
+
+
+class oob_mode(enum.Enum):
+    error = 0
+    skip = 1
+
+
+class nc_version(enum.Enum):
+    gen2 = 2
+    gen3 = 3
+    gen4 = 4
+
+
+class matmul_perf_mode(enum.Enum):
+    none = 0
+    double_row = 1
+
+
+class _FloatLimits:
+    def __init__(self, min_value: float, max_value: float):
+        self.min = min_value
+        self.max = max_value
+
+
+fp32 = _FloatLimits(float(np.float32(-3.4028235e38)), float(np.float32(3.4028235e38)))
+
+
+def get_nc_version() -> nc_version:
+    """The simulated target: Trainium2 (NeuronCore-v3)."""
+    return nc_version.gen3
+
+
+# --------------------------------------------------------------------------- operand checks
+
+_ENGINE_NAMES = {engine.tensor: "TensorE", engine.vector: "VectorE", engine.scalar: "ScalarE",
+                 engine.gpsimd: "GpSimd"}
+
+
+def _space(t: NkiTensor) -> str:
+    return "hbm" if t.buffer.is_hbm else t.buffer.value
+
+
+def _tensor(instr: str, operand: str, t) -> NkiTensor:
+    if not isinstance(t, NkiTensor):
+        raise TypeError(f"{instr}: operand '{operand}' must be an NkiTensor, got {type(t).__name__}")
+    return t
+
+
+def _in(instr: str, operand: str, t, spaces=("sbuf", "psum")) -> NkiTensor:
+    """Check an on-chip operand: tensor, allowed buffer, partitions <= 128, not indirect."""
+    t = _tensor(instr, operand, t)
+    if _space(t) not in spaces:
+        raise MemoryRegionError(
+            f"Expected operand '{operand}' of '{instr}' to be in address space '{'|'.join(spaces)}', "
+            f"but got a tile in '{_space(t)}' instead ({t.describe()})")
+    if t.partitions > PMAX:
+        raise PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
+                                  f"maximum {PMAX} ({t.describe()})")
+    if t._indirect:
+        raise UnsupportedError(f"{instr}: operand '{operand}' is an indirect (dynamic) access pattern; "
+                               f"only DMA instructions accept those")
+    return t
+
+
+def _same_partitions(instr: str, **operands) -> int:
+    items = [(k, v) for k, v in operands.items() if isinstance(v, NkiTensor)]
+    first = items[0][1].partitions
+    if any(v.partitions != first for _, v in items):
+        desc = ", ".join(f"{k}{list(v.shape)}" for k, v in items)
+        raise PartitionMismatchError(
+            f"number of partitions (dimension 0 size of a tile) mismatch in parameters ({desc}) of "
+            f"'{instr}'")
+    return first
+
+
+def _same_free(instr: str, a_name: str, a: NkiTensor, b_name: str, b: NkiTensor) -> None:
+    if a.free_size != b.free_size:
+        raise ShapeMismatchError(
+            f"{instr}: {a_name}{list(a.shape)} and {b_name}{list(b.shape)} must have the same number "
+            f"of elements per partition ({a.free_size} vs {b.free_size})")
+
+
+def _vals(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+    """fp32 values flattened to [partitions, free]."""
+    return t.read_f32(instr, operand).reshape(t.partitions, -1)
+
+
+def _raw(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+    return t.read(instr, operand).reshape(t.partitions, -1)
+
+
+def _store(dst: NkiTensor, values: np.ndarray, instr: str, **kw) -> None:
+    dst.write(np.asarray(values).reshape(dst.shape), instr, **kw)
+
+
+def _bytes(*tensors) -> int:
+    return sum(t.size * t.itemsize for t in tensors if isinstance(t, NkiTensor))
+
+
+def _choose_engine(instr: str, requested, default: str, allowed) -> str:
+    if requested is None or requested is engine.unknown:
+        return default
+    if not isinstance(requested, engine):
+        raise TypeError(f"{instr}: engine must be a nisa.engine member, got {requested!r}")
+    name = _ENGINE_NAMES.get(requested)
+    if name not in allowed:
+        raise UnsupportedError(f"{instr} cannot run on {requested.name} engine (allowed: {', '.join(allowed)})")
+    return name
+
+
+def _no_psum_on_gpsimd(instr: str, eng: str, **operands) -> None:
+    if eng != "GpSimd":
+        return
+    for name, t in operands.items():
+        if isinstance(t, NkiTensor) and t.buffer is MemoryRegion.psum:
+            raise MemoryRegionError(f"Expected operand '{name}' of '{instr}' to be in address space "
+                                    f"'sbuf' (GpSimd cannot access PSUM), but got a tile in 'psum' "
+                                    f"instead ({t.describe()})")
+
+
+def _not_both_psum(instr: str, a_name: str, a, b_name: str, b) -> None:
+    if isinstance(a, NkiTensor) and isinstance(b, NkiTensor) and \
+            a.buffer is MemoryRegion.psum and b.buffer is MemoryRegion.psum:
+        raise MemoryRegionError(f"{instr}: operands '{a_name}' and '{b_name}' may not both be in PSUM")
+
+
+def _scalar_operand(instr: str, operand: str, value, partitions: int, require_fp32: bool = True):
+    """A compile-time scalar or a [P, 1] vector; returns something broadcastable over [P, F]."""
+    if isinstance(value, NkiTensor):
+        _in(instr, operand, value)
+        if value.partitions != partitions or value.free_size != 1:
+            raise PartitionMismatchError(
+                f"{instr}: {operand}{list(value.shape)} must be a scalar or a [{partitions}, 1] vector "
+                f"(one value per partition)")
+        if require_fp32 and value.dtype != dt.float32:
+            raise DtypeError(f"{instr}: vector {operand} {value.describe()} must be float32")
+        return _vals(value, instr, operand)
+    if isinstance(value, VirtualRegister):
+        return np.float32(value.value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return np.float32(value)
+    raise TypeError(f"{instr}: {operand} must be a number or a [P, 1] tensor, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- data movement
+
+def _squeezed(shape):
+    return [s for s in shape if s != 1]
+
+
+def _compatible_shapes(a, b) -> bool:
+    """Same element count, and the same leading dim after dropping size-1 dims (free dims may be
+    flattened differently; a transposition is not)."""
+    if int(np.prod(a)) != int(np.prod(b)):
+        return False
+    sa, sb = _squeezed(a), _squeezed(b)
+    if sa == sb or not sa or not sb:
+        return True
+    return sa[0] == sb[0]
+
+
+def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
+             name=None):
+    """DMA ``src`` into ``dst`` (HBM or SBUF on either side; dtype conversion through fp32).
+
+    Indirect HBM views (``.ap(vector_offset=...)``) gather / scatter; out-of-bounds indices raise
+    unless ``oob_mode=nisa.oob_mode.skip``, which skips those elements.
+    """
+    instr = "dma_copy"
+    ctx = current("nisa.dma_copy")
+    dst = _tensor(instr, "dst", dst)
+    src = _tensor(instr, "src", src)
+    for operand, t in (("dst", dst), ("src", src)):
+        if t.buffer is MemoryRegion.psum:
+            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                    f"'hbm|sbuf', but got a tile in 'psum' instead ({t.describe()})")
+        if t.buffer.on_chip and t.partitions > PMAX:
+            raise PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
+                                      f"maximum {PMAX} ({t.describe()})")
+    if not _compatible_shapes(dst.shape, src.shape):
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} and src {src.describe()} shapes are "
+                                 f"not compatible (element counts must match, no implicit transpose)")
+    if dge_mode is globals()["dge_mode"].hwdge and dst.dtype != src.dtype:
+        raise DtypeError(f"{instr}: dge_mode.hwdge needs equal src/dst dtypes ({src.dtype} vs {dst.dtype})")
+    mask = None
+    for operand, t in (("src", src), ("dst", dst)):
+        if t._valid is not None:
+            if oob_mode is globals()["oob_mode"].error:
+                bad = int(np.argwhere(~t._valid.reshape(-1))[0][0])
+                raise OutOfBoundsError(
+                    f"{instr}: indirect {operand} {t.describe()} addresses element(s) outside the tensor "
+                    f"(first at flat position {bad} of the access pattern); pass "
+                    f"oob_mode=nisa.oob_mode.skip to skip them")
+            valid = t._valid.reshape(dst.shape)
+            mask = valid if mask is None else (mask & valid)
+    if mask is not None and src._valid is not None:
+        # Skipped source elements are never read.
+        values = src.storage.flat[src._addr]
+        src_init = src.storage.init
+        if src_init is not None and not (src_init.reshape(-1)[src._addr] | ~src._valid).all():
+            src._check_readable(instr, "src")
+    else:
+        values = src.read(instr, "src")
+    if src.dtype != dst.dtype:
+        values = dt.to_f32(values)
+    dst.write(np.asarray(values).reshape(dst.shape), instr, mask=mask)
+    n = dst.size
+    src_bytes, dst_bytes = n * src.itemsize, n * dst.itemsize
+    hbm = (src_bytes if src.buffer.is_hbm else 0) + (dst_bytes if dst.buffer.is_hbm else 0)
+    ctx.cost.dma(instr, n, max(src_bytes, dst_bytes, hbm), hbm)
+
+
+def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
+    """DMA with a transpose of a 2-D ``src`` ([a, b] -> [b, a]); 2- and 4-byte dtypes."""
+    instr = "dma_transpose"
+    ctx = current("nisa.dma_transpose")
+    dst, src = _tensor(instr, "dst", dst), _tensor(instr, "src", src)
+    if src.ndim != 2 or dst.ndim != 2:
+        raise UnsupportedError(f"{instr}: only 2-D tensors are supported by the simulator")
+    if axes not in (None, (1, 0), [1, 0]):
+        raise UnsupportedError(f"{instr}: axes={axes!r}; only (1, 0) is supported for 2-D")
+    if src.itemsize not in (2, 4):
+        raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
+    if dst.dtype != src.dtype:
+        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
+    if list(dst.shape) != [src.shape[1], src.shape[0]]:
+        raise ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be the transpose of src{list(src.shape)}")
+    for operand, t in (("dst", dst), ("src", src)):
+        if t.buffer is MemoryRegion.psum:
+            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
+    dst.write(src.read(instr, "src").T, instr)
+    n = dst.size * dst.itemsize
+    hbm = (n if src.buffer.is_hbm else 0) + (n if dst.buffer.is_hbm else 0)
+    ctx.cost.dma(instr, dst.size, max(n, hbm), hbm)
+
+
+# --------------------------------------------------------------------------- TensorE
+
+_MATMUL_DTYPES = (dt.float8_e4m3, dt.float8_e5m2, dt.float8_e4m3fn, dt.bfloat16, dt.float16, dt.float32)
+
+
+def _check_one_bank(instr: str, dst: NkiTensor) -> None:
+    bank = current(instr).config.model.psum_bank_bytes
+    lo, hi = dst.free_range()
+    item = 4 if dst.dtype == dt.float32 else dst.itemsize
+    if (lo * item) // bank != (hi * item + item - 1) // bank:
+        raise TileSizeError(
+            f"{instr}: dst {dst.describe()} covers bytes [{lo * item}, {hi * item + item}) of each "
+            f"partition, crossing a 2 KiB PSUM bank boundary; a TensorE output must fit in one bank "
+            f"(512 fp32 per partition)")
+
+
+def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
+              is_transpose=False, accumulate=None, tile_position=(), tile_size=(),
+              perf_mode=matmul_perf_mode.none, name=None):
+    """``dst[M, N] (+)= stationary[K, M].T @ moving[K, N]`` on TensorE, fp32 accumulation in PSUM.
+
+    ``accumulate=None``: the first matmul into fresh PSUM overwrites, later ones accumulate;
+    after the accumulated result has been read, a further ``None`` matmul is ambiguous and raises
+    (pass ``accumulate=False`` to start a new group).  ``accumulate=True`` needs PSUM written by a
+    matmul.  ``perf_mode=double_row`` (fp8 only) takes ``[K, 2, M]`` / ``[K, 2, N]`` operands.
+    """
+    instr = "nc_matmul"
+    ctx = current("nisa.nc_matmul")
+    stationary = _in(instr, "stationary", stationary, ("sbuf",))
+    moving = _in(instr, "moving", moving, ("sbuf",))
+    dst = _in(instr, "dst", dst, ("psum",))
+    for operand, t in (("stationary", stationary), ("moving", moving)):
+        if t.dtype not in _MATMUL_DTYPES:
+            raise DtypeError(f"{instr}: {operand} dtype {t.dtype} is not a matmul input dtype "
+                             f"(fp8, bf16, fp16, fp32)")
+    if (stationary.dtype == dt.float32) != (moving.dtype == dt.float32):
+        raise DtypeError(f"{instr}: fp32 operands must be paired with fp32 (stationary {stationary.dtype}, "
+                         f"moving {moving.dtype})")
+    if dst.dtype != dt.float32 and not (is_transpose and dst.dtype in (dt.bfloat16, dt.float16)):
+        raise DtypeError(f"{instr}: dst {dst.describe()} must be float32 on Trainium2 (PSUM accumulates fp32)")
+    if perf_mode not in (matmul_perf_mode.none, matmul_perf_mode.double_row, None):
+        raise TypeError(f"{instr}: perf_mode must be a nisa.matmul_perf_mode member")
+    double_row = perf_mode is matmul_perf_mode.double_row
+    if bool(tile_position) != bool(tile_size):
+        raise UnsupportedError(f"{instr}: tile_position and tile_size must be given together")
+    k = _same_partitions(instr, stationary=stationary, moving=moving)
+    if k > PMAX:
+        raise PartitionLimitError(f"{instr} stationary partition dimension (contraction K) {k} exceeds maximum {PMAX}")
+    s_vals = _vals(stationary, instr, "stationary")
+    m_vals = _vals(moving, instr, "moving")
+    if double_row:
+        if stationary.dtype not in dt.FP8 or moving.dtype not in dt.FP8:
+            raise DtypeError(f"{instr}: perf_mode=double_row needs fp8 operands, got {stationary.dtype} "
+                             f"and {moving.dtype}")
+        if stationary.ndim != 3 or moving.ndim != 3 or stationary.shape[1] != 2 or moving.shape[1] != 2:
+            raise ShapeMismatchError(f"{instr}: double_row operands must be [K, 2, M] and [K, 2, N], got "
+                                     f"{list(stationary.shape)} and {list(moving.shape)}")
+        s_vals = s_vals.reshape(k * 2, -1)
+        m_vals = m_vals.reshape(k * 2, -1)
+    kk, m = s_vals.shape
+    n = m_vals.shape[1]
+    if m > 128:
+        raise TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
+                            f"gemm_stationary_fmax 128")
+    if n > 512:
+        raise TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
+                            f"gemm_moving_fmax 512")
+    if tile_size:
+        rows, cols = (int(v) for v in tile_size)
+        if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
+            raise TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {tuple(tile_size)} "
+                                f"(multiples of 32)")
+    if dst.partitions != m or dst.free_size != n:
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{m}, {n}] for stationary "
+                                 f"{list(stationary.shape)} and moving {list(moving.shape)}")
+    _check_one_bank(instr, dst)
+    result = s_vals.T @ m_vals                       # fp32 accumulation
+    state = dst.acc_state()
+    if accumulate is None:
+        if (state == ACC_NONE).all():
+            add = False
+        elif (state == ACC_OPEN).all():
+            add = True
+        else:
+            raise AccumulationError(
+                f"{instr}: accumulate=None into {dst.describe()} is ambiguous: its matmul result was "
+                f"already read (or only part of it is accumulating). Start a new accumulation group "
+                f"with accumulate=False, or allocate the PSUM tile inside the loop")
+    elif accumulate:
+        if not np.isin(state, (ACC_OPEN, ACC_READ)).all():
+            raise AccumulationError(
+                f"{instr}: accumulate=True into {dst.describe()} whose elements were not written by a "
+                f"matmul (memset / copy-initialised PSUM accumulation is undefined on Trainium2)")
+        add = True
+    else:
+        add = False
+    if add:
+        result = result + _vals(dst, instr, "dst")
+    _store(dst, result, instr, matmul=True)
+    kind = "fp32" if stationary.dtype == dt.float32 else (
+        "fp8" if stationary.dtype in dt.FP8 and moving.dtype in dt.FP8 else "16bit")
+    ctx.cost.matmul(instr, kk, m, n, kind, _bytes(stationary, moving, dst))
+
+
+def nc_transpose(dst, data, engine=engine.unknown, name=None):
+    """Transpose ``data[P, F]`` into ``dst[F, P]`` (free dims flattened first).
+
+    TensorE (SBUF -> PSUM, up to 128x128) or VectorE (up to 32x32, SBUF/PSUM both sides); the
+    engine is chosen by the buffers when not given.  Bit-exact; ``dst.dtype`` must equal ``data.dtype``.
+    """
+    instr = "nc_transpose"
+    ctx = current("nisa.nc_transpose")
+    data = _tensor(instr, "data", data)
+    dst = _tensor(instr, "dst", dst)
+    if engine in (None, globals()["engine"].unknown):
+        use_tensor = dst.buffer is MemoryRegion.psum and data.buffer is MemoryRegion.sbuf
+    elif engine is globals()["engine"].tensor:
+        use_tensor = True
+    elif engine is globals()["engine"].vector:
+        use_tensor = False
+    else:
+        raise UnsupportedError(f"{instr}: engine must be tensor or vector, got {engine!r}")
+    if use_tensor:
+        _in(instr, "data", data, ("sbuf",))
+        _in(instr, "dst", dst, ("psum",))
+        limit = 128
+    else:
+        _in(instr, "data", data)
+        _in(instr, "dst", dst)
+        limit = 32
+    p, f = data.partitions, data.free_size
+    if p > limit or f > limit:
+        raise TileSizeError(f"{instr}: data {data.describe()} is [{p}, {f}]; the "
+                            f"{'TensorE' if use_tensor else 'VectorE'} transpose supports at most "
+                            f"[{limit}, {limit}]")
+    if dst.dtype != data.dtype:
+        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
+    if dst.partitions != f or dst.free_size != p:
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{f}, {p}] for data {data.describe()}")
+    if use_tensor:
+        _check_one_bank(instr, dst)
+    _store(dst, _raw(data, instr, "data").T, instr)
+    if use_tensor:
+        kind = "fp32" if data.dtype == dt.float32 else "16bit"
+        ctx.cost.matmul(instr, p, f, p, kind, _bytes(data, dst), flops=False)
+    else:
+        ctx.cost.compute("VectorE", instr, p, f, _bytes(data, dst))
+
+
+# --------------------------------------------------------------------------- ScalarE
+
+def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None,
+               reduce_cmd=reduce_cmd.idle, name=None):
+    """``dst = op(data * scale + bias)`` on ScalarE, with the optional accumulator reduction.
+
+    ``scale``: number or [P, 1] fp32 vector; ``bias``: number or [P, 1] vector.  Reduction
+    (``reduce_op=nl.add``): ``reset``/``reset_reduce`` zero the 128 accumulator registers first;
+    the free-axis sum of the output is added; ``reduce``/``reset_reduce`` keep the sum in the
+    registers; ``reduce_res`` [P, 1] receives it.  Registers read before any reset raise.
+    """
+    instr = "activation"
+    ctx = current("nisa.activation")
+    fn = ops.activation(op, instr)
+    data = _in(instr, "data", data)
+    dst = _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    _same_free(instr, "dst", dst, "data", data)
+    if not isinstance(reduce_cmd, globals()["reduce_cmd"]):
+        raise TypeError(f"{instr}: reduce_cmd must be a nisa.reduce_cmd member, got {reduce_cmd!r}")
+    scale_v = _scalar_operand(instr, "scale", scale, p, require_fp32=True)
+    bias_v = np.float32(0.0) if bias is None else _scalar_operand(instr, "bias", bias, p, require_fp32=False)
+    with np.errstate(all="ignore"):
+        x = _vals(data, instr, "data") * scale_v + bias_v
+    y = ops.apply_activation(fn, x)
+    _store(dst, y, instr)
+    extra = 0
+    rc = globals()["reduce_cmd"]
+    if reduce_res is not None or reduce_cmd is not rc.idle:
+        if reduce_op is not None and ops.alu(reduce_op, instr, "reduce_op").name != "add":
+            raise UnsupportedError(f"{instr}: reduce_op must be nl.add on Trainium2, got {reduce_op!r}")
+        if reduce_res is not None and reduce_op is None:
+            raise TypeError(f"{instr}: reduce_res needs reduce_op=nl.add")
+        regs = ctx.scalar_acc[:p]
+        valid = ctx.scalar_acc_valid[:p]
+        if reduce_cmd in (rc.reset, rc.reset_reduce):
+            regs[...] = 0.0
+            valid[...] = True
+        elif not valid.all():
+            raise UninitializedReadError(
+                f"{instr}: reduce_cmd={reduce_cmd.name} reads ScalarE accumulator registers 0..{p - 1} "
+                f"that were never reset; use reduce_cmd=nisa.reduce_cmd.reset_reduce for the first "
+                f"activation of a reduction")
+        result = regs + y.sum(axis=1, keepdims=True, dtype=np.float32)
+        if reduce_cmd in (rc.reduce, rc.reset_reduce):
+            regs[...] = result
+        if reduce_res is not None:
+            reduce_res = _in(instr, "reduce_res", reduce_res)
+            if reduce_res.partitions != p or reduce_res.free_size != 1:
+                raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+            _store(reduce_res, result, instr)
+        extra = ctx.config.model.min_ii_cycles
+    ctx.cost.compute("ScalarE", instr, p, data.free_size, _bytes(data, dst, reduce_res), extra)
+
+
+def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
+    """``activation`` with ``reduce_cmd=reset_reduce`` (kept for compatibility)."""
+    activation(dst, op, data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res,
+               reduce_cmd=reduce_cmd.reset_reduce)
+
+
+# --------------------------------------------------------------------------- VectorE / GpSimd
+
+def _reduce_axes(instr: str, data: NkiTensor, axis) -> tuple:
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    axes = tuple(sorted(int(a) + data.ndim if int(a) < 0 else int(a) for a in axes))
+    if not axes:
+        raise ReductionAxisError(f"{instr}: axis must name at least one free axis")
+    if 0 in axes:
+        raise ReductionAxisError(
+            f"{instr}: axis={axis} of {data.describe()} includes the partition axis 0; reductions run "
+            f"along free axes only (transpose first, or matmul with a ones vector)")
+    if axes != tuple(range(data.ndim - len(axes), data.ndim)):
+        raise ReductionAxisError(f"{instr}: axis={axis} of {data.describe()} must be the last contiguous "
+                                 f"free axes (e.g. [{data.ndim - 1}] or [1, ..., {data.ndim - 1}])")
+    return axes
+
+
+def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
+    """Reduce ``data`` along trailing free ``axis`` with ``op`` (add, maximum, minimum, ...) on VectorE."""
+    instr = "tensor_reduce"
+    ctx = current("nisa.tensor_reduce")
+    alu = ops.alu(op, instr)
+    if alu.reduce is None:
+        raise UnsupportedError(f"{instr}: op nl.{alu.name} is not a reduction operator")
+    data = _in(instr, "data", data)
+    dst = _in(instr, "dst", dst)
+    axes = _reduce_axes(instr, data, axis)
+    p = _same_partitions(instr, dst=dst, data=data)
+    kept = int(np.prod([s for i, s in enumerate(data.shape) if i not in axes][1:], dtype=np.int64))
+    if dst.free_size != kept:
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold {kept} element(s) per partition "
+                                 f"(data {list(data.shape)} reduced over axes {list(axes)})")
+    if alu.kind == "bitvec":
+        values = alu.reduce(_raw(data, instr, "data").astype(np.int64).reshape(data.shape), axis=axes)
+    else:
+        with np.errstate(all="ignore"):
+            values = alu.reduce(data.read_f32(instr, "data"), axis=axes).astype(np.float32)
+        if negate:
+            values = -values
+    _store(dst, values, instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
+
+
+def _is_int32_arith(alu, *tensors) -> bool:
+    return alu.kind == "arith" and all(isinstance(t, NkiTensor) and t.dtype in (dt.int32, dt.uint32)
+                                       for t in tensors)
+
+
+def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
+    """``dst = data1 op data2`` element-wise (same partitions and elements per partition)."""
+    instr = "tensor_tensor"
+    ctx = current("nisa.tensor_tensor")
+    alu = ops.alu(op, instr)
+    data1, data2 = _in(instr, "data1", data1), _in(instr, "data2", data2)
+    dst = _in(instr, "dst", dst)
+    p = _same_partitions(instr, data1=data1, data2=data2, dst=dst)
+    _same_free(instr, "data1", data1, "data2", data2)
+    _same_free(instr, "dst", dst, "data1", data1)
+    _not_both_psum(instr, "data1", data1, "data2", data2)
+    default = "GpSimd" if alu.name == "power" or _is_int32_arith(alu, data1, data2) else "VectorE"
+    eng = _choose_engine(instr, engine, default, ("VectorE", "GpSimd", "ScalarE"))
+    _no_psum_on_gpsimd(instr, eng, data1=data1, data2=data2, dst=dst)
+    if alu.kind == "bitvec":
+        _require_int(instr, alu, data1, data2, dst)
+        values = ops.apply_alu(alu, _raw(data1, instr, "data1"), _raw(data2, instr, "data2"))
+    elif alu.kind == "unary":
+        raise UnsupportedError(f"{instr}: nl.{alu.name} is unary; use tensor_scalar or activation")
+    else:
+        values = ops.apply_alu(alu, _vals(data1, instr, "data1"), _vals(data2, instr, "data2"))
+    _store(dst, values, instr)
+    ctx.cost.compute(eng, instr, p, data1.free_size, _bytes(data1, data2, dst))
+
+
+def _require_int(instr, alu, *tensors):
+    for t in tensors:
+        if isinstance(t, NkiTensor) and not dt.is_int(t.dtype):
+            raise DtypeError(f"{instr}: bitvec operator nl.{alu.name} needs integer tensors, got {t.describe()}")
+
+
+def _apply_scalar_op(alu, values, operand, reverse):
+    if alu.kind == "unary":
+        return ops.apply_alu(alu, values, None)
+    return ops.apply_alu(alu, operand, values) if reverse else ops.apply_alu(alu, values, operand)
+
+
+def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False,
+                  engine=engine.unknown, name=None):
+    """``dst = (data op0 operand0) op1 operand1``; operands are numbers or [P, 1] fp32 vectors."""
+    instr = "tensor_scalar"
+    ctx = current("nisa.tensor_scalar")
+    alu0 = ops.alu(op0, instr, "op0")
+    alu1 = None if op1 is None else ops.alu(op1, instr, "op1")
+    if (op1 is None) != (operand1 is None):
+        raise TypeError(f"{instr}: op1 and operand1 must be given together")
+    if alu1 is not None and (alu0.kind == "bitvec") != (alu1.kind == "bitvec"):
+        raise UnsupportedError(f"{instr}: op0 nl.{alu0.name} and op1 nl.{alu1.name} must both be bitvec "
+                               f"or both arithmetic")
+    data = _in(instr, "data", data)
+    dst = _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    _same_free(instr, "dst", dst, "data", data)
+    eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd", "ScalarE"))
+    if eng == "ScalarE" and (alu0.name, alu1.name if alu1 else None) not in (
+            ("multiply", "add"), ("multiply", None), ("add", None)):
+        raise UnsupportedError(f"{instr}: ScalarE supports only (multiply, add), (multiply, None), "
+                               f"(add, None) on Trainium2")
+    _no_psum_on_gpsimd(instr, eng, data=data, dst=dst, operand0=operand0, operand1=operand1)
+    if alu0.kind == "bitvec":
+        _require_int(instr, alu0, data, dst)
+        values = _raw(data, instr, "data")
+        o0 = _int_operand(instr, "operand0", operand0, p)
+        values = ops.apply_alu(alu0, o0, values) if reverse0 else ops.apply_alu(alu0, values, o0)
+        if alu1 is not None:
+            o1 = _int_operand(instr, "operand1", operand1, p)
+            values = ops.apply_alu(alu1, o1, values) if reverse1 else ops.apply_alu(alu1, values, o1)
+    else:
+        values = _vals(data, instr, "data")
+        o0 = None if alu0.kind == "unary" else _scalar_operand(instr, "operand0", operand0, p)
+        values = _apply_scalar_op(alu0, values, o0, reverse0)
+        if alu1 is not None:
+            o1 = None if alu1.kind == "unary" else _scalar_operand(instr, "operand1", operand1, p)
+            values = _apply_scalar_op(alu1, values, o1, reverse1)
+    _store(dst, values, instr)
+    ctx.cost.compute(eng, instr, p, data.free_size, _bytes(data, dst))
+
+
+def _int_operand(instr, operand, value, p):
+    if isinstance(value, NkiTensor):
+        _in(instr, operand, value)
+        if value.partitions != p or value.free_size != 1:
+            raise PartitionMismatchError(f"{instr}: {operand}{list(value.shape)} must be a scalar or [{p}, 1]")
+        return _raw(value, instr, operand).astype(np.int64)
+    return np.int64(runtime_int(value, f"{instr} {operand}"))
+
+
+def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False,
+                         name=None):
+    """``dst = (data op0 operand0) op1 operand1`` with ``operand0`` scalar/[P, 1], ``operand1`` a tile."""
+    instr = "scalar_tensor_tensor"
+    ctx = current("nisa.scalar_tensor_tensor")
+    alu0, alu1 = ops.alu(op0, instr, "op0"), ops.alu(op1, instr, "op1")
+    if "bitvec" in (alu0.kind, alu1.kind):
+        raise UnsupportedError(f"{instr}: only arithmetic operators are supported")
+    data = _in(instr, "data", data)
+    operand1 = _in(instr, "operand1", operand1)
+    dst = _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data, operand1=operand1)
+    _same_free(instr, "data", data, "operand1", operand1)
+    _same_free(instr, "dst", dst, "data", data)
+    _not_both_psum(instr, "data", data, "operand1", operand1)
+    o0 = _scalar_operand(instr, "operand0", operand0, p)
+    values = _apply_scalar_op(alu0, _vals(data, instr, "data"), o0, reverse0)
+    t = _vals(operand1, instr, "operand1")
+    values = ops.apply_alu(alu1, t, values) if reverse1 else ops.apply_alu(alu1, values, t)
+    _store(dst, values, instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, operand1, dst))
+
+
+def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,
+                         name=None):
+    """``dst = data op0 operand0`` and ``reduce_res[P, 1] = reduce_op`` over all free elements."""
+    instr = "tensor_scalar_reduce"
+    ctx = current("nisa.tensor_scalar_reduce")
+    alu0, red = ops.alu(op0, instr, "op0"), ops.alu(reduce_op, instr, "reduce_op")
+    if red.name not in ("add", "multiply", "maximum", "minimum"):
+        raise UnsupportedError(f"{instr}: reduce_op must be add, multiply, maximum or minimum")
+    data = _in(instr, "data", data)
+    dst = _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    _same_free(instr, "dst", dst, "data", data)
+    o0 = None if alu0.kind == "unary" else _scalar_operand(instr, "operand0", operand0, p)
+    values = _apply_scalar_op(alu0, _vals(data, instr, "data"), o0, reverse0)
+    _store(dst, values, instr)
+    if reduce_res is not None:
+        reduce_res = _in(instr, "reduce_res", reduce_res)
+        if reduce_res.partitions != p or reduce_res.free_size != 1:
+            raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+        _store(reduce_res, red.reduce(values, axis=1).astype(np.float32), instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst, reduce_res))
+
+
+def tensor_copy(dst, src, engine=engine.unknown, name=None):
+    """Copy ``src`` to ``dst`` (bit-exact for equal dtypes, else through fp32)."""
+    instr = "tensor_copy"
+    ctx = current("nisa.tensor_copy")
+    src, dst = _in(instr, "src", src), _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, src=src)
+    _same_free(instr, "dst", dst, "src", src)
+    eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd", "ScalarE"))
+    _no_psum_on_gpsimd(instr, eng, src=src, dst=dst)
+    values = _raw(src, instr, "src")
+    if src.dtype != dst.dtype:
+        values = dt.to_f32(values)
+    _store(dst, values, instr)
+    ctx.cost.compute(eng, instr, p, src.free_size, _bytes(src, dst))
+
+
+def reciprocal(dst, data, name=None):
+    """``dst = 1 / data`` on VectorE (the precise reciprocal)."""
+    instr = "reciprocal"
+    ctx = current("nisa.reciprocal")
+    data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    _same_free(instr, "dst", dst, "data", data)
+    with np.errstate(all="ignore"):
+        _store(dst, np.float32(1.0) / _vals(data, instr, "data"), instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
+
+
+def memset(dst, value, engine=engine.unknown, name=None):
+    """Fill ``dst`` with ``value`` (an int for integer tensors)."""
+    instr = "memset"
+    ctx = current("nisa.memset")
+    dst = _in(instr, "dst", dst)
+    if dt.is_int(dst.dtype) and not isinstance(value, (int, np.integer, bool, np.bool_)):
+        raise DtypeError(f"{instr}: value {value!r} must be an integer literal for {dst.describe()}")
+    if not isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_)):
+        raise TypeError(f"{instr}: value must be a number, got {type(value).__name__}")
+    eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd", "ScalarE"))
+    _no_psum_on_gpsimd(instr, eng, dst=dst)
+    if dt.is_int(dst.dtype) or dst.dtype == dt.bool_:
+        fill = np.int64(value)
+    else:
+        fill = np.float32(value)
+    dst.write(np.broadcast_to(fill, dst.shape), instr)
+    ctx.cost.compute(eng, instr, dst.partitions, dst.free_size, _bytes(dst))
+
+
+def _pattern_values(instr: str, dst: NkiTensor, pattern, offset, channel_multiplier) -> np.ndarray:
+    """``offset + p * channel_multiplier + sum(step_d * idx_d)`` as int64 [P, free]."""
+    try:
+        pairs = [(int(s), int(c)) for s, c in pattern]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{instr}: pattern must be [[step, num], ...], got {pattern!r}") from exc
+    counts = [c for _, c in pairs]
+    if int(np.prod(counts)) != dst.free_size:
+        raise ShapeMismatchError(f"{instr}: pattern {pattern} covers {int(np.prod(counts))} elements per "
+                                 f"partition but dst {dst.describe()} has {dst.free_size}")
+    free = np.zeros(counts, np.int64)
+    for k, (step, count) in enumerate(pairs):
+        shape = [1] * len(pairs)
+        shape[k] = count
+        free = free + step * np.arange(count, dtype=np.int64).reshape(shape)
+    part = np.arange(dst.partitions, dtype=np.int64)[:, None] * int(channel_multiplier)
+    return runtime_int(offset, f"{instr} offset") + part + free.reshape(1, -1)
+
+
+def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
+    """``dst[p, ...] = offset + p * channel_multiplier + sum(step_d * idx_d)`` on GpSimd (SBUF)."""
+    instr = "iota"
+    ctx = current("nisa.iota")
+    dst = _in(instr, "dst", dst, ("sbuf",))
+    values = _pattern_values(instr, dst, pattern, offset, channel_multiplier)
+    if not dt.is_int(dst.dtype):
+        values = values.astype(np.float32)
+    _store(dst, values, instr)
+    ctx.cost.compute("GpSimd", instr, dst.partitions, dst.free_size, _bytes(dst))
+
+
+def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=None,
+                  offset=0, name=None):
+    """``dst = on_true_tile where cmp_op(offset + p*channel_multiplier + sum(step*idx), 0) else
+    on_false_value`` on GpSimd (SBUF only).  ``cmp_op`` defaults to ``nl.equal``."""
+    instr = "affine_select"
+    ctx = current("nisa.affine_select")
+    dst = _in(instr, "dst", dst, ("sbuf",))
+    on_true_tile = _in(instr, "on_true_tile", on_true_tile, ("sbuf",))
+    p = _same_partitions(instr, dst=dst, on_true_tile=on_true_tile)
+    _same_free(instr, "dst", dst, "on_true_tile", on_true_tile)
+    alu = ops.ALU_BY_NAME["equal"] if cmp_op is None else ops.alu(cmp_op, instr, "cmp_op")
+    if alu.kind != "compare":
+        raise UnsupportedError(f"{instr}: cmp_op must be a comparison (nl.equal, nl.greater_equal, ...)")
+    if not isinstance(on_false_value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{instr}: on_false_value must be a number (typically nl.fp32.min)")
+    cond = ops.apply_alu(alu, _pattern_values(instr, dst, pattern, offset, channel_multiplier), 0) != 0
+    if dst.dtype == on_true_tile.dtype:
+        true_vals = _raw(on_true_tile, instr, "on_true_tile")
+        false_val = dt.round_to(np.asarray([on_false_value], np.float32), dst.dtype,
+                                dst.storage.fp32_stored)[0]
+    else:
+        true_vals = _vals(on_true_tile, instr, "on_true_tile")
+        false_val = np.float32(on_false_value)
+    _store(dst, np.where(cond, true_vals, false_val), instr)
+    ctx.cost.compute("GpSimd", instr, p, dst.free_size, _bytes(dst, on_true_tile))
+
+
+# --------------------------------------------------------------------------- top-8 family
+
+def _check_top8_data(instr: str, data: NkiTensor) -> None:
+    if not 8 <= data.free_size <= 16384:
+        raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
+                            f"supported range is 8 to 16384")
+
+
+def _check_eight(instr: str, operand: str, t: NkiTensor) -> None:
+    if t.free_size != 8:
+        raise ShapeMismatchError(f"{instr}: {operand} {t.describe()} must hold exactly 8 elements per partition")
+
+
+def max8(dst, src, name=None):
+    """The 8 largest values of each partition, in descending order, on VectorE."""
+    instr = "max8"
+    ctx = current("nisa.max8")
+    src, dst = _in(instr, "src", src), _in(instr, "dst", dst)
+    _check_top8_data(instr, src)
+    _check_eight(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, src=src)
+    values = _vals(src, instr, "src")
+    top = np.partition(values, values.shape[1] - 8, axis=1)[:, -8:]
+    _store(dst, -np.sort(-top, axis=1), instr)
+    ctx.cost.compute("VectorE", instr, p, src.free_size, _bytes(src, dst))
+
+
+def _occurrence_positions(data: np.ndarray, vals: np.ndarray, rank: np.ndarray):
+    """For each [p, j]: position of occurrence number ``rank[p, j]`` of ``vals[p, j]`` in data[p]."""
+    eq = data[:, None, :] == vals[:, :, None]                 # [P, 8, N]
+    nth = np.cumsum(eq, axis=2, dtype=np.int32)
+    hit = eq & (nth == (rank + 1)[:, :, None])
+    found = hit.any(axis=2)
+    return np.argmax(hit, axis=2), found
+
+
+def _duplicate_rank(vals: np.ndarray, reverse: bool) -> np.ndarray:
+    """How many earlier (or, reversed, later) slots of the same row hold the same value."""
+    same = vals[:, :, None] == vals[:, None, :]               # [P, 8, 8]
+    order = np.triu(np.ones((8, 8), bool), 1) if reverse else np.tril(np.ones((8, 8), bool), -1)
+    return (same & order[None]).sum(axis=2)
+
+
+def _index_dtype_check(instr: str, operand: str, t: NkiTensor) -> None:
+    if t.dtype not in (dt.uint32, dt.uint16):
+        raise DtypeError(f"{instr}: {operand} {t.describe()} must be uint32 or uint16")
+
+
+def nc_find_index8(dst, data, vals, name=None):
+    """Index (flattened free position) of each of the 8 ``vals`` per partition in ``data``.
+
+    Not found: all ones (0xFFFFFFFF / 0xFFFF).  A value repeated in ``vals`` maps to successive
+    occurrences, left to right (NKI 0.6 simulator semantics).
+    """
+    instr = "nc_find_index8"
+    ctx = current("nisa.nc_find_index8")
+    data, vals, dst = _in(instr, "data", data), _in(instr, "vals", vals), _in(instr, "dst", dst)
+    _check_top8_data(instr, data)
+    _check_eight(instr, "vals", vals)
+    _check_eight(instr, "dst", dst)
+    _index_dtype_check(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data, vals=vals)
+    v = _vals(vals, instr, "vals")
+    pos, found = _occurrence_positions(_vals(data, instr, "data"), v, _duplicate_rank(v, reverse=False))
+    result = np.where(found, pos, np.iinfo(dst.dtype).max).astype(dst.dtype)
+    _store(dst, result, instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, vals, dst))
+
+
+def nc_match_replace8(dst, data, vals, imm, dst_idx=None, name=None):
+    """Copy ``data`` to ``dst`` replacing the first occurrence of each of the 8 ``vals`` with ``imm``.
+
+    Duplicated values are processed from slot 7 down to 0 (the first occurrence goes to the
+    highest duplicate slot).  ``dst_idx`` (uint32/uint16, 8 per partition) receives the positions.
+    """
+    instr = "nc_match_replace8"
+    ctx = current("nisa.nc_match_replace8")
+    data, vals, dst = _in(instr, "data", data), _in(instr, "vals", vals), _in(instr, "dst", dst)
+    _check_top8_data(instr, data)
+    _check_eight(instr, "vals", vals)
+    p = _same_partitions(instr, dst=dst, data=data, vals=vals)
+    _same_free(instr, "dst", dst, "data", data)
+    if not isinstance(imm, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{instr}: imm must be a number (e.g. -inf or nl.fp32.min)")
+    x = _vals(data, instr, "data")
+    v = _vals(vals, instr, "vals")
+    pos, found = _occurrence_positions(x, v, _duplicate_rank(v, reverse=True))
+    out = x.copy()
+    rows = np.broadcast_to(np.arange(p)[:, None], pos.shape)
+    out[rows[found], pos[found]] = np.float32(imm)
+    if dst.dtype == data.dtype:
+        raw = _raw(data, instr, "data").copy()
+        raw[rows[found], pos[found]] = dt.round_to(np.asarray([imm], np.float32), dst.dtype,
+                                                   dst.storage.fp32_stored)[0]
+        out = raw
+    _store(dst, out, instr)
+    if dst_idx is not None:
+        dst_idx = _in(instr, "dst_idx", dst_idx)
+        _check_eight(instr, "dst_idx", dst_idx)
+        _index_dtype_check(instr, "dst_idx", dst_idx)
+        _store(dst_idx, np.where(found, pos, np.iinfo(dst_idx.dtype).max).astype(dst_idx.dtype), instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, vals, dst, dst_idx))
+
+
+def nc_n_gather(dst, data, indices, name=None):
+    """Per-partition gather over the flattened free dims on GpSimd (SBUF only, uint32 indices)."""
+    instr = "nc_n_gather"
+    ctx = current("nisa.nc_n_gather")
+    dst = _in(instr, "dst", dst, ("sbuf",))
+    data = _in(instr, "data", data, ("sbuf",))
+    indices = _in(instr, "indices", indices, ("sbuf",))
+    p = _same_partitions(instr, dst=dst, data=data, indices=indices)
+    _same_free(instr, "dst", dst, "indices", indices)
+    if indices.dtype != dt.uint32:
+        raise DtypeError(f"{instr}: indices {indices.describe()} must be uint32")
+    if dst.dtype != data.dtype:
+        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
+    idx = _raw(indices, instr, "indices").astype(np.int64)
+    if (idx >= data.free_size).any():
+        raise OutOfBoundsError(f"{instr}: index {int(idx.max())} outside [0, {data.free_size}) of "
+                               f"{data.describe()}")
+    _store(dst, np.take_along_axis(_raw(data, instr, "data"), idx, axis=1), instr)
+    ctx.cost.compute("GpSimd", instr, p, dst.free_size, _bytes(dst, data, indices))
+
+
+# --------------------------------------------------------------------------- registers
+
+def register_alloc(x=None) -> VirtualRegister:
+    """A new register, holding ``x`` (an int) if given."""
+    current("nisa.register_alloc")
+    return VirtualRegister(None if x is None else runtime_int(x, "register_alloc"))
+
+
+def register_move(dst: VirtualRegister, src) -> None:
+    current("nisa.register_move")
+    dst._set(runtime_int(src, "register_move src"))
+
+
+def register_load(dst: VirtualRegister, src) -> None:
+    """Load a register from a 1x1 SBUF tensor."""
+    current("nisa.register_load")
+    src = _in("register_load", "src", src, ("sbuf",))
+    dst._set(runtime_int(src, "register_load src"))
+
+
+def register_store(dst, src: VirtualRegister) -> None:
+    """Store a register into a 1x1 SBUF tensor."""
+    current("nisa.register_store")
+    dst = _in("register_store", "dst", dst, ("sbuf",))
+    if dst.size != 1:
+        raise ShapeMismatchError(f"register_store: dst {dst.describe()} must be 1x1")
+    dst.write(np.full(dst.shape, src.value, np.int64), "register_store")
+

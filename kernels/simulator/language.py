@@ -1,0 +1,567 @@
+"""``nki.language`` for the CPU simulator.
+
+Types, buffers, tile-size constants, tensor creation, loops, SPMD ids and the ``nl.*`` wrappers
+(``load``/``store``/``copy``, element-wise math, reductions, ``matmul``/``transpose``).  Each
+wrapper allocates its result tile and issues the ``nisa`` instruction the NKI 0.6 wrapper lowers to,
+so it is checked and costed exactly like the instruction.  The ``nl`` math functions double as the
+operator arguments of ``nisa`` instructions (``op=nl.add``, ``op=nl.exp``).
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+
+import numpy as np
+
+from . import dtypes as _dt
+from . import isa as _isa
+from . import ops as _ops
+from .context import current as _current
+from .errors import (DtypeError, MemoryRegionError, PartitionLimitError, PartitionMismatchError,
+                     ShapeMismatchError, TileSizeError, UnsupportedError)
+from .memory import (PMAX, DynamicSlice, MemoryRegion, NkiTensor, VirtualRegister, allocate,
+                     runtime_int)
+
+# --------------------------------------------------------------------------- dtypes and buffers
+float32 = _dt.float32
+float16 = _dt.float16
+bfloat16 = _dt.bfloat16
+float8_e4m3 = _dt.float8_e4m3
+float8_e4m3fn = _dt.float8_e4m3fn
+float8_e5m2 = _dt.float8_e5m2
+int32 = _dt.int32
+uint32 = _dt.uint32
+int16 = _dt.int16
+uint16 = _dt.uint16
+int8 = _dt.int8
+uint8 = _dt.uint8
+bool_ = _dt.bool_
+
+sbuf = MemoryRegion.sbuf
+psum = MemoryRegion.psum
+hbm = MemoryRegion.hbm
+private_hbm = MemoryRegion.private_hbm
+shared_hbm = MemoryRegion.shared_hbm
+
+fp32 = _isa.fp32          # nl.fp32.min == -3.4028235e38 (the usual masking fill value)
+
+ndarray_type = NkiTensor
+
+
+class tile_size:
+    """Hardware tile limits of Trainium2 (NeuronCore-v3)."""
+
+    pmax = 128                    # partitions of an SBUF / PSUM tile
+    psum_fmax = 512               # fp32 elements per partition of one PSUM bank (deprecated name)
+    psum_bank_fmax = 512
+    psum_bank_fmax_bytes = 2048
+    psum_num_banks = 8
+    gemm_stationary_fmax = 128    # free size of the matmul stationary operand (M)
+    gemm_moving_fmax = 512        # free size of the matmul moving operand (N)
+    bn_stats_fmax = 512
+    sbuf_size_bytes = 224 * 1024  # per partition on trn2
+    total_available_sbuf_size = 224 * 1024 - 16384 - 8 - 256   # usable per partition (NKI Library)
+
+
+class NKIObject:
+    """Base class for classes used inside kernels (required by the NKI compiler)."""
+
+
+# --------------------------------------------------------------------------- creation
+
+def ndarray(shape, dtype, buffer=None, name="", address=None) -> NkiTensor:
+    """An uninitialised tensor (NaN / 4 filled; reads before writes raise)."""
+    return allocate(shape, dtype, sbuf if buffer is None else buffer, name)
+
+
+def _filled(shape, dtype, value, buffer, name, api):
+    buffer = sbuf if buffer is None else buffer
+    if isinstance(buffer, MemoryRegion) and buffer.is_hbm:
+        raise UnsupportedError(f"nl.{api}: HBM tensors cannot be created with an initial value "
+                               f"(err_hbm_tensor_with_init_value_not_supported); use nl.ndarray and "
+                               f"write it")
+    t = allocate(shape, dtype, buffer, name)
+    _isa.memset(t, int(value) if _dt.is_int(t.dtype) or t.dtype == _dt.bool_ else float(value))
+    return t
+
+
+def zeros(shape, dtype, buffer=None, name="") -> NkiTensor:
+    return _filled(shape, dtype, 0, buffer, name, "zeros")
+
+
+def ones(shape, dtype, buffer=None, name="") -> NkiTensor:
+    return _filled(shape, dtype, 1, buffer, name, "ones")
+
+
+def full(shape, fill_value, dtype, buffer=None, name="") -> NkiTensor:
+    return _filled(shape, dtype, fill_value, buffer, name, "full")
+
+
+def zeros_like(a, dtype=None, buffer=None, name="") -> NkiTensor:
+    return zeros(a.shape, a.dtype if dtype is None else dtype, a.buffer if buffer is None else buffer, name)
+
+
+def empty_like(a, dtype=None, buffer=None, name="") -> NkiTensor:
+    return ndarray(a.shape, a.dtype if dtype is None else dtype, a.buffer if buffer is None else buffer, name)
+
+
+def rand(shape, dtype=float32, buffer=None, name="") -> NkiTensor:
+    """Uniform [0, 1) values (GpSimd); seeded per kernel run for reproducibility."""
+    t = ndarray(shape, dtype, buffer, name)
+    ctx = _current("nl.rand")
+    rng = ctx.run.rng
+    t.write(rng.random(t.shape, dtype=np.float32), "rand")
+    ctx.cost.compute("GpSimd", "rand", t.partitions, t.free_size, t.size * t.itemsize)
+    return t
+
+
+def random_seed(seed) -> None:
+    _current("nl.random_seed").run.rng = np.random.default_rng(int(seed))
+
+
+# --------------------------------------------------------------------------- indexing and loops
+
+def ds(start, size):
+    """``start : start + size``; a VirtualRegister start gives a dynamic (HBM / DMA only) slice."""
+    if isinstance(start, (VirtualRegister, NkiTensor)):
+        return DynamicSlice(start, size)
+    return slice(int(start), int(start) + int(size))
+
+
+# NKI 0.3+: every loop is unrolled; these are deprecated aliases of range.
+affine_range = range
+sequential_range = range
+static_range = range
+
+
+def dynamic_range(start, stop=None, step=1):
+    """A runtime loop: bounds may be VirtualRegisters; yields read-only registers."""
+    if stop is None:
+        start, stop = 0, start
+    lo, hi = runtime_int(start, "dynamic_range start"), runtime_int(stop, "dynamic_range stop")
+    for i in range(lo, hi, int(step)):
+        yield VirtualRegister(i, frozen=True)
+
+
+def fori_loop(lower, upper, body_fun, step=1) -> None:
+    """``for i in range(lower, upper, step): body_fun(i)`` with runtime bounds; ``i`` is a register."""
+    if not isinstance(step, (int, np.integer)) or step <= 0:
+        raise TypeError(f"nl.fori_loop: step must be a compile-time positive integer, got {step!r}")
+    lo, hi = runtime_int(lower, "fori_loop lower"), runtime_int(upper, "fori_loop upper")
+    for i in range(lo, hi, int(step)):
+        body_fun(VirtualRegister(i, frozen=True))
+
+
+def while_loop(init, body_fun) -> None:
+    """Run ``body_fun()`` while the condition (register, int or 1x1 tensor) is non-zero; the body
+    returns the next condition."""
+    cond = init
+    while runtime_int(cond, "while_loop condition"):
+        cond = body_fun()
+
+
+@contextlib.contextmanager
+def no_reorder():
+    """Instructions in this block keep program order (the simulator always does)."""
+    yield
+
+
+# --------------------------------------------------------------------------- SPMD
+
+def program_id(axis=0) -> int:
+    if axis != 0:
+        raise IndexError(f"nl.program_id: the launch grid has one axis (kernel[lnc]), got axis={axis}")
+    return _current("nl.program_id").program_id
+
+
+def num_programs(axes=0) -> int:
+    if axes not in (0, None, (0,), [0]):
+        raise IndexError(f"nl.num_programs: the launch grid has one axis, got axes={axes}")
+    return _current("nl.num_programs").num_programs
+
+
+def program_ndim() -> int:
+    _current("nl.program_ndim")
+    return 1
+
+
+# --------------------------------------------------------------------------- memory movement
+
+def _tile_shape(shape):
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        return shape
+    return (1,) * (2 - len(shape)) + shape
+
+
+def load(src, dtype=None) -> NkiTensor:
+    """HBM -> new SBUF tile (``nisa.dma_copy``); the partition dim is ``src``'s first dim."""
+    if not isinstance(src, NkiTensor) or not src.buffer.is_hbm:
+        where = src.buffer.value if isinstance(src, NkiTensor) else type(src).__name__
+        raise MemoryRegionError(f"Expected operand 'src' of 'load' to be in address space 'hbm', but got "
+                                f"a tile in '{where}' instead.")
+    shape = _tile_shape(src.shape)
+    if shape[0] > PMAX:
+        raise PartitionLimitError(f"load: partition dimension {shape[0]} of src {src.describe()} exceeds "
+                                  f"maximum {PMAX}; load it in tiles of {PMAX} rows")
+    tile = ndarray(shape, src.dtype if dtype is None else dtype, sbuf)
+    _isa.dma_copy(tile, src)
+    return tile
+
+
+def store(dst, value) -> None:
+    """SBUF tile (or a number) -> HBM ``dst`` (``nisa.dma_copy``)."""
+    if not isinstance(dst, NkiTensor) or not dst.buffer.is_hbm:
+        where = dst.buffer.value if isinstance(dst, NkiTensor) else type(dst).__name__
+        raise MemoryRegionError(f"Expected operand 'dst' of 'store' to be in address space 'hbm', but got "
+                                f"a tile in '{where}' instead.")
+    if not isinstance(value, NkiTensor):
+        value = full(_tile_shape(dst.shape), value, dst.dtype)
+    if value.buffer is MemoryRegion.psum:
+        raise MemoryRegionError("Expected operand 'value' of 'store' to be in address space 'sbuf', but got "
+                                "a tile in 'psum' instead (copy PSUM to SBUF first with nisa.tensor_copy)")
+    _isa.dma_copy(dst, value)
+
+
+def load_transpose2d(src, dtype=None) -> NkiTensor:
+    """HBM ``[a, b]`` -> SBUF ``[b, a]`` via a DMA transpose."""
+    if not isinstance(src, NkiTensor) or not src.buffer.is_hbm or src.ndim != 2:
+        raise MemoryRegionError("load_transpose2d: src must be a 2-D HBM tensor")
+    if dtype is not None and _dt.as_dtype(dtype) != src.dtype:
+        raise DtypeError("load_transpose2d: dtype conversion is not supported (DMA transpose keeps the dtype)")
+    tile = ndarray((src.shape[1], src.shape[0]), src.dtype, sbuf)
+    _isa.dma_transpose(tile, src)
+    return tile
+
+
+def copy(src, dtype=None) -> NkiTensor:
+    """New SBUF tile with ``src``'s values (``nisa.tensor_copy``; PSUM eviction + cast)."""
+    _check_tile("copy", "src", src)
+    out = ndarray(src.shape, src.dtype if dtype is None else dtype, sbuf)
+    _isa.tensor_copy(out, src)
+    return out
+
+
+def broadcast_to(src, shape, dtype=None) -> NkiTensor:
+    """New SBUF tile of ``shape`` from ``src`` (same rank).  A partition broadcast ``[1, F] -> [P, F]``
+    is a TensorE ones-matmul (one per 512 columns); a free broadcast ``[P, 1] -> [P, F]`` a VectorE copy."""
+    _check_tile("broadcast_to", "src", src)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != src.ndim:
+        raise ShapeMismatchError(f"broadcast_to: shape {list(shape)} must have the rank of src {list(src.shape)}")
+    try:
+        values = np.broadcast_to(src.read_f32("broadcast_to", "src"), shape)
+    except ValueError as exc:
+        raise ShapeMismatchError(f"broadcast_to: cannot broadcast {src.describe()} to {list(shape)}") from exc
+    out = ndarray(shape, src.dtype if dtype is None else dtype, sbuf)
+    out.write(values if (dtype is not None and out.dtype != src.dtype) else
+              np.broadcast_to(src.read("broadcast_to", "src"), shape), "broadcast_to")
+    ctx = _current("nl.broadcast_to")
+    if shape[0] != src.shape[0]:
+        free = out.free_size
+        for c in range(0, free, 512):
+            n = builtins.min(512, free - c)
+            kind = "fp32" if src.dtype == float32 else "16bit"
+            ctx.cost.matmul("broadcast_to", 1, shape[0], n, kind, n * src.itemsize + shape[0] * n * 4,
+                            flops=False)
+        ctx.cost.compute("VectorE", "broadcast_to(psum->sbuf)", shape[0], free, out.size * (4 + out.itemsize))
+    else:
+        ctx.cost.compute("VectorE", "broadcast_to", shape[0], out.free_size, out.size * out.itemsize)
+    return out
+
+
+# --------------------------------------------------------------------------- element-wise helpers
+
+def _check_tile(api: str, operand: str, x) -> NkiTensor:
+    if not isinstance(x, NkiTensor):
+        raise TypeError(f"nl.{api}: {operand} must be a tile, got {type(x).__name__}")
+    if x.buffer.is_hbm:
+        raise MemoryRegionError(f"Expected operand '{operand}' of '{api}' to be in address space 'psum|sbuf', "
+                                f"but got a tile in 'hbm' instead ({x.describe()}); nl.load it first")
+    return x
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating, bool, np.bool_))
+
+
+def _result_dtype(op_name: str, dtype, *types):
+    if dtype is not None:
+        return _dt.as_dtype(dtype)
+    alu = _ops.ALU_BY_NAME.get(op_name)
+    if alu is not None and alu.kind in ("compare", "logical"):
+        return bool_
+    out = types[0]
+    for t in types[1:]:
+        out = _dt.promote(out, t)
+    return out
+
+
+def _as_fp32_column(api: str, col: NkiTensor) -> NkiTensor:
+    """tensor_scalar vector operands are fp32; cast a column first when it is not."""
+    if col.dtype == float32:
+        return col
+    tmp = ndarray((col.partitions, 1), float32, sbuf)
+    _isa.tensor_copy(tmp, col.reshape((col.partitions, 1)))
+    return tmp
+
+
+def _unary_activation(name: str):
+    def fn(x, dtype=None):
+        x = _check_tile(name, "x", x)
+        out = ndarray(x.shape, x.dtype if dtype is None else dtype, sbuf)
+        _isa.activation(out, fn, x)
+        return out
+    fn.__name__ = name
+    fn.__doc__ = f"Element-wise {name} on ScalarE (``nisa.activation(op=nl.{name})``); result in SBUF."
+    _ops.register_activation(fn, name)
+    return fn
+
+
+exp = _unary_activation("exp")
+log = _unary_activation("log")
+sqrt = _unary_activation("sqrt")
+sigmoid = _unary_activation("sigmoid")
+tanh = _unary_activation("tanh")
+relu = _unary_activation("relu")
+gelu = _unary_activation("gelu")
+gelu_apprx_tanh = _unary_activation("gelu_apprx_tanh")
+gelu_apprx_sigmoid = _unary_activation("gelu_apprx_sigmoid")
+silu = _unary_activation("silu")
+softplus = _unary_activation("softplus")
+mish = _unary_activation("mish")
+erf = _unary_activation("erf")
+sin = _unary_activation("sin")
+cos = _unary_activation("cos")
+tan = _unary_activation("tan")
+arctan = _unary_activation("arctan")
+negative = _unary_activation("negative")
+sign = _unary_activation("sign")
+square = _unary_activation("square")
+floor = _unary_activation("floor")
+ceil = _unary_activation("ceil")
+trunc = _unary_activation("trunc")
+abs = _unary_activation("abs")
+_ops.register_alu(abs, "abs")
+
+
+def rsqrt(x, dtype=None) -> NkiTensor:
+    """``1 / sqrt(x)`` on GpSimd (NKI 0.5+; PSUM inputs are rejected)."""
+    x = _check_tile("rsqrt", "x", x)
+    out = ndarray(x.shape, x.dtype if dtype is None else dtype, sbuf)
+    _isa.tensor_scalar(out, x, op0=rsqrt, operand0=0.0, engine=_isa.engine.gpsimd)
+    return out
+
+
+def reciprocal(x, dtype=None) -> NkiTensor:
+    """``1 / x`` on VectorE (``nisa.reciprocal``)."""
+    x = _check_tile("reciprocal", "x", x)
+    out = ndarray(x.shape, x.dtype if dtype is None else dtype, sbuf)
+    _isa.reciprocal(out, x)
+    return out
+
+
+_ops.register_alu(rsqrt, "rsqrt")
+_ops.register_activation(rsqrt, "rsqrt")
+_ops.register_alu(reciprocal, "reciprocal")
+_ops.register_activation(reciprocal, "reciprocal")
+
+
+def _binary(name: str):
+    def fn(x, y, dtype=None):
+        return _elementwise(fn, name, x, y, dtype)
+    fn.__name__ = name
+    fn.__doc__ = (f"Element-wise {name}: equal-shape tiles (``nisa.tensor_tensor``), or a tile with a "
+                  f"number or a [P, 1] column (``nisa.tensor_scalar``).  Partition broadcasts raise.")
+    _ops.register_alu(fn, name)
+    return fn
+
+
+def _elementwise(op, name, x, y, dtype):
+    xt, yt = isinstance(x, NkiTensor), isinstance(y, NkiTensor)
+    if not xt and not yt:
+        raise TypeError(f"nl.{name}: at least one operand must be a tile")
+    if xt and yt:
+        _check_tile(name, "x", x)
+        _check_tile(name, "y", y)
+        out_dtype = _result_dtype(name, dtype, x.dtype, y.dtype)
+        if x.shape == y.shape:
+            out = ndarray(x.shape, out_dtype, sbuf)
+            _isa.tensor_tensor(out, x, y, op)
+            return out
+        if x.partitions != y.partitions:
+            big, small = (x, y) if x.partitions > y.partitions else (y, x)
+            raise PartitionMismatchError(
+                f"nl.{name}: operands {list(x.shape)} and {list(y.shape)} differ in partitions; a partition "
+                f"broadcast {list(small.shape)} -> {list(big.shape)} is not supported by NKI 0.6 element-wise "
+                f"ops: use nl.broadcast_to(x, shape) (a TensorE ones-matmul) first")
+        if y.free_size == 1 or x.free_size == 1:
+            tile, col, reverse = (x, y, False) if y.free_size == 1 else (y, x, True)
+            out = ndarray(tile.shape, out_dtype, sbuf)
+            _isa.tensor_scalar(out, tile, op, _as_fp32_column(name, col), reverse0=reverse)
+            return out
+        raise ShapeMismatchError(f"nl.{name}: operand shapes {list(x.shape)} and {list(y.shape)} differ "
+                                 f"(only equal shapes or a [P, 1] column broadcast are supported)")
+    tile, scalar, reverse = (x, y, False) if xt else (y, x, True)
+    _check_tile(name, "x" if xt else "y", tile)
+    if not _is_number(scalar):
+        raise TypeError(f"nl.{name}: operand must be a tile or a number, got {type(scalar).__name__}")
+    out = ndarray(tile.shape, _result_dtype(name, dtype, tile.dtype, _dt.scalar_dtype(scalar)), sbuf)
+    _isa.tensor_scalar(out, tile, op, scalar, reverse0=reverse)
+    return out
+
+
+add = _binary("add")
+subtract = _binary("subtract")
+multiply = _binary("multiply")
+maximum = _binary("maximum")
+minimum = _binary("minimum")
+power = _binary("power")
+equal = _binary("equal")
+not_equal = _binary("not_equal")
+greater = _binary("greater")
+greater_equal = _binary("greater_equal")
+less = _binary("less")
+less_equal = _binary("less_equal")
+logical_and = _binary("logical_and")
+logical_or = _binary("logical_or")
+logical_xor = _binary("logical_xor")
+bitwise_and = _binary("bitwise_and")
+bitwise_or = _binary("bitwise_or")
+bitwise_xor = _binary("bitwise_xor")
+left_shift = _binary("left_shift")
+right_shift = _binary("right_shift")
+
+
+def divide(x, y, dtype=None) -> NkiTensor:
+    """``x / y`` for a tile and a number (multiply by the fp32 reciprocal).
+
+    Tile / tile division is not supported on Trainium2 in NKI 0.6 (use
+    ``nl.multiply(x, nl.reciprocal(y))``)."""
+    if isinstance(y, NkiTensor):
+        raise UnsupportedError("nl.divide by a tile is not supported on hardware in NKI 0.6; use "
+                               "nl.multiply(x, nl.reciprocal(y))")
+    if not _is_number(y):
+        raise TypeError(f"nl.divide: divisor must be a number, got {type(y).__name__}")
+    out = multiply(x, float(np.float32(1.0) / np.float32(y)), dtype=dtype)
+    return out
+
+
+_ops.register_alu(divide, "divide")
+
+
+def where(condition, x, y, dtype=None) -> NkiTensor:
+    """``x`` where ``condition`` is non-zero else ``y`` (tiles of one shape, or numbers); VectorE."""
+    condition = _check_tile("where", "condition", condition)
+    tiles = [t for t in (x, y) if isinstance(t, NkiTensor)]
+    for t in tiles:
+        _check_tile("where", "x/y", t)
+        if t.shape != condition.shape:
+            raise ShapeMismatchError(f"nl.where: {t.describe()} must have the condition's shape {list(condition.shape)}")
+    out_dtype = _result_dtype("where", dtype, *[t.dtype if isinstance(t, NkiTensor) else _dt.scalar_dtype(t)
+                                                for t in (x, y)])
+    out = ndarray(condition.shape, out_dtype, sbuf)
+    cond = condition.read_f32("where", "condition") != 0
+    xv = x.read_f32("where", "x") if isinstance(x, NkiTensor) else np.float32(x)
+    yv = y.read_f32("where", "y") if isinstance(y, NkiTensor) else np.float32(y)
+    out.write(np.where(cond, xv, yv), "where")
+    _current("nl.where").cost.compute("VectorE", "where", out.partitions, out.free_size,
+                                      out.size * out.itemsize * (2 + len(tiles)))
+    return out
+
+
+# --------------------------------------------------------------------------- reductions
+
+def _reduced_shape(x: NkiTensor, axis, keepdims: bool):
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    axes = {int(a) + x.ndim if int(a) < 0 else int(a) for a in axes}
+    if keepdims:
+        return tuple(1 if i in axes else s for i, s in enumerate(x.shape))
+    shape = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    return shape if len(shape) >= 2 else (x.shape[0], 1)   # on-chip tiles stay >= 2-D: [P, 1]
+
+
+def _reduction(name: str, op_name: str):
+    def fn(x, axis, dtype=None, keepdims=False):
+        x = _check_tile(name, "x", x)
+        out = ndarray(_reduced_shape(x, axis, keepdims), x.dtype if dtype is None else dtype, sbuf)
+        _isa.tensor_reduce(out, _ops.ALU_BY_NAME[op_name], x, axis, keepdims=keepdims)
+        return out
+    fn.__name__ = name
+    fn.__doc__ = (f"{name} over free ``axis`` (``nisa.tensor_reduce``); a reduction that would leave "
+                  f"fewer than 2 dims gives a [P, 1] column.")
+    return fn
+
+
+sum = _reduction("sum", "add")
+max = _reduction("max", "maximum")
+min = _reduction("min", "minimum")
+prod = _reduction("prod", "multiply")
+_ops.register_alu(sum, "add")
+_ops.register_alu(max, "maximum")
+_ops.register_alu(min, "minimum")
+
+
+def mean(x, axis, dtype=None, keepdims=False) -> NkiTensor:
+    """Mean over free ``axis``: a sum in fp32, then a multiply by ``1/n``."""
+    x = _check_tile("mean", "x", x)
+    total = sum(x, axis, dtype=float32, keepdims=keepdims)
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    n = int(np.prod([x.shape[int(a)] for a in axes]))
+    return multiply(total, 1.0 / n, dtype=x.dtype if dtype is None else dtype)
+
+
+def all(x, axis, dtype=bool_) -> NkiTensor:
+    x = _check_tile("all", "x", x)
+    out = ndarray(_reduced_shape(x, axis, False), dtype, sbuf)
+    _isa.tensor_reduce(out, _ops.ALU_BY_NAME["logical_and"], x, axis)
+    return out
+
+
+# --------------------------------------------------------------------------- TensorE wrappers
+
+def matmul(x, y, transpose_x=False) -> NkiTensor:
+    """``x.T @ y`` into a new fp32 PSUM tile (``nisa.nc_matmul``); ``x`` is ``[K, M]``, ``y`` ``[K, N]``.
+
+    NKI 0.3+ supports only ``transpose_x=True`` (contraction on the partition dim of both)."""
+    if not transpose_x:
+        raise UnsupportedError("nl.matmul(x, y) without transpose_x=True is not supported in NKI 0.3+; pass "
+                               "x as [K, M] with transpose_x=True")
+    _check_tile("matmul", "x", x)
+    _check_tile("matmul", "y", y)
+    if x.free_size > 128 or y.free_size > 512:
+        raise TileSizeError(f"nl.matmul: x {x.describe()} free size must be <= 128 and y {y.describe()} "
+                            f"free size <= 512")
+    out = ndarray((x.free_size, y.free_size), float32, psum)
+    _isa.nc_matmul(out, x, y)
+    return out
+
+
+def transpose(x, dtype=None) -> NkiTensor:
+    """``[P, F] -> [F, P]`` into a new PSUM tile on TensorE (same dtype)."""
+    _check_tile("transpose", "x", x)
+    if dtype is not None and _dt.as_dtype(dtype) != x.dtype:
+        raise DtypeError("nl.transpose: the TensorE transpose keeps the dtype; cast with nl.copy afterwards")
+    out = ndarray((x.free_size, x.partitions), x.dtype, psum)
+    _isa.nc_transpose(out, x, engine=_isa.engine.tensor)
+    return out
+
+
+# --------------------------------------------------------------------------- misc
+
+def device_print(prefix, x) -> None:
+    """Print ``prefix`` and the tile's values (simulation only)."""
+    if isinstance(x, NkiTensor):
+        builtins.print(prefix, x.read("device_print", "x").astype(np.float32) if _dt.is_float(x.dtype)
+                       else x.read("device_print", "x"))
+    else:
+        builtins.print(prefix, x)
+
+
+def static_cast(array, dtype) -> np.ndarray:
+    """Host-side cast of a NumPy array (round to nearest even; ints saturate)."""
+    dtype = _dt.as_dtype(dtype)
+    values = np.asarray(array)
+    if values.dtype.kind == "f" and values.dtype != np.float32 and not _dt.is_int(dtype):
+        values = values.astype(np.float32)
+    return _dt.round_to(values, dtype, False)
