@@ -1,27 +1,63 @@
-"""Reading and writing the Hub checkpoint layout (`model.safetensors.index.json` + shards).
+"""Reading checkpoints: the Hub layout (FP8 blocks, fused K/V scales) and prepared per-rank files.
 
-Tensors are read one at a time from memory-mapped shards; names, shapes and stored dtypes are
-checked against the table in `weights.py`.
+Hub layout (`XiaomiMiMo/MiMo-V2-Flash`): `config.json`, `model.safetensors.index.json` and
+per-layer shards. Tensors are read one at a time from memory-mapped shards and checked against
+the table in `weights.py` (name, shape, stored dtype). FP8 `F8_E4M3` weights are dequantised
+with their `weight_scale_inv` grids (a multiplier, see `fp8.py`); BF16 and F32 tensors are read
+as they are.
+
+The full-attention layers' K/V scales (spec section 4.4): the checkpoint was quantised per
+tensor-parallel rank of a fused [Q | K | V] projection, so for every KV head the K rows (192) and
+V rows (128) form one 320-row matrix cut into 128-row blocks. K's scale has one row per block
+that touches K (2 per head), V's one row per block that holds only V (1 per head), and V rows
+0..63 of each head use K's last scale row of that head. `HubCheckpoint.kv_grouping` detects the
+layout per layer from the scale shapes (per-head iff the K scale has n_kv * ceil(192/128) rows
+and that differs from the uniform count; uniform if the shapes fit the plain grid; an error
+otherwise) and, on first read, checks it: amax-scaled blocks reach max|fp8| = 448, so a block
+far below that under the chosen grouping triggers a `ScaleGroupingWarning`.
+
+Prepared layout (written by `prepare_weights`): `manifest.json` plus one safetensors file per
+rank, projections stored transposed under `weights.kernel_name` (see docs/weights.md).
+`PreparedCheckpoint` reads it back into Hub-layout float32 arrays.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import MiMoV2FlashConfig
-from .weights import F32, model_tensors
+from . import fp8
+from .config import ConfigError, MiMoV2FlashConfig
+from .placement import ExpertPlacement, PlacementError
+from .safetensors_io import SafetensorsError, SafetensorsFile
+from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
+                      layer_tensors, model_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "manifest.json"
+PREPARED_FORMAT = "mimo_v2_flash.prepared"
+PREPARED_VERSION = 1
+
+UNIFORM = "uniform"               # plain 128-row blocks per tensor
+PER_KV_HEAD = "per_kv_head"       # fused [K_h; V_h] blocks per KV head (spec 4.4, option C)
+# Hub dtypes a table entry may be stored as (FP8 needs its scale grid beside it).
+ACCEPTED_DTYPES = {FP8: ("F8_E4M3", "BF16", "F32"), BF16: ("BF16", "F32"), F32: ("F32", "BF16")}
+# An amax-scaled block's max|fp8| is the format maximum; below this fraction of it the grouping
+# that assigned the block its scale is suspect.
+SELF_CHECK_FRACTION = 0.5
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the config; the message names the file and tensor."""
+
+
+class ScaleGroupingWarning(UserWarning):
+    """FP8 blocks whose max|fp8| is far below the format maximum under the chosen grouping."""
 
 
 def read_index(path: str) -> dict[str, str]:
@@ -38,41 +74,222 @@ def read_index(path: str) -> dict[str, str]:
     return index["weight_map"]
 
 
+def kv_row_groups(kv_heads: int, head_dim: int, v_head_dim: int, grouping: str):
+    """Scale rows of the K and V rows of one attention layer.
+
+    Returns (k_groups [kv*d] indexing K's scale, v_groups [kv*dv] indexing the concatenation
+    [K scale; V scale]). Per-KV-head: head h's fused matrix [K_h; V_h] has
+    nb = ceil((d + dv) / 128) blocks, the first kb = ceil(d / 128) stored in K's scale (rows
+    h*kb ...), the rest in V's scale (rows h*(nb-kb) ...).
+    """
+    if grouping == UNIFORM:
+        return (fp8.uniform_row_groups(kv_heads * head_dim),
+                fp8.num_blocks(kv_heads * head_dim) + fp8.uniform_row_groups(kv_heads * v_head_dim))
+    kb = fp8.num_blocks(head_dim)
+    vb = fp8.num_blocks(head_dim + v_head_dim) - kb
+    heads = np.arange(kv_heads)[:, None]
+    k_groups = heads * kb + np.arange(head_dim)[None, :] // fp8.FP8_BLOCK
+    block = (head_dim + np.arange(v_head_dim))[None, :] // fp8.FP8_BLOCK        # fused block of V row
+    v_groups = np.where(block < kb, heads * kb + block, kv_heads * kb + heads * vb + block - kb)
+    return k_groups.reshape(-1), v_groups.reshape(-1)
+
+
+def kv_scale_rows(kv_heads: int, head_dim: int, v_head_dim: int, grouping: str) -> tuple[int, int]:
+    """(K scale rows, V scale rows) of a grouping."""
+    if grouping == UNIFORM:
+        return fp8.num_blocks(kv_heads * head_dim), fp8.num_blocks(kv_heads * v_head_dim)
+    kb = fp8.num_blocks(head_dim)
+    return kv_heads * kb, kv_heads * (fp8.num_blocks(head_dim + v_head_dim) - kb)
+
+
+class HubCheckpoint:
+    """A Hub-layout checkpoint directory, read lazily, tensor by tensor.
+
+    Shard headers are parsed once (and checked: a truncated shard fails on first use); tensor
+    data is memory-mapped per read and released when the caller drops the array.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.config = MiMoV2FlashConfig.from_json(self.path)
+        self.index_path = os.path.join(self.path, INDEX_FILE)
+        self.weight_map = read_index(self.path)
+        self._shards: dict[str, SafetensorsFile] = {}
+        self._groupings: dict[int, str] = {}
+        self._self_checked: set[int] = set()
+
+    # ---- headers -----------------------------------------------------------------------------
+    def shard_of(self, name: str) -> SafetensorsFile:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{self.index_path}: tensor {name!r} is not listed")
+        if shard not in self._shards:
+            shard_path = os.path.join(self.path, shard)
+            if not os.path.exists(shard_path):
+                raise CheckpointError(f"{shard_path}: shard file missing (listed for {name!r})")
+            try:
+                self._shards[shard] = SafetensorsFile(shard_path)
+            except SafetensorsError as err:
+                raise CheckpointError(str(err)) from None
+        handle = self._shards[shard]
+        if name not in handle:
+            raise CheckpointError(f"{handle.path}: tensor {name!r} listed in the index is absent "
+                                  "from the shard")
+        return handle
+
+    def stored_dtype(self, spec: TensorSpec) -> str:
+        """The safetensors dtype `spec` is stored in, after checking shape and dtype."""
+        handle = self.shard_of(spec.name)
+        entry = handle.entries[spec.name]
+        if entry.shape != spec.shape:
+            raise CheckpointError(f"{handle.path}: tensor {spec.name!r} has shape {list(entry.shape)}, "
+                                  f"the config expects {list(spec.shape)}")
+        if entry.dtype not in ACCEPTED_DTYPES[spec.hub_dtype]:
+            raise CheckpointError(f"{handle.path}: tensor {spec.name!r} has dtype {entry.dtype}; the "
+                                  f"table stores it as {spec.hub_dtype} (accepted: "
+                                  f"{', '.join(ACCEPTED_DTYPES[spec.hub_dtype])})")
+        if entry.dtype == "F8_E4M3":
+            scale = self.shard_of(scale_name(spec.name))
+            scale_entry = scale.entries[scale_name(spec.name)]
+            if scale_entry.dtype != "F32" or len(scale_entry.shape) != 2:
+                raise CheckpointError(f"{scale.path}: scale {scale_entry.name!r} is {scale_entry.dtype} "
+                                      f"{list(scale_entry.shape)}; expected a 2-D F32 grid")
+            if scale_entry.shape[1] != fp8.num_blocks(spec.shape[1]):
+                raise CheckpointError(f"{scale.path}: scale {scale_entry.name!r} has shape "
+                                      f"{list(scale_entry.shape)}; {spec.shape[1]} columns need "
+                                      f"{fp8.num_blocks(spec.shape[1])} column blocks")
+        return entry.dtype
+
+    def _scale_shape(self, name: str) -> tuple[int, ...]:
+        return self.shard_of(scale_name(name)).entries[scale_name(name)].shape
+
+    def kv_grouping(self, layer: int) -> str:
+        """UNIFORM or PER_KV_HEAD for this layer's K/V scales, detected from their shapes."""
+        if layer in self._groupings:
+            return self._groupings[layer]
+        _, kv, d, dv = self.config.attention_shape(layer)
+        k_spec, v_spec = self._kv_specs(layer)
+        if self.stored_dtype(k_spec) != "F8_E4M3" or self.stored_dtype(v_spec) != "F8_E4M3":
+            grouping = UNIFORM      # at most one of them is FP8: nothing is shared
+        else:
+            k_rows, v_rows = self._scale_shape(k_spec.name)[0], self._scale_shape(v_spec.name)[0]
+            uniform = kv_scale_rows(kv, d, dv, UNIFORM)
+            per_head = kv_scale_rows(kv, d, dv, PER_KV_HEAD)
+            if (k_rows, v_rows) == per_head and per_head != uniform:
+                grouping = PER_KV_HEAD
+            elif (k_rows, v_rows) == uniform:
+                grouping = UNIFORM
+            else:
+                raise CheckpointError(
+                    f"{self.path}: layer {layer} K/V scales have {k_rows} and {v_rows} rows, which fit "
+                    f"no grouping: uniform 128-row blocks need {uniform[0]} and {uniform[1]}, fused "
+                    f"per-KV-head blocks need {per_head[0]} and {per_head[1]} "
+                    f"({kv} KV heads, head dims {d}/{dv})")
+        self._groupings[layer] = grouping
+        return grouping
+
+    def _kv_specs(self, layer: int) -> tuple[TensorSpec, TensorSpec]:
+        p = layer_prefix(layer) + "self_attn."
+        specs = {s.name: s for s in layer_tensors(self.config, layer, experts=[])}
+        return specs[p + "k_proj.weight"], specs[p + "v_proj.weight"]
+
+    def validate(self, specs: list[TensorSpec]) -> None:
+        """Check every listed tensor (headers only): present, shape, dtype, scale grid."""
+        for spec in specs:
+            layer = _kv_layer(spec.name)
+            if layer is not None:
+                self.kv_grouping(layer)
+            elif self.stored_dtype(spec) == "F8_E4M3":
+                shape = self._scale_shape(spec.name)
+                if shape != fp8_scale_shape(spec.shape):
+                    raise CheckpointError(f"{self.shard_of(scale_name(spec.name)).path}: scale "
+                                          f"{scale_name(spec.name)!r} has shape {list(shape)}, which fits "
+                                          f"no grouping of {list(spec.shape)} (expected "
+                                          f"{list(fp8_scale_shape(spec.shape))})")
+
+    # ---- data --------------------------------------------------------------------------------
+    def _raw(self, name: str) -> np.ndarray:
+        return self.shard_of(name).read(name)
+
+    def _fp8_parts(self, spec: TensorSpec):
+        """(fp8 array, scale grid, row groups) of an FP8 tensor, K/V grouping applied."""
+        layer = _kv_layer(spec.name)
+        if layer is None:
+            return self._raw(spec.name), self._raw(scale_name(spec.name)), \
+                fp8.uniform_row_groups(spec.shape[0])
+        k_spec, v_spec = self._kv_specs(layer)
+        grouping = self.kv_grouping(layer)
+        if layer not in self._self_checked:
+            self._self_checked.add(layer)
+            self.self_check_kv(layer)
+        _, kv, d, dv = self.config.attention_shape(layer)
+        k_groups, v_groups = kv_row_groups(kv, d, dv, grouping)
+        k_scale = np.asarray(self._raw(scale_name(k_spec.name)))
+        if spec.name == k_spec.name:
+            return self._raw(spec.name), k_scale, k_groups
+        both = np.concatenate([k_scale, self._raw(scale_name(v_spec.name))])
+        return self._raw(spec.name), both, v_groups
+
+    def self_check_kv(self, layer: int) -> None:
+        """Warn when this layer's K/V blocks do not reach max|fp8| near 448 under its grouping."""
+        k_spec, v_spec = self._kv_specs(layer)
+        grouping = self.kv_grouping(layer)
+        if grouping == UNIFORM and self.stored_dtype(k_spec) != "F8_E4M3":
+            return
+        _, kv, d, dv = self.config.attention_shape(layer)
+        k_groups, v_groups = kv_row_groups(kv, d, dv, grouping)
+        groups = sum(kv_scale_rows(kv, d, dv, grouping))
+        peak = np.maximum(fp8.group_max_abs(self._raw(k_spec.name), k_groups, groups),
+                          fp8.group_max_abs(self._raw(v_spec.name), v_groups, groups))
+        low = peak < SELF_CHECK_FRACTION * fp8.OCP_E4M3.max
+        if low.any():
+            warnings.warn(f"{self.path}: layer {layer}: {int(low.sum())} of {low.size} K/V scale blocks "
+                          f"have max|fp8| below {SELF_CHECK_FRACTION * fp8.OCP_E4M3.max:g} under the "
+                          f"{grouping} grouping (amax-scaled blocks reach {fp8.OCP_E4M3.max:g}); the "
+                          "K/V scale layout may be misread", ScaleGroupingWarning, stacklevel=2)
+
+    def iter_rows(self, spec: TensorSpec, chunk_rows: int):
+        """Yield (start, stop, float32 rows [stop - start, ...]) of one tensor, dequantised.
+
+        `chunk_rows` is rounded down to a multiple of 128 for FP8 tensors (at least 128), so each
+        chunk holds whole block rows. 1-D tensors come as one chunk.
+        """
+        rows = spec.shape[0]
+        if self.stored_dtype(spec) != "F8_E4M3":
+            raw = self._raw(spec.name)
+            for start in range(0, rows, max(chunk_rows, 1)):
+                stop = min(rows, start + max(chunk_rows, 1))
+                yield start, stop, np.asarray(raw[start:stop], np.float32)
+            return
+        q, scale, groups = self._fp8_parts(spec)
+        step = max(fp8.FP8_BLOCK, chunk_rows // fp8.FP8_BLOCK * fp8.FP8_BLOCK)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            yield start, stop, fp8.dequantize_rows(q, scale, groups, start, stop)
+
+    def read(self, spec: TensorSpec) -> np.ndarray:
+        """The whole tensor as float32 (dequantised if FP8)."""
+        out = np.empty(spec.shape, np.float32)
+        for start, stop, rows in self.iter_rows(spec, spec.shape[0]):
+            out[start:stop] = rows
+        return out
+
+
+def _kv_layer(name: str) -> int | None:
+    """The layer of a `k_proj`/`v_proj` weight (whose scales may be fused), else None."""
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+        return int(name.split(".")[2])
+    return None
+
+
 def load_hub_checkpoint(path, experts=None, layers=None):
-    """(config, {name: float32 array}) for the main model, optionally an expert subset."""
-    path = os.fspath(path)
-    config = MiMoV2FlashConfig.from_json(path)
-    weight_map = read_index(path)
-    weights = {}
-    handles = {}
-    try:
-        for spec in model_tensors(config, layers=layers, experts=experts):
-            shard = weight_map.get(spec.name)
-            if shard is None:
-                raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: tensor {spec.name!r} is not listed")
-            if shard not in handles:
-                shard_path = os.path.join(path, shard)
-                if not os.path.exists(shard_path):
-                    raise CheckpointError(f"{shard_path}: shard file missing (listed for {spec.name!r})")
-                try:
-                    handles[shard] = safe_open(shard_path, "np")
-                except Exception as err:  # safetensors raises its own error types
-                    raise CheckpointError(f"{shard_path}: unreadable safetensors file ({err})") from None
-            handle = handles[shard]
-            if spec.name not in handle.keys():
-                raise CheckpointError(f"{os.path.join(path, shard)}: tensor {spec.name!r} listed in the "
-                                      "index is absent from the shard")
-            array = handle.get_tensor(spec.name)
-            if tuple(array.shape) != spec.shape:
-                raise CheckpointError(f"{os.path.join(path, shard)}: tensor {spec.name!r} has shape "
-                                      f"{tuple(array.shape)}, the config expects {spec.shape}")
-            if array.dtype not in (np.float32, ml_dtypes.bfloat16):
-                raise CheckpointError(f"{os.path.join(path, shard)}: tensor {spec.name!r} has dtype "
-                                      f"{array.dtype}; expected BF16 or F32")
-            weights[spec.name] = array.astype(np.float32)
-    finally:
-        handles.clear()
-    return config, weights
+    """(config, {name: float32 array}) for the main model, optionally an expert subset.
+
+    Headers of every needed tensor are checked before any data is read."""
+    checkpoint = HubCheckpoint(path)
+    specs = model_tensors(checkpoint.config, layers=layers, experts=experts)
+    checkpoint.validate(specs)
+    return checkpoint.config, {spec.name: checkpoint.read(spec) for spec in specs}
 
 
 def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "float32") -> None:
@@ -98,4 +315,99 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
         json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
 
 
+# ---- prepared per-rank files ------------------------------------------------------------------
+def rank_file_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
+
+def is_prepared_dir(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MANIFEST_FILE))
+
+
+class PreparedCheckpoint:
+    """A directory written by `prepare_weights`: `manifest.json` + one file per rank.
+
+    Rank files hold the rank's experts plus every replicated tensor, projections transposed to
+    [in, out] under `kernel_name`, in BF16/F32 or FP8 (Trainium e4m3, 128x128 scales). Only a
+    manifest marked complete is read; hashes are checked by `prepare_weights --verify`.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, MANIFEST_FILE)
+        try:
+            with open(manifest_path) as f:
+                self.manifest = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{manifest_path}: manifest not found") from None
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
+        m = self.manifest
+        if m.get("format") != PREPARED_FORMAT or m.get("format_version") != PREPARED_VERSION:
+            raise CheckpointError(f"{manifest_path}: not a {PREPARED_FORMAT} v{PREPARED_VERSION} manifest")
+        if not m.get("complete"):
+            raise CheckpointError(f"{manifest_path}: conversion not complete (interrupted?); rerun "
+                                  "prepare-weights on the same output directory to resume")
+        try:
+            self.full_config = MiMoV2FlashConfig.from_hub_dict(m["config"], source=manifest_path)
+            self.placement = ExpertPlacement.from_json(m["placement"])
+        except (ConfigError, PlacementError, KeyError) as err:
+            raise CheckpointError(f"{manifest_path}: {err}") from None
+        self.world_size = self.placement.world_size
+        self.layers = list(m["layers"])
+        self.experts = None if m["experts"] is None else list(m["experts"])   # None: all experts
+        self.files = {f["rank"]: os.path.join(self.path, f["name"]) for f in m["files"]}
+
+    def experts_of(self, rank: int) -> list[int]:
+        """Routed experts stored in `rank`'s file."""
+        owned = self.placement.experts_of(rank)
+        return owned if self.experts is None else [e for e in owned if e in set(self.experts)]
+
+    def runnable_config(self) -> MiMoV2FlashConfig:
+        """The config of a model over the stored layers (which must be 0..n-1)."""
+        n = len(self.layers)
+        if self.layers != list(range(n)):
+            raise CheckpointError(f"{self.path}: holds layers {self.layers[0]}..{self.layers[-1]}; a "
+                                  "runnable model needs the layers from 0 on (prepare with --layers 0:N)")
+        config = self.full_config
+        return config if n == config.num_hidden_layers else config.replace(num_hidden_layers=n)
+
+    def load(self, rank: int | None = None) -> tuple[MiMoV2FlashConfig, dict[str, np.ndarray]]:
+        """(config, Hub-name float32 weights [out, in]) of one rank, or of every rank (None).
+
+        rank=None: replicated tensors from rank 0's file plus every rank's experts.
+        """
+        if rank is not None and not 0 <= rank < self.world_size:
+            raise CheckpointError(f"{self.path}: rank {rank} outside 0..{self.world_size - 1}")
+        config = self.runnable_config()
+        ranks = range(self.world_size) if rank is None else [rank]
+        handles: dict[int, SafetensorsFile] = {}
+        weights = {}
+        replicated = set(model_tensors(self.full_config, self.layers, experts=[]))
+        for r in ranks:
+            specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
+            if r != min(ranks):    # replicated tensors come from the first rank read
+                specs = [s for s in specs if s not in replicated]
+            for spec in specs:
+                if r not in handles:
+                    try:
+                        handles[r] = SafetensorsFile(self.files[r])
+                    except SafetensorsError as err:
+                        raise CheckpointError(str(err)) from None
+                weights[spec.name] = self._read(handles[r], spec)
+        return config, weights
+
+    def _read(self, handle: SafetensorsFile, spec: TensorSpec) -> np.ndarray:
+        name = kernel_name(spec)
+        if name not in handle:
+            raise CheckpointError(f"{handle.path}: tensor {name!r} is missing")
+        stored = handle.entries[name]
+        shape = spec.shape[::-1] if name != spec.name else spec.shape
+        if stored.shape != shape:
+            raise CheckpointError(f"{handle.path}: tensor {name!r} has shape {list(stored.shape)}, "
+                                  f"expected {list(shape)}")
+        if stored.dtype == "F8_E4M3":
+            array = fp8.dequantize(handle.read(name), handle.read(scale_name(name)))
+        else:
+            array = np.asarray(handle.read(name), np.float32)
+        return array.T if name != spec.name else array

@@ -91,8 +91,20 @@ def model_tensors(config: MiMoV2FlashConfig, layers=None, experts=None) -> list[
 
 
 def scale_name(weight_name: str) -> str:
-    """The FP8 block-scale tensor beside a weight (a multiplier, DeepSeek convention)."""
-    return weight_name[: -len("weight")] + "weight_scale_inv"
+    """The FP8 block-scale tensor beside a weight (a multiplier, DeepSeek convention);
+    `x.weight` -> `x.weight_scale_inv`, `x.weight_t` -> `x.weight_t_scale_inv`."""
+    return weight_name + "_scale_inv"
+
+
+def is_projection(spec: TensorSpec) -> bool:
+    """A weight used as `x @ W.T` (every 2-D tensor but the embedding table, which is gathered)."""
+    return len(spec.shape) == 2 and spec.name != EMBED
+
+
+def kernel_name(spec: TensorSpec) -> str:
+    """Name in the per-rank files (kernel layout): projections are stored transposed, [in, out]
+    (contraction dim first, onto SBUF partitions), as `<hub name>_t`; the rest keep Hub names."""
+    return spec.name + "_t" if is_projection(spec) else spec.name
 
 
 def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:

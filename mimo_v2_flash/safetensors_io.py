@@ -1,0 +1,223 @@
+"""The safetensors file format, read lazily and written incrementally, with FP8 support.
+
+The `safetensors` package's NumPy API cannot read or write `F8_E4M3`, and its writers need every
+tensor in memory at once; both matter for a 313 GB FP8 checkpoint. The format is small:
+
+    [8 bytes: little-endian u64 N] [N bytes: JSON header] [data]
+
+The header maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets
+relative to the start of the data, contiguous, no holes) plus an optional `"__metadata__"` dict
+of strings. Readers here memory-map one tensor at a time; the writer computes the header from
+the planned names, dtypes and shapes first, then streams tensors in that order, hashing as it
+goes, to a temporary name that is renamed only when the file is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+# safetensors dtype name -> NumPy dtype. F8_E4M3 is OCP e4m3fn (max 448), the Hub's format.
+DTYPES = {
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "U8": np.dtype(np.uint8),
+}
+HEADER_ALIGN = 8          # the header is padded with spaces so the data starts 8-byte aligned
+MAX_HEADER_BYTES = 100_000_000   # same sanity limit as the reference implementation
+
+
+class SafetensorsError(ValueError):
+    """A malformed or truncated safetensors file; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str                 # safetensors dtype name, e.g. "F8_E4M3"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+class SafetensorsFile:
+    """Header of one safetensors file; `read(name)` memory-maps that tensor only.
+
+    Opening parses and checks the header (offsets inside the file, sizes matching dtype x shape,
+    data length equal to the file length), so a truncated file fails here, before any tensor is
+    used.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            file_size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise SafetensorsError(f"{self.path}: truncated safetensors file ({file_size} bytes, "
+                                           "shorter than the 8-byte header length)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                    raise SafetensorsError(f"{self.path}: header length {header_len} exceeds the "
+                                           f"file ({file_size} bytes): truncated or not safetensors")
+                raw = f.read(header_len)
+        except FileNotFoundError:
+            raise SafetensorsError(f"{self.path}: file not found") from None
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SafetensorsError(f"{self.path}: header is not valid JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        self.entries: dict[str, TensorEntry] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        data_len = 0
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            if dtype not in DTYPES:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, not one of "
+                                       f"{sorted(DTYPES)}")
+            entry = TensorEntry(name, dtype, shape)
+            if end - begin != entry.nbytes or begin < 0:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} spans bytes {begin}..{end} but "
+                                       f"{dtype} {list(shape)} needs {entry.nbytes}")
+            self.entries[name] = entry
+            self.offsets[name] = (begin, end)
+            data_len = max(data_len, end)
+        if self.data_start + data_len != file_size:
+            raise SafetensorsError(f"{self.path}: truncated or padded file: the header describes "
+                                   f"{self.data_start + data_len} bytes, the file has {file_size}")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only memory map of one tensor (drop it to unmap; copy what you keep)."""
+        entry = self.entries[name]
+        begin, _ = self.offsets[name]
+        if entry.nbytes == 0:
+            return np.zeros(entry.shape, DTYPES[entry.dtype])
+        return np.memmap(self.path, DTYPES[entry.dtype], mode="r", offset=self.data_start + begin,
+                         shape=entry.shape)
+
+
+def dtype_name(dtype) -> str:
+    """safetensors name of a NumPy dtype (float8_e4m3fn and float8_e4m3 both store as F8_E4M3:
+    their bit patterns agree on every value within +-240)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(ml_dtypes.float8_e4m3):
+        return "F8_E4M3"
+    for name, known in DTYPES.items():
+        if known == dtype:
+            return name
+    raise SafetensorsError(f"dtype {dtype} has no safetensors name")
+
+
+def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus the padded JSON header for tensors laid out in `entries` order."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for entry in entries:
+        if entry.name in header:
+            raise SafetensorsError(f"tensor {entry.name!r} is planned twice")
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % HEADER_ALIGN)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, in the planned order.
+
+    The file is written as `<path>.partial` and renamed to `path` by `finish()` after an fsync;
+    leaving the `with` block through an exception deletes the partial file, so a final name
+    always holds a complete file. `sha256` covers the whole file.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list[TensorEntry],
+                 metadata: dict[str, str] | None = None):
+        self.path = os.fspath(path)
+        self.partial_path = self.path + ".partial"
+        self.entries = list(entries)
+        self._next = 0
+        self._hash = hashlib.sha256()
+        header = encode_header(self.entries, metadata)
+        self.size = len(header) + sum(e.nbytes for e in self.entries)
+        self._file = open(self.partial_path, "wb")
+        self._put(header)
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._next >= len(self.entries):
+            raise SafetensorsError(f"{self.path}: tensor {name!r} written after all planned tensors")
+        entry = self.entries[self._next]
+        if name != entry.name:
+            raise SafetensorsError(f"{self.path}: expected tensor {entry.name!r} next, got {name!r}")
+        if dtype_name(array.dtype) != entry.dtype or tuple(array.shape) != entry.shape:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} is {dtype_name(array.dtype)} "
+                                   f"{list(array.shape)}, planned {entry.dtype} {list(entry.shape)}")
+        # ml_dtypes arrays do not export a buffer; their bytes do (no copy when contiguous).
+        self._put(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def finish(self) -> str:
+        """Flush, rename to the final name, return the file's sha256 hex digest."""
+        if self._next != len(self.entries):
+            raise SafetensorsError(f"{self.path}: only {self._next} of {len(self.entries)} planned "
+                                   f"tensors were written (next: {self.entries[self._next].name!r})")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial_path, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        if os.path.exists(self.partial_path):
+            os.remove(self.partial_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24, progress=None) -> str:
+    """Hex sha256 of a file, read in chunks (`progress.update(n)` per chunk if given)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
