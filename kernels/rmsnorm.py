@@ -1,0 +1,182 @@
+"""RMSNorm over the hidden dim, optionally fused with the residual add that precedes it.
+
+    rmsnorm:      y = x / sqrt(mean(x^2) + eps) * weight            (statistics in fp32)
+    add_rmsnorm:  s = x + delta;  returns (s, rmsnorm(s))            (s rounded to x's dtype)
+
+Arguments (HBM): x, delta [T, H] (bf16 or fp32, any T >= 1), weight [H]. Outputs have x's dtype.
+
+Two tile layouts, chosen per group of tokens:
+
+* token-major, for every full tile of 128 tokens: tokens on partitions, H on the free axis, so each
+  partition moves one contiguous H-element row per DMA (the ideal DMA shape). The sum of squares is
+  one ScalarE activation with its accumulator reduction; `x * rstd * weight` one VectorE
+  scalar_tensor_tensor. The weight row is broadcast to the 128 partitions once, on TensorE (a
+  ones[1, 128] matmul), instead of a 128x larger broadcast DMA: DMA is the bound engine here.
+* hidden-major, for the last T % 128 tokens (all of decode): partition p holds hidden elements
+  [p*J, (p+1)*J) of every token (J = H / 128), so all 128 lanes work even for one token, where
+  token-major would leave 127 lanes idle and pay H cycles per instruction. Per-token sums of squares
+  are a free-axis reduction per partition plus a cross-partition sum on TensorE (a ones[128, 128]
+  fp32 matmul, which also leaves every token's total on every partition). Each partition moves
+  J-element (64 B for H = 4096 bf16) runs per token: fine for a tail, poor for a full tile.
+
+Both layouts are HBM-bound under the cost model (x in, y out, plus delta in and s out when fused).
+"""
+from __future__ import annotations
+
+import numpy as np
+import ml_dtypes
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax
+PSUM_FMAX = nl.tile_size.psum_bank_fmax      # fp32 elements of one PSUM bank per partition
+
+
+def _broadcast_row(row, rows_out):
+    """Copy `row` [1, H] (SBUF) to every partition of `rows_out` [P, H] (SBUF) on TensorE.
+
+    out[p, h] = ones[0, p] * row[0, h]: a K=1 matmul per 512 columns into PSUM, evicted by ScalarE.
+    fp32 operands when the row is fp32 (TensorE pairs fp32 only with fp32), so the copy is exact.
+    """
+    H = row.shape[1]
+    ones = nl.ndarray((1, P), dtype=row.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    for c0 in range(0, H, PSUM_FMAX):
+        c1 = min(H, c0 + PSUM_FMAX)
+        bank = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=bank, stationary=ones, moving=row[:, c0:c1])
+        nisa.tensor_copy(dst=rows_out[:, c0:c1], src=bank, engine=nisa.engine.scalar)   # PSUM -> SBUF
+
+
+def _token_major_tile(x, delta, weight_rows, y, total, t0, eps):
+    """Tokens t0 .. t0+127, tokens on partitions. weight_rows [P, H] holds the weight on every row."""
+    H = x.shape[1]
+    x_tile = nl.ndarray((P, H), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_tile, src=x[t0:t0 + P, :])                       # HBM -> SBUF, one row each
+    if delta is not None:
+        d_tile = nl.ndarray((P, H), dtype=delta.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=d_tile, src=delta[t0:t0 + P, :])
+        s_tile = nl.ndarray((P, H), dtype=total.dtype, buffer=nl.sbuf)
+        # The add runs on GpSimd, the least busy engine of this layout.
+        nisa.tensor_tensor(dst=s_tile, data1=x_tile, data2=d_tile, op=nl.add, engine=nisa.engine.gpsimd)
+        nisa.dma_copy(dst=total[t0:t0 + P, :], src=s_tile)               # SBUF -> HBM: the new residual
+        x_tile = s_tile
+    squares = nl.ndarray((P, H), dtype=x.dtype, buffer=nl.sbuf)          # by-product, unused
+    sum_sq = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=squares, op=nl.square, data=x_tile, reduce_op=nl.add, reduce_res=sum_sq,
+                    reduce_cmd=nisa.reduce_cmd.reset_reduce)             # fp32 sum over the row
+    rstd = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=eps)
+    y_tile = nl.ndarray((P, H), dtype=y.dtype, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=y_tile, data=x_tile, op0=nl.multiply, operand0=rstd,
+                              op1=nl.multiply, operand1=weight_rows)
+    nisa.dma_copy(dst=y[t0:t0 + P, :], src=y_tile)                       # SBUF -> HBM
+
+
+def _hidden_major(view, t0, n):
+    """HBM rows t0 .. t0+n-1 of `view` [T, H] seen as [P, n, J]: element (p, t, j) = view[t0+t, p*J+j]."""
+    H = view.shape[1]
+    return view[t0:t0 + n, :].reshape((n, P, H // P)).permute((1, 0, 2))
+
+
+def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
+    """Tokens t0 .. t0+n-1 (n < 128), hidden split over partitions; weight_cols [P, J] = weight as [P, J]."""
+    H = x.shape[1]
+    J = H // P
+    x_tile = nl.ndarray((P, n, J), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_tile, src=_hidden_major(x, t0, n))              # HBM -> SBUF, J-element runs
+    if delta is not None:
+        d_tile = nl.ndarray((P, n, J), dtype=delta.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=d_tile, src=_hidden_major(delta, t0, n))
+        s_tile = nl.ndarray((P, n, J), dtype=total.dtype, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=s_tile, data1=x_tile, data2=d_tile, op=nl.add, engine=nisa.engine.gpsimd)
+        nisa.dma_copy(dst=_hidden_major(total, t0, n), src=s_tile)
+        x_tile = s_tile
+    squares = nl.ndarray((P, n, J), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=squares, op=nl.square, data=x_tile)
+    partial = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)      # this partition's share
+    nisa.tensor_reduce(dst=partial, op=nl.add, data=squares, axis=2)
+    sum_sq = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+    # Cross-partition sum: ones[P, P].T @ partial puts every token's total on every partition.
+    nisa.nc_matmul(dst=sum_sq, stationary=ones, moving=partial)
+    rstd = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=eps)   # PSUM -> SBUF
+    scaled = nl.ndarray((P, n, J), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=scaled, data1=x_tile, data2=rstd.expand_dim(2).broadcast(2, J), op=nl.multiply)
+    y_tile = nl.ndarray((P, n, J), dtype=y.dtype, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=y_tile, data1=scaled, data2=weight_cols.expand_dim(1).broadcast(1, n),
+                       op=nl.multiply, engine=nisa.engine.gpsimd)
+    nisa.dma_copy(dst=_hidden_major(y, t0, n), src=y_tile)
+
+
+def _rmsnorm_body(x, delta, weight, y, total, eps):
+    T, H = x.shape
+    assert T >= 1, f"rmsnorm: no tokens (x shape {x.shape})"
+    assert tuple(weight.shape) == (H,), f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}"
+    assert delta is None or tuple(delta.shape) == (T, H), \
+        f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}"
+    full_tiles, tail = divmod(T, P)
+    if full_tiles:
+        w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
+        weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
+        _broadcast_row(w_row, weight_rows)
+        for i in range(full_tiles):
+            _token_major_tile(x, delta, weight_rows, y, total, i * P, eps)
+    if tail:
+        assert H % P == 0, f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)"
+        weight_cols = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=weight_cols, src=weight.reshape((P, H // P)))   # HBM -> SBUF, J per partition
+        ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=ones, value=1.0)
+        _hidden_major_tile(x, delta, weight_cols, ones, y, total, full_tiles * P, tail, eps)
+
+
+@nki.jit
+def rmsnorm_kernel(x, weight, eps=1e-5):
+    """y [T, H] = rmsnorm(x [T, H]) * weight [H]; y has x's dtype."""
+    y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    _rmsnorm_body(x, None, weight, y, None, eps)
+    return y
+
+
+@nki.jit
+def add_rmsnorm_kernel(x, delta, weight, eps=1e-5):
+    """(s, y): s = x + delta (in x's dtype), y = rmsnorm(s) * weight; both [T, H]."""
+    total = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    _rmsnorm_body(x, delta, weight, y, total, eps)
+    return total, y
+
+
+# --------------------------------------------------------------------------- host launchers
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _activations(name, a, dtype):
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be [tokens, hidden], got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
+    """Host launcher with the semantics of `ReferenceOps.rmsnorm`: x [T, H], weight [H] (any float
+    arrays; HF layout = kernel layout). Activations travel in `dtype` (bf16 by default), the weight in
+    bf16. Returns y [T, H] in `dtype`, plus the simulator's cost report when `report=True`."""
+    x = _activations("x", x, dtype)
+    w = np.ascontiguousarray(weight, dtype=BF16)
+    return simulate(rmsnorm_kernel, report=report)(x, w, eps=float(eps))
+
+
+def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
+    """Host launcher with the semantics of `ReferenceOps.add_rmsnorm`: returns (x + delta,
+    rmsnorm(x + delta)) in `dtype` (the sum is rounded to `dtype` before it is normalised), plus the
+    report when `report=True`."""
+    x = _activations("x", x, dtype)
+    delta = _activations("delta", delta, dtype)
+    if x.shape != delta.shape:
+        raise ValueError(f"add_rmsnorm: delta shape {delta.shape} differs from x shape {x.shape}")
+    w = np.ascontiguousarray(weight, dtype=BF16)
+    return simulate(add_rmsnorm_kernel, report=report)(x, delta, w, eps=float(eps))
