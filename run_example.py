@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="--mode test: skip the slowest checks")
     p.add_argument("--topics", help="--mode test: comma-separated self-check topics")
     p.add_argument("--json", help="also write the results as JSON to this file")
+    ep = p.add_argument_group("expert parallel (under torchrun; see docs/expert_parallel.md)")
+    ep.add_argument("--ep-mode", choices=["auto", "alltoallv", "alltoall_padded", "allgather"], default="auto")
+    ep.add_argument("--ep-allgather-max-tokens", type=int, default=1,
+                    help="auto mode: all-gather when no rank has more tokens than this")
+    ep.add_argument("--ep-wire-dtype", choices=["float32", "bfloat16"], default="float32")
+    ep.add_argument("--ep-placement", default="contiguous", help="'contiguous' or a placement JSON file")
+    ep.add_argument("--ep-save-placement", help="write a load-aware placement from this run's expert load")
+    ep.add_argument("--dist-backend", choices=["gloo", "xla"], default="gloo",
+                    help="process group: gloo on CPU; xla = Neuron on trn2 (untested here)")
+    ep.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds a collective may wait before every rank gives up with an error")
     return p
 
 
