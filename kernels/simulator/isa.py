@@ -101,7 +101,7 @@ def _tensor(instr: str, operand: str, t) -> NkiTensor:
     return t
 
 
-def _in(instr: str, operand: str, t, spaces=("sbuf", "psum")) -> NkiTensor:
+def _in(instr: str, operand: str, t, spaces=("psum", "sbuf")) -> NkiTensor:
     """Check an on-chip operand: tensor, allowed buffer, partitions <= 128, not indirect."""
     t = _tensor(instr, operand, t)
     if _space(t) not in spaces:
