@@ -1,0 +1,130 @@
+"""Partial rotary position embedding (NeoX rotate-half) on the first R dims of every head.
+
+    out[..., :R/2]  = x1 * cos - x2 * sin        x1 = x[..., :R/2], x2 = x[..., R/2:R]
+    out[..., R/2:R] = x2 * cos + x1 * sin        cos, sin = cos/sin(p_t * theta^(-2i/R)), i < R/2
+    out[..., R:]    = x[..., R:]                 (MiMo: R = 64 of D = 192, theta 5e6 / 1e4)
+
+Angles: cos/sin come from a table [n_positions, R] fp32 (cos | sin), computed once per theta on the
+host in float64 (`rope_table`) and gathered per token inside the kernel by an indirect DMA on the
+token positions. Computing the angle on chip in fp32 would not do: at position ~262144 an fp32
+angle p * inv_freq is off by up to ~0.015 rad (half an ulp of 2^18 is 2^-6), i.e. errors of 1.5% of
+the value, and ScalarE `sin` is only specified on [-pi, pi], so it would also need an exact range
+reduction. A float64 table rounded once to fp32 is exact to 6e-8. It costs 4*R bytes per token of
+extra HBM reads (256 B against 49 KiB of q per token for MiMo).
+
+Layout: tokens on partitions, `tpp` whole tokens per partition (all heads, contiguous in HBM, so each
+partition moves tpp*heads*D contiguous elements per DMA); the rotation is six element-wise
+instructions over [partitions, tpp, heads, R/2] spread over VectorE, GpSimd and ScalarE, with cos/sin
+broadcast over heads by a stride-0 view. The untouched dims never leave the loaded tile: the rotated
+halves are written back into it and the whole tile is stored. HBM-bound: x in, out out.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ml_dtypes
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax
+TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget
+
+
+def _token_tiles(tokens, row_elems):
+    """(first token, partitions, tokens per partition) covering all tokens; whole tokens per partition.
+
+    Fill 128 partitions first; put more tokens on a partition only when there are more than 128 left
+    (instructions cost a fixed 64 cycles plus one per element, so short rows waste lanes)."""
+    max_tpp = max(1, TILE_ELEMS_PER_PARTITION // row_elems)
+    t0 = 0
+    while t0 < tokens:
+        rest = tokens - t0
+        tpp = min(max_tpp, max(1, rest // P))
+        parts = min(P, rest // tpp)
+        yield t0, parts, tpp
+        t0 += parts * tpp
+
+
+@nki.jit
+def rope_kernel(x, positions, cos_sin_table):
+    """Partial rotate-half RoPE.
+
+    x [T, heads, D] (bf16 or fp32), positions [T] int32 (0 <= p < n_positions), cos_sin_table
+    [n_positions, R] fp32 with cos(p * f_i) in column i and sin(p * f_i) in column R/2 + i.
+    Returns [T, heads, D] in x's dtype. Constraints: R even, R <= D.
+    """
+    T, heads, D = x.shape
+    R = cos_sin_table.shape[1]
+    half = R // 2
+    assert R % 2 == 0 and R <= D, f"rope: table width {R} (rotary dim) must be even and <= head dim {D}"
+    assert tuple(positions.shape) == (T,), f"rope: positions shape {positions.shape} must be ({T},)"
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    for t0, parts, tpp in _token_tiles(T, heads * D):
+        t1 = t0 + parts * tpp
+        x_tile = nl.ndarray((parts, tpp, heads, D), dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_tile, src=x[t0:t1].reshape((parts, tpp, heads, D)))   # HBM -> SBUF
+        pos = nl.ndarray((parts, tpp), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=pos, src=positions[t0:t1].reshape((parts, tpp)))
+        cos_sin = nl.ndarray((parts, tpp, R), dtype=nl.float32, buffer=nl.sbuf)
+        for j in range(tpp):
+            # Indirect DMA: partition p receives table row positions[t0 + p*tpp + j].
+            nisa.dma_copy(dst=cos_sin[:, j, :],
+                          src=cos_sin_table.ap([[R, parts], [1, R]], vector_offset=pos[:, j:j + 1],
+                                               indirect_dim=0))
+        cos = cos_sin[:, :, 0:half].expand_dim(2).broadcast(2, heads)   # [parts, tpp, heads, R/2]
+        sin = cos_sin[:, :, half:R].expand_dim(2).broadcast(2, heads)
+        x1 = x_tile[:, :, :, 0:half]
+        x2 = x_tile[:, :, :, half:R]
+        shape = (parts, tpp, heads, half)
+        x1_cos, x2_sin, x2_cos, x1_sin = (nl.ndarray(shape, dtype=nl.float32, buffer=nl.sbuf)
+                                          for _ in range(4))
+        nisa.tensor_tensor(dst=x1_cos, data1=x1, data2=cos, op=nl.multiply)
+        nisa.tensor_tensor(dst=x2_sin, data1=x2, data2=sin, op=nl.multiply, engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=x2_cos, data1=x2, data2=cos, op=nl.multiply, engine=nisa.engine.scalar)
+        nisa.tensor_tensor(dst=x1_sin, data1=x1, data2=sin, op=nl.multiply)
+        # Rotated halves overwrite the loaded tile in place; dims R..D stay as loaded.
+        nisa.tensor_tensor(dst=x1, data1=x1_cos, data2=x2_sin, op=nl.subtract, engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=x2, data1=x2_cos, data2=x1_sin, op=nl.add, engine=nisa.engine.scalar)
+        nisa.dma_copy(dst=out[t0:t1].reshape((parts, tpp, heads, D)), src=x_tile)    # SBUF -> HBM
+    return out
+
+
+# --------------------------------------------------------------------------- host side
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+MIN_TABLE_POSITIONS = 4096
+_tables: dict = {}
+
+
+def rope_table(theta: float, rotary_dim: int, n_positions: int) -> np.ndarray:
+    """cos | sin table [n_positions, rotary_dim] fp32, angles p * theta^(-2i/rotary_dim) in float64."""
+    half = rotary_dim // 2
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / rotary_dim)
+    angle = np.arange(n_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.concatenate([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+
+
+def cached_rope_table(theta: float, rotary_dim: int, max_position: int) -> np.ndarray:
+    """The table for positions 0 .. max_position, cached per theta (length: a power of two >= 4096)."""
+    n = max(MIN_TABLE_POSITIONS, 1 << int(max_position).bit_length())
+    key = (float(theta), int(rotary_dim))
+    table = _tables.get(key)
+    if table is None or table.shape[0] < n:
+        table = _tables[key] = rope_table(theta, rotary_dim, n)
+    return table
+
+
+def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False):
+    """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (any float array),
+    positions [T] (non-negative ints), returns x with the first `rotary_dim` dims of every head
+    rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`."""
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {x.shape}")
+    positions = np.asarray(positions)
+    if positions.shape != (x.shape[0],):
+        raise ValueError(f"rope: positions shape {positions.shape} must be ({x.shape[0]},) for x {x.shape}")
+    if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
+        raise ValueError(f"rope: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
+    table = cached_rope_table(theta, rotary_dim, int(positions.max(initial=0)))
+    return simulate(rope_kernel, report=report)(np.ascontiguousarray(x, dtype=dtype),
+                                                positions.astype(np.int32), table)
