@@ -115,12 +115,9 @@ def mode_download(args) -> int:
 
 
 def main(argv=None) -> int:
+    from prepare_weights.download import add_download_arguments
     parser = build_parser()
-    try:
-        from prepare_weights.download import add_download_arguments
-        add_download_arguments(parser)
-    except ImportError:
-        pass  # the download flags arrive with prepare_weights.download
+    add_download_arguments(parser)
     args = parser.parse_args(argv)
     return {"random": mode_random, "test": mode_test, "download": mode_download}[args.mode](args)
 

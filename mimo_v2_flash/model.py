@@ -72,10 +72,29 @@ class MiMoV2FlashModel:
         return cls(config, weights, expert_subset=expert_subset, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, expert_subset=None, **kwargs):
-        """Load a Hub-layout checkpoint directory (`config.json`, index, shards)."""
-        from .checkpoint import load_hub_checkpoint
-        config, weights = load_hub_checkpoint(path, experts=expert_subset)
+    def from_pretrained(cls, path, rank=None, expert_subset=None, **kwargs):
+        """Load a Hub-layout checkpoint directory (`config.json`, index, shards; BF16/F32 or FP8
+        blocks) or a directory written by `prepare_weights` (recognised by its manifest).
+
+        Prepared directory: `rank` loads that rank's file (its experts + replicated weights);
+        None loads every rank's experts. Without an `expert_executor` the router chooses among
+        the loaded experts only (a single-process run of one rank's files); with one (expert
+        parallel) it may choose any expert the directory holds, and the executor runs them.
+        """
+        from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint
+        if not is_prepared_dir(path):
+            if rank is not None:
+                raise ValueError(f"{path}: rank={rank} needs a prepare_weights directory, this is "
+                                 "a Hub-layout checkpoint")
+            config, weights = load_hub_checkpoint(path, experts=expert_subset)
+            return cls(config, weights, expert_subset=expert_subset, **kwargs)
+        prepared = PreparedCheckpoint(path)
+        config, weights = prepared.load(rank)
+        held = prepared.experts if rank is None else prepared.experts_of(rank)
+        if expert_subset is None:
+            expert_subset = prepared.experts if kwargs.get("expert_executor") else held
+        elif kwargs.get("expert_executor") is None and not set(expert_subset) <= set(held or expert_subset):
+            raise ValueError(f"{path}: expert_subset holds experts not stored for rank {rank}")
         return cls(config, weights, expert_subset=expert_subset, **kwargs)
 
     def save_pretrained(self, path, dtype: str = "float32") -> None:

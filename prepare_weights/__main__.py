@@ -1,0 +1,89 @@
+"""prepare-weights: Hub checkpoint -> per-rank weight files for the expert-parallel runtime.
+
+    prepare-weights SOURCE OUTPUT [--world-size 4 | --placement table.json]
+                    [--expert-subset 0-15] [--layers 0:4] [--dtype bf16|fp8]
+    prepare-weights --download [--repo-id ...] [--revision ...] [--offline] SOURCE [OUTPUT] [...]
+    prepare-weights --verify OUTPUT
+
+SOURCE is a Hub-layout directory (config.json, model.safetensors.index.json, shards). With
+--download it is where the needed Hub files go first (only the shards of the requested layers).
+OUTPUT receives manifest.json and rank-RRRRR-of-WWWWW.safetensors; rerunning on the same OUTPUT
+resumes, skipping rank files whose sha256 matches the manifest. --verify re-hashes OUTPUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mimo_v2_flash.checkpoint import CheckpointError
+from mimo_v2_flash.config import ConfigError
+
+from .convert import PrepareError, convert, parse_expert_list, parse_layer_range
+from .download import DEFAULT_REPO, download
+from .manifest import verify
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prepare-weights", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", metavar="SOURCE OUTPUT")
+    p.add_argument("--verify", metavar="OUTPUT", help="re-hash a prepared directory against its manifest")
+    p.add_argument("--download", action="store_true", help="fetch the needed Hub files into SOURCE first")
+    p.add_argument("--repo-id", default=DEFAULT_REPO)
+    p.add_argument("--revision")
+    p.add_argument("--offline", action="store_true", help="with --download: no network, SOURCE must hold the files")
+    p.add_argument("--world-size", type=int, help="ranks (default 1, or the placement table's)")
+    p.add_argument("--placement", help="JSON placement table: rank_of list, expert lists per rank, "
+                                       "or {\"world_size\", \"rank_of\"}")
+    p.add_argument("--expert-subset", help="routed experts to keep, e.g. 0-15,40")
+    p.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
+    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="bf16 (default) or fp8 = Trainium e4m3 (+-240) with 128x128 block scales")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args) -> int:
+    if args.verify:
+        report = verify(args.verify, progress=not args.no_progress)
+        for name, status in report:
+            print(f"{name:<40} {status}")
+        bad = [name for name, status in report if status != "ok"]
+        print(f"{len(report) - len(bad)} ok, {len(bad)} failed")
+        return 1 if bad else 0
+    expected = "SOURCE [OUTPUT]" if args.download else "SOURCE OUTPUT"
+    if not 1 <= len(args.paths) <= 2 or (not args.download and len(args.paths) != 2):
+        raise PrepareError(f"expected {expected}, got {len(args.paths)} path(s)")
+    layers = parse_layer_range(args.layers) if args.layers else None
+    experts = parse_expert_list(args.expert_subset) if args.expert_subset else None
+    if args.download:
+        download(args.repo_id, args.paths[0], args.revision, layers, experts, args.offline or None)
+        if len(args.paths) == 1:
+            return 0
+    placement = None
+    if args.placement:
+        try:
+            with open(args.placement) as f:
+                placement = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise PrepareError(f"{args.placement}: cannot read the placement table ({err})") from None
+    result = convert(args.paths[0], args.paths[1], args.world_size, placement, experts, layers,
+                     args.dtype, progress=not args.no_progress)
+    print(f"{args.paths[1]}: wrote {len(result.written)} rank file(s) {result.written}, resumed "
+          f"{result.skipped}, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (PrepareError, CheckpointError, ConfigError) as err:
+        print(f"prepare-weights: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Hub checkpoint -> one safetensors file per expert-parallel rank, streamed tensor by tensor.
+
+Each rank file holds that rank's routed experts (per the placement; 256 / world size each by
+default) plus every replicated tensor (embedding, attention, norms, routers, dense MLP, lm_head),
+in the layout the kernels read: every projection transposed to [in, out] under
+`weights.kernel_name` (`<hub name>_t`), everything else as on the Hub. Output dtype:
+
+* `bf16` (default): projections, norms, sinks and embeddings BF16; router weight and correction
+  bias F32 (routing runs in fp32).
+* `fp8`: the tensors that are FP8 on the Hub (q/k/v, dense MLP, experts) requantised to
+  Trainium's e4m3 (+-240) with fresh 128x128 block scales `<name>_t_scale_inv`
+  [ceil(in/128), ceil(out/128)] (a multiplier); the rest as for bf16.
+
+Memory: one tensor at a time. The source is memory-mapped and dequantised in chunks of whole
+128-row blocks, written into one output-layout array, and streamed to the file; peak memory is
+about the output tensor plus the source tensor's mapped pages plus a chunk (docs/weights.md).
+Every input problem is found from the headers before the output directory is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from mimo_v2_flash import fp8
+from mimo_v2_flash.checkpoint import CheckpointError, HubCheckpoint, rank_file_name
+from mimo_v2_flash.placement import ExpertPlacement, PlacementError
+from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry
+from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
+
+from . import manifest as manifest_io
+
+OUTPUT_DTYPES = ("bf16", "fp8")
+CHUNK_BYTES = 64 << 20      # float32 bytes of source rows dequantised at once
+
+
+class PrepareError(ValueError):
+    """Bad conversion input or output; the message names the file, tensor, value or limit."""
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    name: str
+    experts: list[int]
+    specs: list[TensorSpec]
+    entries: list[TensorEntry]
+
+
+@dataclass
+class ConversionResult:
+    manifest: dict
+    written: list[int] = field(default_factory=list)     # ranks whose files were (re)written
+    skipped: list[int] = field(default_factory=list)     # ranks resumed: file present, hash matches
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def output_entries(spec: TensorSpec, dtype: str) -> list[TensorEntry]:
+    """The tensors one Hub tensor becomes in a rank file (weight, plus its scale for fp8)."""
+    name = kernel_name(spec)
+    shape = spec.shape[::-1] if is_projection(spec) else spec.shape
+    if dtype == "fp8" and spec.hub_dtype == FP8:
+        grid = (fp8.num_blocks(shape[0]), fp8.num_blocks(shape[1]))
+        return [TensorEntry(name, "F8_E4M3", shape), TensorEntry(scale_name(name), "F32", grid)]
+    return [TensorEntry(name, "F32" if spec.hub_dtype == F32 else "BF16", shape)]
+
+
+def convert_tensor(checkpoint: HubCheckpoint, spec: TensorSpec, dtype: str) -> list[np.ndarray]:
+    """Read, dequantise, transpose and (re)quantise one tensor; arrays in `output_entries` order."""
+    entries = output_entries(spec, dtype)
+    transpose = is_projection(spec)
+    row_bytes = 4 * int(np.prod(spec.shape[1:], dtype=np.int64))
+    chunk_rows = max(fp8.FP8_BLOCK, CHUNK_BYTES // max(row_bytes, 1) // fp8.FP8_BLOCK * fp8.FP8_BLOCK)
+    if entries[0].dtype == "F8_E4M3":
+        q = np.empty(entries[0].shape, fp8.TRAINIUM_E4M3.dtype)             # [in, out]
+        scale = np.empty(entries[1].shape, np.float32)                        # [in/128, out/128]
+        for start, stop, rows in checkpoint.iter_rows(spec, chunk_rows):     # rows [r, in]
+            try:
+                q_rows, s_rows = fp8.quantize_blocks(rows, fp8.TRAINIUM_E4M3)
+            except fp8.Fp8RangeError as err:
+                raise PrepareError(f"{spec.name} rows {start}..{stop}: {err}") from None
+            q[:, start:stop] = q_rows.T
+            scale[:, start // fp8.FP8_BLOCK: start // fp8.FP8_BLOCK + s_rows.shape[0]] = s_rows.T
+        return [q, scale]
+    out_dtype = np.float32 if entries[0].dtype == "F32" else ml_dtypes.bfloat16
+    out = np.empty(entries[0].shape, out_dtype)
+    for start, stop, rows in checkpoint.iter_rows(spec, chunk_rows):
+        if transpose:
+            out[:, start:stop] = rows.T.astype(out_dtype)
+        else:
+            out[start:stop] = rows.astype(out_dtype)
+    return [out]
+
+
+def parse_layer_range(text: str, num_layers: int | None = None) -> list[int]:
+    """'A:B' (half-open, either end optional) or 'N' -> layer indices."""
+    try:
+        if ":" in text:
+            start, stop = (part.strip() for part in text.split(":", 1))
+            if not stop and num_layers is None:
+                raise PrepareError(f"layer range {text!r} needs an end (the layer count is not known yet)")
+            return list(range(int(start or 0), int(stop) if stop else num_layers))
+        return [int(text)]
+    except ValueError:
+        raise PrepareError(f"layer range {text!r}: expected A:B or N with integers") from None
+
+
+def parse_expert_list(text: str) -> list[int]:
+    """'0-7,12,20-23' (inclusive ranges) -> sorted expert ids."""
+    experts = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            experts.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise PrepareError(f"expert subset {text!r}: expected a list like 0-7,12") from None
+    return sorted(experts)
+
+
+def resolve_placement(num_experts: int, world_size: int | None, table=None) -> ExpertPlacement:
+    """Contiguous placement over `world_size` ranks, or an explicit table (see ExpertPlacement)."""
+    try:
+        if table is None:
+            if world_size is None:
+                world_size = 1
+            return ExpertPlacement.contiguous(num_experts, world_size)
+        if isinstance(table, dict):
+            if world_size is not None and int(table.get("world_size", world_size)) != world_size:
+                raise PrepareError(f"placement table is for world size {table['world_size']}, "
+                                   f"--world-size is {world_size}")
+            world_size = int(table["world_size"])
+            table = table["rank_of"]
+        if world_size is None:
+            world_size = len(table) if table and isinstance(table[0], (list, tuple)) else max(table) + 1
+        return ExpertPlacement.from_table(table, world_size, num_experts)
+    except (PlacementError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, PrepareError):
+            raise
+        raise PrepareError(f"expert placement: {err}") from None
+
+
+def plan_ranks(checkpoint: HubCheckpoint, placement: ExpertPlacement, layers: list[int],
+               experts: list[int] | None, dtype: str) -> list[RankPlan]:
+    plans = []
+    for rank in range(placement.world_size):
+        owned = placement.experts_of(rank)
+        owned = owned if experts is None else [e for e in owned if e in set(experts)]
+        specs = model_tensors(checkpoint.config, layers, experts=owned)
+        entries = [e for spec in specs for e in output_entries(spec, dtype)]
+        plans.append(RankPlan(rank, rank_file_name(rank, placement.world_size), owned, specs, entries))
+    return plans
+
+
+def check_output_dir(output: str) -> None:
+    """Create the directory and prove it writable, or raise naming it."""
+    probe = os.path.join(output, ".write-probe.partial")
+    try:
+        os.makedirs(output, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as err:
+        raise PrepareError(f"{output}: output directory is not writable ({err.strerror or err})") from None
+
+
+def convert(source, output, world_size: int | None = None, placement_table=None,
+            expert_subset=None, layers=None, dtype: str = "bf16", progress: bool = True,
+            log=print) -> ConversionResult:
+    """Convert the Hub checkpoint in `source` into per-rank files in `output`.
+
+    world_size / placement_table: contiguous placement, or an explicit table (rank_of list, list
+    of expert lists per rank, or {"world_size", "rank_of"}). expert_subset: routed experts to keep
+    (default all). layers: layer indices to keep (default all). An interrupted run resumes: rank
+    files recorded in the manifest whose sha256 still matches are skipped.
+    """
+    t0 = time.perf_counter()
+    source, output = os.fspath(source), os.fspath(output)
+    if dtype not in OUTPUT_DTYPES:
+        raise PrepareError(f"output dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    try:
+        checkpoint = HubCheckpoint(source)
+    except (CheckpointError, ValueError) as err:
+        raise PrepareError(str(err)) from None
+    config = checkpoint.config
+    layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(int(i) for i in layers))
+    bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
+    if bad or not layers:
+        raise PrepareError(f"layer {bad[0] if bad else '(none)'} outside the checkpoint's layers "
+                           f"0..{config.num_hidden_layers - 1}")
+    if expert_subset is not None:
+        expert_subset = sorted(set(int(e) for e in expert_subset))
+        bad = [e for e in expert_subset if not 0 <= e < config.n_routed_experts]
+        if bad or not expert_subset:
+            raise PrepareError(f"expert subset: expert {bad[0] if bad else '(none)'} outside "
+                               f"0..{config.n_routed_experts - 1}")
+    placement = resolve_placement(config.n_routed_experts, world_size, placement_table)
+    plans = plan_ranks(checkpoint, placement, layers, expert_subset, dtype)
+    try:   # every needed header, shape, dtype and scale grid, before any output exists
+        checkpoint.validate(model_tensors(config, layers, experts=expert_subset))
+    except CheckpointError as err:
+        raise PrepareError(str(err)) from None
+    check_output_dir(output)
+
+    manifest = manifest_io.new_manifest(source, config, placement, layers, expert_subset, dtype,
+                                        [(p.rank, p.name, p.experts, p.entries) for p in plans])
+    previous = manifest_io.read_existing(output)
+    if previous is not None:
+        differs = manifest_io.plan_difference(previous, manifest)
+        if differs:
+            raise PrepareError(f"{output}: holds a conversion with different settings ({differs}); "
+                               "use another output directory or delete this one")
+    result = ConversionResult(manifest)
+    for plan, record in zip(plans, manifest["files"]):
+        if previous is not None and manifest_io.file_matches(output, previous, record, progress):
+            record.update(sha256=manifest_io.recorded_hash(previous, record["name"]))
+            result.skipped.append(plan.rank)
+    manifest_io.write_manifest(output, manifest)
+    if result.skipped:
+        log(f"resuming: rank files {result.skipped} are complete and match their hashes")
+
+    for plan, record in zip(plans, manifest["files"]):
+        if plan.rank in result.skipped:
+            continue
+        bar = tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"{plan.name}", disable=not progress, leave=False)
+        metadata = manifest_io.file_metadata(dtype, plan.rank, placement.world_size)
+        with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, metadata) as writer:
+            for spec in plan.specs:
+                for entry, array in zip(output_entries(spec, dtype), convert_tensor(checkpoint, spec, dtype)):
+                    writer.write(entry.name, array)
+                    bar.update(array.nbytes)
+            record["sha256"] = writer.finish()
+        result.written.append(plan.rank)
+        result.bytes_written += record["size"]
+        manifest_io.write_manifest(output, manifest)    # this rank is now resumable
+    manifest["complete"] = True
+    manifest_io.write_manifest(output, manifest)
+    result.seconds = time.perf_counter() - t0
+    return result
