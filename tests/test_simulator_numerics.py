@@ -154,3 +154,15 @@ def test_activation_functions_use_exact_math(fn, ref):
         return out
     x = np.linspace(-6, 6, 512, dtype=np.float32).reshape(4, 128)
     np.testing.assert_allclose(run(k, x), ref(x.astype(np.float64)), rtol=2e-6, atol=1e-6)
+
+
+def test_right_shift_is_logical_and_bitvec_results_wrap():
+    def k(a):
+        out = nl.ndarray(a.shape, dtype=nl.int32, buffer=nl.shared_hbm)
+        t = nl.load(a)
+        d = nl.ndarray(a.shape, dtype=nl.int32)
+        nisa.tensor_scalar(d, t, nl.right_shift, 28)
+        nl.store(out, d)
+        return out
+    a = np.array([[-1, 0x70000000]], np.int32)
+    np.testing.assert_array_equal(run(k, a), [[0xF, 0x7]])

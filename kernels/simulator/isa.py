@@ -533,7 +533,8 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
         raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold {kept} element(s) per partition "
                                  f"(data {list(data.shape)} reduced over axes {list(axes)})")
     if alu.kind == "bitvec":
-        values = alu.reduce(_raw(data, instr, "data").astype(np.int64).reshape(data.shape), axis=axes)
+        _require_int(instr, alu, data, dst)
+        values = _from_bits(alu.reduce(_bits(data, instr, "data").reshape(data.shape), axis=axes), dst.dtype)
     else:
         with np.errstate(all="ignore"):
             values = alu.reduce(data.read_f32(instr, "data"), axis=axes).astype(np.float32)
@@ -564,13 +565,29 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     _no_psum_on_gpsimd(instr, eng, data1=data1, data2=data2, dst=dst)
     if alu.kind == "bitvec":
         _require_int(instr, alu, data1, data2, dst)
-        values = ops.apply_alu(alu, _raw(data1, instr, "data1"), _raw(data2, instr, "data2"))
+        values = _from_bits(ops.apply_alu(alu, _bits(data1, instr, "data1"), _bits(data2, instr, "data2")),
+                            dst.dtype)
     elif alu.kind == "unary":
         raise UnsupportedError(f"{instr}: nl.{alu.name} is unary; use tensor_scalar or activation")
     else:
         values = ops.apply_alu(alu, _vals(data1, instr, "data1"), _vals(data2, instr, "data2"))
     _store(dst, values, instr)
     ctx.cost.compute(eng, instr, p, data1.free_size, _bytes(data1, data2, dst))
+
+
+def _bits(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+    """Integer bit patterns of a tile as int64 (signed types viewed as unsigned, so right shifts
+    are logical)."""
+    raw = _raw(t, instr, operand)
+    unsigned = np.dtype(f"u{raw.dtype.itemsize}")
+    return np.ascontiguousarray(raw).view(unsigned).astype(np.int64)
+
+
+def _from_bits(values: np.ndarray, dtype) -> np.ndarray:
+    """Wrap int64 bit patterns into ``dtype`` (no saturation: bitvec results are bit patterns)."""
+    unsigned = np.dtype(f"u{dtype.itemsize}")
+    return (np.asarray(values).astype(np.uint64) & np.uint64((1 << (8 * dtype.itemsize)) - 1)) \
+        .astype(unsigned).view(dtype)
 
 
 def _require_int(instr, alu, *tensors):
@@ -609,12 +626,13 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     _no_psum_on_gpsimd(instr, eng, data=data, dst=dst, operand0=operand0, operand1=operand1)
     if alu0.kind == "bitvec":
         _require_int(instr, alu0, data, dst)
-        values = _raw(data, instr, "data")
+        values = _bits(data, instr, "data")
         o0 = _int_operand(instr, "operand0", operand0, p)
         values = ops.apply_alu(alu0, o0, values) if reverse0 else ops.apply_alu(alu0, values, o0)
         if alu1 is not None:
             o1 = _int_operand(instr, "operand1", operand1, p)
             values = ops.apply_alu(alu1, o1, values) if reverse1 else ops.apply_alu(alu1, values, o1)
+        values = _from_bits(values, dst.dtype)
     else:
         values = _vals(data, instr, "data")
         o0 = None if alu0.kind == "unary" else _scalar_operand(instr, "operand0", operand0, p)
