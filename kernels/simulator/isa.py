@@ -957,3 +957,135 @@ def register_store(dst, src: VirtualRegister) -> None:
         raise ShapeMismatchError(f"register_store: dst {dst.describe()} must be 1x1")
     dst.write(np.full(dst.shape, src.value, np.int64), "register_store")
 
+
+
+# --------------------------------------------------------------------------- more instructions
+
+def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, name=None):
+    """``dst = srcs[0] + srcs[1] + ...`` computed in fp32 by the DMA engines.
+
+    With an indirect view (``.ap(vector_offset=...)``) this is the documented read-modify-write:
+    scatter-add ``dst(HBM)[idx] += src(SBUF)`` (dst and one source are the same indirect view) or
+    gather-add ``dst(SBUF) += src(HBM)[idx]``.  Indices must be unique.
+    """
+    instr = "dma_compute"
+    ctx = current("nisa.dma_compute")
+    if ops.alu(reduce_op, instr, "reduce_op").name != "add":
+        raise UnsupportedError(f"{instr}: only reduce_op=nl.add is supported")
+    srcs = list(srcs)
+    if not srcs:
+        raise TypeError(f"{instr}: srcs must hold at least one tensor")
+    if scales is not None and any(float(s) != 1.0 for s in scales):
+        raise UnsupportedError(f"{instr}: all scales must be 1.0")
+    if not unique_indices:
+        raise UnsupportedError(f"{instr}: unique_indices=False is not supported")
+    dst = _tensor(instr, "dst", dst)
+    tensors = [("dst", dst)] + [(f"srcs[{i}]", _tensor(instr, f"srcs[{i}]", s)) for i, s in enumerate(srcs)]
+    for operand, t in tensors:
+        if t.buffer is MemoryRegion.psum:
+            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
+        if t.size != dst.size:
+            raise ShapeMismatchError(f"{instr}: {operand} {t.describe()} has {t.size} elements, dst {dst.size}")
+        if t._valid is not None:
+            raise OutOfBoundsError(f"{instr}: indirect {operand} {t.describe()} addresses elements outside "
+                                   f"the tensor")
+        if t._addr is not None and t._indirect and np.unique(t._addr).size != t._addr.size:
+            raise UnsupportedError(f"{instr}: {operand} has duplicate indirect addresses (unique_indices)")
+    total = np.zeros(dst.size, np.float32)
+    for operand, t in tensors[1:]:
+        total += t.read_f32(instr, operand).reshape(-1)
+    dst.write(total.reshape(dst.shape), instr)
+    n_bytes = sum(t.size * t.itemsize for _, t in tensors)
+    hbm = sum(t.size * t.itemsize for _, t in tensors if t.buffer.is_hbm)
+    ctx.cost.dma(instr, dst.size, max(n_bytes, hbm), hbm)
+
+
+def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
+    """``dst = src`` where ``predicate`` is non-zero (zero with ``reverse_pred``), else unchanged."""
+    instr = "tensor_copy_predicated"
+    ctx = current("nisa.tensor_copy_predicated")
+    dst, src = _in(instr, "dst", dst), _in(instr, "src", src)
+    predicate = _in(instr, "predicate", predicate)
+    p = _same_partitions(instr, dst=dst, src=src, predicate=predicate)
+    _same_free(instr, "dst", dst, "src", src)
+    _same_free(instr, "dst", dst, "predicate", predicate)
+    if dst.dtype != src.dtype:
+        raise DtypeError(f"{instr}: src dtype {src.dtype} must equal dst dtype {dst.dtype}")
+    if not (dt.is_int(predicate.dtype) or predicate.dtype == dt.bool_):
+        raise DtypeError(f"{instr}: predicate {predicate.describe()} must be an integer (uint8/16/32) tile")
+    mask = _raw(predicate, instr, "predicate") != 0
+    if reverse_pred:
+        mask = ~mask
+    dst.write(_raw(src, instr, "src").reshape(dst.shape), instr, mask=mask.reshape(dst.shape))
+    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, src, predicate))
+
+
+def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd=reduce_cmd.idle,
+                  reduce_op=None, reverse_pred=False, name=None):
+    """``dst = on_true where predicate else on_false`` (number or [P, 1]); optional per-partition
+    max of ``dst`` into ``reduce_res`` [P, 1] (the only reduce_op, ``nl.maximum``)."""
+    instr = "select_reduce"
+    ctx = current("nisa.select_reduce")
+    dst, on_true = _in(instr, "dst", dst), _in(instr, "on_true", on_true)
+    predicate = _in(instr, "predicate", predicate)
+    p = _same_partitions(instr, dst=dst, on_true=on_true, predicate=predicate)
+    _same_free(instr, "dst", dst, "on_true", on_true)
+    _same_free(instr, "dst", dst, "predicate", predicate)
+    if reduce_op is not None and ops.alu(reduce_op, instr, "reduce_op").name != "maximum":
+        raise UnsupportedError(f"{instr}: reduce_op must be nl.maximum")
+    mask = _raw(predicate, instr, "predicate") != 0
+    if reverse_pred:
+        mask = ~mask
+    false_v = _scalar_operand(instr, "on_false", on_false, p, require_fp32=False)
+    values = np.where(mask, _vals(on_true, instr, "on_true"), false_v).astype(np.float32)
+    _store(dst, values, instr)
+    if reduce_res is not None:
+        reduce_res = _in(instr, "reduce_res", reduce_res)
+        if reduce_res.partitions != p or reduce_res.free_size != 1:
+            raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+        _store(reduce_res, values.max(axis=1, keepdims=True), instr)
+    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, on_true, predicate, reduce_res))
+
+
+def bn_stats(dst, data, name=None):
+    """Per partition ``[count, mean, var * count]`` of the even- and of the odd-indexed elements
+    (6 values; the simulator's layout, consumed by ``bn_aggr``); at most 512 elements."""
+    instr = "bn_stats"
+    ctx = current("nisa.bn_stats")
+    data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    if data.free_size > 512:
+        raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
+                            f"bn_stats_fmax is 512")
+    if dst.free_size != 6:
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold 6 values per partition")
+    x = _vals(data, instr, "data")
+    parts = []
+    for half in (x[:, 0::2], x[:, 1::2]):
+        n = half.shape[1]
+        mean = half.mean(axis=1, keepdims=True) if n else np.zeros((p, 1), np.float32)
+        m2 = ((half - mean) ** 2).sum(axis=1, keepdims=True) if n else np.zeros((p, 1), np.float32)
+        parts += [np.full((p, 1), n, np.float32), mean, m2]
+    _store(dst, np.concatenate(parts, axis=1), instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
+
+
+def bn_aggr(dst, data, name=None):
+    """Combine ``bn_stats`` triples ``[count, mean, var*count] x k`` into ``[mean, variance]``
+    (population variance) per partition."""
+    instr = "bn_aggr"
+    ctx = current("nisa.bn_aggr")
+    data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
+    p = _same_partitions(instr, dst=dst, data=data)
+    if data.free_size % 3:
+        raise ShapeMismatchError(f"{instr}: data {data.describe()} must hold [count, mean, m2] triples")
+    if dst.free_size != 2:
+        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold [mean, variance] per partition")
+    s = _vals(data, instr, "data").reshape(p, -1, 3).astype(np.float64)
+    count, mean, m2 = s[..., 0], s[..., 1], s[..., 2]
+    total = count.sum(axis=1, keepdims=True)
+    grand = (count * mean).sum(axis=1, keepdims=True) / np.maximum(total, 1)
+    var = (m2 + count * (mean - grand) ** 2).sum(axis=1, keepdims=True) / np.maximum(total, 1)
+    _store(dst, np.concatenate([grand, var], axis=1).astype(np.float32), instr)
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
