@@ -1,0 +1,65 @@
+"""Token embedding: out[t, :] = table[ids[t], :], an indirect-DMA row gather.
+
+Arguments (HBM): ids [T] int32 (0 <= id < V), table [V, H] (bf16 for MiMo: [152576, 4096]).
+Returns [T, H] in the table's dtype.
+
+The rows go HBM -> HBM in one DMA per 128 tokens: the ids of a tile sit one per partition in SBUF
+and drive the gather (`table.ap(..., vector_offset=ids)`, the documented indirect access on the
+partition dim), so nothing passes through SBUF and no engine but DMA works. All full tiles' ids load
+in one DMA. Out-of-range ids are a runtime error of the DMA (oob_mode.error), and the host launcher
+rejects them before launching with a message naming the id.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax
+
+
+def _gather_rows(table, id_column, out, t0, n):
+    """out[t0:t0+n, :] = table[id_column[i], :] for the n ids of `id_column` [n, 1] (SBUF)."""
+    H = table.shape[1]
+    nisa.dma_copy(dst=out[t0:t0 + n, :],
+                  src=table.ap([[H, n], [1, H]], vector_offset=id_column, indirect_dim=0))
+
+
+@nki.jit
+def embedding_kernel(ids, table):
+    """out [T, H] = table [V, H] rows at ids [T] (int32)."""
+    (T,) = ids.shape
+    V, H = table.shape
+    assert T >= 1, "embedding: no tokens"
+    out = nl.ndarray((T, H), dtype=table.dtype, buffer=nl.shared_hbm)
+    full_tiles, tail = divmod(T, P)
+    if full_tiles:
+        # All full tiles' ids in one DMA: column i holds the ids of tokens i*128 .. i*128+127.
+        ids_full = nl.ndarray((P, full_tiles), dtype=ids.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=ids_full, src=ids[0:full_tiles * P].reshape((full_tiles, P)).permute((1, 0)))
+        for i in range(full_tiles):
+            _gather_rows(table, ids_full[:, i:i + 1], out, i * P, P)
+    if tail:
+        t0 = full_tiles * P
+        ids_tail = nl.ndarray((tail, 1), dtype=ids.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=ids_tail, src=ids[t0:T].reshape((tail, 1)))
+        _gather_rows(table, ids_tail, out, t0, tail)
+    return out
+
+
+def embed(ids, table, report=False):
+    """Host launcher with the semantics of `ReferenceOps.embed`: ids (int array, any shape),
+    table [V, H] as stored (bf16 for MiMo; HF layout = kernel layout). Returns [*ids.shape, H] in the
+    table's dtype, plus the cost report when `report=True`."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embed: token ids must be integers, got dtype {ids.dtype}")
+    V = table.shape[0]
+    bad = (ids < 0) | (ids >= V)
+    if bad.any():
+        raise ValueError(f"embed: token id {ids[bad].reshape(-1)[0]} is outside the vocabulary [0, {V})")
+    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int32)
+    result = simulate(embedding_kernel, report=report)(flat, np.ascontiguousarray(table))
+    out, rep = result if report else (result, None)
+    out = out.reshape(ids.shape + (table.shape[1],))
+    return (out, rep) if report else out
