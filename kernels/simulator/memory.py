@@ -14,6 +14,7 @@ drops it unless the result would fall below 2-D.
 from __future__ import annotations
 
 import enum
+import math
 import weakref
 
 import numpy as np
@@ -248,7 +249,7 @@ class NkiTensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -261,7 +262,7 @@ class NkiTensor:
     @property
     def free_size(self) -> int:
         """Elements per partition (free dims flattened)."""
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        return math.prod(self.shape[1:])
 
     @property
     def is_whole(self) -> bool:

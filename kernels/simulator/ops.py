@@ -11,19 +11,20 @@ from typing import Callable
 
 import numpy as np
 
-try:  # exact erf when SciPy is around; otherwise a 1e-7-accurate rational approximation
-    from scipy.special import erf as _erf
-except ImportError:  # pragma: no cover - depends on the environment
-    def _erf(x):
+def _erf(x):
+    """erf in float64: SciPy's when installed (imported on first use), else a rational
+    approximation with fractional error below 1.2e-7 (Numerical Recipes erfc)."""
+    try:
+        from scipy.special import erf
+    except ImportError:  # pragma: no cover - depends on the environment
         x = np.asarray(x, np.float64)
-        sign = np.sign(x)
         a = np.abs(x)
         t = 1.0 / (1.0 + 0.5 * a)
-        # Numerical Recipes erfc approximation (fractional error < 1.2e-7).
         poly = -a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
             -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
                 -0.82215223 + t * 0.17087277))))))))
-        return sign * (1.0 - t * np.exp(poly))
+        return np.sign(x) * (1.0 - t * np.exp(poly))
+    return erf(np.asarray(x, np.float64))
 
 
 @dataclass(frozen=True)
