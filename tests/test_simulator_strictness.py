@@ -533,3 +533,19 @@ def test_memset_int_needs_int_value():
         nisa.memset(t, 1.5)
     with raises(E.DtypeError, "memset", "integer"):
         run(k)
+
+
+def test_access_pattern_on_a_view_is_rejected():
+    def k(a):
+        t = nl.ndarray((4, 64), dtype=nl.float32)
+        nisa.dma_copy(t, a[8:].ap([[64, 4], [1, 64]]))
+    with raises(E.UnsupportedError, "ap()", "offset="):
+        run(k, X)
+
+
+def test_access_pattern_out_of_bounds():
+    def k(a):
+        t = nl.ndarray((4, 64), dtype=nl.float32)
+        nisa.dma_copy(t, a.ap([[64, 4], [1, 64]], offset=126 * 64))
+    with raises(E.OutOfBoundsError, "ap", "outside"):
+        run(k, X)

@@ -483,6 +483,11 @@ class NkiTensor:
         For on-chip tensors the first pair is the partition dim and its stride must equal the
         number of elements per partition.  Indirect views may only be used by DMA instructions.
         """
+        if not self.is_whole:
+            raise UnsupportedError(
+                f"ap() on a view of {self.describe()}: an access pattern addresses the underlying "
+                f"storage {list(self.storage.shape)}, not the view; call it on the whole tensor and "
+                f"put the view's start into offset=")
         if dtype is not None and dt.as_dtype(dtype, "ap dtype") != self.dtype:
             raise UnsupportedError("ap(dtype=...) reinterpretation is not supported by the simulator")
         try:
