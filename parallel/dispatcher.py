@@ -86,11 +86,12 @@ class Dispatcher:
         layout = self._exchange_layout(layer, plan, traffic)
         mode = self.policy.choose(layout) if self.mode == "auto" else self.mode
         run = {"alltoallv": self._alltoallv, "alltoall_padded": self._padded, "allgather": self._allgather}[mode]
-        out, rows_in, expert_rows = run(layer, x, ids, weights, plan, layout, compute, traffic)
+        out, expert_rows = run(layer, x, ids, weights, plan, layout, compute, traffic)
+        row_bytes = self.fmt.dispatch_row_bytes      # rows on the wire, padding included
         record = LayerRecord(
             rank=self.comm.rank, step=step, layer=layer, mode=mode, tokens=len(x),
-            assignments=int(ids.size), rows_sent=plan.remote_rows,
-            rows_received=rows_in, local_experts=list(self.local_experts),
+            assignments=int(ids.size), rows_sent=traffic.sent["dispatch"] // row_bytes,
+            rows_received=traffic.received["dispatch"] // row_bytes, local_experts=list(self.local_experts),
             expert_rows=expert_rows.tolist(), traffic=traffic,
             predicted=predict_traffic(mode, layout, self.comm.rank, self.fmt),
             seconds=time.perf_counter() - start)
@@ -108,7 +109,7 @@ class Dispatcher:
                                f"{int(layers[other])}: every rank must call the layers in the same order")
         return Layout(counts=table[:, LAYOUT_FIELDS:], tokens=table[:, 1])
 
-    # ---- modes: each returns (output [N, H], remote rows received, rows per local expert) --------
+    # ---- modes: each returns (output [N, H], rows computed per local expert) ----------------------
     def _alltoallv(self, layer, x, ids, weights, plan, layout, compute, traffic):
         recv_counts = layout.counts[:, self.comm.rank]
         send = self.fmt.encode(x[plan.token_of_row], plan.local_ids, plan.weights)
@@ -117,26 +118,25 @@ class Dispatcher:
         partials, expert_rows = self._compute(received, compute)
         back = self.comm.all_to_all(partials, recv_counts, plan.send_counts, traffic, "combine",
                                     f"layer {layer} combine (alltoallv)")
-        out = self._sum_in_rank_order(len(x), plan, self.fmt.decode_partial(back))
-        return out, self._remote(recv_counts), expert_rows
+        return self._sum_in_rank_order(len(x), plan, self.fmt.decode_partial(back)), expert_rows
 
     def _padded(self, layer, x, ids, weights, plan, layout, compute, traffic):
         world, cap, me = self.comm.world_size, layout.capacity, self.comm.rank
+        dispatch_bytes, combine_bytes = self.fmt.dispatch_row_bytes, self.fmt.combine_row_bytes
         recv_counts = layout.counts[:, me]
-        send = np.zeros((world, cap, self.fmt.dispatch_row_bytes), np.uint8)
+        send = np.zeros((world, cap, dispatch_bytes), np.uint8)
         rows = self.fmt.encode(x[plan.token_of_row], plan.local_ids, plan.weights)
         _scatter_segments(send, rows, plan.send_counts)
-        received = self.comm.all_to_all(send.reshape(world * cap, -1), [cap] * world, [cap] * world,
+        received = self.comm.all_to_all(send.reshape(world * cap, dispatch_bytes), [cap] * world, [cap] * world,
                                         traffic, "dispatch", f"layer {layer} dispatch (alltoall_padded)")
-        valid = _gather_segments(received.reshape(world, cap, -1), recv_counts)   # padding never computed
+        valid = _gather_segments(received.reshape(world, cap, dispatch_bytes), recv_counts)  # padding never computed
         partials, expert_rows = self._compute(valid, compute)
-        reply = np.zeros((world, cap, self.fmt.combine_row_bytes), np.uint8)
+        reply = np.zeros((world, cap, combine_bytes), np.uint8)
         _scatter_segments(reply, partials, recv_counts)
-        back = self.comm.all_to_all(reply.reshape(world * cap, -1), [cap] * world, [cap] * world,
+        back = self.comm.all_to_all(reply.reshape(world * cap, combine_bytes), [cap] * world, [cap] * world,
                                     traffic, "combine", f"layer {layer} combine (alltoall_padded)")
-        mine = _gather_segments(back.reshape(world, cap, -1), plan.send_counts)
-        out = self._sum_in_rank_order(len(x), plan, self.fmt.decode_partial(mine))
-        return out, self._remote(recv_counts), expert_rows
+        mine = _gather_segments(back.reshape(world, cap, combine_bytes), plan.send_counts)
+        return self._sum_in_rank_order(len(x), plan, self.fmt.decode_partial(mine)), expert_rows
 
     def _allgather(self, layer, x, ids, weights, plan, layout, compute, traffic):
         world, width, me = self.comm.world_size, layout.max_tokens, self.comm.rank
@@ -149,14 +149,13 @@ class Dispatcher:
         partial = compute(xs, local, np.where(here, all_w, 0).astype(np.float32))
         reply = np.zeros((world, width, self.fmt.combine_row_bytes), np.uint8)
         _scatter_segments(reply, self.fmt.encode_partial(partial), layout.tokens)
-        back = self.comm.all_to_all(reply.reshape(world * width, -1), [width] * world, [width] * world,
-                                    traffic, "combine", f"layer {layer} combine (allgather)")
-        back = back.reshape(world, width, -1)
+        back = self.comm.all_to_all(reply.reshape(world * width, self.fmt.combine_row_bytes), [width] * world,
+                                    [width] * world, traffic, "combine", f"layer {layer} combine (allgather)")
+        back = back.reshape(world, width, self.fmt.combine_row_bytes)
         out = np.zeros((len(x), self.fmt.hidden_size), np.float32)
         for r in range(world):                      # fixed rank order: deterministic sums
             out += self.fmt.decode_partial(back[r, :len(x)])
-        rows_in = int(layout.tokens.sum() - layout.tokens[me])
-        return out, rows_in, self._expert_rows(local)
+        return out, self._expert_rows(local)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _compute(self, received: np.ndarray, compute):
@@ -166,9 +165,6 @@ class Dispatcher:
 
     def _expert_rows(self, local_ids: np.ndarray) -> np.ndarray:
         return np.bincount(local_ids[local_ids >= 0], minlength=len(self.local_experts))
-
-    def _remote(self, recv_counts) -> int:
-        return int(np.sum(recv_counts) - recv_counts[self.comm.rank])
 
     def _sum_in_rank_order(self, num_tokens: int, plan: DispatchPlan, partials: np.ndarray) -> np.ndarray:
         """out[t] = sum over ranks r = 0..R-1 (in that order) of the partial r returned for t."""

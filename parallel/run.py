@@ -119,7 +119,8 @@ def run_random_distributed(args, config: MiMoV2FlashConfig) -> int:
             _run(comm, args, config)
     except Exception as err:
         return report_and_exit_code(comm.rank, err)
-    comm.close()
+    finally:
+        comm.close()
     return 0
 
 
@@ -143,7 +144,8 @@ def _run(comm: Communicator, args, config: MiMoV2FlashConfig) -> None:
     summary = summarize(records, world)
     full = np.zeros((args.batch, args.seq_len + args.max_new_tokens), np.int64)
     for seqs, toks, _ in shares:
-        full[seqs] = np.asarray(toks, np.int64).reshape(len(seqs), -1)
+        if seqs:
+            full[seqs] = toks
     rows = [("config", config.summary()),
             ("expert parallel", f"{world} ranks ({args.dist_backend}), mode {args.ep_mode}, wire "
                                 f"{args.ep_wire_dtype}, placement {args.ep_placement}, experts per rank "

@@ -42,8 +42,8 @@ class LayerRecord:
     mode: str
     tokens: int                 # tokens this rank routed
     assignments: int            # (token, expert) pairs those tokens chose: tokens * top_k
-    rows_sent: int              # (token, rank) copies sent to other ranks
-    rows_received: int          # rows received from other ranks
+    rows_sent: int              # dispatch rows sent to other ranks (padding rows included)
+    rows_received: int          # dispatch rows received from other ranks
     local_experts: list[int]    # global ids of this rank's experts
     expert_rows: list[int]      # rows each local expert computed (its load)
     traffic: Traffic            # measured by the communicator
