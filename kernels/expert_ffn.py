@@ -1,0 +1,448 @@
+"""Grouped expert FFN: every row's SwiGLU through its expert, weighted, summed per token.
+
+    out[t] = sum over rows r of token t:  weight[r] * down_e( silu(gate_e(x[t])) * up_e(x[t]) )
+
+with e the row's (local) expert. This is the receiving side of expert parallelism: x holds each
+received token once, and a token may have rows in several local experts.
+
+Block layout (static shapes, as the NxD blockwise MoE kernels do). Rows are grouped by expert and
+cut into blocks of B rows (B static, a power of two <= 512); each block belongs to one expert and
+the last block of an expert is padded. Three small tables carry the data-dependent part:
+
+    block_expert [NB] int32     the local expert of each block (a runtime value)
+    row_token    [NB * B] int32 the token of each row; T (one past the last token) for padding
+    row_weight   [NB * B] fp32  the routing weight of each row; 0 for padding
+
+The kernel's shapes depend only on (T, H, I, E, NB, B); the expert of a block reaches the weight
+DMAs as a register (`scalar_offset`), so one compiled kernel serves any routing with the same
+block count. Padding rows read token T-1 (the index is clamped), are multiplied by weight 0, and
+land in the extra output row T, which the launcher drops: they cannot touch real tokens, and they
+are computed like real rows, so the cost estimate counts them. Empty experts have no blocks: their
+weights are never read. On hardware the host would round NB up to a bucket and the kernel would
+stop at the real block count with a dynamic loop bound; here NB is exact.
+
+Per block (weights streamed from HBM once per block, i.e. once per expert up to B rows):
+
+1. gather the block's token rows of x (indirect DMA, bf16) and transpose them on TensorE into
+   x^T [hidden on partitions, rows];
+2. gate / up, weights stationary: g^T, u^T [128 intermediate, rows] = W[:, i-tile].T @ x^T,
+   accumulated over the 32 hidden tiles in PSUM (rows up to 512 per matmul); ScalarE evicts
+   silu(g), VectorE multiplies by u -> h^T [intermediate on partitions, rows] bf16. The weights
+   arrive in column stripes [128, 32, 256] (2 MiB bf16 per DMA);
+3. down, h^T stationary: y [rows, 512 hidden] = h^T.T @ W_d[:, 512 columns], accumulated over the
+   16 intermediate tiles; each result is multiplied by the row weight and added to the token's
+   running sum (gathered once per block from the output, scattered back once).
+
+A matmul costs max(64, N) TensorE cycles for N moving columns, so gate/up use all 512 rows of a
+block per instruction and the down projection keeps 512 weight columns moving: with 512-row
+blocks the PE array is busy every cycle. With a few rows (decode) the kernel is bound by the
+weight stream, which is one big DMA per stripe.
+
+FP8 weights (Trainium float8_e4m3 with 128x128 float32 block scales, [in/128, out/128] per
+expert) are dequantised on chip after the load: one multiply per stripe by the block scale,
+broadcast along each 128-column block with a stride-0 view, spread round-robin over VectorE,
+GpSimd and ScalarE. That costs ~25M element-operations per expert, independent of the row count;
+scaling the partial sums instead would cost one PSUM pass per (hidden tile, 128 columns) and
+block: far more at prefill, and no better at decode, where the three engines keep pace with the
+halved weight stream. TensorE then multiplies bf16 by bf16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
+ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
+DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down matmul = 1 PSUM bank
+MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
+GATE_UP_STRIPE = 2 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
+TRANSPOSES_PER_BANK = 8                            # bf16 [128, <=128] transposes per 2 KiB PSUM bank
+DEQUANT_ENGINES = (nisa.engine.vector, nisa.engine.gpsimd, nisa.engine.scalar)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3)
+
+
+class _EngineRotation:
+    """Spreads independent element-wise work over the engines that can run it."""
+
+    def __init__(self, engines):
+        self.engines = engines
+        self.turn = 0
+
+    def next(self):
+        eng = self.engines[self.turn % len(self.engines)]
+        self.turn += 1
+        return eng
+
+
+def _expert_slab(w, expert, pattern, offset=0):
+    """View of expert `expert` (a register) of w [E, R, C] in HBM: `pattern` over one expert's
+    [R, C] (flat element strides) from element `offset`, plus expert * R * C at run time."""
+    R, C = w.shape[1], w.shape[2]
+    return w.ap([[R * C, 1]] + pattern, offset=offset, scalar_offset=expert, indirect_dim=0)
+
+
+def _load_weight_stripe(w, scale, expert, c0, width, dequant):
+    """Columns c0 .. c0+width of expert `expert` of w [E, R, C] -> SBUF bf16 [P, R/P, width],
+    tile[p, k, c] = w[expert, k*P + p, c0 + c] (HBM -> SBUF, one DMA of R*width elements).
+
+    FP8: loaded as fp8, then multiplied by its block scale (scale: SBUF [P, R/P, C/P] fp32, the
+    expert's scale grid on every partition) into bf16.
+    """
+    R, C = w.shape[1], w.shape[2]
+    KT = R // P
+    src = _expert_slab(w, expert, [[C, P], [P * C, KT], [1, width]], offset=c0)
+    if scale is None:
+        tile = nl.ndarray((P, KT, width), dtype=w.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tile, src=src)
+        return tile
+    raw = nl.ndarray((P, KT, width), dtype=w.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=raw, src=src)
+    tile = nl.ndarray((P, KT, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    blocks = width // P
+    b0 = c0 // P
+    per_column = scale[:, :, b0:b0 + blocks].expand_dim(3).broadcast(3, P)   # [P, KT, blocks, P]
+    nisa.tensor_tensor(dst=tile.reshape((P, KT, blocks, P)), data1=raw.reshape((P, KT, blocks, P)),
+                       data2=per_column, op=nl.multiply, engine=dequant.next())
+    return tile
+
+
+def _load_scales(scale, expert):
+    """The expert's scale grid scale[expert] [R/P, C/P] on every partition: SBUF [P, R/P, C/P] fp32."""
+    if scale is None:
+        return None
+    RB, CB = scale.shape[1], scale.shape[2]
+    tile = nl.ndarray((P, RB, CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=_expert_slab(scale, expert, [[0, P], [CB, RB], [1, CB]]))
+    return tile
+
+
+def _gather_rows_transposed(x, tokens, copies, xT, r0):
+    """x[tokens] ([n, H] bf16, n <= 128) -> xT[:, :, r0:r0+n] (hidden on partitions) via TensorE."""
+    n = tokens.shape[0]
+    H = x.shape[1]
+    KT = H // P
+    x_rows = nl.ndarray((n, H), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_rows, src=x.ap([[H, n], [1, H]], vector_offset=tokens, indirect_dim=0))
+    for k0 in range(0, KT, TRANSPOSES_PER_BANK):
+        kn = min(TRANSPOSES_PER_BANK, KT - k0)
+        bank = nl.ndarray((P, kn, n), dtype=x.dtype, buffer=nl.psum)
+        for j in range(kn):
+            k = k0 + j
+            nisa.nc_transpose(dst=bank[:, j, :], data=x_rows[:, k * P:(k + 1) * P])
+        nisa.tensor_copy(dst=xT[:, k0:k0 + kn, r0:r0 + n], src=bank,
+                         engine=copies.next())                   # PSUM -> SBUF
+
+
+def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, engines):
+    """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r (token sources[r // 128]) at
+    intermediate j*P + q. engines: (dequant rotation, PSUM-copy rotation)."""
+    dequant, copies = engines
+    KT = x.shape[1] // P
+    B = sum(src.shape[0] for src in sources)
+    I = w_gate.shape[2]
+    x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for s, source in enumerate(sources):
+        _gather_rows_transposed(x, source, copies, x_T, s * P)
+    gate_scale, up_scale = _load_scales(gate_scale, expert), _load_scales(up_scale, expert)
+    h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for s0 in range(0, I, GATE_UP_STRIPE):
+        width = min(GATE_UP_STRIPE, I - s0)
+        g_w = _load_weight_stripe(w_gate, gate_scale, expert, s0, width, dequant)   # [P, KT, width]
+        u_w = _load_weight_stripe(w_up, up_scale, expert, s0, width, dequant)
+        for i0 in range(0, width, P):
+            j = (s0 + i0) // P
+            for c0 in range(0, B, ROWS_PER_MATMUL):
+                c1 = min(B, c0 + ROWS_PER_MATMUL)
+                g = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+                u = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+                for k in range(KT):
+                    nisa.nc_matmul(dst=g, stationary=g_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
+                for k in range(KT):
+                    nisa.nc_matmul(dst=u, stationary=u_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
+                act = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.activation(dst=act, op=nl.silu, data=g)                       # PSUM -> SBUF
+                nisa.tensor_tensor(dst=h_T[:, j, c0:c1], data1=act, data2=u, op=nl.multiply)
+    return h_T
+
+
+def _down_accumulate(h_T, w_down, down_scale, expert, sums, weights, dequant):
+    """sums[s] [n, H] fp32 += weight[s] * (h^T[:, :, rows of s].T @ W_d) for each 128-row slice s."""
+    IT = h_T.shape[1]
+    H = w_down.shape[2]
+    for d0 in range(0, H, DOWN_COLUMNS):
+        width = min(DOWN_COLUMNS, H - d0)
+        d_w = _load_weight_stripe(w_down, down_scale, expert, d0, width, dequant)  # [P, IT, width]
+        for s, (acc, row_w) in enumerate(zip(sums, weights)):
+            n = acc.shape[0]
+            y = nl.ndarray((n, width), dtype=nl.float32, buffer=nl.psum)
+            for j in range(IT):
+                nisa.nc_matmul(dst=y, stationary=h_T[:, j, s * P:s * P + n], moving=d_w[:, j, :])
+            # PSUM -> SBUF: acc += row weight * y (the weight is one value per partition = row).
+            nisa.scalar_tensor_tensor(dst=acc[:, d0:d0 + width], data=y, op0=nl.multiply,
+                                      operand0=row_w, op1=nl.add, operand1=acc[:, d0:d0 + width])
+
+
+@nki.jit
+def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
+                      gate_scale=None, up_scale=None, down_scale=None):
+    """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
+
+    x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
+    fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
+    [in, out] layout, bf16 or float8_e4m3 (then gate_scale, up_scale [E, H/128, I/128] and
+    down_scale [E, I/128, H/128] fp32 multipliers). H and I multiples of 128; B <= 512.
+    Returns out [T+1, H] fp32: the per-token sums, and in row T what the padding rows added (0).
+    """
+    T, H = x.shape
+    E, _, I = w_gate.shape
+    NB = block_expert.shape[0]
+    assert NB >= 1, "expert_ffn: no blocks (block_expert is empty)"
+    B = row_token.shape[0] // NB
+    assert x.dtype == nl.bfloat16, f"expert_ffn: x must be bfloat16, got {x.dtype}"
+    assert H % P == 0 and I % P == 0, f"expert_ffn: hidden {H} and intermediate {I} must be multiples of {P}"
+    assert tuple(w_gate.shape) == (E, H, I) and tuple(w_up.shape) == (E, H, I), \
+        f"expert_ffn: w_gate {tuple(w_gate.shape)} / w_up {tuple(w_up.shape)} must be [E, {H}, I]"
+    assert tuple(w_down.shape) == (E, I, H), f"expert_ffn: w_down {tuple(w_down.shape)} must be [{E}, {I}, {H}]"
+    assert 1 <= B <= MAX_BLOCK_ROWS and tuple(row_token.shape) == (NB * B,), \
+        f"expert_ffn: row_token {tuple(row_token.shape)} must hold {NB} blocks of 1..{MAX_BLOCK_ROWS} rows"
+    assert tuple(row_weight.shape) == (NB * B,), f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)"
+    fp8 = w_gate.dtype == nl.float8_e4m3
+    assert fp8 or w_gate.dtype == nl.bfloat16, f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}"
+    assert w_up.dtype == w_gate.dtype and w_down.dtype == w_gate.dtype, "expert_ffn: mixed weight dtypes"
+    if fp8:
+        for name, s, shape in (("gate_scale", gate_scale, (E, H // P, I // P)),
+                               ("up_scale", up_scale, (E, H // P, I // P)),
+                               ("down_scale", down_scale, (E, I // P, H // P))):
+            assert s is not None and tuple(s.shape) == shape and s.dtype == nl.float32, \
+                f"expert_ffn: fp8 weights need {name} float32 {list(shape)}, got " \
+                f"{None if s is None else (tuple(s.shape), s.dtype)}"
+
+    out = nl.ndarray((T + 1, H), dtype=nl.float32, buffer=nl.shared_hbm)
+    _zero_rows(out)
+    experts = nl.ndarray((1, NB), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=experts, src=block_expert.reshape((1, NB)))
+    engines = (_EngineRotation(DEQUANT_ENGINES), _EngineRotation((nisa.engine.vector, nisa.engine.scalar)))
+
+    for b in range(NB):
+        expert = nisa.register_alloc()
+        nisa.register_load(expert, experts[0:1, b:b + 1])          # runtime expert id of block b
+        tokens, sources, weights = [], [], []                      # per 128-row slice of the block
+        for r0 in range(0, B, P):
+            n = min(P, B - r0)
+            rows = slice(b * B + r0, b * B + r0 + n)
+            token = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=token, src=row_token[rows].reshape((n, 1)))
+            source = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
+            nisa.tensor_scalar(dst=source, data=token, op0=nl.minimum, operand0=T - 1)
+            row_w = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=row_w, src=row_weight[rows].reshape((n, 1)))
+            tokens.append(token)
+            sources.append(source)
+            weights.append(row_w)
+        h_T = _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, engines)
+        sums = []                                                  # the tokens' sums so far
+        for token in tokens:                                       # HBM -> SBUF, gather by token
+            acc = nl.ndarray((token.shape[0], H), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=acc, src=out.ap([[H, token.shape[0]], [1, H]], vector_offset=token,
+                                              indirect_dim=0))
+            sums.append(acc)
+        _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights,
+                         engines[0])
+        for acc, token in zip(sums, tokens):                       # SBUF -> HBM, scatter by token
+            nisa.dma_copy(dst=out.ap([[H, token.shape[0]], [1, H]], vector_offset=token,
+                                     indirect_dim=0), src=acc)
+    return out
+
+
+def _zero_rows(out):
+    """out [R, H] fp32 (HBM) = 0, 128 rows per DMA."""
+    R, H = out.shape
+    zeros = nl.ndarray((P, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zeros, value=0.0)
+    for r0 in range(0, R, P):
+        n = min(P, R - r0)
+        nisa.dma_copy(dst=out[r0:r0 + n, :], src=zeros[:n, :])
+
+
+# --------------------------------------------------------------------------- host side
+
+@dataclass
+class ExpertWeights:
+    """Local experts' SwiGLU weights in the kernel layout [in, out].
+
+    gate, up [E, H, I] and down [E, I, H], bfloat16 or float8_e4m3 (Trainium e4m3, +-240); for
+    FP8, *_scale are the float32 128x128 block multipliers [E, in/128, out/128].
+    """
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    gate_scale: np.ndarray | None = None
+    up_scale: np.ndarray | None = None
+    down_scale: np.ndarray | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def fp8(self) -> bool:
+        return self.gate.dtype == FP8
+
+    def validate(self) -> None:
+        E, H, I = self.gate.shape
+        for name, a, shape in (("gate", self.gate, (E, H, I)), ("up", self.up, (E, H, I)),
+                               ("down", self.down, (E, I, H))):
+            if a.shape != shape:
+                raise ValueError(f"expert weights: {name} has shape {a.shape}, expected {shape}")
+            if a.dtype not in (BF16, FP8):
+                raise ValueError(f"expert weights: {name} is {a.dtype}; use bfloat16 or float8_e4m3")
+        scales = (("gate_scale", self.gate_scale, (E, H // P, I // P)),
+                  ("up_scale", self.up_scale, (E, H // P, I // P)),
+                  ("down_scale", self.down_scale, (E, I // P, H // P)))
+        for name, s, shape in scales:
+            if self.fp8 and (s is None or s.shape != shape):
+                raise ValueError(f"expert weights: FP8 needs {name} of shape {shape}, got "
+                                 f"{None if s is None else s.shape}")
+
+    def kernel_args(self):
+        scales = (self.gate_scale, self.up_scale, self.down_scale) if self.fp8 else (None, None, None)
+        return (self.gate, self.up, self.down) + tuple(
+            None if s is None else np.ascontiguousarray(s, dtype=np.float32) for s in scales)
+
+
+@dataclass
+class BlockPlan:
+    """Rows cut into blocks of `block_rows`, each block one expert (see the module docstring)."""
+    block_rows: int
+    block_expert: np.ndarray     # [NB] int32
+    row_token: np.ndarray        # [NB * B] int32; num_tokens marks padding
+    row_weight: np.ndarray       # [NB * B] float32; 0 for padding
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_expert)
+
+
+# Cost-model rates used to pick the block size (nki_reference.md section 6, one NeuronCore-v3).
+_TENSOR_HZ = 2.4e9
+_HBM_BYTES_PER_S = 2.9e12 / 8
+
+
+def _block_time_s(block_rows: int, hidden: int, inter: int, weight_bytes: int) -> float:
+    """Rough time of one block: the larger of its TensorE cycles and its weight stream."""
+    gate_up = 2 * (hidden // P) * (inter // P) * sum(
+        max(64, min(ROWS_PER_MATMUL, block_rows - c)) for c in range(0, block_rows, ROWS_PER_MATMUL))
+    down = -(-block_rows // P) * (hidden // DOWN_COLUMNS) * (inter // P) * DOWN_COLUMNS
+    return max((gate_up + down) / _TENSOR_HZ, weight_bytes / _HBM_BYTES_PER_S)
+
+
+def choose_block_rows(group_sizes, hidden: int, inter: int, weight_itemsize: int) -> int:
+    """The power of two <= 512 minimising the estimated time of all blocks (weights stream once
+    per block; padding rows cost TensorE time like real ones). Within 1% of the best time the
+    largest block wins: fewer weight streams, less HBM traffic."""
+    counts = [int(c) for c in group_sizes if c > 0]
+    if not counts:
+        return 1
+    weight_bytes = 3 * hidden * inter * weight_itemsize
+    largest = min(MAX_BLOCK_ROWS, 1 << (max(counts) - 1).bit_length())
+    candidates = [1 << i for i in range(largest.bit_length())]
+    times = {b: sum(-(-c // b) for c in counts) * _block_time_s(b, hidden, inter, weight_bytes)
+             for b in candidates}
+    best = min(times.values())
+    return max(b for b, t in times.items() if t <= 1.01 * best)
+
+
+def plan_blocks(group_sizes, row_token, row_weight, num_tokens: int, block_rows: int) -> BlockPlan:
+    """Block tables for rows grouped by expert: expert e owns rows offsets[e] : offsets[e] +
+    group_sizes[e] of row_token [N] / row_weight [N] (any group may be empty)."""
+    sizes = np.asarray(group_sizes, dtype=np.int64)
+    row_token = np.asarray(row_token, dtype=np.int64)
+    row_weight = np.asarray(row_weight, dtype=np.float32)
+    if sizes.ndim != 1 or (sizes < 0).any():
+        raise ValueError(f"expert_ffn: group_sizes must be non-negative counts per expert, got {group_sizes}")
+    if row_token.shape != (int(sizes.sum()),) or row_weight.shape != row_token.shape:
+        raise ValueError(f"expert_ffn: group sizes sum to {int(sizes.sum())} rows but row_token has shape "
+                         f"{row_token.shape} and row_weight {row_weight.shape}")
+    if len(row_token) and (row_token.min() < 0 or row_token.max() >= num_tokens):
+        raise ValueError(f"expert_ffn: row tokens must lie in 0..{num_tokens - 1}, got "
+                         f"{row_token.min()}..{row_token.max()}")
+    if not 1 <= block_rows <= MAX_BLOCK_ROWS:
+        raise ValueError(f"expert_ffn: block_rows={block_rows} outside 1..{MAX_BLOCK_ROWS}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    experts, tokens, weights = [], [], []
+    for e, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        for b0 in range(start, stop, block_rows):
+            n = min(block_rows, stop - b0)
+            experts.append(e)
+            tok = np.full(block_rows, num_tokens, np.int32)
+            tok[:n] = row_token[b0:b0 + n]
+            if len(np.unique(tok[:n])) != n:
+                raise ValueError(f"expert_ffn: expert {e} lists a token twice")
+            wt = np.zeros(block_rows, np.float32)
+            wt[:n] = row_weight[b0:b0 + n]
+            tokens.append(tok)
+            weights.append(wt)
+    return BlockPlan(block_rows, np.asarray(experts, np.int32),
+                     np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+                     np.concatenate(weights) if weights else np.zeros(0, np.float32))
+
+
+def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWeights,
+                       block_rows: int | None = None, report=False):
+    """Host launcher: rows grouped by local expert -> per-token sums out [T, H] float32.
+
+    x [T, H] (any float; sent as bf16); group_sizes [E] rows per expert (zeros allowed);
+    row_token [N], row_weight [N]: each row's token and routing weight, expert 0's rows first.
+    block_rows: rows per block (default: `choose_block_rows`). Returns out [T, H] (tokens
+    without rows get 0), plus the cost report (None when nothing ran) when `report=True`.
+    """
+    weights.validate()
+    x = np.ascontiguousarray(x, dtype=BF16)
+    if x.ndim != 2 or x.shape[1] != weights.gate.shape[1]:
+        raise ValueError(f"expert_ffn: x {x.shape} must be [tokens, hidden {weights.gate.shape[1]}]")
+    if len(np.asarray(group_sizes)) != weights.num_experts:
+        raise ValueError(f"expert_ffn: {len(np.asarray(group_sizes))} group sizes for "
+                         f"{weights.num_experts} experts")
+    T, H = x.shape
+    I = weights.gate.shape[2]
+    if block_rows is None:
+        block_rows = choose_block_rows(group_sizes, H, I, weights.gate.dtype.itemsize)
+    plan = plan_blocks(group_sizes, row_token, row_weight, T, block_rows)
+    if plan.num_blocks == 0:
+        out = np.zeros((T, H), np.float32)
+        return (out, None) if report else out
+    result = simulate(expert_ffn_kernel, report=report)(
+        x, plan.row_token, plan.row_weight, plan.block_expert, *weights.kernel_args())
+    out, rep = result if report else (result, None)
+    return (out[:T], rep) if report else out[:T]
+
+
+def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,
+               report=False):
+    """Host launcher with the semantics of `ReferenceOps.experts` over local experts:
+    out[t] = sum_j routing_weights[t, j] * expert_{ids[t, j]}(x[t]).
+
+    ids [T, k] index the local experts of `weights` (-1 = no expert in this slot); x [T, H].
+    Sorts the rows by expert (stable, so rows keep token order) and runs `grouped_expert_ffn`.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    routing_weights = np.asarray(routing_weights, dtype=np.float32)
+    if ids.ndim != 2 or routing_weights.shape != ids.shape or ids.shape[0] != np.asarray(x).shape[0]:
+        raise ValueError(f"expert_ffn: ids {ids.shape} and weights {routing_weights.shape} must both be "
+                         f"[tokens {np.asarray(x).shape[0]}, k]")
+    if ids.size and (ids.max() >= weights.num_experts or ids.min() < -1):
+        raise ValueError(f"expert_ffn: expert ids must lie in -1..{weights.num_experts - 1}, got "
+                         f"{ids.min()}..{ids.max()}")
+    token_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+    flat_ids, flat_w = ids.reshape(-1), routing_weights.reshape(-1)
+    keep = flat_ids >= 0
+    order = np.argsort(flat_ids[keep], kind="stable")
+    sizes = np.bincount(flat_ids[keep], minlength=weights.num_experts)
+    return grouped_expert_ffn(x, sizes, token_of[keep][order], flat_w[keep][order], weights,
+                              block_rows=block_rows, report=report)

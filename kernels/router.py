@@ -1,0 +1,189 @@
+"""MiMo's sigmoid top-8 router (noaux_tc): fp32 logits, sigmoid, biased selection, renormalised weights.
+
+    logits = x @ W                 x [T, H] fp32, W [H, E] fp32 ([in, out]), fp32 on TensorE
+    s      = sigmoid(logits)       the unbiased scores
+    chosen = top-8 of s + bias     the bias (e_score_correction_bias) selects only
+    w      = s[chosen] / (sum + 1e-20) * routed_scaling_factor
+
+Outputs per token: expert ids [T, 8] uint32 and weights [T, 8] fp32, ordered by descending
+weight (the unbiased score). The set of ids is the reference's; the reference lists them by
+descending biased score instead, and the MoE sum does not depend on the order.
+
+Layout and engines, per chunk of up to 512 tokens:
+
+* x^T [H on partitions, tokens]: the contraction dim must sit on partitions. Chunks of more than
+  128 tokens use DMA transposes (one per 128 hidden rows, off the TensorE critical path); smaller
+  chunks (decode) load x row-major in one DMA and transpose on TensorE, which is idle there,
+  instead of paying 32 DMA fixed costs on the bound DMA queue.
+* logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
+  operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
+  as fast as the other orientation for full tiles and 4x faster for a few tokens (a matmul costs
+  max(64, N) columns, 4 cycles each in fp32). W [H, E] (4 MiB fp32) is loaded once.
+* ScalarE applies the sigmoid while evicting PSUM; TensorE transposes the scores (fp32, exact)
+  back to [tokens, experts] so the top-8 instructions see one token per partition.
+* VectorE: selection = s + bias; max8 gives the 8 largest selection values; nc_match_replace8
+  marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
+  as in the reference's stable sort, and never select more or fewer than 8); the unbiased
+  scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
+  nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+
+Expert subsets: a disallowed expert gets a selection bias of -1e30 (done by the launcher), so it
+can never be chosen while at least 8 experts are allowed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
+EXPERT_TILE = nl.tile_size.gemm_stationary_fmax   # experts per matmul (stationary free size)
+TOKEN_CHUNK = nl.tile_size.gemm_moving_fmax    # tokens per matmul (moving free size)
+PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
+TOP_K = 8                                      # what max8 / nc_find_index8 produce
+DISALLOWED_BIAS = -1e30                        # selection bias of an expert that must not be chosen
+UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
+X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
+
+
+def _load_x_transposed(x, t0, tc, xT):
+    """xT[p, k, t] = x[t0 + t, k*P + p] for t < tc: HBM fp32 rows -> SBUF, hidden on partitions."""
+    KT = xT.shape[1]
+    if tc > P:
+        for k in range(KT):                          # HBM -> SBUF with a DMA transpose per 128 rows
+            nisa.dma_transpose(dst=xT[:, k, :], src=x[t0:t0 + tc, k * P:(k + 1) * P])
+        return
+    rows = nl.ndarray((tc, KT * P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rows, src=x[t0:t0 + tc, :])    # HBM -> SBUF, one contiguous row per token
+    for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
+        kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
+        bank = nl.ndarray((P, kn, tc), dtype=nl.float32, buffer=nl.psum)
+        for j in range(kn):
+            k = k0 + j
+            nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k * P:(k + 1) * P])   # exact in fp32
+        nisa.tensor_copy(dst=xT[:, k0:k0 + kn, :], src=bank)                      # PSUM -> SBUF
+
+
+def _top8_tokens(scores, bias_rows, ids, weights, t0, routed_scaling_factor):
+    """Top-8 for the tokens of `scores` [ts, E] (PSUM, tokens on partitions) -> HBM rows t0...
+
+    bias_rows [P, E] holds the selection bias on every partition.
+    """
+    ts, E = scores.shape
+    selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=selection, data1=scores, data2=bias_rows[:ts, :], op=nl.add)
+    top_selection = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.max8(dst=top_selection, src=selection)
+    # Replace exactly one occurrence per top value: 8 positions, ties resolved to the lower id.
+    replaced = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.nc_match_replace8(dst=replaced, data=selection, vals=top_selection, imm=nl.fp32.min)
+    unchosen = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)     # 1.0 where not replaced
+    nisa.tensor_tensor(dst=unchosen, data1=selection, data2=replaced, op=nl.equal)
+    masked = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)       # s chosen, s - 2 otherwise
+    nisa.scalar_tensor_tensor(dst=masked, data=unchosen, op0=nl.multiply, operand0=UNCHOSEN_PENALTY,
+                              op1=nl.add, operand1=scores)
+    top_scores = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.max8(dst=top_scores, src=masked)
+    top_ids = nl.ndarray((ts, TOP_K), dtype=nl.uint32, buffer=nl.sbuf)
+    nisa.nc_find_index8(dst=top_ids, data=masked, vals=top_scores)      # duplicates: successive ids
+    total = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=total, op=nl.add, data=top_scores, axis=1)
+    nisa.tensor_scalar(dst=total, data=total, op0=nl.add, operand0=1e-20)
+    inverse = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.reciprocal(dst=inverse, data=total)
+    top_weights = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=top_weights, data=top_scores, op0=nl.multiply, operand0=inverse,
+                       op1=nl.multiply, operand1=float(routed_scaling_factor))
+    nisa.dma_copy(dst=ids[t0:t0 + ts, :], src=top_ids)                  # SBUF -> HBM
+    nisa.dma_copy(dst=weights[t0:t0 + ts, :], src=top_weights)
+
+
+@nki.jit
+def router_kernel(x, w, bias, routed_scaling_factor=1.0):
+    """Sigmoid top-8 routing of every token.
+
+    x [T, H] fp32 (tokens, hidden); w [H, E] fp32 ([in, out]); bias [E] fp32, the selection-only
+    bias (e_score_correction_bias, DISALLOWED_BIAS for experts that must not be chosen).
+    H a multiple of 128; 8 <= E <= 512. Returns (ids [T, 8] uint32, weights [T, 8] fp32).
+    """
+    T, H = x.shape
+    E = w.shape[1]
+    assert x.dtype == nl.float32 and w.dtype == nl.float32 and bias.dtype == nl.float32, \
+        f"router: x, w and bias must be float32 (fp32 routing), got {x.dtype}, {w.dtype}, {bias.dtype}"
+    assert H % P == 0, f"router: hidden size {H} must be a multiple of {P}"
+    assert tuple(w.shape) == (H, E), f"router: w shape {tuple(w.shape)} must be [hidden {H}, experts]"
+    assert TOP_K <= E <= PSUM_FMAX, f"router: {E} experts; supported {TOP_K}..{PSUM_FMAX}"
+    assert tuple(bias.shape) == (E,), f"router: bias shape {tuple(bias.shape)} must be ({E},)"
+    KT = H // P
+    ids = nl.ndarray((T, TOP_K), dtype=nl.uint32, buffer=nl.shared_hbm)
+    weights = nl.ndarray((T, TOP_K), dtype=nl.float32, buffer=nl.shared_hbm)
+
+    # The router weight stays resident: w_sb[p, k, e] = w[k*P + p, e] (HBM -> SBUF, 4 DMAs).
+    w_sb = nl.ndarray((P, KT, E), dtype=nl.float32, buffer=nl.sbuf)
+    w_view = w.reshape((KT, P, E)).permute((1, 0, 2))
+    step = max(1, KT // 4)
+    for k0 in range(0, KT, step):
+        k1 = min(KT, k0 + step)
+        nisa.dma_copy(dst=w_sb[:, k0:k1, :], src=w_view[:, k0:k1, :])
+    bias_rows = nl.ndarray((P, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=bias_rows, src=bias.ap([[0, P], [1, E]]))          # broadcast to partitions
+
+    for t0 in range(0, T, TOKEN_CHUNK):
+        tc = min(TOKEN_CHUNK, T - t0)
+        xT = nl.ndarray((P, KT, tc), dtype=nl.float32, buffer=nl.sbuf)
+        _load_x_transposed(x, t0, tc, xT)
+        scores_T = []                                # per expert tile: sigmoid(logits)^T [ec, tc]
+        for e0 in range(0, E, EXPERT_TILE):
+            ec = min(EXPERT_TILE, E - e0)
+            logits_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.psum)
+            for k in range(KT):
+                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + ec], moving=xT[:, k, :])
+            s_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+            scores_T.append((e0, ec, s_T))
+        for s0 in range(0, tc, P):
+            ts = min(P, tc - s0)
+            scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
+            for e0, ec, s_T in scores_T:             # back to tokens on partitions (exact)
+                nisa.nc_transpose(dst=scores[:, e0:e0 + ec], data=s_T[:, s0:s0 + ts])
+            _top8_tokens(scores, bias_rows, ids, weights, t0 + s0, routed_scaling_factor)
+    return ids, weights
+
+
+# --------------------------------------------------------------------------- host launcher
+
+def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=1.0, allowed=None,
+          report=False):
+    """Host launcher with the semantics of `ReferenceOps.router` / `reference.router`.
+
+    x [T, H] (any float array; routed in fp32), gate_weight_t [H, E] fp32 in the kernel layout
+    [in, out] (the Hub's `mlp.gate.weight` [E, H] transposed), correction_bias [E], allowed [E]
+    bool or None (expert subsets: only allowed experts are chosen). Returns (ids [T, 8] int64,
+    weights [T, 8] float32), plus the simulator's cost report when `report=True`.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(gate_weight_t, dtype=np.float32)
+    bias = np.array(correction_bias, dtype=np.float32).reshape(-1)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"router: x {x.shape} must be [tokens, hidden] and gate_weight_t {w.shape} "
+                         f"[hidden, experts] with the same hidden size")
+    if top_k != TOP_K:
+        raise ValueError(f"router: top_k={top_k}; the kernel selects exactly {TOP_K} (max8)")
+    if bias.shape != (w.shape[1],):
+        raise ValueError(f"router: correction_bias has {bias.size} entries for {w.shape[1]} experts")
+    if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0.0) >= 1e29:
+        raise ValueError("router: correction_bias must be finite and far from the disallowed bias -1e30")
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != bias.shape:
+            raise ValueError(f"router: allowed has shape {allowed.shape}, expected {bias.shape}")
+        if allowed.sum() < TOP_K:
+            raise ValueError(f"router: only {int(allowed.sum())} experts are allowed but top_k is {TOP_K}")
+        bias = np.where(allowed, bias, np.float32(DISALLOWED_BIAS)).astype(np.float32)
+    if x.shape[0] == 0:
+        empty = (np.zeros((0, TOP_K), np.int64), np.zeros((0, TOP_K), np.float32))
+        return (*empty, None) if report else empty
+    result = simulate(router_kernel, report=report)(x, w, bias, float(routed_scaling_factor))
+    (ids, weights), rep = (result, None) if not report else (result[0], result[1])
+    ids = ids.astype(np.int64)
+    return (ids, weights, rep) if report else (ids, weights)
