@@ -36,7 +36,8 @@ from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_na
 from . import manifest as manifest_io
 
 OUTPUT_DTYPES = ("bf16", "fp8")
-CHUNK_BYTES = 64 << 20      # float32 bytes of source rows dequantised at once
+CHUNK_ROWS = 256     # source rows dequantised at once: whole 128-row blocks, and short enough
+                     # that the transposed write into [in, out] stays cache-friendly
 
 
 class PrepareError(ValueError):
@@ -75,12 +76,10 @@ def convert_tensor(checkpoint: HubCheckpoint, spec: TensorSpec, dtype: str) -> l
     """Read, dequantise, transpose and (re)quantise one tensor; arrays in `output_entries` order."""
     entries = output_entries(spec, dtype)
     transpose = is_projection(spec)
-    row_bytes = 4 * int(np.prod(spec.shape[1:], dtype=np.int64))
-    chunk_rows = max(fp8.FP8_BLOCK, CHUNK_BYTES // max(row_bytes, 1) // fp8.FP8_BLOCK * fp8.FP8_BLOCK)
     if entries[0].dtype == "F8_E4M3":
         q = np.empty(entries[0].shape, fp8.TRAINIUM_E4M3.dtype)             # [in, out]
         scale = np.empty(entries[1].shape, np.float32)                        # [in/128, out/128]
-        for start, stop, rows in checkpoint.iter_rows(spec, chunk_rows):     # rows [r, in]
+        for start, stop, rows in checkpoint.iter_rows(spec, CHUNK_ROWS):     # rows [r, in]
             try:
                 q_rows, s_rows = fp8.quantize_blocks(rows, fp8.TRAINIUM_E4M3)
             except fp8.Fp8RangeError as err:
@@ -90,9 +89,9 @@ def convert_tensor(checkpoint: HubCheckpoint, spec: TensorSpec, dtype: str) -> l
         return [q, scale]
     out_dtype = np.float32 if entries[0].dtype == "F32" else ml_dtypes.bfloat16
     out = np.empty(entries[0].shape, out_dtype)
-    for start, stop, rows in checkpoint.iter_rows(spec, chunk_rows):
+    for start, stop, rows in checkpoint.iter_rows(spec, CHUNK_ROWS):
         if transpose:
-            out[:, start:stop] = rows.T.astype(out_dtype)
+            out[:, start:stop] = rows.astype(out_dtype).T
         else:
             out[start:stop] = rows.astype(out_dtype)
     return [out]

@@ -52,6 +52,8 @@ def test_which_e4m3_is_which():
     trn = codes.view(fp8.TRAINIUM_E4M3.dtype).astype(np.float32)
     small = np.abs(ocp) <= 240
     np.testing.assert_array_equal(ocp[small], trn[small])     # same bits below 240
+    for fmt, values in ((fp8.OCP_E4M3, ocp), (fp8.TRAINIUM_E4M3, trn)):   # the decode table
+        np.testing.assert_array_equal(fp8.to_float32(codes.view(fmt.dtype)), values)
     assert np.isinf(np.float32(256).astype(fp8.TRAINIUM_E4M3.dtype).astype(np.float32))
 
 
