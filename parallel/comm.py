@@ -91,11 +91,11 @@ class Communicator:
     def all_gather(self, array: np.ndarray, traffic: Traffic | None, phase: str, what: str) -> np.ndarray:
         """Every rank's `array` (same shape and dtype everywhere) -> [R, *array.shape]."""
         src = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        out = [torch.empty_like(src) for _ in range(self.world_size)]
-        self._run(what, lambda: dist.all_gather(out, src))
+        out = torch.empty((self.world_size,) + tuple(src.shape), dtype=src.dtype, device=self.device)
+        self._run(what, lambda: dist.all_gather(list(out.unbind(0)), src))   # straight into one buffer
         if traffic is not None:
             traffic.add(phase, (self.world_size - 1) * array.nbytes, (self.world_size - 1) * array.nbytes)
-        return np.stack([t.cpu().numpy() for t in out])
+        return out.cpu().numpy()
 
     def all_gather_objects(self, obj, what: str) -> list:
         """Every rank's picklable `obj`, in rank order (statistics, results; not on the hot path)."""

@@ -143,12 +143,14 @@ class Dispatcher:
         mine = np.zeros((width, self.fmt.dispatch_row_bytes), np.uint8)
         mine[:len(x)] = self.fmt.encode(x, ids, weights)
         gathered = self.comm.all_gather(mine, traffic, "dispatch", f"layer {layer} dispatch (allgather)")
-        xs, all_ids, all_w = self.fmt.decode(_gather_segments(gathered, layout.tokens))
+        valid = np.arange(width)[None, :] < layout.tokens[:, None]               # [R, width] real tokens
+        hits = valid & (self._rank_of[self.fmt.expert_ids(gathered)] == me).any(axis=-1)  # with a local expert
+        xs, all_ids, all_w = self.fmt.decode(gathered[hits])                     # decode only those rows
         here = self._rank_of[all_ids] == me
         local = np.where(here, self._local_index[all_ids], -1).astype(np.int32)
         partial = compute(xs, local, np.where(here, all_w, 0).astype(np.float32))
         reply = np.zeros((world, width, self.fmt.combine_row_bytes), np.uint8)
-        _scatter_segments(reply, self.fmt.encode_partial(partial), layout.tokens)
+        reply[hits] = self.fmt.encode_partial(partial)                           # zeros elsewhere
         back = self.comm.all_to_all(reply.reshape(world * width, self.fmt.combine_row_bytes), [width] * world,
                                     [width] * world, traffic, "combine", f"layer {layer} combine (allgather)")
         back = back.reshape(world, width, self.fmt.combine_row_bytes)

@@ -67,9 +67,14 @@ class RowFormat:
         """uint8 [M, dispatch_row_bytes] -> (x float32 [M, H], ids int32 [M, k], weights float32 [M, k])."""
         hb, k = self._hidden_bytes, self.top_k
         x = self.decode_partial(rows[:, :hb])
-        ids = np.ascontiguousarray(rows[:, hb:hb + 4 * k]).view(np.int32)
+        ids = self.expert_ids(rows)
         weights = np.ascontiguousarray(rows[:, hb + 4 * k:]).view(np.float32)
         return x, ids, weights
+
+    def expert_ids(self, rows: np.ndarray) -> np.ndarray:
+        """The ids field of rows [..., dispatch_row_bytes] -> int32 [..., k], hidden left encoded."""
+        hb, k = self._hidden_bytes, self.top_k
+        return np.ascontiguousarray(rows[..., hb:hb + 4 * k]).view(np.int32)
 
     def encode_partial(self, y: np.ndarray) -> np.ndarray:
         """[M, H] -> uint8 [M, combine_row_bytes] (rounded once to the wire dtype)."""
