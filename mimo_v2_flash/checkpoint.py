@@ -197,9 +197,9 @@ class HubCheckpoint:
         """Check every listed tensor (headers only): present, shape, dtype, scale grid."""
         for spec in specs:
             layer = _kv_layer(spec.name)
-            if layer is not None:
-                self.kv_grouping(layer)
-            elif self.stored_dtype(spec) == "F8_E4M3":
+            if layer is not None and self.kv_grouping(layer) == PER_KV_HEAD:
+                continue    # the detection checked both scale shapes
+            if self.stored_dtype(spec) == "F8_E4M3":
                 shape = self._scale_shape(spec.name)
                 if shape != fp8_scale_shape(spec.shape):
                     raise CheckpointError(f"{self.shard_of(scale_name(spec.name)).path}: scale "
@@ -214,16 +214,15 @@ class HubCheckpoint:
     def _fp8_parts(self, spec: TensorSpec):
         """(fp8 array, scale grid, row groups) of an FP8 tensor, K/V grouping applied."""
         layer = _kv_layer(spec.name)
-        if layer is None:
+        if layer is not None and layer not in self._self_checked:
+            self._self_checked.add(layer)
+            self.self_check_kv(layer)
+        if layer is None or self.kv_grouping(layer) == UNIFORM:
             return self._raw(spec.name), self._raw(scale_name(spec.name)), \
                 fp8.uniform_row_groups(spec.shape[0])
         k_spec, v_spec = self._kv_specs(layer)
-        grouping = self.kv_grouping(layer)
-        if layer not in self._self_checked:
-            self._self_checked.add(layer)
-            self.self_check_kv(layer)
         _, kv, d, dv = self.config.attention_shape(layer)
-        k_groups, v_groups = kv_row_groups(kv, d, dv, grouping)
+        k_groups, v_groups = kv_row_groups(kv, d, dv, PER_KV_HEAD)
         k_scale = np.asarray(self._raw(scale_name(k_spec.name)))
         if spec.name == k_spec.name:
             return self._raw(spec.name), k_scale, k_groups
@@ -233,9 +232,9 @@ class HubCheckpoint:
     def self_check_kv(self, layer: int) -> None:
         """Warn when this layer's K/V blocks do not reach max|fp8| near 448 under its grouping."""
         k_spec, v_spec = self._kv_specs(layer)
+        if self.stored_dtype(k_spec) != "F8_E4M3" or self.stored_dtype(v_spec) != "F8_E4M3":
+            return      # no shared blocks to misread
         grouping = self.kv_grouping(layer)
-        if grouping == UNIFORM and self.stored_dtype(k_spec) != "F8_E4M3":
-            return
         _, kv, d, dv = self.config.attention_shape(layer)
         k_groups, v_groups = kv_row_groups(kv, d, dv, grouping)
         groups = sum(kv_scale_rows(kv, d, dv, grouping))
@@ -252,7 +251,7 @@ class HubCheckpoint:
         """Yield (start, stop, float32 rows [stop - start, ...]) of one tensor, dequantised.
 
         `chunk_rows` is rounded down to a multiple of 128 for FP8 tensors (at least 128), so each
-        chunk holds whole block rows. 1-D tensors come as one chunk.
+        chunk holds whole block rows; 1-D tensors are chunked along their only axis.
         """
         rows = spec.shape[0]
         if self.stored_dtype(spec) != "F8_E4M3":
