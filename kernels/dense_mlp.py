@@ -1,0 +1,66 @@
+"""Dense SwiGLU MLP (MiMo layer 0 and the MTP blocks): y = (silu(x @ Wg) * (x @ Wu)) @ Wd.
+
+Arguments (HBM): x [T, H] bf16; w_gate, w_up [H, I] and w_down [I, H] in the prepared [in, out]
+layout, bf16, or float8_e4m3 each with its fp32 block scale ([H/128, I/128], [H/128, I/128],
+[I/128, H/128]). MiMo: H = 4096, I = 16384. Returns y [T, H] in x's dtype.
+
+One kernel, two passes of the shared tiled matmul (`kernels.linear.project`, whose docstring
+describes the schedules):
+1. gate and up together: every x^T block meets the gate and the up column tile of the same
+   columns, and the epilogue turns the two fp32 PSUM accumulators into h = silu(g) * u directly
+   (ScalarE silu reading PSUM, VectorE multiply with the other accumulator in PSUM), so g and u
+   never exist outside PSUM;
+2. down projection of h [T, I], which goes through a private HBM scratch tensor: T * I * 2 bytes
+   written and read once, negligible next to the weights at decode (T * 64 KiB against 384 MiB of
+   bf16 weights) and next to the matmuls at prefill.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.backend import nki, nl, nisa, simulate
+from kernels.linear import BF16, PSUM_ENGINES, copy_epilogue, kernel_weight, project
+
+
+def silu_gate_epilogue(dst, accs, step):
+    """h = silu(gate) * up from the two fp32 PSUM accumulators into `dst` (SBUF)."""
+    gate, up = accs
+    act = nl.ndarray(dst.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=act, op=nl.silu, data=gate)                     # ScalarE, PSUM -> SBUF
+    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply,
+                       engine=PSUM_ENGINES[step % 2])                  # one operand still in PSUM
+
+
+@nki.jit
+def dense_mlp_kernel(x, w_gate, w_up, w_down, gate_scale=None, up_scale=None, down_scale=None):
+    """y [T, H] = (silu(x @ w_gate) * (x @ w_up)) @ w_down (see module doc)."""
+    T, H = x.shape
+    I = w_gate.shape[1]
+    assert tuple(w_down.shape) == (I, H), \
+        f"dense_mlp: w_down shape {w_down.shape} must be [{I}, {H}] for w_gate {w_gate.shape} ([in, out] layout)"
+    assert (gate_scale is None) == (up_scale is None) == (down_scale is None), \
+        "dense_mlp: give block scales for all three weights (FP8) or for none (bf16)"
+    hidden = nl.ndarray((T, I), dtype=x.dtype, buffer=nl.hbm)           # private scratch
+    project(x, (w_gate, w_up), (gate_scale, up_scale), silu_gate_epilogue, hidden)
+    y = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.shared_hbm)
+    project(hidden, (w_down,), (down_scale,), copy_epilogue, y)
+    return y
+
+
+def dense_mlp(x, gate, up, down, scales=None, dtype=BF16, report=False):
+    """Host launcher with the semantics of `ReferenceOps.dense_mlp` (`reference.swiglu`), taking the
+    PREPARED weights: gate, up [H, I] and down [I, H] = the Hub matrices transposed, bf16; or
+    float8_e4m3 with `scales` = (gate_scale, up_scale, down_scale) fp32 block multipliers.
+    x [T, H] (any float array, sent as `dtype`). Returns y [T, H] in `dtype`, plus the cost report
+    when `report=True`."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"dense_mlp: x must be [tokens, hidden], got shape {x.shape}")
+    scales = (None, None, None) if scales is None else tuple(scales)
+    if len(scales) != 3:
+        raise ValueError(f"dense_mlp: scales must be (gate_scale, up_scale, down_scale), got {len(scales)} items")
+    prepared = [kernel_weight(w, s) for w, s in zip((gate, up, down), scales)]
+    args = [np.ascontiguousarray(x, dtype=dtype)] + [w for w, _ in prepared]
+    if scales[0] is not None:
+        args += [s for _, s in prepared]
+    return simulate(dense_mlp_kernel, report=report)(*args)

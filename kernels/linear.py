@@ -1,0 +1,308 @@
+"""Linear projection y = x @ W with W in the prepared layout [in, out] (K = in on partitions).
+
+    linear_kernel(x [T, K], w [K, N])                                  bf16 weights
+    linear_kernel(x [T, K], w [K, N] float8_e4m3, w_scale [K/128, N/128] fp32)
+        FP8 (Trainium e4m3, +-240) with one fp32 multiplier per 128x128 block:
+        W[k, n] = w[k, n] * w_scale[k // 128, n // 128]
+
+x: bf16 (or fp32, rounded to bf16 for TensorE), any T >= 1; K and N multiples of 128. y [T, N]
+has x's dtype, accumulated in fp32 PSUM. MiMo uses it for q (4096 -> 12288), k (4096 -> 768 /
+1536), v (4096 -> 512 / 1024), o (8192 -> 4096), the dense MLP's down projection (16384 -> 4096)
+and lm_head (4096 -> 152576).
+
+The tiled matmul (`project`) is shared with the dense SwiGLU kernel (kernels/dense_mlp.py), which
+passes two weights and a silu-gate epilogue. x is transposed on TensorE once per token group
+(x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
+groups as [128, K/128, cols] (cols-element contiguous runs per partition), once per token group.
+Per block of up to 128 tokens, one of two matmul forms:
+
+* weights moving (blocks of more than 64 tokens):
+  `nc_matmul(stationary=x^T[128 k, tokens], moving=W[128 k, <=512 n])` accumulates y over K in one
+  PSUM bank: 512 TensorE cycles per 128x512 weight chunk, full PE use for 128-token blocks.
+* weights stationary (blocks of at most 64 tokens: decode, or the tail of a prefill):
+  `nc_matmul(stationary=W[128 k, 128 n], moving=x^T[128 k, tokens])` accumulates y^T over K:
+  64 cycles per 128x128 block instead of 512 per 128x512 for a block of any size, then y^T is
+  transposed back on TensorE. At decode every weight byte is read once and TensorE needs about
+  half the DMA time, so the projection is HBM-bound.
+
+FP8 weights:
+* more than 64 tokens: each weight tile is dequantised to bf16 in SBUF after the load (one multiply
+  per 128-row K block by its row of block scales, rotating over VectorE / GpSimd / ScalarE), paid
+  once per token group and hidden under the matmuls of its token blocks.
+* at most 64 tokens (decode): dequantising would cost an engine pass per weight element, slower
+  than the DMA of the fp8 bytes. The 128x128 block scale goes on the activations instead: per K
+  block, one instruction forms x^T[128 k, T] * scale[kb, nb] for every column block nb of the group,
+  and the fp8 block is the stationary operand as stored (weights-stationary form above).
+"""
+from __future__ import annotations
+
+import numpy as np
+import ml_dtypes
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P = nl.tile_size.pmax                               # partitions, and the K / FP8 block size
+MOVING_FMAX = nl.tile_size.gemm_moving_fmax         # 512 columns per matmul (one PSUM bank of fp32)
+PSUM_BANK_BYTES = nl.tile_size.psum_bank_fmax_bytes
+
+X_T_BUDGET = 64 * 1024        # SBUF bytes per partition for the transposed token group
+WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight column group
+SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
+PSUM_ACC_BYTES = 6 * PSUM_BANK_BYTES   # accumulators of the activations-scaled schedule
+MAX_TOKEN_GROUP = 1024
+DEQUANT_PASS_ELEMS = 2048    # elements per partition of one FP8 dequantisation instruction
+FP8_SCALED_ACTIVATIONS_MAX_TOKENS = 64
+WEIGHTS_STATIONARY_MAX_TOKENS = 64   # token blocks this short put the weights on the stationary side
+
+# Engines that can take an element-wise pass over SBUF operands (rotated to share the load), and
+# the ones that may read PSUM (GpSimd cannot).
+SBUF_ENGINES = (nisa.engine.vector, nisa.engine.gpsimd, nisa.engine.scalar)
+PSUM_ENGINES = (nisa.engine.vector, nisa.engine.scalar)
+
+
+def _is_fp8(dtype) -> bool:
+    return dtype == nl.float8_e4m3
+
+
+def check_projection(x, weights, scales):
+    """Validate shapes and dtypes of x [T, K] against weights [K, N] (+ scales); return T, K, N."""
+    T, K = x.shape
+    K_w, N = weights[0].shape
+    assert T >= 1, f"linear: no tokens (x shape {x.shape})"
+    assert K_w == K, f"linear: weight shape {weights[0].shape} must be [K={K}, N] for x {x.shape} ([in, out] layout)"
+    assert K % P == 0 and N % P == 0, f"linear: sizes K={K} and N={N} must be multiples of {P}"
+    for w, s in zip(weights, scales):
+        assert tuple(w.shape) == (K, N), f"linear: weight shapes differ: {w.shape} vs {(K, N)}"
+        if s is None:
+            assert w.dtype == nl.bfloat16, f"linear: weight dtype {w.dtype} must be bfloat16, or float8_e4m3 with a scale"
+        else:
+            assert _is_fp8(w.dtype), f"linear: a scale was given but the weight dtype is {w.dtype}, not float8_e4m3"
+            assert tuple(s.shape) == (K // P, N // P), \
+                f"linear: scale shape {s.shape} must be {(K // P, N // P)} (one fp32 multiplier per 128x128 block)"
+            assert s.dtype == nl.float32, f"linear: scale dtype {s.dtype} must be float32"
+    return T, K, N
+
+
+def load_x_transposed(x, t0, tokens):
+    """x^T for tokens t0 .. t0+tokens-1: SBUF [128, K/128, tokens] bf16, element (k, kt, t) = x[t0+t, kt*128+k].
+
+    Per block of <= 128 tokens and per PSUM bank's worth of K blocks: one DMA of those columns of
+    the rows, a TensorE transpose per 128-column K block into the bank, one eviction to SBUF with
+    the bf16 cast.
+    """
+    K = x.shape[1]
+    KT = K // P
+    x_t = nl.ndarray((P, KT, tokens), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for b0 in range(0, tokens, P):
+        tb = min(P, tokens - b0)
+        per_bank = max(1, PSUM_BANK_BYTES // (tb * x.itemsize))        # transposes per PSUM bank
+        for i, k0 in enumerate(range(0, KT, per_bank)):
+            n = min(per_bank, KT - k0)
+            rows = nl.ndarray((tb, n * P), dtype=x.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=rows, src=x[t0 + b0:t0 + b0 + tb, k0 * P:(k0 + n) * P])   # HBM -> SBUF
+            bank = nl.ndarray((P, n, tb), dtype=x.dtype, buffer=nl.psum)
+            for j in range(n):
+                nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, j * P:(j + 1) * P])
+            nisa.tensor_copy(dst=x_t[:, k0:k0 + n, b0:b0 + tb], src=bank,
+                             engine=PSUM_ENGINES[i % 2])                # PSUM -> SBUF + cast to bf16
+    return x_t
+
+
+def _weight_columns(w, n0, cols):
+    """HBM view of W[:, n0:n0+cols] as [128, K/128, cols]: partition k holds rows k, 128+k, ..."""
+    K, N = w.shape
+    return w.reshape((K // P, P, N))[:, :, n0:n0 + cols].permute((1, 0, 2))
+
+
+def _scale_columns(scale, nb0, blocks):
+    """HBM view of scale[:, nb0:nb0+blocks] repeated on all 128 partitions: [128, K/128, blocks]."""
+    KB, NB = scale.shape
+    return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
+
+
+def load_weight_tile(w, scale, n0, cols, engine_offset=0):
+    """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip)."""
+    KT = w.shape[0] // P
+    raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=raw, src=_weight_columns(w, n0, cols))            # HBM -> SBUF, cols-element runs
+    if scale is None:
+        return raw
+    blocks = cols // P
+    scales = nl.ndarray((P, KT, blocks), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=scales, src=_scale_columns(scale, n0 // P, blocks))
+    tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
+    per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
+    for i, k0 in enumerate(range(0, KT, per_pass)):
+        k1 = min(KT, k0 + per_pass)
+        # K block kt = scale row kt: each 128-column block times its scale, [128, kb, blocks, 128].
+        nisa.tensor_tensor(dst=tile[:, k0:k1, :], data1=raw[:, k0:k1, :],
+                           data2=scales[:, k0:k1, :].expand_dim(3).broadcast(3, P), op=nl.multiply,
+                           engine=SBUF_ENGINES[(engine_offset + i) % 3])
+    return tile
+
+
+def copy_epilogue(dst, accs, i):
+    """Plain projection: PSUM -> SBUF with the cast to the output dtype."""
+    nisa.tensor_copy(dst=dst, src=accs[0], engine=PSUM_ENGINES[i % 2])
+
+
+def _weights_stationary_block(tiles, moving_for, T, y_tile, epilogue, step):
+    """y_tile [T, nbs*128] for T <= 64 tokens from weight tiles [128, K/128, nbs*128] (SBUF).
+
+    `nc_matmul(stationary=W[128 k, 128 n], moving=moving_for(i, kt)[:, nb, :] [128 k, T])`
+    accumulates y^T[128 n, T] over K in PSUM (64 TensorE cycles per 128x128 weight block, where the
+    weights-moving form pays 512 per 512 columns whatever the token count); the epilogue runs on
+    y^T and TensorE transposes it back. `moving_for(i, kt)` gives weight i's moving operand for K
+    block kt as [128, nbs, T].
+    """
+    KT, cols = tiles[0].shape[1], tiles[0].shape[2]
+    nbs = cols // P
+    padded = 1 << (T - 1).bit_length()          # accumulator stride: no slice straddles a PSUM bank
+    accs = [nl.ndarray((P, nbs, padded), dtype=nl.float32, buffer=nl.psum) for _ in tiles]
+    for kt in range(KT):
+        for i, (tile, acc) in enumerate(zip(tiles, accs)):
+            moving = moving_for(i, kt)
+            for nb in range(nbs):
+                nisa.nc_matmul(dst=acc[:, nb, 0:T], stationary=tile[:, kt, nb * P:(nb + 1) * P],
+                               moving=moving[:, nb, :])
+    y_t = nl.ndarray((P, nbs, T), dtype=y_tile.dtype, buffer=nl.sbuf)  # y^T: output columns on partitions
+    epilogue(y_t, [acc[:, :, 0:T] for acc in accs], step)
+    # Back to tokens on partitions: one TensorE transpose per 128-column block, a PSUM bank at a time.
+    per_bank = PSUM_BANK_BYTES // (P * y_tile.itemsize)
+    for i, j0 in enumerate(range(0, nbs, per_bank)):
+        n = min(per_bank, nbs - j0)
+        bank = nl.ndarray((T, n * P), dtype=y_tile.dtype, buffer=nl.psum)
+        for j in range(n):
+            nisa.nc_transpose(dst=bank[:, j * P:(j + 1) * P], data=y_t[:, j0 + j, :])
+        nisa.tensor_copy(dst=y_tile[:, j0 * P:(j0 + n) * P], src=bank, engine=PSUM_ENGINES[(step + i) % 2])
+
+
+def _weights_moving_block(tiles, x_t, b0, tb, y_tile, epilogue, step):
+    """y_tile [tb, cols] for tokens b0 .. b0+tb-1 of the group: weights are the moving operand."""
+    KT = x_t.shape[1]
+    accs = []
+    for tile in tiles:
+        acc = nl.ndarray((tb, tile.shape[2]), dtype=nl.float32, buffer=nl.psum)
+        for kt in range(KT):                                           # fp32 accumulation over K
+            nisa.nc_matmul(dst=acc, stationary=x_t[:, kt, b0:b0 + tb], moving=tile[:, kt, :])
+        accs.append(acc)
+    epilogue(y_tile, accs, step)
+
+
+def _project_token_group(x, g0, tg, weights, scales, col_group, epilogue, y):
+    """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
+
+    A function of its own so that the group's x^T is freed before the next group's is loaded.
+    """
+    x_t = load_x_transposed(x, g0, tg)
+    N = weights[0].shape[1]
+    for n0 in range(0, N, col_group):
+        cols = min(col_group, N - n0)
+        tiles = [load_weight_tile(w, s, n0, cols, i) for i, (w, s) in enumerate(zip(weights, scales))]
+        for b0 in range(0, tg, P):
+            tb = min(P, tg - b0)
+            step = n0 // col_group + b0 // P                       # rotates the eviction engines
+            y_tile = nl.ndarray((tb, cols), dtype=y.dtype, buffer=nl.sbuf)
+            if tb <= WEIGHTS_STATIONARY_MAX_TOKENS:                # a short block: decode or a tail
+                x_block = x_t[:, :, b0:b0 + tb]
+                _weights_stationary_block(
+                    tiles, lambda i, kt: x_block[:, kt, :].expand_dim(1).broadcast(1, cols // P),
+                    tb, y_tile, epilogue, step)
+            else:
+                _weights_moving_block(tiles, x_t, b0, tb, y_tile, epilogue, step)
+            nisa.dma_copy(dst=y[g0 + b0:g0 + b0 + tb, n0:n0 + cols], src=y_tile)   # SBUF -> HBM
+
+
+def _project_weights_moving(x, weights, scales, epilogue, y):
+    T, K = x.shape
+    KT = K // P
+    token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
+    col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
+    for g0 in range(0, T, token_group):
+        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, epilogue, y)
+
+
+def _project_activations_scaled(x, weights, scales, epilogue, y):
+    T, K = x.shape
+    N = weights[0].shape[1]
+    KT, NB = K // P, N // P
+    padded = 1 << (T - 1).bit_length()
+    blocks = max(1, min(NB, SCALED_WEIGHT_BUDGET // (KT * P),
+                        PSUM_ACC_BYTES // (4 * padded * len(weights))))
+    x_t = load_x_transposed(x, 0, T)
+    for step, nb0 in enumerate(range(0, NB, blocks)):
+        nbs = min(blocks, NB - nb0)
+        cols = nbs * P
+        raws, scale_tiles = [], []
+        for w, s in zip(weights, scales):
+            raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=raw, src=_weight_columns(w, nb0 * P, cols))    # fp8 HBM -> SBUF as stored
+            st = nl.ndarray((P, KT, nbs), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
+            raws.append(raw)
+            scale_tiles.append(st)
+
+        def scaled_x(i, kt):
+            # x^T block kt times every column block's scale, in one instruction: [128 k, nbs, T].
+            x_scaled = nl.ndarray((P, nbs, T), dtype=nl.bfloat16, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=x_scaled, data1=x_t[:, kt, :].expand_dim(1).broadcast(1, nbs),
+                               data2=scale_tiles[i][:, kt, :].expand_dim(2).broadcast(2, T),
+                               op=nl.multiply, engine=SBUF_ENGINES[(kt * len(raws) + i) % 3])
+            return x_scaled
+
+        y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
+        _weights_stationary_block(raws, scaled_x, T, y_tile, epilogue, step)
+        nisa.dma_copy(dst=y[:, nb0 * P:nb0 * P + cols], src=y_tile)     # SBUF -> HBM
+
+
+def project(x, weights, scales, epilogue, y):
+    """y [T, N] = epilogue(x @ W_0, x @ W_1, ...) for weights [K, N] of one dtype (see module doc).
+
+    `epilogue(dst, accs, step)` turns the fp32 PSUM accumulators (one per weight, same shape as
+    `dst`) into `dst` (SBUF, y's dtype); `step` counts calls so it can rotate engines.
+    """
+    T, _, _ = check_projection(x, weights, scales)
+    if scales[0] is not None and T <= FP8_SCALED_ACTIVATIONS_MAX_TOKENS:
+        _project_activations_scaled(x, weights, scales, epilogue, y)
+    else:
+        _project_weights_moving(x, weights, scales, epilogue, y)
+
+
+@nki.jit
+def linear_kernel(x, w, w_scale=None):
+    """y [T, N] = x [T, K] @ W [K, N] (see module doc for dtypes and layouts)."""
+    y = nl.ndarray((x.shape[0], w.shape[1]), dtype=x.dtype, buffer=nl.shared_hbm)
+    project(x, (w,), (w_scale,), copy_epilogue, y)
+    return y
+
+
+# --------------------------------------------------------------------------- host side
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3)
+
+
+def kernel_weight(weight, scale=None):
+    """Check a prepared weight: bf16 [in, out], or (float8_e4m3 [in, out], fp32 scale) as is."""
+    weight = np.asarray(weight)
+    if scale is None:
+        if weight.dtype != BF16:
+            raise TypeError(f"linear: weight dtype {weight.dtype} must be bfloat16 (prepared layout [in, out]); "
+                            f"FP8 weights need their block scale")
+        return np.ascontiguousarray(weight), None
+    if weight.dtype != FP8:
+        raise TypeError(f"linear: a block scale was given, so the weight must be float8_e4m3, got {weight.dtype}")
+    return np.ascontiguousarray(weight), np.ascontiguousarray(scale, dtype=np.float32)
+
+
+def linear(x, weight, scale=None, dtype=BF16, report=False):
+    """Host launcher with the semantics of `ReferenceOps.linear`, but taking the PREPARED weight:
+    x [T, K] (any float array, sent as `dtype`), weight [K, N] = W_hf.T in bf16, or float8_e4m3 with
+    `scale` [K/128, N/128] fp32 multipliers (`mimo_v2_flash.fp8.quantize_blocks(W_hf.T, TRAINIUM_E4M3)`).
+    Returns y [T, N] in `dtype`, plus the cost report when `report=True`."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"linear: x must be [tokens, in], got shape {x.shape}")
+    weight, scale = kernel_weight(weight, scale)
+    args = (np.ascontiguousarray(x, dtype=dtype), weight) + (() if scale is None else (scale,))
+    return simulate(linear_kernel, report=report)(*args)
