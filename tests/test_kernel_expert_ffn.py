@@ -10,74 +10,22 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from kernels.backend import simulate
 from kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
                                 expert_ffn_kernel, grouped_expert_ffn, plan_blocks)
-from kernels.backend import simulate
-from mimo_v2_flash import reference as ref
-from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
+from mimo_v2_flash.selfcheck.kernels_moe import (FFN_TOL as TOL, random_experts as make_weights,
+                                                 random_routing as routing, reference_moe,
+                                                 relative_error)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TOL = {"bf16": 1e-2, "fp8": 2e-2}
 FULL = dict(hidden=4096, inter=2048, experts=8)
-
-
-def make_weights(experts, hidden, inter, dtype, seed=0):
-    """Random local experts in the kernel layout [in, out], bf16 or Trainium FP8 + block scales."""
-    rng = np.random.default_rng(seed)
-
-    def matrix(rows, cols):          # [in, out], unit-variance outputs
-        return rng.standard_normal((rows, cols), dtype=np.float32) / np.float32(np.sqrt(rows))
-
-    mats = {"gate": [], "up": [], "down": []}
-    scales = {"gate": [], "up": [], "down": []}
-    for _ in range(experts):
-        for name, shape in (("gate", (hidden, inter)), ("up", (hidden, inter)), ("down", (inter, hidden))):
-            m = matrix(*shape)
-            if dtype == "bf16":
-                mats[name].append(m.astype(BF16))
-            else:
-                q, s = quantize_blocks(m, TRAINIUM_E4M3)
-                mats[name].append(q)
-                scales[name].append(s)
-    stack = {k: np.stack(v) for k, v in mats.items()}
-    if dtype == "bf16":
-        return ExpertWeights(stack["gate"], stack["up"], stack["down"])
-    return ExpertWeights(stack["gate"], stack["up"], stack["down"],
-                         *(np.stack(scales[k]) for k in ("gate", "up", "down")))
-
-
-def reference_expert(weights: ExpertWeights):
-    """expert e -> Hub-layout fp32 (gate [I, H], up [I, H], down [H, I]) of exactly the kernel's weights."""
-    def expert(e):
-        if weights.fp8:
-            mats = (dequantize(weights.gate[e], weights.gate_scale[e]),
-                    dequantize(weights.up[e], weights.up_scale[e]),
-                    dequantize(weights.down[e], weights.down_scale[e]))
-        else:
-            mats = tuple(m[e].astype(np.float32) for m in (weights.gate, weights.up, weights.down))
-        return tuple(m.T for m in mats)
-    return expert
-
-
-def routing(tokens, k, experts, seed, empty=()):
-    """Each token picks k distinct local experts (never those in `empty`), weights in [0.05, 0.3]."""
-    rng = np.random.default_rng(seed)
-    pool = [e for e in range(experts) if e not in empty]
-    ids = np.stack([rng.choice(pool, size=k, replace=False) for _ in range(tokens)])
-    return ids, rng.uniform(0.05, 0.3, size=ids.shape).astype(np.float32)
-
-
-def rel_err(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def check(x, ids, w, weights, tol, **kwargs):
     out = expert_ffn(x, ids, w, weights, **kwargs)
     assert out.shape == x.shape and out.dtype == np.float32
-    xr = x.astype(BF16).astype(np.float32)
-    # The reference has no empty slots: route them to expert 0 with weight 0.
-    want = ref.moe(xr, np.where(ids < 0, 0, ids), np.where(ids < 0, 0, w), reference_expert(weights))
-    err = rel_err(out, want)
+    want = reference_moe(x, ids, w, weights)
+    err = relative_error(out, want)
     assert err < tol, f"relative error {err:.2e} >= {tol}"
     return out, want
 

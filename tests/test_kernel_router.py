@@ -14,17 +14,10 @@ import pytest
 from kernels.backend import simulate
 from kernels.router import DISALLOWED_BIAS, route, router_kernel
 from mimo_v2_flash import reference as ref
+from mimo_v2_flash.selfcheck.kernels_moe import random_router as problem
 
 NEAR_TIE = 1e-5
 WEIGHT_ATOL = 1e-6
-
-
-def problem(tokens, hidden, experts, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    gate = (rng.standard_normal((experts, hidden)) / np.sqrt(hidden)).astype(np.float32)   # Hub [E, H]
-    bias = (0.1 * rng.standard_normal(experts)).astype(np.float32)
-    return x, gate, bias
 
 
 def by_id(ids, values):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
-TOPICS = ["reference"]
+TOPICS = ["reference", "kernels_moe"]
 
 
 @dataclass
