@@ -79,9 +79,14 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     out[:, :prompt_len] = prompts
 
     def forward(sequences, slots):
-        logits = model.forward_ragged(sequences, cache, slots) if sequences else executor.idle(config)
+        """Last-position logits of each sequence; with none, still take part in every MoE layer."""
+        if sequences:
+            logits = [l[-1] for l in model.forward_ragged(sequences, cache, slots)]
+        else:
+            executor.idle(config)
+            logits = []
         executor.stats.next_step()
-        return [l[-1] for l in logits or []]
+        return logits
 
     t0 = time.perf_counter()
     logits = forward(list(prompts), list(range(batch))) if max_new_tokens else []
