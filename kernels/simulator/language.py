@@ -365,6 +365,7 @@ _ops.register_alu(rsqrt, "rsqrt")
 _ops.register_activation(rsqrt, "rsqrt")
 _ops.register_alu(reciprocal, "reciprocal")
 _ops.register_activation(reciprocal, "reciprocal")
+_ops.register_activation(copy, "copy")          # nisa.activation(op=nl.copy): ScalarE copy / scale
 
 
 def _binary(name: str):

@@ -1,0 +1,521 @@
+"""Flash-style prefill attention for MiMo-V2-Flash: causal full and sliding-window GQA with sinks.
+
+Q/K head dim 192 (the QK contraction is split over partition tiles 128 + 64 and accumulated in
+PSUM), V head dim 128, grouped-query attention without copying K/V per query head: the query
+heads of one KV head are packed into the rows of one score tile.
+
+Rows. A score tile holds 128 rows = `128 // G` consecutive tokens x the G query heads of one KV
+head (row `t * G + i` is token t, head `g * G + i`). All rows share the KV head's keys, so one
+matmul computes the scores of every head of the group, and a window of W keys costs about
+`W + 128 / G` key columns per tile instead of the `W + 127` of a 128-token query block.
+
+Q arrives multiplied by the softmax scale (on the device the scale folds into W_q), so the PSUM
+scores are the logits. Per row tile and key chunk (up to 2048 keys = 4 PSUM banks of fp32):
+
+    S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM
+    S     += onehot^T @ masked   TensorE, only on boundary columns (causal diagonal, window edge)
+    m      = max(m, rowmax(S))                                          VectorE reduce, GpSimd max
+    P      = exp(S - m), rowsum                                         ScalarE (P in bf16)
+    P^T    = transpose(P)        TensorE 128 x 128 blocks evicted PSUM -> SBUF, or a DMA transpose
+    O      = O * exp(m_old - m) + P^T^T @ V                             TensorE + VectorE (fp32)
+    l      = l * exp(m_old - m) + rowsum                                GpSimd
+
+and at the end `out = O / l` in bf16. Key chunks entirely outside a tile's causal window are
+never visited. A sink logit starts the running state as an extra key with no value: m = sink,
+l = 1, O = 0, which puts `exp(sink - m)` into the softmax denominator exactly.
+
+Masking without touching the score tile: boundary columns get `-1e30` added through an extra
+PSUM-accumulating matmul of a one-hot [tokens, rows] stationary (`-1e30` where the row belongs to
+the token) against a 0/1 "masked" indicator [tokens, columns]; this costs a 64-cycle matmul per
+boundary region instead of a VectorE pass over the scores.
+
+Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
+64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
+PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -> SBUF eviction
+of P^T is split between them. `dma_transpose_share` moves that share of the P transposes to the
+DMA queues (SBUF -> SBUF `dma_transpose`), taking work off TensorE, VectorE and ScalarE.
+
+The device helpers below are shared with `kernels/attention_decode.py`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ml_dtypes
+
+from kernels.backend import nki, nl, nisa, simulate
+
+P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys per PV matmul
+MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)
+BANK_FP32 = nl.tile_size.psum_bank_fmax
+CHUNK_KEYS = 4 * BANK_FP32                      # keys per softmax step (4 PSUM banks of scores)
+TILES_PER_CHUNK = CHUNK_KEYS // P_MAX
+SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
+MASK_BIAS = -1.0e30                             # added to masked logits (finite in bf16 and fp32)
+NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked row keeps exp() == 0
+EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
+DMA_TRANSPOSE_SHARE = 0.0                       # share of P transposes done by DMA (see docstring)
+BF16 = ml_dtypes.bfloat16
+
+
+# --------------------------------------------------------------------------- device helpers
+
+class Share:
+    """Deterministic split of a stream of decisions: `take()` is True for `share` of the calls
+    (Bresenham-style), `take_count(n)` for about `share * n` of n items."""
+
+    def __init__(self, share: float):
+        self.share = share
+        self.acc = 0.0
+
+    def take(self) -> bool:
+        return self.take_count(1) == 1
+
+    def take_count(self, n: int) -> int:
+        before = int(self.acc)
+        self.acc += self.share * n
+        return int(self.acc) - before
+
+
+class EvictEngines:
+    """PSUM -> SBUF copies go to VectorE for `vector_share` of them, ScalarE otherwise (the two
+    engines that read PSUM; GpSimd cannot)."""
+
+    def __init__(self, vector_share: float):
+        self.vector = Share(vector_share)
+
+    def next(self):
+        return nisa.vector_engine if self.vector.take() else nisa.scalar_engine
+
+    def copy(self, dst, src, scale=None):
+        """dst = src (* scale, a [P, 1] fp32 column) on the next engine."""
+        engine = self.next()
+        if scale is None:
+            nisa.tensor_copy(dst, src, engine=engine)
+        elif engine == nisa.vector_engine:
+            nisa.tensor_scalar(dst, src, nl.multiply, scale)
+        else:
+            nisa.activation(dst, nl.copy, src, scale=scale)
+
+
+class RowState:
+    """Online-softmax state of one row tile: negated running max (-m), denominator l [rows, 1]
+    fp32, and the fp32 output accumulator O [rows, Dv] of tiles that span several chunks."""
+
+    def __init__(self, rows: int, chunks: int):
+        self.rows = rows
+        self.chunks_left = chunks
+        self.neg_m = None
+        self.denom = None
+        self.o_acc = None
+
+    @property
+    def first(self) -> bool:
+        return self.neg_m is None
+
+
+def onehot_mask_rows(tokens: int, group: int):
+    """[tokens, tokens * group] bf16: MASK_BIAS where row r belongs to token r // group, else 0.
+
+    The stationary of the mask matmul: `S[r, j] += onehot[t(r), r] * masked[t(r), j]`."""
+    rows = tokens * group
+    filled = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.memset(filled, MASK_BIAS, engine=nisa.gpsimd_engine)
+    lower = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep where r - group * t >= 0
+    nisa.affine_select(lower, pattern=[[1, rows]], channel_multiplier=-group, on_true_tile=filled,
+                       on_false_value=0.0, cmp_op=nl.greater_equal)
+    onehot = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep where group * t + group - 1 - r >= 0
+    nisa.affine_select(onehot, pattern=[[-1, rows]], channel_multiplier=group, on_true_tile=lower,
+                       on_false_value=0.0, cmp_op=nl.greater_equal, offset=group - 1)
+    return onehot
+
+
+def static_mask_indicator(tokens: int, width: int, key_minus_query: int, window):
+    """[tokens, width] bf16, 1.0 where key `k0 + j` is masked for query `q0 + t`.
+
+    `key_minus_query = k0 - q0`; masked iff k > q (causal) or k <= q - window."""
+    ones = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.memset(ones, 1.0, engine=nisa.gpsimd_engine)
+    causal = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # (k - q) = key_minus_query + j - t > 0  -> masked
+    nisa.affine_select(causal, pattern=[[1, width]], channel_multiplier=-1, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.greater, offset=key_minus_query)
+    if window is None:
+        return causal
+    both = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep the causal bit where (k - q) + window > 0, else masked by the window
+    nisa.affine_select(both, pattern=[[1, width]], channel_multiplier=-1, on_true_tile=causal,
+                       on_false_value=1.0, cmp_op=nl.greater, offset=key_minus_query + window)
+    return both
+
+
+def bank_pieces(col0: int, col1: int):
+    """Split score columns [col0, col1) at PSUM bank boundaries (a TensorE output fits one bank)."""
+    pieces = []
+    c = col0
+    while c < col1:
+        end = min(col1, (c // MATMUL_COLS + 1) * MATMUL_COLS)
+        pieces.append((c, end))
+        c = end
+    return pieces
+
+
+def score_tile(rows: int, width: int):
+    """A [rows, width rounded up to whole banks] fp32 PSUM tile for one chunk of scores."""
+    return nl.ndarray((rows, (width + BANK_FP32 - 1) // BANK_FP32 * BANK_FP32), dtype=nl.float32,
+                      buffer=nl.psum)
+
+
+def qk_matmuls(scores, q_parts, k_parts, col0: int, col1: int, key0: int, first: bool):
+    """scores[:, col0:col1] (+)= sum over D partition tiles of Q^T[d, rows].T @ K^T[d, keys].
+
+    `q_parts` / `k_parts`: per D tile, [d, rows] stationaries and [d, keys] moving tiles; score
+    column c holds key column `key0 + c - col0` of the K^T tiles."""
+    for c0, c1 in bank_pieces(col0, col1):
+        k0 = key0 + c0 - col0
+        for i, (q_part, k_part) in enumerate(zip(q_parts, k_parts)):
+            nisa.nc_matmul(scores[:, c0:c1], q_part, k_part[:, k0:k0 + (c1 - c0)],
+                           accumulate=not (first and i == 0))
+
+
+def mask_matmuls(scores, onehot, masked, col0: int, col1: int):
+    """scores[:, col0:col1] += onehot^T @ masked: MASK_BIAS on the masked (row, key) pairs."""
+    for c0, c1 in bank_pieces(col0, col1):
+        nisa.nc_matmul(scores[:, c0:c1], onehot, masked[:, c0 - col0:c1 - col0], accumulate=True)
+
+
+def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=None):
+    """One online-softmax step over logit columns [col0, col1) of a [rows, C] PSUM tile.
+
+    Writes exp(S - m) into `probs[:, col0:col1]` (bf16), updates `state` (-m, l) and returns
+    alpha = exp(m_old - m_new) [rows, 1] (None on the first step). The small [rows, 1] updates
+    run on GpSimd, which is otherwise idle."""
+    rows = state.rows
+    neg_rowmax = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, col0:col1], axis=1, negate=True)
+    neg_m = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    alpha = None
+    if state.first and neg_sink is None:
+        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP, engine=nisa.gpsimd_engine)
+    elif state.first:
+        # the sink is the first "key": m = max(rowmax, sink)
+        nisa.tensor_tensor(neg_m, neg_rowmax, neg_sink, nl.minimum, engine=nisa.gpsimd_engine)
+    else:
+        nisa.tensor_tensor(neg_m, neg_rowmax, state.neg_m, nl.minimum, engine=nisa.gpsimd_engine)
+        alpha = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(alpha, nl.exp, state.neg_m, bias=neg_m, scale=-1.0)   # exp(m_old - m_new)
+    rowsum = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
+    nisa.activation(probs[:, col0:col1], nl.exp, scores[:, col0:col1], bias=neg_m,
+                    reduce_op=nl.add, reduce_res=rowsum, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    if alpha is not None:
+        scaled = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(scaled, state.denom, nl.multiply, alpha, engine=nisa.gpsimd_engine)
+        denom = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(denom, scaled, rowsum, nl.add, engine=nisa.gpsimd_engine)
+    elif neg_sink is None:
+        denom = rowsum
+    else:
+        sink_term = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(sink_term, nl.exp, neg_sink, bias=neg_m, scale=-1.0)  # exp(sink - m)
+        denom = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(denom, rowsum, sink_term, nl.add, engine=nisa.gpsimd_engine)
+    state.neg_m, state.denom = neg_m, denom
+    return alpha
+
+
+def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
+    """P [rows, width] bf16 -> P^T in SBUF as [128 keys, key tile, rows].
+
+    The first key tiles go through TensorE (128 x 128 transposes into PSUM, evicted one PSUM bank
+    at a time); the last `dma_share` of them through SBUF -> SBUF DMA transposes."""
+    rows = probs.shape[0]
+    n_tiles = (width + P_MAX - 1) // P_MAX
+    n_dma = dma_share.take_count(n_tiles)
+    n_pe = n_tiles - n_dma
+    probs_t = nl.ndarray((P_MAX, n_tiles, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    if n_pe:
+        probs_t_psum = nl.ndarray((P_MAX, n_pe, rows), dtype=nl.bfloat16, buffer=nl.psum)
+        for kt in range(n_pe):
+            kw = min(P_MAX, width - kt * P_MAX)
+            nisa.nc_transpose(probs_t_psum[0:kw, kt, :], probs[:, kt * P_MAX:kt * P_MAX + kw])
+        full = min(n_pe, width // P_MAX)
+        per_bank = BANK_FP32 * 4 // (P_MAX * 2)          # bf16 [128, 128] blocks per PSUM bank
+        for b0 in range(0, full, per_bank):
+            b1 = min(full, b0 + per_bank)
+            evict.copy(probs_t[:, b0:b1, :], probs_t_psum[:, b0:b1, :])    # PSUM -> SBUF
+        if full < n_pe:
+            kw = width - full * P_MAX
+            evict.copy(probs_t[0:kw, full, :], probs_t_psum[0:kw, full, :])
+    for kt in range(n_pe, n_tiles):
+        kw = min(P_MAX, width - kt * P_MAX)
+        nisa.dma_transpose(probs_t[0:kw, kt, :], probs[:, kt * P_MAX:kt * P_MAX + kw])
+    return probs_t, n_tiles
+
+
+def pv_matmuls(o_psum, probs_t, v_sb, v_tile0: int, width: int):
+    """o_psum [rows, Dv] = sum over key tiles of P^T[keys, rows].T @ V[keys, Dv]."""
+    n_tiles = (width + P_MAX - 1) // P_MAX
+    for kt in range(n_tiles):
+        kw = min(P_MAX, width - kt * P_MAX)
+        nisa.nc_matmul(o_psum, probs_t[0:kw, kt, :], v_sb[0:kw, v_tile0 + kt, :], accumulate=kt > 0)
+
+
+def update_output(state: RowState, o_psum, alpha, result, evict: EvictEngines):
+    """Fold a chunk's P V into the row tile's output; on its last chunk write O / l (bf16) into
+    `result` [rows, Dv]. A single-chunk tile is finished straight from PSUM."""
+    state.chunks_left -= 1
+    last = state.chunks_left == 0
+    if alpha is None and last:
+        recip = nl.ndarray((state.rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.reciprocal(recip, state.denom)
+        evict.copy(result, o_psum, scale=recip)             # PSUM -> SBUF, * 1/l, cast to bf16
+        return
+    if alpha is None:
+        state.o_acc = nl.ndarray(o_psum.shape, dtype=nl.float32, buffer=nl.sbuf)
+        evict.copy(state.o_acc, o_psum)
+    else:
+        nisa.scalar_tensor_tensor(state.o_acc, state.o_acc, nl.multiply, alpha, nl.add, o_psum)
+    if last:
+        recip = nl.ndarray((state.rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.reciprocal(recip, state.denom)
+        nisa.tensor_scalar(result, state.o_acc, nl.multiply, recip, engine=nisa.gpsimd_engine)
+
+
+def load_key_tiles(v_heads, c0: int, c1: int):
+    """HBM -> SBUF: keys [c0, c1) of a [..., S, Dv] tensor as [128 keys, ..., key tile, Dv]
+    (key c0 + 128 * kt + p on partition p); full tiles in one DMA, a ragged tail in a second."""
+    lead = tuple(v_heads.shape[:-2])
+    dv = v_heads.shape[-1]
+    n_tiles = (c1 - c0 + P_MAX - 1) // P_MAX
+    v_sb = nl.ndarray((P_MAX,) + lead + (n_tiles, dv), dtype=v_heads.dtype, buffer=nl.sbuf)
+    keys_axis = len(lead)
+    full = (c1 - c0) // P_MAX
+    if full:
+        src = v_heads[..., c0:c0 + full * P_MAX, :].reshape(lead + (full, P_MAX, dv))
+        order = (keys_axis + 1,) + tuple(range(keys_axis + 1)) + (keys_axis + 2,)
+        nisa.dma_copy(v_sb[..., 0:full, :], src.permute(order))
+    tail = (c1 - c0) - full * P_MAX
+    if tail:
+        src = v_heads[..., c0 + full * P_MAX:c1, :]
+        order = (keys_axis,) + tuple(range(keys_axis)) + (keys_axis + 1,)
+        nisa.dma_copy(v_sb[0:tail, ..., full, :], src.permute(order))
+    return v_sb
+
+
+def boundary_regions(q0: int, q1: int, a: int, b: int, window):
+    """Key ranges inside [a, b) where some query of tokens [q0, q1) is masked: the causal
+    diagonal (keys > q0) and, with a window, the lower edge (keys < q1 - window)."""
+    regions = []
+    lo = max(a, q0 + 1)
+    if lo < b:
+        regions.append((lo, b))
+    if window is not None:
+        hi = min(b, q1 - window)
+        if a < hi:
+            regions.append((a, hi))
+    return regions
+
+
+def store_rows(out_rows, row0: int, result, tile_rows):
+    """SBUF [R, tiles, Dv] -> HBM rows row0...: one DMA for the full tiles, one for a ragged last."""
+    rows_per_tile, _, dv = result.shape
+    full = sum(1 for rows in tile_rows if rows == rows_per_tile)
+    if full:
+        dst = out_rows[row0:row0 + full * rows_per_tile, :].reshape((full, rows_per_tile, dv))
+        nisa.dma_copy(dst.permute((1, 0, 2)), result[:, 0:full, :])
+    if full < len(tile_rows):
+        rows = tile_rows[full]
+        start = row0 + full * rows_per_tile
+        nisa.dma_copy(out_rows[start:start + rows, :], result[0:rows, full, :])
+
+
+# --------------------------------------------------------------------------- the kernel
+
+@nki.jit
+def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=DMA_TRANSPOSE_SHARE,
+                             evict_vector_share=EVICT_VECTOR_SHARE):
+    """Causal (window=None) or sliding-window (window=W keys, the query included) prefill
+    attention of one fresh sequence: queries and keys are the same T tokens (positions 0..T-1).
+
+    q_t       [Hkv, D, T*G] bf16  Q * softmax scale, transposed per KV head: column t*G + i =
+                                  token t, query head g*G + i. D (192) lands on partitions in
+                                  tiles of 128 + 64.
+    k_t       [Hkv, D, T]   bf16  K transposed (D on partitions, keys on the free axis).
+    v         [Hkv, T, Dv]  bf16  V (value scale already applied); keys on partitions.
+    sink_rows [Hkv, R, 1]   fp32  or None: the sink logit of each row of a row tile
+                                  (R = (128 // G) * G; row r has head g*G + r % G).
+    window    int or None         keys a query sees, itself included.
+    Returns   [Hkv, T*G, Dv] bf16, rows in q_t's column order (token-major, then head).
+
+    Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
+    CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
+    split between the two cores. The two shares tune the engine balance (module docstring).
+    """
+    kv_heads, d_head, total_rows = q_t.shape
+    seq_len = k_t.shape[2]
+    dv = v.shape[2]
+    assert seq_len >= 1 and total_rows % seq_len == 0, \
+        f"q_t columns {total_rows} must be T * G for T = {seq_len} (k_t's last dim)"
+    group = total_rows // seq_len
+    assert group <= P_MAX, f"group size G = {group} query heads per KV head exceeds {P_MAX}"
+    assert k_t.shape[:2] == (kv_heads, d_head), f"k_t {k_t.shape} must be [{kv_heads}, {d_head}, T]"
+    assert v.shape[:2] == (kv_heads, seq_len), f"v {v.shape} must be [{kv_heads}, {seq_len}, Dv]"
+    assert dv <= MATMUL_COLS, f"V head dim {dv} exceeds {MATMUL_COLS}"
+    assert window is None or window >= 1, f"window {window} must be >= 1 key"
+    tokens_per_tile = P_MAX // group
+    rows_per_tile = tokens_per_tile * group
+    if sink_rows is not None:
+        assert sink_rows.shape == (kv_heads, rows_per_tile, 1), \
+            f"sink_rows {sink_rows.shape} must be [{kv_heads}, {rows_per_tile}, 1]"
+    out = nl.ndarray((kv_heads, total_rows, dv), dtype=q_t.dtype, buffer=nl.shared_hbm)
+    d_tiles = [(d0, min(d_head, d0 + P_MAX)) for d0 in range(0, d_head, P_MAX)]
+
+    onehot = onehot_mask_rows(tokens_per_tile, group)
+    indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile, built once
+    evict = EvictEngines(evict_vector_share)
+    dma_share = Share(dma_transpose_share)
+
+    for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
+        neg_sink = None
+        if sink_rows is not None:
+            sink = nl.ndarray((rows_per_tile, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(sink, sink_rows[g])
+            neg_sink = nl.ndarray((rows_per_tile, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
+        for s0 in range(0, seq_len, SUPER_TOKENS):
+            s1 = min(seq_len, s0 + SUPER_TOKENS)
+            k_lo = 0 if window is None else max(0, s0 - window + 1)
+            chunks = [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
+            tiles = []           # (q0, q1, key range lo, RowState)
+            for q0 in range(s0, s1, tokens_per_tile):
+                q1 = min(s1, q0 + tokens_per_tile)
+                lo = 0 if window is None else max(0, q0 - window + 1)
+                n_chunks = sum(1 for c0, c1 in chunks if max(c0, lo) < min(c1, q1))
+                tiles.append((q0, q1, lo, RowState((q1 - q0) * group, n_chunks)))
+            # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
+            q_sb = []
+            for d0, d1 in d_tiles:
+                q_part = nl.ndarray((d1 - d0, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(q_part, q_t[g, d0:d1, s0 * group:s1 * group])
+                q_sb.append(q_part)
+            result = nl.ndarray((rows_per_tile, len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
+            for c0, c1 in chunks:
+                # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
+                k_sb = []
+                for d0, d1 in d_tiles:
+                    k_part = nl.ndarray((d1 - d0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
+                    nisa.dma_copy(k_part, k_t[g, d0:d1, c0:c1])
+                    k_sb.append(k_part)
+                v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
+                for t, (q0, q1, lo, state) in enumerate(tiles):
+                    a, b = max(c0, lo), min(c1, q1)
+                    if a >= b:
+                        continue        # this chunk is entirely outside the tile's window
+                    rows = state.rows
+                    r0 = (q0 - s0) * group
+                    # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
+                    a_aligned = c0 + (a - c0) // P_MAX * P_MAX
+                    lead, width = a - a_aligned, b - a_aligned
+                    scores = score_tile(rows, width)
+                    qk_matmuls(scores, [q_part[:, r0:r0 + rows] for q_part in q_sb], k_sb,
+                               lead, width, a - c0, first=True)
+                    for m0, m1 in boundary_regions(q0, q1, a, b, window):
+                        key = (q1 - q0, m1 - m0, m0 - q0)
+                        if key not in indicators:
+                            indicators[key] = static_mask_indicator(*key, window)
+                        mask_matmuls(scores, onehot[0:q1 - q0, 0:rows], indicators[key],
+                                     m0 - a_aligned, m1 - a_aligned)
+                    probs = nl.ndarray((rows, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+                    if lead:
+                        nisa.memset(probs[:, 0:lead], 0.0, engine=nisa.gpsimd_engine)
+                    alpha = softmax_step(scores, probs, lead, width, state,
+                                         None if neg_sink is None else neg_sink[0:rows])
+                    del scores
+                    probs_t, _ = transpose_probs(probs, width, evict, dma_share)
+                    del probs
+                    o_psum = nl.ndarray((rows, dv), dtype=nl.float32, buffer=nl.psum)
+                    pv_matmuls(o_psum, probs_t, v_sb, (a_aligned - c0) // P_MAX, width)
+                    del probs_t
+                    update_output(state, o_psum, alpha, result[0:rows, t, :], evict)
+                    del o_psum
+                del k_sb, v_sb
+            store_rows(out[g], s0 * group, result, [state.rows for _, _, _, state in tiles])
+            del q_sb, result
+    return out
+
+
+# --------------------------------------------------------------------------- host launcher
+
+def check_attention_shapes(q, k, v, sink, window):
+    """Validate reference-layout inputs (q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv]); raises
+    ValueError naming the offending shape or limit."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"attention: q, k, v must be 3-D [tokens, heads, dim], got shapes "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    hq, d = q.shape[1:]
+    s, hkv, dk = k.shape
+    if dk != d:
+        raise ValueError(f"attention: k head dim {dk} differs from q head dim {d} (k {k.shape}, q {q.shape})")
+    if v.shape[:2] != (s, hkv):
+        raise ValueError(f"attention: v {v.shape} must be [{s}, {hkv}, Dv] to match k {k.shape}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} KV heads")
+    if hq // hkv > P_MAX:
+        raise ValueError(f"attention: {hq // hkv} query heads per KV head exceed the {P_MAX} score rows")
+    if v.shape[2] > MATMUL_COLS:
+        raise ValueError(f"attention: V head dim {v.shape[2]} exceeds {MATMUL_COLS}")
+    if sink is not None and np.shape(sink) != (hq,):
+        raise ValueError(f"attention: sink must have one logit per query head, shape ({hq},), got "
+                         f"{np.shape(sink)}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"attention: window must be a positive number of keys, got {window!r}")
+
+
+def to_rows_t(q, kv_heads: int, scale: float):
+    """q [T, Hq, D] -> [Hkv, D, T*G] bf16: Q * scale, transposed per KV head (column t*G + i)."""
+    t_len, hq, d = q.shape
+    group = hq // kv_heads
+    scaled = np.asarray(q, np.float32) * np.float32(scale)
+    return np.ascontiguousarray(
+        scaled.reshape(t_len, kv_heads, group, d).transpose(1, 3, 0, 2).reshape(kv_heads, d, t_len * group)
+    ).astype(BF16)
+
+
+def from_rows(o_rows, t_len: int):
+    """[Hkv, T*G, Dv] -> [T, Hq, Dv] float32."""
+    kv_heads, total, dv = o_rows.shape
+    group = total // t_len
+    return np.asarray(o_rows, dtype=np.float32).reshape(kv_heads, t_len, group, dv) \
+        .transpose(1, 0, 2, 3).reshape(t_len, kv_heads * group, dv)
+
+
+def sink_per_row(sink, kv_heads: int, group: int):
+    """[Hkv, R, 1] fp32: the sink logit of row r (head g*G + r % G) of a row tile."""
+    rows = (P_MAX // group) * group
+    heads = np.arange(kv_heads)[:, None] * group + np.arange(rows)[None, :] % group
+    return np.asarray(sink, np.float32)[heads][..., None]
+
+
+def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int = 1, **tuning):
+    """Host launcher: prefill attention of one fresh sequence (queries = keys = the same T
+    tokens, positions 0..T-1) on the backend (simulator or device).
+
+    q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (any float dtype; cast to bf16, Q after
+    multiplying by `scale`), sink [Hq] or None; `tuning`: the kernel's share parameters.
+    Returns (out [T, Hq, Dv] float32, cost report or None)."""
+    check_attention_shapes(q, k, v, sink, window)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention_prefill: queries and keys are the same tokens; q has {q.shape[0]} "
+                         f"tokens, k has {k.shape[0]} (use attention_decode for keys with a history)")
+    t_len, hq, _ = q.shape
+    kv_heads = k.shape[1]
+    q_t = to_rows_t(q, kv_heads, scale)
+    k_t = np.ascontiguousarray(np.asarray(k, np.float32).transpose(1, 2, 0)).astype(BF16)
+    v_dev = np.ascontiguousarray(np.asarray(v, np.float32).transpose(1, 0, 2)).astype(BF16)
+    sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
+    kernel = attention_prefill_kernel if lnc == 1 else attention_prefill_kernel[lnc]
+    o_rows, rep = simulate(kernel, report=True)(q_t, k_t, v_dev, sink_rows,
+                                                None if window is None else int(window), **tuning)
+    return from_rows(o_rows, t_len), rep
