@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 from mimo_v2_flash.checkpoint import INDEX_FILE, PER_KV_HEAD, kv_scale_rows  # noqa: E402
 from mimo_v2_flash.config import MiMoV2FlashConfig  # noqa: E402
 from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry  # noqa: E402
-from mimo_v2_flash.weights import BF16, F32, FP8, fp8_scale_shape, model_tensors, scale_name  # noqa: E402
+from mimo_v2_flash.weights import F32, FP8, fp8_scale_shape, model_tensors, scale_name  # noqa: E402
 
 CASES = [("bf16", 4), ("fp8", 4), ("bf16", 1)]
 
