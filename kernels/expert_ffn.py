@@ -40,11 +40,13 @@ weight stream, which is one big DMA per stripe.
 
 FP8 weights (Trainium float8_e4m3 with 128x128 float32 block scales, [in/128, out/128] per
 expert) are dequantised on chip after the load: one multiply per stripe by the block scale,
-broadcast along each 128-column block with a stride-0 view, spread round-robin over VectorE,
-GpSimd and ScalarE. That costs ~25M element-operations per expert, independent of the row count;
-scaling the partial sums instead would cost one PSUM pass per (hidden tile, 128 columns) and
-block: far more at prefill, and no better at decode, where the three engines keep pace with the
-halved weight stream. TensorE then multiplies bf16 by bf16.
+broadcast along each 128-column block with a stride-0 view, spread over ScalarE, GpSimd and
+VectorE. That is 3*H*I/128 = 197K element-cycles per expert and block, whatever the
+row count, shared by three engines (~60 us, under the ~69 us the FP8 weights take to stream).
+Scaling the partial sums instead (the scale changes every 128 contraction rows) would need a
+VectorE pass per K tile of every PSUM accumulation (1024 for gate/up, 128 per 128 rows for the
+down projection): ~140K VectorE cycles at one row (GpSimd cannot read PSUM), ~0.9M at 512 rows.
+TensorE then multiplies bf16 by bf16.
 """
 from __future__ import annotations
 
@@ -61,7 +63,10 @@ DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down mat
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
 GATE_UP_STRIPE = 2 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
 TRANSPOSES_PER_BANK = 8                            # bf16 [128, <=128] transposes per 2 KiB PSUM bank
-DEQUANT_ENGINES = (nisa.engine.vector, nisa.engine.gpsimd, nisa.engine.scalar)
+# FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
+# also evicts PSUM) 2 of 8, so the three finish together.
+DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
+                   nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar, nisa.engine.gpsimd)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3)
@@ -96,13 +101,10 @@ def _load_weight_stripe(w, scale, expert, c0, width, dequant):
     """
     R, C = w.shape[1], w.shape[2]
     KT = R // P
-    src = _expert_slab(w, expert, [[C, P], [P * C, KT], [1, width]], offset=c0)
-    if scale is None:
-        tile = nl.ndarray((P, KT, width), dtype=w.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=tile, src=src)
-        return tile
     raw = nl.ndarray((P, KT, width), dtype=w.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=raw, src=src)
+    nisa.dma_copy(dst=raw, src=_expert_slab(w, expert, [[C, P], [P * C, KT], [1, width]], offset=c0))
+    if scale is None:
+        return raw
     tile = nl.ndarray((P, KT, width), dtype=nl.bfloat16, buffer=nl.sbuf)
     blocks = width // P
     b0 = c0 // P
@@ -117,9 +119,10 @@ def _load_scales(scale, expert):
     if scale is None:
         return None
     RB, CB = scale.shape[1], scale.shape[2]
-    tile = nl.ndarray((P, RB, CB), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=tile, src=_expert_slab(scale, expert, [[0, P], [CB, RB], [1, CB]]))
-    return tile
+    row = nl.ndarray((1, RB * CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=row, src=_expert_slab(scale, expert, [[1, RB * CB]]))   # HBM -> 1 partition
+    # To all partitions on TensorE (a ones-matmul), not with a 128x larger broadcast DMA.
+    return nl.broadcast_to(row, (P, RB * CB)).reshape((P, RB, CB))
 
 
 def _gather_rows_transposed(x, tokens, copies, xT, r0):
@@ -209,8 +212,9 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     assert tuple(w_gate.shape) == (E, H, I) and tuple(w_up.shape) == (E, H, I), \
         f"expert_ffn: w_gate {tuple(w_gate.shape)} / w_up {tuple(w_up.shape)} must be [E, {H}, I]"
     assert tuple(w_down.shape) == (E, I, H), f"expert_ffn: w_down {tuple(w_down.shape)} must be [{E}, {I}, {H}]"
-    assert 1 <= B <= MAX_BLOCK_ROWS and tuple(row_token.shape) == (NB * B,), \
-        f"expert_ffn: row_token {tuple(row_token.shape)} must hold {NB} blocks of 1..{MAX_BLOCK_ROWS} rows"
+    assert 1 <= B <= MAX_BLOCK_ROWS and (B <= P or B % P == 0) and tuple(row_token.shape) == (NB * B,), \
+        f"expert_ffn: row_token {tuple(row_token.shape)} must hold {NB} blocks of B rows, B <= {P} " \
+        f"or a multiple of {P} up to {MAX_BLOCK_ROWS}"
     assert tuple(row_weight.shape) == (NB * B,), f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)"
     fp8 = w_gate.dtype == nl.float8_e4m3
     assert fp8 or w_gate.dtype == nl.bfloat16, f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}"
@@ -225,38 +229,37 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
 
     out = nl.ndarray((T + 1, H), dtype=nl.float32, buffer=nl.shared_hbm)
     _zero_rows(out)
+    # The block tables, loaded once (HBM -> SBUF): block expert ids on one partition; each row's
+    # token and weight with the rows of a 128-row slice on partitions, one column per slice.
+    n = min(P, B)
+    slices = NB * (B // n)
     experts = nl.ndarray((1, NB), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=experts, src=block_expert.reshape((1, NB)))
+    tokens = nl.ndarray((n, slices), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tokens, src=row_token.reshape((slices, n)).permute((1, 0)))
+    row_weights = nl.ndarray((n, slices), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=row_weights, src=row_weight.reshape((slices, n)).permute((1, 0)))
+    sources = nl.ndarray((n, slices), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
+    nisa.tensor_scalar(dst=sources, data=tokens, op0=nl.minimum, operand0=T - 1)
     engines = (_EngineRotation(DEQUANT_ENGINES), _EngineRotation((nisa.engine.vector, nisa.engine.scalar)))
 
     for b in range(NB):
         expert = nisa.register_alloc()
         nisa.register_load(expert, experts[0:1, b:b + 1])          # runtime expert id of block b
-        tokens, sources, weights = [], [], []                      # per 128-row slice of the block
-        for r0 in range(0, B, P):
-            n = min(P, B - r0)
-            rows = slice(b * B + r0, b * B + r0 + n)
-            token = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=token, src=row_token[rows].reshape((n, 1)))
-            source = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
-            nisa.tensor_scalar(dst=source, data=token, op0=nl.minimum, operand0=T - 1)
-            row_w = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=row_w, src=row_weight[rows].reshape((n, 1)))
-            tokens.append(token)
-            sources.append(source)
-            weights.append(row_w)
-        h_T = _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, engines)
+        block = range(b * (B // n), (b + 1) * (B // n))            # this block's slice columns
+        tokens_b = [tokens[:, c:c + 1] for c in block]
+        sources_b = [sources[:, c:c + 1] for c in block]
+        weights_b = [row_weights[:, c:c + 1] for c in block]
+        h_T = _gate_up(x, sources_b, w_gate, w_up, gate_scale, up_scale, expert, engines)
         sums = []                                                  # the tokens' sums so far
-        for token in tokens:                                       # HBM -> SBUF, gather by token
-            acc = nl.ndarray((token.shape[0], H), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=acc, src=out.ap([[H, token.shape[0]], [1, H]], vector_offset=token,
-                                              indirect_dim=0))
+        for token in tokens_b:                                     # HBM -> SBUF, gather by token
+            acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
             sums.append(acc)
-        _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights,
+        _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights_b,
                          engines[0])
-        for acc, token in zip(sums, tokens):                       # SBUF -> HBM, scatter by token
-            nisa.dma_copy(dst=out.ap([[H, token.shape[0]], [1, H]], vector_offset=token,
-                                     indirect_dim=0), src=acc)
+        for acc, token in zip(sums, tokens_b):                     # SBUF -> HBM, scatter by token
+            nisa.dma_copy(dst=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
     return out
 
 
@@ -372,8 +375,9 @@ def plan_blocks(group_sizes, row_token, row_weight, num_tokens: int, block_rows:
     if len(row_token) and (row_token.min() < 0 or row_token.max() >= num_tokens):
         raise ValueError(f"expert_ffn: row tokens must lie in 0..{num_tokens - 1}, got "
                          f"{row_token.min()}..{row_token.max()}")
-    if not 1 <= block_rows <= MAX_BLOCK_ROWS:
-        raise ValueError(f"expert_ffn: block_rows={block_rows} outside 1..{MAX_BLOCK_ROWS}")
+    if not (1 <= block_rows <= MAX_BLOCK_ROWS and (block_rows <= P or block_rows % P == 0)):
+        raise ValueError(f"expert_ffn: block_rows={block_rows}; use 1..{P} or a multiple of {P} "
+                         f"up to {MAX_BLOCK_ROWS}")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     experts, tokens, weights = [], [], []
     for e, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):

@@ -126,7 +126,7 @@ def test_bad_inputs_are_rejected():
         expert_ffn(x, ids + 1, w, weights)
     with pytest.raises(ValueError, match=r"x \(4, 128\) must be \[tokens, hidden 256\]"):
         expert_ffn(x[:, :128], ids, w, weights)
-    with pytest.raises(ValueError, match="block_rows=1024 outside 1..512"):
+    with pytest.raises(ValueError, match="block_rows=1024; use 1..128 or a multiple of 128 up to 512"):
         expert_ffn(x, ids, w, weights, block_rows=1024)
     with pytest.raises(ValueError, match="lists a token twice"):
         grouped_expert_ffn(x, [2, 0], [1, 1], [0.5, 0.5], weights)
