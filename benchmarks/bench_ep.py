@@ -13,7 +13,7 @@ What the numbers are: bytes are exact (counted from the tensors handed to the co
 tests prove they equal the plan's prediction). Wall times are from CPU processes sharing this
 machine's cores (32 ranks on 2 cores is 16 processes per core), so they show the CPU cost of the
 exchange, not Trainium2 NeuronLink times. The experts are a stand-in (a per-expert scale,
-O(rows x hidden)) through the same grouped-expert interface, so the time is dispatch + combine.
+O(rows x hidden)) through the same local-experts interface, so the time is dispatch + combine.
 Cells whose buffers would exceed --memory-budget-gb over all ranks are not run: their bytes come
 from the plan's prediction and their time is left empty (marked "predicted").
 
@@ -40,13 +40,14 @@ MODES = ("alltoallv", "alltoall_padded", "allgather")
 
 
 class ScaledExperts:
-    """Grouped-expert stand-in: local expert i multiplies its rows by (1 + i / 8)."""
+    """Local-experts stand-in: expert i is the map x -> (1 + i / 8) x (weighted, summed per row)."""
 
     def __init__(self, num_local: int):
         self.scales = 1.0 + np.arange(num_local, dtype=np.float32) / 8
 
-    def __call__(self, layer, x_sorted, group_sizes):
-        return x_sorted * np.repeat(self.scales, group_sizes)[:, None]
+    def __call__(self, layer, x, local_ids, weights):
+        factor = np.where(local_ids >= 0, weights * self.scales[np.maximum(local_ids, 0)], 0).sum(axis=1)
+        return x * factor[:, None]
 
 
 def wire_rows(mode: str, world: int, tokens: int, copies: float) -> float:

@@ -24,7 +24,7 @@ from mimo_v2_flash.weights import random_weights
 
 from .comm import Communicator, failure_guard, report_and_exit_code
 from .dispatcher import Dispatcher, ModePolicy
-from .executor import ExpertParallelExecutor, ReferenceGroupedExperts
+from .executor import ExpertParallelExecutor, KernelLocalExperts, ReferenceLocalExperts
 from .placement import load_aware_placement
 from .plan import RowFormat
 from .stats import format_table, summarize
@@ -50,12 +50,19 @@ def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPla
 def build_rank_model(config: MiMoV2FlashConfig, comm: Communicator, placement: ExpertPlacement,
                      seed: int, mode: str = "auto", wire_dtype: str = "float32",
                      policy: ModePolicy | None = None, backend: str = "reference"):
-    """This rank's model (replicated weights + its own experts) and its expert-parallel executor."""
+    """This rank's model (replicated weights + its own experts) and its expert-parallel executor;
+    backend "nki" also runs the local experts through the NKI grouped expert FFN kernel."""
     mine = placement.experts_of(comm.rank)
     weights = random_weights(config, seed, experts=mine)
     fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
     dispatcher = Dispatcher(comm, placement, fmt, mode, policy)
-    executor = ExpertParallelExecutor(dispatcher, ReferenceGroupedExperts(ReferenceOps(config, weights).expert_weights, mine))
+    expert_weights = ReferenceOps(config, weights).expert_weights
+    if backend == "nki":
+        moe_layers = [layer for layer in range(config.num_hidden_layers) if config.is_moe(layer)]
+        local_experts = KernelLocalExperts(expert_weights, mine, moe_layers)
+    else:
+        local_experts = ReferenceLocalExperts(expert_weights, mine)
+    executor = ExpertParallelExecutor(dispatcher, local_experts)
     # expert_subset=None: the router chooses among all experts, wherever they live.
     model = MiMoV2FlashModel(config, weights, backend=backend, expert_executor=executor)
     return model, executor

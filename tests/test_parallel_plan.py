@@ -10,7 +10,7 @@ from mimo_v2_flash import reference as ref
 from mimo_v2_flash.layer import ReferenceOps
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
-from parallel.executor import ReferenceGroupedExperts, run_local_experts
+from parallel.executor import KernelLocalExperts, ReferenceLocalExperts
 from parallel.placement import expert_load, imbalance, load_aware_placement, rank_loads
 from parallel.plan import (Layout, RowFormat, build_plan, expected_remote_copies, local_expert_index,
                            predict_traffic)
@@ -82,7 +82,7 @@ def simulate_exchange(placement, routed, fmt, experts_of_rank):
         rows = np.concatenate([fmt.encode(routed[s][0][p.token_of_row[a:b]], p.local_ids[a:b], p.weights[a:b])
                                for (s, a, b), p in zip(segments, plans)])
         x, local_ids, w = fmt.decode(rows)
-        partial = run_local_experts(experts_of_rank[d], 1, x, local_ids, w, len(placement.experts_of(d)))
+        partial = experts_of_rank[d](1, x, local_ids, w)
         start = 0
         for s, a, b in segments:
             partial_rows[s].append(partial[start:start + b - a])
@@ -109,8 +109,8 @@ def test_simulated_exchange_equals_reference_moe(num_experts, world, tokens):
     for n in tokens:
         ids, w = uniform_routing(rng, n, num_experts, 8)
         routed.append((rng.standard_normal((n, 32)).astype(np.float32), ids, w))
-    grouped = [ReferenceGroupedExperts(ops.expert_weights, placement.experts_of(r)) for r in range(world)]
-    outs = simulate_exchange(placement, routed, RowFormat(32, 8), grouped)
+    local = [ReferenceLocalExperts(ops.expert_weights, placement.experts_of(r)) for r in range(world)]
+    outs = simulate_exchange(placement, routed, RowFormat(32, 8), local)
     for (x, ids, w), out in zip(routed, outs):
         expected = ref.moe(x, ids, w, lambda e: ops.expert_weights(1, e))
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -194,3 +194,22 @@ def test_summary_counts_drops_and_imbalance():
     assert layer["expert_imbalance"] == pytest.approx(3 / 2)
     lossy = summarize([record(0, [3, 2], [0, 1]), record(1, [2, 0], [2, 3])], 2)
     assert lossy["dropped_tokens"] == 1                    # the count is measured, not assumed
+
+
+def test_kernel_local_experts_match_the_reference():
+    """The NKI grouped expert FFN (CPU simulator, bf16 weights and rows) behind the executor's
+    local-experts interface: the reference within bf16 tolerance, slots elsewhere (-1) ignored."""
+    config = load_config("tiny")                            # hidden 256, expert FFN 128: kernel tiles
+    mine = [3, 4, 9, 12]
+    ops = ReferenceOps(config, random_weights(config, seed=2, experts=mine))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((11, config.hidden_size)).astype(np.float32)
+    local_ids = np.full((11, 8), -1)
+    for row in range(11):                                   # 0..4 distinct local experts per row
+        n = row % 5
+        local_ids[row, rng.choice(8, n, replace=False)] = rng.choice(4, n, replace=False)
+    w = rng.random((11, 8)).astype(np.float32)
+    expected = ReferenceLocalExperts(ops.expert_weights, mine)(1, x, local_ids, w)
+    got = KernelLocalExperts(ops.expert_weights, mine, layers=[1])(1, x, local_ids, w)
+    assert np.abs(expected[::5]).max() == 0                 # rows 0, 5, 10 have no local expert
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
