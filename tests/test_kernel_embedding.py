@@ -6,20 +6,10 @@ import pytest
 
 from kernels.backend import simulate
 from kernels.embedding import embed, embedding_kernel
+from mimo_v2_flash.selfcheck.kernels_basic import patterned_table
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 VOCAB, HIDDEN = 152576, 4096
-
-
-def patterned_table(vocab, hidden):
-    """A bf16 table whose every row is distinct (columns 0, 1 encode the row id in 14-bit pieces) and
-    finite, built in uint16 without fp32 temporaries (the full table is 1.25 GB)."""
-    rows = np.arange(vocab, dtype=np.uint32)
-    bits = rows.astype(np.uint16)[:, None] * np.uint16(40503) + np.arange(hidden, dtype=np.uint16)[None, :] * np.uint16(769)
-    bits &= np.uint16(0x3FFF)                     # exponent field < 0xFF: no inf / NaN patterns
-    bits[:, 0] = rows & 0x3FFF
-    bits[:, 1] = rows >> 14
-    return bits.view(BF16)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from kernels.linear import linear
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
+from mimo_v2_flash.selfcheck.kernels_basic import rolled_weight
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOL = 1e-2
@@ -87,11 +88,7 @@ def test_lm_head_full_vocab():
     """lm_head 4096 -> 152576 (1.25 GB of bf16 weights), built from rolled copies of one block so
     it is cheap to make and every 4096-column slice differs."""
     K, V = 4096, 152576
-    base = (np.random.default_rng(4).standard_normal((K, K)) / 64).astype(BF16)
-    w_k = np.empty((K, V), BF16)
-    for j, c0 in enumerate(range(0, V, K)):
-        c1 = min(V, c0 + K)
-        w_k[:, c0:c1] = np.roll(base, j, axis=0)[:, :c1 - c0]
+    w_k = rolled_weight(K, V, seed=4)
     x = activations(7, K, 5)
     y = linear(x, w_k)
     xf = x.astype(np.float32)
