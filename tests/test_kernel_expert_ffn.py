@@ -59,6 +59,14 @@ def test_unrouted_tokens_get_zero_and_slots_can_be_empty():
     assert (out[4] == 0).all()
 
 
+def test_no_tokens():
+    """A rank that received nothing (expert-parallel idle step) gets an empty result, no launch."""
+    weights = make_weights(2, 256, 128, "bf16", seed=3)
+    out = expert_ffn(np.zeros((0, 256), np.float32), np.zeros((0, 8), np.int64),
+                     np.zeros((0, 8), np.float32), weights)
+    assert out.shape == (0, 256)
+
+
 @pytest.mark.parametrize("block_rows", [1, 8, 64, 512])
 def test_padding_rows_do_not_contaminate(block_rows):
     """Forced block sizes leave many padding rows (they read token T-1 and carry weight 0)."""

@@ -61,6 +61,12 @@ def test_small_shapes(tokens, experts):
     check(*problem(tokens, 256, experts, seed=tokens + experts))
 
 
+def test_no_tokens():
+    x, gate, bias = problem(0, 256, 16, seed=0)
+    ids, weights = route(x, gate.T, bias)
+    assert ids.shape == weights.shape == (0, 8)
+
+
 def test_routed_scaling_factor():
     check(*problem(5, 256, 16, seed=1), scaling=2.5)
 
