@@ -17,8 +17,9 @@ Layout and engines, per chunk of up to 512 tokens:
   instead of paying 32 DMA fixed costs on the bound DMA queue.
 * logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
   operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
-  as fast as the other orientation for full tiles and 4x faster for a few tokens (a matmul costs
-  max(64, N) columns, 4 cycles each in fp32). W [H, E] (4 MiB fp32) is loaded once.
+  as fast as the other orientation for full tiles and 2x faster for a few tokens (a matmul costs
+  max(64, N) moving columns, 4 cycles each in fp32, and tokens-stationary would move all 256
+  experts). W [H, E] (4 MiB fp32) is loaded once.
 * ScalarE applies the sigmoid while evicting PSUM; TensorE transposes the scores (fp32, exact)
   back to [tokens, experts] so the top-8 instructions see one token per partition.
 * VectorE: selection = s + bias; max8 gives the 8 largest selection values; nc_match_replace8
