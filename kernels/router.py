@@ -12,9 +12,9 @@ descending biased score instead, and the MoE sum does not depend on the order.
 Layout and engines, per chunk of up to 512 tokens:
 
 * x^T [H on partitions, tokens]: the contraction dim must sit on partitions. Chunks of more than
-  128 tokens use DMA transposes (one per 128 hidden rows, off the TensorE critical path); smaller
-  chunks (decode) load x row-major in one DMA and transpose on TensorE, which is idle there,
-  instead of paying 32 DMA fixed costs on the bound DMA queue.
+  128 tokens use DMA transposes ([tokens, 8, 128] -> [128, 8, tokens] per DMA, off the TensorE
+  critical path); smaller chunks (decode) load x row-major in one DMA and transpose on TensorE,
+  which is idle there, while the DMA queues, the bound engine, stream the router weight.
 * logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
   operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
   as fast as the other orientation for full tiles and 2x faster for a few tokens (a matmul costs
@@ -45,14 +45,17 @@ TOP_K = 8                                      # what max8 / nc_find_index8 prod
 DISALLOWED_BIAS = -1e30                        # selection bias of an expert that must not be chosen
 UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
 X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
+X_TRANSPOSE_DMA_TILES = 8                      # 128-row hidden tiles of x per DMA transpose
 
 
 def _load_x_transposed(x, t0, tc, xT):
     """xT[p, k, t] = x[t0 + t, k*P + p] for t < tc: HBM fp32 rows -> SBUF, hidden on partitions."""
     KT = xT.shape[1]
     if tc > P:
-        for k in range(KT):                          # HBM -> SBUF with a DMA transpose per 128 rows
-            nisa.dma_transpose(dst=xT[:, k, :], src=x[t0:t0 + tc, k * P:(k + 1) * P])
+        rows = x[t0:t0 + tc, :].reshape((tc, KT, P))  # [t, k, p]
+        for k0 in range(0, KT, X_TRANSPOSE_DMA_TILES):   # HBM -> SBUF, DMA transposes [t, k, p] -> [p, k, t]
+            k1 = min(KT, k0 + X_TRANSPOSE_DMA_TILES)
+            nisa.dma_transpose(dst=xT[:, k0:k1, :], src=rows[:, k0:k1, :], axes=(2, 1, 0))
         return
     rows = nl.ndarray((tc, KT * P), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=rows, src=x[t0:t0 + tc, :])    # HBM -> SBUF, one contiguous row per token

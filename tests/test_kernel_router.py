@@ -11,7 +11,7 @@ explicitly and must follow the reference's rule: the lower expert id wins.
 import numpy as np
 import pytest
 
-from kernels.backend import simulate
+from kernels.backend import nki, nl, nisa, simulate
 from kernels.router import DISALLOWED_BIAS, route, router_kernel
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_moe import random_router as problem
@@ -115,3 +115,22 @@ def test_misuse_is_rejected():
         simulate(router_kernel)(x, wide, np.zeros(600, np.float32))
     with pytest.raises(AssertionError, match="hidden size 200 must be a multiple of 128"):
         simulate(router_kernel)(x[:, :200].copy(), np.zeros((200, 16), np.float32), bias)
+
+
+@nki.jit
+def _transpose_3d_kernel(a, axes):
+    """a [T, K, P] (HBM) -> SBUF by a DMA transpose with `axes` -> out (what the router does to x)."""
+    out = nl.ndarray((a.shape[2], a.shape[1], a.shape[0]), dtype=a.dtype, buffer=nl.shared_hbm)
+    tile = nl.ndarray(out.shape, dtype=a.dtype, buffer=nl.sbuf)
+    nisa.dma_transpose(dst=tile, src=a, axes=axes)
+    nisa.dma_copy(dst=out, src=tile)
+    return out
+
+
+def test_simulator_dma_transpose_3d():
+    """The 3-D DMA transpose ([t, k, p] -> [p, k, t], axes (2, 1, 0)) the router loads x with;
+    other 3-D permutations are refused by name."""
+    a = np.arange(5 * 3 * 128, dtype=np.float32).reshape(5, 3, 128)
+    np.testing.assert_array_equal(simulate(_transpose_3d_kernel)(a, (2, 1, 0)), a.transpose(2, 1, 0))
+    with pytest.raises(Exception, match=r"axes=\(1, 0, 2\) for 3-D; supported"):
+        simulate(_transpose_3d_kernel)(a, (1, 0, 2))

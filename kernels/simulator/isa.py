@@ -266,25 +266,30 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
 
 
 def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
-    """DMA with a transpose of a 2-D ``src`` ([a, b] -> [b, a]); 2- and 4-byte dtypes."""
+    """DMA with a transpose: 2-D ``src`` [a, b] -> [b, a] (axes None or (1, 0)), or 3-D with
+    ``axes=(2, 1, 0)``: [a, b, c] -> [c, b, a]; 2- and 4-byte dtypes."""
     instr = "dma_transpose"
     ctx = current("nisa.dma_transpose")
     dst, src = _tensor(instr, "dst", dst), _tensor(instr, "src", src)
-    if src.ndim != 2 or dst.ndim != 2:
-        raise UnsupportedError(f"{instr}: only 2-D tensors are supported by the simulator")
-    if axes not in (None, (1, 0), [1, 0]):
-        raise UnsupportedError(f"{instr}: axes={axes!r}; only (1, 0) is supported for 2-D")
+    if src.ndim != dst.ndim or src.ndim not in (2, 3):
+        raise UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-D "
+                               f"(or 3-D with axes=(2, 1, 0)) in the simulator")
+    perm = (1, 0) if src.ndim == 2 and axes is None else tuple(axes) if axes is not None else None
+    if perm not in ((1, 0), (2, 1, 0)) or len(perm) != src.ndim:
+        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: (1, 0) for 2-D, "
+                               f"(2, 1, 0) for 3-D")
     if src.itemsize not in (2, 4):
         raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
     if dst.dtype != src.dtype:
         raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
-    if list(dst.shape) != [src.shape[1], src.shape[0]]:
-        raise ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be the transpose of src{list(src.shape)}")
+    if list(dst.shape) != [src.shape[a] for a in perm]:
+        raise ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be src{list(src.shape)} transposed "
+                                 f"by axes {perm}")
     for operand, t in (("dst", dst), ("src", src)):
         if t.buffer is MemoryRegion.psum:
             raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
                                     f"'hbm|sbuf', but got a tile in 'psum' instead")
-    dst.write(src.read(instr, "src").T, instr)
+    dst.write(np.transpose(src.read(instr, "src"), perm), instr)
     n = dst.size * dst.itemsize
     hbm = (n if src.buffer.is_hbm else 0) + (n if dst.buffer.is_hbm else 0)
     ctx.cost.dma(instr, dst.size, max(n, hbm), hbm)
