@@ -129,8 +129,9 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     for k0 in range(0, KT, step):
         k1 = min(KT, k0 + step)
         nisa.dma_copy(dst=w_sb[:, k0:k1, :], src=w_view[:, k0:k1, :])
-    bias_rows = nl.ndarray((P, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=bias_rows, src=bias.ap([[0, P], [1, E]]))          # broadcast to partitions
+    bias_row = nl.ndarray((1, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=bias_row, src=bias.reshape((1, E)))               # HBM -> SBUF, one partition
+    bias_rows = nl.broadcast_to(bias_row, (P, E))     # to every partition on TensorE, not by DMA
 
     for t0 in range(0, T, TOKEN_CHUNK):
         tc = min(TOKEN_CHUNK, T - t0)
