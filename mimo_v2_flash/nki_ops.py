@@ -1,0 +1,305 @@
+"""NkiOps: the decoder layer's ops through the NKI kernels (`backend="nki"`).
+
+Every method has the semantics of the same method of `layer.ReferenceOps` and runs the kernel's
+host launcher (kernels/*.py) on the backend `kernels.backend` picked: the CPU simulator here, the
+real `nki` on a Trainium2.
+
+Weights arrive by Hub name in the Hub layout `[out, in]` float32. Each is converted once, on first
+use, into the layout its kernel reads and kept: projections `[in, out]` in bf16, or with
+`weight_dtype="fp8"` the tensors the Hub stores as FP8 (q/k/v, the dense MLP, the experts) as
+Trainium float8_e4m3 with 128x128 block scales (`fp8.quantize_blocks`); o_proj and lm_head stay
+bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked once into the
+grouped expert kernel's `ExpertWeights` (local index = position among the loaded experts).
+
+Activations travel in bf16 between kernels, as on the device: every launcher takes its input
+rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
+is NumPy. The router works in fp32 and the expert kernel accumulates into fp32, as the kernels do.
+
+Cost: every launch's simulator report (an estimate of Trainium2 time from the cost model, not a
+measurement) is added to a per-op running total, split into forward passes (a pass starts at
+`embed`), so `cost_summary()` can give the estimated time per pass, per token and per decoder
+layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from kernels.attention_decode import attention_decode
+from kernels.attention_prefill import attention_prefill
+from kernels.dense_mlp import dense_mlp
+from kernels.embedding import embed
+from kernels.expert_ffn import ExpertWeights, expert_ffn
+from kernels.linear import linear
+from kernels.rmsnorm import add_rmsnorm, rmsnorm
+from kernels.rope import rope
+from kernels.router import route
+from .config import MiMoV2FlashConfig
+from .fp8 import TRAINIUM_E4M3, quantize_blocks
+from .layer import AttentionInput
+from .weights import (EMBED, EXPERT_PROJS, FINAL_NORM, FP8, LM_HEAD, TensorSpec, is_projection,
+                      layer_prefix, layer_tensors, model_tensors)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+WEIGHT_DTYPES = ("bf16", "fp8")
+LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "rope", "attention", "router", "experts", "dense_mlp")
+
+
+@dataclass
+class OpCost:
+    """Running totals of the simulator reports of one op (estimates, not measurements)."""
+    calls: int = 0
+    launches: int = 0
+    estimated_s: float = 0.0
+    roofline_s: float = 0.0
+    instructions: int = 0
+    hbm_bytes: int = 0
+    matmul_flops: int = 0
+
+    def add(self, report) -> None:
+        """Count one kernel launch (`report` None: the launch was skipped, e.g. no routed rows)."""
+        if report is None:
+            return
+        self.launches += 1
+        self.estimated_s += report.estimated_time_s
+        self.roofline_s += report.roofline_time_s
+        self.instructions += report.instructions
+        self.hbm_bytes += report.hbm_bytes
+        self.matmul_flops += report.matmul_flops
+
+    def merge(self, other: "OpCost") -> None:
+        for name in ("calls", "launches", "estimated_s", "roofline_s", "instructions", "hbm_bytes",
+                     "matmul_flops"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return {"calls": self.calls, "launches": self.launches,
+                "estimated_us": self.estimated_s * 1e6, "roofline_us": self.roofline_s * 1e6,
+                "instructions": self.instructions, "hbm_bytes": self.hbm_bytes,
+                "matmul_flops": self.matmul_flops}
+
+
+@dataclass
+class PassCost:
+    """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own)."""
+    tokens: int
+    ops: dict[str, OpCost] = field(default_factory=dict)
+
+
+class NkiOps:
+    """The `ops` backend of `layer.decoder_layer` built from the NKI kernels (see module doc)."""
+
+    name = "nki"
+
+    def __init__(self, config: MiMoV2FlashConfig, weights, allowed_experts: np.ndarray | None = None,
+                 weight_dtype: str = "bf16"):
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+        self.config = config
+        self.weights = weights
+        self.allowed_experts = allowed_experts
+        self.weight_dtype = weight_dtype
+        # The weight table for the non-expert tensors (stored dtype decides FP8); experts are
+        # looked up per layer when their stack is built.
+        self._specs = {spec.name: spec for spec in model_tensors(config, experts=[])}
+        self._prepared: dict[str, tuple] = {}
+        self._expert_stacks: dict[int, tuple[ExpertWeights, np.ndarray]] = {}
+        self.passes: list[PassCost] = []
+
+    # ---- weights: Hub layout in, kernel layout out (once) ------------------------------------
+    def w(self, name: str) -> np.ndarray:
+        return self.weights[name]
+
+    def kernel_weight(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, scale or None) of a Hub tensor in its kernel layout, converted on first use:
+        projections [in, out] (bf16, or FP8 + block scale where the Hub stores FP8 and
+        weight_dtype="fp8"), the router weight [in, out] fp32, vectors and the embedding bf16."""
+        prepared = self._prepared.get(name)
+        if prepared is None:
+            prepared = self._prepared[name] = self._convert(self._specs[name], self.w(name))
+        return prepared
+
+    def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if spec.name.endswith("mlp.gate.weight"):
+            return np.ascontiguousarray(hub.T, dtype=np.float32), None      # fp32 routing
+        if not is_projection(spec):
+            return np.ascontiguousarray(hub, dtype=BF16), None
+        if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
+            return quantize_blocks(np.asarray(hub, np.float32).T, TRAINIUM_E4M3)
+        return np.ascontiguousarray(hub.T, dtype=BF16), None
+
+    def _expert_stack(self, layer: int) -> tuple[ExpertWeights, np.ndarray]:
+        """The layer's loaded experts stacked for the grouped kernel, and global id -> local index
+        (-1 for experts not loaded). Loaded = the allowed experts, or all of them."""
+        if layer not in self._expert_stacks:
+            experts = (np.arange(self.config.n_routed_experts) if self.allowed_experts is None
+                       else np.flatnonzero(self.allowed_experts))
+            specs = layer_tensors(self.config, layer, experts=experts)
+            by_name = {spec.name: spec for spec in specs}
+            prefix = layer_prefix(layer) + "mlp.experts."
+            mats = {proj: [] for proj in EXPERT_PROJS}
+            scales = {proj: [] for proj in EXPERT_PROJS}
+            for e in experts:
+                for proj in EXPERT_PROJS:
+                    name = f"{prefix}{e}.{proj}.weight"
+                    if name not in self.weights:
+                        raise KeyError(f"layer {layer}: expert {e} is not loaded in this model")
+                    weight, scale = self._convert(by_name[name], self.weights[name])
+                    mats[proj].append(weight)
+                    scales[proj].append(scale)
+            stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]
+            if scales["gate_proj"][0] is not None:
+                stacked += [np.stack(scales[proj]) for proj in EXPERT_PROJS]
+            local_of = np.full(self.config.n_routed_experts, -1, np.int64)
+            local_of[experts] = np.arange(len(experts))
+            self._expert_stacks[layer] = (ExpertWeights(*stacked), local_of)
+        return self._expert_stacks[layer]
+
+    # ---- cost accounting ---------------------------------------------------------------------
+    def _record(self, op: str, *reports) -> None:
+        if not self.passes:
+            self.passes.append(PassCost(tokens=0))
+        cost = self.passes[-1].ops.setdefault(op, OpCost())
+        cost.calls += 1
+        for report in reports:
+            cost.add(report)
+
+    def reset_costs(self) -> None:
+        self.passes = []
+
+    def cost_summary(self, passes=None) -> dict:
+        """Estimated Trainium2 time (simulator cost model) of the ops run so far.
+
+        `passes`: a slice or indices into the forward passes (default all), e.g. `slice(0, 1)`
+        for a generation's prefill and `slice(1, None)` for its decode steps. Returns per-op
+        totals (`ops`), their sum (`total`), the number of passes and tokens, and the means
+        `per_pass_us`, `per_token_us` and `per_layer_us` (the decoder-layer ops of a pass
+        divided by the number of layers).
+        """
+        chosen = self.passes[passes] if isinstance(passes, slice) else \
+            self.passes if passes is None else [self.passes[i] for i in passes]
+        ops: dict[str, OpCost] = {}
+        for p in chosen:
+            for op, cost in p.ops.items():
+                ops.setdefault(op, OpCost()).merge(cost)
+        total, layers = OpCost(), OpCost()
+        for op, cost in ops.items():
+            total.merge(cost)
+            if op in LAYER_OPS:
+                layers.merge(cost)
+        n_passes, tokens = len(chosen), sum(p.tokens for p in chosen)
+        return {
+            "ops": {op: cost.to_dict() for op, cost in sorted(ops.items())},
+            "total": total.to_dict(),
+            "passes": n_passes,
+            "tokens": tokens,
+            "per_pass_us": total.estimated_s * 1e6 / max(n_passes, 1),
+            "per_token_us": total.estimated_s * 1e6 / tokens if tokens else None,
+            "per_layer_us": layers.estimated_s * 1e6 / max(n_passes * self.config.num_hidden_layers, 1),
+        }
+
+    # ---- the ops (ReferenceOps semantics) ----------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token rows of the embedding table; starts a new forward pass in the cost ledger."""
+        self.passes.append(PassCost(tokens=int(np.size(ids))))
+        table, _ = self.kernel_weight(EMBED)
+        out, report = embed(ids, table, report=True)
+        self._record("embed", report)
+        return out.astype(np.float32)
+
+    def _rmsnorm(self, x, weight_name):
+        weight, _ = self.kernel_weight(weight_name)
+        return rmsnorm(x, weight, self.config.layernorm_epsilon, report=True)
+
+    def rmsnorm(self, x, weight_name):
+        y, report = self._rmsnorm(x, weight_name)
+        self._record("rmsnorm", report)
+        return y.astype(np.float32)
+
+    def add_rmsnorm(self, x, delta, weight_name):
+        """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
+        weight, _ = self.kernel_weight(weight_name)
+        (total, y), report = add_rmsnorm(x, delta, weight, self.config.layernorm_epsilon, report=True)
+        self._record("add_rmsnorm", report)
+        return total.astype(np.float32), y.astype(np.float32)
+
+    def _linear(self, x, weight_name):
+        weight, scale = self.kernel_weight(weight_name)
+        return linear(x, weight, scale, report=True)
+
+    def linear(self, x, weight_name):
+        y, report = self._linear(x, weight_name)
+        self._record("linear", report)
+        return y.astype(np.float32)
+
+    def rope(self, x, positions, theta):
+        y, report = rope(x, positions, theta, rotary_dim=self.config.rotary_dim, report=True)
+        self._record("rope", report)
+        return y.astype(np.float32)
+
+    def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
+        """A sequence without history (its keys are its queries) goes to the flash prefill
+        kernel, one launch each; all others (decode, prefill on a cache) share one launch of
+        the ragged cached-attention kernel."""
+        scale = self.config.softmax_scale
+        outs: list[np.ndarray | None] = [None] * len(problems)
+        reports, cached = [], []
+        for i, p in enumerate(problems):
+            if _without_history(p):
+                outs[i], report = attention_prefill(p.q, p.k, p.v, scale, window, sink)
+                reports.append(report)
+            else:
+                cached.append(i)
+        if cached:
+            results, report = attention_decode([problems[i] for i in cached], scale, window, sink)
+            reports.append(report)
+            for i, out in zip(cached, results):
+                outs[i] = out
+        self._record("attention", *reports)
+        return outs
+
+    def router(self, x, layer):
+        p = layer_prefix(layer) + "mlp.gate."
+        gate_t, _ = self.kernel_weight(p + "weight")
+        ids, weights, report = route(x, gate_t, self.w(p + "e_score_correction_bias"),
+                                     self.config.num_experts_per_tok, self.config.routed_scaling_factor,
+                                     self.allowed_experts, report=True)
+        self._record("router", report)
+        return ids, weights
+
+    def experts(self, x, layer, ids, weights):
+        """Routed experts (global ids) through the grouped expert FFN kernel over the layer's
+        loaded experts; a routed expert that is not loaded is an error, as in ReferenceOps."""
+        stack, local_of = self._expert_stack(layer)
+        ids = np.asarray(ids)
+        local = local_of[ids]
+        if (local < 0).any():
+            raise KeyError(f"layer {layer}: expert {int(ids[local < 0][0])} is not loaded in this model")
+        out, report = expert_ffn(x, local, weights, stack, report=True)
+        self._record("experts", report)
+        return out.astype(np.float32)
+
+    def dense_mlp(self, x, layer):
+        p = layer_prefix(layer) + "mlp."
+        prepared = [self.kernel_weight(p + f"{proj}.weight") for proj in EXPERT_PROJS]
+        scales = None if prepared[0][1] is None else [s for _, s in prepared]
+        y, report = dense_mlp(x, *(w for w, _ in prepared), scales=scales, report=True)
+        self._record("dense_mlp", report)
+        return y.astype(np.float32)
+
+    def logits(self, x):
+        """Final norm and lm_head: two launches, counted together."""
+        xn, norm_report = self._rmsnorm(x, FINAL_NORM)
+        y, head_report = self._linear(xn, LM_HEAD)
+        self._record("logits", norm_report, head_report)
+        return y.astype(np.float32)
+
+
+def _without_history(p: AttentionInput) -> bool:
+    """True when the keys are exactly the queries' own tokens, in order (a fresh prefill)."""
+    q_pos, k_pos = np.asarray(p.q_positions), np.asarray(p.k_positions)
+    return (q_pos.shape == k_pos.shape and np.array_equal(q_pos, k_pos)
+            and bool(np.all(np.diff(q_pos) == 1)))
