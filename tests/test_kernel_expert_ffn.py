@@ -67,7 +67,16 @@ def test_no_tokens():
     assert out.shape == (0, 256)
 
 
-@pytest.mark.parametrize("block_rows", [1, 8, 64, 512])
+def test_block_plan_layout():
+    """Expert 0: 3 rows -> one block with a padding row; expert 1 empty; expert 2: 5 rows -> two."""
+    plan = plan_blocks([3, 0, 5], [4, 1, 0, 2, 3, 4, 5, 6], np.arange(1, 9, dtype=np.float32) / 10,
+                       num_tokens=7, block_rows=4)
+    np.testing.assert_array_equal(plan.block_expert, [0, 2, 2])
+    np.testing.assert_array_equal(plan.row_token, [4, 1, 0, 7, 2, 3, 4, 5, 6, 7, 7, 7])
+    np.testing.assert_allclose(plan.row_weight, [.1, .2, .3, 0, .4, .5, .6, .7, .8, 0, 0, 0])
+
+
+@pytest.mark.parametrize("block_rows", [1, 8, 64, 384, 512])
 def test_padding_rows_do_not_contaminate(block_rows):
     """Forced block sizes leave many padding rows (they read token T-1 and carry weight 0)."""
     weights = make_weights(3, 256, 128, "bf16", seed=4)
