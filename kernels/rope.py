@@ -13,7 +13,9 @@ reduction. A float64 table rounded once to fp32 is exact to 6e-8. It costs 4*R b
 extra HBM reads (256 B against 49 KiB of q per token for MiMo).
 
 Layout: tokens on partitions, `tpp` whole tokens per partition (all heads, contiguous in HBM, so each
-partition moves tpp*heads*D contiguous elements per DMA); the rotation is six element-wise
+partition moves tpp*heads*D contiguous elements per DMA); with fewer than 128 tokens (decode) a
+token's heads spread over several partitions instead, its cos/sin row copied to them by a 0/1
+selection matmul on TensorE, so that decode keeps all lanes busy. The rotation is six element-wise
 instructions over [partitions, tpp, heads, R/2] spread over VectorE, GpSimd and ScalarE, with cos/sin
 broadcast over heads by a stride-0 view. The untouched dims never leave the loaded tile: the rotated
 halves are written back into it and the whole tile is stored. HBM-bound: x in, out out.
@@ -29,19 +31,56 @@ P = nl.tile_size.pmax
 TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget
 
 
-def _token_tiles(tokens, row_elems):
-    """(first token, partitions, tokens per partition) covering all tokens; whole tokens per partition.
+def _token_tiles(tokens, heads, head_dim):
+    """(first token, tokens, tokens per partition, partitions per token) of each tile.
 
-    Fill 128 partitions first; put more tokens on a partition only when there are more than 128 left
-    (instructions cost a fixed 64 cycles plus one per element, so short rows waste lanes)."""
-    max_tpp = max(1, TILE_ELEMS_PER_PARTITION // row_elems)
+    Fill 128 partitions first: put more tokens on a partition only when more than 128 are left
+    (an instruction costs a fixed 64 cycles plus one per element, so short rows waste lanes); when
+    fewer than 128 are left (decode), spread each token's heads over the most partitions that fit.
+    """
+    max_tpp = max(1, TILE_ELEMS_PER_PARTITION // (heads * head_dim))
     t0 = 0
     while t0 < tokens:
         rest = tokens - t0
-        tpp = min(max_tpp, max(1, rest // P))
-        parts = min(P, rest // tpp)
-        yield t0, parts, tpp
-        t0 += parts * tpp
+        if rest < P:
+            ppt = max(d for d in range(1, heads + 1) if heads % d == 0 and rest * d <= P)
+            yield t0, rest, 1, ppt
+            return
+        tpp = min(max_tpp, rest // P)
+        n = min(P, rest // tpp) * tpp
+        yield t0, n, tpp, 1
+        t0 += n
+
+
+def _gather_cos_sin(positions, cos_sin_table, t0, n, tpp, ppt, cos_sin):
+    """cos_sin [partitions, tpp, R] (SBUF) = table rows of the tile's tokens, partition by partition."""
+    parts, R = cos_sin.shape[0], cos_sin.shape[2]
+    if ppt == 1:
+        pos = nl.ndarray((parts, tpp), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=pos, src=positions[t0:t0 + n].reshape((parts, tpp)))
+        for j in range(tpp):
+            # Indirect DMA: partition p receives table row positions[t0 + p*tpp + j].
+            nisa.dma_copy(dst=cos_sin[:, j, :],
+                          src=cos_sin_table.ap([[R, parts], [1, R]], vector_offset=pos[:, j:j + 1],
+                                               indirect_dim=0))
+        return
+    # A token spans ppt partitions: gather one row per token, then copy row t to partitions
+    # t*ppt .. t*ppt+ppt-1 with a 0/1 selection matmul on TensorE (fp32, exact).
+    pos = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=pos, src=positions[t0:t0 + n].reshape((n, 1)))
+    rows = nl.ndarray((n, R), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rows, src=cos_sin_table.ap([[R, n], [1, R]], vector_offset=pos, indirect_dim=0))
+    ones = nl.ndarray((n, parts), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    upper = nl.ndarray((n, parts), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.affine_select(dst=upper, pattern=[[1, parts]], channel_multiplier=-ppt, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.greater_equal)           # q - ppt*t >= 0
+    select = nl.ndarray((n, parts), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.affine_select(dst=select, pattern=[[-1, parts]], channel_multiplier=ppt, on_true_tile=upper,
+                       on_false_value=0.0, cmp_op=nl.greater_equal, offset=ppt - 1)   # q < ppt*(t+1)
+    spread = nl.ndarray((parts, R), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=spread, stationary=select, moving=rows)
+    nisa.tensor_copy(dst=cos_sin[:, 0, :], src=spread)                         # PSUM -> SBUF
 
 
 @nki.jit
@@ -58,25 +97,19 @@ def rope_kernel(x, positions, cos_sin_table):
     assert R % 2 == 0 and R <= D, f"rope: table width {R} (rotary dim) must be even and <= head dim {D}"
     assert tuple(positions.shape) == (T,), f"rope: positions shape {positions.shape} must be ({T},)"
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    for t0, parts, tpp in _token_tiles(T, heads * D):
-        t1 = t0 + parts * tpp
-        x_tile = nl.ndarray((parts, tpp, heads, D), dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x_tile, src=x[t0:t1].reshape((parts, tpp, heads, D)))   # HBM -> SBUF
-        pos = nl.ndarray((parts, tpp), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=pos, src=positions[t0:t1].reshape((parts, tpp)))
+    for t0, n, tpp, ppt in _token_tiles(T, heads, D):
+        parts, hpp = n // tpp * ppt, heads // ppt          # partitions; heads per partition
+        shape = (parts, tpp, hpp, D)                        # a contiguous view of x[t0:t0+n]
+        x_tile = nl.ndarray(shape, dtype=x.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x_tile, src=x[t0:t0 + n].reshape(shape))                # HBM -> SBUF
         cos_sin = nl.ndarray((parts, tpp, R), dtype=nl.float32, buffer=nl.sbuf)
-        for j in range(tpp):
-            # Indirect DMA: partition p receives table row positions[t0 + p*tpp + j].
-            nisa.dma_copy(dst=cos_sin[:, j, :],
-                          src=cos_sin_table.ap([[R, parts], [1, R]], vector_offset=pos[:, j:j + 1],
-                                               indirect_dim=0))
-        cos = cos_sin[:, :, 0:half].expand_dim(2).broadcast(2, heads)   # [parts, tpp, heads, R/2]
-        sin = cos_sin[:, :, half:R].expand_dim(2).broadcast(2, heads)
+        _gather_cos_sin(positions, cos_sin_table, t0, n, tpp, ppt, cos_sin)
+        cos = cos_sin[:, :, 0:half].expand_dim(2).broadcast(2, hpp)     # [parts, tpp, hpp, R/2]
+        sin = cos_sin[:, :, half:R].expand_dim(2).broadcast(2, hpp)
         x1 = x_tile[:, :, :, 0:half]
         x2 = x_tile[:, :, :, half:R]
-        shape = (parts, tpp, heads, half)
-        x1_cos, x2_sin, x2_cos, x1_sin = (nl.ndarray(shape, dtype=nl.float32, buffer=nl.sbuf)
-                                          for _ in range(4))
+        x1_cos, x2_sin, x2_cos, x1_sin = (nl.ndarray((parts, tpp, hpp, half), dtype=nl.float32,
+                                                     buffer=nl.sbuf) for _ in range(4))
         nisa.tensor_tensor(dst=x1_cos, data1=x1, data2=cos, op=nl.multiply)
         nisa.tensor_tensor(dst=x2_sin, data1=x2, data2=sin, op=nl.multiply, engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=x2_cos, data1=x2, data2=cos, op=nl.multiply, engine=nisa.engine.scalar)
@@ -84,7 +117,7 @@ def rope_kernel(x, positions, cos_sin_table):
         # Rotated halves overwrite the loaded tile in place; dims R..D stay as loaded.
         nisa.tensor_tensor(dst=x1, data1=x1_cos, data2=x2_sin, op=nl.subtract, engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=x2, data1=x2_cos, data2=x1_sin, op=nl.add, engine=nisa.engine.scalar)
-        nisa.dma_copy(dst=out[t0:t1].reshape((parts, tpp, heads, D)), src=x_tile)    # SBUF -> HBM
+        nisa.dma_copy(dst=out[t0:t0 + n].reshape(shape), src=x_tile)                # SBUF -> HBM
     return out
 
 
