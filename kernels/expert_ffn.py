@@ -78,8 +78,8 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3)
 
 
-class _EngineRotation:
-    """Spreads independent element-wise work over the engines that can run it."""
+class _EngineRotation(nl.NKIObject):
+    """Spreads independent element-wise work over the engines that can run it (trace time)."""
 
     def __init__(self, engines):
         self.engines = engines
@@ -148,10 +148,9 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0):
                          engine=copies.next())                   # PSUM -> SBUF
 
 
-def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, engines):
-    """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r (token sources[r // 128]) at
-    intermediate j*P + q. engines: (dequant rotation, PSUM-copy rotation)."""
-    dequant, copies = engines
+def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies):
+    """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
+    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1."""
     KT = x.shape[1] // P
     B = sum(src.shape[0] for src in sources)
     I = w_gate.shape[2]
@@ -195,6 +194,16 @@ def _down_accumulate(h_T, w_down, down_scale, expert, sums, weights, dequant):
             # PSUM -> SBUF: acc += row weight * y (the weight is one value per partition = row).
             nisa.scalar_tensor_tensor(dst=acc[:, d0:d0 + width], data=y, op0=nl.multiply,
                                       operand0=row_w, op1=nl.add, operand1=acc[:, d0:d0 + width])
+
+
+def _zero_rows(out):
+    """out [R, H] fp32 (HBM) = 0, 128 rows per DMA."""
+    R, H = out.shape
+    zeros = nl.ndarray((P, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zeros, value=0.0)
+    for r0 in range(0, R, P):
+        n = min(P, R - r0)
+        nisa.dma_copy(dst=out[r0:r0 + n, :], src=zeros[:n, :])
 
 
 @nki.jit
@@ -247,7 +256,8 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     nisa.dma_copy(dst=row_weights, src=row_weight.reshape((slices, n)).permute((1, 0)))
     sources = nl.ndarray((n, slices), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
     nisa.tensor_scalar(dst=sources, data=tokens, op0=nl.minimum, operand0=T - 1)
-    engines = (_EngineRotation(DEQUANT_ENGINES), _EngineRotation((nisa.engine.vector, nisa.engine.scalar)))
+    dequant = _EngineRotation(DEQUANT_ENGINES)
+    copies = _EngineRotation((nisa.engine.vector, nisa.engine.scalar))    # PSUM evictions of x^T
 
     for b in range(NB):
         expert = nisa.register_alloc()
@@ -256,27 +266,17 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         tokens_b = [tokens[:, c:c + 1] for c in block]
         sources_b = [sources[:, c:c + 1] for c in block]
         weights_b = [row_weights[:, c:c + 1] for c in block]
-        h_T = _gate_up(x, sources_b, w_gate, w_up, gate_scale, up_scale, expert, engines)
+        h_T = _gate_up(x, sources_b, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies)
         sums = []                                                  # the tokens' sums so far
         for token in tokens_b:                                     # HBM -> SBUF, gather by token
             acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
             sums.append(acc)
         _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights_b,
-                         engines[0])
+                         dequant)
         for acc, token in zip(sums, tokens_b):                     # SBUF -> HBM, scatter by token
             nisa.dma_copy(dst=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
     return out
-
-
-def _zero_rows(out):
-    """out [R, H] fp32 (HBM) = 0, 128 rows per DMA."""
-    R, H = out.shape
-    zeros = nl.ndarray((P, H), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=zeros, value=0.0)
-    for r0 in range(0, R, P):
-        n = min(P, R - r0)
-        nisa.dma_copy(dst=out[r0:r0 + n, :], src=zeros[:n, :])
 
 
 # --------------------------------------------------------------------------- host side
