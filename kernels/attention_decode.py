@@ -37,12 +37,13 @@ import numpy as np
 
 from kernels.backend import nki, nl, nisa, simulate
 from kernels.attention_prefill import (
-    MASK_BIAS,
-    BF16, CHUNK_KEYS, P_MAX, EvictEngines, RowState, Share, check_attention_shapes, load_key_tiles,
-    mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, transpose_probs, update_output)
+    BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, check_attention_shapes,
+    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, transpose_probs,
+    update_output, zero_probs_margins)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.5
+PREFILL_MIN_TOKENS = 128          # shorter fresh prompts join the cached-attention launch
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -171,7 +172,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
         chunks = [(c0, min(keys, c0 + CHUNK_KEYS)) for c0 in range(0, keys, CHUNK_KEYS)]
         state = RowState(rows, len(chunks))
-        result = nl.ndarray((rows, dv), dtype=out.dtype, buffer=nl.sbuf)
+        result = nl.ndarray((rows, 1, dv), dtype=out.dtype, buffer=nl.sbuf)
         for ci, (c0, c1) in enumerate(chunks):
             width = c1 - c0
             # HBM -> SBUF: per run, the key chunk of K^T (per D tile) and of V
@@ -184,10 +185,10 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     parts.append(k_part)
                 k_sb.append(parts)
                 v_sb.append(load_key_tiles(v[b0:b0 + count, kv0:kv1], c0, c1))  # [128, count, kv, kt, Dv]
-            scores = score_tile(rows, width)
+            scores = score_tile(rows, 1, width)
             for p, (ri, bl, j, _, _) in enumerate(pieces):
-                qk_matmuls(scores, [s[p] for s in stationaries], [part[:, bl, j, :] for part in k_sb[ri]],
-                           0, width, 0, first=p == 0)
+                qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
+                           [part[:, bl, j, :] for part in k_sb[ri]], 0, width, 0, first=p == 0)
             if masked[ci]:
                 kpos_rows = nl.ndarray((tokens, width), dtype=nl.float32, buffer=nl.sbuf)
                 tok = 0
@@ -196,15 +197,18 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                         # HBM -> SBUF: the sequence's key positions, once per new token
                         nisa.dma_copy(kpos_rows[tok:tok + t1 - t0, :], kpos[b:b + 1, c0:c1].broadcast(0, t1 - t0))
                         tok += t1 - t0
-                mask_matmuls(scores, onehots[layout], masked_indicator(kpos_rows, qpos_col, width, window), 0, width)
-            probs = nl.ndarray((rows, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+                mask_matmuls(scores[:, 0, :], onehots[layout],
+                             masked_indicator(kpos_rows, qpos_col, width, window), 0, width)
+            n_kt = (width + P_MAX - 1) // P_MAX
+            probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+            zero_probs_margins(probs, 0, width)
             alpha = softmax_step(scores, probs, 0, width, state, neg_sink)
             del scores
-            probs_t, n_kt = transpose_probs(probs, width, evict, no_dma)
+            probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
             del probs
-            o_psum = nl.ndarray((rows, dv), dtype=nl.float32, buffer=nl.psum)
+            o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
             if len(pieces) == 1:
-                pv_matmuls(o_psum, probs_t, v_sb[0][:, 0, 0], 0, width)
+                pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], 0, width)
             else:
                 # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
                 o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
@@ -215,12 +219,12 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                                        probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
                 o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
                 evict.copy(o_t, o_t_psum)
-                nisa.nc_transpose(o_psum, o_t)
+                nisa.nc_transpose(o_psum[:, 0, :], o_t)
                 del o_t_psum, o_t
             del probs_t
             update_output(state, o_psum, alpha, result, evict)
             del o_psum, k_sb, v_sb
-        nisa.dma_copy(out[tile_row0:tile_row0 + rows, :], result)      # SBUF -> HBM
+        nisa.dma_copy(out[tile_row0:tile_row0 + rows, :], result[:, 0, :])      # SBUF -> HBM
     return out
 
 
@@ -392,3 +396,33 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
     for r in range(len(o_rows)):
         outs[order[plan.row_seq[r]]][plan.row_token[r], plan.row_head[r]] = o_rows[r]
     return outs, rep
+
+
+def is_fresh_prefill(problem) -> bool:
+    """True when the keys are exactly the queries' tokens at consecutive positions (no history)."""
+    qp, kp = np.asarray(problem.q_positions), np.asarray(problem.k_positions)
+    return len(qp) == len(kp) and np.array_equal(qp, kp) and bool(np.all(np.diff(qp) == 1))
+
+
+def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_tokens: int = PREFILL_MIN_TOKENS,
+                    lnc: int = 1):
+    """`ReferenceOps.attention` for the NKI backend: problems -> (outputs, cost reports).
+
+    A fresh sequence of at least `prefill_min_tokens` tokens runs the prefill kernel (it skips the
+    key blocks outside the causal window; one launch per sequence); every other problem (decode
+    steps, prefill on a history, short prompts) shares one launch of the cached-attention kernel.
+    Outputs are [T, Hq, Dv] float32 in problem order."""
+    from kernels.attention_prefill import attention_prefill
+    outputs, reports = [None] * len(problems), []
+    cached = [i for i, p in enumerate(problems)
+              if not (is_fresh_prefill(p) and len(p.q_positions) >= prefill_min_tokens)]
+    for i in sorted(set(range(len(problems))) - set(cached)):
+        p = problems[i]
+        outputs[i], rep = attention_prefill(p.q, p.k, p.v, scale, window, sink, lnc=lnc)
+        reports.append(rep)
+    if cached:
+        outs, rep = attention_decode([problems[i] for i in cached], scale, window, sink, lnc=lnc)
+        for i, o in zip(cached, outs):
+            outputs[i] = o
+        reports.append(rep)
+    return outputs, reports

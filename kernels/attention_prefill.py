@@ -32,8 +32,14 @@ boundary region instead of a VectorE pass over the scores.
 Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
 64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
 PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -> SBUF eviction
-of P^T is split between them. `dma_transpose_share` moves that share of the P transposes to the
-DMA queues (SBUF -> SBUF `dma_transpose`), taking work off TensorE, VectorE and ScalarE.
+of P^T is split between them (`evict_vector_share`). Row tiles whose keys fit one chunk are
+processed up to BATCH_TILES at a time, so the row max, the P^T eviction and the final 1/l scaling
+are one instruction per batch (a window of 128 keys gives ~143-key tiles, where per-instruction
+costs would otherwise dominate). `dma_transpose_share` moves that share of the P transposes to
+the DMA queues (SBUF -> SBUF `dma_transpose`), taking work off TensorE, VectorE and ScalarE; by
+default 0.4 for full attention (TensorE-bound) and 0 for sliding windows (closer to HBM-bound).
+The cost model charges DMA transposes at the plain DMA rate; the documentation says SBUF -> SBUF
+DMA transposes may reach only half of it, and at 0.4 the kernel stays TensorE-bound even then.
 
 The device helpers below are shared with `kernels/attention_decode.py`.
 """
@@ -48,12 +54,12 @@ P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys p
 MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)
 BANK_FP32 = nl.tile_size.psum_bank_fmax
 CHUNK_KEYS = 4 * BANK_FP32                      # keys per softmax step (4 PSUM banks of scores)
-TILES_PER_CHUNK = CHUNK_KEYS // P_MAX
 SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
+BATCH_TILES = 4                                 # single-chunk row tiles per softmax instruction
 MASK_BIAS = -1.0e30                             # added to masked logits (finite in bf16 and fp32)
 NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked row keeps exp() == 0
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
-DMA_TRANSPOSE_SHARE = 0.0                       # share of P transposes done by DMA (see docstring)
+FULL_DMA_TRANSPOSE_SHARE = 0.4                  # share of P transposes done by DMA (see docstring)
 BF16 = ml_dtypes.bfloat16
 
 
@@ -98,11 +104,13 @@ class EvictEngines:
 
 
 class RowState:
-    """Online-softmax state of one row tile: negated running max (-m), denominator l [rows, 1]
-    fp32, and the fp32 output accumulator O [rows, Dv] of tiles that span several chunks."""
+    """Online-softmax state of n row tiles processed together: negated running max (-m) and
+    denominator l, [rows, n] fp32; the fp32 output accumulator O [rows, Dv] of a (lone) tile
+    that spans several key chunks."""
 
-    def __init__(self, rows: int, chunks: int):
+    def __init__(self, rows: int, chunks: int, n: int = 1):
         self.rows = rows
+        self.n = n
         self.chunks_left = chunks
         self.neg_m = None
         self.denom = None
@@ -161,17 +169,28 @@ def bank_pieces(col0: int, col1: int):
     return pieces
 
 
-def score_tile(rows: int, width: int):
-    """A [rows, width rounded up to whole banks] fp32 PSUM tile for one chunk of scores."""
-    return nl.ndarray((rows, (width + BANK_FP32 - 1) // BANK_FP32 * BANK_FP32), dtype=nl.float32,
-                      buffer=nl.psum)
+def slot_width(width: int) -> int:
+    """Columns reserved per row tile in a batched score tile: a power of two >= width inside one
+    PSUM bank (so no tile's scores straddle banks), whole banks beyond."""
+    if width > BANK_FP32:
+        return (width + BANK_FP32 - 1) // BANK_FP32 * BANK_FP32
+    slot = P_MAX
+    while slot < width:
+        slot *= 2
+    return slot
+
+
+def score_tile(rows: int, n: int, width: int):
+    """A [rows, n, slot_width(width)] fp32 PSUM tile: scores of n row tiles for one key chunk."""
+    return nl.ndarray((rows, n, slot_width(width)), dtype=nl.float32, buffer=nl.psum)
 
 
 def qk_matmuls(scores, q_parts, k_parts, col0: int, col1: int, key0: int, first: bool):
     """scores[:, col0:col1] (+)= sum over D partition tiles of Q^T[d, rows].T @ K^T[d, keys].
 
-    `q_parts` / `k_parts`: per D tile, [d, rows] stationaries and [d, keys] moving tiles; score
-    column c holds key column `key0 + c - col0` of the K^T tiles."""
+    `scores` is one tile's [rows, C] PSUM view; `q_parts` / `k_parts`: per D tile, [d, rows]
+    stationaries and [d, keys] moving tiles; score column c holds key column
+    `key0 + c - col0` of the K^T tiles."""
     for c0, c1 in bank_pieces(col0, col1):
         k0 = key0 + c0 - col0
         for i, (q_part, k_part) in enumerate(zip(q_parts, k_parts)):
@@ -186,101 +205,119 @@ def mask_matmuls(scores, onehot, masked, col0: int, col1: int):
 
 
 def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=None):
-    """One online-softmax step over logit columns [col0, col1) of a [rows, C] PSUM tile.
+    """One online-softmax step over logit columns [col0, col1) of n row tiles.
 
-    Writes exp(S - m) into `probs[:, col0:col1]` (bf16), updates `state` (-m, l) and returns
-    alpha = exp(m_old - m_new) [rows, 1] (None on the first step). The small [rows, 1] updates
-    run on GpSimd, which is otherwise idle."""
-    rows = state.rows
-    neg_rowmax = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, col0:col1], axis=1, negate=True)
-    neg_m = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    `scores` [rows, n, C] PSUM, `probs` [rows, n, >= col1] bf16 SBUF (receives exp(S - m)),
+    `neg_sink` [rows, 1] (-sink per row) or None. Updates `state` (-m, l) and returns
+    alpha = exp(m_old - m_new) [rows, n] (None on the first step). The [rows, n] bookkeeping
+    runs on GpSimd, which is otherwise idle."""
+    rows, n = state.rows, state.n
+    gpsimd = nisa.gpsimd_engine
+    neg_rowmax = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, :, col0:col1], axis=2, negate=True)
+    neg_m = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
     alpha = None
     if state.first and neg_sink is None:
-        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP, engine=nisa.gpsimd_engine)
+        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP, engine=gpsimd)
     elif state.first:
         # the sink is the first "key": m = max(rowmax, sink)
-        nisa.tensor_tensor(neg_m, neg_rowmax, neg_sink, nl.minimum, engine=nisa.gpsimd_engine)
+        nisa.tensor_tensor(neg_m, neg_rowmax, neg_sink.broadcast(1, n), nl.minimum, engine=gpsimd)
     else:
-        nisa.tensor_tensor(neg_m, neg_rowmax, state.neg_m, nl.minimum, engine=nisa.gpsimd_engine)
-        alpha = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(alpha, nl.exp, state.neg_m, bias=neg_m, scale=-1.0)   # exp(m_old - m_new)
-    rowsum = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
-    nisa.activation(probs[:, col0:col1], nl.exp, scores[:, col0:col1], bias=neg_m,
-                    reduce_op=nl.add, reduce_res=rowsum, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        nisa.tensor_tensor(neg_m, neg_rowmax, state.neg_m, nl.minimum, engine=gpsimd)
+        alpha = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(alpha, neg_m, state.neg_m, nl.subtract, engine=gpsimd)
+        nisa.activation(alpha, nl.exp, alpha)                       # exp(m_old - m_new)
+    rowsum = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+    for j in range(n):
+        # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
+        nisa.activation(probs[:, j, col0:col1], nl.exp, scores[:, j, col0:col1], bias=neg_m[:, j:j + 1],
+                        reduce_op=nl.add, reduce_res=rowsum[:, j:j + 1],
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
     if alpha is not None:
-        scaled = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(scaled, state.denom, nl.multiply, alpha, engine=nisa.gpsimd_engine)
-        denom = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(denom, scaled, rowsum, nl.add, engine=nisa.gpsimd_engine)
+        denom = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(denom, state.denom, alpha, nl.multiply, engine=gpsimd)
+        nisa.tensor_tensor(denom, denom, rowsum, nl.add, engine=gpsimd)
     elif neg_sink is None:
         denom = rowsum
     else:
-        sink_term = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(sink_term, nl.exp, neg_sink, bias=neg_m, scale=-1.0)  # exp(sink - m)
-        denom = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(denom, rowsum, sink_term, nl.add, engine=nisa.gpsimd_engine)
+        denom = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(denom, neg_m, neg_sink.broadcast(1, n), nl.subtract, engine=gpsimd)
+        nisa.activation(denom, nl.exp, denom)                       # exp(sink - m)
+        nisa.tensor_tensor(denom, denom, rowsum, nl.add, engine=gpsimd)
     state.neg_m, state.denom = neg_m, denom
     return alpha
 
 
 def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
-    """P [rows, width] bf16 -> P^T in SBUF as [128 keys, key tile, rows].
+    """P [rows, n, >= 128 * ceil(width / 128)] bf16 (zero past `width`) -> P^T in SBUF as
+    [128 keys, n, key tile, rows].
 
-    The first key tiles go through TensorE (128 x 128 transposes into PSUM, evicted one PSUM bank
-    at a time); the last `dma_share` of them through SBUF -> SBUF DMA transposes."""
-    rows = probs.shape[0]
-    n_tiles = (width + P_MAX - 1) // P_MAX
-    n_dma = dma_share.take_count(n_tiles)
-    n_pe = n_tiles - n_dma
-    probs_t = nl.ndarray((P_MAX, n_tiles, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    Most 128 x 128 blocks go through TensorE transposes into PSUM, evicted one PSUM bank at a
+    time; the last `dma_share` of them through SBUF -> SBUF DMA transposes."""
+    rows, n = probs.shape[0], probs.shape[1]
+    n_kt = (width + P_MAX - 1) // P_MAX
+    blocks = [(j, kt) for j in range(n) for kt in range(n_kt)]
+    n_pe = len(blocks) - dma_share.take_count(len(blocks))
+    probs_t = nl.ndarray((P_MAX, n, n_kt, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    flat_t = probs_t.reshape((P_MAX, n * n_kt, rows))
     if n_pe:
         probs_t_psum = nl.ndarray((P_MAX, n_pe, rows), dtype=nl.bfloat16, buffer=nl.psum)
-        for kt in range(n_pe):
-            kw = min(P_MAX, width - kt * P_MAX)
-            nisa.nc_transpose(probs_t_psum[0:kw, kt, :], probs[:, kt * P_MAX:kt * P_MAX + kw])
-        full = min(n_pe, width // P_MAX)
+        for i, (j, kt) in enumerate(blocks[:n_pe]):
+            nisa.nc_transpose(probs_t_psum[:, i, :], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
         per_bank = BANK_FP32 * 4 // (P_MAX * 2)          # bf16 [128, 128] blocks per PSUM bank
-        for b0 in range(0, full, per_bank):
-            b1 = min(full, b0 + per_bank)
-            evict.copy(probs_t[:, b0:b1, :], probs_t_psum[:, b0:b1, :])    # PSUM -> SBUF
-        if full < n_pe:
-            kw = width - full * P_MAX
-            evict.copy(probs_t[0:kw, full, :], probs_t_psum[0:kw, full, :])
-    for kt in range(n_pe, n_tiles):
-        kw = min(P_MAX, width - kt * P_MAX)
-        nisa.dma_transpose(probs_t[0:kw, kt, :], probs[:, kt * P_MAX:kt * P_MAX + kw])
-    return probs_t, n_tiles
+        for b0 in range(0, n_pe, per_bank):
+            b1 = min(n_pe, b0 + per_bank)
+            evict.copy(flat_t[:, b0:b1, :], probs_t_psum[:, b0:b1, :])     # PSUM -> SBUF
+    for i, (j, kt) in enumerate(blocks[n_pe:], start=n_pe):
+        nisa.dma_transpose(flat_t[:, i, :], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
+    return probs_t
+
+
+def zero_probs_margins(probs, lead: int, width: int):
+    """Zero P's columns before `lead` (keys before the tile's window, kept for 128-key alignment)
+    and from `width` to the end of the last 128-key tile, so every transpose is a full block."""
+    end = (width + P_MAX - 1) // P_MAX * P_MAX
+    if lead:
+        nisa.memset(probs[:, :, 0:lead], 0.0, engine=nisa.gpsimd_engine)
+    if end > width:
+        nisa.memset(probs[:, :, width:end], 0.0, engine=nisa.gpsimd_engine)
 
 
 def pv_matmuls(o_psum, probs_t, v_sb, v_tile0: int, width: int):
-    """o_psum [rows, Dv] = sum over key tiles of P^T[keys, rows].T @ V[keys, Dv]."""
-    n_tiles = (width + P_MAX - 1) // P_MAX
-    for kt in range(n_tiles):
+    """o_psum [rows, Dv] = sum over key tiles of P^T[keys, rows].T @ V[keys, Dv] for one row
+    tile (`probs_t` [128, key tile, rows], `v_sb` [128, key tile, Dv])."""
+    n_kt = (width + P_MAX - 1) // P_MAX
+    for kt in range(n_kt):
         kw = min(P_MAX, width - kt * P_MAX)
         nisa.nc_matmul(o_psum, probs_t[0:kw, kt, :], v_sb[0:kw, v_tile0 + kt, :], accumulate=kt > 0)
 
 
 def update_output(state: RowState, o_psum, alpha, result, evict: EvictEngines):
-    """Fold a chunk's P V into the row tile's output; on its last chunk write O / l (bf16) into
-    `result` [rows, Dv]. A single-chunk tile is finished straight from PSUM."""
+    """Fold a chunk's P V [rows, n, Dv] into the output; on the last chunk write O / l (bf16) into
+    `result` [rows, n, Dv]. Single-chunk tiles are finished straight from PSUM; a tile with several
+    chunks (n = 1) keeps O in SBUF."""
     state.chunks_left -= 1
     last = state.chunks_left == 0
+    rows, n = state.rows, state.n
     if alpha is None and last:
-        recip = nl.ndarray((state.rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        recip = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.reciprocal(recip, state.denom)
-        evict.copy(result, o_psum, scale=recip)             # PSUM -> SBUF, * 1/l, cast to bf16
+        if n == 1:
+            evict.copy(result[:, 0, :], o_psum[:, 0, :], scale=recip)   # PSUM -> SBUF, * 1/l, bf16
+        else:
+            nisa.tensor_tensor(result, o_psum, recip.expand_dim(2).broadcast(2, o_psum.shape[2]),
+                               nl.multiply)
         return
+    assert n == 1, f"a row tile spanning several key chunks is processed alone, not {n} at a time"
     if alpha is None:
-        state.o_acc = nl.ndarray(o_psum.shape, dtype=nl.float32, buffer=nl.sbuf)
-        evict.copy(state.o_acc, o_psum)
+        state.o_acc = nl.ndarray((rows, o_psum.shape[2]), dtype=nl.float32, buffer=nl.sbuf)
+        evict.copy(state.o_acc, o_psum[:, 0, :])
     else:
-        nisa.scalar_tensor_tensor(state.o_acc, state.o_acc, nl.multiply, alpha, nl.add, o_psum)
+        nisa.scalar_tensor_tensor(state.o_acc, state.o_acc, nl.multiply, alpha, nl.add, o_psum[:, 0, :])
     if last:
-        recip = nl.ndarray((state.rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        recip = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.reciprocal(recip, state.denom)
-        nisa.tensor_scalar(result, state.o_acc, nl.multiply, recip, engine=nisa.gpsimd_engine)
+        nisa.tensor_scalar(result[:, 0, :], state.o_acc, nl.multiply, recip, engine=nisa.gpsimd_engine)
 
 
 def load_key_tiles(v_heads, c0: int, c1: int):
@@ -334,7 +371,7 @@ def store_rows(out_rows, row0: int, result, tile_rows):
 # --------------------------------------------------------------------------- the kernel
 
 @nki.jit
-def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=DMA_TRANSPOSE_SHARE,
+def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=None,
                              evict_vector_share=EVICT_VECTOR_SHARE):
     """Causal (window=None) or sliding-window (window=W keys, the query included) prefill
     attention of one fresh sequence: queries and keys are the same T tokens (positions 0..T-1).
@@ -351,7 +388,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
 
     Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
     CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
-    split between the two cores. The two shares tune the engine balance (module docstring).
+    split between the two cores. The two shares tune the engine balance (module docstring;
+    dma_transpose_share None = the default for the attention type).
     """
     kv_heads, d_head, total_rows = q_t.shape
     seq_len = k_t.shape[2]
@@ -375,6 +413,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     onehot = onehot_mask_rows(tokens_per_tile, group)
     indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile, built once
     evict = EvictEngines(evict_vector_share)
+    if dma_transpose_share is None:
+        dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE if window is None else 0.0
     dma_share = Share(dma_transpose_share)
 
     for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
@@ -388,12 +428,12 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
             s1 = min(seq_len, s0 + SUPER_TOKENS)
             k_lo = 0 if window is None else max(0, s0 - window + 1)
             chunks = [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
-            tiles = []           # (q0, q1, key range lo, RowState)
+            tiles = []           # (q0, q1, first key, RowState of a tile spanning several chunks)
             for q0 in range(s0, s1, tokens_per_tile):
                 q1 = min(s1, q0 + tokens_per_tile)
                 lo = 0 if window is None else max(0, q0 - window + 1)
                 n_chunks = sum(1 for c0, c1 in chunks if max(c0, lo) < min(c1, q1))
-                tiles.append((q0, q1, lo, RowState((q1 - q0) * group, n_chunks)))
+                tiles.append((q0, q1, lo, RowState((q1 - q0) * group, n_chunks) if n_chunks > 1 else None))
             # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
             q_sb = []
             for d0, d1 in d_tiles:
@@ -409,41 +449,79 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
                     nisa.dma_copy(k_part, k_t[g, d0:d1, c0:c1])
                     k_sb.append(k_part)
                 v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
-                for t, (q0, q1, lo, state) in enumerate(tiles):
-                    a, b = max(c0, lo), min(c1, q1)
-                    if a >= b:
-                        continue        # this chunk is entirely outside the tile's window
-                    rows = state.rows
-                    r0 = (q0 - s0) * group
-                    # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
-                    a_aligned = c0 + (a - c0) // P_MAX * P_MAX
-                    lead, width = a - a_aligned, b - a_aligned
-                    scores = score_tile(rows, width)
-                    qk_matmuls(scores, [q_part[:, r0:r0 + rows] for q_part in q_sb], k_sb,
-                               lead, width, a - c0, first=True)
-                    for m0, m1 in boundary_regions(q0, q1, a, b, window):
-                        key = (q1 - q0, m1 - m0, m0 - q0)
-                        if key not in indicators:
-                            indicators[key] = static_mask_indicator(*key, window)
-                        mask_matmuls(scores, onehot[0:q1 - q0, 0:rows], indicators[key],
-                                     m0 - a_aligned, m1 - a_aligned)
-                    probs = nl.ndarray((rows, width), dtype=nl.bfloat16, buffer=nl.sbuf)
-                    if lead:
-                        nisa.memset(probs[:, 0:lead], 0.0, engine=nisa.gpsimd_engine)
+                for t_first, t_step, n, lead, width, rows in tile_batches(tiles, c0, c1, group):
+                    state = tiles[t_first][3] or RowState(rows, 1, n)
+                    scores = score_tile(rows, n, width)
+                    for j in range(n):
+                        q0, q1, lo, _ = tiles[t_first + j * t_step]
+                        a = max(c0, lo)
+                        r0 = (q0 - s0) * group
+                        qk_matmuls(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_sb], k_sb,
+                                   lead, width, a - c0, first=True)
+                        a_aligned = a - lead
+                        for m0, m1 in boundary_regions(q0, q1, a, a_aligned + width, window):
+                            key = (q1 - q0, m1 - m0, m0 - q0)
+                            if key not in indicators:
+                                indicators[key] = static_mask_indicator(*key, window)
+                            mask_matmuls(scores[:, j, :], onehot[0:q1 - q0, 0:rows], indicators[key],
+                                         m0 - a_aligned, m1 - a_aligned)
+                    probs = nl.ndarray((rows, n, (width + P_MAX - 1) // P_MAX * P_MAX), dtype=nl.bfloat16,
+                                       buffer=nl.sbuf)
+                    zero_probs_margins(probs, lead, width)
                     alpha = softmax_step(scores, probs, lead, width, state,
                                          None if neg_sink is None else neg_sink[0:rows])
                     del scores
-                    probs_t, _ = transpose_probs(probs, width, evict, dma_share)
+                    probs_t = transpose_probs(probs, width, evict, dma_share)
                     del probs
-                    o_psum = nl.ndarray((rows, dv), dtype=nl.float32, buffer=nl.psum)
-                    pv_matmuls(o_psum, probs_t, v_sb, (a_aligned - c0) // P_MAX, width)
+                    o_psum = nl.ndarray((rows, n, dv), dtype=nl.float32, buffer=nl.psum)
+                    for j in range(n):
+                        a_aligned = max(c0, tiles[t_first + j * t_step][2]) - lead
+                        pv_matmuls(o_psum[:, j, :], probs_t[:, j], v_sb, (a_aligned - c0) // P_MAX, width)
                     del probs_t
-                    update_output(state, o_psum, alpha, result[0:rows, t, :], evict)
+                    t_last = t_first + (n - 1) * t_step
+                    update_output(state, o_psum, alpha, result[0:rows, t_first:t_last + 1:t_step, :], evict)
                     del o_psum
                 del k_sb, v_sb
-            store_rows(out[g], s0 * group, result, [state.rows for _, _, _, state in tiles])
+            store_rows(out[g], s0 * group, result, [(q1 - q0) * group for q0, q1, _, _ in tiles])
             del q_sb, result
     return out
+
+
+def tile_batches(tiles, c0: int, c1: int, group: int):
+    """Row tiles that meet key chunk [c0, c1), in batches processed together.
+
+    Single-chunk tiles with the same rows and lead (offset of the tile's first key past a 128-key
+    boundary of the chunk) batch up to BATCH_TILES at a constant tile step, so one strided view
+    addresses their results; they share the batch's widest logit range (lead + keys), and each
+    tile's extra columns are keys after its last query, masked by the causal boundary region. A
+    tile spanning several chunks goes alone. Yields (first tile, step, n, lead, width, rows)."""
+    candidates = {}          # (lead, rows) -> [(tile, first key, width)]
+    for t, (q0, q1, lo, multi) in enumerate(tiles):
+        a, b = max(c0, lo), min(c1, q1)
+        if a >= b:
+            continue            # this chunk is entirely outside the tile's window
+        lead = (a - c0) % P_MAX
+        if multi:
+            yield t, 1, 1, lead, b - a + lead, multi.rows
+        else:
+            candidates.setdefault((lead, (q1 - q0) * group), []).append((t, a, b - a + lead))
+    for (lead, rows), members in candidates.items():
+        i = 0
+        while i < len(members):
+            t_first, _, width = members[i]
+            n, step = 1, None
+            while i + n < len(members) and n < BATCH_TILES:
+                t_next, _, w_next = members[i + n]
+                if step is not None and t_next - members[i + n - 1][0] != step:
+                    break
+                wider = max(width, w_next)
+                fits = (n + 1) * slot_width(wider) <= CHUNK_KEYS and \
+                    all(a - lead + wider <= c1 for _, a, _ in members[i:i + n + 1])
+                if not fits:
+                    break
+                step, width, n = t_next - members[i + n - 1][0], wider, n + 1
+            yield t_first, step or 1, n, lead, width, rows
+            i += n
 
 
 # --------------------------------------------------------------------------- host launcher
