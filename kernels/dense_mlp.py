@@ -7,9 +7,9 @@ layout, bf16, or float8_e4m3 each with its fp32 block scale ([H/128, I/128], [H/
 One kernel, two passes of the shared tiled matmul (`kernels.linear.project`, whose docstring
 describes the schedules):
 1. gate and up together: every x^T block meets the gate and the up column tile of the same
-   columns, and the epilogue turns the two fp32 PSUM accumulators into h = silu(g) * u directly
-   (ScalarE silu reading PSUM, VectorE multiply with the other accumulator in PSUM), so g and u
-   never exist outside PSUM;
+   columns, and the PSUM eviction turns the two fp32 accumulators into h = silu(g) * u directly
+   (ScalarE silu reading PSUM, a multiply with the other accumulator in PSUM), so g and u never
+   exist outside PSUM;
 2. down projection of h [T, I], which goes through a private HBM scratch tensor: T * I * 2 bytes
    written and read once, negligible next to the weights at decode (T * 64 KiB against 384 MiB of
    bf16 weights) and next to the matmuls at prefill.
@@ -18,17 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import nki, nl, nisa, simulate
-from kernels.linear import BF16, PSUM_ENGINES, copy_epilogue, kernel_weight, project
-
-
-def silu_gate_epilogue(dst, accs, step):
-    """h = silu(gate) * up from the two fp32 PSUM accumulators into `dst` (SBUF)."""
-    gate, up = accs
-    act = nl.ndarray(dst.shape, dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=act, op=nl.silu, data=gate)                     # ScalarE, PSUM -> SBUF
-    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply,
-                       engine=PSUM_ENGINES[step % 2])                  # one operand still in PSUM
+from kernels.backend import nki, nl, simulate
+from kernels.linear import BF16, kernel_weight, project
 
 
 @nki.jit
@@ -41,9 +32,9 @@ def dense_mlp_kernel(x, w_gate, w_up, w_down, gate_scale=None, up_scale=None, do
     assert (gate_scale is None) == (up_scale is None) == (down_scale is None), \
         "dense_mlp: give block scales for all three weights (FP8) or for none (bf16)"
     hidden = nl.ndarray((T, I), dtype=x.dtype, buffer=nl.hbm)           # private scratch
-    project(x, (w_gate, w_up), (gate_scale, up_scale), silu_gate_epilogue, hidden)
+    project(x, (w_gate, w_up), (gate_scale, up_scale), hidden)
     y = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.shared_hbm)
-    project(hidden, (w_down,), (down_scale,), copy_epilogue, y)
+    project(hidden, (w_down,), (down_scale,), y)
     return y
 
 

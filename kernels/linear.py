@@ -11,7 +11,7 @@ has x's dtype, accumulated in fp32 PSUM. MiMo uses it for q (4096 -> 12288), k (
 and lm_head (4096 -> 152576).
 
 The tiled matmul (`project`) is shared with the dense SwiGLU kernel (kernels/dense_mlp.py), which
-passes two weights and a silu-gate epilogue. x is transposed on TensorE once per token group
+passes two weights (gate and up: h = silu(x Wg) * (x Wu) on PSUM eviction). x is transposed on TensorE once per token group
 (x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
 groups as [128, K/128, cols] (cols-element contiguous runs per partition), once per token group.
 Per block of up to 128 tokens, one of two matmul forms:
@@ -141,32 +141,49 @@ def load_weight_tile(w, scale, n0, cols, engine_offset=0):
     return tile
 
 
-def copy_epilogue(dst, accs, i):
-    """Plain projection: PSUM -> SBUF with the cast to the output dtype."""
-    nisa.tensor_copy(dst=dst, src=accs[0], engine=PSUM_ENGINES[i % 2])
+def evict(dst, accs, step):
+    """PSUM accumulators -> `dst` (SBUF, output dtype); `step` rotates the engines.
+
+    One weight: a copy with the cast. Two weights (SwiGLU gate and up): dst = silu(gate) * up,
+    ScalarE applying silu on its way out of PSUM and the multiply reading `up` straight from PSUM.
+    """
+    if len(accs) == 1:
+        nisa.tensor_copy(dst=dst, src=accs[0], engine=PSUM_ENGINES[step % 2])
+        return
+    gate, up = accs
+    act = nl.ndarray(dst.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=act, op=nl.silu, data=gate)                     # ScalarE, PSUM -> SBUF
+    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply, engine=PSUM_ENGINES[step % 2])
 
 
-def _weights_stationary_block(tiles, moving_for, T, y_tile, epilogue, step):
+def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
     """y_tile [T, nbs*128] for T <= 64 tokens from weight tiles [128, K/128, nbs*128] (SBUF).
 
-    `nc_matmul(stationary=W[128 k, 128 n], moving=moving_for(i, kt)[:, nb, :] [128 k, T])`
-    accumulates y^T[128 n, T] over K in PSUM (64 TensorE cycles per 128x128 weight block, where the
-    weights-moving form pays 512 per 512 columns whatever the token count); the epilogue runs on
-    y^T and TensorE transposes it back. `moving_for(i, kt)` gives weight i's moving operand for K
-    block kt as [128, nbs, T].
+    `nc_matmul(stationary=W[128 k, 128 n], moving=x^T[128 k, T])` accumulates y^T[128 n, T] over K
+    in PSUM (64 TensorE cycles per 128x128 weight block, where the weights-moving form pays 512 per
+    512 columns whatever the token count); the eviction runs on y^T and TensorE transposes it back.
+    x_block: x^T of the tokens, [128, K/128, T]. scale_tiles: None (bf16 tiles), or per weight the
+    block scales [128, K/128, nbs] of raw fp8 tiles, applied to the activations (module doc).
     """
     KT, cols = tiles[0].shape[1], tiles[0].shape[2]
+    T = x_block.shape[2]
     nbs = cols // P
     padded = 1 << (T - 1).bit_length()          # accumulator stride: no slice straddles a PSUM bank
     accs = [nl.ndarray((P, nbs, padded), dtype=nl.float32, buffer=nl.psum) for _ in tiles]
     for kt in range(KT):
         for i, (tile, acc) in enumerate(zip(tiles, accs)):
-            moving = moving_for(i, kt)
+            if scale_tiles is not None:
+                # x^T block kt times every column block's scale, in one instruction: [128 k, nbs, T].
+                x_scaled = nl.ndarray((P, nbs, T), dtype=nl.bfloat16, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=x_scaled, data1=x_block[:, kt, :].expand_dim(1).broadcast(1, nbs),
+                                   data2=scale_tiles[i][:, kt, :].expand_dim(2).broadcast(2, T),
+                                   op=nl.multiply, engine=SBUF_ENGINES[(kt * len(tiles) + i) % 3])
             for nb in range(nbs):
+                moving = x_block[:, kt, :] if scale_tiles is None else x_scaled[:, nb, :]
                 nisa.nc_matmul(dst=acc[:, nb, 0:T], stationary=tile[:, kt, nb * P:(nb + 1) * P],
-                               moving=moving[:, nb, :])
+                               moving=moving)
     y_t = nl.ndarray((P, nbs, T), dtype=y_tile.dtype, buffer=nl.sbuf)  # y^T: output columns on partitions
-    epilogue(y_t, [acc[:, :, 0:T] for acc in accs], step)
+    evict(y_t, [acc[:, :, 0:T] for acc in accs], step)
     # Back to tokens on partitions: one TensorE transpose per 128-column block, a PSUM bank at a time.
     per_bank = PSUM_BANK_BYTES // (P * y_tile.itemsize)
     for i, j0 in enumerate(range(0, nbs, per_bank)):
@@ -177,7 +194,7 @@ def _weights_stationary_block(tiles, moving_for, T, y_tile, epilogue, step):
         nisa.tensor_copy(dst=y_tile[:, j0 * P:(j0 + n) * P], src=bank, engine=PSUM_ENGINES[(step + i) % 2])
 
 
-def _weights_moving_block(tiles, x_t, b0, tb, y_tile, epilogue, step):
+def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
     """y_tile [tb, cols] for tokens b0 .. b0+tb-1 of the group: weights are the moving operand."""
     KT = x_t.shape[1]
     accs = []
@@ -186,10 +203,10 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, epilogue, step):
         for kt in range(KT):                                           # fp32 accumulation over K
             nisa.nc_matmul(dst=acc, stationary=x_t[:, kt, b0:b0 + tb], moving=tile[:, kt, :])
         accs.append(acc)
-    epilogue(y_tile, accs, step)
+    evict(y_tile, accs, step)
 
 
-def _project_token_group(x, g0, tg, weights, scales, col_group, epilogue, y):
+def _project_token_group(x, g0, tg, weights, scales, col_group, y):
     """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
 
     A function of its own so that the group's x^T is freed before the next group's is loaded.
@@ -204,25 +221,22 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, epilogue, y):
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
             y_tile = nl.ndarray((tb, cols), dtype=y.dtype, buffer=nl.sbuf)
             if tb <= WEIGHTS_STATIONARY_MAX_TOKENS:                # a short block: decode or a tail
-                x_block = x_t[:, :, b0:b0 + tb]
-                _weights_stationary_block(
-                    tiles, lambda i, kt: x_block[:, kt, :].expand_dim(1).broadcast(1, cols // P),
-                    tb, y_tile, epilogue, step)
+                _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
-                _weights_moving_block(tiles, x_t, b0, tb, y_tile, epilogue, step)
+                _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
             nisa.dma_copy(dst=y[g0 + b0:g0 + b0 + tb, n0:n0 + cols], src=y_tile)   # SBUF -> HBM
 
 
-def _project_weights_moving(x, weights, scales, epilogue, y):
+def _project_weights_moving(x, weights, scales, y):
     T, K = x.shape
     KT = K // P
     token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
     col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
     for g0 in range(0, T, token_group):
-        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, epilogue, y)
+        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y)
 
 
-def _project_activations_scaled(x, weights, scales, epilogue, y):
+def _project_activations_scaled(x, weights, scales, y):
     T, K = x.shape
     N = weights[0].shape[1]
     KT, NB = K // P, N // P
@@ -241,38 +255,30 @@ def _project_activations_scaled(x, weights, scales, epilogue, y):
             nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
             raws.append(raw)
             scale_tiles.append(st)
-
-        def scaled_x(i, kt):
-            # x^T block kt times every column block's scale, in one instruction: [128 k, nbs, T].
-            x_scaled = nl.ndarray((P, nbs, T), dtype=nl.bfloat16, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=x_scaled, data1=x_t[:, kt, :].expand_dim(1).broadcast(1, nbs),
-                               data2=scale_tiles[i][:, kt, :].expand_dim(2).broadcast(2, T),
-                               op=nl.multiply, engine=SBUF_ENGINES[(kt * len(raws) + i) % 3])
-            return x_scaled
-
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
-        _weights_stationary_block(raws, scaled_x, T, y_tile, epilogue, step)
+        _weights_stationary_block(raws, x_t, scale_tiles, y_tile, step)
         nisa.dma_copy(dst=y[:, nb0 * P:nb0 * P + cols], src=y_tile)     # SBUF -> HBM
 
 
-def project(x, weights, scales, epilogue, y):
-    """y [T, N] = epilogue(x @ W_0, x @ W_1, ...) for weights [K, N] of one dtype (see module doc).
+def project(x, weights, scales, y):
+    """y [T, N] from x [T, K] and one or two weights [K, N] of one dtype (see module doc).
 
-    `epilogue(dst, accs, step)` turns the fp32 PSUM accumulators (one per weight, same shape as
-    `dst`) into `dst` (SBUF, y's dtype); `step` counts calls so it can rotate engines.
+    One weight: y = x @ W. Two weights (SwiGLU gate and up): y = silu(x @ W_0) * (x @ W_1), both
+    products accumulated side by side in PSUM and combined on eviction.
     """
     T, _, _ = check_projection(x, weights, scales)
+    assert len(weights) in (1, 2), f"project: one weight, or a gate and an up weight; got {len(weights)}"
     if scales[0] is not None and T <= FP8_SCALED_ACTIVATIONS_MAX_TOKENS:
-        _project_activations_scaled(x, weights, scales, epilogue, y)
+        _project_activations_scaled(x, weights, scales, y)
     else:
-        _project_weights_moving(x, weights, scales, epilogue, y)
+        _project_weights_moving(x, weights, scales, y)
 
 
 @nki.jit
 def linear_kernel(x, w, w_scale=None):
     """y [T, N] = x [T, K] @ W [K, N] (see module doc for dtypes and layouts)."""
     y = nl.ndarray((x.shape[0], w.shape[1]), dtype=x.dtype, buffer=nl.shared_hbm)
-    project(x, (w,), (w_scale,), copy_epilogue, y)
+    project(x, (w,), (w_scale,), y)
     return y
 
 
