@@ -65,7 +65,7 @@ BF16 = ml_dtypes.bfloat16
 
 # --------------------------------------------------------------------------- device helpers
 
-class Share:
+class Share(nl.NKIObject):
     """Deterministic split of a stream of decisions: `take()` is True for `share` of the calls
     (Bresenham-style), `take_count(n)` for about `share * n` of n items."""
 
@@ -82,7 +82,7 @@ class Share:
         return int(self.acc) - before
 
 
-class EvictEngines:
+class EvictEngines(nl.NKIObject):
     """PSUM -> SBUF copies go to VectorE for `vector_share` of them, ScalarE otherwise (the two
     engines that read PSUM; GpSimd cannot)."""
 
@@ -103,7 +103,7 @@ class EvictEngines:
             nisa.activation(dst, nl.copy, src, scale=scale)
 
 
-class RowState:
+class RowState(nl.NKIObject):
     """Online-softmax state of n row tiles processed together: negated running max (-m) and
     denominator l, [rows, n] fp32; the fp32 output accumulator O [rows, Dv] of a (lone) tile
     that spans several key chunks."""
@@ -261,13 +261,14 @@ def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
     probs_t = nl.ndarray((P_MAX, n, n_kt, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
     flat_t = probs_t.reshape((P_MAX, n * n_kt, rows))
     if n_pe:
-        probs_t_psum = nl.ndarray((P_MAX, n_pe, rows), dtype=nl.bfloat16, buffer=nl.psum)
+        # blocks at a 128-column stride, so none straddles a PSUM bank whatever `rows` is
+        probs_t_psum = nl.ndarray((P_MAX, n_pe, P_MAX), dtype=nl.bfloat16, buffer=nl.psum)
         for i, (j, kt) in enumerate(blocks[:n_pe]):
-            nisa.nc_transpose(probs_t_psum[:, i, :], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
+            nisa.nc_transpose(probs_t_psum[:, i, 0:rows], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
         per_bank = BANK_FP32 * 4 // (P_MAX * 2)          # bf16 [128, 128] blocks per PSUM bank
         for b0 in range(0, n_pe, per_bank):
             b1 = min(n_pe, b0 + per_bank)
-            evict.copy(flat_t[:, b0:b1, :], probs_t_psum[:, b0:b1, :])     # PSUM -> SBUF
+            evict.copy(flat_t[:, b0:b1, :], probs_t_psum[:, b0:b1, 0:rows])     # PSUM -> SBUF
     for i, (j, kt) in enumerate(blocks[n_pe:], start=n_pe):
         nisa.dma_transpose(flat_t[:, i, :], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
     return probs_t

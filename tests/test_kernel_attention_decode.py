@@ -1,0 +1,136 @@
+"""Cached attention kernel (kernels/attention_decode.py: decode and prefill on a history, ragged
+batches, full layers and sliding-window ring buffers) against the NumPy reference
+(mimo_v2_flash.reference.attention), on the CPU simulator.
+
+The problems are built the way the decoder layer builds them: `LayerKVCache.update` returns the
+cached keys in cache order (a wrapped ring buffer for SWA layers) followed by the new ones.
+
+Error measure: max |kernel - reference| / max |reference| per sequence, the reference (fp32) fed
+exactly the bf16 values the kernel reads (Q * scale, K, V rounded to bf16, scale 1), so the measure
+is the kernel's own arithmetic: probabilities held in bf16 for the PV matmul and the bf16 output
+(observed 3e-3 .. 6e-3). Tolerance 1e-2. Shapes: the full MiMo attention (64 query heads over 4 KV
+heads for full layers; over 8 KV heads, 128-key window and sinks for SWA layers; dims 192 / 128).
+"""
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # the simulator's matmuls are small
+
+import numpy as np
+import pytest
+
+from kernels.attention_decode import (EMPTY_POSITION, attention_batch, attention_decode,
+                                      attention_decode_kernel)
+from kernels.attention_prefill import BF16
+from kernels.backend import simulate
+from mimo_v2_flash.layer import AttentionInput
+from mimo_v2_flash.selfcheck.kernels_attention import (FULL, SCALE, SWA, TOL, cached_error,
+                                                       cached_problem, random_sink)
+
+
+def check(problems, window, sink, outs):
+    for i, (p, out) in enumerate(zip(problems, outs)):
+        assert out.shape == (len(p.q), p.q.shape[1], p.v.shape[2])
+        err = cached_error([p], window, sink, [out])
+        assert err < TOL, f"sequence {i} (T={len(p.q)}, S={len(p.k)}): error {err:.3e} >= {TOL}"
+
+
+def run(specs, hq, hkv, window, sink=None, seed=0, lnc=1):
+    rng = np.random.default_rng(seed)
+    problems = [cached_problem(rng, h, n, hq, hkv, window) for h, n in specs]
+    outs, report = attention_decode(problems, SCALE, window, sink, lnc=lnc)
+    check(problems, window, sink, outs)
+    return problems, outs, report
+
+
+@pytest.mark.parametrize("layer", ["full", "swa"])
+def test_decode_caches_shorter_equal_longer_than_window(layer):
+    """Histories around the 128-key window: 0, 30, 127 (cache + new key = the window), 128
+    (the ring is full), 129, 300 and 1000 (the ring wrapped several times)."""
+    shape = FULL if layer == "full" else SWA
+    sink = None if layer == "full" else random_sink(64)
+    problems, _, _ = run([(h, 1) for h in (0, 30, 127, 128, 129, 300, 1000)], **shape, sink=sink)
+    if layer == "swa":
+        wrapped = problems[-1].k_positions
+        assert len(wrapped) == 129 and not np.all(np.diff(wrapped[:-1]) > 0)   # ring order, wrapped
+
+
+@pytest.mark.parametrize("layer", ["full", "swa"])
+def test_issue_prefill_batch_on_histories(layer):
+    """4 requests adding 64, 128, 256 and 256 tokens to histories of 100, 0, 37 and 300 tokens."""
+    shape = FULL if layer == "full" else SWA
+    run([(100, 64), (0, 128), (37, 256), (300, 256)], **shape,
+        sink=None if layer == "full" else random_sink(64))
+
+
+@pytest.mark.parametrize("layer", ["full", "swa"])
+def test_issue_decode_batch_of_16(layer):
+    """16 requests with histories 50 x4, 100 x4, 200 x4 and 400 x4 (the 128-key window crossed
+    and not), one new token each, in one launch."""
+    shape = FULL if layer == "full" else SWA
+    run([(h, 1) for h in [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4], **shape,
+        sink=None if layer == "full" else random_sink(64))
+
+
+def test_sinks_large_and_very_negative():
+    """Even heads: sink +15 (takes almost all the probability); odd heads: -40 (no effect)."""
+    sink = np.where(np.arange(64) % 2 == 0, 15.0, -40.0).astype(np.float32)
+    rng = np.random.default_rng(4)
+    problems = [cached_problem(rng, h, n, **SWA) for h, n in [(200, 1), (50, 1), (130, 20)]]
+    outs, _ = attention_decode(problems, SCALE, 128, sink)
+    for p, out in zip(problems, outs):
+        for h in range(64):
+            g = slice(h // 8, h // 8 + 1)
+            one_head = AttentionInput(p.q[:, h:h + 1], p.k[:, g], p.v[:, g], p.q_positions, p.k_positions)
+            err = cached_error([one_head], 128, sink[h:h + 1], [out[:, h:h + 1]])
+            assert err < TOL, f"head {h} (sink {sink[h]}): error {err:.3e}"
+
+
+def test_odd_shapes_and_sglang_window():
+    """G = 3 heads per KV head, a 129-key window, tiny windows, a long prefill on a history."""
+    run([(5, 1), (40, 7), (0, 3)], hq=12, hkv=4, window=129, sink=random_sink(12))
+    run([(10, 3), (40, 20), (16, 5), (0, 7)], hq=8, hkv=4, window=16, sink=random_sink(8))
+    run([(2100, 30), (7, 2)], hq=16, hkv=2, window=None)         # two key chunks, 32-token split
+
+
+def test_lnc2_splits_tiles_between_cores():
+    _, out1, rep1 = run([(h, 1) for h in (300, 300, 500, 500)], **FULL, seed=5)
+    _, out2, rep2 = run([(h, 1) for h in (300, 300, 500, 500)], **FULL, seed=5, lnc=2)
+    for a, b in zip(out1, out2):
+        np.testing.assert_array_equal(a, b)
+    assert rep2.num_programs == 2 and rep2.estimated_time_s < 0.75 * rep1.estimated_time_s
+
+
+def test_attention_batch_routes_fresh_prompts_to_the_prefill_kernel():
+    """The NKI backend entry: a fresh 200-token prompt runs the prefill kernel, a decode step and
+    a short prompt share one cached-attention launch; all equal the reference."""
+    rng = np.random.default_rng(6)
+    problems = [cached_problem(rng, 0, 200, **SWA), cached_problem(rng, 90, 1, **SWA),
+                cached_problem(rng, 0, 5, **SWA)]
+    sink = random_sink(64)
+    outs, reports = attention_batch(problems, SCALE, 128, sink)
+    assert [r.kernel for r in reports] == ["attention_prefill_kernel", "attention_decode_kernel"]
+    check(problems, 128, sink, outs)
+
+
+def test_misuse_is_rejected_with_clear_errors():
+    rng = np.random.default_rng(7)
+    good = cached_problem(rng, 10, 1, **FULL)
+    other = cached_problem(rng, 10, 1, hq=64, hkv=8, window=None)
+    with pytest.raises(ValueError, match="unlike problem 0"):
+        attention_decode([good, other], SCALE)
+    blind = AttentionInput(good.q, good.k, good.v, np.array([5]), np.arange(6, 17))
+    with pytest.raises(ValueError, match="sees no key"):
+        attention_decode([blind], SCALE)
+    short = AttentionInput(good.q, good.k, good.v, np.array([10, 11]), good.k_positions)
+    with pytest.raises(ValueError, match="2 query positions for 1 queries"):
+        attention_decode([short], SCALE)
+    # the kernel itself: a plan whose runs do not add up to the tile's rows
+    q_t = np.zeros((1, 4, 192, 16), BF16)
+    k_t = np.zeros((1, 4, 192, 8), BF16)
+    v = np.zeros((1, 4, 8, 128), BF16)
+    kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
+    qpos = np.zeros((1, 1), np.float32)
+    bad_plan = (16, ((32, 8, (False,), ((0, 1, 0, 4, 0, 1),)),))      # runs give 64 rows, not 32
+    with pytest.raises(AssertionError, match="different row count than 32"):
+        simulate(attention_decode_kernel)(q_t, k_t, v, kpos, qpos, np.zeros((1, 1, 128), BF16), None,
+                                          bad_plan, None)
