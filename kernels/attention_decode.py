@@ -38,8 +38,8 @@ import numpy as np
 from kernels.backend import nki, nl, nisa, simulate
 from kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, check_attention_shapes,
-    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, transpose_probs,
-    update_output, zero_probs_margins)
+    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
+    transpose_probs, update_output, zero_probs_margins)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.5
@@ -77,154 +77,195 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     v           [B, Hkv, S, Dv]   bf16  cache values.
     kpos        [B, S]            fp32  key positions (EMPTY_POSITION for empty slots).
     qpos        [B, Tq]           fp32  positions of the new tokens.
-    tile_onehot [n_tiles, NT, 128] bf16 MASK_BIAS where a tile row belongs to tile token t.
-    sink_rows   [n_tiles, 128, 1] fp32  or None: each tile row's sink logit.
-    plan        (group, tiles), see `plan_decode_tiles`: per tile (rows, keys, masked chunk
-                flags, runs); a run (b0, count, kv0, kv1, t0, t1) puts sequences b0 .. b0+count-1,
-                KV heads [kv0, kv1), new tokens [t0, t1) into the tile's next rows, ordered
-                (sequence, KV head, token, query head). Every run of a tile reads keys [0, keys).
+    tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
+    sink_rows   [tiles, 128, 1]   fp32  or None: each tile row's sink logit.
+    plan        (group, units) from `plan_decode_units`. A unit shares its Q, K, V and position
+                loads between its row tiles: `(runs, tiles)`; a run (b0, count, kv0, kv1, t0, t1)
+                is sequences b0 .. b0+count-1, KV heads [kv0, kv1), new tokens [t0, t1), rows
+                ordered (sequence, KV head, token, query head). Either one tile holds all the
+                runs' rows (short sequences packed), or the unit has one run of one sequence and
+                KV head and its tiles split the tokens. A tile (rows, ta, tb, keys, masked):
+                tokens [ta, tb) of the unit's run (all rows when packed), keys [0, keys) of the
+                cache (the later ones are invisible to its queries), masked[c] when key chunk c
+                needs the position mask.
     window      int or None             keys a query sees, itself included.
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
-    Per tile and run, one DMA per D tile brings a key chunk of K^T, one brings V, one Q^T. LNC=2
-    splits the tiles between the two cores.
+    LNC=2 splits the units between the two cores.
     """
     n_seqs, kv_heads, d_head, q_cols = q_t.shape
     s_max = k_t.shape[3]
     dv = v.shape[3]
-    group, tiles = plan
+    group, units = plan
     assert k_t.shape[:3] == (n_seqs, kv_heads, d_head), f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]"
     assert v.shape[:3] == (n_seqs, kv_heads, s_max), f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]"
     assert kpos.shape == (n_seqs, s_max), f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]"
     assert q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group), \
         f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}"
-    total_rows = sum(tile[0] for tile in tiles)
-    out = nl.ndarray((total_rows, dv), dtype=q_t.dtype, buffer=nl.shared_hbm)
+    out = nl.ndarray((sum(t[0] for _, tiles in units for t in tiles), dv), dtype=q_t.dtype,
+                     buffer=nl.shared_hbm)
     d_tiles = [(d0, min(d_head, d0 + P_MAX)) for d0 in range(0, d_head, P_MAX)]
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
-    by_layout = {}           # tile layout -> (zero-padded Q^T buffers, -sink rows), set up once
-    onehots = {}             # tile layout -> token one-hot of the mask matmul, loaded once
+    padded_q = {}            # packed-tile layout -> Q^T buffers zeroed outside each piece, set up once
+    per_layout = {}          # (tile index of first use, layout) -> (-sink rows, mask one-hot), loaded once
 
-    row_base = 0
-    for ti, (rows, keys, masked, runs) in enumerate(tiles):
-        tile_row0 = row_base
-        row_base += rows
-        if ti % nl.num_programs(0) != nl.program_id(0):
+    row_base, tile_base = 0, 0
+    for ui, (runs, tiles) in enumerate(units):
+        unit_row0, unit_tile0 = row_base, tile_base
+        row_base += sum(t[0] for t in tiles)
+        tile_base += len(tiles)
+        if ui % nl.num_programs(0) != nl.program_id(0):
             continue
-        pieces = []          # (run, sequence in run, KV head in run, first row, rows)
+        packed = len(tiles) == 1 and (len(runs) > 1 or runs[0][1] > 1 or runs[0][3] - runs[0][2] > 1)
+        pieces = []          # (run, sequence in run, KV head in run, first row, rows) of a packed tile
         for ri, (_, count, kv0, kv1, t0, t1) in enumerate(runs):
             for bl in range(count):
                 for j in range(kv1 - kv0):
                     pieces.append((ri, bl, j, len(pieces) and pieces[-1][3] + pieces[-1][4], (t1 - t0) * group))
-        assert pieces[-1][3] + pieces[-1][4] == rows, f"tile {ti}: runs give a different row count than {rows}"
-        tokens = sum(count * (t1 - t0) for _, count, _, _, t0, t1 in runs)
-        layout = (rows, tuple((r0, n) for *_, r0, n in pieces),
-                  tuple((kv0, kv1) for _, _, kv0, kv1, _, _ in runs))
-        if layout not in by_layout:
-            # once per layout: Q^T buffers zeroed outside each piece's columns, sinks
-            buffers = None
-            if len(pieces) > 1:
+        if packed:
+            assert pieces[-1][3] + pieces[-1][4] == tiles[0][0], \
+                f"unit {ui}: runs give a different row count than {tiles[0][0]}"
+        any_masked = any(any(t[4]) for t in tiles)
+
+        # HBM -> SBUF: Q^T, one DMA per run and D tile
+        if packed:
+            layout = (tiles[0][0], tuple(p[3:] for p in pieces), tuple(r[2:4] for r in runs))
+            if layout not in padded_q:
                 buffers = []
                 for d0, d1 in d_tiles:
-                    buf = nl.ndarray((d1 - d0, len(pieces), rows), dtype=q_t.dtype, buffer=nl.sbuf)
+                    buf = nl.ndarray((d1 - d0, len(pieces), tiles[0][0]), dtype=q_t.dtype, buffer=nl.sbuf)
                     nisa.memset(buf, 0.0, engine=nisa.gpsimd_engine)
                     buffers.append(buf)
-            neg_sink = None
-            if sink_rows is not None:
-                sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.dma_copy(sink, sink_rows[ti, 0:rows, :])
-                neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
-            by_layout[layout] = (buffers, neg_sink)
-        buffers, neg_sink = by_layout[layout]
-        if any(masked) and layout not in onehots:
-            onehots[layout] = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
-            nisa.dma_copy(onehots[layout], tile_onehot[ti, 0:tokens, 0:rows])
-
-        # HBM -> SBUF: Q^T stationaries, one DMA per run and D tile
-        if buffers is None:
-            b0, _, kv0, _, t0, t1 = runs[0]
-            stationaries = []
-            for d0, d1 in d_tiles:
-                q_part = nl.ndarray((d1 - d0, rows), dtype=q_t.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(q_part, q_t[b0, kv0, d0:d1, t0 * group:t1 * group])
-                stationaries.append([q_part])
-        else:
+                padded_q[layout] = buffers
+            buffers = padded_q[layout]
             p = 0
             for b0, count, kv0, kv1, t0, t1 in runs:
                 n = (t1 - t0) * group
                 for buf, (d0, d1) in zip(buffers, d_tiles):
                     # piece p + m of the tile -> buffer [:, p + m, r0 + m n : r0 + (m + 1) n]
-                    dst = buf.ap([[len(pieces) * rows, d1 - d0], [rows + n, count * (kv1 - kv0)], [1, n]],
-                                 offset=p * rows + pieces[p][3])
-                    src = q_t[b0:b0 + count, kv0:kv1, d0:d1, t0 * group:t1 * group].permute((2, 0, 1, 3))
-                    nisa.dma_copy(dst, src)
+                    dst = buf.ap([[len(pieces) * tiles[0][0], d1 - d0], [tiles[0][0] + n, count * (kv1 - kv0)],
+                                  [1, n]], offset=p * tiles[0][0] + pieces[p][3])
+                    nisa.dma_copy(dst, q_t[b0:b0 + count, kv0:kv1, d0:d1, t0 * group:t1 * group]
+                                  .permute((2, 0, 1, 3)))
                 p += count * (kv1 - kv0)
-            stationaries = [[buf[:, p, :] for p in range(len(pieces))] for buf in buffers]
-        if any(masked):
-            qpos_col = nl.ndarray((tokens, 1), dtype=nl.float32, buffer=nl.sbuf)
-            tok = 0
-            for b0, count, _, _, t0, t1 in runs:
-                for b in range(b0, b0 + count):
-                    nisa.dma_copy(qpos_col[tok:tok + t1 - t0, :], qpos[b:b + 1, t0:t1])
-                    tok += t1 - t0
+        else:
+            b, _, g, _, t0, t1 = runs[0]
+            q_unit = []
+            for d0, d1 in d_tiles:
+                q_part = nl.ndarray((d1 - d0, (t1 - t0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+                nisa.dma_copy(q_part, q_t[b, g, d0:d1, t0 * group:t1 * group])
+                q_unit.append(q_part)
+            layout = (tiles[0][0], g)
 
-        chunks = [(c0, min(keys, c0 + CHUNK_KEYS)) for c0 in range(0, keys, CHUNK_KEYS)]
-        state = RowState(rows, len(chunks))
-        result = nl.ndarray((rows, 1, dv), dtype=out.dtype, buffer=nl.sbuf)
-        for ci, (c0, c1) in enumerate(chunks):
-            width = c1 - c0
+        # per tile: its stationaries, -sink rows, one-hot and query positions (for masks)
+        tile_setup = []
+        split_tokens = max(tb - ta for _, ta, tb, _, _ in tiles)
+        if any_masked and not packed:
+            # query positions of the split tokens as columns: [tokens per tile, tile]
+            qpos_cols = nl.ndarray((split_tokens, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
+            full = sum(1 for _, ta, tb, _, _ in tiles if tb - ta == split_tokens)
+            nisa.dma_copy(qpos_cols[:, 0:full], qpos[b, t0:t0 + full * split_tokens]
+                          .reshape((full, split_tokens)).permute((1, 0)))
+            if full < len(tiles):
+                _, ta, tb, _, _ = tiles[full]
+                nisa.dma_copy(qpos_cols[0:tb - ta, full:full + 1], qpos[b:b + 1, t0 + ta:t0 + tb])
+        for j, (rows, ta, tb, keys, masked) in enumerate(tiles):
+            key = (rows, layout)
+            if key not in per_layout:
+                neg_sink = onehot = None
+                if sink_rows is not None:
+                    sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.dma_copy(sink, sink_rows[unit_tile0 + j, 0:rows, :])
+                    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
+                per_layout[key] = [neg_sink, onehot]
+            if any(masked) and per_layout[key][1] is None:
+                onehot = nl.ndarray((tb - ta, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+                nisa.dma_copy(onehot, tile_onehot[unit_tile0 + j, 0:tb - ta, 0:rows])
+                per_layout[key][1] = onehot
+            if packed:
+                stationaries = [[buf[:, p, :] for p in range(len(pieces))] for buf in buffers]
+                qpos_col = None
+                if any(masked):
+                    qpos_col = nl.ndarray((tb - ta, 1), dtype=nl.float32, buffer=nl.sbuf)
+                    tok = 0
+                    for b0, count, _, _, t0, t1 in runs:
+                        for s in range(b0, b0 + count):
+                            nisa.dma_copy(qpos_col[tok:tok + t1 - t0, :], qpos[s:s + 1, t0:t1])
+                            tok += t1 - t0
+            else:
+                stationaries = [[q_part[:, ta * group:tb * group]] for q_part in q_unit]
+                qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
+            chunks = (keys + CHUNK_KEYS - 1) // CHUNK_KEYS
+            tile_setup.append((stationaries, qpos_col, RowState(rows, chunks)))
+        result = nl.ndarray((max(t[0] for t in tiles), len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
+
+        unit_keys = max(t[3] for t in tiles)
+        for ci, c0 in enumerate(range(0, unit_keys, CHUNK_KEYS)):
+            c1 = min(unit_keys, c0 + CHUNK_KEYS)
             # HBM -> SBUF: per run, the key chunk of K^T (per D tile) and of V
             k_sb, v_sb = [], []
             for b0, count, kv0, kv1, _, _ in runs:
                 parts = []
                 for d0, d1 in d_tiles:
-                    k_part = nl.ndarray((d1 - d0, count, kv1 - kv0, width), dtype=k_t.dtype, buffer=nl.sbuf)
+                    k_part = nl.ndarray((d1 - d0, count, kv1 - kv0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
                     nisa.dma_copy(k_part, k_t[b0:b0 + count, kv0:kv1, d0:d1, c0:c1].permute((2, 0, 1, 3)))
                     parts.append(k_part)
                 k_sb.append(parts)
                 v_sb.append(load_key_tiles(v[b0:b0 + count, kv0:kv1], c0, c1))  # [128, count, kv, kt, Dv]
-            scores = score_tile(rows, 1, width)
-            for p, (ri, bl, j, _, _) in enumerate(pieces):
-                qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
-                           [part[:, bl, j, :] for part in k_sb[ri]], 0, width, 0, first=p == 0)
-            if masked[ci]:
-                kpos_rows = nl.ndarray((tokens, width), dtype=nl.float32, buffer=nl.sbuf)
+            kpos_rows = None
+            if any(ci < len(t[4]) and t[4][ci] for t in tiles):
+                # HBM -> SBUF: key positions, one row per new token of the tile(s)
+                kpos_rows = nl.ndarray((tiles[0][2] if packed else split_tokens, c1 - c0), dtype=nl.float32,
+                                       buffer=nl.sbuf)
                 tok = 0
                 for b0, count, _, _, t0, t1 in runs:
-                    for b in range(b0, b0 + count):
-                        # HBM -> SBUF: the sequence's key positions, once per new token
-                        nisa.dma_copy(kpos_rows[tok:tok + t1 - t0, :], kpos[b:b + 1, c0:c1].broadcast(0, t1 - t0))
-                        tok += t1 - t0
-                mask_matmuls(scores[:, 0, :], onehots[layout],
-                             masked_indicator(kpos_rows, qpos_col, width, window), 0, width)
-            n_kt = (width + P_MAX - 1) // P_MAX
-            probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
-            zero_probs_margins(probs, 0, width)
-            alpha = softmax_step(scores, probs, 0, width, state, neg_sink)
-            del scores
-            probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
-            del probs
-            o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
-            if len(pieces) == 1:
-                pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], 0, width)
-            else:
-                # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
-                o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
-                for ri, bl, j, r0, n in pieces:
-                    for kt in range(n_kt):
-                        kw = min(P_MAX, width - kt * P_MAX)
-                        nisa.nc_matmul(o_t_psum[:, r0:r0 + n], v_sb[ri][0:kw, bl, j, kt, :],
-                                       probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
-                o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
-                evict.copy(o_t, o_t_psum)
-                nisa.nc_transpose(o_psum[:, 0, :], o_t)
-                del o_t_psum, o_t
-            del probs_t
-            update_output(state, o_psum, alpha, result, evict)
-            del o_psum, k_sb, v_sb
-        nisa.dma_copy(out[tile_row0:tile_row0 + rows, :], result[:, 0, :])      # SBUF -> HBM
+                    n = (t1 - t0) if packed else split_tokens
+                    for s in range(b0, b0 + count):
+                        nisa.dma_copy(kpos_rows[tok:tok + n, :], kpos[s:s + 1, c0:c1].broadcast(0, n))
+                        tok += n
+            for j, (rows, ta, tb, keys, masked) in enumerate(tiles):
+                if c0 >= keys:
+                    continue            # keys past the tile's last visible one
+                stationaries, qpos_col, state = tile_setup[j]
+                neg_sink, onehot = per_layout[(rows, layout)]
+                width = min(c1, keys) - c0
+                tile_pieces = pieces if packed else [(0, 0, 0, 0, rows)]
+                scores = score_tile(rows, 1, width)
+                for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
+                    qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
+                               [part[:, bl, kj, :] for part in k_sb[ri]], 0, width, 0, first=p == 0)
+                if masked[ci]:
+                    indicator = masked_indicator(kpos_rows[0:tb - ta, 0:width], qpos_col, width, window)
+                    mask_matmuls(scores[:, 0, :], onehot, indicator, 0, width)
+                n_kt = (width + P_MAX - 1) // P_MAX
+                probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+                zero_probs_margins(probs, 0, width)
+                alpha = softmax_step(scores, probs, 0, width, state, neg_sink)
+                del scores
+                probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
+                del probs
+                o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
+                if len(tile_pieces) == 1:
+                    pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], 0, width)
+                else:
+                    # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
+                    o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
+                    for ri, bl, kj, r0, n in tile_pieces:
+                        for kt in range(n_kt):
+                            kw = min(P_MAX, width - kt * P_MAX)
+                            nisa.nc_matmul(o_t_psum[:, r0:r0 + n], v_sb[ri][0:kw, bl, kj, kt, :],
+                                           probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
+                    o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
+                    evict.copy(o_t, o_t_psum)
+                    nisa.nc_transpose(o_psum[:, 0, :], o_t)
+                    del o_t_psum, o_t
+                del probs_t
+                update_output(state, o_psum, alpha, result[0:rows, j:j + 1, :], evict)
+                del o_psum
+            del k_sb, v_sb
+        store_rows(out, unit_row0, result, [t[0] for t in tiles])         # SBUF -> HBM
     return out
 
 
@@ -232,54 +273,64 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
 @dataclass
 class DecodePlan:
-    """Static structure of one launch: `kernel_plan` = (group, tiles) for the kernel, and where
-    each tile row's output goes: `row_seq`, `row_token`, `row_head` [total rows]."""
-    kernel_plan: tuple
+    """Static structure of one launch: `units` for the kernel (see `attention_decode_kernel`), and
+    for every output row its sequence, token and query head; per tile its tokens (sequence, token)."""
+    group: int
+    units: list
     row_seq: np.ndarray
     row_token: np.ndarray
     row_head: np.ndarray
-    tile_tokens: list          # per tile: [(sequence, token)] in tile token order
+    tile_tokens: list
+
+    @property
+    def kernel_plan(self):
+        return self.group, tuple((runs, tuple(tuple(t) for t in tiles)) for runs, tiles in self.units)
 
 
-def plan_decode_tiles(q_lens, k_lens, kv_heads: int, group: int, order=None) -> DecodePlan:
-    """Pack the sequences of a batch into row tiles of at most 128 rows.
+def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
+    """Pack the sequences of a batch (in this order; put similar key counts next to each other)
+    into row tiles of at most 128 rows.
 
-    A sequence whose rows (Hkv * T * G) fit in 128 is packed whole, with its neighbours in
-    `order` (sequences of similar key counts, so little padding), into tiles; consecutive
-    sequences with the same token count form one run. A longer one gets its own tiles: per KV
-    head, `128 // G` tokens each. `q_lens`, `k_lens`: new tokens and keys per sequence. Masked
-    chunk flags are filled in by `mark_masked_chunks`."""
-    order = list(range(len(q_lens))) if order is None else list(order)
-    tiles, row_seq, row_token, row_head, tile_tokens = [], [], [], [], []
+    A sequence whose rows (Hkv * T * G) fit in 128 is packed whole with its neighbours into one
+    tile (consecutive sequences with the same token count form one run); a longer one gets one
+    unit per KV head whose tiles take `128 // G` tokens each. Tiles read keys [0, S) of their
+    sequences; `limit_keys` narrows that to the visible ones and marks the chunks needing masks."""
+    row_seq, row_token, row_head, tile_tokens, units = [], [], [], [], []
 
-    def add_tile(runs):
-        rows = 0
-        tokens = []
-        keys = 0
+    def add_rows(b, g, tokens):
+        for t in tokens:
+            row_seq.extend([b] * group)
+            row_token.extend([t] * group)
+            row_head.extend(range(g * group, (g + 1) * group))
+
+    def add_packed(runs):
+        rows, tokens = 0, []
         for b0, count, kv0, kv1, t0, t1 in runs:
             for b in range(b0, b0 + count):
-                keys = max(keys, k_lens[b])
                 tokens += [(b, t) for t in range(t0, t1)]
                 for g in range(kv0, kv1):
-                    for t in range(t0, t1):
-                        row_seq.extend([b] * group)
-                        row_token.extend([t] * group)
-                        row_head.extend(range(g * group, (g + 1) * group))
-                        rows += group
-        tiles.append([rows, keys, None, tuple(runs)])
+                    add_rows(b, g, range(t0, t1))
+                    rows += (t1 - t0) * group
+        keys = max(k_lens[b] for b0, count, *_ in runs for b in range(b0, b0 + count))
+        units.append((tuple(runs), [[rows, 0, len(tokens), keys, ()]]))
         tile_tokens.append(tokens)
 
+    per_tile = max(1, P_MAX // group)
     pending, pending_rows = [], 0
-    for b in order:
+    for b in range(len(q_lens)):
         rows_b = kv_heads * q_lens[b] * group
         if rows_b > P_MAX:
-            per_tile = max(1, P_MAX // group)
             for g in range(kv_heads):
-                for t0 in range(0, q_lens[b], per_tile):
-                    add_tile([(b, 1, g, g + 1, t0, min(q_lens[b], t0 + per_tile))])
+                tiles = []
+                for ta in range(0, q_lens[b], per_tile):
+                    tb = min(q_lens[b], ta + per_tile)
+                    tiles.append([(tb - ta) * group, ta, tb, k_lens[b], ()])
+                    add_rows(b, g, range(ta, tb))
+                    tile_tokens.append([(b, t) for t in range(ta, tb)])
+                units.append((((b, 1, g, g + 1, 0, q_lens[b]),), tiles))
             continue
         if pending_rows + rows_b > P_MAX:
-            add_tile(pending)
+            add_packed(pending)
             pending, pending_rows = [], 0
         last = pending[-1] if pending else None
         if last and last[0] + last[1] == b and last[5] == q_lens[b]:
@@ -288,28 +339,24 @@ def plan_decode_tiles(q_lens, k_lens, kv_heads: int, group: int, order=None) -> 
             pending.append((b, 1, 0, kv_heads, 0, q_lens[b]))
         pending_rows += rows_b
     if pending:
-        add_tile(pending)
-    return DecodePlan((group, tiles), np.array(row_seq), np.array(row_token), np.array(row_head),
-                      tile_tokens)
+        add_packed(pending)
+    return DecodePlan(group, units, np.array(row_seq), np.array(row_token), np.array(row_head), tile_tokens)
 
 
-def mark_masked_chunks(plan: DecodePlan, kpos, qpos, k_lens, window) -> None:
-    """Flag the key chunks of each tile where some (token, key) pair is masked: a key later than
-    the query, outside its window, or past the sequence's keys (padding)."""
-    for tile, tokens in zip(plan.kernel_plan[1], plan.tile_tokens):
-        keys = tile[1]
-        flags = []
-        for c0 in range(0, keys, CHUNK_KEYS):
-            c1 = min(keys, c0 + CHUNK_KEYS)
-            seqs = np.array([b for b, _ in tokens])
-            k = kpos[seqs, c0:c1]
-            q = qpos[seqs, [t for _, t in tokens]][:, None]
-            hidden = k > q
-            if window is not None:
-                hidden |= k <= q - window
-            flags.append(bool(hidden.any()))
-        tile[2] = tuple(flags)
-    plan.kernel_plan = (plan.kernel_plan[0], tuple(tuple(t) for t in plan.kernel_plan[1]))
+def limit_keys(plan: DecodePlan, kpos, qpos, window) -> None:
+    """Per tile: the keys to read, [0, 1 + last key index any of its queries sees), and per key
+    chunk whether some (query, key) pair in it is masked (a later key, one outside the window, or
+    padding past the sequence's keys)."""
+    tiles = [t for _, unit_tiles in plan.units for t in unit_tiles]
+    for tile, tokens in zip(tiles, plan.tile_tokens):
+        seqs = np.array([b for b, _ in tokens])
+        q = qpos[seqs, [t for _, t in tokens]][:, None]
+        seen = kpos[seqs] <= q
+        if window is not None:
+            seen &= kpos[seqs] > q - window
+        keys = int(np.flatnonzero(seen.any(axis=0)).max()) + 1
+        flags = [bool((~seen[:, c0:min(keys, c0 + CHUNK_KEYS)]).any()) for c0 in range(0, keys, CHUNK_KEYS)]
+        tile[3], tile[4] = keys, tuple(flags)
 
 
 def visible_keys(k_positions, q_positions, window):
@@ -346,17 +393,18 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         if p.q.shape[0] == 0:
             raise ValueError(f"attention_decode: problem {i} has no query tokens")
         idx = visible_keys(p.k_positions, p.q_positions, window)
-        kp = np.asarray(p.k_positions)[idx]
-        for t, qp in enumerate(np.asarray(p.q_positions)):
-            if not np.any((kp <= qp) & ((kp > qp - window) if window is not None else True)):
-                raise ValueError(f"attention_decode: problem {i}, query {t} (position {qp}) sees no key; "
-                                 f"a query must see at least itself")
+        kp, qp = np.asarray(p.k_positions)[idx][None, :], np.asarray(p.q_positions)[:, None]
+        sees = (kp <= qp) & ((kp > qp - window) if window is not None else True)
+        if not sees.any(axis=1).all():
+            t = int(np.flatnonzero(~sees.any(axis=1))[0])
+            raise ValueError(f"attention_decode: problem {i}, query {t} (position {qp[t, 0]}) sees no key; "
+                             f"a query must see at least itself")
         kept.append(idx)
     n = len(problems)
     q_lens = [p.q.shape[0] for p in problems]
     k_lens = [len(idx) for idx in kept]
     order = sorted(range(n), key=lambda b: -k_lens[b])   # similar key counts share tiles
-    plan = plan_decode_tiles([q_lens[b] for b in order], [k_lens[b] for b in order], kv_heads, group)
+    plan = plan_decode_units([q_lens[b] for b in order], [k_lens[b] for b in order], kv_heads, group)
     t_max, s_max = max(q_lens), max(k_lens)
     q_t = np.zeros((n, kv_heads, d, t_max * group), BF16)
     k_t = np.zeros((n, kv_heads, d, s_max), BF16)
@@ -373,28 +421,30 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         v_dev[slot, :, :s_len] = np.asarray(p.v, np.float32)[idx].transpose(1, 0, 2)
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
-    mark_masked_chunks(plan, kpos, qpos, [k_lens[b] for b in order], window)
-    tiles = plan.kernel_plan[1]
-    n_tok = max(len(tokens) for tokens in plan.tile_tokens)
-    onehot = np.zeros((len(tiles), n_tok, P_MAX), BF16)
+    limit_keys(plan, kpos, qpos, window)
+    tiles = [t for _, unit_tiles in plan.units for t in unit_tiles]
+    onehot = np.zeros((len(tiles), max(len(tok) for tok in plan.tile_tokens), P_MAX), BF16)
     sink_rows = None if sink is None else np.zeros((len(tiles), P_MAX, 1), np.float32)
     row0 = 0
     for ti, (tile, tokens) in enumerate(zip(tiles, plan.tile_tokens)):
-        rows = tile[0]
+        rows = np.arange(tile[0])
         where = {tok: i for i, tok in enumerate(tokens)}
-        for r in range(rows):
-            onehot[ti, where[(plan.row_seq[row0 + r], plan.row_token[row0 + r])], r] = MASK_BIAS
+        token_of_row = [where[(s, t)] for s, t in zip(plan.row_seq[row0 + rows], plan.row_token[row0 + rows])]
+        onehot[ti, token_of_row, rows] = MASK_BIAS
         if sink is not None:
-            sink_rows[ti, :rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0:row0 + rows]]
-        row0 += rows
+            sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
+        row0 += tile[0]
     kernel = attention_decode_kernel if lnc == 1 else attention_decode_kernel[lnc]
     o_rows, rep = simulate(kernel, report=True)(q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
                                                 plan.kernel_plan, None if window is None else int(window),
                                                 **tuning)
-    outs = [np.zeros((t, hq, dv), np.float32) for t in q_lens]
     o_rows = np.asarray(o_rows, np.float32)
-    for r in range(len(o_rows)):
-        outs[order[plan.row_seq[r]]][plan.row_token[r], plan.row_head[r]] = o_rows[r]
+    outs = []
+    for b in range(n):
+        mine = plan.row_seq == order.index(b)
+        out = np.zeros((q_lens[b], hq, dv), np.float32)
+        out[plan.row_token[mine], plan.row_head[mine]] = o_rows[mine]
+        outs.append(out)
     return outs, rep
 
 

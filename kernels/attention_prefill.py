@@ -54,8 +54,8 @@ P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys p
 MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)
 BANK_FP32 = nl.tile_size.psum_bank_fmax
 CHUNK_KEYS = 4 * BANK_FP32                      # keys per softmax step (4 PSUM banks of scores)
-SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
-BATCH_TILES = 4                                 # single-chunk row tiles per softmax instruction
+SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
+BATCH_TILES = 8                                 # single-chunk row tiles per softmax instruction
 MASK_BIAS = -1.0e30                             # added to masked logits (finite in bf16 and fp32)
 NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked row keeps exp() == 0
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
@@ -488,6 +488,13 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     return out
 
 
+def batch_fits_psum(n: int, width: int) -> bool:
+    """n row tiles of `width` logit columns fit the PSUM budget: scores in 4 banks, P^T blocks in
+    2 (16 blocks of 128 x 128 bf16), the P V outputs [rows, n, 128] fp32 in 2."""
+    n_kt = (width + P_MAX - 1) // P_MAX
+    return n * slot_width(width) <= CHUNK_KEYS and n * n_kt <= 16 and n <= 8
+
+
 def tile_batches(tiles, c0: int, c1: int, group: int):
     """Row tiles that meet key chunk [c0, c1), in batches processed together.
 
@@ -516,7 +523,7 @@ def tile_batches(tiles, c0: int, c1: int, group: int):
                 if step is not None and t_next - members[i + n - 1][0] != step:
                     break
                 wider = max(width, w_next)
-                fits = (n + 1) * slot_width(wider) <= CHUNK_KEYS and \
+                fits = batch_fits_psum(n + 1, wider) and \
                     all(a - lead + wider <= c1 for _, a, _ in members[i:i + n + 1])
                 if not fits:
                     break
