@@ -83,6 +83,11 @@ def mode_random(args) -> int:
                    f"{decoded / max(timing['decode_s'], 1e-9):.1f} tokens/s"),
         ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB (float32)"),
     ]
+    if args.backend == "nki":   # the simulator's cost model of one NeuronCore-v3, not a measurement
+        prefill, decode = model.ops.cost_summary(slice(0, 1)), model.ops.cost_summary(slice(1, None))
+        rows.append(("Trainium2 estimate", f"prefill {prefill['per_pass_us']:.0f} us; decode "
+                     f"{decode['per_pass_us']:.0f} us per step of {args.batch} tokens "
+                     f"({decode['per_layer_us']:.0f} us per layer) [simulator cost model]"))
     for b in range(args.batch):
         rows.append((f"generated[{b}]", " ".join(map(str, new[b]))))
     width = max(len(k) for k, _ in rows)

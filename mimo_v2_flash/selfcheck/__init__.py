@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
-TOPICS = ["reference", "kernels_moe", "kernels_basic", "kernels_attention"]
+TOPICS = ["reference", "kernels_moe", "kernels_basic", "kernels_attention", "decoder_layer"]
 
 
 @dataclass

@@ -1,0 +1,134 @@
+"""The decoder layer and the model built from the NKI kernels (NkiOps on the simulator) against
+the NumPy reference.
+
+Tolerances (bf16 activations between kernels, fp32 accumulation): a layer's output and its update
+`out - x` within 2e-2 of the reference's max |value|; every op on identical inputs within 2e-2,
+and routing choosing exactly the reference's experts. The full-shape layer tests take about 30 s
+of CPU each (weights ~8 s, simulation ~20 s); the rest use the 4-layer "tiny" preset.
+"""
+
+import numpy as np
+import pytest
+
+import run_example
+from mimo_v2_flash import MiMoV2FlashModel, load_config
+from mimo_v2_flash.layer import ReferenceOps
+from mimo_v2_flash.nki_ops import NkiOps
+from mimo_v2_flash.selfcheck.decoder_layer import (
+    LAYER_STEPS, LAYER_TOL, OP_TOL, compare_fp8_layers, compare_layer, compare_tiny_model, relative_error)
+from mimo_v2_flash.weights import random_weights
+
+EVERY_LAYER_OP = {"rmsnorm", "linear", "rope", "attention", "add_rmsnorm", "router", "experts"}
+
+
+@pytest.mark.parametrize("kind", ["full", "swa"])
+def test_full_shape_layer_prefill_then_decode_matches_reference(kind):
+    steps = compare_layer(kind)
+    assert [s.tokens for s in steps] == list(LAYER_STEPS)
+    for step in steps:
+        assert step.error <= LAYER_TOL, f"{kind} T={step.tokens}: layer output error {step.error:.2e}"
+        assert step.update_error <= LAYER_TOL, f"{kind} T={step.tokens}: update error {step.update_error:.2e}"
+        differences = dict(step.differences)
+        assert set(differences) == EVERY_LAYER_OP
+        assert differences.pop("router") == 0.0, "routing differs on identical input"
+        worst = max(differences, key=differences.get)
+        assert differences[worst] <= OP_TOL, f"{kind} T={step.tokens}: {worst} differs by {differences[worst]:.2e}"
+        total = step.cost["total"]
+        assert set(step.cost["ops"]) == EVERY_LAYER_OP
+        assert 0 < total["roofline_us"] <= total["estimated_us"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return compare_tiny_model()
+
+
+def test_tiny_model_same_greedy_tokens_and_logits(tiny):
+    np.testing.assert_array_equal(tiny.tokens_nki, tiny.tokens_reference)
+    assert tiny.logits_error <= LAYER_TOL
+    differences = dict(tiny.differences)
+    assert set(differences) == EVERY_LAYER_OP | {"embed", "dense_mlp", "logits"}
+    assert differences.pop("router") == 0.0
+    assert max(differences.values()) <= OP_TOL, differences
+
+
+def test_cost_summary_splits_prefill_and_decode_passes(tiny):
+    prefill, decode = tiny.cost["prefill"], tiny.cost["decode"]
+    assert (prefill["passes"], prefill["tokens"]) == (1, 8)
+    assert (decode["passes"], decode["tokens"]) == (3, 3)      # 4 new tokens: 3 decode forwards
+    layers = load_config("tiny").num_hidden_layers
+    for summary in (prefill, decode):
+        ops = summary["ops"]
+        assert ops["embed"]["calls"] == ops["logits"]["calls"] == summary["passes"]
+        assert ops["logits"]["launches"] == 2 * summary["passes"]          # final norm + lm_head
+        assert ops["add_rmsnorm"]["calls"] == layers * summary["passes"]
+        assert summary["total"]["estimated_us"] == pytest.approx(sum(o["estimated_us"] for o in ops.values()))
+        in_layers = sum(o["estimated_us"] for op, o in ops.items() if op not in ("embed", "logits"))
+        assert summary["per_layer_us"] == pytest.approx(in_layers / (layers * summary["passes"]))
+        assert summary["per_token_us"] == pytest.approx(summary["total"]["estimated_us"] / summary["tokens"])
+    assert prefill["per_pass_us"] > decode["per_pass_us"] > 0
+
+
+def test_ragged_batch_mixing_fresh_and_cached_sequences():
+    """One forward where sequence 1 starts fresh (prefill kernel) while sequence 0 continues its
+    cache (cached-attention kernel), against the reference doing the same."""
+    models = [MiMoV2FlashModel.random("tiny", seed=5, backend=b) for b in ("reference", "nki")]
+    rng = np.random.default_rng(5)
+    first, fresh, more = (rng.integers(0, 512, n) for n in (20, 6, 3))
+    outs = []
+    for model in models:
+        cache = model.new_cache(2)
+        model.forward_ragged([first], cache, [0])
+        outs.append(model.forward_ragged([more, fresh], cache, [0, 1]))
+    for got, want in zip(outs[1], outs[0]):
+        assert relative_error(got, want) <= LAYER_TOL
+
+
+def test_fp8_weights_match_reference_on_the_same_quantised_weights():
+    errors = compare_fp8_layers()
+    assert len(errors) == load_config("tiny").num_hidden_layers + 1
+    assert max(errors) <= LAYER_TOL, errors
+
+
+def test_weights_are_converted_once_into_the_kernel_layout():
+    config = load_config("tiny")
+    weights = random_weights(config, seed=1)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    bf16 = NkiOps(config, weights)
+    w, scale = bf16.kernel_weight(name)
+    assert scale is None and w.dtype.name == "bfloat16" and w.shape == weights[name].T.shape
+    np.testing.assert_allclose(w.astype(np.float32), weights[name].T, rtol=2 ** -8)
+    assert bf16.kernel_weight(name)[0] is w
+    q, scale = NkiOps(config, weights, weight_dtype="fp8").kernel_weight(name)
+    assert q.dtype.name == "float8_e4m3" and scale.shape == (config.hidden_size // 128, w.shape[1] // 128)
+    o_proj = "model.layers.1.self_attn.o_proj.weight"       # bf16 on the Hub: stays bf16
+    assert NkiOps(config, weights, weight_dtype="fp8").kernel_weight(o_proj)[1] is None
+    with pytest.raises(ValueError, match="weight_dtype"):
+        NkiOps(config, weights, weight_dtype="int8")
+
+
+def test_routing_to_an_expert_that_is_not_loaded_is_an_error():
+    config = load_config("tiny")
+    subset = list(range(8))
+    weights = random_weights(config, seed=1, experts=subset)
+    allowed = np.zeros(config.n_routed_experts, bool)
+    allowed[subset] = True
+    ops = NkiOps(config, weights, allowed)
+    x = np.ones((2, config.hidden_size), np.float32)
+    ids = np.array([[0, 1, 2, 3, 4, 5, 6, 9]] * 2)
+    with pytest.raises(KeyError, match="expert 9 is not loaded"):
+        ops.experts(x, 1, ids, np.full(ids.shape, 0.125, np.float32))
+    with pytest.raises(KeyError, match="expert 9 is not loaded"):
+        ReferenceOps(config, weights, allowed).experts(x, 1, ids, np.full(ids.shape, 0.125, np.float32))
+
+
+def test_run_example_random_mode_through_kernels(capsys):
+    argv = ["--mode", "random", "--batch", "1", "--seq-len", "8", "--max-new-tokens", "4"]
+    assert run_example.main(argv + ["--backend", "nki"]) == 0
+    kernels = capsys.readouterr().out
+    assert run_example.main(argv) == 0
+    reference = capsys.readouterr().out
+    generated = [next(line for line in out.splitlines() if line.startswith("generated[0]"))
+                 for out in (kernels, reference)]
+    assert generated[0] == generated[1]
+    assert "Trainium2 estimate" in kernels and "Trainium2 estimate" not in reference
