@@ -23,7 +23,7 @@ layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import ml_dtypes
 import numpy as np
@@ -40,8 +40,8 @@ from kernels.router import route
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
 from .layer import AttentionInput
-from .weights import (EMBED, EXPERT_PROJS, FINAL_NORM, FP8, LM_HEAD, TensorSpec, is_projection,
-                      layer_prefix, layer_tensors, model_tensors)
+from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_prefix,
+                      is_projection, layer_prefix, layer_tensors, model_tensors)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
@@ -71,9 +71,8 @@ class OpCost:
         self.matmul_flops += report.matmul_flops
 
     def merge(self, other: "OpCost") -> None:
-        for name in ("calls", "launches", "estimated_s", "roofline_s", "instructions", "hbm_bytes",
-                     "matmul_flops"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def to_dict(self) -> dict:
         return {"calls": self.calls, "launches": self.launches,
@@ -123,10 +122,10 @@ class NkiOps:
         return prepared
 
     def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if spec.name.endswith("mlp.gate.weight"):
-            return np.ascontiguousarray(hub.T, dtype=np.float32), None      # fp32 routing
-        if not is_projection(spec):
+        if not is_projection(spec):                       # norms and the embedding table
             return np.ascontiguousarray(hub, dtype=BF16), None
+        if spec.hub_dtype == F32:                         # the router: routing stays fp32
+            return np.ascontiguousarray(hub.T, dtype=np.float32), None
         if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
             return quantize_blocks(np.asarray(hub, np.float32).T, TRAINIUM_E4M3)
         return np.ascontiguousarray(hub.T, dtype=BF16), None
@@ -137,14 +136,12 @@ class NkiOps:
         if layer not in self._expert_stacks:
             experts = (np.arange(self.config.n_routed_experts) if self.allowed_experts is None
                        else np.flatnonzero(self.allowed_experts))
-            specs = layer_tensors(self.config, layer, experts=experts)
-            by_name = {spec.name: spec for spec in specs}
-            prefix = layer_prefix(layer) + "mlp.experts."
+            by_name = {spec.name: spec for spec in layer_tensors(self.config, layer, experts=experts)}
             mats = {proj: [] for proj in EXPERT_PROJS}
             scales = {proj: [] for proj in EXPERT_PROJS}
             for e in experts:
                 for proj in EXPERT_PROJS:
-                    name = f"{prefix}{e}.{proj}.weight"
+                    name = expert_prefix(layer, e) + f"{proj}.weight"
                     if name not in self.weights:
                         raise KeyError(f"layer {layer}: expert {e} is not loaded in this model")
                     weight, scale = self._convert(by_name[name], self.weights[name])
@@ -179,8 +176,12 @@ class NkiOps:
         `per_pass_us`, `per_token_us` and `per_layer_us` (the decoder-layer ops of a pass
         divided by the number of layers).
         """
-        chosen = self.passes[passes] if isinstance(passes, slice) else \
-            self.passes if passes is None else [self.passes[i] for i in passes]
+        if passes is None:
+            chosen = self.passes
+        elif isinstance(passes, slice):
+            chosen = self.passes[passes]
+        else:
+            chosen = [self.passes[i] for i in passes]
         ops: dict[str, OpCost] = {}
         for p in chosen:
             for op, cost in p.ops.items():
