@@ -64,6 +64,11 @@ def _is_fp8(dtype) -> bool:
     return dtype == nl.float8_e4m3
 
 
+def _element_bytes(dtype) -> int:
+    """Bytes per element of the dtypes a projection handles (fp32, bf16, fp8)."""
+    return 4 if dtype == nl.float32 else (1 if _is_fp8(dtype) else 2)
+
+
 def check_projection(x, weights, scales):
     """Validate shapes and dtypes of x [T, K] against weights [K, N] (+ scales); return T, K, N."""
     T, K = x.shape
@@ -95,7 +100,7 @@ def load_x_transposed(x, t0, tokens):
     x_t = nl.ndarray((P, KT, tokens), dtype=nl.bfloat16, buffer=nl.sbuf)
     for b0 in range(0, tokens, P):
         tb = min(P, tokens - b0)
-        per_bank = max(1, PSUM_BANK_BYTES // (tb * x.itemsize))        # transposes per PSUM bank
+        per_bank = max(1, PSUM_BANK_BYTES // (tb * _element_bytes(x.dtype)))        # transposes per PSUM bank
         for i, k0 in enumerate(range(0, KT, per_bank)):
             n = min(per_bank, KT - k0)
             rows = nl.ndarray((tb, n * P), dtype=x.dtype, buffer=nl.sbuf)
@@ -185,7 +190,7 @@ def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
     y_t = nl.ndarray((P, nbs, T), dtype=y_tile.dtype, buffer=nl.sbuf)  # y^T: output columns on partitions
     evict(y_t, [acc[:, :, 0:T] for acc in accs], step)
     # Back to tokens on partitions: one TensorE transpose per 128-column block, a PSUM bank at a time.
-    per_bank = PSUM_BANK_BYTES // (P * y_tile.itemsize)
+    per_bank = PSUM_BANK_BYTES // (P * _element_bytes(y_tile.dtype))
     for i, j0 in enumerate(range(0, nbs, per_bank)):
         n = min(per_bank, nbs - j0)
         bank = nl.ndarray((T, n * P), dtype=y_tile.dtype, buffer=nl.psum)
