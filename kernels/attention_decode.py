@@ -2,8 +2,8 @@
 sequence) and prefill on a history (several new tokens on top of cached keys), full layers
 (every cached key) and sliding-window layers (the ring buffer of the window).
 
-Device layout of the cache (what the kernel reads; `kv_cache_to_device` converts the model's
-`[B, slots, Hkv, D]` cache):
+Device layout of the cache (what the kernel reads; the model's `LayerKVCache` arrays
+`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose, slot order kept):
 
     k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous (one DMA
                                  brings a whole key chunk of all KV heads of a sequence)
@@ -84,10 +84,10 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 is sequences b0 .. b0+count-1, KV heads [kv0, kv1), new tokens [t0, t1), rows
                 ordered (sequence, KV head, token, query head). Either one tile holds all the
                 runs' rows (short sequences packed), or the unit has one run of one sequence and
-                KV head and its tiles split the tokens. A tile (rows, ta, tb, keys, masked):
-                tokens [ta, tb) of the unit's run (all rows when packed), keys [0, keys) of the
-                cache (the later ones are invisible to its queries), masked[c] when key chunk c
-                needs the position mask.
+                KV head and its tiles split the tokens. A tile (rows, ta, tb, k_lo, k_hi, masked):
+                tokens [ta, tb) of the unit's run (all rows when packed), cache keys [k_lo, k_hi)
+                (the others are invisible to its queries), masked[c] when the unit's key chunk c
+                (2048 keys from the smallest k_lo of the unit) needs the position mask.
     window      int or None             keys a query sees, itself included.
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
@@ -100,6 +100,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     assert k_t.shape[:3] == (n_seqs, kv_heads, d_head), f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]"
     assert v.shape[:3] == (n_seqs, kv_heads, s_max), f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]"
     assert kpos.shape == (n_seqs, s_max), f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]"
+    assert dv <= P_MAX, f"V head dim {dv} exceeds {P_MAX} (V is a matmul stationary in packed tiles)"
     assert q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group), \
         f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}"
     out = nl.ndarray((sum(t[0] for _, tiles in units for t in tiles), dv), dtype=q_t.dtype,
@@ -108,7 +109,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
     padded_q = {}            # packed-tile layout -> Q^T buffers zeroed outside each piece, set up once
-    per_layout = {}          # (tile index of first use, layout) -> (-sink rows, mask one-hot), loaded once
+    per_layout = {}          # (rows, tile layout) -> [-sink rows, mask one-hot], loaded once
 
     row_base, tile_base = 0, 0
     for ui, (runs, tiles) in enumerate(units):
@@ -119,14 +120,15 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
             continue
         packed = len(tiles) == 1 and (len(runs) > 1 or runs[0][1] > 1 or runs[0][3] - runs[0][2] > 1)
         pieces = []          # (run, sequence in run, KV head in run, first row, rows) of a packed tile
+        piece_row = 0
         for ri, (_, count, kv0, kv1, t0, t1) in enumerate(runs):
             for bl in range(count):
                 for j in range(kv1 - kv0):
-                    pieces.append((ri, bl, j, len(pieces) and pieces[-1][3] + pieces[-1][4], (t1 - t0) * group))
+                    pieces.append((ri, bl, j, piece_row, (t1 - t0) * group))
+                    piece_row += (t1 - t0) * group
         if packed:
-            assert pieces[-1][3] + pieces[-1][4] == tiles[0][0], \
-                f"unit {ui}: runs give a different row count than {tiles[0][0]}"
-        any_masked = any(any(t[4]) for t in tiles)
+            assert piece_row == tiles[0][0], f"unit {ui}: runs give a different row count than {tiles[0][0]}"
+        any_masked = any(any(t[5]) for t in tiles)
 
         # HBM -> SBUF: Q^T, one DMA per run and D tile
         if packed:
@@ -160,17 +162,19 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
         # per tile: its stationaries, -sink rows, one-hot and query positions (for masks)
         tile_setup = []
-        split_tokens = max(tb - ta for _, ta, tb, _, _ in tiles)
+        split_tokens = max(t[2] - t[1] for t in tiles)
         if any_masked and not packed:
             # query positions of the split tokens as columns: [tokens per tile, tile]
             qpos_cols = nl.ndarray((split_tokens, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
-            full = sum(1 for _, ta, tb, _, _ in tiles if tb - ta == split_tokens)
+            full = sum(1 for t in tiles if t[2] - t[1] == split_tokens)
             nisa.dma_copy(qpos_cols[:, 0:full], qpos[b, t0:t0 + full * split_tokens]
                           .reshape((full, split_tokens)).permute((1, 0)))
             if full < len(tiles):
-                _, ta, tb, _, _ = tiles[full]
+                ta, tb = tiles[full][1:3]
                 nisa.dma_copy(qpos_cols[0:tb - ta, full:full + 1], qpos[b:b + 1, t0 + ta:t0 + tb])
-        for j, (rows, ta, tb, keys, masked) in enumerate(tiles):
+        unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
+        chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
+        for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
             key = (rows, layout)
             if key not in per_layout:
                 neg_sink = onehot = None
@@ -197,13 +201,11 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
             else:
                 stationaries = [[q_part[:, ta * group:tb * group]] for q_part in q_unit]
                 qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
-            chunks = (keys + CHUNK_KEYS - 1) // CHUNK_KEYS
-            tile_setup.append((stationaries, qpos_col, RowState(rows, chunks)))
+            n_chunks = sum(1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi))
+            tile_setup.append((stationaries, qpos_col, RowState(rows, n_chunks)))
         result = nl.ndarray((max(t[0] for t in tiles), len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
 
-        unit_keys = max(t[3] for t in tiles)
-        for ci, c0 in enumerate(range(0, unit_keys, CHUNK_KEYS)):
-            c1 = min(unit_keys, c0 + CHUNK_KEYS)
+        for ci, (c0, c1) in enumerate(chunks):
             # HBM -> SBUF: per run, the key chunk of K^T (per D tile) and of V
             k_sb, v_sb = [], []
             for b0, count, kv0, kv1, _, _ in runs:
@@ -215,7 +217,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 k_sb.append(parts)
                 v_sb.append(load_key_tiles(v[b0:b0 + count, kv0:kv1], c0, c1))  # [128, count, kv, kt, Dv]
             kpos_rows = None
-            if any(ci < len(t[4]) and t[4][ci] for t in tiles):
+            if any(t[5][ci] for t in tiles):
                 # HBM -> SBUF: key positions, one row per new token of the tile(s)
                 kpos_rows = nl.ndarray((tiles[0][2] if packed else split_tokens, c1 - c0), dtype=nl.float32,
                                        buffer=nl.sbuf)
@@ -225,37 +227,41 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     for s in range(b0, b0 + count):
                         nisa.dma_copy(kpos_rows[tok:tok + n, :], kpos[s:s + 1, c0:c1].broadcast(0, n))
                         tok += n
-            for j, (rows, ta, tb, keys, masked) in enumerate(tiles):
-                if c0 >= keys:
-                    continue            # keys past the tile's last visible one
+            for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
+                a, b = max(c0, k_lo), min(c1, k_hi)
+                if a >= b:
+                    continue            # no key of this chunk is visible to the tile
                 stationaries, qpos_col, state = tile_setup[j]
                 neg_sink, onehot = per_layout[(rows, layout)]
-                width = min(c1, keys) - c0
+                # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
+                lead = (a - c0) % P_MAX
+                width = b - a + lead
+                v_tile0 = (a - lead - c0) // P_MAX
                 tile_pieces = pieces if packed else [(0, 0, 0, 0, rows)]
                 scores = score_tile(rows, 1, width)
                 for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
                     qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
-                               [part[:, bl, kj, :] for part in k_sb[ri]], 0, width, 0, first=p == 0)
+                               [part[:, bl, kj, :] for part in k_sb[ri]], lead, width, a - c0, first=p == 0)
                 if masked[ci]:
-                    indicator = masked_indicator(kpos_rows[0:tb - ta, 0:width], qpos_col, width, window)
-                    mask_matmuls(scores[:, 0, :], onehot, indicator, 0, width)
+                    indicator = masked_indicator(kpos_rows[0:tb - ta, a - c0:b - c0], qpos_col, b - a, window)
+                    mask_matmuls(scores[:, 0, :], onehot, indicator, lead, width)
                 n_kt = (width + P_MAX - 1) // P_MAX
                 probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
-                zero_probs_margins(probs, 0, width)
-                alpha = softmax_step(scores, probs, 0, width, state, neg_sink)
+                zero_probs_margins(probs, lead, width)
+                alpha = softmax_step(scores, probs, lead, width, state, neg_sink)
                 del scores
                 probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
                 del probs
                 o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
                 if len(tile_pieces) == 1:
-                    pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], 0, width)
+                    pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], v_tile0, width)
                 else:
                     # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
                     o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
                     for ri, bl, kj, r0, n in tile_pieces:
                         for kt in range(n_kt):
                             kw = min(P_MAX, width - kt * P_MAX)
-                            nisa.nc_matmul(o_t_psum[:, r0:r0 + n], v_sb[ri][0:kw, bl, kj, kt, :],
+                            nisa.nc_matmul(o_t_psum[:, r0:r0 + n], v_sb[ri][0:kw, bl, kj, v_tile0 + kt, :],
                                            probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
                     o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
                     evict.copy(o_t, o_t_psum)
@@ -312,7 +318,7 @@ def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
                     add_rows(b, g, range(t0, t1))
                     rows += (t1 - t0) * group
         keys = max(k_lens[b] for b0, count, *_ in runs for b in range(b0, b0 + count))
-        units.append((tuple(runs), [[rows, 0, len(tokens), keys, ()]]))
+        units.append((tuple(runs), [[rows, 0, len(tokens), 0, keys, ()]]))
         tile_tokens.append(tokens)
 
     per_tile = max(1, P_MAX // group)
@@ -324,7 +330,7 @@ def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
                 tiles = []
                 for ta in range(0, q_lens[b], per_tile):
                     tb = min(q_lens[b], ta + per_tile)
-                    tiles.append([(tb - ta) * group, ta, tb, k_lens[b], ()])
+                    tiles.append([(tb - ta) * group, ta, tb, 0, k_lens[b], ()])
                     add_rows(b, g, range(ta, tb))
                     tile_tokens.append([(b, t) for t in range(ta, tb)])
                 units.append((((b, 1, g, g + 1, 0, q_lens[b]),), tiles))
@@ -344,19 +350,25 @@ def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
 
 
 def limit_keys(plan: DecodePlan, kpos, qpos, window) -> None:
-    """Per tile: the keys to read, [0, 1 + last key index any of its queries sees), and per key
-    chunk whether some (query, key) pair in it is masked (a later key, one outside the window, or
-    padding past the sequence's keys)."""
-    tiles = [t for _, unit_tiles in plan.units for t in unit_tiles]
-    for tile, tokens in zip(tiles, plan.tile_tokens):
-        seqs = np.array([b for b, _ in tokens])
-        q = qpos[seqs, [t for _, t in tokens]][:, None]
-        seen = kpos[seqs] <= q
-        if window is not None:
-            seen &= kpos[seqs] > q - window
-        keys = int(np.flatnonzero(seen.any(axis=0)).max()) + 1
-        flags = [bool((~seen[:, c0:min(keys, c0 + CHUNK_KEYS)]).any()) for c0 in range(0, keys, CHUNK_KEYS)]
-        tile[3], tile[4] = keys, tuple(flags)
+    """Per tile: the keys to read, [first, 1 + last) index of a key any of its queries sees, and
+    per key chunk of its unit whether some (query, key) pair there is masked (a later key, one
+    outside the window, or padding past the sequence's keys)."""
+    tile_tokens = iter(plan.tile_tokens)
+    for _, tiles in plan.units:
+        seen = []
+        for tile, tokens in zip(tiles, tile_tokens):
+            seqs = np.array([b for b, _ in tokens])
+            q = qpos[seqs, [t for _, t in tokens]][:, None]
+            sees = kpos[seqs] <= q
+            if window is not None:
+                sees &= kpos[seqs] > q - window
+            visible = np.flatnonzero(sees.any(axis=0))
+            tile[3], tile[4] = int(visible.min()), int(visible.max()) + 1
+            seen.append(sees)
+        unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
+        for tile, sees in zip(tiles, seen):
+            tile[5] = tuple(bool((~sees[:, max(c0, tile[3]):min(c0 + CHUNK_KEYS, tile[4])]).any())
+                            for c0 in range(unit_lo, unit_hi, CHUNK_KEYS))
 
 
 def visible_keys(k_positions, q_positions, window):

@@ -241,8 +241,11 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
         denom = rowsum
     else:
         denom = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(denom, neg_m, neg_sink.broadcast(1, n), nl.subtract, engine=gpsimd)
-        nisa.activation(denom, nl.exp, denom)                       # exp(sink - m)
+        if n == 1:
+            nisa.activation(denom, nl.exp, neg_sink, bias=neg_m, scale=-1.0)    # exp(sink - m)
+        else:
+            nisa.tensor_tensor(denom, neg_m, neg_sink.broadcast(1, n), nl.subtract, engine=gpsimd)
+            nisa.activation(denom, nl.exp, denom)                   # exp(sink - m)
         nisa.tensor_tensor(denom, denom, rowsum, nl.add, engine=gpsimd)
     state.neg_m, state.denom = neg_m, denom
     return alpha
@@ -276,11 +279,14 @@ def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
 
 def zero_probs_margins(probs, lead: int, width: int):
     """Zero P's columns before `lead` (keys before the tile's window, kept for 128-key alignment)
-    and from `width` to the end of the last 128-key tile, so every transpose is a full block."""
+    and from `width` to the end of the last 128-key tile, so every transpose is a full block (one
+    memset over the whole tile when both margins exist; the exp overwrites the middle)."""
     end = (width + P_MAX - 1) // P_MAX * P_MAX
-    if lead:
+    if lead and end > width:
+        nisa.memset(probs[:, :, 0:end], 0.0, engine=nisa.gpsimd_engine)
+    elif lead:
         nisa.memset(probs[:, :, 0:lead], 0.0, engine=nisa.gpsimd_engine)
-    if end > width:
+    elif end > width:
         nisa.memset(probs[:, :, width:end], 0.0, engine=nisa.gpsimd_engine)
 
 
@@ -401,7 +407,7 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     assert group <= P_MAX, f"group size G = {group} query heads per KV head exceeds {P_MAX}"
     assert k_t.shape[:2] == (kv_heads, d_head), f"k_t {k_t.shape} must be [{kv_heads}, {d_head}, T]"
     assert v.shape[:2] == (kv_heads, seq_len), f"v {v.shape} must be [{kv_heads}, {seq_len}, Dv]"
-    assert dv <= MATMUL_COLS, f"V head dim {dv} exceeds {MATMUL_COLS}"
+    assert dv <= P_MAX, f"V head dim {dv} exceeds {P_MAX}"
     assert window is None or window >= 1, f"window {window} must be >= 1 key"
     tokens_per_tile = P_MAX // group
     rows_per_tile = tokens_per_tile * group
@@ -550,8 +556,9 @@ def check_attention_shapes(q, k, v, sink, window):
         raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} KV heads")
     if hq // hkv > P_MAX:
         raise ValueError(f"attention: {hq // hkv} query heads per KV head exceed the {P_MAX} score rows")
-    if v.shape[2] > MATMUL_COLS:
-        raise ValueError(f"attention: V head dim {v.shape[2]} exceeds {MATMUL_COLS}")
+    if v.shape[2] > P_MAX:
+        raise ValueError(f"attention: V head dim {v.shape[2]} exceeds {P_MAX} (PV outputs and PSUM "
+                         f"budget are sized for it)")
     if sink is not None and np.shape(sink) != (hq,):
         raise ValueError(f"attention: sink must have one logit per query head, shape ({hq},), got "
                          f"{np.shape(sink)}")

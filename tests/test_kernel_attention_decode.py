@@ -131,7 +131,7 @@ def test_misuse_is_rejected_with_clear_errors():
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
     packed_run = ((0, 1, 0, 4, 0, 1),)                  # 1 sequence x 4 KV heads x 16 heads = 64 rows
-    bad_plan = (16, ((packed_run, ((32, 0, 1, 8, (False,)),)),))      # a tile of 32 rows
+    bad_plan = (16, ((packed_run, ((32, 0, 1, 0, 8, (False,)),)),))   # a tile of 32 rows
     with pytest.raises(AssertionError, match="different row count than 32"):
         simulate(attention_decode_kernel)(q_t, k_t, v, kpos, qpos, np.zeros((1, 1, 128), BF16), None,
                                           bad_plan, None)
