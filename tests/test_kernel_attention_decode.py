@@ -11,10 +11,6 @@ is the kernel's own arithmetic: probabilities held in bf16 for the PV matmul and
 (observed 3e-3 .. 6e-3). Tolerance 1e-2. Shapes: the full MiMo attention (64 query heads over 4 KV
 heads for full layers; over 8 KV heads, 128-key window and sinks for SWA layers; dims 192 / 128).
 """
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # the simulator's matmuls are small
-
 import numpy as np
 import pytest
 

@@ -12,10 +12,6 @@ Shapes: the full MiMo attention (64 query heads over 4 KV heads without sink for
 8 KV heads with a 128-key window and sinks for SWA layers; head dims 192 / 128) at T = 1, 128,
 129, 1000 and 4096 (the window crossed 32 times), plus odd shapes.
 """
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # the simulator's matmuls are small
-
 import numpy as np
 import pytest
 
