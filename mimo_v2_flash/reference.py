@@ -63,7 +63,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarr
     s_len, hkv, dv = v.shape
     group = hq // hkv
     qg = q.reshape(t_len, hkv, group, d)
-    scores = np.einsum("tkgd,skd->kgts", qg, k) * scale            # [Hkv, G, T, S]
+    scores = np.einsum("tkgd,skd->kgts", qg, k, optimize=True) * scale           # [Hkv, G, T, S]
     qp = np.asarray(q_positions)[:, None]
     kp = np.asarray(k_positions)[None, :]
     visible = kp <= qp
@@ -80,7 +80,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarr
     if sink is not None:
         denom = denom + np.exp(sink_logit - row_max)
     probs = probs / np.where(denom > 0, denom, 1.0)
-    out = np.einsum("kgts,skd->tkgd", probs, v)                     # [T, Hkv, G, Dv]
+    out = np.einsum("kgts,skd->tkgd", probs, v, optimize=True)                   # [T, Hkv, G, Dv]
     return out.reshape(t_len, hq, dv)
 
 
