@@ -16,8 +16,9 @@ and that differs from the uniform count; uniform if the shapes fit the plain gri
 otherwise) and, on first read, checks it: amax-scaled blocks reach max|fp8| = 448, so a block
 far below that under the chosen grouping triggers a `ScaleGroupingWarning`.
 
-Prepared layout (written by `prepare_weights`): `manifest.json` plus one safetensors file per
-rank, projections stored transposed under `weights.kernel_name` (see docs/weights.md).
+Prepared layout (written by `prepare_weights`): `manifest.json` plus, per rank, a set of
+safetensors files (one shared replicated file + the rank's experts file, or one self-contained
+file), projections stored transposed under `weights.kernel_name` (see docs/weights.md).
 `PreparedCheckpoint` reads it back into Hub-layout float32 arrays.
 """
 
@@ -41,7 +42,7 @@ from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, 
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
 PREPARED_FORMAT = "mimo_v2_flash.prepared"
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2      # 2: per-rank file sets (shared replicated file)
 
 UNIFORM = "uniform"               # plain 128-row blocks per tensor
 PER_KV_HEAD = "per_kv_head"       # fused [K_h; V_h] blocks per KV head (spec 4.4, option C)
@@ -315,8 +316,17 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
 
 
 # ---- prepared per-rank files ------------------------------------------------------------------
+REPLICATED_FILE = "replicated.safetensors"
+
+
 def rank_file_name(rank: int, world_size: int) -> str:
+    """A self-contained rank file (`--replicated per-rank`): replicated tensors + the rank's experts."""
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def expert_file_name(rank: int, world_size: int) -> str:
+    """A rank's experts-only file (`--replicated shared`), read together with REPLICATED_FILE."""
+    return f"experts-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def is_prepared_dir(path) -> bool:
@@ -324,11 +334,13 @@ def is_prepared_dir(path) -> bool:
 
 
 class PreparedCheckpoint:
-    """A directory written by `prepare_weights`: `manifest.json` + one file per rank.
+    """A directory written by `prepare_weights`: `manifest.json` plus each rank's file set.
 
-    Rank files hold the rank's experts plus every replicated tensor, projections transposed to
-    [in, out] under `kernel_name`, in BF16/F32 or FP8 (Trainium e4m3, 128x128 scales). Only a
-    manifest marked complete is read; hashes are checked by `prepare_weights --verify`.
+    The manifest lists per rank the files that together hold its tensors: the shared
+    `replicated.safetensors` plus its own experts file, or one self-contained rank file. Either
+    way, projections are stored transposed to [in, out] under `kernel_name`, in BF16/F32 or FP8
+    (Trainium e4m3, 128x128 scales). Only a manifest marked complete is read; hashes are checked
+    by `prepare_weights --verify`.
     """
 
     def __init__(self, path):
@@ -343,22 +355,29 @@ class PreparedCheckpoint:
             raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
         m = self.manifest
         if m.get("format") != PREPARED_FORMAT or m.get("format_version") != PREPARED_VERSION:
-            raise CheckpointError(f"{manifest_path}: not a {PREPARED_FORMAT} v{PREPARED_VERSION} manifest")
+            raise CheckpointError(f"{manifest_path}: not a {PREPARED_FORMAT} v{PREPARED_VERSION} manifest "
+                                  f"(format {m.get('format')!r} v{m.get('format_version')}); prepare the "
+                                  "weights again into a new directory")
         if not m.get("complete"):
             raise CheckpointError(f"{manifest_path}: conversion not complete (interrupted?); rerun "
                                   "prepare-weights on the same output directory to resume")
         try:
             self.full_config = MiMoV2FlashConfig.from_hub_dict(m["config"], source=manifest_path)
             self.placement = ExpertPlacement.from_json(m["placement"])
-        except (ConfigError, PlacementError, KeyError) as err:
+            rank_files = {r["rank"]: [os.path.join(self.path, name) for name in r["files"]]
+                          for r in m["ranks"]}
+        except (ConfigError, PlacementError, KeyError, TypeError) as err:
             raise CheckpointError(f"{manifest_path}: {err}") from None
         self.world_size = self.placement.world_size
+        if sorted(rank_files) != list(range(self.world_size)):
+            raise CheckpointError(f"{manifest_path}: lists files for ranks {sorted(rank_files)}, the "
+                                  f"placement has ranks 0..{self.world_size - 1}")
+        self.rank_files = rank_files
         self.layers = list(m["layers"])
         self.experts = None if m["experts"] is None else list(m["experts"])   # None: all experts
-        self.files = {f["rank"]: os.path.join(self.path, f["name"]) for f in m["files"]}
 
     def experts_of(self, rank: int) -> list[int]:
-        """Routed experts stored in `rank`'s file."""
+        """Routed experts stored in `rank`'s files."""
         owned = self.placement.experts_of(rank)
         return owned if self.experts is None else [e for e in owned if e in set(self.experts)]
 
@@ -374,32 +393,36 @@ class PreparedCheckpoint:
     def load(self, rank: int | None = None) -> tuple[MiMoV2FlashConfig, dict[str, np.ndarray]]:
         """(config, Hub-name float32 weights [out, in]) of one rank, or of every rank (None).
 
-        rank=None: replicated tensors from rank 0's file plus every rank's experts.
+        rank=None: replicated tensors from rank 0's files plus every rank's experts.
         """
         if rank is not None and not 0 <= rank < self.world_size:
             raise CheckpointError(f"{self.path}: rank {rank} outside 0..{self.world_size - 1}")
         config = self.runnable_config()
         ranks = range(self.world_size) if rank is None else [rank]
-        handles: dict[int, SafetensorsFile] = {}
+        opened: dict[str, SafetensorsFile] = {}     # a shared file is opened once for all ranks
         weights = {}
         replicated = set(model_tensors(self.full_config, self.layers, experts=[]))
         for r in ranks:
+            for path in self.rank_files[r]:
+                if path not in opened:
+                    try:
+                        opened[path] = SafetensorsFile(path)
+                    except SafetensorsError as err:
+                        raise CheckpointError(str(err)) from None
+            files = [opened[path] for path in self.rank_files[r]]
             specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
             for spec in specs:
-                if r not in handles:
-                    try:
-                        handles[r] = SafetensorsFile(self.files[r])
-                    except SafetensorsError as err:
-                        raise CheckpointError(str(err)) from None
-                weights[spec.name] = self._read(handles[r], spec)
+                weights[spec.name] = self._read(r, files, spec)
         return config, weights
 
-    def _read(self, handle: SafetensorsFile, spec: TensorSpec) -> np.ndarray:
+    def _read(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec) -> np.ndarray:
         name = kernel_name(spec)
-        if name not in handle:
-            raise CheckpointError(f"{handle.path}: tensor {name!r} is missing")
+        handle = next((f for f in files if name in f), None)
+        if handle is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from rank {rank}'s files "
+                                  f"{[os.path.basename(f.path) for f in files]}")
         stored = handle.entries[name]
         shape = spec.shape[::-1] if name != spec.name else spec.shape
         if stored.shape != shape:

@@ -76,7 +76,7 @@ class MiMoV2FlashModel:
         """Load a Hub-layout checkpoint directory (`config.json`, index, shards; BF16/F32 or FP8
         blocks) or a directory written by `prepare_weights` (recognised by its manifest).
 
-        Prepared directory: `rank` loads that rank's file (its experts + replicated weights);
+        Prepared directory: `rank` loads that rank's file set (its experts + replicated weights);
         None loads every rank's experts. Without an `expert_executor` the router chooses among
         the loaded experts only (a single-process run of one rank's files); with one (expert
         parallel) it may choose any expert the directory holds, and the executor runs them.

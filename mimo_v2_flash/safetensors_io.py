@@ -8,8 +8,9 @@ tensor in memory at once; both matter for a 313 GB FP8 checkpoint. The format is
 The header maps each tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets
 relative to the start of the data, contiguous, no holes) plus an optional `"__metadata__"` dict
 of strings. Readers here memory-map one tensor at a time; the writer computes the header from
-the planned names, dtypes and shapes first, then streams tensors in that order, hashing as it
-goes, to a temporary name that is renamed only when the file is complete.
+the planned names, dtypes and shapes first, then streams tensors in that order (arrays, or the
+stored bytes of a tensor in another file), hashing as it goes, to a temporary name that is
+renamed only when the file is complete.
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ class SafetensorsFile:
         return np.memmap(self.path, DTYPES[entry.dtype], mode="r", offset=self.data_start + begin,
                          shape=entry.shape)
 
+    def iter_bytes(self, name: str, chunk_bytes: int = 1 << 24):
+        """Yield the stored bytes of one tensor in chunks of at most `chunk_bytes`, as memoryviews
+        of one reused buffer (consume each before asking for the next): copying a tensor costs
+        one chunk of memory, not the tensor."""
+        begin, end = self.offsets[name]
+        remaining = end - begin
+        buffer = memoryview(bytearray(min(chunk_bytes, remaining)))
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            while remaining:
+                got = f.readinto(buffer[:min(len(buffer), remaining)])
+                if not got:
+                    raise SafetensorsError(f"{self.path}: tensor {name!r} ends early (file truncated "
+                                           "while being read)")
+                remaining -= got
+                yield buffer[:got]
+
 
 def dtype_name(dtype) -> str:
     """safetensors name of a NumPy dtype (float8_e4m3fn and float8_e4m3 both store as F8_E4M3:
@@ -174,17 +192,32 @@ class SafetensorsWriter:
         self._file.write(data)
         self._hash.update(data)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def _check_next(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Raise unless `name` with this dtype and shape is the next planned tensor."""
         if self._next >= len(self.entries):
             raise SafetensorsError(f"{self.path}: tensor {name!r} written after all planned tensors")
         entry = self.entries[self._next]
         if name != entry.name:
             raise SafetensorsError(f"{self.path}: expected tensor {entry.name!r} next, got {name!r}")
-        if dtype_name(array.dtype) != entry.dtype or tuple(array.shape) != entry.shape:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} is {dtype_name(array.dtype)} "
-                                   f"{list(array.shape)}, planned {entry.dtype} {list(entry.shape)}")
+        if dtype != entry.dtype or tuple(shape) != entry.shape:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} is {dtype} {list(shape)}, planned "
+                                   f"{entry.dtype} {list(entry.shape)}")
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._check_next(name, dtype_name(array.dtype), array.shape)
         # ml_dtypes arrays do not export a buffer; their bytes do (no copy when contiguous).
         self._put(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def copy(self, source: SafetensorsFile, name: str) -> None:
+        """Write tensor `name` as its bytes stored in `source` (same name, dtype and shape), streamed
+        in chunks without decoding."""
+        if name not in source:
+            raise SafetensorsError(f"{source.path}: has no tensor {name!r} to copy into {self.path}")
+        stored = source.entries[name]
+        self._check_next(name, stored.dtype, stored.shape)
+        for chunk in source.iter_bytes(name):
+            self._put(chunk)
         self._next += 1
 
     def finish(self) -> str:

@@ -2,13 +2,16 @@
 
     prepare-weights SOURCE OUTPUT [--world-size 4 | --placement table.json]
                     [--expert-subset 0-15] [--layers 0:4] [--dtype bf16|fp8]
+                    [--replicated shared|per-rank]
     prepare-weights --download [--repo-id ...] [--revision ...] [--offline] SOURCE [OUTPUT] [...]
     prepare-weights --verify OUTPUT
 
 SOURCE is a Hub-layout directory (config.json, model.safetensors.index.json, shards). With
 --download it is where the needed Hub files go first (only the shards of the requested layers).
-OUTPUT receives manifest.json and rank-RRRRR-of-WWWWW.safetensors; rerunning on the same OUTPUT
-resumes, skipping rank files whose sha256 matches the manifest. --verify re-hashes OUTPUT.
+OUTPUT receives manifest.json and, with --replicated shared (default), replicated.safetensors
+(read by every rank) plus experts-RRRRR-of-WWWWW.safetensors per rank; with --replicated
+per-rank, one self-contained rank-RRRRR-of-WWWWW.safetensors per rank. Rerunning on the same
+OUTPUT resumes, skipping files whose sha256 matches the manifest. --verify re-hashes OUTPUT.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import sys
 from mimo_v2_flash.checkpoint import CheckpointError
 from mimo_v2_flash.config import ConfigError
 
-from .convert import PrepareError, convert, parse_expert_list, parse_layer_range
+from .convert import (REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list,
+                      parse_layer_range)
 from .download import DEFAULT_REPO, download
 from .manifest import verify
 
@@ -41,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
                    help="bf16 (default) or fp8 = Trainium e4m3 (+-240) with 128x128 block scales")
+    p.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
+                   help="shared (default): one replicated file read by every rank + an experts file per "
+                        "rank; per-rank: one self-contained file per rank (replicated tensors in each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -70,9 +77,9 @@ def run(args) -> int:
         except (OSError, json.JSONDecodeError) as err:
             raise PrepareError(f"{args.placement}: cannot read the placement table ({err})") from None
     result = convert(args.paths[0], args.paths[1], args.world_size, placement, experts, layers,
-                     args.dtype, progress=not args.no_progress)
-    print(f"{args.paths[1]}: wrote {len(result.written)} rank file(s) {result.written}, resumed "
-          f"{result.skipped}, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
+                     args.dtype, progress=not args.no_progress, replicated=args.replicated)
+    print(f"{args.paths[1]}: wrote {len(result.written)} file(s), resumed {len(result.skipped)}, "
+          f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
     return 0
 
 

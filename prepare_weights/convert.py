@@ -1,8 +1,16 @@
-"""Hub checkpoint -> one safetensors file per expert-parallel rank, streamed tensor by tensor.
+"""Hub checkpoint -> safetensors files for the expert-parallel ranks, streamed tensor by tensor.
 
-Each rank file holds that rank's routed experts (per the placement; 256 / world size each by
-default) plus every replicated tensor (embedding, attention, norms, routers, dense MLP, lm_head),
-in the layout the kernels read: every projection transposed to [in, out] under
+Each rank needs its routed experts (per the placement; 256 / world size each by default) plus
+every replicated tensor (embedding, attention, norms, routers, dense MLP, lm_head). Two layouts
+(`replicated`), each converting every source tensor exactly once:
+
+* `shared` (default): one `replicated.safetensors` for all ranks plus one experts-only file per
+  rank (`experts-RRRRR-of-WWWWW.safetensors`).
+* `per-rank`: one self-contained file per rank (`rank-RRRRR-of-WWWWW.safetensors`), for hosts
+  that receive only their own file. Rank 0's file is converted; the other ranks' replicated
+  tensors are copied byte for byte from it (streamed, hashed), never converted again.
+
+Tensors are in the layout the kernels read: every projection transposed to [in, out] under
 `weights.kernel_name` (`<hub name>_t`), everything else as on the Hub. Output dtype:
 
 * `bf16` (default): projections, norms, sinks and embeddings BF16; router weight and correction
@@ -14,7 +22,8 @@ in the layout the kernels read: every projection transposed to [in, out] under
 Memory: one tensor at a time. The source is memory-mapped and dequantised in chunks of whole
 128-row blocks, written into one output-layout array, and streamed to the file; peak memory is
 about the output tensor plus the source tensor's mapped pages plus a chunk (docs/weights.md).
-Every input problem is found from the headers before the output directory is touched.
+A copied tensor streams through one 16 MiB buffer. Every input problem is found from the headers
+before the output directory is touched.
 """
 
 from __future__ import annotations
@@ -28,14 +37,17 @@ import numpy as np
 from tqdm import tqdm
 
 from mimo_v2_flash import fp8
-from mimo_v2_flash.checkpoint import CheckpointError, HubCheckpoint, rank_file_name
+from mimo_v2_flash.checkpoint import (REPLICATED_FILE, CheckpointError, HubCheckpoint, expert_file_name,
+                                      rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
-from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry
+from mimo_v2_flash.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorEntry
 from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
 
 from . import manifest as manifest_io
 
 OUTPUT_DTYPES = ("bf16", "fp8")
+SHARED, PER_RANK = "shared", "per-rank"
+REPLICATED_LAYOUTS = (SHARED, PER_RANK)
 CHUNK_ROWS = 256     # source rows dequantised at once: whole 128-row blocks, and short enough
                      # that the transposed write into [in, out] stays cache-friendly
 
@@ -45,19 +57,30 @@ class PrepareError(ValueError):
 
 
 @dataclass
-class RankPlan:
-    rank: int
+class FilePlan:
+    """One output file. Tensors of the specs in `copied` are taken byte for byte from the file
+    `copy_from` (written earlier in the same run, or verified by hash on resume); the rest are
+    converted from the source."""
     name: str
-    experts: list[int]
     specs: list[TensorSpec]
     entries: list[TensorEntry]
+    metadata: dict[str, str]
+    copied: frozenset[TensorSpec] = frozenset()
+    copy_from: str | None = None
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    experts: list[int]
+    files: list[str]      # the files that together hold this rank's tensors
 
 
 @dataclass
 class ConversionResult:
     manifest: dict
-    written: list[int] = field(default_factory=list)     # ranks whose files were (re)written
-    skipped: list[int] = field(default_factory=list)     # ranks resumed: file present, hash matches
+    written: list[str] = field(default_factory=list)     # files (re)written
+    skipped: list[str] = field(default_factory=list)     # files resumed: present, hash matches
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -144,16 +167,37 @@ def resolve_placement(num_experts: int, world_size: int | None, table=None) -> E
         raise PrepareError(f"expert placement: {err}") from None
 
 
-def plan_ranks(checkpoint: HubCheckpoint, placement: ExpertPlacement, layers: list[int],
-               experts: list[int] | None, dtype: str) -> list[RankPlan]:
-    plans = []
-    for rank in range(placement.world_size):
+def plan_files(config, placement: ExpertPlacement, layers: list[int], experts: list[int] | None,
+               dtype: str, replicated: str) -> tuple[list[FilePlan], list[RankPlan]]:
+    """The output files in write order, and which of them each rank reads."""
+    world = placement.world_size
+    replicated_specs = model_tensors(config, layers, experts=[])
+    shared_specs = frozenset(replicated_specs)
+
+    def file_plan(name, specs, metadata, **copy):
+        entries = [e for spec in specs for e in output_entries(spec, dtype)]
+        return FilePlan(name, specs, entries, metadata, **copy)
+
+    files, ranks = [], []
+    if replicated == SHARED:
+        files.append(file_plan(REPLICATED_FILE, replicated_specs,
+                               manifest_io.file_metadata(dtype, "replicated")))
+    for rank in range(world):
         owned = placement.experts_of(rank)
         owned = owned if experts is None else [e for e in owned if e in set(experts)]
-        specs = model_tensors(checkpoint.config, layers, experts=owned)
-        entries = [e for spec in specs for e in output_entries(spec, dtype)]
-        plans.append(RankPlan(rank, rank_file_name(rank, placement.world_size), owned, specs, entries))
-    return plans
+        specs = model_tensors(config, layers, experts=owned)     # replicated and expert tensors interleaved
+        if replicated == SHARED:
+            name = expert_file_name(rank, world)
+            files.append(file_plan(name, [s for s in specs if s not in shared_specs],
+                                   manifest_io.file_metadata(dtype, "experts", rank, world)))
+            ranks.append(RankPlan(rank, owned, [REPLICATED_FILE, name]))
+        else:
+            name = rank_file_name(rank, world)
+            copy = {} if rank == 0 else {"copied": shared_specs, "copy_from": files[0].name}
+            metadata = manifest_io.file_metadata(dtype, "replicated+experts", rank, world)
+            files.append(file_plan(name, specs, metadata, **copy))
+            ranks.append(RankPlan(rank, owned, [name]))
+    return files, ranks
 
 
 def check_output_dir(output: str) -> None:
@@ -170,18 +214,22 @@ def check_output_dir(output: str) -> None:
 
 def convert(source, output, world_size: int | None = None, placement_table=None,
             expert_subset=None, layers=None, dtype: str = "bf16", progress: bool = True,
-            log=print) -> ConversionResult:
-    """Convert the Hub checkpoint in `source` into per-rank files in `output`.
+            log=print, replicated: str = SHARED) -> ConversionResult:
+    """Convert the Hub checkpoint in `source` into the files of every rank in `output`.
 
     world_size / placement_table: contiguous placement, or an explicit table (rank_of list, list
     of expert lists per rank, or {"world_size", "rank_of"}). expert_subset: routed experts to keep
-    (default all). layers: layer indices to keep (default all). An interrupted run resumes: rank
-    files recorded in the manifest whose sha256 still matches are skipped.
+    (default all). layers: layer indices to keep (default all). replicated: SHARED (one
+    replicated file for all ranks + experts-only files) or PER_RANK (self-contained rank files).
+    An interrupted run resumes: files recorded in the manifest whose sha256 still matches are
+    skipped.
     """
     t0 = time.perf_counter()
     source, output = os.fspath(source), os.fspath(output)
     if dtype not in OUTPUT_DTYPES:
         raise PrepareError(f"output dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if replicated not in REPLICATED_LAYOUTS:
+        raise PrepareError(f"replicated layout must be one of {REPLICATED_LAYOUTS}, got {replicated!r}")
     try:
         checkpoint = HubCheckpoint(source)
     except (CheckpointError, ValueError) as err:
@@ -199,15 +247,16 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
             raise PrepareError(f"expert subset: expert {bad[0] if bad else '(none)'} outside "
                                f"0..{config.n_routed_experts - 1}")
     placement = resolve_placement(config.n_routed_experts, world_size, placement_table)
-    plans = plan_ranks(checkpoint, placement, layers, expert_subset, dtype)
+    files, ranks = plan_files(config, placement, layers, expert_subset, dtype, replicated)
     try:   # every needed header, shape, dtype and scale grid, before any output exists
         checkpoint.validate(model_tensors(config, layers, experts=expert_subset))
     except CheckpointError as err:
         raise PrepareError(str(err)) from None
     check_output_dir(output)
 
-    manifest = manifest_io.new_manifest(source, config, placement, layers, expert_subset, dtype,
-                                        [(p.rank, p.name, p.experts, p.entries) for p in plans])
+    manifest = manifest_io.new_manifest(source, config, placement, layers, expert_subset, dtype, replicated,
+                                        [(f.name, f.entries, f.metadata) for f in files],
+                                        [(r.rank, r.experts, r.files) for r in ranks])
     previous = manifest_io.read_existing(output)
     if previous is not None:
         differs = manifest_io.plan_difference(previous, manifest)
@@ -215,29 +264,35 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
             raise PrepareError(f"{output}: holds a conversion with different settings ({differs}); "
                                "use another output directory or delete this one")
     result = ConversionResult(manifest)
-    for plan, record in zip(plans, manifest["files"]):
+    for record in manifest["files"]:
         if previous is not None and manifest_io.file_matches(output, previous, record, progress):
             record.update(sha256=manifest_io.recorded_hash(previous, record["name"]))
-            result.skipped.append(plan.rank)
+            result.skipped.append(record["name"])
     manifest_io.write_manifest(output, manifest)
     if result.skipped:
-        log(f"resuming: rank files {result.skipped} are complete and match their hashes")
+        log(f"resuming: {result.skipped} are complete and match their hashes")
 
-    for plan, record in zip(plans, manifest["files"]):
-        if plan.rank in result.skipped:
+    for plan, record in zip(files, manifest["files"]):
+        if plan.name in result.skipped:
             continue
+        copy_source = SafetensorsFile(os.path.join(output, plan.copy_from)) if plan.copy_from else None
         bar = tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"{plan.name}", disable=not progress, leave=False)
-        metadata = manifest_io.file_metadata(dtype, plan.rank, placement.world_size)
-        with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, metadata) as writer:
+                   desc=plan.name, disable=not progress, leave=False)
+        with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, plan.metadata) as writer:
             for spec in plan.specs:
-                for entry, array in zip(output_entries(spec, dtype), convert_tensor(checkpoint, spec, dtype)):
+                entries = output_entries(spec, dtype)
+                if spec in plan.copied:
+                    for entry in entries:
+                        writer.copy(copy_source, entry.name)
+                        bar.update(entry.nbytes)
+                    continue
+                for entry, array in zip(entries, convert_tensor(checkpoint, spec, dtype)):
                     writer.write(entry.name, array)
                     bar.update(array.nbytes)
             record["sha256"] = writer.finish()
-        result.written.append(plan.rank)
+        result.written.append(plan.name)
         result.bytes_written += record["size"]
-        manifest_io.write_manifest(output, manifest)    # this rank is now resumable
+        manifest_io.write_manifest(output, manifest)    # this file is now resumable
     manifest["complete"] = True
     manifest_io.write_manifest(output, manifest)
     result.seconds = time.perf_counter() - t0

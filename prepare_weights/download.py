@@ -21,7 +21,7 @@ from mimo_v2_flash.checkpoint import INDEX_FILE, CheckpointError, read_index
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.weights import model_tensors, scale_name
 
-from .convert import PrepareError, parse_expert_list, parse_layer_range
+from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, parse_expert_list, parse_layer_range
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
 METADATA_FILES = ["config.json", INDEX_FILE]
@@ -100,6 +100,9 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-subset", help="experts to keep, e.g. 0-15,40")
     g.add_argument("--weight-dtype", choices=["bf16", "fp8"], default="bf16",
                    help="per-rank file dtype (fp8 = Trainium e4m3, +-240)")
+    g.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
+                   help="shared: one replicated file + an experts file per rank; per-rank: "
+                        "self-contained rank files")
 
 
 def run_download_mode(args) -> int:
@@ -124,8 +127,8 @@ def run_download_mode(args) -> int:
             placement = json.load(f)
     download(args.repo_id, args.local_dir, args.revision, layers, experts, args.offline or None)
     result = convert(args.local_dir, args.output_dir, args.world_size, placement, experts, layers,
-                     args.weight_dtype)
-    print(f"prepared {args.output_dir}: wrote ranks {result.written}, resumed {result.skipped}, "
+                     args.weight_dtype, replicated=args.replicated)
+    print(f"prepared {args.output_dir}: wrote {result.written}, resumed {result.skipped}, "
           f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
     specs = model_tensors(MiMoV2FlashConfig.from_json(args.local_dir), layers, experts)
     need = 4 * sum(int(np.prod(s.shape)) for s in specs)      # the reference model holds float32

@@ -1,9 +1,10 @@
-"""The manifest of a prepared directory: what was converted, how, and each rank file's sha256.
+"""The manifest of a prepared directory: what was converted, how, each file's sha256, and which
+files make up each rank's weights.
 
-`manifest.json` (format `mimo_v2_flash.prepared`, version 1) is rewritten atomically (temporary
+`manifest.json` (format `mimo_v2_flash.prepared`, version 2) is rewritten atomically (temporary
 name + rename) at the start of a conversion (`complete: false`, no hashes), after every finished
-rank file (its sha256), and at the end (`complete: true`). Readers accept only a complete
-manifest. Fields: see docs/weights.md.
+file (its sha256), and at the end (`complete: true`). Readers accept only a complete manifest.
+Fields: see docs/weights.md.
 """
 
 from __future__ import annotations
@@ -21,36 +22,43 @@ LAYOUT = ("projections (2-D tensors except the embedding) transposed to [in, out
           "+-240) with '<name>_scale_inv' float32 [ceil(in/128), ceil(out/128)], a multiplier; other "
           "tensors keep their Hub names and shapes")
 # Keys that must agree for a rerun to resume an earlier conversion (the source path may move).
-PLAN_KEYS = ("format_version", "config", "world_size", "placement", "layers", "experts", "dtype")
+PLAN_KEYS = ("format_version", "config", "world_size", "placement", "layers", "experts", "dtype",
+             "replicated")
 
 
-def file_metadata(dtype: str, rank: int, world_size: int) -> dict[str, str]:
-    """The `__metadata__` of a rank file's safetensors header."""
-    return {"format": PREPARED_FORMAT, "rank": str(rank), "world_size": str(world_size),
-            "dtype": dtype, "layout": LAYOUT}
+def file_metadata(dtype: str, contents: str, rank: int | None = None,
+                  world_size: int | None = None) -> dict[str, str]:
+    """The `__metadata__` of an output file's safetensors header. `contents`: "replicated",
+    "experts" or "replicated+experts"; a file shared by every rank names no rank."""
+    metadata = {"format": PREPARED_FORMAT, "contents": contents, "dtype": dtype, "layout": LAYOUT}
+    if rank is not None:
+        metadata.update(rank=str(rank), world_size=str(world_size))
+    return metadata
 
 
 def _sha256_of_index(source: str) -> str:
     return sha256_file(os.path.join(source, INDEX_FILE))
 
 
-def new_manifest(source: str, config, placement, layers, experts, dtype: str, files) -> dict:
-    """A manifest (not complete, no hashes) for `files` = [(rank, name, experts, entries)]."""
+def new_manifest(source: str, config, placement, layers, experts, dtype: str, replicated: str,
+                 files, ranks) -> dict:
+    """A manifest (not complete, no hashes). files = [(name, entries, metadata)] in write order;
+    ranks = [(rank, experts, names of the files holding that rank's tensors)]."""
     records = []
-    for rank, name, owned, entries in files:
-        header = encode_header(entries, file_metadata(dtype, rank, placement.world_size))
+    for name, entries, metadata in files:
         records.append({
-            "rank": rank, "name": name, "experts": owned,
-            "size": len(header) + sum(e.nbytes for e in entries), "sha256": None,
+            "name": name, "size": len(encode_header(entries, metadata)) + sum(e.nbytes for e in entries),
+            "sha256": None,
             "tensors": {e.name: {"dtype": e.dtype, "shape": list(e.shape)} for e in entries},
         })
     return {
         "format": PREPARED_FORMAT, "format_version": PREPARED_VERSION, "complete": False,
         "config": config.to_hub_dict(), "world_size": placement.world_size,
         "placement": placement.to_json(), "layers": list(layers), "experts": experts, "dtype": dtype,
-        "layout": LAYOUT,
+        "replicated": replicated, "layout": LAYOUT,
         "source": {"path": os.path.abspath(source), "index_sha256": _sha256_of_index(source)},
         "files": records,
+        "ranks": [{"rank": rank, "experts": owned, "files": list(names)} for rank, owned, names in ranks],
     }
 
 
@@ -105,7 +113,7 @@ def file_matches(output: str, manifest: dict, record: dict, progress: bool = Fal
 
 
 def verify(output: str, progress: bool = True) -> list[tuple[str, str]]:
-    """Re-hash every rank file against the manifest: [(file, 'ok' or the problem)]."""
+    """Re-hash every file against the manifest: [(file, 'ok' or the problem)]."""
     output = os.fspath(output)
     manifest = read_existing(output)
     if manifest is None:

@@ -140,6 +140,35 @@ def test_writer_rejects_out_of_plan_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+
+def test_writer_copies_stored_bytes_from_another_file(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"w": rng.standard_normal((129, 17)).astype(ml_dtypes.float8_e4m3fn),
+              "n": rng.standard_normal((9,)).astype(ml_dtypes.bfloat16)}
+    save_file({k: to_torch(a) for k, a in arrays.items()}, tmp_path / "src.safetensors")
+    source = SafetensorsFile(tmp_path / "src.safetensors")
+    # chunks of 100 bytes cover the 2193-byte tensor exactly, in order
+    chunks = [bytes(c) for c in source.iter_bytes("w", chunk_bytes=100)]
+    assert [len(c) for c in chunks] == [100] * 21 + [93]
+    assert b"".join(chunks) == arrays["w"].tobytes()
+
+    entries = [TensorEntry("n", "BF16", (9,)), TensorEntry("w", "F8_E4M3", (129, 17))]
+    with SafetensorsWriter(tmp_path / "copy.safetensors", entries) as writer:
+        writer.copy(source, "n")
+        writer.copy(source, "w")
+        writer.finish()
+    copied = {n: to_numpy(t) for n, t in load_file(tmp_path / "copy.safetensors").items()}
+    for name, a in arrays.items():
+        assert copied[name].tobytes() == a.tobytes()
+
+    with pytest.raises(SafetensorsError, match="src.safetensors: has no tensor 'x' to copy"):
+        with SafetensorsWriter(tmp_path / "bad.safetensors", [TensorEntry("x", "BF16", (9,))]) as writer:
+            writer.copy(source, "x")
+    with pytest.raises(SafetensorsError, match=r"tensor 'n' is BF16 \[9\], planned BF16 \[8\]"):
+        with SafetensorsWriter(tmp_path / "bad.safetensors", [TensorEntry("n", "BF16", (8,))]) as writer:
+            writer.copy(source, "n")
+    assert sorted(os.listdir(tmp_path)) == ["copy.safetensors", "src.safetensors"]
+
 # ---- the Hub fixture -----------------------------------------------------------------------------
 def test_fixture_has_the_hub_layout(hub):
     files = set(os.listdir(hub.path))

@@ -1,4 +1,5 @@
-"""prepare_weights on the Hub-layout fixture: per-rank files at world sizes 1/2/4 (bf16 and fp8),
+"""prepare_weights on the Hub-layout fixture: both layouts (a shared replicated file, or
+self-contained rank files) at world sizes 1/2/4 (bf16 and fp8), each source tensor converted once,
 expert subset, layer range, loading, verify, resume, bad input, CLI, download planning."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from types import SimpleNamespace
 
 import ml_dtypes
@@ -16,13 +18,14 @@ from safetensors.torch import load_file as load_torch
 
 from hub_fixture import rewrite_shard, to_numpy, write_hub_fixture
 from mimo_v2_flash import MiMoV2FlashModel
-from mimo_v2_flash.checkpoint import MANIFEST_FILE, CheckpointError, PreparedCheckpoint, rank_file_name
+from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, PreparedCheckpoint,
+                                      expert_file_name, rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement
 from mimo_v2_flash.weights import F32, kernel_name, model_tensors, scale_name
 from prepare_weights import convert as convert_module
 from prepare_weights import download as download_module
 from prepare_weights.__main__ import main as cli
-from prepare_weights.convert import PrepareError, convert
+from prepare_weights.convert import PER_RANK, SHARED, PrepareError, convert
 
 # Trainium e4m3 has the same 3 mantissa bits as the Hub's e4m3fn: requantising moves a value by at
 # most 2^-4 of itself, or 2^-10 of its block scale below the normal range.
@@ -52,24 +55,68 @@ def prompt(config, shape=(2, 7)):
     return np.random.default_rng(3).integers(0, config.vocab_size, shape)
 
 
+REAL_CONVERT_TENSOR = convert_module.convert_tensor
+
+
+def count_conversions(monkeypatch) -> Counter:
+    """Counts, by Hub name, the source tensors the converter converts from now on."""
+    counts = Counter()
+
+    def counting(checkpoint, spec, dtype):
+        counts[spec.name] += 1
+        return REAL_CONVERT_TENSOR(checkpoint, spec, dtype)
+    monkeypatch.setattr(convert_module, "convert_tensor", counting)
+    return counts
+
+
+def rank_file_sets(layout, world_size):
+    """The files each rank reads, in the layout's naming."""
+    if layout == SHARED:
+        return [[REPLICATED_FILE, expert_file_name(r, world_size)] for r in range(world_size)]
+    return [[rank_file_name(r, world_size)] for r in range(world_size)]
+
+
+def load_rank_raw(out, manifest, rank):
+    """A rank's tensors read straight from its files by the safetensors package (torch binding:
+    the only one that reads F8_E4M3)."""
+    files = next(r["files"] for r in manifest["ranks"] if r["rank"] == rank)
+    return {n: to_numpy(t) for f in files for n, t in load_torch(out / f).items()}
+
+
+@pytest.mark.parametrize("layout", [SHARED, PER_RANK])
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_every_rank_holds_exactly_the_expected_tensors(hub, bf16_expected, tmp_path, world_size):
+def test_every_rank_holds_exactly_the_expected_tensors(hub, bf16_expected, tmp_path, monkeypatch,
+                                                       world_size, layout):
     out = tmp_path / "out"
-    result = convert(hub.path, out, world_size=world_size, progress=False)
-    assert result.written == list(range(world_size)) and result.skipped == []
+    conversions = count_conversions(monkeypatch)
+    result = convert(hub.path, out, world_size=world_size, progress=False, replicated=layout)
+    # every source tensor is converted exactly once, however many ranks hold it
+    assert conversions == Counter(s.name for s in model_tensors(hub.config))
+    file_sets = rank_file_sets(layout, world_size)
+    files = list(dict.fromkeys(name for names in file_sets for name in names))
+    assert result.written == files and result.skipped == []
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_FILE] + files)
     manifest = json.load(open(out / MANIFEST_FILE))
     assert manifest["complete"] and manifest["world_size"] == world_size
-    assert sorted(os.listdir(out)) == sorted([MANIFEST_FILE] + [rank_file_name(r, world_size)
-                                                                for r in range(world_size)])
+    assert manifest["replicated"] == layout
+    assert [f["name"] for f in manifest["files"]] == files
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+    tensors_of = {f["name"]: f["tensors"] for f in manifest["files"]}
+    replicated = {kernel_name(s) for s in model_tensors(hub.config, experts=[])}
+    if layout == SHARED:
+        assert set(tensors_of[REPLICATED_FILE]) == replicated
     placement = ExpertPlacement.contiguous(hub.config.n_routed_experts, world_size)
     prepared = PreparedCheckpoint(out)
     for rank in range(world_size):
-        record = manifest["files"][rank]
-        assert record["experts"] == placement.experts_of(rank) and len(record["sha256"]) == 64
+        assert manifest["ranks"][rank] == {"rank": rank, "experts": placement.experts_of(rank),
+                                           "files": file_sets[rank]}
         specs = model_tensors(hub.config, experts=placement.experts_of(rank))
-        # the raw file, read by the safetensors package: kernel names, [in, out] projections
-        raw = load_numpy(out / record["name"])
-        assert set(raw) == {kernel_name(s) for s in specs} == set(record["tensors"])
+        # the rank's file set holds each of its tensors exactly once (shared: experts files hold
+        # no replicated tensor)
+        held = Counter(n for f in file_sets[rank] for n in tensors_of[f])
+        assert held == Counter(kernel_name(s) for s in specs)
+        # the raw files, read by the safetensors package: kernel names, [in, out] projections
+        raw = {n: a for f in file_sets[rank] for n, a in load_numpy(out / f).items()}
         for spec in specs:
             stored = raw[kernel_name(spec)].astype(np.float32)
             want = bf16_expected[spec.name]
@@ -104,12 +151,14 @@ def test_loaded_model_logits_match_reference(hub, bf16_expected, tmp_path):
     assert max(int(c.max()) for c in calls) >= 8      # experts of rank 1 were chosen too
 
 
-def test_fp8_output_is_trainium_e4m3_within_quantisation_error(hub, tmp_path):
+@pytest.mark.parametrize("layout", [SHARED, PER_RANK])
+def test_fp8_output_is_trainium_e4m3_within_quantisation_error(hub, tmp_path, layout):
     out = tmp_path / "out"
-    convert(hub.path, out, world_size=2, dtype="fp8", progress=False)
+    convert(hub.path, out, world_size=2, dtype="fp8", progress=False, replicated=layout)
     prepared = PreparedCheckpoint(out)
+    manifest = json.load(open(out / MANIFEST_FILE))
     for rank in range(2):
-        raw = {n: to_numpy(t) for n, t in load_torch(out / rank_file_name(rank, 2)).items()}
+        raw = load_rank_raw(out, manifest, rank)
         _, loaded = prepared.load(rank)
         for spec in model_tensors(hub.config, experts=prepared.experts_of(rank)):
             name = kernel_name(spec)
@@ -134,7 +183,7 @@ def test_expert_subset_and_layer_range(hub, bf16_expected, tmp_path):
                 "--no-progress"]) == 0
     manifest = json.load(open(out / MANIFEST_FILE))
     assert manifest["experts"] == subset and manifest["layers"] == [0, 1]
-    assert [f["experts"] for f in manifest["files"]] == [list(range(8)), [12]]
+    assert [r["experts"] for r in manifest["ranks"]] == [list(range(8)), [12]]
     assert not any(".layers.2." in n or ".layers.3." in n for f in manifest["files"] for n in f["tensors"])
     model = MiMoV2FlashModel.from_pretrained(out)
     assert model.config.num_hidden_layers == 2 and model.expert_subset == subset
@@ -163,44 +212,65 @@ def flip_byte(path, offset_from_end=1000):
 
 def test_verify_passes_then_catches_a_flipped_byte(hub, tmp_path, capsys):
     out = tmp_path / "out"
-    convert(hub.path, out, world_size=2, progress=False)
+    convert(hub.path, out, world_size=2, progress=False)        # shared layout
     assert cli(["--verify", str(out), "--no-progress"]) == 0
-    flip_byte(out / rank_file_name(1, 2))
+    assert "3 ok, 0 failed" in capsys.readouterr().out
+    flip_byte(out / REPLICATED_FILE)
     assert cli(["--verify", str(out), "--no-progress"]) == 1
     printed = capsys.readouterr().out
-    assert f"{rank_file_name(0, 2)}" in printed and "sha256 mismatch" in printed and "1 ok, 1 failed" in printed
+    assert f"{REPLICATED_FILE:<40} sha256 mismatch" in printed
+    assert f"{expert_file_name(1, 2):<40} ok" in printed and "2 ok, 1 failed" in printed
 
 
-def test_interrupted_run_resumes_and_rewrites_only_what_is_needed(hub, tmp_path, monkeypatch):
+def test_shared_layout_rank_reads_only_its_own_file_set(hub, bf16_expected, tmp_path):
     out = tmp_path / "out"
-    real_convert_tensor = convert_module.convert_tensor
+    convert(hub.path, out, world_size=2, progress=False)
+    os.remove(out / expert_file_name(1, 2))          # a host that received only rank 0's files
+    _, weights = PreparedCheckpoint(out).load(0)
+    np.testing.assert_array_equal(weights["lm_head.weight"], bf16_expected["lm_head.weight"])
+    with pytest.raises(CheckpointError, match=f"{expert_file_name(1, 2)}: file not found"):
+        PreparedCheckpoint(out).load(1)
+
+
+@pytest.mark.parametrize("layout", [SHARED, PER_RANK])
+def test_interrupted_run_resumes_and_rewrites_only_what_is_needed(hub, tmp_path, monkeypatch, layout):
+    out = tmp_path / "out"
+    files = list(dict.fromkeys(name for names in rank_file_sets(layout, 2) for name in names))
+    finished, rank1_file = files[:-1], files[-1]
 
     def failing(checkpoint, spec, dtype):
         if ".experts.12." in spec.name:      # an expert of rank 1 (of 2)
             raise RuntimeError("simulated crash")
-        return real_convert_tensor(checkpoint, spec, dtype)
+        return REAL_CONVERT_TENSOR(checkpoint, spec, dtype)
     monkeypatch.setattr(convert_module, "convert_tensor", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        convert(hub.path, out, world_size=2, progress=False)
-    # rank 0 is complete; rank 1 left neither a final nor a partial file; the manifest says so
-    assert sorted(os.listdir(out)) == [MANIFEST_FILE, rank_file_name(0, 2)]
+        convert(hub.path, out, world_size=2, progress=False, replicated=layout)
+    # every file before rank 1's is complete; rank 1's left neither a final nor a partial file
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_FILE] + finished)
     with pytest.raises(CheckpointError, match="conversion not complete"):
         MiMoV2FlashModel.from_pretrained(out)
-    first_mtime = os.path.getmtime(out / rank_file_name(0, 2))
+    mtimes = {name: os.path.getmtime(out / name) for name in finished}
 
-    monkeypatch.setattr(convert_module, "convert_tensor", real_convert_tensor)
-    result = convert(hub.path, out, world_size=2, progress=False)
-    assert result.skipped == [0] and result.written == [1]
-    assert os.path.getmtime(out / rank_file_name(0, 2)) == first_mtime
+    conversions = count_conversions(monkeypatch)
+    result = convert(hub.path, out, world_size=2, progress=False, replicated=layout)
+    assert result.skipped == finished and result.written == [rank1_file]
+    assert {name: os.path.getmtime(out / name) for name in finished} == mtimes
+    # only rank 1's experts are converted again; in the per-rank layout its replicated tensors
+    # are copied from the finished rank 0 file
+    assert conversions == Counter(s.name for s in model_tensors(hub.config, experts=range(8, 16))
+                                  if ".experts." in s.name)
     assert cli(["--verify", str(out), "--no-progress"]) == 0
 
-    flip_byte(out / rank_file_name(0, 2))            # a corrupt finished file is redone
-    result = convert(hub.path, out, world_size=2, progress=False)
-    assert result.written == [0] and result.skipped == [1]
+    flip_byte(out / files[0])            # a corrupt finished file is redone, nothing else
+    result = convert(hub.path, out, world_size=2, progress=False, replicated=layout)
+    assert result.written == [files[0]] and result.skipped == files[1:]
     assert cli(["--verify", str(out), "--no-progress"]) == 0
 
     with pytest.raises(PrepareError, match="different settings \\('dtype' differs\\)"):
-        convert(hub.path, out, world_size=2, dtype="fp8", progress=False)
+        convert(hub.path, out, world_size=2, dtype="fp8", progress=False, replicated=layout)
+    other = PER_RANK if layout == SHARED else SHARED
+    with pytest.raises(PrepareError, match="different settings \\('replicated' differs\\)"):
+        convert(hub.path, out, world_size=2, progress=False, replicated=other)
 
 
 # ---- bad input: a clear error and no output that looks complete -----------------------------------
@@ -264,9 +334,20 @@ def test_world_size_must_divide_experts_unless_placement_given(hub, tmp_path, ca
     table.write_text(json.dumps([list(range(0, 6)), list(range(6, 11)), list(range(11, 16))]))
     assert cli([hub.path, str(out), "--placement", str(table), "--no-progress"]) == 0
     manifest = json.load(open(out / MANIFEST_FILE))
-    assert manifest["world_size"] == 3 and manifest["files"][2]["experts"] == list(range(11, 16))
+    assert manifest["world_size"] == 3 and manifest["ranks"][2]["experts"] == list(range(11, 16))
     assert cli([hub.path, str(tmp_path / "x"), "--world-size", "5", "--no-progress"]) == 2
     assert "world size 5 does not divide" in capsys.readouterr().err
+
+
+def test_unknown_replicated_layout(hub, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match=r"replicated layout must be one of \('shared', 'per-rank'\), "
+                                           "got 'none'"):
+        convert(hub.path, out, replicated="none", progress=False)
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        cli([hub.path, str(out), "--replicated", "none"])
+    assert "invalid choice: 'none'" in capsys.readouterr().err
 
 
 def test_output_directory_not_writable(hub, tmp_path):
