@@ -93,7 +93,7 @@ class LayerStep:
     update_error: float
     differences: dict        # per op on identical inputs (CheckedOps)
     cost: dict               # NkiOps.cost_summary() of this step
-    wall_s: float            # simulation wall time of the kernel path
+    wall_s: float            # wall time of the checked kernel path (first step: + weight conversion)
 
 
 def compare_layer(kind: str, experts=CHECK_EXPERTS, steps=LAYER_STEPS, seed=0) -> list[LayerStep]:
@@ -193,7 +193,7 @@ def _layer_checks(kind: str):
                           error, LAYER_TOL, error <= LAYER_TOL and _ops_ok(step.differences),
                           step.cost["total"]["estimated_us"], step.cost["total"]["roofline_us"],
                           note=f"output {step.error:.1e}, update {step.update_error:.1e}; per op: "
-                               f"{_format_differences(step.differences)}; simulated in {step.wall_s:.0f} s")
+                               f"{_format_differences(step.differences)}; ran in {step.wall_s:.0f} s")
 
 
 def checks(quick: bool):
