@@ -65,7 +65,7 @@ def mode_random(args) -> int:
     from mimo_v2_flash import MiMoV2FlashModel
     config = make_config(args)
     t0 = time.perf_counter()
-    model = MiMoV2FlashModel.random(config, seed=args.seed, backend=args.backend)
+    model = MiMoV2FlashModel.random(config, seed=args.seed, backend=args.backend, weight_dtype=args.weight_dtype)
     build_s = time.perf_counter() - t0
     prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))
     tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens,

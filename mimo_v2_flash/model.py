@@ -23,23 +23,28 @@ from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_l
 from .weights import random_weights
 
 
-def _make_ops(backend: str, config, weights, allowed):
+def _make_ops(backend: str, config, weights, allowed, weight_dtype: str):
     if backend == "reference":
+        if weight_dtype != "bf16":
+            raise ValueError(f"weight_dtype={weight_dtype!r} applies to backend='nki' only")
         return ReferenceOps(config, weights, allowed)
     if backend == "nki":
         from .nki_ops import NkiOps   # kernels are imported only when asked for
-        return NkiOps(config, weights, allowed)
+        return NkiOps(config, weights, allowed, weight_dtype=weight_dtype)
     raise ValueError(f"unknown backend {backend!r}: expected 'reference' or 'nki'")
 
 
 class MiMoV2FlashModel:
     def __init__(self, config: MiMoV2FlashConfig, weights, expert_subset=None,
-                 backend: str = "reference", expert_executor=None, check_reference: bool = False):
+                 backend: str = "reference", expert_executor=None, check_reference: bool = False,
+                 weight_dtype: str = "bf16"):
         """`weights` maps Hub tensor names to arrays (Hub layout [out, in]).
 
         `expert_subset`: the routed experts the router may choose (None = all of them).
         `expert_executor`: runs routed experts (default: locally; `parallel` supplies the
         expert-parallel one, in which case this process may hold none of the experts).
+        `weight_dtype`: how the NKI backend stores the projections the Hub keeps in FP8:
+        "bf16" or "fp8" (Trainium e4m3 with 128x128 block scales).
         `check_reference`: also run every op on the NumPy reference with the same inputs and
         record the per-op relative difference in `self.ops.differences`.
         """
@@ -57,7 +62,7 @@ class MiMoV2FlashModel:
             allowed = np.zeros(config.n_routed_experts, bool)
             allowed[self.expert_subset] = True
         self.backend = backend
-        self.ops = _make_ops(backend, config, weights, allowed)
+        self.ops = _make_ops(backend, config, weights, allowed, weight_dtype)
         if check_reference:
             self.ops = CheckedOps(self.ops, ReferenceOps(config, weights, allowed))
         self.expert_executor = expert_executor or LocalExperts(self.ops)

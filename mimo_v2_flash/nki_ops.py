@@ -28,8 +28,7 @@ from dataclasses import dataclass, field, fields
 import ml_dtypes
 import numpy as np
 
-from kernels.attention_decode import attention_decode
-from kernels.attention_prefill import attention_prefill
+from kernels.attention_decode import attention_batch
 from kernels.dense_mlp import dense_mlp
 from kernels.embedding import embed
 from kernels.expert_ffn import ExpertWeights, expert_ffn
@@ -242,23 +241,9 @@ class NkiOps:
         return y.astype(np.float32)
 
     def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
-        """A sequence without history (its keys are its queries) goes to the flash prefill
-        kernel, one launch each; all others (decode, prefill on a cache) share one launch of
-        the ragged cached-attention kernel."""
-        scale = self.config.softmax_scale
-        outs: list[np.ndarray | None] = [None] * len(problems)
-        reports, cached = [], []
-        for i, p in enumerate(problems):
-            if _without_history(p):
-                outs[i], report = attention_prefill(p.q, p.k, p.v, scale, window, sink)
-                reports.append(report)
-            else:
-                cached.append(i)
-        if cached:
-            results, report = attention_decode([problems[i] for i in cached], scale, window, sink)
-            reports.append(report)
-            for i, out in zip(cached, results):
-                outs[i] = out
+        """Fresh prompts of 128+ tokens through the flash prefill kernel (one launch each); decode
+        steps, prefill on a history and short prompts share one ragged cached-attention launch."""
+        outs, reports = attention_batch(problems, self.config.softmax_scale, window, sink)
         self._record("attention", *reports)
         return outs
 
@@ -298,9 +283,3 @@ class NkiOps:
         self._record("logits", norm_report, head_report)
         return y.astype(np.float32)
 
-
-def _without_history(p: AttentionInput) -> bool:
-    """True when the keys are exactly the queries' own tokens, in order (a fresh prefill)."""
-    q_pos, k_pos = np.asarray(p.q_positions), np.asarray(p.k_positions)
-    return (q_pos.shape == k_pos.shape and np.array_equal(q_pos, k_pos)
-            and bool(np.all(np.diff(q_pos) == 1)))

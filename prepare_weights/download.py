@@ -99,7 +99,8 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
     g.add_argument("--expert-subset", help="experts to keep, e.g. 0-15,40")
     g.add_argument("--weight-dtype", choices=["bf16", "fp8"], default="bf16",
-                   help="per-rank file dtype (fp8 = Trainium e4m3, +-240)")
+                   help="weight storage: per-rank file dtype in download mode, and how --backend nki "
+                        "keeps the Hub's FP8 projections (fp8 = Trainium e4m3, +-240, 128x128 blocks)")
     g.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
                    help="shared: one replicated file + an experts file per rank; per-rank: "
                         "self-contained rank files")
