@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention"]
+KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention", "decoder_layer"]
 DEFAULT_TOKENS = [1, 8, 64, 512, 4096]
 
 
