@@ -6,8 +6,10 @@ Writes a Hub-layout checkpoint (real shard names, FP8 e4m3fn blocks with 128x128
 per-KV-head K/V scales on full layers, BF16 embeddings) of a MiMo-shaped config scaled down in
 hidden size and expert count but with the real head dims, then converts it in a fresh subprocess
 per case and reports wall time, MB/s and the subprocess's peak RSS against the largest single
-tensor. The source was just written, so it is read from the page cache: the numbers are the
-converter's CPU cost, not a disk's. Prints a table, writes benchmarks/results/bench_prepare_weights.json.
+tensor, for both layouts of the replicated weights (`shared`: one replicated file + experts
+files; `per-rank`: self-contained rank files whose replicated tensors are copied from rank 0's).
+The source was just written, so it is read from the page cache: the numbers are the converter's
+CPU cost, not a disk's. Prints a table, writes benchmarks/results/bench_prepare_weights.json.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from mimo_v2_flash.config import MiMoV2FlashConfig  # noqa: E402
 from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry  # noqa: E402
 from mimo_v2_flash.weights import F32, FP8, fp8_scale_shape, model_tensors, scale_name  # noqa: E402
 
-CASES = [("bf16", 4), ("fp8", 4), ("bf16", 1)]
+CASES = [("bf16", 4, "shared"), ("bf16", 4, "per-rank"), ("fp8", 4, "shared"), ("fp8", 4, "per-rank"),
+         ("bf16", 1, "shared")]     # (dtype, world size, replicated layout)
 
 
 def bench_config() -> MiMoV2FlashConfig:
@@ -103,16 +106,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_child(source: str, output: str, dtype: str, world_size: int) -> dict:
+def run_child(source: str, output: str, dtype: str, world_size: int, layout: str) -> dict:
     """Convert in this (fresh) process; report time and this process's peak RSS."""
     from prepare_weights.convert import convert
     from prepare_weights.manifest import verify
     baseline = peak_rss_bytes()       # interpreter + numpy + imports
-    result = convert(source, output, world_size=world_size, dtype=dtype, progress=False, log=lambda *_: None)
+    result = convert(source, output, world_size=world_size, dtype=dtype, progress=False, log=lambda *_: None,
+                     replicated=layout)
     peak = peak_rss_bytes()
     t0 = time.perf_counter()
     report = verify(output, progress=False)
-    return {"seconds": result.seconds, "bytes_written": result.bytes_written,
+    return {"seconds": result.seconds, "bytes_written": result.bytes_written, "files": len(result.written),
             "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
             "verify_seconds": time.perf_counter() - t0, "verify_ok": all(s == "ok" for _, s in report)}
 
@@ -121,11 +125,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="/tmp/mimo_bench_weights")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
-    p.add_argument("--child", nargs=4, metavar=("SOURCE", "OUTPUT", "DTYPE", "WORLD"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=5, metavar=("SOURCE", "OUTPUT", "DTYPE", "WORLD", "LAYOUT"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        source, output, dtype, world = args.child
-        print(json.dumps(run_child(source, output, dtype, int(world))))
+        source, output, dtype, world, layout = args.child
+        print(json.dumps(run_child(source, output, dtype, int(world), layout)))
         return 0
 
     config = bench_config()
@@ -137,15 +142,15 @@ def main(argv=None) -> int:
           f"({config.summary()})")
     largest = max((e for entries in hub_entries(config).values() for e in entries), key=lambda e: e.nbytes)
     rows = []
-    for dtype, world in CASES:
-        output = os.path.join(args.work_dir, f"out-{dtype}-{world}")
+    for dtype, world, layout in CASES:
+        output = os.path.join(args.work_dir, f"out-{dtype}-{world}-{layout}")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", source, output, dtype,
-                               str(world)], capture_output=True, text=True, cwd=ROOT)
+                               str(world), layout], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r.update(dtype=dtype, world_size=world, source_bytes=source_bytes,
+        r.update(dtype=dtype, world_size=world, replicated=layout, source_bytes=source_bytes,
                  source_mb_per_s=source_bytes / 1e6 / r["seconds"],
                  output_mb_per_s=r["bytes_written"] / 1e6 / r["seconds"],
                  largest_tensor=largest.name, largest_tensor_bytes=largest.nbytes,
@@ -158,12 +163,14 @@ def main(argv=None) -> int:
         shutil.rmtree(args.work_dir, ignore_errors=True)
 
     print(f"largest tensor: {largest.name} {largest.dtype} {list(largest.shape)} = {largest.nbytes / 1e6:.0f} MB")
-    header = (f"{'dtype':<5} {'ranks':>5} {'src GB':>7} {'out GB':>7} {'sec':>7} {'src MB/s':>9} "
-              f"{'out MB/s':>9} {'peak RSS MB':>11} {'base MB':>8} {'peak/largest':>12} {'verify s':>8}")
+    header = (f"{'dtype':<5} {'ranks':>5} {'replicated':<10} {'files':>5} {'src GB':>7} {'out GB':>7} {'sec':>7} "
+              f"{'src MB/s':>9} {'out MB/s':>9} {'peak RSS MB':>11} {'base MB':>8} {'peak/largest':>12} "
+              f"{'verify s':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['dtype']:<5} {r['world_size']:>5} {r['source_bytes'] / 1e9:>7.2f} {r['bytes_written'] / 1e9:>7.2f} "
+        print(f"{r['dtype']:<5} {r['world_size']:>5} {r['replicated']:<10} {r['files']:>5} "
+              f"{r['source_bytes'] / 1e9:>7.2f} {r['bytes_written'] / 1e9:>7.2f} "
               f"{r['seconds']:>7.1f} {r['source_mb_per_s']:>9.0f} {r['output_mb_per_s']:>9.0f} "
               f"{r['peak_rss_bytes'] / 1e6:>11.0f} {r['baseline_rss_bytes'] / 1e6:>8.0f} "
               f"{r['peak_over_largest']:>12.2f} {r['verify_seconds']:>8.1f}")

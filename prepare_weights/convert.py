@@ -270,7 +270,7 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
             result.skipped.append(record["name"])
     manifest_io.write_manifest(output, manifest)
     if result.skipped:
-        log(f"resuming: {result.skipped} are complete and match their hashes")
+        log(f"resuming: {len(result.skipped)} of {len(files)} files are complete and match their hashes")
 
     for plan, record in zip(files, manifest["files"]):
         if plan.name in result.skipped:

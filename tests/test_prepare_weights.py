@@ -195,6 +195,18 @@ def test_expert_subset_and_layer_range(hub, bf16_expected, tmp_path):
     np.testing.assert_allclose(model.forward(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_rank_without_experts_gets_an_empty_experts_file(hub, bf16_expected, tmp_path):
+    out = tmp_path / "out"      # of 4 contiguous ranks, rank 2 (experts 8..11) keeps none
+    convert(hub.path, out, world_size=4, expert_subset=list(range(8)) + [12], layers=[0, 1], progress=False)
+    manifest = json.load(open(out / MANIFEST_FILE))
+    assert [r["experts"] for r in manifest["ranks"]] == [[0, 1, 2, 3], [4, 5, 6, 7], [], [12]]
+    empty = next(f for f in manifest["files"] if f["name"] == expert_file_name(2, 4))
+    assert empty["tensors"] == {} and os.path.getsize(out / empty["name"]) == empty["size"]
+    _, weights = PreparedCheckpoint(out).load(2)
+    assert set(weights) == {s.name for s in model_tensors(hub.config, layers=[0, 1], experts=[])}
+    np.testing.assert_array_equal(weights["lm_head.weight"], bf16_expected["lm_head.weight"])
+
+
 def test_layer_range_not_from_zero_is_stored_but_not_runnable(hub, tmp_path):
     out = tmp_path / "out"
     convert(hub.path, out, layers=[1, 2], expert_subset=range(8), progress=False)
