@@ -46,7 +46,8 @@ def format_rows(rows) -> str:
         lines.append(f"{r['kernel']:<26} {r['shapes']:<40} {r['tokens']:>6} {r.get('bound', ''):>6} "
                      f"{r['estimated_us']:>10.1f} {r['roofline_us']:>10.1f} "
                      f"{'-' if frac is None else f'{frac:.0%}':>7} "
-                     f"{'-' if goal is None else f'{goal:.0%}':>5} {'yes' if r['meets_goal'] else 'no':>4}")
+                     f"{'-' if goal is None else f'{goal:.0%}':>5} "
+                     f"{'-' if goal is None else 'yes' if r['meets_goal'] else 'no':>4}")
     return "\n".join(lines)
 
 
