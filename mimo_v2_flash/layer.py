@@ -69,6 +69,16 @@ class ReferenceOps:
     def rope(self, x, positions, theta):
         return ref.apply_partial_rope(x, positions, self.config.rotary_dim, theta)
 
+    def qkv(self, x, layer):
+        """The q, k and v projections of one layer: [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]
+        (one op so a kernel backend can run them as one launch over concatenated weights)."""
+        p = layer_prefix(layer) + "self_attn."
+        return tuple(self.linear(x, p + f"{name}_proj.weight") for name in "qkv")
+
+    def rope_qk(self, q, k, positions, theta):
+        """RoPE of q [N, Hq, D] and k [N, Hkv, D] at the same positions (one launch on kernels)."""
+        return self.rope(q, positions, theta), self.rope(k, positions, theta)
+
     def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
         return [ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
                               self.config.softmax_scale, window, sink) for p in problems]
@@ -107,8 +117,8 @@ class CheckedOps:
     compared as the fraction of (token, slot) expert ids that differ.
     """
 
-    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "rope", "attention", "router",
-                 "experts", "dense_mlp", "logits")
+    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention",
+                 "router", "experts", "dense_mlp", "logits")
 
     def __init__(self, backend, reference):
         self.backend, self.reference = backend, reference
@@ -149,14 +159,14 @@ class LocalExperts:
 
 def attention_block(ops, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
                     batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
-    """Projections, value scale, partial RoPE, per-sequence attention with the cache, o_proj."""
+    """Projections, partial RoPE, value scale, per-sequence attention with the cache, o_proj."""
     heads, kv_heads, d, dv = config.attention_shape(layer)
     p = layer_prefix(layer) + "self_attn."
     n = xn.shape[0]
     theta = config.rope_theta_of(layer)
-    q = ops.rope(ops.linear(xn, p + "q_proj.weight").reshape(n, heads, d), batch.positions, theta)
-    k = ops.rope(ops.linear(xn, p + "k_proj.weight").reshape(n, kv_heads, d), batch.positions, theta)
-    v = ops.linear(xn, p + "v_proj.weight").reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
+    q, k, v = ops.qkv(xn, layer)
+    q, k = ops.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), batch.positions, theta)
+    v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
     problems = []
     for seq, start, stop in batch.segments():
         pos = batch.positions[start:stop]

@@ -44,7 +44,8 @@ from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, Tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
-LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "rope", "attention", "router", "experts", "dense_mlp")
+LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention", "router", "experts",
+             "dense_mlp")
 
 
 @dataclass
@@ -234,6 +235,37 @@ class NkiOps:
         y, report = self._linear(x, weight_name)
         self._record("linear", report)
         return y.astype(np.float32)
+
+    def _fused_qkv_weight(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """q | k | v kernel weights side by side, [in, Hq*D + Hkv*D + Hkv*Dv] (and their block
+        scales): every width is a multiple of 128, so the FP8 block grids line up as well."""
+        key = layer_prefix(layer) + "self_attn.qkv"
+        if key not in self._prepared:
+            parts = [self.kernel_weight(layer_prefix(layer) + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            weight = np.concatenate([w for w, _ in parts], axis=1)
+            scale = None if parts[0][1] is None else np.concatenate([sc for _, sc in parts], axis=1)
+            for name in "qkv":      # the fused copy replaces the separate ones
+                self._prepared.pop(layer_prefix(layer) + f"self_attn.{name}_proj.weight")
+            self._prepared[key] = (weight, scale)
+        return self._prepared[key]
+
+    def qkv(self, x, layer):
+        """q, k and v in one launch over the concatenated weights (one read of x, one fixed DMA
+        latency instead of three), split back into [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]."""
+        heads, kv_heads, d, dv = self.config.attention_shape(layer)
+        weight, scale = self._fused_qkv_weight(layer)
+        y, report = linear(x, weight, scale, report=True)
+        self._record("qkv", report)
+        y = y.astype(np.float32)
+        return y[:, :heads * d], y[:, heads * d:(heads + kv_heads) * d], y[:, (heads + kv_heads) * d:]
+
+    def rope_qk(self, q, k, positions, theta):
+        """q and k heads side by side through one rope launch (same positions and theta)."""
+        both, report = rope(np.concatenate([q, k], axis=1), positions, theta,
+                            rotary_dim=self.config.rotary_dim, report=True)
+        self._record("rope_qk", report)
+        both = both.astype(np.float32)
+        return both[:, :q.shape[1]], both[:, q.shape[1]:]
 
     def rope(self, x, positions, theta):
         y, report = rope(x, positions, theta, rotary_dim=self.config.rotary_dim, report=True)

@@ -18,7 +18,7 @@ from mimo_v2_flash.selfcheck.decoder_layer import (
     LAYER_STEPS, LAYER_TOL, OP_TOL, compare_fp8_layers, compare_layer, compare_tiny_model, relative_error)
 from mimo_v2_flash.weights import random_weights
 
-EVERY_LAYER_OP = {"rmsnorm", "linear", "rope", "attention", "add_rmsnorm", "router", "experts"}
+EVERY_LAYER_OP = {"rmsnorm", "qkv", "rope_qk", "linear", "attention", "add_rmsnorm", "router", "experts"}
 
 
 @pytest.mark.parametrize("kind", ["full", "swa"])
@@ -128,7 +128,7 @@ def test_run_example_random_mode_through_kernels(capsys):
     kernels = capsys.readouterr().out
     assert run_example.main(argv) == 0
     reference = capsys.readouterr().out
-    generated = [next(line for line in out.splitlines() if line.startswith("generated[0]"))
+    generated = [next(line.split()[1:] for line in out.splitlines() if line.startswith("generated[0]"))
                  for out in (kernels, reference)]
     assert generated[0] == generated[1]
     assert "Trainium2 estimate" in kernels and "Trainium2 estimate" not in reference
