@@ -4,6 +4,7 @@
     python run_example.py --mode test                # self-checks (reference, kernels): pass/fail table
     python run_example.py --mode download ...        # Hub checkpoint -> per-rank files -> generate
     torchrun --nproc-per-node 4 run_example.py --mode random   # expert-parallel over 4 ranks
+    torchrun --nproc-per-node 4 run_example.py --mode generate --weights PREPARED   # prepared weights
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ import numpy as np
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["random", "test", "download"], default="random")
-    p.add_argument("--config", default="tiny", help="preset (tiny, small, full) or path to config.json")
+    p.add_argument("--mode", choices=["random", "generate", "test", "download"], default="random")
+    p.add_argument("--weights", metavar="PREPARED_DIR",
+                   help="--mode generate: a prepare-weights output directory; under torchrun each rank "
+                        "loads its own file set (the directory must be prepared for WORLD_SIZE ranks)")
+    p.add_argument("--config", help="preset (tiny, small, full) or path to config.json (default tiny)")
     p.add_argument("--num-layers", type=int, help="override num_hidden_layers")
     p.add_argument("--num-experts", type=int, help="override n_routed_experts")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=32, help="prompt tokens per sequence")
+    p.add_argument("--prompt-ids", type=parse_prompt_ids, metavar="IDS",
+                   help="prompt token ids instead of seeded random ones, e.g. 1,2,3 or 1,2,3;4,5,6 "
+                        "(sequences of equal length; replaces --batch and --seq-len)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--ep-allgather-max-tokens", type=int, default=1,
                     help="auto mode: all-gather when no rank has more tokens than this")
     ep.add_argument("--ep-wire-dtype", choices=["float32", "bfloat16"], default="float32")
-    ep.add_argument("--ep-placement", default="contiguous", help="'contiguous' or a placement JSON file")
+    ep.add_argument("--ep-placement", help="'contiguous' or a placement JSON file (default: contiguous; with "
+                                           "--weights the prepared files' placement, which this must match)")
     ep.add_argument("--ep-save-placement", help="write a load-aware placement from this run's expert load")
     ep.add_argument("--dist-backend", choices=["gloo", "xla"], default="gloo",
                     help="process group: gloo on CPU; xla = Neuron on trn2 (untested here)")
@@ -47,9 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_prompt_ids(text: str) -> np.ndarray:
+    """'1,2,3;4,5,6' -> int64 [2, 3]: sequences separated by ';', ids by ','."""
+    try:
+        rows = [[int(token) for token in seq.split(",")] for seq in text.split(";")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected token ids separated by ',' (sequences by ';')") from None
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sequences of {lengths} tokens; all need the same length")
+    ids = np.array(rows, np.int64)
+    if (ids < 0).any():
+        raise argparse.ArgumentTypeError(f"{text!r}: token ids must be >= 0")
+    return ids
+
+
+def make_prompts(args, vocab_size: int) -> np.ndarray:
+    """The batch's prompt ids [B, T]: --prompt-ids, or --batch x --seq-len seeded random ids."""
+    if args.prompt_ids is None:
+        return np.random.default_rng(args.seed).integers(0, vocab_size, (args.batch, args.seq_len))
+    if args.prompt_ids.max() >= vocab_size:
+        raise ValueError(f"--prompt-ids: token id {args.prompt_ids.max()} is outside the model's vocabulary "
+                         f"0..{vocab_size - 1}")
+    return args.prompt_ids
+
+
 def make_config(args):
     from mimo_v2_flash import load_config
-    config = load_config(args.config)
+    config = load_config(args.config or "tiny")
     changes = {}
     if args.num_layers:
         changes["num_hidden_layers"] = args.num_layers
@@ -58,27 +91,63 @@ def make_config(args):
     return config.replace(**changes) if changes else config
 
 
+def distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def mode_random(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from parallel.run import run_random_distributed
-        return run_random_distributed(args, make_config(args))
-    from mimo_v2_flash import MiMoV2FlashModel
     config = make_config(args)
+    if distributed():
+        from parallel.run import random_rank_weights, resolve_placement, run_distributed
+
+        def load_weights(world, rank):
+            placement = resolve_placement(args.ep_placement or "contiguous", config.n_routed_experts, world)
+            return random_rank_weights(config, placement, rank, args.seed)
+        return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
+    from mimo_v2_flash import MiMoV2FlashModel
     t0 = time.perf_counter()
     model = MiMoV2FlashModel.random(config, seed=args.seed, backend=args.backend, weight_dtype=args.weight_dtype)
-    build_s = time.perf_counter() - t0
-    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))
+    return generate_single_process(args, model, f"random weights, {time.perf_counter() - t0:.2f} s")
+
+
+def mode_generate(args) -> int:
+    """The prepared weights: expert-parallel under torchrun (each rank its file set), otherwise one
+    process holding every rank's experts."""
+    if distributed():
+        from parallel.run import prepared_rank_weights, run_distributed
+
+        def load_weights(world, rank):
+            return prepared_rank_weights(args.weights, world, rank, args.ep_placement)
+        return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
+    from mimo_v2_flash import MiMoV2FlashModel
+    t0 = time.perf_counter()
+    try:
+        model = MiMoV2FlashModel.from_pretrained(args.weights, backend=args.backend, weight_dtype=args.weight_dtype)
+    except ValueError as err:      # CheckpointError, ConfigError: the message names the file
+        return input_error(err)
+    return generate_single_process(args, model, f"{args.weights}, every rank's files, "
+                                                f"{time.perf_counter() - t0:.2f} s")
+
+
+def generate_single_process(args, model, built: str) -> int:
+    """Prefill + decode of the prompts in one process; prints a table (and writes --json)."""
+    config = model.config
+    try:
+        prompt = make_prompts(args, config.vocab_size)
+    except ValueError as err:
+        return input_error(err)
+    batch, prompt_len = prompt.shape
     tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed, return_timing=True)
-    new = tokens[:, args.seq_len:]
-    decoded = max(args.max_new_tokens - 1, 0) * args.batch
+    new = tokens[:, prompt_len:]
+    decoded = max(args.max_new_tokens - 1, 0) * batch
     rows = [
         ("config", config.summary()),
         ("backend", args.backend),
-        ("build (random weights)", f"{build_s:.2f} s"),
-        ("prompt", f"{args.batch} x {args.seq_len} tokens"),
+        ("build", built),
+        ("prompt", f"{batch} x {prompt_len} tokens"),
         ("prefill", f"{timing['prefill_s']:.3f} s, "
-                    f"{args.batch * args.seq_len / max(timing['prefill_s'], 1e-9):.1f} tokens/s"),
+                    f"{batch * prompt_len / max(timing['prefill_s'], 1e-9):.1f} tokens/s"),
         ("decode", f"{decoded} tokens in {timing['decode_s']:.3f} s, "
                    f"{decoded / max(timing['decode_s'], 1e-9):.1f} tokens/s"),
         ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB (float32)"),
@@ -86,9 +155,9 @@ def mode_random(args) -> int:
     if args.backend == "nki":   # the simulator's cost model of one NeuronCore-v3, not a measurement
         prefill, decode = model.ops.cost_summary(slice(0, 1)), model.ops.cost_summary(slice(1, None))
         rows.append(("Trainium2 estimate", f"prefill {prefill['per_pass_us']:.0f} us; decode "
-                     f"{decode['per_pass_us']:.0f} us per step of {args.batch} tokens "
+                     f"{decode['per_pass_us']:.0f} us per step of {batch} tokens "
                      f"({decode['per_layer_us']:.0f} us per layer) [simulator cost model]"))
-    for b in range(args.batch):
+    for b in range(batch):
         rows.append((f"generated[{b}]", " ".join(map(str, new[b]))))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -97,6 +166,11 @@ def mode_random(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": config.to_hub_dict(), "timing": timing, "tokens": tokens.tolist()}, f)
     return 0
+
+
+def input_error(err: Exception) -> int:
+    print(f"run_example.py: error: {err}", file=sys.stderr)
+    return 2
 
 
 def mode_test(args) -> int:
@@ -124,7 +198,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     add_download_arguments(parser)
     args = parser.parse_args(argv)
-    return {"random": mode_random, "test": mode_test, "download": mode_download}[args.mode](args)
+    if (args.mode == "generate") != bool(args.weights):
+        parser.error("--mode generate needs --weights PREPARED_DIR" if args.weights is None
+                     else "--weights applies to --mode generate only")
+    if args.mode == "generate" and (args.config or args.num_layers or args.num_experts):
+        parser.error("--config, --num-layers and --num-experts do not apply to --mode generate: the model is "
+                     "the prepared directory's (prepare-weights --layers 0:N for fewer layers)")
+    modes = {"random": mode_random, "generate": mode_generate, "test": mode_test, "download": mode_download}
+    return modes[args.mode](args)
 
 
 if __name__ == "__main__":

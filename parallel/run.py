@@ -1,11 +1,14 @@
-"""`torchrun --nproc-per-node R run_example.py --mode random ...`: the random model, expert-parallel.
+"""`torchrun --nproc-per-node R run_example.py --mode random | generate ...`: expert-parallel generation.
 
-Each rank holds the replicated weights (embedding, attention, router, dense layer, lm_head; the
-same seed gives the same values everywhere) and only its own experts. Attention is
-data-parallel: rank r takes a contiguous share of the batch's sequences (possibly none) and runs
-prefill and decode on them; every MoE layer goes through the dispatcher. Ranks agree before each
-decode step whether anyone still decodes, and a rank with no tokens still takes part in every
-MoE layer's collectives. Rank 0 prints the generated tokens and a per-rank statistics table.
+Each rank holds the replicated weights (embedding, attention, router, dense layer, lm_head) and
+only its own experts, from one of two sources (`RankWeights`): seeded random weights (`--mode
+random`; the same seed gives the same values everywhere) or its file set in a prepare_weights
+directory (`--mode generate --weights DIR`; the manifest's world size and placement must match
+the run). Both then take the same path: attention is data-parallel (rank r takes a contiguous
+share of the batch's sequences, possibly none) and runs prefill and decode on them; every MoE
+layer goes through the dispatcher. Ranks agree before each decode step whether anyone still
+decodes, and a rank with no tokens still takes part in every MoE layer's collectives. Rank 0
+prints the generated tokens and a per-rank statistics table.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
+from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.layer import ReferenceOps
 from mimo_v2_flash.model import MiMoV2FlashModel, sample
@@ -28,6 +34,55 @@ from .executor import ExpertParallelExecutor, KernelLocalExperts, ReferenceLocal
 from .placement import load_aware_placement
 from .plan import RowFormat
 from .stats import format_table, summarize
+
+
+@dataclass
+class RankWeights:
+    """What one rank holds: the replicated tensors plus its own experts (Hub names, float32)."""
+    config: MiMoV2FlashConfig
+    placement: ExpertPlacement
+    weights: dict[str, np.ndarray]
+    routable: list[int] | None     # experts the router may choose; None = all (a prepared subset limits it)
+    source: str                    # where the weights and placement came from, for the report
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+
+def random_rank_weights(config: MiMoV2FlashConfig, placement: ExpertPlacement, rank: int,
+                        seed: int) -> RankWeights:
+    """Seeded random weights: each tensor has its own stream, so a rank's experts have exactly the
+    single-process model's values."""
+    return RankWeights(config, placement, random_weights(config, seed, experts=placement.experts_of(rank)),
+                       None, f"random (seed {seed})")
+
+
+def prepared_rank_weights(path, world_size: int, rank: int, placement_spec: str | None = None) -> RankWeights:
+    """`rank`'s file set of a prepare_weights directory, after checking that it was prepared for
+    `world_size` ranks and (if `placement_spec` is given) for that placement. Every rank runs the
+    same checks on the same manifest, so a mismatch stops every rank before any collective."""
+    prepared = PreparedCheckpoint(path)
+    manifest = os.path.join(prepared.path, MANIFEST_FILE)
+    if prepared.world_size != world_size:
+        raise PlacementError(f"{manifest}: the weights are prepared for {prepared.world_size} ranks, this run "
+                             f"has {world_size} (WORLD_SIZE); launch torchrun with --nproc-per-node "
+                             f"{prepared.world_size}, or prepare again with --world-size {world_size}")
+    if placement_spec is not None:
+        wanted = resolve_placement(placement_spec, prepared.full_config.n_routed_experts, world_size)
+        moved = [e for e, (a, b) in enumerate(zip(wanted.rank_of, prepared.placement.rank_of)) if a != b]
+        if moved:
+            e = moved[0]
+            raise PlacementError(f"{manifest}: --ep-placement {placement_spec} puts expert {e} on rank "
+                                 f"{wanted.rank_of[e]}, the prepared files on rank "
+                                 f"{prepared.placement.rank_of[e]} ({len(moved)} experts differ); omit "
+                                 f"--ep-placement to use the files' placement, or prepare again with "
+                                 f"--placement {placement_spec}")
+    config, weights = prepared.load(rank)
+    manifest_data = prepared.manifest
+    return RankWeights(config, prepared.placement, weights, prepared.experts,
+                       f"{prepared.path} ({manifest_data['dtype']}, {manifest_data['replicated']} layout, "
+                       f"{len(prepared.rank_files[rank])} file(s) per rank)")
 
 
 def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPlacement:
@@ -47,24 +102,24 @@ def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPla
     return placement
 
 
-def build_rank_model(config: MiMoV2FlashConfig, comm: Communicator, placement: ExpertPlacement,
-                     seed: int, mode: str = "auto", wire_dtype: str = "float32",
+def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", wire_dtype: str = "float32",
                      policy: ModePolicy | None = None, backend: str = "reference"):
-    """This rank's model (replicated weights + its own experts) and its expert-parallel executor;
-    backend "nki" also runs the local experts through the NKI grouped expert FFN kernel."""
+    """This rank's model over `held` and its expert-parallel executor; backend "nki" also runs the
+    local experts through the NKI grouped expert FFN kernel."""
+    config, placement = held.config, held.placement
     mine = placement.experts_of(comm.rank)
-    weights = random_weights(config, seed, experts=mine)
     fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
     dispatcher = Dispatcher(comm, placement, fmt, mode, policy)
-    expert_weights = ReferenceOps(config, weights).expert_weights
+    expert_weights = ReferenceOps(config, held.weights).expert_weights
     if backend == "nki":
         moe_layers = [layer for layer in range(config.num_hidden_layers) if config.is_moe(layer)]
         local_experts = KernelLocalExperts(expert_weights, mine, moe_layers)
     else:
         local_experts = ReferenceLocalExperts(expert_weights, mine)
     executor = ExpertParallelExecutor(dispatcher, local_experts)
-    # expert_subset=None: the router chooses among all experts, wherever they live.
-    model = MiMoV2FlashModel(config, weights, backend=backend, expert_executor=executor)
+    # The router chooses among all (routable) experts, wherever they live.
+    model = MiMoV2FlashModel(config, held.weights, expert_subset=held.routable, backend=backend,
+                             expert_executor=executor)
     return model, executor
 
 
@@ -120,15 +175,21 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     return out, {"prefill_s": prefill_s, "decode_s": time.perf_counter() - t1}
 
 
-def run_random_distributed(args, config: MiMoV2FlashConfig) -> int:
-    """Entry from run_example.py when WORLD_SIZE > 1; returns the process exit code."""
+def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
+                    make_prompts: Callable[[int], np.ndarray]) -> int:
+    """Entry from run_example.py when WORLD_SIZE > 1; returns the process exit code.
+
+    `load_weights(world_size, rank)` gives the rank's weights; `make_prompts(vocab_size)` the
+    whole batch's prompt ids [B, T] (the same on every rank). Both run on every rank inside the
+    failure guard, so a bad input stops every rank with its message.
+    """
     try:
         comm = Communicator.from_env(args.dist_backend, args.timeout)
     except Exception as err:
         return report_and_exit_code(int(os.environ.get("RANK", -1)), err)
     try:
         with failure_guard(comm):
-            _run(comm, args, config)
+            _run(comm, args, load_weights, make_prompts)
     except Exception as err:
         return report_and_exit_code(comm.rank, err)
     finally:
@@ -136,39 +197,45 @@ def run_random_distributed(args, config: MiMoV2FlashConfig) -> int:
     return 0
 
 
-def _run(comm: Communicator, args, config: MiMoV2FlashConfig) -> None:
+def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
     world, rank = comm.world_size, comm.rank
-    placement = resolve_placement(args.ep_placement, config.n_routed_experts, world)
-    policy = ModePolicy(args.ep_allgather_max_tokens, comm.uneven_splits)
     t0 = time.perf_counter()
-    model, executor = build_rank_model(config, comm, placement, args.seed, args.ep_mode,
-                                       args.ep_wire_dtype, policy, args.backend)
+    held = load_weights(world, rank)
+    config, placement = held.config, held.placement
+    prompts = make_prompts(config.vocab_size)
+    policy = ModePolicy(args.ep_allgather_max_tokens, comm.uneven_splits)
+    model, executor = build_rank_model(held, comm, args.ep_mode, args.ep_wire_dtype, policy, args.backend)
     build_s = time.perf_counter() - t0
-    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))
-    mine = np.array_split(np.arange(args.batch), world)[rank]
-    tokens, timing = generate_data_parallel(model, executor, comm, prompt[mine], args.max_new_tokens,
+    batch, prompt_len = prompts.shape
+    mine = np.array_split(np.arange(batch), world)[rank]
+    tokens, timing = generate_data_parallel(model, executor, comm, prompts[mine], args.max_new_tokens,
                                             args.temperature, args.seed)
-    shares = comm.all_gather_objects((mine.tolist(), tokens.tolist(), timing), "gathering results")
+    shares = comm.all_gather_objects((mine.tolist(), tokens.tolist(), timing, held.nbytes), "gathering results")
     records = [rec for part in comm.all_gather_objects(executor.stats.records, "gathering statistics")
                for rec in part]
     if rank != 0:
         return
     summary = summarize(records, world)
-    full = np.zeros((args.batch, args.seq_len + args.max_new_tokens), np.int64)
-    for seqs, toks, _ in shares:
+    full = np.zeros((batch, prompt_len + args.max_new_tokens), np.int64)
+    for seqs, toks, _, _ in shares:
         if seqs:
             full[seqs] = toks
+    weight_bytes = [nbytes for _, _, _, nbytes in shares]
+    placement_name = args.ep_placement or ("as prepared" if args.weights else "contiguous")
+    routable = set(range(config.n_routed_experts) if held.routable is None else held.routable)
     rows = [("config", config.summary()),
+            ("weights", held.source),
             ("expert parallel", f"{world} ranks ({args.dist_backend}), mode {args.ep_mode}, wire "
-                                f"{args.ep_wire_dtype}, placement {args.ep_placement}, experts per rank "
-                                f"{[len(placement.experts_of(r)) for r in range(world)]}"),
-            ("build (random weights)", f"{build_s:.2f} s (rank 0)"),
-            ("prompt", f"{args.batch} x {args.seq_len} tokens, sequences per rank "
-                       f"{[len(s) for s, _, _ in shares]}"),
-            ("prefill", f"{max(t['prefill_s'] for _, _, t in shares):.3f} s (slowest rank)"),
-            ("decode", f"{max(t['decode_s'] for _, _, t in shares):.3f} s (slowest rank)")]
-    for b in range(args.batch):
-        rows.append((f"generated[{b}]", " ".join(map(str, full[b, args.seq_len:]))))
+                                f"{args.ep_wire_dtype}, placement {placement_name}, experts per rank "
+                                f"{[len(routable.intersection(placement.experts_of(r))) for r in range(world)]}"),
+            ("weights per rank", f"{[round(b / 1e6, 2) for b in weight_bytes]} MB (float32: replicated + "
+                                 "own experts)"),
+            ("build", f"{build_s:.2f} s (rank 0, weights included)"),
+            ("prompt", f"{batch} x {prompt_len} tokens, sequences per rank {[len(s[0]) for s in shares]}"),
+            ("prefill", f"{max(s[2]['prefill_s'] for s in shares):.3f} s (slowest rank)"),
+            ("decode", f"{max(s[2]['decode_s'] for s in shares):.3f} s (slowest rank)")]
+    for b in range(batch):
+        rows.append((f"generated[{b}]", " ".join(map(str, full[b, prompt_len:]))))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -180,8 +247,8 @@ def _run(comm: Communicator, args, config: MiMoV2FlashConfig) -> None:
             np.add.at(load, rec.local_experts, rec.expert_rows)
         _write_json(args.ep_save_placement, load_aware_placement(load, world).to_json())
     if args.json:
-        _write_json(args.json, {"config": config.to_hub_dict(), "tokens": full.tolist(),
-                                "world_size": world, "ep": summary})
+        _write_json(args.json, {"config": config.to_hub_dict(), "tokens": full.tolist(), "world_size": world,
+                                "weights": held.source, "weight_bytes": weight_bytes, "ep": summary})
 
 
 def _write_json(path: str, data) -> None:

@@ -106,7 +106,7 @@ def scenario_check(comm):
     from mimo_v2_flash.placement import ExpertPlacement
     from mimo_v2_flash.weights import random_weights
     from parallel.plan import build_plan
-    from parallel.run import build_rank_model, generate_data_parallel
+    from parallel.run import build_rank_model, generate_data_parallel, random_rank_weights
     from parallel.stats import summarize
     config = _config()
     full_ops = ReferenceOps(config, random_weights(config, seed=0))
@@ -158,8 +158,9 @@ def scenario_check(comm):
     srng = np.random.default_rng([5, comm.rank])
     prompts = [srng.integers(0, config.vocab_size, srng.integers(3, 10)) for _ in range(n_seq)]
     model_errors, dropped, calls = {}, {}, {}
+    held = random_rank_weights(config, contiguous, comm.rank, seed=0)     # only this rank's experts
     for mode in MODES:
-        model, executor = build_rank_model(config, comm, contiguous, seed=0, mode=mode)
+        model, executor = build_rank_model(held, comm, mode=mode)
         cache, ref_cache = model.new_cache(max(n_seq, 1)), reference_model.new_cache(max(n_seq, 1))
         steps = [(prompts, list(range(n_seq))),
                  ([[int(p[-1])] for p in prompts], list(range(n_seq))),
@@ -180,7 +181,7 @@ def scenario_check(comm):
         dropped[mode] = summary["dropped_tokens"]
         calls[mode] = sorted({layer_summary["ranks_reporting"] for layer_summary in summary["layers"]})
 
-    model, executor = build_rank_model(config, comm, contiguous, seed=0, mode="auto")
+    model, executor = build_rank_model(held, comm, mode="auto")
     prompt_block = np.random.default_rng(9).integers(0, config.vocab_size, (n_seq, 6))
     tokens, _ = generate_data_parallel(model, executor, comm, prompt_block, max_new_tokens=3)
     same_tokens = n_seq == 0 or bool(np.array_equal(tokens, reference_model.generate(prompt_block, 3)))
@@ -203,8 +204,9 @@ def _faulty_run(comm, fault):
     from mimo_v2_flash.placement import ExpertPlacement
     config = _config()
     model_placement = ExpertPlacement.contiguous(config.n_routed_experts, comm.world_size)
-    from parallel.run import build_rank_model
-    model, executor = build_rank_model(config, comm, model_placement, seed=0, mode="alltoallv")
+    from parallel.run import build_rank_model, random_rank_weights
+    model, executor = build_rank_model(random_rank_weights(config, model_placement, comm.rank, seed=0), comm,
+                                       mode="alltoallv")
     real = comm.all_to_all
 
     def all_to_all(rows, send_counts, recv_counts, traffic, phase, what):
