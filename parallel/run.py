@@ -43,7 +43,7 @@ class RankWeights:
     placement: ExpertPlacement
     weights: dict[str, np.ndarray]
     routable: list[int] | None     # experts the router may choose; None = all (a prepared subset limits it)
-    source: str                    # where the weights and placement came from, for the report
+    source: str                    # where the weights came from, for the report
 
     @property
     def nbytes(self) -> int:
