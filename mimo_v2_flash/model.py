@@ -15,6 +15,8 @@ of the full one.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .config import MiMoV2FlashConfig, load_config
@@ -174,7 +176,6 @@ class MiMoV2FlashModel:
         A sequence that emits one of `stop_tokens` stops; its row is padded with that token.
         Returns int64 [B, T + max_new_tokens] (and timings if asked).
         """
-        import time
         input_ids = self._check_ids(input_ids, "input_ids")
         if input_ids.ndim == 1:
             input_ids = input_ids[None, :]
@@ -182,33 +183,57 @@ class MiMoV2FlashModel:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         stop = set(stop_tokens if stop_tokens is not None else self.config.stop_token_ids)
         rng = np.random.default_rng(seed)
-        batch = input_ids.shape[0]
-        cache = self.new_cache(batch)
-        out = np.zeros((batch, input_ids.shape[1] + max_new_tokens), np.int64)
-        out[:, : input_ids.shape[1]] = input_ids
-        t0 = time.perf_counter()
-        logits = [l[-1] for l in self.forward_ragged(list(input_ids), cache)] if max_new_tokens else []
-        prefill_s = time.perf_counter() - t0
-        active = list(range(batch))
-        t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            col = input_ids.shape[1] + step
-            next_tokens = [sample(l, temperature, top_k, top_p, rng) for l in logits]
-            still = []
-            for seq, token in zip(active, next_tokens):
-                out[seq, col] = token
-                if token in stop:
-                    out[seq, col + 1:] = token
-                else:
-                    still.append(seq)
-            active = still
-            if not active or step == max_new_tokens - 1:
-                break
-            logits = [l[-1] for l in self.forward_ragged([[out[s, col]] for s in active], cache, active)]
-        decode_s = time.perf_counter() - t1
+        cache = self.new_cache(input_ids.shape[0])
+
+        def last_logits(sequences, slots):
+            return [l[-1] for l in self.forward_ragged(sequences, cache, slots)]
+
+        out, prefill_s, decode_s = generation_loop(
+            input_ids, max_new_tokens, last_logits,
+            lambda logits: sample(logits, temperature, top_k, top_p, rng), stop)
         if return_timing:
             return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes}
         return out
+
+
+def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choose, stop: set,
+                    keep_decoding=None):
+    """The prefill + decode loop shared by single-process and expert-parallel generation.
+
+    `last_logits(token_lists, slots)` runs the model on new tokens of those cache slots and
+    returns each one's last-position logits; `choose(logits)` picks a token. A sequence that
+    emits a token in `stop` is padded with it to the end and drops out. `keep_decoding(step,
+    active)` decides whether another step runs (default: while a sequence is active; a
+    distributed caller agrees across ranks there). Returns (tokens int64 [B, T + new], prefill
+    seconds, decode seconds).
+    """
+    batch, prompt_len = prompts.shape
+    out = np.zeros((batch, prompt_len + max_new_tokens), np.int64)
+    out[:, :prompt_len] = prompts
+    t0 = time.perf_counter()
+    logits = last_logits(list(prompts), list(range(batch))) if max_new_tokens else []
+    prefill_s = time.perf_counter() - t0
+    active = list(range(batch))
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        col = prompt_len + step
+        still = []
+        for seq, row_logits in zip(active, logits):
+            token = choose(row_logits)
+            out[seq, col] = token
+            if token in stop:
+                out[seq, col + 1:] = token
+            else:
+                still.append(seq)
+        active = still
+        if step == max_new_tokens - 1 or not (keep_decoding or _any_active)(step, active):
+            break
+        logits = last_logits([[out[seq, col]] for seq in active], active)
+    return out, prefill_s, time.perf_counter() - t1
+
+
+def _any_active(step: int, active: list) -> bool:
+    return bool(active)
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,

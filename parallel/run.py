@@ -24,7 +24,7 @@ import numpy as np
 from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.layer import ReferenceOps
-from mimo_v2_flash.model import MiMoV2FlashModel, sample
+from mimo_v2_flash.model import MiMoV2FlashModel, generation_loop, sample
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
 
@@ -135,12 +135,10 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     config = model.config
     stop = set(config.stop_token_ids)
     rng = np.random.default_rng([seed, comm.rank])
-    batch, prompt_len = prompts.shape
+    batch = prompts.shape[0]
     cache = model.new_cache(batch) if batch else None
-    out = np.zeros((batch, prompt_len + max_new_tokens), np.int64)
-    out[:, :prompt_len] = prompts
 
-    def forward(sequences, slots):
+    def last_logits(sequences, slots):
         """Last-position logits of each sequence; with none, still take part in every MoE layer."""
         if sequences:
             logits = [l[-1] for l in model.forward_ragged(sequences, cache, slots)]
@@ -150,29 +148,15 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
         executor.stats.next_step()
         return logits
 
-    t0 = time.perf_counter()
-    logits = forward(list(prompts), list(range(batch))) if max_new_tokens else []
-    prefill_s = time.perf_counter() - t0
-    active = list(range(batch))
-    t1 = time.perf_counter()
-    for step in range(max_new_tokens):
-        col = prompt_len + step
-        still = []
-        for seq, row_logits in zip(active, logits):
-            token = sample(row_logits, temperature, None, None, rng)
-            out[seq, col] = token
-            if token in stop:
-                out[seq, col + 1:] = token
-            else:
-                still.append(seq)
-        active = still
-        if step == max_new_tokens - 1:
-            break
+    def keep_decoding(step, active):
+        """Every rank takes part in each step's MoE layers while any rank still decodes."""
         decoding = comm.all_gather(np.array([len(active)], np.int64), None, "", f"decode step {step} agreement")
-        if decoding.sum() == 0:
-            break
-        logits = forward([[out[seq, col]] for seq in active], active)
-    return out, {"prefill_s": prefill_s, "decode_s": time.perf_counter() - t1}
+        return bool(decoding.sum())
+
+    out, prefill_s, decode_s = generation_loop(
+        prompts, max_new_tokens, last_logits, lambda logits: sample(logits, temperature, None, None, rng),
+        stop, keep_decoding)
+    return out, {"prefill_s": prefill_s, "decode_s": decode_s}
 
 
 def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
