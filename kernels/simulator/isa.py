@@ -13,7 +13,7 @@ import numpy as np
 from . import dtypes as dt
 from . import ops
 from .context import current
-from .errors import (AccumulationError, DtypeError, MemoryRegionError, NkiValidationError,
+from .errors import (AccumulationError, DtypeError, MemoryRegionError,
                      OutOfBoundsError, PartitionLimitError, PartitionMismatchError, ReductionAxisError,
                      ShapeMismatchError, TileSizeError, UninitializedReadError, UnsupportedError)
 from .memory import (ACC_NONE, ACC_OPEN, ACC_READ, PMAX, MemoryRegion, NkiTensor, VirtualRegister,
