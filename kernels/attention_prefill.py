@@ -15,8 +15,8 @@ scores are the logits. Per row tile and key chunk (up to 2048 keys = 4 PSUM bank
     S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM
     S     += onehot^T @ masked   TensorE, only on boundary columns (causal diagonal, window edge)
     m      = max(m, rowmax(S))                                          VectorE reduce, GpSimd max
-    P      = exp(S - m), rowsum                                         ScalarE (P in bf16)
-    P^T    = transpose(P)        TensorE 128 x 128 blocks evicted PSUM -> SBUF, or a DMA transpose
+    P      = exp(S - m), rowsum  ScalarE (P in bf16), per tile only up to its last unmasked key
+    P^T    = transpose(P)        TensorE 128 x 128 blocks evicted PSUM -> SBUF, or DMA transposes
     O      = O * exp(m_old - m) + P^T^T @ V                             TensorE + VectorE (fp32)
     l      = l * exp(m_old - m) + rowsum                                GpSimd
 
@@ -35,11 +35,18 @@ PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -
 of P^T is split between them (`evict_vector_share`). Row tiles whose keys fit one chunk are
 processed up to BATCH_TILES at a time, so the row max, the P^T eviction and the final 1/l scaling
 are one instruction per batch (a window of 128 keys gives ~143-key tiles, where per-instruction
-costs would otherwise dominate). `dma_transpose_share` moves that share of the P transposes to
-the DMA queues (SBUF -> SBUF `dma_transpose`), taking work off TensorE, VectorE and ScalarE; by
-default 0.4 for full attention (TensorE-bound) and 0 for sliding windows (closer to HBM-bound).
-The cost model charges DMA transposes at the plain DMA rate; the documentation says SBUF -> SBUF
-DMA transposes may reach only half of it, and at 0.4 the kernel stays TensorE-bound even then.
+costs would otherwise dominate); `output_scalar_share` of the tiles instead get their 1/l scaling
+one by one on ScalarE (0.4 for full attention, whose VectorE carries the long row maxes; 0 for
+sliding windows). A batch shares its widest tile's logit columns for QK and the row max; the exp
+and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
+memset per batch). `dma_transpose_share`
+moves that share of the P transposes to the DMA queues: one SBUF -> SBUF 3-D `dma_transpose` per
+batch, taking work off TensorE, VectorE and ScalarE. Defaults: 0.75 for full attention (otherwise
+TensorE-, VectorE- and ScalarE-bound; 0.75 balances them with the DMA queues at T = 512) and 0
+for sliding windows (closer to HBM-bound). Caveat: the cost model charges DMA transposes at the
+plain DMA rate, while the Trainium2 documentation says SBUF -> SBUF DMA transposes reach only up
+to 50 % of DMA throughput; at half rate full attention at T = 512 would be DMA-bound (about
++43 us of DMA time at 0.75), so the share is the first knob to revisit on hardware.
 
 The device helpers below are shared with `kernels/attention_decode.py`.
 """
@@ -59,7 +66,8 @@ BATCH_TILES = 8                                 # single-chunk row tiles per sof
 MASK_BIAS = -1.0e30                             # added to masked logits (finite in bf16 and fp32)
 NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked row keeps exp() == 0
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
-FULL_DMA_TRANSPOSE_SHARE = 0.4                  # share of P transposes done by DMA (see docstring)
+FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
+FULL_DMA_TRANSPOSE_SHARE = 0.75                 # share of P transposes done by DMA (see docstring)
 BF16 = ml_dtypes.bfloat16
 
 
@@ -84,10 +92,13 @@ class Share(nl.NKIObject):
 
 class EvictEngines(nl.NKIObject):
     """PSUM -> SBUF copies go to VectorE for `vector_share` of them, ScalarE otherwise (the two
-    engines that read PSUM; GpSimd cannot)."""
+    engines that read PSUM; GpSimd cannot). The final O / l of batched row tiles is one VectorE
+    instruction per batch, except `output_scalar_share` of the tiles, scaled one by one on
+    ScalarE."""
 
-    def __init__(self, vector_share: float):
+    def __init__(self, vector_share: float, output_scalar_share: float = 0.0):
         self.vector = Share(vector_share)
+        self.output_scalar = Share(output_scalar_share)
 
     def next(self):
         return nisa.vector_engine if self.vector.take() else nisa.scalar_engine
@@ -204,13 +215,15 @@ def mask_matmuls(scores, onehot, masked, col0: int, col1: int):
         nisa.nc_matmul(scores[:, c0:c1], onehot, masked[:, c0 - col0:c1 - col0], accumulate=True)
 
 
-def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=None):
+def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=None, ends=None):
     """One online-softmax step over logit columns [col0, col1) of n row tiles.
 
     `scores` [rows, n, C] PSUM, `probs` [rows, n, >= col1] bf16 SBUF (receives exp(S - m)),
-    `neg_sink` [rows, 1] (-sink per row) or None. Updates `state` (-m, l) and returns
-    alpha = exp(m_old - m_new) [rows, n] (None on the first step). The [rows, n] bookkeeping
-    runs on GpSimd, which is otherwise idle."""
+    `neg_sink` [rows, 1] (-sink per row) or None, `ends` None or per tile the end of its own
+    columns (<= col1; the batch's later columns are masked for it: exp() is skipped there and
+    the caller zeroes them). Updates `state` (-m, l) and returns alpha = exp(m_old - m_new)
+    [rows, n] (None on the first step). The [rows, n] bookkeeping runs on GpSimd, which is
+    otherwise idle."""
     rows, n = state.rows, state.n
     gpsimd = nisa.gpsimd_engine
     neg_rowmax = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
@@ -229,8 +242,9 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
         nisa.activation(alpha, nl.exp, alpha)                       # exp(m_old - m_new)
     rowsum = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
     for j in range(n):
+        end = col1 if ends is None else ends[j]
         # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
-        nisa.activation(probs[:, j, col0:col1], nl.exp, scores[:, j, col0:col1], bias=neg_m[:, j:j + 1],
+        nisa.activation(probs[:, j, col0:end], nl.exp, scores[:, j, col0:end], bias=neg_m[:, j:j + 1],
                         reduce_op=nl.add, reduce_res=rowsum[:, j:j + 1],
                         reduce_cmd=nisa.reduce_cmd.reset_reduce)
     if alpha is not None:
@@ -272,16 +286,20 @@ def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
         for b0 in range(0, n_pe, per_bank):
             b1 = min(n_pe, b0 + per_bank)
             evict.copy(flat_t[:, b0:b1, :], probs_t_psum[:, b0:b1, 0:rows])     # PSUM -> SBUF
-    for i, (j, kt) in enumerate(blocks[n_pe:], start=n_pe):
-        nisa.dma_transpose(flat_t[:, i, :], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
+    if n_pe < len(blocks):
+        # SBUF -> SBUF: the remaining blocks (a suffix in (tile, key tile) order) in one 3-D DMA
+        # transpose, [rows, block, 128 keys] -> [128 keys, block, rows]
+        blocks_src = probs.reshape((rows, n * n_kt, P_MAX))
+        nisa.dma_transpose(flat_t[:, n_pe:, :], blocks_src[:, n_pe:, :], axes=(2, 1, 0))
     return probs_t
 
 
 def zero_probs_margins(probs, lead: int, width: int):
     """Zero P's columns before `lead` (keys before the tile's window, kept for 128-key alignment)
-    and from `width` to the end of the last 128-key tile, so every transpose is a full block (one
-    memset over the whole tile when both margins exist; the exp overwrites the middle)."""
-    end = (width + P_MAX - 1) // P_MAX * P_MAX
+    and from `width` (the narrowest tile's end of exp columns) to the end of P's last 128-key
+    tile, so every transpose is a full block (one memset over the whole tile when both margins
+    exist; the exp overwrites the middle)."""
+    end = probs.shape[2]
     if lead and end > width:
         nisa.memset(probs[:, :, 0:end], 0.0, engine=nisa.gpsimd_engine)
     elif lead:
@@ -311,9 +329,15 @@ def update_output(state: RowState, o_psum, alpha, result, evict: EvictEngines):
         nisa.reciprocal(recip, state.denom)
         if n == 1:
             evict.copy(result[:, 0, :], o_psum[:, 0, :], scale=recip)   # PSUM -> SBUF, * 1/l, bf16
-        else:
-            nisa.tensor_tensor(result, o_psum, recip.expand_dim(2).broadcast(2, o_psum.shape[2]),
-                               nl.multiply)
+            return
+        # PSUM -> SBUF, * 1/l, bf16: ScalarE takes its share of the tiles one at a time (a scale
+        # column per instruction), VectorE the rest in one instruction (1/l broadcast over Dv)
+        on_scalar = evict.output_scalar.take_count(n)
+        for j in range(on_scalar):
+            nisa.activation(result[:, j, :], nl.copy, o_psum[:, j, :], scale=recip[:, j:j + 1])
+        if on_scalar < n:
+            nisa.tensor_tensor(result[:, on_scalar:n, :], o_psum[:, on_scalar:n, :],
+                               recip[:, on_scalar:n].expand_dim(2).broadcast(2, o_psum.shape[2]), nl.multiply)
         return
     assert n == 1, f"a row tile spanning several key chunks is processed alone, not {n} at a time"
     if alpha is None:
@@ -379,7 +403,7 @@ def store_rows(out_rows, row0: int, result, tile_rows):
 
 @nki.jit
 def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=None,
-                             evict_vector_share=EVICT_VECTOR_SHARE):
+                             evict_vector_share=EVICT_VECTOR_SHARE, output_scalar_share=None):
     """Causal (window=None) or sliding-window (window=W keys, the query included) prefill
     attention of one fresh sequence: queries and keys are the same T tokens (positions 0..T-1).
 
@@ -395,8 +419,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
 
     Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
     CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
-    split between the two cores. The two shares tune the engine balance (module docstring;
-    dma_transpose_share None = the default for the attention type).
+    split between the two cores. The three shares tune the engine balance (module docstring;
+    None = the default for the attention type).
     """
     kv_heads, d_head, total_rows = q_t.shape
     seq_len = k_t.shape[2]
@@ -419,7 +443,9 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
 
     onehot = onehot_mask_rows(tokens_per_tile, group)
     indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile, built once
-    evict = EvictEngines(evict_vector_share)
+    if output_scalar_share is None:
+        output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else 0.0
+    evict = EvictEngines(evict_vector_share, output_scalar_share)
     if dma_transpose_share is None:
         dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE if window is None else 0.0
     dma_share = Share(dma_transpose_share)
@@ -458,6 +484,9 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
                 v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
                 for t_first, t_step, n, lead, width, rows in tile_batches(tiles, c0, c1, group):
                     state = tiles[t_first][3] or RowState(rows, 1, n)
+                    members = [tiles[t_first + j * t_step] for j in range(n)]
+                    # end of each tile's own logit columns; the batch's later ones are masked for it
+                    ends = [min(c1, q1) - max(c0, lo) + lead for _, q1, lo, _ in members]
                     scores = score_tile(rows, n, width)
                     for j in range(n):
                         q0, q1, lo, _ = tiles[t_first + j * t_step]
@@ -474,16 +503,17 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
                                          m0 - a_aligned, m1 - a_aligned)
                     probs = nl.ndarray((rows, n, (width + P_MAX - 1) // P_MAX * P_MAX), dtype=nl.bfloat16,
                                        buffer=nl.sbuf)
-                    zero_probs_margins(probs, lead, width)
+                    zero_probs_margins(probs, lead, min(ends))
                     alpha = softmax_step(scores, probs, lead, width, state,
-                                         None if neg_sink is None else neg_sink[0:rows])
+                                         None if neg_sink is None else neg_sink[0:rows], ends)
                     del scores
                     probs_t = transpose_probs(probs, width, evict, dma_share)
                     del probs
                     o_psum = nl.ndarray((rows, n, dv), dtype=nl.float32, buffer=nl.psum)
                     for j in range(n):
-                        a_aligned = max(c0, tiles[t_first + j * t_step][2]) - lead
-                        pv_matmuls(o_psum[:, j, :], probs_t[:, j], v_sb, (a_aligned - c0) // P_MAX, width)
+                        # key tiles past the tile's own columns hold only zeros: skipped
+                        a_aligned = max(c0, members[j][2]) - lead
+                        pv_matmuls(o_psum[:, j, :], probs_t[:, j], v_sb, (a_aligned - c0) // P_MAX, ends[j])
                     del probs_t
                     t_last = t_first + (n - 1) * t_step
                     update_output(state, o_psum, alpha, result[0:rows, t_first:t_last + 1:t_step, :], evict)
