@@ -41,12 +41,13 @@ sliding windows). A batch shares its widest tile's logit columns for QK and the 
 and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
 memset per batch). `dma_transpose_share`
 moves that share of the P transposes to the DMA queues: one SBUF -> SBUF 3-D `dma_transpose` per
-batch, taking work off TensorE, VectorE and ScalarE. Defaults: 0.75 for full attention (otherwise
-TensorE-, VectorE- and ScalarE-bound; 0.75 balances them with the DMA queues at T = 512) and 0
-for sliding windows (closer to HBM-bound). Caveat: the cost model charges DMA transposes at the
-plain DMA rate, while the Trainium2 documentation says SBUF -> SBUF DMA transposes reach only up
-to 50 % of DMA throughput; at half rate full attention at T = 512 would be DMA-bound (about
-+43 us of DMA time at 0.75), so the share is the first knob to revisit on hardware.
+batch, taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to
+50 % of DMA throughput (Trainium2 architecture guide; the cost model charges exactly that), so
+the DMA queues saturate early for short sequences: full attention uses 0.5 below
+LONG_PREFILL_TOKENS tokens and 0.75 from there (swept under the cost model: T = 512 52 % of
+roofline at 0.5 vs 43 % at 0.75; T = 4096 69 % vs 75 %), sliding windows 0 (closer to
+HBM-bound). The rate is an upper bound from the documentation, so this share is the first knob
+to revisit on hardware.
 
 The device helpers below are shared with `kernels/attention_decode.py`.
 """
@@ -67,7 +68,9 @@ MASK_BIAS = -1.0e30                             # added to masked logits (finite
 NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked row keeps exp() == 0
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
-FULL_DMA_TRANSPOSE_SHARE = 0.75                 # share of P transposes done by DMA (see docstring)
+# Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
+FULL_DMA_TRANSPOSE_SHARE = {"short": 0.5, "long": 0.75}
+LONG_PREFILL_TOKENS = 2048
 BF16 = ml_dtypes.bfloat16
 
 
@@ -447,7 +450,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
         output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else 0.0
     evict = EvictEngines(evict_vector_share, output_scalar_share)
     if dma_transpose_share is None:
-        dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE if window is None else 0.0
+        length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
+        dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE[length] if window is None else 0.0
     dma_share = Share(dma_transpose_share)
 
     for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):

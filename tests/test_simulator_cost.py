@@ -167,3 +167,22 @@ def test_custom_model_changes_the_estimate():
         nisa.nc_matmul(d, s, s)
     fast = simulate(nki.jit(body), report=True, model=Trn2Model(tensor_hz=4.8e9))()[1]
     assert fast.engines["TensorE"].time_s == pytest.approx(128 / 4.8e9)
+
+
+def test_dma_transposes_run_below_the_dma_rate():
+    """SBUF -> SBUF DMA transposes at 50% of the DMA rate, HBM -> SBUF at 90% (trn2 guide)."""
+    def on_chip():
+        src = nl.zeros((128, 128), dtype=nl.bfloat16)
+        dst = nl.ndarray((128, 128), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.dma_transpose(dst=dst, src=src)
+
+    def from_hbm(a):
+        dst = nl.ndarray((128, 128), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.dma_transpose(dst=dst, src=a)
+
+    fixed = TRN2.dma_fixed_s / TRN2.dma_queues
+    nbytes = 128 * 128 * 2
+    rate = TRN2.hbm_bytes_per_s_core
+    assert report_of(on_chip).engines["DMA"].time_s == pytest.approx(nbytes / (0.5 * rate) + fixed)
+    hbm = report_of(from_hbm, np.zeros((128, 128), BF16))
+    assert hbm.engines["DMA"].time_s == pytest.approx(nbytes / (0.9 * rate) + fixed)

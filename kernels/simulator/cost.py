@@ -42,6 +42,10 @@ class Trn2Model:
     cores_per_chip: int = 8
     dma_fixed_s: float = 2e-6          # fixed cost of one DMA instruction (descriptor + latency)
     dma_queues: int = 16               # DMA queues per core the fixed cost is spread over
+    # DMA transposes run below the DMA rate: "HBM->SBUF up to 90% DMA throughput, SBUF->SBUF up
+    # to 50%" (trn2 architecture guide); the estimate takes these upper bounds as the rates.
+    dma_transpose_rate_from_hbm: float = 0.9
+    dma_transpose_rate_on_chip: float = 0.5
     peak_flops_bf16: float = 79e12
     peak_flops_fp8: float = 158e12
     peak_flops_fp32: float = 79e12 / 4
@@ -133,9 +137,10 @@ class CostRecorder:
                 operand_kind, self.model.peak_flops_bf16)
             self.matmul_time_at_peak_s += f / peak
 
-    def dma(self, op: str, elements: int, nbytes: int, hbm_bytes: int) -> None:
+    def dma(self, op: str, elements: int, nbytes: int, hbm_bytes: int, rate: float = 1.0) -> None:
+        """One DMA of `nbytes` (of which `hbm_bytes` touch HBM) at `rate` x the DMA bandwidth."""
         st = self._count("DMA", op, elements, nbytes)
-        st.time_s += nbytes / self.model.hbm_bytes_per_s_core + \
+        st.time_s += nbytes / (rate * self.model.hbm_bytes_per_s_core) + \
             self.model.dma_fixed_s / self.model.dma_queues
         self.dma_bytes += nbytes
         self.hbm_bytes += hbm_bytes

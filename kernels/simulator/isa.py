@@ -292,7 +292,9 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
     dst.write(np.transpose(src.read(instr, "src"), perm), instr)
     n = dst.size * dst.itemsize
     hbm = (n if src.buffer.is_hbm else 0) + (n if dst.buffer.is_hbm else 0)
-    ctx.cost.dma(instr, dst.size, max(n, hbm), hbm)
+    model = ctx.cost.model
+    rate = model.dma_transpose_rate_from_hbm if src.buffer.is_hbm else model.dma_transpose_rate_on_chip
+    ctx.cost.dma(instr, dst.size, max(n, hbm), hbm, rate)
 
 
 # --------------------------------------------------------------------------- TensorE
