@@ -131,19 +131,17 @@ class NkiOps:
         return np.ascontiguousarray(hub.T, dtype=BF16), None
 
     def _expert_stack(self, layer: int) -> tuple[ExpertWeights, np.ndarray]:
-        """The layer's loaded experts stacked for the grouped kernel, and global id -> local index
-        (-1 for experts not loaded). Loaded = the allowed experts, or all of them."""
+        """The layer's loaded experts (those whose weights this model holds) stacked for the
+        grouped kernel, and global id -> local index (-1 for experts not loaded)."""
         if layer not in self._expert_stacks:
-            experts = (np.arange(self.config.n_routed_experts) if self.allowed_experts is None
-                       else np.flatnonzero(self.allowed_experts))
+            experts = [e for e in range(self.config.n_routed_experts)
+                       if expert_prefix(layer, e) + "gate_proj.weight" in self.weights]
             by_name = {spec.name: spec for spec in layer_tensors(self.config, layer, experts=experts)}
             mats = {proj: [] for proj in EXPERT_PROJS}
             scales = {proj: [] for proj in EXPERT_PROJS}
             for e in experts:
                 for proj in EXPERT_PROJS:
                     name = expert_prefix(layer, e) + f"{proj}.weight"
-                    if name not in self.weights:
-                        raise KeyError(f"layer {layer}: expert {e} is not loaded in this model")
                     weight, scale = self._convert(by_name[name], self.weights[name])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
@@ -289,13 +287,15 @@ class NkiOps:
         return ids, weights
 
     def experts(self, x, layer, ids, weights):
-        """Routed experts (global ids) through the grouped expert FFN kernel over the layer's
-        loaded experts; a routed expert that is not loaded is an error, as in ReferenceOps."""
+        """Routed experts (global ids; -1 = a slot computed elsewhere) through the grouped expert
+        FFN kernel over the layer's loaded experts; a routed expert that is not loaded is an
+        error, as in ReferenceOps."""
         stack, local_of = self._expert_stack(layer)
         ids = np.asarray(ids)
-        local = local_of[ids]
-        if (local < 0).any():
-            raise KeyError(f"layer {layer}: expert {int(ids[local < 0][0])} is not loaded in this model")
+        local = np.where(ids >= 0, local_of[np.maximum(ids, 0)], -1)    # -1: a slot computed elsewhere
+        missing = (ids >= 0) & (local < 0)
+        if missing.any():
+            raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
         out, report = expert_ffn(x, local, weights, stack, report=True)
         self._record("experts", report)
         return out.astype(np.float32)

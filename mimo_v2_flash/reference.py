@@ -140,14 +140,15 @@ def moe(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray, exper
     """Sum over each token's chosen experts of weight * expert(x); no shared expert.
 
     `experts(e)` returns expert e's (gate [I, H], up [I, H], down [H, I]). Tokens are grouped by
-    expert so each expert runs once on all of its tokens.
+    expert so each expert runs once on all of its tokens. A slot with id -1 is skipped (its
+    expert is computed elsewhere, e.g. on another rank).
     """
     x = _float(x)
     out = np.zeros_like(x)
     flat_ids = expert_ids.reshape(-1)
     token_of = np.repeat(np.arange(x.shape[0]), expert_ids.shape[1])
     weight_of = expert_weights.reshape(-1)
-    for e in np.unique(flat_ids):
+    for e in np.unique(flat_ids[flat_ids >= 0]):
         rows = np.nonzero(flat_ids == e)[0]
         tokens = token_of[rows]
         y = swiglu(x[tokens], *experts(int(e)))

@@ -9,68 +9,32 @@ interface, the contract of the NKI grouped expert FFN launcher `kernels.expert_f
     out[m] = sum over slots j with local_ids[m, j] >= 0 of weights[m, j] * expert_{local_ids[m, j]}(x[m])
 
 local ids index this rank's experts (in `placement.experts_of(rank)` order); -1 marks a slot
-whose expert lives on another rank. `ReferenceLocalExperts` is the NumPy reference
-(`mimo_v2_flash.reference.swiglu`); `KernelLocalExperts` runs the NKI kernel (the CPU simulator
-here).
+whose expert lives on another rank. `OpsLocalExperts` runs them through the model's ops backend:
+the NumPy reference, or the NKI grouped expert FFN kernel (the CPU simulator here).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-import ml_dtypes
 import numpy as np
 
-from mimo_v2_flash import reference as ref
 from mimo_v2_flash.config import MiMoV2FlashConfig
 
 from .dispatcher import Dispatcher
 from .stats import EPStats
 
 
-class ReferenceLocalExperts:
-    """This rank's experts on the NumPy reference: the (row, slot) pairs grouped by local expert,
-    one SwiGLU per non-empty expert, weighted and summed per row.
+class OpsLocalExperts:
+    """This rank's experts through the model's ops backend: `ReferenceOps.experts` (NumPy) or
+    `NkiOps.experts` (the grouped expert FFN kernel, bf16 or FP8 weights). Local ids are mapped
+    back to global expert ids; -1 slots stay -1 and are skipped by both backends."""
 
-    `expert_weights(layer, e)` returns global expert e's (gate [I, H], up [I, H], down [H, I]),
-    e.g. `ReferenceOps.expert_weights`; `local_experts` lists this rank's global expert ids.
-    """
-
-    def __init__(self, expert_weights: Callable, local_experts: list[int]):
-        self.expert_weights = expert_weights
-        self.local_experts = list(local_experts)
+    def __init__(self, ops, local_experts: list[int]):
+        self.ops = ops
+        self.global_of = np.asarray(local_experts, np.int64)
 
     def __call__(self, layer: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        row, slot = np.nonzero(local_ids >= 0)
-        expert = local_ids[row, slot]
-        order = np.argsort(expert, kind="stable")          # group the pairs by local expert
-        row, slot, expert = row[order], slot[order], expert[order]
-        partial = np.zeros((len(x), x.shape[1]), np.float32)
-        bounds = np.searchsorted(expert, np.arange(len(self.local_experts) + 1))
-        for e, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if stop > start:
-                rows = row[start:stop]
-                y = ref.swiglu(x[rows], *self.expert_weights(layer, self.local_experts[e]))
-                np.add.at(partial, rows, y * weights[rows, slot[start:stop], None])
-        return partial
-
-
-class KernelLocalExperts:
-    """This rank's experts through the NKI grouped expert FFN kernel (`kernels.expert_ffn`),
-    bfloat16 weights in the kernel layout [in, out], one `ExpertWeights` per MoE layer."""
-
-    def __init__(self, expert_weights: Callable, local_experts: list[int], layers):
-        from kernels.expert_ffn import ExpertWeights   # kernels only when asked for
-        bf16 = ml_dtypes.bfloat16
-        self._weights = {}
-        for layer in layers:
-            stacks = [[w.T for w in expert_weights(layer, e)] for e in local_experts]   # Hub [out, in] -> [in, out]
-            gate, up, down = (np.stack([s[i] for s in stacks]).astype(bf16) for i in range(3))
-            self._weights[layer] = ExpertWeights(gate=gate, up=up, down=down)
-
-    def __call__(self, layer: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        from kernels.expert_ffn import expert_ffn
-        return expert_ffn(x, local_ids, weights, self._weights[layer])
+        ids = np.where(local_ids >= 0, self.global_of[np.maximum(local_ids, 0)], -1)
+        return np.asarray(self.ops.experts(x, layer, ids, weights), np.float32)
 
 
 class ExpertParallelExecutor:

@@ -23,14 +23,13 @@ import numpy as np
 
 from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.layer import ReferenceOps
 from mimo_v2_flash.model import MiMoV2FlashModel, generation_loop, sample
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
 
 from .comm import Communicator, failure_guard, report_and_exit_code
 from .dispatcher import Dispatcher, ModePolicy
-from .executor import ExpertParallelExecutor, KernelLocalExperts, ReferenceLocalExperts
+from .executor import ExpertParallelExecutor, OpsLocalExperts
 from .placement import load_aware_placement
 from .plan import RowFormat
 from .stats import format_table, summarize
@@ -103,23 +102,17 @@ def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPla
 
 
 def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", wire_dtype: str = "float32",
-                     policy: ModePolicy | None = None, backend: str = "reference"):
-    """This rank's model over `held` and its expert-parallel executor; backend "nki" also runs the
-    local experts through the NKI grouped expert FFN kernel."""
+                     policy: ModePolicy | None = None, backend: str = "reference", weight_dtype: str = "bf16"):
+    """This rank's model over `held` and its expert-parallel executor; the rank's experts run on
+    the model's ops backend (backend "nki": the grouped expert FFN kernel, `weight_dtype`)."""
     config, placement = held.config, held.placement
-    mine = placement.experts_of(comm.rank)
     fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
     dispatcher = Dispatcher(comm, placement, fmt, mode, policy)
-    expert_weights = ReferenceOps(config, held.weights).expert_weights
-    if backend == "nki":
-        moe_layers = [layer for layer in range(config.num_hidden_layers) if config.is_moe(layer)]
-        local_experts = KernelLocalExperts(expert_weights, mine, moe_layers)
-    else:
-        local_experts = ReferenceLocalExperts(expert_weights, mine)
-    executor = ExpertParallelExecutor(dispatcher, local_experts)
     # The router chooses among all (routable) experts, wherever they live.
     model = MiMoV2FlashModel(config, held.weights, expert_subset=held.routable, backend=backend,
-                             expert_executor=executor)
+                             weight_dtype=weight_dtype)
+    executor = ExpertParallelExecutor(dispatcher, OpsLocalExperts(model.ops, placement.experts_of(comm.rank)))
+    model.expert_executor = executor
     return model, executor
 
 
@@ -188,7 +181,8 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
     config, placement = held.config, held.placement
     prompts = make_prompts(config.vocab_size)
     policy = ModePolicy(args.ep_allgather_max_tokens, comm.uneven_splits)
-    model, executor = build_rank_model(held, comm, args.ep_mode, args.ep_wire_dtype, policy, args.backend)
+    model, executor = build_rank_model(held, comm, args.ep_mode, args.ep_wire_dtype, policy, args.backend,
+                                       args.weight_dtype)
     build_s = time.perf_counter() - t0
     batch, prompt_len = prompts.shape
     mine = np.array_split(np.arange(batch), world)[rank]

@@ -8,9 +8,10 @@ import pytest
 from mimo_v2_flash import load_config
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.layer import ReferenceOps
+from mimo_v2_flash.nki_ops import NkiOps
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
-from parallel.executor import KernelLocalExperts, ReferenceLocalExperts
+from parallel.executor import OpsLocalExperts
 from parallel.placement import expert_load, imbalance, load_aware_placement, rank_loads
 from parallel.plan import (Layout, RowFormat, build_plan, expected_remote_copies, local_expert_index,
                            predict_traffic)
@@ -109,7 +110,7 @@ def test_simulated_exchange_equals_reference_moe(num_experts, world, tokens):
     for n in tokens:
         ids, w = uniform_routing(rng, n, num_experts, 8)
         routed.append((rng.standard_normal((n, 32)).astype(np.float32), ids, w))
-    local = [ReferenceLocalExperts(ops.expert_weights, placement.experts_of(r)) for r in range(world)]
+    local = [OpsLocalExperts(ops, placement.experts_of(r)) for r in range(world)]
     outs = simulate_exchange(placement, routed, RowFormat(32, 8), local)
     for (x, ids, w), out in zip(routed, outs):
         expected = ref.moe(x, ids, w, lambda e: ops.expert_weights(1, e))
@@ -201,7 +202,8 @@ def test_kernel_local_experts_match_the_reference():
     local-experts interface: the reference within bf16 tolerance, slots elsewhere (-1) ignored."""
     config = load_config("tiny")                            # hidden 256, expert FFN 128: kernel tiles
     mine = [3, 4, 9, 12]
-    ops = ReferenceOps(config, random_weights(config, seed=2, experts=mine))
+    weights = random_weights(config, seed=2, experts=mine)
+    ops = ReferenceOps(config, weights)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((11, config.hidden_size)).astype(np.float32)
     local_ids = np.full((11, 8), -1)
@@ -209,7 +211,7 @@ def test_kernel_local_experts_match_the_reference():
         n = row % 5
         local_ids[row, rng.choice(8, n, replace=False)] = rng.choice(4, n, replace=False)
     w = rng.random((11, 8)).astype(np.float32)
-    expected = ReferenceLocalExperts(ops.expert_weights, mine)(1, x, local_ids, w)
-    got = KernelLocalExperts(ops.expert_weights, mine, layers=[1])(1, x, local_ids, w)
+    expected = OpsLocalExperts(ops, mine)(1, x, local_ids, w)
+    got = OpsLocalExperts(NkiOps(config, weights), mine)(1, x, local_ids, w)
     assert np.abs(expected[::5]).max() == 0                 # rows 0, 5, 10 have no local expert
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())

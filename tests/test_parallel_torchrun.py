@@ -81,13 +81,13 @@ def _executor(comm, config, placement, mode, wire="float32"):
     from mimo_v2_flash.layer import ReferenceOps
     from mimo_v2_flash.weights import random_weights
     from parallel.dispatcher import Dispatcher
-    from parallel.executor import ExpertParallelExecutor, ReferenceLocalExperts
+    from parallel.executor import ExpertParallelExecutor, OpsLocalExperts
     from parallel.plan import RowFormat
     mine = placement.experts_of(comm.rank)
     ops = ReferenceOps(config, random_weights(config, seed=0, experts=mine))   # only this rank's experts
     fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire)
     return ExpertParallelExecutor(Dispatcher(comm, placement, fmt, mode),
-                                  ReferenceLocalExperts(ops.expert_weights, mine)), fmt
+                                  OpsLocalExperts(ops, mine)), fmt
 
 
 def _record_numbers(record, plan_bytes):

@@ -132,3 +132,15 @@ def test_moe_equals_per_token_loop():
 def test_sigmoid_has_no_overflow():
     with np.errstate(over="raise"):
         np.testing.assert_allclose(ref.sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
+
+
+def test_moe_skips_slots_computed_elsewhere():
+    h, i = 8, 4
+    experts = [tuple(RNG.standard_normal(s) for s in [(i, h), (i, h), (h, i)]) for _ in range(3)]
+    x = RNG.standard_normal((4, h))
+    ids = np.array([[0, 1], [2, 0], [1, 2], [0, 2]])
+    w = RNG.random((4, 2))
+    remote = ids.copy()
+    remote[:, 1] = -1                                     # second slot lives on another rank
+    np.testing.assert_allclose(ref.moe(x, remote, w, lambda j: experts[j]),
+                               ref.moe(x, ids[:, :1], w[:, :1], lambda j: experts[j]), rtol=1e-12)
