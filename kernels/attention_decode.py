@@ -44,6 +44,7 @@ from kernels.attention_prefill import (
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.5
 PREFILL_MIN_TOKENS = 128          # shorter fresh prompts join the cached-attention launch
+GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -80,7 +81,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
     sink_rows   [tiles, 128, 1]   fp32  or None: each tile row's sink logit.
     plan        (group, units) from `plan_decode_units`. A unit shares its Q, K, V and position
-                loads between its row tiles: `(runs, tiles)`; a run (b0, count, kv0, kv1, t0, t1)
+                loads between its row tiles, and consecutive packed units of the same shape share
+                their Q, K, V and output DMAs (`unit_groups`): `(runs, tiles)`; a run (b0, count, kv0, kv1, t0, t1)
                 is sequences b0 .. b0+count-1, KV heads [kv0, kv1), new tokens [t0, t1), rows
                 ordered (sequence, KV head, token, query head). Either one tile holds all the
                 runs' rows (short sequences packed), or the unit has one run of one sequence and
@@ -91,7 +93,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     window      int or None             keys a query sees, itself included.
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
-    LNC=2 splits the units between the two cores.
+    The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
+    on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2 splits the unit
+    groups between the two cores.
     """
     n_seqs, kv_heads, d_head, q_cols = q_t.shape
     s_max = k_t.shape[3]
@@ -105,19 +109,24 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
         f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}"
     out = nl.ndarray((sum(t[0] for _, tiles in units for t in tiles), dv), dtype=q_t.dtype,
                      buffer=nl.shared_hbm)
-    d_tiles = [(d0, min(d_head, d0 + P_MAX)) for d0 in range(0, d_head, P_MAX)]
+    n_dp = (d_head + P_MAX - 1) // P_MAX
+    dp = d_head // n_dp              # 192 -> 96 + 96: Q^T and K^T each load in one DMA
+    assert dp * n_dp == d_head, f"head dim {d_head} must split into {n_dp} equal partition tiles"
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
-    padded_q = {}            # packed-tile layout -> Q^T buffers zeroed outside each piece, set up once
+    memset_engines = [nisa.scalar_engine, nisa.gpsimd_engine, nisa.vector_engine]
+    padded_q = {}            # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece, set up once
     per_layout = {}          # (rows, tile layout) -> [-sink rows, mask one-hot], loaded once
+    unit_row0, unit_tile0 = [0], [0]
+    for _, tiles in units:
+        unit_row0.append(unit_row0[-1] + sum(t[0] for t in tiles))
+        unit_tile0.append(unit_tile0[-1] + len(tiles))
 
-    row_base, tile_base = 0, 0
-    for ui, (runs, tiles) in enumerate(units):
-        unit_row0, unit_tile0 = row_base, tile_base
-        row_base += sum(t[0] for t in tiles)
-        tile_base += len(tiles)
-        if ui % nl.num_programs(0) != nl.program_id(0):
+    for gi, (u_first, n_units) in enumerate(unit_groups(units, kv_heads, d_head, dv, nl.num_programs(0))):
+        if gi % nl.num_programs(0) != nl.program_id(0):
             continue
+        runs, tiles = units[u_first]
+        seqs = sum(r[1] for r in runs)           # unit u of the group: runs shifted by u * seqs sequences
         packed = len(tiles) == 1 and (len(runs) > 1 or runs[0][1] > 1 or runs[0][3] - runs[0][2] > 1)
         pieces = []          # (run, sequence in run, KV head in run, first row, rows) of a packed tile
         piece_row = 0
@@ -127,152 +136,187 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     pieces.append((ri, bl, j, piece_row, (t1 - t0) * group))
                     piece_row += (t1 - t0) * group
         if packed:
-            assert piece_row == tiles[0][0], f"unit {ui}: runs give a different row count than {tiles[0][0]}"
-        any_masked = any(any(t[5]) for t in tiles)
+            assert piece_row == tiles[0][0], f"unit {u_first}: runs give a different row count than {tiles[0][0]}"
 
-        # HBM -> SBUF: Q^T, one DMA per run and D tile
+        # HBM -> SBUF: Q^T of the group's units, one DMA per run
         if packed:
-            layout = (tiles[0][0], tuple(p[3:] for p in pieces), tuple(r[2:4] for r in runs))
-            if layout not in padded_q:
-                buffers = []
-                for d0, d1 in d_tiles:
-                    buf = nl.ndarray((d1 - d0, len(pieces), tiles[0][0]), dtype=q_t.dtype, buffer=nl.sbuf)
-                    nisa.memset(buf, 0.0, engine=nisa.gpsimd_engine)
-                    buffers.append(buf)
-                padded_q[layout] = buffers
-            buffers = padded_q[layout]
+            rows0 = tiles[0][0]
+            layout = (rows0, tuple(p[3:] for p in pieces), tuple(r[2:4] for r in runs))
+            if (layout, n_units) not in padded_q:
+                buf = nl.ndarray((dp, n_dp, n_units, len(pieces), rows0), dtype=q_t.dtype, buffer=nl.sbuf)
+                for u in range(n_units):
+                    nisa.memset(buf[:, :, u], 0.0, engine=memset_engines[(len(padded_q) + u) % 3])
+                padded_q[(layout, n_units)] = buf
+            buf = padded_q[(layout, n_units)]
+            unit_size = len(pieces) * rows0
             p = 0
             for b0, count, kv0, kv1, t0, t1 in runs:
                 n = (t1 - t0) * group
-                for buf, (d0, d1) in zip(buffers, d_tiles):
-                    # piece p + m of the tile -> buffer [:, p + m, r0 + m n : r0 + (m + 1) n]
-                    dst = buf.ap([[len(pieces) * tiles[0][0], d1 - d0], [tiles[0][0] + n, count * (kv1 - kv0)],
-                                  [1, n]], offset=p * tiles[0][0] + pieces[p][3])
-                    nisa.dma_copy(dst, q_t[b0:b0 + count, kv0:kv1, d0:d1, t0 * group:t1 * group]
-                                  .permute((2, 0, 1, 3)))
+                # piece p + m of unit u -> buf[:, h, u, p + m, r0 + m n : r0 + (m + 1) n]
+                dst = buf.ap([[n_dp * n_units * unit_size, dp], [n_units * unit_size, n_dp], [unit_size, n_units],
+                              [rows0 + n, count * (kv1 - kv0)], [1, n]], offset=p * rows0 + pieces[p][3])
+                src = q_t[b0:b0 + n_units * count, kv0:kv1, :, t0 * group:t1 * group]
+                nisa.dma_copy(dst, src.reshape((n_units * count, kv1 - kv0, n_dp, dp, n)).permute((3, 2, 0, 1, 4)))
                 p += count * (kv1 - kv0)
         else:
             b, _, g, _, t0, t1 = runs[0]
-            q_unit = []
-            for d0, d1 in d_tiles:
-                q_part = nl.ndarray((d1 - d0, (t1 - t0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(q_part, q_t[b, g, d0:d1, t0 * group:t1 * group])
-                q_unit.append(q_part)
+            q_unit = nl.ndarray((dp, n_dp, (t1 - t0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(q_unit, q_t[b, g, :, t0 * group:t1 * group].reshape((n_dp, dp, (t1 - t0) * group))
+                          .permute((1, 0, 2)))
             layout = (tiles[0][0], g)
 
-        # per tile: its stationaries, -sink rows, one-hot and query positions (for masks)
-        tile_setup = []
+        # per unit and tile: its stationaries, -sink rows, one-hot and query positions (for masks)
         split_tokens = max(t[2] - t[1] for t in tiles)
-        if any_masked and not packed:
-            # query positions of the split tokens as columns: [tokens per tile, tile]
-            qpos_cols = nl.ndarray((split_tokens, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
-            full = sum(1 for t in tiles if t[2] - t[1] == split_tokens)
-            nisa.dma_copy(qpos_cols[:, 0:full], qpos[b, t0:t0 + full * split_tokens]
-                          .reshape((full, split_tokens)).permute((1, 0)))
-            if full < len(tiles):
-                ta, tb = tiles[full][1:3]
-                nisa.dma_copy(qpos_cols[0:tb - ta, full:full + 1], qpos[b:b + 1, t0 + ta:t0 + tb])
         unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
         chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
-        for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
-            key = (rows, layout)
-            if key not in per_layout:
-                neg_sink = onehot = None
-                if sink_rows is not None:
-                    sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.dma_copy(sink, sink_rows[unit_tile0 + j, 0:rows, :])
-                    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
-                per_layout[key] = [neg_sink, onehot]
-            if any(masked) and per_layout[key][1] is None:
-                onehot = nl.ndarray((tb - ta, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
-                nisa.dma_copy(onehot, tile_onehot[unit_tile0 + j, 0:tb - ta, 0:rows])
-                per_layout[key][1] = onehot
-            if packed:
-                stationaries = [[buf[:, p, :] for p in range(len(pieces))] for buf in buffers]
-                qpos_col = None
-                if any(masked):
-                    qpos_col = nl.ndarray((tb - ta, 1), dtype=nl.float32, buffer=nl.sbuf)
-                    tok = 0
-                    for b0, count, _, _, t0, t1 in runs:
-                        for s in range(b0, b0 + count):
-                            nisa.dma_copy(qpos_col[tok:tok + t1 - t0, :], qpos[s:s + 1, t0:t1])
-                            tok += t1 - t0
-            else:
-                stationaries = [[q_part[:, ta * group:tb * group]] for q_part in q_unit]
-                qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
-            n_chunks = sum(1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi))
-            tile_setup.append((stationaries, qpos_col, RowState(rows, n_chunks)))
-        result = nl.ndarray((max(t[0] for t in tiles), len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
+        tile_setup = []      # per unit: per tile (stationaries, query positions, RowState)
+        for u in range(n_units):
+            tiles = units[u_first + u][1]
+            unit_setup = []
+            if any(any(t[5]) for t in tiles) and not packed:
+                # query positions of the split tokens as columns: [tokens per tile, tile]
+                qpos_cols = nl.ndarray((split_tokens, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
+                full = sum(1 for t in tiles if t[2] - t[1] == split_tokens)
+                nisa.dma_copy(qpos_cols[:, 0:full], qpos[b, t0:t0 + full * split_tokens]
+                              .reshape((full, split_tokens)).permute((1, 0)))
+                if full < len(tiles):
+                    ta, tb = tiles[full][1:3]
+                    nisa.dma_copy(qpos_cols[0:tb - ta, full:full + 1], qpos[b:b + 1, t0 + ta:t0 + tb])
+            for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
+                key = (rows, layout)
+                if key not in per_layout:
+                    neg_sink = onehot = None
+                    if sink_rows is not None:
+                        sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+                        nisa.dma_copy(sink, sink_rows[unit_tile0[u_first + u] + j, 0:rows, :])
+                        neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+                        nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
+                    per_layout[key] = [neg_sink, onehot]
+                if any(masked) and per_layout[key][1] is None:
+                    onehot = nl.ndarray((tb - ta, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+                    nisa.dma_copy(onehot, tile_onehot[unit_tile0[u_first + u] + j, 0:tb - ta, 0:rows])
+                    per_layout[key][1] = onehot
+                if packed:
+                    stationaries = [[buf[:, h, u, p, :] for p in range(len(pieces))] for h in range(n_dp)]
+                    qpos_col = None
+                    if any(masked):
+                        qpos_col = nl.ndarray((tb - ta, 1), dtype=nl.float32, buffer=nl.sbuf)
+                        tok = 0
+                        for b0, count, _, _, t0, t1 in runs:
+                            for s in range(b0 + u * seqs, b0 + u * seqs + count):
+                                nisa.dma_copy(qpos_col[tok:tok + t1 - t0, :], qpos[s:s + 1, t0:t1])
+                                tok += t1 - t0
+                else:
+                    stationaries = [[q_unit[:, h, ta * group:tb * group]] for h in range(n_dp)]
+                    qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
+                n_chunks = sum(1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi))
+                unit_setup.append((stationaries, qpos_col, RowState(rows, n_chunks)))
+            tile_setup.append(unit_setup)
+        result = nl.ndarray((max(t[0] for t in tiles), n_units * len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
 
         for ci, (c0, c1) in enumerate(chunks):
-            # HBM -> SBUF: per run, the key chunk of K^T (per D tile) and of V
+            # HBM -> SBUF: per run, the key chunk of K^T and of V for all the group's units
             k_sb, v_sb = [], []
             for b0, count, kv0, kv1, _, _ in runs:
-                parts = []
-                for d0, d1 in d_tiles:
-                    k_part = nl.ndarray((d1 - d0, count, kv1 - kv0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
-                    nisa.dma_copy(k_part, k_t[b0:b0 + count, kv0:kv1, d0:d1, c0:c1].permute((2, 0, 1, 3)))
-                    parts.append(k_part)
-                k_sb.append(parts)
-                v_sb.append(load_key_tiles(v[b0:b0 + count, kv0:kv1], c0, c1))  # [128, count, kv, kt, Dv]
-            kpos_rows = None
-            if any(t[5][ci] for t in tiles):
-                # HBM -> SBUF: key positions, one row per new token of the tile(s)
-                kpos_rows = nl.ndarray((tiles[0][2] if packed else split_tokens, c1 - c0), dtype=nl.float32,
-                                       buffer=nl.sbuf)
-                tok = 0
-                for b0, count, _, _, t0, t1 in runs:
-                    n = (t1 - t0) if packed else split_tokens
-                    for s in range(b0, b0 + count):
-                        nisa.dma_copy(kpos_rows[tok:tok + n, :], kpos[s:s + 1, c0:c1].broadcast(0, n))
-                        tok += n
-            for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
-                a, b = max(c0, k_lo), min(c1, k_hi)
-                if a >= b:
-                    continue            # no key of this chunk is visible to the tile
-                stationaries, qpos_col, state = tile_setup[j]
-                neg_sink, onehot = per_layout[(rows, layout)]
-                # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
-                lead = (a - c0) % P_MAX
-                width = b - a + lead
-                v_tile0 = (a - lead - c0) // P_MAX
-                tile_pieces = pieces if packed else [(0, 0, 0, 0, rows)]
-                scores = score_tile(rows, 1, width)
-                for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
-                    qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
-                               [part[:, bl, kj, :] for part in k_sb[ri]], lead, width, a - c0, first=p == 0)
-                if masked[ci]:
-                    indicator = masked_indicator(kpos_rows[0:tb - ta, a - c0:b - c0], qpos_col, b - a, window)
-                    mask_matmuls(scores[:, 0, :], onehot, indicator, lead, width)
-                n_kt = (width + P_MAX - 1) // P_MAX
-                probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
-                zero_probs_margins(probs, lead, width)
-                alpha = softmax_step(scores, probs, lead, width, state, neg_sink)
-                del scores
-                probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
-                del probs
-                o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
-                if len(tile_pieces) == 1:
-                    pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, 0, 0], v_tile0, width)
-                else:
-                    # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
-                    o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
-                    for ri, bl, kj, r0, n in tile_pieces:
-                        for kt in range(n_kt):
-                            kw = min(P_MAX, width - kt * P_MAX)
-                            nisa.nc_matmul(o_t_psum[:, r0:r0 + n], v_sb[ri][0:kw, bl, kj, v_tile0 + kt, :],
-                                           probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
-                    o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
-                    evict.copy(o_t, o_t_psum)
-                    nisa.nc_transpose(o_psum[:, 0, :], o_t)
-                    del o_t_psum, o_t
-                del probs_t
-                update_output(state, o_psum, alpha, result[0:rows, j:j + 1, :], evict)
-                del o_psum
+                k_part = nl.ndarray((dp, n_dp, n_units * count, kv1 - kv0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
+                src = k_t[b0:b0 + n_units * count, kv0:kv1, :, c0:c1]
+                nisa.dma_copy(k_part, src.reshape((n_units * count, kv1 - kv0, n_dp, dp, c1 - c0))
+                              .permute((3, 2, 0, 1, 4)))
+                k_sb.append(k_part)
+                v_sb.append(load_key_tiles(v[b0:b0 + n_units * count, kv0:kv1], c0, c1))  # [128, seq, kv, kt, Dv]
+            for u in range(n_units):
+                tiles = units[u_first + u][1]
+                kpos_rows = None
+                if any(t[5][ci] for t in tiles):
+                    # HBM -> SBUF: key positions, one row per new token of the tile(s)
+                    kpos_rows = nl.ndarray((tiles[0][2] if packed else split_tokens, c1 - c0), dtype=nl.float32,
+                                           buffer=nl.sbuf)
+                    tok = 0
+                    for b0, count, _, _, t0, t1 in runs:
+                        n = (t1 - t0) if packed else split_tokens
+                        for s in range(b0 + u * seqs, b0 + u * seqs + count):
+                            nisa.dma_copy(kpos_rows[tok:tok + n, :], kpos[s:s + 1, c0:c1].broadcast(0, n))
+                            tok += n
+                for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
+                    a, b = max(c0, k_lo), min(c1, k_hi)
+                    if a >= b:
+                        continue            # no key of this chunk is visible to the tile
+                    stationaries, qpos_col, state = tile_setup[u][j]
+                    neg_sink, onehot = per_layout[(rows, layout)]
+                    # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
+                    lead = (a - c0) % P_MAX
+                    width = b - a + lead
+                    v_tile0 = (a - lead - c0) // P_MAX
+                    tile_pieces = pieces if packed else [(0, 0, 0, 0, rows)]
+                    scores = score_tile(rows, 1, width)
+                    for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
+                        qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
+                                   [k_sb[ri][:, h, u * runs[ri][1] + bl, kj, :] for h in range(n_dp)],
+                                   lead, width, a - c0, first=p == 0)
+                    if masked[ci]:
+                        indicator = masked_indicator(kpos_rows[0:tb - ta, a - c0:b - c0], qpos_col, b - a, window)
+                        mask_matmuls(scores[:, 0, :], onehot, indicator, lead, width)
+                    n_kt = (width + P_MAX - 1) // P_MAX
+                    probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+                    zero_probs_margins(probs, lead, width)
+                    alpha = softmax_step(scores, probs, lead, width, state, neg_sink)
+                    del scores
+                    probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
+                    del probs
+                    o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
+                    if len(tile_pieces) == 1:
+                        pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, u * runs[0][1], 0], v_tile0, width)
+                    else:
+                        # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
+                        o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
+                        for ri, bl, kj, r0, n in tile_pieces:
+                            for kt in range(n_kt):
+                                kw = min(P_MAX, width - kt * P_MAX)
+                                nisa.nc_matmul(o_t_psum[:, r0:r0 + n],
+                                               v_sb[ri][0:kw, u * runs[ri][1] + bl, kj, v_tile0 + kt, :],
+                                               probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
+                        o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
+                        evict.copy(o_t, o_t_psum)
+                        nisa.nc_transpose(o_psum[:, 0, :], o_t)
+                        del o_t_psum, o_t
+                    del probs_t
+                    jr = u * len(tiles) + j
+                    update_output(state, o_psum, alpha, result[0:rows, jr:jr + 1, :], evict)
+                    del o_psum
             del k_sb, v_sb
-        store_rows(out, unit_row0, result, [t[0] for t in tiles])         # SBUF -> HBM
+        store_rows(out, unit_row0[u_first], result,                                       # SBUF -> HBM
+                   [t[0] for u in range(n_units) for t in units[u_first + u][1]])
     return out
+
+
+def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
+    """Consecutive units that share their Q^T, K^T, V and output DMAs: [(first unit, count)].
+
+    A group's units are packed tiles of one run each, unit u + 1 holding the same tokens and KV
+    heads of the sequences right after unit u's, with the same keys; a group holds at most
+    ceil(units / programs) units (so LNC=2 still splits the work) and GROUP_SBUF_BYTES per
+    partition of Q^T (zero-padded per piece), K^T and V chunks."""
+    cap = (len(units) + programs - 1) // programs
+    groups = []
+    for ui, (runs, tiles) in enumerate(units):
+        single = len(runs) == 1 and len(tiles) == 1
+        b0, count, kv0, kv1, t0, t1 = runs[0]
+        keys = min(CHUNK_KEYS, tiles[0][4] - tiles[0][3])
+        n_dp = (d_head + P_MAX - 1) // P_MAX
+        unit_bytes = 2 * (n_dp * count * (kv1 - kv0) * tiles[0][0] + n_dp * count * (kv1 - kv0) * keys
+                          + count * (kv1 - kv0) * ((keys + P_MAX - 1) // P_MAX) * dv)
+        if groups and single and count * (kv1 - kv0) > 1:
+            first, n = groups[-1]
+            p_runs, p_tiles = units[ui - 1]
+            joins = (len(p_runs) == 1 and len(p_tiles) == 1 and n < cap
+                     and (n + 1) * unit_bytes <= GROUP_SBUF_BYTES
+                     and p_runs[0] == (b0 - count, count, kv0, kv1, t0, t1)
+                     and p_tiles[0][0:5] == tiles[0][0:5] and first + n == ui)
+            if joins:
+                groups[-1] = (first, n + 1)
+                continue
+        groups.append((ui, 1))
+    return groups
 
 
 # --------------------------------------------------------------------------- host side
