@@ -24,10 +24,10 @@ piece's columns and accumulates into the shared score tile; its PV matmul is `O^
 back once per chunk for the online-softmax rescale. Pieces of one tile cover the same key range
 (sequences of similar length are packed together).
 
-Masks (only on the chunks the plan flags: keys newer than some query, outside its window, or
-padding): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) [+ (k_pos <= q_pos - W)] is computed
-on GpSimd from the positions, and added as MASK_BIAS through the one-hot matmul of the prefill
-kernel. The softmax machinery is the prefill kernel's (`kernels/attention_prefill.py`).
+Masks (only over the key ranges the host plan flags: keys newer than some query or padding, and
+keys outside some query's window): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) and/or
+(k_pos <= q_pos - W) is computed on GpSimd or VectorE from the positions over those columns only,
+and added as MASK_BIAS through the one-hot matmul of the prefill kernel. The softmax machinery is the prefill kernel's (`kernels/attention_prefill.py`).
 """
 from __future__ import annotations
 
@@ -43,33 +43,39 @@ from kernels.attention_prefill import (
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.5
+MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.75}   # mask indicators on VectorE (GpSimd the rest)
 PREFILL_MIN_TOKENS = 128          # shorter fresh prompts join the cached-attention launch
 GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
 
 
 # --------------------------------------------------------------------------- the kernel
 
-def masked_indicator(kpos, qpos_col, width: int, window):
-    """[tokens, width] bf16: 1.0 where key j is masked for token t (k > q, or k <= q - window).
+def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engine):
+    """[tokens, width] bf16: 1.0 where key j is masked for token t: k > q (when `late`), or
+    k <= q - window (when `early_window` is the window, else None).
 
     `kpos` [tokens, width] fp32 (each token's row of key positions), `qpos_col` [tokens, 1]."""
     tokens = kpos.shape[0]
-    late = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_scalar(late, kpos, nl.subtract, qpos_col, op1=nl.greater, operand1=0.0,
-                       engine=nisa.gpsimd_engine)
-    if window is None:
-        return late
-    early = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_scalar(early, kpos, nl.subtract, qpos_col, op1=nl.less_equal, operand1=-float(window),
-                       engine=nisa.gpsimd_engine)
+    tests = []
+    if late:
+        tests.append((nl.greater, 0.0))
+    if early_window is not None:
+        tests.append((nl.less_equal, -float(early_window)))
+    parts = []
+    for op, bound in tests:
+        part = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_scalar(part, kpos, nl.subtract, qpos_col, op1=op, operand1=bound, engine=engine)
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
     both = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
-    nisa.tensor_tensor(both, late, early, nl.add, engine=nisa.gpsimd_engine)
+    nisa.tensor_tensor(both, parts[0], parts[1], nl.add, engine=engine)
     return both
 
 
 @nki.jit
 def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, plan, window,
-                            evict_vector_share=EVICT_VECTOR_SHARE):
+                            evict_vector_share=EVICT_VECTOR_SHARE, mask_vector_share=None):
     """New tokens of a ragged batch against their sequences' cached keys.
 
     q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
@@ -88,9 +94,12 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 runs' rows (short sequences packed), or the unit has one run of one sequence and
                 KV head and its tiles split the tokens. A tile (rows, ta, tb, k_lo, k_hi, masked):
                 tokens [ta, tb) of the unit's run (all rows when packed), cache keys [k_lo, k_hi)
-                (the others are invisible to its queries), masked[c] when the unit's key chunk c
-                (2048 keys from the smallest k_lo of the unit) needs the position mask.
+                (the others are invisible to its queries), masked[c] the key ranges of the unit's
+                key chunk c (2048 keys from the smallest k_lo of the unit) that need the position
+                mask, (first, end, late, early) from `mask_regions` (empty: no mask).
     window      int or None             keys a query sees, itself included.
+    mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
+                                        the rest (None: MASK_VECTOR_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
     The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
@@ -114,6 +123,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     assert dp * n_dp == d_head, f"head dim {d_head} must split into {n_dp} equal partition tiles"
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
+    if mask_vector_share is None:
+        mask_vector_share = MASK_VECTOR_SHARE["full" if window is None else "swa"]
+    mask_vector = Share(mask_vector_share)
     memset_engines = [nisa.scalar_engine, nisa.gpsimd_engine, nisa.vector_engine]
     padded_q = {}            # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece, set up once
     per_layout = {}          # (rows, tile layout) -> [-sink rows, mask one-hot], loaded once
@@ -253,9 +265,11 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                         qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
                                    [k_sb[ri][:, h, u * runs[ri][1] + bl, kj, :] for h in range(n_dp)],
                                    lead, width, a - c0, first=p == 0)
-                    if masked[ci]:
-                        indicator = masked_indicator(kpos_rows[0:tb - ta, a - c0:b - c0], qpos_col, b - a, window)
-                        mask_matmuls(scores[:, 0, :], onehot, indicator, lead, width)
+                    for m0, m1, late, early in masked[ci]:
+                        indicator = masked_indicator(kpos_rows[0:tb - ta, m0 - c0:m1 - c0], qpos_col, m1 - m0,
+                                                     late, window if early else None,
+                                                     nisa.vector_engine if mask_vector.take() else nisa.gpsimd_engine)
+                        mask_matmuls(scores[:, 0, :], onehot, indicator, m0 - a + lead, m1 - a + lead)
                     n_kt = (width + P_MAX - 1) // P_MAX
                     probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
                     zero_probs_margins(probs, lead, width)
@@ -395,24 +409,40 @@ def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
 
 def limit_keys(plan: DecodePlan, kpos, qpos, window) -> None:
     """Per tile: the keys to read, [first, 1 + last) index of a key any of its queries sees, and
-    per key chunk of its unit whether some (query, key) pair there is masked (a later key, one
-    outside the window, or padding past the sequence's keys)."""
+    per key chunk of its unit the ranges holding masked (query, key) pairs (a later key or
+    padding, one outside the window)."""
     tile_tokens = iter(plan.tile_tokens)
     for _, tiles in plan.units:
         seen = []
         for tile, tokens in zip(tiles, tile_tokens):
             seqs = np.array([b for b, _ in tokens])
             q = qpos[seqs, [t for _, t in tokens]][:, None]
-            sees = kpos[seqs] <= q
-            if window is not None:
-                sees &= kpos[seqs] > q - window
+            late = kpos[seqs] > q
+            early = kpos[seqs] <= q - window if window is not None else np.zeros_like(late)
+            sees = ~late & ~early
             visible = np.flatnonzero(sees.any(axis=0))
             tile[3], tile[4] = int(visible.min()), int(visible.max()) + 1
-            seen.append(sees)
+            seen.append((late.any(axis=0), early.any(axis=0)))
         unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
-        for tile, sees in zip(tiles, seen):
-            tile[5] = tuple(bool((~sees[:, max(c0, tile[3]):min(c0 + CHUNK_KEYS, tile[4])]).any())
+        for tile, (late, early) in zip(tiles, seen):
+            tile[5] = tuple(mask_regions(late, early, max(c0, tile[3]), min(c0 + CHUNK_KEYS, tile[4]))
                             for c0 in range(unit_lo, unit_hi, CHUNK_KEYS))
+
+
+def mask_regions(late, early, a: int, b: int):
+    """Key ranges of [a, b) holding the masked (query, key) pairs of a tile: `late` / `early`
+    [keys] flag keys later than some query (or padding) / outside some query's window. One
+    range spans each kind's masked keys (both kinds merged when the ranges overlap), as
+    (first, end, late, early) tuples."""
+    regions = []
+    for flags, is_late in ((late, True), (early, False)):
+        cols = a + np.flatnonzero(flags[a:b])
+        if len(cols):
+            regions.append([int(cols[0]), int(cols[-1]) + 1, is_late, not is_late])
+    if len(regions) == 2 and regions[0][0] < regions[1][1] and regions[1][0] < regions[0][1]:
+        (m0, m1, _, _), (n0, n1, _, _) = regions
+        regions = [[min(m0, n0), max(m1, n1), True, True]]
+    return tuple(tuple(r) for r in regions)
 
 
 def visible_keys(k_positions, q_positions, window):
