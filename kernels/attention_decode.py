@@ -27,7 +27,13 @@ back once per chunk for the online-softmax rescale. Pieces of one tile cover the
 Masks (only over the key ranges the host plan flags: keys newer than some query or padding, and
 keys outside some query's window): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) and/or
 (k_pos <= q_pos - W) is computed on GpSimd or VectorE from the positions over those columns only,
-and added as MASK_BIAS through the one-hot matmul of the prefill kernel. The softmax machinery is the prefill kernel's (`kernels/attention_prefill.py`).
+and added as MASK_BIAS through the one-hot matmul of the prefill kernel.
+
+Batches. The single-chunk tiles of a split unit go through the softmax in batches (the prefill
+kernel's `tile_batches`: same lead, constant tile step, PSUM budget), so the row max, the [rows, n]
+bookkeeping, the P^T evictions and the final 1/l scaling are one instruction per batch. A batch
+shares its widest logit range; a tile's columns past its own keys get MASK_BIAS through the same
+one-hot matmul with an all-ones indicator, and its exp() and P V skip them. The softmax machinery is the prefill kernel's (`kernels/attention_prefill.py`).
 """
 from __future__ import annotations
 
@@ -39,11 +45,11 @@ from kernels.backend import nki, nl, nisa, simulate
 from kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, check_attention_shapes,
     load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
-    transpose_probs, update_output, zero_probs_margins)
+    tile_batches, transpose_probs, update_output, zero_probs_margins)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
-EVICT_VECTOR_SHARE = 0.5
-MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.75}   # mask indicators on VectorE (GpSimd the rest)
+EVICT_VECTOR_SHARE = 0.2
+MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.5}   # mask indicators on VectorE (GpSimd the rest)
 PREFILL_MIN_TOKENS = 128          # shorter fresh prompts join the cached-attention launch
 GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
 
@@ -129,6 +135,10 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     memset_engines = [nisa.scalar_engine, nisa.gpsimd_engine, nisa.vector_engine]
     padded_q = {}            # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece, set up once
     per_layout = {}          # (rows, tile layout) -> [-sink rows, mask one-hot], loaded once
+    ones = None              # [128, keys] 1.0: the mask of a batch's columns past a tile's own keys
+    if any(len(tiles) > 1 for _, tiles in units):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
+        ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.memset(ones, 1.0, engine=nisa.gpsimd_engine)
     unit_row0, unit_tile0 = [0], [0]
     for _, tiles in units:
         unit_row0.append(unit_row0[-1] + sum(t[0] for t in tiles))
@@ -181,7 +191,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
         split_tokens = max(t[2] - t[1] for t in tiles)
         unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
         chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
-        tile_setup = []      # per unit: per tile (stationaries, query positions, RowState)
+        tile_setup = []      # per unit: per tile (stationaries, query positions, RowState if several chunks)
         for u in range(n_units):
             tiles = units[u_first + u][1]
             unit_setup = []
@@ -204,7 +214,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                         neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
                     per_layout[key] = [neg_sink, onehot]
-                if any(masked) and per_layout[key][1] is None:
+                if (any(masked) or len(tiles) > 1) and per_layout[key][1] is None:
                     onehot = nl.ndarray((tb - ta, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
                     nisa.dma_copy(onehot, tile_onehot[unit_tile0[u_first + u] + j, 0:tb - ta, 0:rows])
                     per_layout[key][1] = onehot
@@ -222,7 +232,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     stationaries = [[q_unit[:, h, ta * group:tb * group]] for h in range(n_dp)]
                     qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
                 n_chunks = sum(1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi))
-                unit_setup.append((stationaries, qpos_col, RowState(rows, n_chunks)))
+                unit_setup.append((stationaries, qpos_col, RowState(rows, n_chunks) if n_chunks > 1 else None))
             tile_setup.append(unit_setup)
         result = nl.ndarray((max(t[0] for t in tiles), n_units * len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
 
@@ -249,58 +259,81 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                         for s in range(b0 + u * seqs, b0 + u * seqs + count):
                             nisa.dma_copy(kpos_rows[tok:tok + n, :], kpos[s:s + 1, c0:c1].broadcast(0, n))
                             tok += n
-                for j, (rows, ta, tb, k_lo, k_hi, masked) in enumerate(tiles):
-                    a, b = max(c0, k_lo), min(c1, k_hi)
-                    if a >= b:
-                        continue            # no key of this chunk is visible to the tile
-                    stationaries, qpos_col, state = tile_setup[u][j]
-                    neg_sink, onehot = per_layout[(rows, layout)]
+                for t_first, step, nb, lead, width, rows in unit_batches(tiles, tile_setup[u], c0, c1, group, packed):
                     # logit columns start at a 128-aligned key so P^T tiles line up with V tiles
-                    lead = (a - c0) % P_MAX
-                    width = b - a + lead
-                    v_tile0 = (a - lead - c0) // P_MAX
+                    members = list(range(t_first, t_first + nb * step, step))
+                    state = tile_setup[u][t_first][2] or RowState(rows, 1, nb)
+                    neg_sink, onehot = per_layout[(rows, layout)]
                     tile_pieces = pieces if packed else [(0, 0, 0, 0, rows)]
-                    scores = score_tile(rows, 1, width)
-                    for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
-                        qk_matmuls(scores[:, 0, :], [s[p] for s in stationaries],
-                                   [k_sb[ri][:, h, u * runs[ri][1] + bl, kj, :] for h in range(n_dp)],
-                                   lead, width, a - c0, first=p == 0)
-                    for m0, m1, late, early in masked[ci]:
-                        indicator = masked_indicator(kpos_rows[0:tb - ta, m0 - c0:m1 - c0], qpos_col, m1 - m0,
-                                                     late, window if early else None,
-                                                     nisa.vector_engine if mask_vector.take() else nisa.gpsimd_engine)
-                        mask_matmuls(scores[:, 0, :], onehot, indicator, m0 - a + lead, m1 - a + lead)
+                    scores = score_tile(rows, nb, width)
+                    ends = []           # end of each tile's own logit columns
+                    for i, j in enumerate(members):
+                        _, ta, tb, k_lo, k_hi, masked = tiles[j]
+                        stationaries, qpos_col, _ = tile_setup[u][j]
+                        a, b = max(c0, k_lo), min(c1, k_hi)
+                        for p, (ri, bl, kj, _, _) in enumerate(tile_pieces):
+                            qk_matmuls(scores[:, i, :], [s[p] for s in stationaries],
+                                       [k_sb[ri][:, h, u * runs[ri][1] + bl, kj, :] for h in range(n_dp)],
+                                       lead, width, a - c0, first=p == 0)
+                        for m0, m1, late, early in masked[ci]:
+                            indicator = masked_indicator(kpos_rows[0:tb - ta, m0 - c0:m1 - c0], qpos_col, m1 - m0,
+                                                         late, window if early else None,
+                                                         nisa.vector_engine if mask_vector.take() else nisa.gpsimd_engine)
+                            mask_matmuls(scores[:, i, :], onehot, indicator, m0 - a + lead, m1 - a + lead)
+                        ends.append(b - a + lead)
+                        if ends[-1] < width:
+                            # the batch's later columns: keys no query of this tile sees
+                            mask_matmuls(scores[:, i, :], onehot, ones[0:tb - ta, 0:width - ends[-1]], ends[-1], width)
                     n_kt = (width + P_MAX - 1) // P_MAX
-                    probs = nl.ndarray((rows, 1, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
-                    zero_probs_margins(probs, lead, width)
-                    alpha = softmax_step(scores, probs, lead, width, state, neg_sink)
+                    probs = nl.ndarray((rows, nb, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+                    zero_probs_margins(probs, lead, min(ends))
+                    alpha = softmax_step(scores, probs, lead, width, state, neg_sink, ends)
                     del scores
-                    probs_t = transpose_probs(probs, width, evict, no_dma)[:, 0]    # [128, key tile, rows]
+                    probs_t = transpose_probs(probs, width, evict, no_dma)    # [128, tile, key tile, rows]
                     del probs
-                    o_psum = nl.ndarray((rows, 1, dv), dtype=nl.float32, buffer=nl.psum)
+                    o_psum = nl.ndarray((rows, nb, dv), dtype=nl.float32, buffer=nl.psum)
                     if len(tile_pieces) == 1:
-                        pv_matmuls(o_psum[:, 0, :], probs_t, v_sb[0][:, u * runs[0][1], 0], v_tile0, width)
+                        for i, j in enumerate(members):
+                            # key tiles past the tile's own columns hold only zeros: skipped
+                            v_tile0 = (max(c0, tiles[j][3]) - lead - c0) // P_MAX
+                            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * runs[0][1], 0], v_tile0, ends[i])
                     else:
                         # O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows], then one transpose back
+                        v_tile0 = (max(c0, tiles[0][3]) - lead - c0) // P_MAX
                         o_t_psum = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.psum)
                         for ri, bl, kj, r0, n in tile_pieces:
                             for kt in range(n_kt):
                                 kw = min(P_MAX, width - kt * P_MAX)
                                 nisa.nc_matmul(o_t_psum[:, r0:r0 + n],
                                                v_sb[ri][0:kw, u * runs[ri][1] + bl, kj, v_tile0 + kt, :],
-                                               probs_t[0:kw, kt, r0:r0 + n], accumulate=kt > 0)
+                                               probs_t[0:kw, 0, kt, r0:r0 + n], accumulate=kt > 0)
                         o_t = nl.ndarray((dv, rows), dtype=nl.float32, buffer=nl.sbuf)
                         evict.copy(o_t, o_t_psum)
                         nisa.nc_transpose(o_psum[:, 0, :], o_t)
                         del o_t_psum, o_t
                     del probs_t
-                    jr = u * len(tiles) + j
-                    update_output(state, o_psum, alpha, result[0:rows, jr:jr + 1, :], evict)
+                    jr = u * len(tiles) + t_first
+                    update_output(state, o_psum, alpha, result[0:rows, jr:jr + (nb - 1) * step + 1:step, :], evict)
                     del o_psum
             del k_sb, v_sb
         store_rows(out, unit_row0[u_first], result,                                       # SBUF -> HBM
                    [t[0] for u in range(n_units) for t in units[u_first + u][1]])
     return out
+
+
+def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
+    """A unit's row tiles that meet key chunk [c0, c1), in batches processed together: the
+    prefill kernel's `tile_batches` over the split tiles (visible keys [k_lo, k_hi) in place of
+    the prefill's [lo, q1)); a packed tile goes alone. Yields (first tile, step, n, lead, width,
+    rows)."""
+    if packed:
+        rows, _, _, k_lo, k_hi, _ = tiles[0]
+        a, b = max(c0, k_lo), min(c1, k_hi)
+        if a < b:
+            yield 0, 1, 1, (a - c0) % P_MAX, b - a + (a - c0) % P_MAX, rows
+        return
+    yield from tile_batches([(k_hi - (tb - ta), k_hi, k_lo, state)
+                             for (_, ta, tb, k_lo, k_hi, _), (_, _, state) in zip(tiles, setup)], c0, c1, group)
 
 
 def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):

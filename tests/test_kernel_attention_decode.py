@@ -88,6 +88,20 @@ def test_odd_shapes_and_sglang_window():
     run([(2100, 30), (7, 2)], hq=16, hkv=2, window=None)         # two key chunks, 32-token split
 
 
+def test_batched_tiles_mask_the_keys_past_their_own():
+    """Split tiles of 8 tokens share a batch; the last key, invisible to the earlier tiles, has a
+    logit of ~2000 for every query. A tile whose row max took it in would underflow every exp()."""
+    rng = np.random.default_rng(6)
+    p = cached_problem(rng, 0, 32, **FULL)
+    u = rng.standard_normal(p.q.shape[2]).astype(np.float32)
+    q = (u + 0.1 * p.q).astype(np.float32)
+    k = p.k.copy()
+    k[-1] = 2000.0 / SCALE * u / float(u @ u)
+    problem = AttentionInput(q, k, p.v, p.q_positions, p.k_positions)
+    outs, _ = attention_decode([problem], SCALE, None, None)
+    check([problem], None, None, outs)
+
+
 def test_lnc2_splits_tiles_between_cores():
     _, out1, rep1 = run([(h, 1) for h in (300, 300, 500, 500)], **FULL, seed=5)
     _, out2, rep2 = run([(h, 1) for h in (300, 300, 500, 500)], **FULL, seed=5, lnc=2)
