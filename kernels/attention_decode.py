@@ -49,7 +49,10 @@ from kernels.attention_prefill import (
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
-MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.5}   # mask indicators on VectorE (GpSimd the rest)
+MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.6}   # mask indicators on VectorE (GpSimd the rest)
+# share of P^T blocks of split tiles transposed by SBUF -> SBUF DMA (packed decode tiles: none;
+# the DMA queues carry their K / V)
+SPLIT_DMA_TRANSPOSE_SHARE = {"full": 0.3, "swa": 0.0}
 PREFILL_MIN_TOKENS = 128          # shorter fresh prompts join the cached-attention launch
 GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
 
@@ -81,7 +84,8 @@ def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engin
 
 @nki.jit
 def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, plan, window,
-                            evict_vector_share=EVICT_VECTOR_SHARE, mask_vector_share=None):
+                            evict_vector_share=EVICT_VECTOR_SHARE, mask_vector_share=None,
+                            split_dma_transpose_share=None):
     """New tokens of a ragged batch against their sequences' cached keys.
 
     q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
@@ -106,6 +110,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     window      int or None             keys a query sees, itself included.
     mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
                                         the rest (None: MASK_VECTOR_SHARE of the layer type).
+    split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
+                                        (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
     The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
@@ -129,6 +135,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     assert dp * n_dp == d_head, f"head dim {d_head} must split into {n_dp} equal partition tiles"
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
+    if split_dma_transpose_share is None:
+        split_dma_transpose_share = SPLIT_DMA_TRANSPOSE_SHARE["full" if window is None else "swa"]
+    split_dma = Share(split_dma_transpose_share)
     if mask_vector_share is None:
         mask_vector_share = MASK_VECTOR_SHARE["full" if window is None else "swa"]
     mask_vector = Share(mask_vector_share)
@@ -289,7 +298,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     zero_probs_margins(probs, lead, min(ends))
                     alpha = softmax_step(scores, probs, lead, width, state, neg_sink, ends)
                     del scores
-                    probs_t = transpose_probs(probs, width, evict, no_dma)    # [128, tile, key tile, rows]
+                    # [128 keys, tile, key tile, rows]
+                    probs_t = transpose_probs(probs, width, evict, no_dma if packed else split_dma)
                     del probs
                     o_psum = nl.ndarray((rows, nb, dv), dtype=nl.float32, buffer=nl.psum)
                     if len(tile_pieces) == 1:
