@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 
 from . import fp8
 from .config import ConfigError, MiMoV2FlashConfig
+from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
@@ -63,13 +64,7 @@ class ScaleGroupingWarning(UserWarning):
 
 def read_index(path: str) -> dict[str, str]:
     index_path = os.path.join(path, INDEX_FILE)
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{index_path}: index file not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{index_path}: not valid JSON ({err})") from None
+    index = read_json(index_path, CheckpointError, "index file")
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
     return index["weight_map"]
@@ -346,13 +341,7 @@ class PreparedCheckpoint:
     def __init__(self, path):
         self.path = os.fspath(path)
         manifest_path = os.path.join(self.path, MANIFEST_FILE)
-        try:
-            with open(manifest_path) as f:
-                self.manifest = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{manifest_path}: manifest not found") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
+        self.manifest = read_json(manifest_path, CheckpointError, "manifest")
         m = self.manifest
         if m.get("format") != PREPARED_FORMAT or m.get("format_version") != PREPARED_VERSION:
             raise CheckpointError(f"{manifest_path}: not a {PREPARED_FORMAT} v{PREPARED_VERSION} manifest "

@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .jsonfile import read_json
+
 
 class ConfigError(ValueError):
     """A config value that is missing, unknown or inconsistent; the message names the key."""
@@ -229,14 +231,7 @@ class MiMoV2FlashConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_hub_dict(data, source=path)
+        return cls.from_hub_dict(read_json(path, ConfigError, "config file"), source=path)
 
     def to_hub_dict(self) -> dict[str, Any]:
         """The Hub `config.json` form (legacy names), including the redundant window keys."""
