@@ -43,8 +43,8 @@ import numpy as np
 
 from kernels.backend import nki, nl, nisa, simulate
 from kernels.attention_prefill import (
-    BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, check_attention_shapes,
-    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
+    BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, attention_prefill,
+    check_attention_shapes, load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
     tile_batches, transpose_probs, update_output, zero_probs_margins)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
@@ -591,7 +591,6 @@ def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_
     key blocks outside the causal window; one launch per sequence); every other problem (decode
     steps, prefill on a history, short prompts) shares one launch of the cached-attention kernel.
     Outputs are [T, Hq, Dv] float32 in problem order."""
-    from kernels.attention_prefill import attention_prefill
     outputs, reports = [None] * len(problems), []
     cached = [i for i, p in enumerate(problems)
               if not (is_fresh_prefill(p) and len(p.q_positions) >= prefill_min_tokens)]
