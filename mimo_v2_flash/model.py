@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint, save_hub_checkpoint
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
@@ -88,7 +89,6 @@ class MiMoV2FlashModel:
         the loaded experts only (a single-process run of one rank's files); with one (expert
         parallel) it may choose any expert the directory holds, and the executor runs them.
         """
-        from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint
         if not is_prepared_dir(path):
             if rank is not None:
                 raise ValueError(f"{path}: rank={rank} needs a prepare_weights directory, this is "
@@ -106,7 +106,6 @@ class MiMoV2FlashModel:
 
     def save_pretrained(self, path, dtype: str = "float32") -> None:
         """Write a Hub-layout checkpoint (config, index, per-layer shards) of these weights."""
-        from .checkpoint import save_hub_checkpoint
         save_hub_checkpoint(path, self.config, self.weights, dtype=dtype)
 
     def new_cache(self, batch: int) -> KVCache:

@@ -12,16 +12,20 @@ metadata when online, from the local files when offline.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+
+import numpy as np
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 
+from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import INDEX_FILE, CheckpointError, read_index
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.weights import model_tensors, scale_name
 
-from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, parse_expert_list, parse_layer_range
+from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list, parse_layer_range
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
 METADATA_FILES = ["config.json", INDEX_FILE]
@@ -108,14 +112,6 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_download_mode(args) -> int:
     """`run_example.py --mode download`: fetch, prepare, load, generate a few tokens."""
-    import json
-
-    import numpy as np
-
-    from mimo_v2_flash import MiMoV2FlashModel
-
-    from .convert import convert
-
     num_layers = None
     if os.path.isfile(os.path.join(args.local_dir, "config.json")):
         num_layers = MiMoV2FlashConfig.from_json(args.local_dir).num_hidden_layers
