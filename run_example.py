@@ -98,7 +98,7 @@ def distributed() -> bool:
 def mode_random(args) -> int:
     config = make_config(args)
     if distributed():
-        from parallel.run import random_rank_weights, resolve_placement, run_distributed
+        from mimo_parallel.run import random_rank_weights, resolve_placement, run_distributed
 
         def load_weights(world, rank):
             placement = resolve_placement(args.ep_placement or "contiguous", config.n_routed_experts, world)
@@ -114,7 +114,7 @@ def mode_generate(args) -> int:
     """The prepared weights: expert-parallel under torchrun (each rank its file set), otherwise one
     process holding every rank's experts."""
     if distributed():
-        from parallel.run import prepared_rank_weights, run_distributed
+        from mimo_parallel.run import prepared_rank_weights, run_distributed
 
         def load_weights(world, rank):
             return prepared_rank_weights(args.weights, world, rank, args.ep_placement)
@@ -189,12 +189,12 @@ def mode_test(args) -> int:
 
 
 def mode_download(args) -> int:
-    from prepare_weights.download import run_download_mode
+    from mimo_prepare_weights.download import run_download_mode
     return run_download_mode(args)
 
 
 def main(argv=None) -> int:
-    from prepare_weights.download import add_download_arguments
+    from mimo_prepare_weights.download import add_download_arguments
     parser = build_parser()
     add_download_arguments(parser)
     args = parser.parse_args(argv)

@@ -58,10 +58,10 @@ def wire_rows(mode: str, world: int, tokens: int, copies: float) -> float:
 
 def worker(args) -> int:
     from mimo_v2_flash.placement import ExpertPlacement
-    from parallel.comm import Communicator
-    from parallel.dispatcher import Dispatcher
-    from parallel.executor import ExpertParallelExecutor
-    from parallel.plan import Layout, RowFormat, build_plan, expected_remote_copies, predict_traffic
+    from mimo_parallel.comm import Communicator
+    from mimo_parallel.dispatcher import Dispatcher
+    from mimo_parallel.executor import ExpertParallelExecutor
+    from mimo_parallel.plan import Layout, RowFormat, build_plan, expected_remote_copies, predict_traffic
 
     comm = Communicator.from_env("gloo", timeout_s=600)
     world, rank = comm.world_size, comm.rank

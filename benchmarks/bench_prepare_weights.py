@@ -108,8 +108,8 @@ def peak_rss_bytes() -> int:
 
 def run_child(source: str, output: str, dtype: str, world_size: int, layout: str) -> dict:
     """Convert in this (fresh) process; report time and this process's peak RSS."""
-    from prepare_weights.convert import convert
-    from prepare_weights.manifest import verify
+    from mimo_prepare_weights.convert import convert
+    from mimo_prepare_weights.manifest import verify
     baseline = peak_rss_bytes()       # interpreter + numpy + imports
     result = convert(source, output, world_size=world_size, dtype=dtype, progress=False, log=lambda *_: None,
                      replicated=layout)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from kernels.backend import nki, nl, nisa, simulate  # noqa: E402
+from mimo_kernels.backend import nki, nl, nisa, simulate  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.backend import nki, nl, nisa, simulate
-from kernels.attention_prefill import (
+from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, attention_prefill,
     check_attention_shapes, load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
     tile_batches, transpose_probs, update_output, zero_probs_margins)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys per PV matmul
 MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)

@@ -1,17 +1,17 @@
 """One place kernels import NKI from: the real ``nki`` package or the bundled CPU simulator.
 
-    from kernels.backend import nki, nl, nisa, simulate
+    from mimo_kernels.backend import nki, nl, nisa, simulate
 
 Selection (``MIMO_NKI_BACKEND`` environment variable, read at first import):
 
 * ``auto`` (default): the real ``nki`` when it is importable and real (the Neuron-repository
   wheel with ``nki.jit``, ``nki.simulate``, ``nki.language``, ``nki.isa``; PyPI only carries a
   placeholder), the simulator otherwise;
-* ``simulator`` (or ``sim``): always the bundled simulator (:mod:`kernels.simulator`);
+* ``simulator`` (or ``sim``): always the bundled simulator (:mod:`mimo_kernels.simulator`);
 * ``real`` (or ``nki``): the real package, or an ImportError saying why it is unusable.
 
 ``simulate(kernel, report=False, **options)(*arrays)`` works with both: on the simulator it
-returns the outputs (plus a :class:`kernels.simulator.Report` when ``report=True``); with the real
+returns the outputs (plus a :class:`mimo_kernels.simulator.Report` when ``report=True``); with the real
 package it calls ``nki.simulate(kernel)(*arrays)``, and a requested report is ``None`` because the
 cost model belongs to the bundled simulator.
 """

@@ -4,7 +4,7 @@ Arguments (HBM): x [T, H] bf16; w_gate, w_up [H, I] and w_down [I, H] in the pre
 layout, bf16, or float8_e4m3 each with its fp32 block scale ([H/128, I/128], [H/128, I/128],
 [I/128, H/128]). MiMo: H = 4096, I = 16384. Returns y [T, H] in x's dtype.
 
-One kernel, two passes of the shared tiled matmul (`kernels.linear.project`, whose docstring
+One kernel, two passes of the shared tiled matmul (`mimo_kernels.linear.project`, whose docstring
 describes the schedules):
 1. gate and up together: every x^T block meets the gate and the up column tile of the same
    columns, and the PSUM eviction turns the two fp32 accumulators into h = silu(g) * u directly
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import nki, nl, simulate
-from kernels.linear import BF16, kernel_weight, project
+from mimo_kernels.backend import nki, nl, simulate
+from mimo_kernels.linear import BF16, kernel_weight, project
 
 
 @nki.jit

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax
 

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)

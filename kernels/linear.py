@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax                               # partitions, and the K / FP8 block size
 MOVING_FMAX = nl.tile_size.gemm_moving_fmax         # 512 columns per matmul (one PSUM bank of fp32)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax
 PSUM_FMAX = nl.tile_size.psum_bank_fmax      # fp32 elements of one PSUM bank per partition

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax
 TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget

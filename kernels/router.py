@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
 EXPERT_TILE = nl.tile_size.gemm_stationary_fmax   # experts per matmul (stationary free size)

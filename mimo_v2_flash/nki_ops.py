@@ -1,7 +1,7 @@
 """NkiOps: the decoder layer's ops through the NKI kernels (`backend="nki"`).
 
 Every method has the semantics of the same method of `layer.ReferenceOps` and runs the kernel's
-host launcher (kernels/*.py) on the backend `kernels.backend` picked: the CPU simulator here, the
+host launcher (kernels/*.py) on the backend `mimo_kernels.backend` picked: the CPU simulator here, the
 real `nki` on a Trainium2.
 
 Weights arrive by Hub name in the Hub layout `[out, in]` float32. Each is converted once, on first
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field, fields
 import ml_dtypes
 import numpy as np
 
-from kernels.attention_decode import attention_batch
-from kernels.dense_mlp import dense_mlp
-from kernels.embedding import embed
-from kernels.expert_ffn import ExpertWeights, expert_ffn
-from kernels.linear import linear
-from kernels.rmsnorm import add_rmsnorm, rmsnorm
-from kernels.rope import rope
-from kernels.router import route
+from mimo_kernels.attention_decode import attention_batch
+from mimo_kernels.dense_mlp import dense_mlp
+from mimo_kernels.embedding import embed
+from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn
+from mimo_kernels.linear import linear
+from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
+from mimo_kernels.rope import rope
+from mimo_kernels.router import route
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
 from .layer import AttentionInput

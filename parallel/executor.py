@@ -3,7 +3,7 @@
 An expert executor is any callable `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]`
 (see `mimo_v2_flash.layer.LocalExperts`). This one sends the tokens to the ranks owning their
 experts (`Dispatcher`) and, on the receiving side, runs this rank's experts through one
-interface, the contract of the NKI grouped expert FFN launcher `kernels.expert_ffn.expert_ffn`:
+interface, the contract of the NKI grouped expert FFN launcher `mimo_kernels.expert_ffn.expert_ffn`:
 
     local_experts(layer, x [M, H], local_ids [M, k] int, weights [M, k] float32) -> [M, H] float32
     out[m] = sum over slots j with local_ids[m, j] >= 0 of weights[m, j] * expert_{local_ids[m, j]}(x[m])

@@ -14,10 +14,10 @@ heads for full layers; over 8 KV heads, 128-key window and sinks for SWA layers;
 import numpy as np
 import pytest
 
-from kernels.attention_decode import (EMPTY_POSITION, attention_batch, attention_decode,
+from mimo_kernels.attention_decode import (EMPTY_POSITION, attention_batch, attention_decode,
                                       attention_decode_kernel)
-from kernels.attention_prefill import BF16
-from kernels.backend import simulate
+from mimo_kernels.attention_prefill import BF16
+from mimo_kernels.backend import simulate
 from mimo_v2_flash.layer import AttentionInput
 from mimo_v2_flash.selfcheck.kernels_attention import (FULL, SCALE, SWA, TOL, cached_error,
                                                        cached_problem, random_sink)

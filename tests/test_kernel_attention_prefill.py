@@ -15,8 +15,8 @@ Shapes: the full MiMo attention (64 query heads over 4 KV heads without sink for
 import numpy as np
 import pytest
 
-from kernels.attention_prefill import attention_prefill, attention_prefill_kernel, to_rows_t
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.attention_prefill import attention_prefill, attention_prefill_kernel, to_rows_t
+from mimo_kernels.backend import nki, nl, nisa, simulate
 from mimo_v2_flash.selfcheck.kernels_attention import (SCALE, TOL, prefill_error, random_prefill,
                                                        random_sink)
 

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.dense_mlp import dense_mlp
+from mimo_kernels.dense_mlp import dense_mlp
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 

@@ -4,8 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.backend import simulate
-from kernels.embedding import embed, embedding_kernel
+from mimo_kernels.backend import simulate
+from mimo_kernels.embedding import embed, embedding_kernel
 from mimo_v2_flash.selfcheck.kernels_basic import patterned_table
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

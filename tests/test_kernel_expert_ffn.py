@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.backend import simulate
-from kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
+from mimo_kernels.backend import simulate
+from mimo_kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
                                 expert_ffn_kernel, grouped_expert_ffn, plan_blocks)
 from mimo_v2_flash.selfcheck.kernels_moe import (FFN_TOL as TOL, random_experts as make_weights,
                                                  random_routing as routing, reference_moe,

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.linear import linear
+from mimo_kernels.linear import linear
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from mimo_v2_flash.selfcheck.kernels_basic import rolled_weight

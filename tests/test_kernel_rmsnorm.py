@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.rmsnorm import add_rmsnorm, rmsnorm
+from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_v2_flash import reference as ref
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.backend import simulate
-from kernels.rope import rope, rope_kernel, rope_table
+from mimo_kernels.backend import simulate
+from mimo_kernels.rope import rope, rope_kernel, rope_table
 from mimo_v2_flash import reference as ref
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

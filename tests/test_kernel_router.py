@@ -11,8 +11,8 @@ explicitly and must follow the reference's rule: the lower expert id wins.
 import numpy as np
 import pytest
 
-from kernels.backend import nki, nl, nisa, simulate
-from kernels.router import DISALLOWED_BIAS, route, router_kernel
+from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.router import DISALLOWED_BIAS, route, router_kernel
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_moe import random_router as problem
 

@@ -11,11 +11,11 @@ from mimo_v2_flash.layer import ReferenceOps
 from mimo_v2_flash.nki_ops import NkiOps
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
-from parallel.executor import OpsLocalExperts
-from parallel.placement import expert_load, imbalance, load_aware_placement, rank_loads
-from parallel.plan import (Layout, RowFormat, build_plan, expected_remote_copies, local_expert_index,
+from mimo_parallel.executor import OpsLocalExperts
+from mimo_parallel.placement import expert_load, imbalance, load_aware_placement, rank_loads
+from mimo_parallel.plan import (Layout, RowFormat, build_plan, expected_remote_copies, local_expert_index,
                            predict_traffic)
-from parallel.stats import LayerRecord, Traffic, summarize
+from mimo_parallel.stats import LayerRecord, Traffic, summarize
 
 
 def uniform_routing(rng, tokens, num_experts, top_k):

@@ -22,7 +22,7 @@ from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import PreparedCheckpoint
 from mimo_v2_flash.placement import PlacementError
 from mimo_v2_flash.weights import model_tensors
-from prepare_weights.convert import PER_RANK, SHARED, convert
+from mimo_prepare_weights.convert import PER_RANK, SHARED, convert
 from test_parallel_torchrun import launch
 
 WORLD = 2
@@ -91,7 +91,7 @@ def test_world_size_mismatch_stops_every_rank(hub, tmp_path):
 
 
 def test_placement_must_match_the_prepared_files(prepared, tmp_path):
-    from parallel.run import prepared_rank_weights
+    from mimo_parallel.run import prepared_rank_weights
     out = prepared[SHARED]
     held = prepared_rank_weights(out, WORLD, 1, "contiguous")    # the files' placement, named
     assert held.placement.experts_of(1) == list(range(8, 16)) and held.routable is None

@@ -47,7 +47,7 @@ def _moe_cases(comm, config, full_ops):
     """(name, placement, x, ids, weights) of this rank for each MoE-level scenario."""
     from mimo_v2_flash import reference as ref
     from mimo_v2_flash.placement import ExpertPlacement
-    from parallel.placement import expert_load, load_aware_placement
+    from mimo_parallel.placement import expert_load, load_aware_placement
     world, rank, E, k = comm.world_size, comm.rank, config.n_routed_experts, config.num_experts_per_tok
     contiguous = ExpertPlacement.contiguous(E, world)
     n = TOKENS_PER_RANK[rank % len(TOKENS_PER_RANK)]
@@ -80,9 +80,9 @@ def _moe_cases(comm, config, full_ops):
 def _executor(comm, config, placement, mode, wire="float32"):
     from mimo_v2_flash.layer import ReferenceOps
     from mimo_v2_flash.weights import random_weights
-    from parallel.dispatcher import Dispatcher
-    from parallel.executor import ExpertParallelExecutor, OpsLocalExperts
-    from parallel.plan import RowFormat
+    from mimo_parallel.dispatcher import Dispatcher
+    from mimo_parallel.executor import ExpertParallelExecutor, OpsLocalExperts
+    from mimo_parallel.plan import RowFormat
     mine = placement.experts_of(comm.rank)
     ops = ReferenceOps(config, random_weights(config, seed=0, experts=mine))   # only this rank's experts
     fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire)
@@ -105,9 +105,9 @@ def scenario_check(comm):
     from mimo_v2_flash.layer import ReferenceOps
     from mimo_v2_flash.placement import ExpertPlacement
     from mimo_v2_flash.weights import random_weights
-    from parallel.plan import build_plan
-    from parallel.run import build_rank_model, generate_data_parallel, random_rank_weights
-    from parallel.stats import summarize
+    from mimo_parallel.plan import build_plan
+    from mimo_parallel.run import build_rank_model, generate_data_parallel, random_rank_weights
+    from mimo_parallel.stats import summarize
     config = _config()
     full_ops = ReferenceOps(config, random_weights(config, seed=0))
     layer = 1
@@ -204,7 +204,7 @@ def _faulty_run(comm, fault):
     from mimo_v2_flash.placement import ExpertPlacement
     config = _config()
     model_placement = ExpertPlacement.contiguous(config.n_routed_experts, comm.world_size)
-    from parallel.run import build_rank_model, random_rank_weights
+    from mimo_parallel.run import build_rank_model, random_rank_weights
     model, executor = build_rank_model(random_rank_weights(config, model_placement, comm.rank, seed=0), comm,
                                        mode="alltoallv")
     real = comm.all_to_all
@@ -220,7 +220,7 @@ def _faulty_run(comm, fault):
 
 
 def worker(scenario: str, out_dir: str) -> int:
-    from parallel.comm import Communicator, failure_guard
+    from mimo_parallel.comm import Communicator, failure_guard
     timeout = float(os.environ.get("EP_TEST_TIMEOUT", "60"))
     comm = Communicator.from_env("gloo", timeout)
     path = Path(out_dir) / f"rank{comm.rank}.json"
@@ -301,7 +301,7 @@ def test_expert_parallel_equals_single_process(world, tmp_path):
                        sum(res["moe"][key]["received"][phase] for res in results.values()), (key, phase)
     # Random routing: alltoallv sends R / (distinct ranks per token) times fewer bytes than all-gather.
     if world > 1:
-        from parallel.plan import expected_remote_copies
+        from mimo_parallel.plan import expected_remote_copies
         measured = sum(r["factor_bytes"]["allgather"] for r in results.values()) / \
             sum(r["factor_bytes"]["alltoallv"] for r in results.values())
         expected = (world - 1) / expected_remote_copies(32, world, 8)

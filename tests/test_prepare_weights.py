@@ -22,10 +22,10 @@ from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, Checkpoint
                                       expert_file_name, rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement
 from mimo_v2_flash.weights import F32, kernel_name, model_tensors, scale_name
-from prepare_weights import convert as convert_module
-from prepare_weights import download as download_module
-from prepare_weights.__main__ import main as cli
-from prepare_weights.convert import PER_RANK, SHARED, PrepareError, convert
+from mimo_prepare_weights import convert as convert_module
+from mimo_prepare_weights import download as download_module
+from mimo_prepare_weights.__main__ import main as cli
+from mimo_prepare_weights.convert import PER_RANK, SHARED, PrepareError, convert
 
 # Trainium e4m3 has the same 3 mantissa bits as the Hub's e4m3fn: requantising moves a value by at
 # most 2^-4 of itself, or 2^-10 of its block scale below the normal range.

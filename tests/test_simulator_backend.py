@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-import kernels.backend as backend
-from kernels.backend import nki, nl, nisa, simulate
+import mimo_kernels.backend as backend
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,22 +26,22 @@ def test_simulator_is_selected_without_the_real_package():
 
 
 def test_forcing_the_real_backend_without_it_fails_clearly():
-    res = _python("import kernels.backend", MIMO_NKI_BACKEND="real")
+    res = _python("import mimo_kernels.backend", MIMO_NKI_BACKEND="real")
     assert res.returncode != 0 and "nki" in res.stderr and "ImportError" in res.stderr
 
 
 def test_forcing_the_simulator():
-    res = _python("import kernels.backend as b; print(b.BACKEND)", MIMO_NKI_BACKEND="simulator")
+    res = _python("import mimo_kernels.backend as b; print(b.BACKEND)", MIMO_NKI_BACKEND="simulator")
     assert res.returncode == 0 and res.stdout.strip() == "simulator"
 
 
 def test_bad_backend_name():
-    res = _python("import kernels.backend", MIMO_NKI_BACKEND="gpu")
+    res = _python("import mimo_kernels.backend", MIMO_NKI_BACKEND="gpu")
     assert res.returncode != 0 and "MIMO_NKI_BACKEND" in res.stderr
 
 
 def test_install_as_nki_makes_real_import_lines_work():
-    code = ("import kernels.backend as b; b.install_as_nki()\n"
+    code = ("import mimo_kernels.backend as b; b.install_as_nki()\n"
             "import nki, nki.language as nl, nki.isa as nisa\n"
             "import numpy as np\n"
             "@nki.jit\n"
@@ -84,7 +84,7 @@ def test_torch_tensors_in_and_out():
 
 
 def test_kernel_called_inside_a_kernel_is_an_error():
-    from kernels.simulator.errors import NkiContextError
+    from mimo_kernels.simulator.errors import NkiContextError
 
     @nki.jit
     def inner(a):

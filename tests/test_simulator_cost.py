@@ -5,8 +5,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.backend import nki, nl, nisa, simulate
-from kernels.simulator import TRN2
+from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.simulator import TRN2
 
 BF16 = ml_dtypes.bfloat16
 FP8 = ml_dtypes.float8_e4m3
@@ -159,7 +159,7 @@ def test_report_table_and_json():
 
 
 def test_custom_model_changes_the_estimate():
-    from kernels.simulator import Trn2Model
+    from mimo_kernels.simulator import Trn2Model
 
     def body():
         s = nl.zeros((128, 128), dtype=nl.bfloat16)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from kernels.backend import nki, nl, nisa, simulate
-from kernels.simulator import errors as E
+from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.simulator import errors as E
 
 
 def run(body, *arrays):

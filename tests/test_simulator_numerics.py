@@ -3,7 +3,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa, simulate
 
 BF16 = ml_dtypes.bfloat16
 

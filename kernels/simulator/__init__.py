@@ -1,7 +1,7 @@
 """CPU simulator of the NKI 0.6 dialect (``import nki``) for Trainium2.
 
 This package stands in for the ``nki`` module: ``nki.jit``, ``nki.simulate``, ``nki.language``
-(``nl``) and ``nki.isa`` (``nisa``).  Kernels import it through :mod:`kernels.backend`.
+(``nl``) and ``nki.isa`` (``nisa``).  Kernels import it through :mod:`mimo_kernels.backend`.
 
 Layout: ``dtypes`` (types and rounding), ``memory`` (buffers, tensors, views, access patterns),
 ``ops`` (ALU operators and activation functions), ``isa`` and ``language`` (the APIs),

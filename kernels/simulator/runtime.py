@@ -130,7 +130,7 @@ def simulate(kernel, report: bool = False, fp32_storage: bool | None = None,
 
     Returns what the kernel returns (NumPy arrays), or ``(outputs, Report)`` when ``report=True``.
     ``fp32_storage`` stores bf16/fp16/fp8 as fp32 (default from ``NKI_SIM_FP32_STORAGE``);
-    ``model`` overrides the :class:`~kernels.simulator.cost.Trn2Model` of the cost estimate.
+    ``model`` overrides the :class:`~mimo_kernels.simulator.cost.Trn2Model` of the cost estimate.
     The last report is also kept on ``kernel.last_report``.
     """
     k = kernel if isinstance(kernel, Kernel) else Kernel(kernel)

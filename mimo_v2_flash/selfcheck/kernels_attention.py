@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.attention_decode import attention_decode
-from kernels.attention_prefill import BF16, attention_prefill
+from mimo_kernels.attention_decode import attention_decode
+from mimo_kernels.attention_prefill import BF16, attention_prefill
 from .. import reference as ref
 from ..kv_cache import LayerKVCache
 from ..layer import AttentionInput

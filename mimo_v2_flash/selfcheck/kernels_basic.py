@@ -24,12 +24,12 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from kernels.dense_mlp import dense_mlp
-from kernels.embedding import embed
-from kernels.linear import linear
-from kernels.rmsnorm import add_rmsnorm, rmsnorm
-from kernels.rope import rope
-from kernels.simulator.cost import TRN2
+from mimo_kernels.dense_mlp import dense_mlp
+from mimo_kernels.embedding import embed
+from mimo_kernels.linear import linear
+from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
+from mimo_kernels.rope import rope
+from mimo_kernels.simulator.cost import TRN2
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from . import CheckResult

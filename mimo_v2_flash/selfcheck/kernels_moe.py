@@ -23,8 +23,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from kernels.expert_ffn import ExpertWeights, expert_ffn
-from kernels.router import route
+from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn
+from mimo_kernels.router import route
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from . import CheckResult
