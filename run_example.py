@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="--mode test: skip the slowest checks")
     p.add_argument("--topics", help="--mode test: comma-separated self-check topics")
     p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they show on a terminal for steps longer than a few seconds)")
     ep = p.add_argument_group("expert parallel (under torchrun; see docs/expert_parallel.md)")
     ep.add_argument("--ep-mode", choices=["auto", "alltoallv", "alltoall_padded", "allgather"], default="auto")
     ep.add_argument("--ep-allgather-max-tokens", type=int, default=1,
@@ -231,6 +233,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     add_download_arguments(parser)
     args = parser.parse_args(argv)
+    if args.no_progress:
+        from mimo_v2_flash.progress import PROGRESS_ENV
+        os.environ[PROGRESS_ENV] = "0"    # every bar, including those in torchrun's rank processes
     if (args.mode == "generate") != bool(args.weights):
         parser.error("--mode generate needs --weights PREPARED_DIR" if args.weights is None
                      else "--weights applies to --mode generate only")

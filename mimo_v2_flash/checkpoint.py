@@ -36,6 +36,7 @@ from . import fp8
 from .config import ConfigError, MiMoV2FlashConfig
 from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
+from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
                       layer_tensors, model_tensors, scale_name)
@@ -284,7 +285,8 @@ def load_hub_checkpoint(path, experts=None, layers=None):
     checkpoint = HubCheckpoint(path)
     specs = model_tensors(checkpoint.config, layers=layers, experts=experts)
     checkpoint.validate(specs)
-    return checkpoint.config, {spec.name: checkpoint.read(spec) for spec in specs}
+    return checkpoint.config, {spec.name: checkpoint.read(spec)
+                               for spec in progress_bar(specs, desc="loading", unit="tensor")}
 
 
 class TransformersCompatibilityWarning(UserWarning):
@@ -418,7 +420,7 @@ class PreparedCheckpoint:
             specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
-            for spec in specs:
+            for spec in progress_bar(specs, desc=f"loading rank {r}", unit="tensor"):
                 weights[spec.name] = self._read(r, files, spec)
         return config, weights
 
