@@ -24,8 +24,8 @@ def progress_enabled(enabled: bool | None = None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(iterable=None, *, enabled: bool | None = None, delay: float = DELAY_S, **kwargs):
+def progress_bar(iterable=None, *, enabled: bool | None = None, delay: float | None = None, **kwargs):
     """A tqdm bar (a plain pass-through when disabled); kwargs go to tqdm (total, desc, unit...)."""
     from tqdm import tqdm   # imported when a bar is made, not with the package
-    return tqdm(iterable, disable=not progress_enabled(enabled), delay=delay, leave=False,
-                file=sys.stderr, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, disable=not progress_enabled(enabled), delay=DELAY_S if delay is None else delay,
+                leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
