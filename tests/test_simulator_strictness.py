@@ -387,13 +387,6 @@ def test_output_sbuf_tile_rejected():
         run(k, X)
 
 
-def test_writing_an_input():
-    def k(a):
-        nl.store(a, nl.load(a))
-    with raises(E.ImmutableInputError, "dma_copy", "kernel input 'a'", "immutable"):
-        run(k, X)
-
-
 def test_output_not_fully_written():
     def k(a):
         out = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.shared_hbm)
