@@ -281,8 +281,8 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
         raise UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-, 3- "
                                f"or 4-D")
     if axes is not None and tuple(axes) != perm:
-        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; the DMA transpose permutation of a "
-                               f"{src.ndim}-D tile is {perm}")
+        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: the documented "
+                               f"permutation {perm} of a {src.ndim}-D tile")
     if src.itemsize not in (2, 4):
         raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
     if dst.dtype != src.dtype:
