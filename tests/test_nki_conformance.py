@@ -96,7 +96,9 @@ def _torch_ref(fn, **kwargs) -> dict:
             return torch.from_numpy(v.astype(np.float32) if v.dtype.kind == "f" else v)
         return v
     out = fn(**{k: to_torch(v) for k, v in kwargs.items()})
-    if not isinstance(out, dict):
+    if isinstance(out, (tuple, list)):
+        out = {f"output_{i}": v for i, v in enumerate(out)}
+    elif not isinstance(out, dict):
         out = {"output": out}
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in out.items()}
 
@@ -303,3 +305,90 @@ def test_library_dynamic_elementwise_add():
     out = _run(kernel, input_a=a, input_b=b, num_m_tiles=tiles)
     expected = (a.astype(np.float32) + b.astype(np.float32)).astype(ml_dtypes.bfloat16)
     _close(out, expected, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_library_rope_hf(dtype):
+    kernel = _library_module("core.embeddings.rope_hf").rope_hf
+    ref = _library_module("core.embeddings.rope_hf_torch").rope_hf_torch_ref
+    import ml_dtypes
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    rng = np.random.default_rng(12)
+    b, qh, kvh, s, d = 1, 4, 2, 256, 64
+    q = rng.standard_normal((b, qh, s, d)).astype(np_dtype)
+    k = rng.standard_normal((b, kvh, s, d)).astype(np_dtype)
+    angles = rng.uniform(0, 6.3, (b, s, d // 2))
+    cos = np.cos(np.concatenate([angles, angles], -1)).astype(np_dtype)
+    sin = np.sin(np.concatenate([angles, angles], -1)).astype(np_dtype)
+    q_out, k_out = np.zeros_like(q), np.zeros_like(k)
+    got_q, got_k = _run(kernel, lnc=2, q=q, k=k, q_out=q_out, k_out=k_out, cos=cos, sin=sin)
+    expected = _torch_ref(ref, q=q.astype(np.float32), k=k.astype(np.float32), q_out=q_out.astype(np.float32),
+                          k_out=k_out.astype(np.float32), cos=cos.astype(np.float32), sin=sin.astype(np.float32))
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    _close(got_q, expected["q_out"], tol, tol)
+    _close(got_k, expected["k_out"], tol, tol)
+    _close(q_out, expected["q_out"], tol, tol, "q_out is updated in place")
+
+
+def test_library_cross_entropy_forward():
+    kernel = _library_module("experimental.loss.cross_entropy").cross_entropy_forward
+    ref = _library_module("experimental.loss.cross_entropy_torch").cross_entropy_forward_torch_ref
+    import ml_dtypes
+    rng = np.random.default_rng(13)
+    positions, vocab = 128, 4096
+    logits = rng.standard_normal((positions, vocab)).astype(ml_dtypes.bfloat16)
+    targets = rng.integers(0, vocab, positions).astype(np.int32)
+    loss, lse = _run(kernel, logits_hbm=logits, targets_hbm=targets, positions_per_batch=64,
+                     chunk_size=4096, dtype=sim.language.bfloat16)
+    expected = _torch_ref(ref, logits=logits.astype(np.float32), targets=targets.astype(np.int64))
+    _close(loss, expected["output_0"], 2e-2, 2e-2)
+    _close(lse, expected["output_1"], 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("width,kernel_size,stride,pad", [(512, 64, (1, 1), ((0, 0), (0, 0))),
+                                                         (512, 7, (1, 2), ((0, 0), (5, 5)))])
+def test_library_depthwise_conv1d(width, kernel_size, stride, pad):
+    kernel = _library_module("experimental.conv.depthwise_conv1d").depthwise_conv1d_implicit_gemm
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+    rng = np.random.default_rng(14)
+    channels = 16
+    img = rng.standard_normal((1, channels, 1, width)).astype(ml_dtypes.bfloat16)
+    filt = rng.standard_normal((channels, 1, 1, kernel_size)).astype(ml_dtypes.bfloat16)
+    out = _run(kernel, lnc=2, img_ref=img, filter_ref=filt, padding=pad, stride=stride, rhs_dilation=(1, 1),
+               lhs_dilation=(1, 1), feature_group_count=channels, batch_group_count=1)
+    # The library test's golden: torch depthwise conv2d.
+    expected = torch.nn.functional.conv2d(torch.from_numpy(img.astype(np.float32)),
+                                          torch.from_numpy(filt.astype(np.float32)), stride=stride,
+                                          padding=(0, pad[1][0]), groups=channels).numpy()
+    _close(out, expected, 2e-2, 5e-2)
+
+
+@pytest.mark.parametrize("case", [(1, 16, 32, 20, 3, 1, 0, 0, 1, False, None),
+                                  (2, 64, 128, 40, 5, 2, 2, 2, 2, True, "GELU")])
+def test_library_conv1d(case):
+    kernel = _library_module("experimental.conv.conv1d").conv1d
+    ref = _library_module("experimental.conv.conv1d_torch").conv1d_torch_ref
+    act_type = _library_module("core.utils.common_types").ActFnType
+    batch, c_in, c_out, length, k, stride, pad_l, pad_r, dilation, use_bias, act = case
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((batch, c_in, length)).astype(np.float32)
+    filters = (rng.standard_normal((k, c_in, c_out)) / np.sqrt(k * c_in)).astype(np.float32)
+    bias = rng.standard_normal((c_out,)).astype(np.float32) if use_bias else None
+    kwargs = dict(stride=stride, padding=(pad_l, pad_r), dilation=dilation,
+                  activation_fn=None if act is None else getattr(act_type, act), lnc_shard=False)
+    out = _run(kernel, x_in=x, filters=filters, bias=bias, **kwargs)
+    expected = _torch_ref(ref, x_in=x, filters=filters, bias=bias, **kwargs)
+    _close(out, next(iter(expected.values())), 1e-3, 1e-3)
+
+
+def test_sdk_index_and_layout_examples():
+    rng = np.random.default_rng(16)
+    split = _sdk_file("examples/index-case-1.py")
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    even, odd = _run(split.tensor_split_kernel_, in_tensor=x)
+    _close(even, x[:, 0::2], 0, 0)
+    _close(odd, x[:, 1::2], 0, 0)
+    exp_pass = _sdk_file("examples/layout-pass.py")
+    y = rng.standard_normal((128, 512)).astype(np.float32)
+    _close(_run(exp_pass.tensor_exp_kernel_, in_tensor=y), np.exp(y), 1e-5, 1e-6)
