@@ -392,3 +392,42 @@ def test_sdk_index_and_layout_examples():
     exp_pass = _sdk_file("examples/layout-pass.py")
     y = rng.standard_normal((128, 512)).astype(np.float32)
     _close(_run(exp_pass.tensor_exp_kernel_, in_tensor=y), np.exp(y), 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("lnc,batch,vocab,k", [(1, 8, 3168, 8), (2, 16, 8192, 64)])
+def test_library_rotational_topk(lnc, batch, vocab, k):
+    pytest.importorskip("scipy", reason="the NKI Library's top-k host configuration imports scipy")
+    topk = _library_module("core.topk.rotational_topk")
+    utils = _library_module("core.topk.rotational_topk_utils")
+    ref = _library_module("core.topk.torch_ref").topk_torch_ref
+    x = np.random.default_rng(17).standard_normal((batch, vocab)).astype(np.float32)
+    # The configuration is built on the host, as the library's test does.
+    topk_config = utils.create_topk_config(inp_shape=(batch, 1, vocab), inp_dtype=sim.language.float32, k=k,
+                                           sorted=True, num_programs=lnc)
+    config = utils.create_rotational_topk_config(inp_shape=x.shape, topk_config=topk_config)
+    config = topk.prepare_rotational_constants(config)
+    values, indices = _run(topk.rotational_topk, lnc=lnc, inp=x, config=config)
+    expected = _torch_ref(ref, inp=x, config=config)
+    _close(values, expected["topk_values"], 1e-3, 1e-5)
+    # Indices may differ on ties; they must point at the returned values.
+    np.testing.assert_array_equal(np.take_along_axis(x, indices.astype(np.int64), axis=1), values)
+
+
+@pytest.mark.parametrize("lnc,batch,heads,s_tkg,h,bias,transpose_out",
+                         [(1, 4, 2, 1, 1024, True, False), (2, 16, 8, 1, 3072, False, True)])
+def test_library_output_projection_tkg(lnc, batch, heads, s_tkg, h, bias, transpose_out):
+    kernel = _library_module("core.output_projection.output_projection_tkg").output_projection_tkg
+    ref = _library_module("core.output_projection.output_projection_tkg_torch").output_projection_tkg_torch_ref
+    quant = _library_module("core.utils.common_types").QuantizationType
+    import ml_dtypes
+    rng = np.random.default_rng(18)
+    d_head = 128
+    attention = rng.standard_normal((d_head, batch, heads, s_tkg)).astype(ml_dtypes.bfloat16)
+    weight = (rng.standard_normal((d_head * heads, h)) / np.sqrt(d_head * heads)).astype(ml_dtypes.bfloat16)
+    b = rng.standard_normal((1, h)).astype(ml_dtypes.bfloat16) if bias else None
+    kwargs = dict(quantization_type=quant.NONE, weight_scale=None, input_scale=None,
+                  TRANSPOSE_OUT=transpose_out, OUT_IN_SB=False)
+    out = _run(kernel, lnc=lnc, attention=attention, weight=weight, bias=b, **kwargs)
+    f32 = (lambda a: None if a is None else a.astype(np.float32))
+    expected = _torch_ref(ref, attention=f32(attention), weight=f32(weight), bias=f32(b), **kwargs)
+    _close(out, next(iter(expected.values())), 2e-2, 2e-2)

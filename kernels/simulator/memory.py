@@ -304,7 +304,7 @@ def _squeeze_dims(shape, int_dims, on_chip):
 class NkiTensor:
     """A view of a :class:`Storage` (the real ``nki.language.NkiTensor``)."""
 
-    __slots__ = ("storage", "shape", "_arr", "_init", "_acc", "_addr", "_valid", "_indirect",
+    __slots__ = ("storage", "shape", "_arr", "_init", "_acc", "_addr", "_valid", "_indirect", "_out_of_bounds",
                  "_readonly", "__weakref__")
 
     def __init__(self, storage, shape, arr=None, init=None, acc=None, addr=None, valid=None,
@@ -318,6 +318,7 @@ class NkiTensor:
         self._valid = valid
         self._indirect = indirect
         self._readonly = readonly
+        self._out_of_bounds = None      # the error of a static .ap() outside its tensor (raised on access)
 
     @classmethod
     def _whole(cls, storage: Storage) -> "NkiTensor":
@@ -388,9 +389,11 @@ class NkiTensor:
 
     def _derive(self, fn, shape, **flags) -> "NkiTensor":
         arr, init, acc, addr, valid = (None if a is None else fn(a) for a in self._views())
-        return NkiTensor(self.storage, shape, arr, init, acc, addr, valid,
+        view = NkiTensor(self.storage, shape, arr, init, acc, addr, valid,
                          indirect=flags.get("indirect", self._indirect),
                          readonly=flags.get("readonly", self._readonly))
+        view._out_of_bounds = self._out_of_bounds
+        return view
 
     def __getitem__(self, key) -> "NkiTensor":
         if not isinstance(key, tuple):
@@ -637,15 +640,22 @@ class NkiTensor:
             dynamic = True
         total = int(np.prod(storage.shape, dtype=np.int64))
         valid = (addr >= 0) & (addr < total)
-        if not valid.all():
-            if not dynamic:
-                bad = addr[~valid].reshape(-1)[0]
-                raise OutOfBoundsError(f"ap on {self.describe()}: pattern {pattern} with offset {offset} "
-                                       f"addresses element {bad}, outside [0, {total})")
-            addr = np.where(valid, addr, 0)
-        else:
+        out_of_bounds = None
+        if valid.all():
             valid = None
-        return NkiTensor(storage, shape, addr=addr, valid=valid, indirect=dynamic)
+        elif not dynamic:
+            # A static pattern outside the tensor is only a descriptor until an instruction uses
+            # it (public kernels build such views for loop iterations they then skip): the error
+            # is raised on access.
+            bad = addr[~valid].reshape(-1)[0]
+            out_of_bounds = (f"ap on {self.describe()}: pattern {pattern} with offset {offset} addresses "
+                             f"element {bad}, outside [0, {total})")
+            addr, valid = np.where(valid, addr, 0), None
+        else:
+            addr = np.where(valid, addr, 0)
+        view = NkiTensor(storage, shape, addr=addr, valid=valid, indirect=dynamic)
+        view._out_of_bounds = out_of_bounds
+        return view
 
     def _base_offset(self) -> int:
         """Flat storage index of this view's first element."""
@@ -656,6 +666,8 @@ class NkiTensor:
 
     # ----------------------------------------------------------------- element access (engines)
     def _check_accessible(self, instr: str, operand: str) -> None:
+        if self._out_of_bounds:
+            raise OutOfBoundsError(f"{instr} operand {operand}: {self._out_of_bounds}")
         if self.size == 0:
             raise ShapeMismatchError(f"{instr}: operand {operand} {self.describe()} has no elements; a "
                                      f"zero-size view (e.g. nl.ds(0, 0)) may be created but not accessed")
