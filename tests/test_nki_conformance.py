@@ -431,3 +431,35 @@ def test_library_output_projection_tkg(lnc, batch, heads, s_tkg, h, bias, transp
     f32 = (lambda a: None if a is None else a.astype(np.float32))
     expected = _torch_ref(ref, attention=f32(attention), weight=f32(weight), bias=f32(b), **kwargs)
     _close(out, next(iter(expected.values())), 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("quantized", ["float8_e4m3fn", "float4_e2m1fn"])
+def test_sdk_mx_matmul_needs_trn3(quantized):
+    """The MX deep-dive kernel: the packed x4 views and scale loads run; its nc_matmul_mx is a
+    NeuronCore-v4 (trn3) instruction, which the Trainium2 simulator refuses by name."""
+    folder = _checkout(SDK_ENV, "nki/examples") / "nki" / "deep-dives" / "src" / "mxfp-matmul"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    mx = _sdk_file("deep-dives/src/mxfp-matmul/mx_kernels.py")
+    cpu = importlib.import_module("mx_cpu_utils")
+    import ml_dtypes
+    dtype = getattr(ml_dtypes, quantized)
+    x4 = {"float8_e4m3fn": sim.language.float8_e4m3fn_x4, "float4_e2m1fn": sim.language.float4_e2m1fn_x4}[quantized]
+    _, _, st_data, st_scale = cpu.generate_stabilized_mx_data(dtype, (128, 128 * 4))
+    _, _, mv_data, mv_scale = cpu.generate_stabilized_mx_data(dtype, (128, 512 * 4))
+    with pytest.raises(sim.UnsupportedError, match="nc_matmul_mx is available only on NeuronCore-v4"):
+        _run(mx.kernel_offline_quantized_mx_matmul, stationary_mx_data=st_data, stationary_mx_scale=st_scale,
+             moving_mx_data=mv_data, moving_mx_scale=mv_scale, mx_dtype=x4)
+
+
+@pytest.mark.parametrize("module,error,reason", [
+    ("core.qkv.qkv", TypeError,
+     "decorated @nki.jit(debug_kernel=..., show_compiler_tb=..., experimental_flags=...): keywords the "
+     "NKI docs do not list, which the simulator rejects"),
+    ("core.router_topk.router_topk", ModuleNotFoundError,
+     "imports neuronxcc.nki.typing, the legacy (pre-0.3) package, not the current nki dialect"),
+])
+def test_library_kernels_outside_the_documented_surface(module, error, reason):
+    """Library kernels that cannot run on a simulator of the documented NKI 0.6 surface."""
+    with pytest.raises(error):
+        _library_module(module)

@@ -1105,7 +1105,8 @@ def bn_aggr(dst, data, name=None):
 
 # --------------------------------------------------------------------------- more of the surface
 # (defined in their own modules, which use the helpers above)
-from .isa_ext import nc_stream_shuffle, nonzero_with_count, range_select, tensor_tensor_scan  # noqa: E402
+from .isa_ext import (nc_matmul_mx, nc_stream_shuffle, nonzero_with_count, quantize_mx,  # noqa: E402
+                      range_select, tensor_tensor_scan)
 from .lnc import core_barrier, dma_engine, sendrecv  # noqa: E402
 
 

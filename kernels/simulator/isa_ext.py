@@ -205,4 +205,18 @@ def nonzero_with_count(dst, src, index_offset=0, padding_val=-1, name=None):
     ctx.cost.compute("GpSimd", instr, p, src.free_size, _bytes(src, dst))
 
 
-__all__ = ["tensor_tensor_scan", "nc_stream_shuffle", "range_select", "nonzero_with_count"]
+def _neuroncore_v4_only(api: str):
+    def instruction(*args, **kwargs):
+        current(f"nisa.{api}")
+        raise UnsupportedError(f"nisa.{api} is available only on NeuronCore-v4 (trn3) and newer (NKI API "
+                               f"docs); the simulated target is Trainium2 (NeuronCore-v3, nc_version.gen3)")
+    instruction.__name__ = api
+    instruction.__doc__ = f"``nisa.{api}``: NeuronCore-v4 only; raises on the simulated Trainium2."
+    return instruction
+
+
+nc_matmul_mx = _neuroncore_v4_only("nc_matmul_mx")
+quantize_mx = _neuroncore_v4_only("quantize_mx")
+
+__all__ = ["tensor_tensor_scan", "nc_stream_shuffle", "range_select", "nonzero_with_count", "nc_matmul_mx",
+           "quantize_mx"]
