@@ -11,7 +11,8 @@ Writing (an output directory): a file is created with O_CREAT | O_EXCL | O_NOFOL
 (`create_new`), so a symlink planted at its name is refused, never followed; a stale regular file
 of ours (a `.partial` left by a killed run) is removed first. `refuse_symlinks` rejects an output
 directory holding any symlink, and `DirectoryLock` keeps two writers out of one directory
-(flock: released by the kernel when the holder dies, so a SIGKILL never leaves it stuck).
+(flock on the directory: released by the kernel when the holder dies, so a SIGKILL never leaves
+it stuck).
 """
 
 from __future__ import annotations
@@ -103,35 +104,50 @@ def refuse_symlinks(directory: str, error: type[Exception]) -> None:
 
 
 class DirectoryLock:
-    """An exclusive lock on a directory (`<dir>/.lock`), naming its holder to whoever is refused."""
+    """An exclusive lock on a directory, naming its holder to whoever is refused.
+
+    The lock is a flock on the directory itself (released by the kernel when the holder exits or
+    is killed); the holder's description sits in `<dir>/.lock` while it is held."""
     NAME = ".lock"
 
     def __init__(self, directory: str, error: type[Exception], purpose: str):
-        self.path = os.path.join(directory, self.NAME)
+        self.directory = directory
+        self.info_path = os.path.join(directory, self.NAME)
         self.error = error
         self.purpose = purpose
         self._fd = None
 
     def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as err:
-            raise self.error(f"{self.path}: cannot open the lock file ({os_error_text(err)})") from None
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise self.error(f"{os.path.dirname(self.path)}: locked by {holder}; wait for it to finish "
-                             "(a killed holder releases the lock)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({self.purpose}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+            try:
+                with open_regular(self.info_path, self.error, "lock file", "r") as f:
+                    holder = f.read(512).strip()
+            except self.error:
+                holder = ""
+            raise self.error(f"{self.directory}: locked by {holder or 'another process'}; wait for it to "
+                             "finish (a killed holder releases the lock)") from None
         self._fd = fd
+        try:
+            with create_new(self.info_path, self.error, "w") as f:
+                f.write(f"pid {os.getpid()} on {socket.gethostname()} ({self.purpose}, since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        except BaseException:
+            self._release()
+            raise
         return self
 
-    def __exit__(self, *exc):
-        os.ftruncate(self._fd, 0)
+    def _release(self) -> None:
         os.close(self._fd)      # closing releases the flock
         self._fd = None
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.info_path)
+        except FileNotFoundError:
+            pass
+        self._release()
         return False

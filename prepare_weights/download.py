@@ -21,10 +21,11 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 
 from mimo_v2_flash import MiMoV2FlashModel
-from mimo_v2_flash.checkpoint import INDEX_FILE, CheckpointError, read_index
+from mimo_v2_flash.checkpoint import INDEX_FILE, read_index
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.weights import model_tensors, scale_name
+from mimo_v2_flash.weights import model_tensors
 
+from .manifest import source_shards
 from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list, parse_layer_range
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
@@ -36,14 +37,7 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 def needed_shards(config: MiMoV2FlashConfig, weight_map: dict[str, str], layers=None,
                   experts=None) -> list[str]:
     """Shard files holding every tensor (and FP8 scale) of the requested layers and experts."""
-    shards = set()
-    for spec in model_tensors(config, layers=layers, experts=experts):
-        if spec.name not in weight_map:
-            raise CheckpointError(f"{INDEX_FILE}: tensor {spec.name!r} is not listed")
-        shards.add(weight_map[spec.name])
-        if scale_name(spec.name) in weight_map:
-            shards.add(weight_map[scale_name(spec.name)])
-    return sorted(shards)
+    return source_shards(weight_map, model_tensors(config, layers=layers, experts=experts))
 
 
 def allow_patterns(shards: list[str]) -> list[str]:
