@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
-from tqdm import tqdm
 
 from mimo_v2_flash import fp8
 from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, HubCheckpoint,
                                       expert_file_name, rank_file_name)
 from mimo_v2_flash.fileguard import DirectoryLock, create_new, refuse_symlinks
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
+from mimo_v2_flash.progress import progress_bar
 from mimo_v2_flash.safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter, TensorEntry
 from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
 
@@ -320,8 +320,8 @@ def _convert_locked(checkpoint, source, output, placement, layers, expert_subset
         if plan.name in result.skipped:
             continue
         copy_source = SafetensorsFile(os.path.join(output, plan.copy_from)) if plan.copy_from else None
-        bar = tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=plan.name, disable=not progress, leave=False)
+        bar = progress_bar(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=plan.name, enabled=None if progress else False)
         try:
             with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, plan.metadata) as writer:
                 for spec in plan.specs:

@@ -13,12 +13,11 @@ import json
 import os
 import stat
 
-from tqdm import tqdm
-
 from mimo_v2_flash.checkpoint import (INDEX_FILE, MANIFEST_FILE, PREPARED_FORMAT, PREPARED_VERSION,
                                       CheckpointError)
 from mimo_v2_flash.fileguard import check_plain_name, create_new
 from mimo_v2_flash.jsonfile import read_json
+from mimo_v2_flash.progress import progress_bar
 from mimo_v2_flash.safetensors_io import encode_header, sha256_file
 from mimo_v2_flash.weights import scale_name
 
@@ -160,8 +159,8 @@ def file_matches(output: str, manifest: dict, record: dict, progress: bool = Fal
     path = os.path.join(output, record["name"])
     if expected is None or not _is_regular(path) or os.path.getsize(path) != record["size"]:
         return False
-    with tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              desc=f"hashing {record['name']}", disable=not progress) as bar:
+    with progress_bar(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"hashing {record['name']}", enabled=None if progress else False) as bar:
         return sha256_file(path, progress=bar) == expected
 
 
