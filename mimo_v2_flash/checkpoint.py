@@ -69,7 +69,7 @@ def read_index(path: str) -> dict[str, str]:
     index = read_json(index_path, CheckpointError, "index file")
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
-    for shard in set(index["weight_map"].values()):
+    for shard in index["weight_map"].values():
         check_plain_name(shard, CheckpointError, index_path)
     return index["weight_map"]
 

@@ -441,3 +441,25 @@ def test_placement_table_problems_are_messages(hub, tmp_path, capsys):
     table.write_bytes(b"\xff\xfe binary")
     assert cli([hub.path, str(tmp_path / "out"), "--placement", str(table), "--no-progress"]) == 2
     assert "placement table is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_sigkill_mid_file_leaves_a_resumable_directory(hub, tmp_path):
+    """A conversion killed while writing (stale .partial, stale lock note) resumes, verifies."""
+    out = tmp_path / "out"
+    code = ("import os, signal\n"
+            "from mimo_prepare_weights import convert as c\n"
+            "real = c.convert_tensor\n"
+            "def dying(checkpoint, spec, dtype):\n"
+            "    if '.experts.12.' in spec.name:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(checkpoint, spec, dtype)\n"
+            "c.convert_tensor = dying\n"
+            f"c.convert({hub.path!r}, {str(out)!r}, world_size=2, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    left = os.listdir(out)
+    assert expert_file_name(1, 2) + ".partial" in left and ".lock" in left
+    result = convert(hub.path, out, world_size=2, progress=False)
+    assert result.written == [expert_file_name(1, 2)] and len(result.skipped) == 2
+    assert cli(["--verify", str(out), "--no-progress"]) == 0
+    assert not [n for n in os.listdir(out) if n.endswith(".partial") or n == ".lock"]
