@@ -358,6 +358,14 @@ def is_prepared_dir(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MANIFEST_FILE))
 
 
+def _int_list(value, path: str, key: str) -> list[int]:
+    """A manifest list of non-negative ints, or a CheckpointError naming the key."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise CheckpointError(f"{path}: {key!r} must be a list of non-negative integers, got {value!r:.80}")
+    return value
+
+
 class PreparedCheckpoint:
     """A directory written by `prepare_weights`: `manifest.json` plus each rank's file set.
 
@@ -392,8 +400,8 @@ class PreparedCheckpoint:
             raise CheckpointError(f"{manifest_path}: lists files for ranks {sorted(rank_files)}, the "
                                   f"placement has ranks 0..{self.world_size - 1}")
         self.rank_files = rank_files
-        self.layers = list(m["layers"])
-        self.experts = None if m["experts"] is None else list(m["experts"])   # None: all experts
+        self.layers = _int_list(m.get("layers"), manifest_path, "layers")
+        self.experts = None if m.get("experts") is None else _int_list(m["experts"], manifest_path, "experts")
 
     def experts_of(self, rank: int) -> list[int]:
         """Routed experts stored in `rank`'s files."""

@@ -463,3 +463,18 @@ def test_sigkill_mid_file_leaves_a_resumable_directory(hub, tmp_path):
     assert result.written == [expert_file_name(1, 2)] and len(result.skipped) == 2
     assert cli(["--verify", str(out), "--no-progress"]) == 0
     assert not [n for n in os.listdir(out) if n.endswith(".partial") or n == ".lock"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("layers", "0:4", "'layers' must be a list of non-negative integers"),
+    ("experts", [1.5], "'experts' must be a list of non-negative integers"),
+    ("ranks", 7, "manifest.json"),
+])
+def test_prepared_manifest_fields_are_type_checked(prepared, tmp_path, key, value, message):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    manifest = json.load(open(out / MANIFEST_FILE))
+    manifest[key] = value
+    json.dump(manifest, open(out / MANIFEST_FILE, "w"))
+    with pytest.raises(CheckpointError, match=message):
+        PreparedCheckpoint(out)
