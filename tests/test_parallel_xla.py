@@ -296,8 +296,10 @@ def test_ranks_refuse_a_different_checkpoint(conversions, rank1, difference, tmp
 ])
 def test_a_missing_rank_is_named_within_a_bounded_time(backend, fault, message, tmp_path):
     timeout, liveness = 6.0, 2.0
-    # torchrun's monitor is slowed so the surviving ranks must stop by themselves.
-    code, _, output, results = run(4, "fault", backend, tmp_path, timeout_s=180, monitor_interval=15, env_extra={
+    # torchrun's monitor is slowed so the surviving ranks must stop by themselves (a killed worker
+    # would otherwise make torchrun end the others at its next check).
+    code, _, output, results = run(4, "fault", backend, tmp_path, timeout_s=180,
+                                   monitor_interval=30 if fault == "kill" else 3, env_extra={
         "EP_TEST_TIMEOUT": str(timeout), "EP_TEST_LIVENESS": str(liveness), "FAULT": fault})
     fault_time = float((tmp_path / "fault_time").read_text())
     bound = (timeout if fault == "hang" else liveness) + 4.0
