@@ -314,3 +314,33 @@ def test_a_missing_rank_is_named_within_a_bounded_time(backend, fault, message, 
 
 if __name__ == "__main__":
     sys.exit(worker(*sys.argv[1:4]))
+
+
+# ------------------------------------------------------------------------------------------------
+# optional tier: torch-xla's CPU device, one thread per rank
+# ------------------------------------------------------------------------------------------------
+def _torch_xla_missing() -> str:
+    try:
+        import torch_xla  # noqa: F401
+    except Exception as err:        # not installed, or built for another torch
+        return f"torch-xla is not importable ({type(err).__name__}: {err}); see docs/expert_parallel.md"
+    return ""
+
+
+@pytest.mark.skipif(bool(_torch_xla_missing()), reason=_torch_xla_missing() or "torch-xla present")
+@pytest.mark.xfail(strict=True, reason="torch-xla 2.9 CPU, thread per device: the ranks' graphs give their "
+                                       "collectives different op ids and XLA's rendezvous aborts the process "
+                                       "(docs/expert_parallel.md); remove this marker when it passes")
+@pytest.mark.parametrize("world", [2, 4])
+def test_torch_xla_cpu_tier(world):
+    import subprocess
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(world), "PYTHONPATH": str(here)}
+    proc = subprocess.run([sys.executable, str(here / "xla_threads_worker.py"), "auto,alltoall_padded,allgather"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(map(int, results)) == list(range(world))
+    for rank, modes in results.items():
+        for mode, m in modes.items():
+            assert m["max_err"] <= 1e-4 * max(1.0, m["scale"]), (rank, mode, m)
