@@ -50,43 +50,14 @@ def medium_config() -> MiMoV2FlashConfig:
         hybrid_layer_pattern=[0, 1, 1, 1, 1, 0, 1, 1], moe_layer_freq=[0] + [1] * 7)
 
 
-def transformers_config(config: MiMoV2FlashConfig) -> dict:
-    """The config.json transformers reads as this model.
-
-    Written here because main's `save_pretrained` still writes the Hub's legacy keys only:
-    transformers 5 then takes its own defaults for `layer_types`, `rope_parameters` and
-    `rms_norm_eps`, and reads `sliding_window_size` as one key more than this project's window
-    (`sliding_window_size + 1`). Once save_pretrained writes transformers' keys itself (the
-    ecosystem branch), the saved file already carries `layer_types` and this is not applied.
-    """
-    data = config.to_hub_dict()
-    for key in ("sliding_window_size", "attention_chunk_size"):
-        data.pop(key, None)
-    data["sliding_window"] = config.window_keys       # transformers counts keys, query included
-    data["layer_types"] = ["sliding_attention" if config.is_swa(i) else "full_attention"
-                           for i in range(config.num_hidden_layers)]
-    data["mlp_layer_types"] = ["sparse" if config.is_moe(i) else "dense"
-                               for i in range(config.num_hidden_layers)]
-    data["rms_norm_eps"] = config.layernorm_epsilon
-    data["rope_parameters"] = {
-        kind: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": config.partial_rotary_factor}
-        for kind, theta in (("full_attention", config.rope_theta), ("sliding_attention", config.swa_rope_theta))}
-    data["torch_dtype"] = data["dtype"] = "float32"
-    return data
-
-
 def build_checkpoint(path: str, config: MiMoV2FlashConfig) -> None:
     if os.path.exists(os.path.join(path, "config.json")):
         return
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
+    # save_pretrained writes transformers' native keys too (layer_types, rope_parameters, the
+    # window as a key count), so MiMoV2FlashForCausalLM builds this same model from the directory.
     MiMoV2FlashModel(config, random_weights(config, seed=0)).save_pretrained(tmp, dtype="float32")
-    config_file = os.path.join(tmp, "config.json")
-    with open(config_file) as f:
-        saved = json.load(f)
-    if "layer_types" not in saved:
-        with open(config_file, "w") as f:
-            json.dump(transformers_config(config), f, indent=2)
     os.replace(tmp, path)
 
 
