@@ -188,7 +188,13 @@ def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj:
     """`down(silu(gate(x)) * up(x))`, weights [I, H], [I, H], [H, I]; the expert and the dense MLP."""
     x = _float(x)
     dt = x.dtype
-    hidden = silu(matmul_wt(x, _as(gate_proj, dt))) * matmul_wt(x, _as(up_proj, dt))
+    gate = matmul_wt(x, _as(gate_proj, dt))
+    hidden = np.multiply(gate, 0.5)          # silu(gate) = gate * sigmoid(gate), in place:
+    np.tanh(hidden, out=hidden)              # the same operations as `silu`, no temporaries
+    hidden += 1.0
+    hidden *= 0.5
+    hidden *= gate
+    hidden *= matmul_wt(x, _as(up_proj, dt))
     return matmul_wt(hidden, _as(down_proj, dt))
 
 
