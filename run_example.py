@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="process group: gloo on CPU; xla = Neuron on trn2 (untested here)")
     ep.add_argument("--timeout", type=float, default=300.0,
                     help="seconds a collective may wait before every rank gives up with an error")
+    ep.add_argument("--ep-liveness", type=float, default=None,
+                    help="seconds without a heartbeat after which a rank counts as killed (default "
+                         "min(timeout, 10)); the others then stop naming it")
     return p
 
 
