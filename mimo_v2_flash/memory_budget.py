@@ -130,7 +130,7 @@ class MemoryBudget:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
 
 
 def weight_bytes(config: MiMoV2FlashConfig, specs, weight_dtype: str) -> int:
@@ -237,3 +237,37 @@ def check_reference_weights_fit(config: MiMoV2FlashConfig, experts=None, what: s
                                 "available; use fewer layers or experts (e.g. --num-layers 2, an expert "
                                 "subset) or the expert-parallel runtime")
     return need
+
+
+def main(argv=None) -> int:
+    """`python -m mimo_v2_flash.memory_budget --config full --world-size 32 --weight-dtype fp8`:
+    print the table; exit 1 if it does not fit."""
+    import argparse
+    import sys
+
+    from .config import ConfigError, load_config
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--config", default="full", help="preset or config.json path")
+    p.add_argument("--world-size", type=int, default=32)
+    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--instance", default="trn2.48xlarge", choices=sorted(INSTANCES))
+    p.add_argument("--lnc", type=int, default=2)
+    p.add_argument("--host-weights", choices=HOST_WEIGHTS, default="kernel")
+    args = p.parse_args(argv)
+    try:
+        budget = memory_budget(load_config(args.config), args.world_size, weight_dtype=args.weight_dtype,
+                               batch=args.batch, context=args.context, instance=args.instance, lnc=args.lnc,
+                               host_weights=args.host_weights)
+    except (ConfigError, MemoryBudgetError) as err:
+        print(f"memory_budget: error: {err}", file=sys.stderr)
+        return 2
+    print(budget.table())
+    for problem in budget.problems():
+        print(f"DOES NOT FIT: {problem}")
+    return 0 if budget.fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

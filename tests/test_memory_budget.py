@@ -89,3 +89,11 @@ def test_random_full_model_is_refused_before_allocating():
 def test_config_sizes_are_bounded_before_anything_is_built(key, value):
     with pytest.raises(ConfigError, match=f"config key '{key}'={value} exceeds the limit"):
         load_config("tiny").replace(**{key: value})
+
+
+def test_command_line_prints_the_table_and_fails_when_it_does_not_fit(capsys):
+    from mimo_v2_flash.memory_budget import main
+    assert main(["--world-size", "64", "--weight-dtype", "fp8", "--batch", "8", "--context", "8192"]) == 0
+    assert "16.38 GiB  of 24.00 GiB per rank: fits" in capsys.readouterr().out
+    assert main(["--world-size", "8"]) == 1
+    assert "DOES NOT FIT: device memory" in capsys.readouterr().out
