@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import sys
 import threading
 import time
@@ -275,7 +276,6 @@ class Communicator:
     def all_gather_objects(self, obj, what: str) -> list:
         """Every rank's picklable `obj`, in rank order (statistics, results, identities; not on the
         hot path). Through the rendezvous store, so it works on every transport."""
-        import pickle
         self._object_rounds += 1
         key = f"mimo_ep/objects/{self._object_rounds}/"
         self._run(what, lambda: self.store.set(f"{key}{self.rank}", pickle.dumps(obj)))
@@ -300,9 +300,6 @@ class Communicator:
             call()
         except Exception as err:   # gloo: a peer closed its connection or the timeout expired; xla: any
             message = self._diagnose(what, err, wait=True)
-            if os.environ.get("MIMO_EP_DEBUG"):
-                import traceback
-                traceback.print_exc()
             self._mark_aborted()
             raise PeerFailure(message) from None
         finally:
@@ -336,11 +333,11 @@ class Communicator:
         with self._lock:
             inside = self._inside
             value = f"{time.monotonic():.3f} {self._entered} {int(inside is not None)} {inside or '-'}"
+        store = self._watch_store if threading.current_thread() is self._watchdog else self.store
         try:
-            self._watch_store.set(f"{ALIVE_KEY}{self.rank}", value) if threading.current_thread() is self._watchdog \
-                else self.store.set(f"{ALIVE_KEY}{self.rank}", value)
+            store.set(f"{ALIVE_KEY}{self.rank}", value)
         except Exception:
-            pass
+            pass      # the store is gone: the others will see this rank's heartbeat stop
 
     def _observe(self, store) -> None:
         """Refresh when each peer's heartbeat last changed (local clock: no clock sync needed)."""

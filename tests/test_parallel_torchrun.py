@@ -97,6 +97,28 @@ def _record_numbers(record, plan_bytes):
             "assignments": record.assignments}
 
 
+def model_steps_error(model, executor, reference_model, prompts, decode_steps: int = 2):
+    """(max |logits - single-process logits|, logit scale) over prefill of this rank's `prompts`
+    and `decode_steps` decode passes (the last with one sequence left); with no prompts the rank
+    still takes part in every MoE layer."""
+    n_seq = len(prompts)
+    cache, ref_cache = model.new_cache(max(n_seq, 1)), reference_model.new_cache(max(n_seq, 1))
+    steps = [(prompts, list(range(n_seq))),
+             ([[int(p[-1])] for p in prompts], list(range(n_seq))),
+             ([[int(prompts[0][0])]] if n_seq else [], [0] if n_seq else [])][:decode_steps + 1]
+    err, scale = 0.0, 0.0
+    for seqs, slots in steps:
+        if seqs:
+            got = model.forward_ragged(seqs, cache, slots)
+            want = reference_model.forward_ragged(seqs, ref_cache, slots)
+            err = max(err, max(float(np.abs(g - r).max()) for g, r in zip(got, want)))
+            scale = max(scale, max(float(np.abs(r).max()) for r in want))
+        else:
+            executor.idle(model.config)
+        executor.stats.next_step()
+    return err, scale
+
+
 def scenario_check(comm):
     """MoE-level cases in every mode against the reference MoE, bytes against the plan, then the
     model's logits against the single-process model, then data-parallel generation."""
@@ -161,20 +183,7 @@ def scenario_check(comm):
     held = random_rank_weights(config, contiguous, comm.rank, seed=0)     # only this rank's experts
     for mode in MODES:
         model, executor = build_rank_model(held, comm, mode=mode)
-        cache, ref_cache = model.new_cache(max(n_seq, 1)), reference_model.new_cache(max(n_seq, 1))
-        steps = [(prompts, list(range(n_seq))),
-                 ([[int(p[-1])] for p in prompts], list(range(n_seq))),
-                 ([[int(prompts[0][0])]] if n_seq else [], [0] if n_seq else [])]   # one sequence left
-        err, scale = 0.0, 0.0
-        for seqs, slots in steps:
-            if seqs:
-                got = model.forward_ragged(seqs, cache, slots)
-                want = reference_model.forward_ragged(seqs, ref_cache, slots)
-                err = max(err, max(float(np.abs(g - r).max()) for g, r in zip(got, want)))
-                scale = max(scale, max(float(np.abs(r).max()) for r in want))
-            else:
-                executor.idle(config)
-            executor.stats.next_step()
+        err, scale = model_steps_error(model, executor, reference_model, prompts)
         records = [rec for part in comm.all_gather_objects(executor.stats.records, "stats") for rec in part]
         summary = summarize(records, comm.world_size)
         model_errors[mode] = {"max_err": err, "scale": scale}

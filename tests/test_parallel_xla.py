@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_parallel_torchrun import SEQUENCES_PER_RANK, TOKENS_PER_RANK, _config, _uniform, launch
+from test_parallel_torchrun import (SEQUENCES_PER_RANK, TOKENS_PER_RANK, _config, _uniform, launch,
+                                    model_steps_error)
 
 MOE_TOL = dict(rtol=1e-5, atol=1e-5)
 CHAIN_LAYERS = (1, 2, 3)
@@ -131,18 +132,7 @@ def scenario_static(comm):
             model.expert_executor = executor
         else:
             model, executor = build_rank_model(held, comm, mode=mode)
-        cache, ref_cache = model.new_cache(max(n_seq, 1)), reference_model.new_cache(max(n_seq, 1))
-        steps = [(prompts, list(range(n_seq))), ([[int(p[-1])] for p in prompts], list(range(n_seq))),
-                 ([[int(prompts[0][0])]] if n_seq else [], [0] if n_seq else [])]
-        err, scale = 0.0, 0.0
-        for seqs, slots in steps:
-            if seqs:
-                got = model.forward_ragged(seqs, cache, slots)
-                want = reference_model.forward_ragged(seqs, ref_cache, slots)
-                err = max(err, max(float(np.abs(g - r).max()) for g, r in zip(got, want)))
-                scale = max(scale, max(float(np.abs(r).max()) for r in want))
-            else:
-                executor.idle(config)
+        err, scale = model_steps_error(model, executor, reference_model, prompts)
         result["model"][mode] = {"max_err": err, "scale": scale,
                                  "modes": sorted(set(getattr(executor, "modes", [])))}
     return result

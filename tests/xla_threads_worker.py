@@ -20,7 +20,7 @@ def main(modes: list[str], stagger_s: float) -> None:
     from mimo_v2_flash.placement import ExpertPlacement
     from mimo_parallel.comm import Communicator, xla_threads_transport
     from mimo_parallel.run import build_rank_model, random_rank_weights
-    from test_parallel_torchrun import SEQUENCES_PER_RANK, _config
+    from test_parallel_torchrun import SEQUENCES_PER_RANK, _config, model_steps_error
 
     store = dist.HashStore()
     config = _config()
@@ -38,16 +38,7 @@ def main(modes: list[str], stagger_s: float) -> None:
         mine = {}
         for mode in modes:
             model, executor = build_rank_model(held, comm, mode=mode)
-            cache, ref_cache = model.new_cache(max(n_seq, 1)), reference.new_cache(max(n_seq, 1))
-            err = scale = 0.0
-            for seqs in (prompts, [[int(p[-1])] for p in prompts]):
-                if seqs:
-                    got = model.forward_ragged(seqs, cache, list(range(n_seq)))
-                    want = reference.forward_ragged(seqs, ref_cache, list(range(n_seq)))
-                    err = max(err, max(float(np.abs(g - w).max()) for g, w in zip(got, want)))
-                    scale = max(scale, max(float(np.abs(w).max()) for w in want))
-                else:
-                    executor.idle(config)
+            err, scale = model_steps_error(model, executor, reference, prompts, decode_steps=1)
             mine[mode] = {"max_err": err, "scale": scale, "modes": sorted(set(executor.modes)),
                           "syncs": comm.syncs}
         results[rank] = mine
