@@ -7,8 +7,10 @@ Builds the medium config (hidden 1024, 8 layers: 2 full + 6 sliding-window, 32 e
 512, vocab 16384, window 128 keys, sinks; 459M parameters), saves it once as a float32 Hub
 checkpoint, loads that one directory in both implementations, checks that the logits agree
 (1e-5 relative) and then times the cases below, alternating the two implementations rep by rep
-in one run so that load from other processes hits both alike. Threads are pinned equal:
+in one run (the order flipping every pass) so that load from other processes hits both alike. Threads are pinned equal:
 `torch.set_num_threads(n)` and threadpoolctl's limit on NumPy's BLAS.
+
+`--warmup 0` times the first pass too (on a loaded machine, where a pass takes minutes).
 
 Cases: prefill 1x512 and 4x128 (logits of every position, no cache), and decode: 16 steps of
 one token per sequence after a 128-token prompt (prefill untimed), batch 1 and 8, with fixed
@@ -71,6 +73,14 @@ class Project:
 
     def __init__(self, path):
         self.model = MiMoV2FlashModel.from_pretrained(path)
+        self.experts_hit = []            # distinct experts per MoE layer call of the last decode
+        route = self.model.ops.router
+
+        def counting_router(x, layer):
+            ids, weights = route(x, layer)
+            self.experts_hit.append(len(np.unique(ids)))
+            return ids, weights
+        self.model.ops.router = counting_router
 
     def prefill(self, ids):
         return self.model.forward(ids)
@@ -78,9 +88,19 @@ class Project:
     def decode(self, prompt, steps):
         cache = self.model.new_cache(len(prompt))
         self.model.forward(prompt, cache)
+        self.experts_hit = []
         t0 = time.perf_counter()
         logits = [self.model.forward(steps[:, i:i + 1], cache)[:, 0] for i in range(steps.shape[1])]
         return time.perf_counter() - t0, np.stack(logits, 1)
+
+    def decode_weight_bytes(self) -> float:
+        """Mean weight bytes a step of the last decode read: every weight but the embedding table
+        and the routed experts, plus the distinct experts each MoE layer's tokens chose."""
+        config, weights = self.model.config, self.model.weights
+        fixed = sum(weights[s.name].nbytes for s in model_tensors(config)
+                    if ".mlp.experts." not in s.name and s.name != "model.embed_tokens.weight")
+        per_expert = 3 * config.moe_intermediate_size * config.hidden_size * 4
+        return fixed + per_expert * sum(self.experts_hit) / DECODE_STEPS
 
 
 class Transformers:
@@ -109,31 +129,6 @@ class Transformers:
             return time.perf_counter() - t0, torch.stack(logits, 1).numpy()
 
 
-def decode_weight_bytes(model: MiMoV2FlashModel, prompt, steps) -> float:
-    """Mean weight bytes one decode step reads: every weight but the embedding table and the
-    routed experts, plus the distinct experts the step's tokens are routed to (traced)."""
-    config, weights = model.config, model.weights
-    fixed = sum(weights[s.name].nbytes for s in model_tensors(config)
-                if ".mlp.experts." not in s.name and s.name != "model.embed_tokens.weight")
-    per_expert = 3 * config.moe_intermediate_size * config.hidden_size * 4
-    hit_counts = []
-    original = model.ops.router
-
-    def traced_router(x, layer):
-        ids, w = original(x, layer)
-        hit_counts.append(len(np.unique(ids)))
-        return ids, w
-    cache = model.new_cache(len(prompt))
-    model.forward(prompt, cache)
-    model.ops.router = traced_router
-    try:
-        for i in range(steps.shape[1]):
-            model.forward(steps[:, i:i + 1], cache)
-    finally:
-        del model.ops.router
-    return fixed + per_expert * sum(hit_counts) / steps.shape[1]
-
-
 def copy_bandwidth(reps=7) -> float:
     src = np.ones(64 * 2 ** 20, np.float32)
     dst = np.empty_like(src)
@@ -150,7 +145,8 @@ def _timed(fn) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/tmp/mimo_v2_flash_medium_f32")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed passes over all cases")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes before them")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default="benchmarks/results/vs_transformers.json")
     args = parser.parse_args(argv)
@@ -182,58 +178,63 @@ def main(argv=None):
         seconds, logits = impl.decode(*data)
         return seconds / DECODE_STEPS, logits
 
-    # Agreement first (this is also the warm-up run of every case).
-    agreement = {}
-    for name, kind, data in cases:
-        _, mine = run(project, kind, data)
-        _, theirs = run(hf, kind, data)
-        agreement[name] = rel_diff(mine, theirs)
-        print(f"{name}: logits agree to {agreement[name]:.2e} relative")
-    worst = max(agreement.values())
-    if worst > TOLERANCE:
-        raise SystemExit(f"logits differ by {worst:.2e} relative (> {TOLERANCE}): not the same model")
+    bandwidth = copy_bandwidth()
 
+    def report():
+        rows = []
+        header = (f"{'case':<14} {'project min/median ms':>22} {'transformers min/median ms':>27} "
+                  f"{'ratio min':>9} {'ratio median':>12} {'weights GB/s':>12}")
+        print(header)
+        print("-" * len(header))
+        for name, kind, data in cases:
+            mine, theirs = times[name]["project"], times[name]["transformers"]
+            row = {"case": name, "project_s": mine, "transformers_s": theirs,
+                   "project_min_ms": 1e3 * min(mine), "project_median_ms": 1e3 * statistics.median(mine),
+                   "transformers_min_ms": 1e3 * min(theirs),
+                   "transformers_median_ms": 1e3 * statistics.median(theirs),
+                   "ratio_min": min(mine) / min(theirs),
+                   "ratio_median": statistics.median(mine) / statistics.median(theirs),
+                   "logits_rel_diff": agreement[name]}
+            if kind == "decode":
+                row["weight_bytes_per_step"] = weight_bytes[name]
+                row["project_weights_gb_s"] = row["weight_bytes_per_step"] / statistics.median(mine) / 1e9
+                row["transformers_weights_gb_s"] = row["weight_bytes_per_step"] / statistics.median(theirs) / 1e9
+            rows.append(row)
+            gbs = (f"{row['project_weights_gb_s']:5.1f}/{row['transformers_weights_gb_s']:<5.1f}"
+                   if kind == "decode" else "")
+            print(f"{name:<14} {row['project_min_ms']:>10.1f} / {row['project_median_ms']:<9.1f} "
+                  f"{row['transformers_min_ms']:>13.1f} / {row['transformers_median_ms']:<11.1f} "
+                  f"{row['ratio_min']:>9.2f} {row['ratio_median']:>12.2f} {gbs:>12}")
+        print(f"weights GB/s = weight bytes a decode step reads / median step time (project/transformers); "
+              f"copy bandwidth of this machine: {bandwidth / 1e9:.1f} GB/s (read + write)")
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"timestamp": time.time(), "threads": args.threads, "cpu_count": os.cpu_count(),
+                       "load_average": os.getloadavg(), "config": config.summary(), "parameters": params,
+                       "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+
+    # Warm-up passes are untimed; the first pass also checks that the logits agree.
+    agreement, weight_bytes = {}, {}
     times = {name: {"project": [], "transformers": []} for name, _, _ in cases}
-    for rep in range(args.reps):
+    for rep in range(-args.warmup, args.reps):
         for name, kind, data in cases:
             order = (project, hf) if rep % 2 == 0 else (hf, project)
+            logits = {}
             for impl in order:
-                times[name][impl.name].append(run(impl, kind, data)[0])
-        print(f"rep {rep + 1}/{args.reps} done", flush=True)
-
-    bandwidth = copy_bandwidth()
-    rows = []
-    header = (f"{'case':<14} {'project min/median ms':>22} {'transformers min/median ms':>27} "
-              f"{'ratio min':>9} {'ratio median':>12} {'weights GB/s':>12}")
-    print(header)
-    print("-" * len(header))
-    for name, kind, data in cases:
-        mine, theirs = times[name]["project"], times[name]["transformers"]
-        row = {"case": name, "project_s": mine, "transformers_s": theirs,
-               "project_min_ms": 1e3 * min(mine), "project_median_ms": 1e3 * statistics.median(mine),
-               "transformers_min_ms": 1e3 * min(theirs),
-               "transformers_median_ms": 1e3 * statistics.median(theirs),
-               "ratio_min": min(mine) / min(theirs),
-               "ratio_median": statistics.median(mine) / statistics.median(theirs),
-               "logits_rel_diff": agreement[name]}
-        if kind == "decode":
-            row["weight_bytes_per_step"] = decode_weight_bytes(project.model, *data)
-            row["project_weights_gb_s"] = row["weight_bytes_per_step"] / statistics.median(mine) / 1e9
-            row["transformers_weights_gb_s"] = row["weight_bytes_per_step"] / statistics.median(theirs) / 1e9
-        rows.append(row)
-        gbs = (f"{row['project_weights_gb_s']:5.1f}/{row['transformers_weights_gb_s']:<5.1f}"
-               if kind == "decode" else "")
-        print(f"{name:<14} {row['project_min_ms']:>10.1f} / {row['project_median_ms']:<9.1f} "
-              f"{row['transformers_min_ms']:>13.1f} / {row['transformers_median_ms']:<11.1f} "
-              f"{row['ratio_min']:>9.2f} {row['ratio_median']:>12.2f} {gbs:>12}")
-    print(f"weights GB/s = weight bytes a decode step reads / median step time (project/transformers); "
-          f"copy bandwidth of this machine: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"timestamp": time.time(), "threads": args.threads, "cpu_count": os.cpu_count(),
-                   "load_average": os.getloadavg(), "config": config.summary(), "parameters": params,
-                   "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, f, indent=1)
-    print(f"wrote {args.json}")
+                seconds, logits[impl.name] = run(impl, kind, data)
+                if rep >= 0:
+                    times[name][impl.name].append(seconds)
+            if kind == "decode":
+                weight_bytes[name] = project.decode_weight_bytes()
+            if name not in agreement:
+                agreement[name] = rel_diff(logits["project"], logits["transformers"])
+                print(f"{name}: logits agree to {agreement[name]:.2e} relative", flush=True)
+                if agreement[name] > TOLERANCE:
+                    raise SystemExit(f"{name}: logits differ by {agreement[name]:.2e} relative "
+                                     f"(> {TOLERANCE}): not the same model")
+        if rep >= 0:
+            report()                   # after every pass, so a long run leaves its numbers early
 
 
 if __name__ == "__main__":
