@@ -38,7 +38,7 @@ from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
-                      layer_tensors, model_tensors, scale_name)
+                      layer_tensors, model_tensors, mtp_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
@@ -272,17 +272,31 @@ class HubCheckpoint:
 
 def _kv_layer(name: str) -> int | None:
     """The layer of a `k_proj`/`v_proj` weight (whose scales may be fused), else None."""
-    if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+    if name.startswith("model.layers.") and name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
         return int(name.split(".")[2])
     return None
 
 
+def stored_mtp_tensors(checkpoint: HubCheckpoint) -> list[TensorSpec]:
+    """The MTP layers' tensors if the index lists them (all of them), [] if it lists none."""
+    specs = mtp_tensors(checkpoint.config)
+    listed = [spec.name in checkpoint.weight_map for spec in specs]
+    if any(listed) and not all(listed):
+        missing = next(spec.name for spec, ok in zip(specs, listed) if not ok)
+        raise CheckpointError(f"{checkpoint.index_path}: lists some MTP tensors but not {missing!r} "
+                              f"(mtp_num_layers={checkpoint.config.mtp_num_layers})")
+    return specs if all(listed) else []
+
+
 def load_hub_checkpoint(path, experts=None, layers=None):
-    """(config, {name: float32 array}) for the main model, optionally an expert subset.
+    """(config, {name: float32 array}) for the main model, optionally an expert subset, plus the
+    MTP layers when the checkpoint holds them (a whole model only: `layers` None).
 
     Headers of every needed tensor are checked before any data is read."""
     checkpoint = HubCheckpoint(path)
     specs = model_tensors(checkpoint.config, layers=layers, experts=experts)
+    if layers is None:
+        specs += stored_mtp_tensors(checkpoint)
     checkpoint.validate(specs)
     return checkpoint.config, {spec.name: checkpoint.read(spec) for spec in specs}
 
@@ -294,9 +308,9 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
     os.makedirs(path, exist_ok=True)
     store = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     shards: dict[str, dict[str, np.ndarray]] = {}
-    for spec in model_tensors(config):
+    for spec in model_tensors(config) + mtp_tensors(config):
         if spec.name not in weights:
-            continue   # an expert-subset model writes the experts it has
+            continue   # an expert-subset model writes the experts it has; an MTP-less one no MTP
         target = np.float32 if spec.hub_dtype == F32 else store
         shards.setdefault(spec.shard, {})[spec.name] = np.ascontiguousarray(weights[spec.name], dtype=target)
     weight_map = {}
