@@ -269,3 +269,44 @@ def test_caches_after_rejections_equal_plain_decoding(tiny, draft):
                         batch, fresh)
             assert_same_entries(cached_entries(speculator.mtp_cache.layers[index], seq),
                                 cached_entries(fresh.layers[index], seq), f"MTP layer {index} seq {seq}")
+
+
+# ---- through the NKI kernels (simulator) ---------------------------------------------------------
+def test_mtp_layer_through_kernels_matches_reference(tiny):
+    """The MTP layer on NkiOps (bf16 activations between kernels) within 2e-2 of the reference."""
+    nki = MiMoV2FlashModel(tiny.config, tiny.weights, backend="nki")
+    rng = np.random.default_rng(5)
+    n = 24
+    tokens = rng.integers(0, tiny.config.vocab_size, n)
+    hidden = rng.standard_normal((n, tiny.config.hidden_size)).astype(np.float32)
+    for index in (0, 1):
+        outs = []
+        kernels = MtpLayers(nki)
+        for mtp in (kernels, MtpLayers(tiny)):
+            cache = mtp.new_cache(1)
+            outs.append([np.concatenate(parts) for parts in zip(*[
+                mtp.forward(index, tokens[a:b], hidden[a:b], TokenBatch([0], [0], [b - a], np.arange(a, b)), cache)
+                for a, b in [(0, 20), (20, 24)]])])
+        for got, want in zip(*outs):
+            assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+        # Every op of the layer went through a kernel.
+        assert {"embed", "rmsnorm", "linear", "qkv", "rope_qk", "attention", "add_rmsnorm",
+                "dense_mlp"} <= set(kernels.ops.cost_summary()["ops"])
+
+
+@pytest.mark.parametrize("predicting", [False, True])
+def test_greedy_speculative_through_kernels_equals_plain(predicting):
+    """backend="nki": speculative greedy == plain greedy on the same backend, ragged batch of 2,
+    window wrapped; with random MTP layers (rejections) and with predicting ones (acceptances)."""
+    if predicting:
+        weights = predicting_mtp_model("tiny", attention_scale=0.3).weights
+    else:
+        weights = MiMoV2FlashModel.random("tiny", seed=2).weights
+    model = MiMoV2FlashModel(load_config("tiny"), weights, backend="nki")
+    prompts = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 20))
+    plain = model.generate(prompts, max_new_tokens=10)
+    spec, timing = model.generate(prompts, max_new_tokens=10, speculative="mtp", draft_tokens=2,
+                                  return_timing=True)
+    np.testing.assert_array_equal(spec, plain)
+    stats = timing["speculative"]
+    assert (stats["accepted"] > stats["drafted"] / 2) if predicting else stats["accepted"] < stats["drafted"]
