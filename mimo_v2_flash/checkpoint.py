@@ -416,9 +416,22 @@ class PreparedCheckpoint:
             specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
+            else:
+                specs += self._stored_mtp(files)
             for spec in specs:
                 weights[spec.name] = self._read(r, files, spec)
         return config, weights
+
+    def _stored_mtp(self, files: list[SafetensorsFile]) -> list[TensorSpec]:
+        """The MTP layers' tensors if these files hold them (prepared from a whole model)."""
+        if self.layers != list(range(self.full_config.num_hidden_layers)):
+            return []
+        specs = mtp_tensors(self.full_config)
+        held = [any(kernel_name(spec) in f for f in files) for spec in specs]
+        if any(held) and not all(held):
+            missing = next(kernel_name(spec) for spec, ok in zip(specs, held) if not ok)
+            raise CheckpointError(f"{self.path}: holds some MTP tensors but not {missing!r}")
+        return specs if all(held) else []
 
     def _read(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec) -> np.ndarray:
         name = kernel_name(spec)

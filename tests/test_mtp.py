@@ -310,3 +310,25 @@ def test_greedy_speculative_through_kernels_equals_plain(predicting):
     np.testing.assert_array_equal(spec, plain)
     stats = timing["speculative"]
     assert (stats["accepted"] > stats["drafted"] / 2) if predicting else stats["accepted"] < stats["drafted"]
+
+
+def test_prepare_weights_replicates_mtp_layers_on_every_rank(tmp_path):
+    from mimo_prepare_weights.convert import convert
+    from mimo_v2_flash.checkpoint import PreparedCheckpoint
+    hub = write_hub_fixture(tmp_path / "hub")
+    convert(hub.path, tmp_path / "out", world_size=2, progress=False)
+    prepared = PreparedCheckpoint(tmp_path / "out")
+    for rank in range(2):
+        _, weights = prepared.load(rank)
+        for spec in mtp_tensors(hub.config):
+            np.testing.assert_allclose(weights[spec.name], hub.expected[spec.name], rtol=2 ** -8, atol=1e-6)
+    model = MiMoV2FlashModel.from_pretrained(tmp_path / "out")
+    prompts = np.array([[3, 4, 5, 6]])
+    np.testing.assert_array_equal(model.generate(prompts, max_new_tokens=6, speculative="mtp", draft_tokens=2),
+                                  model.generate(prompts, max_new_tokens=6))
+    # Without MTP layers in the source, the prepared files have none either.
+    no_mtp = write_hub_fixture(tmp_path / "hub2", mtp=False)
+    convert(no_mtp.path, tmp_path / "out2", world_size=2, progress=False)
+    model = MiMoV2FlashModel.from_pretrained(tmp_path / "out2")
+    with pytest.raises(MtpUnavailable):
+        model.generate(prompts, max_new_tokens=2, speculative="mtp")
