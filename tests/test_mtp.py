@@ -332,3 +332,32 @@ def test_prepare_weights_replicates_mtp_layers_on_every_rank(tmp_path):
     model = MiMoV2FlashModel.from_pretrained(tmp_path / "out2")
     with pytest.raises(MtpUnavailable):
         model.generate(prompts, max_new_tokens=2, speculative="mtp")
+
+
+# ---- under torchrun, expert parallel ----------------------------------------------------------------
+@pytest.mark.parametrize("world,draft", [(2, 3), (4, 2)])
+def test_speculative_under_torchrun_equals_single_process_plain_greedy(world, draft, tmp_path):
+    """run_example --speculative mtp on 2 and 4 ranks (3 sequences: at 4 ranks one rank idles and
+    still joins every verify pass's MoE collectives): the tokens of plain single-process greedy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_parallel_torchrun import REPO, launch
+    common = ["run_example.py", "--mode", "random", "--batch", "3", "--seq-len", "20", "--max-new-tokens", "8",
+              "--seed", "3"]
+    single = subprocess.run([sys.executable, *common, "--json", str(tmp_path / "single.json")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert single.returncode == 0, single.stderr
+    expected = json.loads((tmp_path / "single.json").read_text())["tokens"]
+    code, _, output = launch(world, [*common, "--speculative", "mtp", "--draft-tokens", str(draft),
+                                     "--json", str(tmp_path / "ep.json")], 400)
+    assert code == 0, output[-3000:]
+    ep = json.loads((tmp_path / "ep.json").read_text())
+    assert ep["tokens"] == expected
+    stats = [s for s in ep["speculative"] if s is not None]
+    assert len(stats) == world and sum(s["drafted"] for s in stats) > 0
+    calls = [r["layer_calls"] for r in ep["ep"]["ranks"]]
+    assert calls == [calls[0]] * world             # every rank took part in every MoE layer
+    assert "speculative[rank 0]" in output
