@@ -207,7 +207,7 @@ class MtpSpeculator:
         rollbacks = {s.slot: CacheRollback(self.cache.layers, s.slot, np.arange(s.last, s.last + len(f)))
                      for s, f in zip(seqs, feeds)}
         logits, hidden = self.main_pass(feeds, [s.slot for s in seqs])
-        self.stats.main_passes += 1
+        self.stats.main_passes += bool(seqs)        # an idle rank's pass (expert parallel) is not one
         emitted, lengths = {}, []
         for s, rows, states in zip(seqs, logits, hidden):
             accepted, tokens = self._accept(drafts[s.slot], draft_probs[s.slot], rows)
