@@ -180,9 +180,10 @@ class MtpSpeculator:
         return len(drafts), drafts + [self._choose(logits[len(drafts)])]
 
     # ---- prefill -------------------------------------------------------------------------------
-    def prefill(self, prompts: np.ndarray, max_new_tokens: int) -> list[int]:
-        """Run the prompts [B, T] (B may be 0) and choose each one's first token; returns them."""
-        batch = prompts.shape[0]
+    def prefill(self, prompts, max_new_tokens: int) -> list[int]:
+        """Run the prompts ([B, T], or B token arrays of any lengths; B may be 0) into cache slots
+        0 .. B-1 and choose each one's first token; returns them."""
+        batch = len(prompts)
         self.cache = self.model.new_cache(batch) if batch else None
         self.mtp_cache = self.mtp.new_cache(batch) if batch else None
         slots = list(range(batch))

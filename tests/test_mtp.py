@@ -239,14 +239,7 @@ def test_caches_after_rejections_equal_plain_decoding(tiny, draft):
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, config.vocab_size, n) for n in (19, 6)]
     speculator = MtpSpeculator(tiny, draft)
-    # Ragged prompts: prefill each sequence on its own slot, as the loop would for equal lengths.
-    speculator.cache = tiny.new_cache(2)
-    speculator.mtp_cache = speculator.mtp.new_cache(2)
-    logits, hidden = speculator.main_pass(prompts, [0, 1])
-    from mimo_v2_flash.speculative import _Sequence
-    for slot, prompt in enumerate(prompts):
-        speculator.sequences.append(_Sequence(slot, list(map(int, prompt)) + [int(np.argmax(logits[slot][-1]))],
-                                              30, dict(enumerate(hidden[slot])), [0] * speculator.mtp.num_layers))
+    speculator.prefill(prompts, 30)                              # ragged prompts: 19 and 6 tokens
     for _ in range(6):
         speculator.step([0, 1])
     assert speculator.stats.accepted < speculator.stats.drafted      # rejections happened
