@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["reference", "nki"], default="reference",
                    help="reference = NumPy; nki = NKI kernels (CPU simulator unless real NKI is present)")
+    p.add_argument("--speculative", choices=["mtp"],
+                   help="self-speculative decoding: draft with the MTP layers, verify in one pass (docs/mtp.md)")
+    p.add_argument("--draft-tokens", type=int, default=3, metavar="K",
+                   help="--speculative: tokens drafted per step (1 .. number of MTP layers)")
     p.add_argument("--quick", action="store_true", help="--mode test: skip the slowest checks")
     p.add_argument("--topics", help="--mode test: comma-separated self-check topics")
     p.add_argument("--json", help="also write the results as JSON to this file")
@@ -175,8 +179,12 @@ def generate_single_process(args, model, built: str) -> int:
     except ValueError as err:
         return input_error(err)
     batch, prompt_len = prompt.shape
-    tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, seed=args.seed, return_timing=True)
+    try:
+        tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        seed=args.seed, return_timing=True, speculative=args.speculative,
+                                        draft_tokens=args.draft_tokens)
+    except ValueError as err:      # MtpUnavailable, a draft length the model cannot do
+        return input_error(err)
     new = tokens[:, prompt_len:]
     decoded = max(args.max_new_tokens - 1, 0) * batch
     rows = [
@@ -195,6 +203,8 @@ def generate_single_process(args, model, built: str) -> int:
         rows.append(("Trainium2 estimate", f"prefill {prefill['per_pass_us']:.0f} us; decode "
                      f"{decode['per_pass_us']:.0f} us per step of {batch} tokens "
                      f"({decode['per_layer_us']:.0f} us per layer) [simulator cost model]"))
+    if args.speculative:
+        rows += speculative_rows(timing["speculative"])
     for b in range(batch):
         rows.append((f"generated[{b}]", " ".join(map(str, new[b]))))
     width = max(len(k) for k, _ in rows)
@@ -204,6 +214,19 @@ def generate_single_process(args, model, built: str) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": config.to_hub_dict(), "timing": timing, "tokens": tokens.tolist()}, f)
     return 0
+
+
+def speculative_rows(stats: dict) -> list[tuple[str, str]]:
+    """Table rows of `speculative.SpeculativeStats.to_dict()`."""
+    def fmt(value):
+        return "-" if value is None else f"{value:.2f}"
+    per_step = " ".join(fmt(v) for v in stats["acceptance_length_per_step"])
+    return [("speculative", f"MTP, {stats['draft_tokens']} draft tokens per step: {stats['accepted']} of "
+                            f"{stats['drafted']} drafts accepted ({fmt(stats['draft_acceptance_rate'])})"),
+            ("acceptance length", f"{fmt(stats['mean_acceptance_length'])} tokens per sequence per step "
+                                  f"(per step: {per_step})"),
+            ("tokens per pass", f"{fmt(stats['tokens_per_main_pass'])} tokens per main-model pass "
+                                f"({stats['main_passes']} verify passes, {stats['mtp_passes']} MTP passes)")]
 
 
 def input_error(err: Exception) -> int:

@@ -40,7 +40,7 @@ from .placement import ExpertPlacement, PlacementError
 from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile, check_finite
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
-                      layer_tensors, model_tensors, scale_name)
+                      layer_tensors, model_tensors, mtp_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "manifest.json"
@@ -285,17 +285,31 @@ class HubCheckpoint:
 
 def _kv_layer(name: str) -> int | None:
     """The layer of a `k_proj`/`v_proj` weight (whose scales may be fused), else None."""
-    if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+    if name.startswith("model.layers.") and name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
         return int(name.split(".")[2])
     return None
 
 
+def stored_mtp_tensors(checkpoint: HubCheckpoint) -> list[TensorSpec]:
+    """The MTP layers' tensors if the index lists them (all of them), [] if it lists none."""
+    specs = mtp_tensors(checkpoint.config)
+    listed = [spec.name in checkpoint.weight_map for spec in specs]
+    if any(listed) and not all(listed):
+        missing = next(spec.name for spec, ok in zip(specs, listed) if not ok)
+        raise CheckpointError(f"{checkpoint.index_path}: lists some MTP tensors but not {missing!r} "
+                              f"(mtp_num_layers={checkpoint.config.mtp_num_layers})")
+    return specs if all(listed) else []
+
+
 def load_hub_checkpoint(path, experts=None, layers=None):
-    """(config, {name: float32 array}) for the main model, optionally an expert subset.
+    """(config, {name: float32 array}) for the main model, optionally an expert subset, plus the
+    MTP layers when the checkpoint holds them (a whole model only: `layers` None).
 
     Headers of every needed tensor are checked before any data is read."""
     checkpoint = HubCheckpoint(path)
     specs = model_tensors(checkpoint.config, layers=layers, experts=experts)
+    if layers is None:
+        specs += stored_mtp_tensors(checkpoint)
     checkpoint.validate(specs)
     return checkpoint.config, {spec.name: checkpoint.read(spec)
                                for spec in progress_bar(specs, desc="loading", unit="tensor")}
@@ -324,9 +338,9 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
     os.makedirs(path, exist_ok=True)
     store = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     shards: dict[str, dict[str, np.ndarray]] = {}
-    for spec in specs:
+    for spec in specs + mtp_tensors(config):
         if spec.name not in weights:
-            continue
+            continue   # an expert-subset model writes the experts it has; an MTP-less one no MTP
         target = np.float32 if spec.hub_dtype == F32 else store
         shards.setdefault(spec.shard, {})[spec.name] = np.ascontiguousarray(weights[spec.name], dtype=target)
     weight_map = {}
@@ -440,9 +454,22 @@ class PreparedCheckpoint:
             specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
+            else:
+                specs += self._stored_mtp(files)
             for spec in progress_bar(specs, desc=f"loading rank {r}", unit="tensor"):
                 weights[spec.name] = self._read(r, files, spec)
         return config, weights
+
+    def _stored_mtp(self, files: list[SafetensorsFile]) -> list[TensorSpec]:
+        """The MTP layers' tensors if these files hold them (prepared from a whole model)."""
+        if self.layers != list(range(self.full_config.num_hidden_layers)):
+            return []
+        specs = mtp_tensors(self.full_config)
+        held = [any(kernel_name(spec) in f for f in files) for spec in specs]
+        if any(held) and not all(held):
+            missing = next(kernel_name(spec) for spec, ok in zip(specs, held) if not ok)
+            raise CheckpointError(f"{self.path}: holds some MTP tensors but not {missing!r}")
+        return specs if all(held) else []
 
     def _read(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec) -> np.ndarray:
         name = kernel_name(spec)

@@ -11,6 +11,8 @@ rejected with an error naming the key. Choices where public sources disagree are
   subtracting the query: keys t-128 .. t; transformers' native class follows SGLang whenever a
   config carries `sliding_window_size`). See docs/ARCHITECTURE.md for the sources.
 * `routed_scaling_factor: null` on the Hub means 1.0.
+* `mtp_num_layers`: the multi-token-prediction layers stored beside the main model (3 for
+  MiMo-V2-Flash); the Hub config does not expose the count, so this is a setting (docs/mtp.md).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class MiMoV2FlashConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     quantization_config: dict | None = None
+    mtp_num_layers: int = 3                 # not in the Hub config (spec 3.7); 0 = no MTP
 
     def __post_init__(self):
         self.check_sizes()      # before the layer patterns below are built from num_hidden_layers
@@ -164,6 +167,9 @@ class MiMoV2FlashConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"config key {key!r} must be a positive finite number, got {value!r}")
+        if isinstance(self.mtp_num_layers, bool) or not isinstance(self.mtp_num_layers, int) \
+                or self.mtp_num_layers < 0:
+            raise ConfigError(f"config key 'mtp_num_layers' must be an integer >= 0, got {self.mtp_num_layers!r}")
         if self.sliding_window_convention not in WINDOW_CONVENTIONS:
             raise ConfigError(f"config key 'sliding_window_convention' must be one of "
                               f"{WINDOW_CONVENTIONS}, got {self.sliding_window_convention!r}")

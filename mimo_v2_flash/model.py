@@ -153,11 +153,13 @@ class MiMoV2FlashModel:
         return [int(slot) for slot in seq_indices]
 
     def forward_ragged(self, sequences: list, cache: KVCache | None = None,
-                       seq_indices: list[int] | None = None) -> list[np.ndarray]:
+                       seq_indices: list[int] | None = None, return_hidden: bool = False):
         """New tokens for several sequences of different lengths -> logits [T_i, vocab] each.
 
         With a cache, sequence i continues cache slot `seq_indices[i]` (default i) from its
-        current length; without one, each sequence starts at position 0.
+        current length; without one, each sequence starts at position 0. `return_hidden` also
+        returns each sequence's last hidden states [T_i, H] before the final norm (what the MTP
+        layers read, docs/mtp.md).
         """
         seq_indices = self._check_slots(sequences, cache, seq_indices)
         ids, starts, stops, positions = [], [], [], []
@@ -181,7 +183,10 @@ class MiMoV2FlashModel:
         if cache is not None:
             for seq, start, stop in batch.segments():
                 cache.seq_lens[seq] += stop - start
-        return [logits[start:stop] for _, start, stop in batch.segments()]
+        rows = [logits[start:stop] for _, start, stop in batch.segments()]
+        if return_hidden:
+            return rows, [x[start:stop] for _, start, stop in batch.segments()]
+        return rows
 
     def forward(self, input_ids, cache: KVCache | None = None) -> np.ndarray:
         """input_ids int [B, T] -> logits float32 [B, T, vocab] (continuing `cache` if given)."""
@@ -195,8 +200,13 @@ class MiMoV2FlashModel:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens=None, return_timing: bool = False, progress: bool | None = None):
+                 stop_tokens=None, return_timing: bool = False, progress: bool | None = None,
+                 speculative: str | None = None, draft_tokens: int = 3):
         """Prefill, then decode one token at a time with the KV cache.
+
+        `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP layers and
+        verifies them in one pass (`speculative.generate_speculative`; same tokens when greedy,
+        same distribution when sampling; timings then include acceptance statistics).
 
         Greedy at temperature 0; otherwise sample from softmax(logits / temperature) restricted to
         the `top_k` most likely tokens and the smallest set reaching probability `top_p`.
@@ -218,6 +228,11 @@ class MiMoV2FlashModel:
                              f"reaches position {end}, beyond max_position_embeddings="
                              f"{self.config.max_position_embeddings}; nothing was generated")
         check_sampling(temperature, top_k, top_p)
+        if speculative is not None:
+            from .speculative import generate_speculative   # imports this module
+            out, timing = generate_speculative(self, input_ids, max_new_tokens, speculative, draft_tokens,
+                                               temperature, top_k, top_p, seed, stop_tokens)
+            return (out, timing) if return_timing else out
         stop = set(stop_tokens if stop_tokens is not None else self.config.stop_token_ids)
         rng = np.random.default_rng(seed)
         cache = self.new_cache(input_ids.shape[0])
@@ -297,6 +312,13 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
                                  "check the checkpoint with prepare-weights --verify")
     if temperature <= 0:
         return int(np.argmax(logits))
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return int(rng.choice(len(probs), p=probs))
+
+
+def sampling_probs(logits: np.ndarray, temperature: float, top_k: int | None,
+                   top_p: float | None) -> np.ndarray:
+    """The float64 distribution `sample` draws from (temperature > 0)."""
     z = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
@@ -311,4 +333,4 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
         mask[keep] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
+    return probs

@@ -40,7 +40,7 @@ from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
 from .layer import AttentionInput
 from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_prefix,
-                      is_projection, layer_prefix, layer_tensors, model_tensors)
+                      is_projection, layer_prefix, layer_tensors, model_tensors, mtp_tensors)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
@@ -103,7 +103,7 @@ class NkiOps:
         self.weight_dtype = weight_dtype
         # The weight table for the non-expert tensors (stored dtype decides FP8); experts are
         # looked up per layer when their stack is built.
-        self._specs = {spec.name: spec for spec in model_tensors(config, experts=[])}
+        self._specs = {spec.name: spec for spec in model_tensors(config, experts=[]) + mtp_tensors(config)}
         self._prepared: dict[str, tuple] = {}
         self._expert_stacks: dict[int, tuple[ExpertWeights, np.ndarray]] = {}
         self.passes: list[PassCost] = []

@@ -228,3 +228,20 @@ def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """`x @ W.T` with the Hub layout W [out, in]."""
     x = _float(x)
     return matmul_wt(x, _as(weight, x.dtype))
+
+
+# ---- multi-token prediction (spec 3.7, docs/mtp.md) --------------------------------------------
+def mtp_combine(embedding: np.ndarray, hidden: np.ndarray, enorm: np.ndarray, hnorm: np.ndarray,
+                eh_proj: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """An MTP layer's input: `eh_proj(concat(enorm(e), hnorm(h)))`, embedding first.
+
+    `embedding` [N, H] is the (shared) embedding of the token after the one `hidden` [N, H] sits
+    at; `eh_proj` is [H, 2H] (Hub layout). The result enters the layer's SWA attention block."""
+    both = np.concatenate([rmsnorm(embedding, enorm, eps), rmsnorm(hidden, hnorm, eps)], axis=-1)
+    return linear(both, eh_proj)
+
+
+def mtp_logits(hidden: np.ndarray, final_layernorm: np.ndarray, lm_head: np.ndarray,
+               eps: float = 1e-5) -> np.ndarray:
+    """An MTP layer's draft logits: its own final_layernorm, then the main model's lm_head."""
+    return linear(rmsnorm(hidden, final_layernorm, eps), lm_head)

@@ -35,6 +35,11 @@ def expert_prefix(layer: int, expert: int) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}."
 
 
+def mtp_prefix(index: int) -> str:
+    """Prefix of multi-token-prediction layer `index` (spec 3.7, stored in model_mtp.safetensors)."""
+    return f"model.mtp.layers.{index}."
+
+
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
@@ -90,6 +95,37 @@ def model_tensors(config: MiMoV2FlashConfig, layers=None, experts=None) -> list[
     return specs
 
 
+MTP_SHARD = "model_mtp.safetensors"
+
+
+def mtp_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
+    """Tensors of the MTP layers (spec 4.2): an SWA attention block and a dense SwiGLU like the
+    main layers' (FP8 q/k/v and MLP, BF16 o_proj, sink), plus enorm, hnorm, the BF16 eh_proj
+    [H, 2H] and final_layernorm. They share the main model's embedding and lm_head."""
+    h, i = config.hidden_size, config.intermediate_size
+    heads, kv = config.swa_num_attention_heads, config.swa_num_key_value_heads
+    d, dv = config.swa_head_dim, config.swa_v_head_dim
+    specs = []
+    for index in range(config.mtp_num_layers):
+        p = mtp_prefix(index)
+        specs += [TensorSpec(p + "enorm.weight", (h,), BF16, MTP_SHARD),
+                  TensorSpec(p + "hnorm.weight", (h,), BF16, MTP_SHARD),
+                  TensorSpec(p + "eh_proj.weight", (h, 2 * h), BF16, MTP_SHARD),
+                  TensorSpec(p + "input_layernorm.weight", (h,), BF16, MTP_SHARD),
+                  TensorSpec(p + "self_attn.q_proj.weight", (heads * d, h), FP8, MTP_SHARD),
+                  TensorSpec(p + "self_attn.k_proj.weight", (kv * d, h), FP8, MTP_SHARD),
+                  TensorSpec(p + "self_attn.v_proj.weight", (kv * dv, h), FP8, MTP_SHARD),
+                  TensorSpec(p + "self_attn.o_proj.weight", (h, heads * dv), BF16, MTP_SHARD)]
+        if config.add_swa_attention_sink_bias:
+            specs.append(TensorSpec(p + "self_attn.attention_sink_bias", (heads,), BF16, MTP_SHARD))
+        specs += [TensorSpec(p + "pre_mlp_layernorm.weight", (h,), BF16, MTP_SHARD),
+                  TensorSpec(p + "mlp.gate_proj.weight", (i, h), FP8, MTP_SHARD),
+                  TensorSpec(p + "mlp.up_proj.weight", (i, h), FP8, MTP_SHARD),
+                  TensorSpec(p + "mlp.down_proj.weight", (h, i), FP8, MTP_SHARD),
+                  TensorSpec(p + "final_layernorm.weight", (h,), BF16, MTP_SHARD)]
+    return specs
+
+
 def scale_name(weight_name: str) -> str:
     """The FP8 block-scale tensor beside a weight (a multiplier, DeepSeek convention);
     `x.weight` -> `x.weight_scale_inv`, `x.weight_t` -> `x.weight_t_scale_inv`."""
@@ -113,19 +149,19 @@ def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def random_weights(config: MiMoV2FlashConfig, seed: int = 0, experts=None,
-                   dtype=np.float32) -> dict[str, np.ndarray]:
+                   dtype=np.float32, mtp: bool = True) -> dict[str, np.ndarray]:
     """Seeded random weights with activations of order one through every layer.
 
     Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks ~ N(0, 1).
     `experts` loads only those routed experts (an expert subset). Each tensor has its own
     stream seeded by (seed, name), so a subset holds exactly the full model's values (an
-    expert-parallel rank's weights match the single-process model).
+    expert-parallel rank's weights match the single-process model). `mtp` adds the MTP layers.
     """
     weights = {}
-    for spec in model_tensors(config, experts=experts):
+    for spec in model_tensors(config, experts=experts) + (mtp_tensors(config) if mtp else []):
         name, shape = spec.name, spec.shape
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        if name.endswith("layernorm.weight") or name == FINAL_NORM:
+        if name.endswith("norm.weight"):        # layer norms, model.norm, MTP enorm / hnorm
             w = 1.0 + 0.05 * rng.standard_normal(shape)
         elif name.endswith("e_score_correction_bias"):
             w = 0.01 * rng.standard_normal(shape)

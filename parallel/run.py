@@ -169,11 +169,13 @@ def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", 
 
 def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExecutor, comm: Communicator,
                            prompts: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
-                           seed: int = 0):
+                           seed: int = 0, speculative: str | None = None, draft_tokens: int = 3):
     """`model.generate` for this rank's share of the batch (prompts [b, T], b may be 0).
 
     Greedy decoding gives exactly the single-process tokens; sampling draws from a per-rank
-    stream (seed, rank), so sampled tokens differ from a single-process run.
+    stream (seed, rank), so sampled tokens differ from a single-process run. `speculative="mtp"`:
+    the MTP layers (dense, replicated) draft on this rank, and each verify pass is one MoE
+    dispatch per layer for all draft tokens (docs/mtp.md).
     Returns (tokens int64 [b, T + max_new_tokens], timing dict).
     """
     config = model.config
@@ -197,10 +199,35 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
         decoding = comm.all_gather(np.array([len(active)], np.int64), None, "", f"decode step {step} agreement")
         return bool(decoding.sum())
 
+    if speculative:
+        return _speculative_data_parallel(model, executor, prompts, max_new_tokens, temperature, rng, stop,
+                                          keep_decoding, speculative, draft_tokens)
     out, prefill_s, decode_s = generation_loop(
         prompts, max_new_tokens, last_logits, lambda logits: sample(logits, temperature, None, None, rng),
         stop, keep_decoding)
     return out, {"prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def _speculative_data_parallel(model, executor, prompts, max_new_tokens, temperature, rng, stop, keep_decoding,
+                               method: str, draft_tokens: int):
+    """The speculative twin of the loop above: the same agreement and idle participation."""
+    from mimo_v2_flash.speculative import SPECULATIVE_METHODS, MtpSpeculator, speculative_loop
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(f"speculative={method!r}: supported methods are {SPECULATIVE_METHODS}")
+
+    def main_pass(sequences, slots):
+        """Logits and hidden states of new tokens; with none, still take part in every MoE layer."""
+        if sequences:
+            out = model.forward_ragged(sequences, speculator.cache, slots, return_hidden=True)
+        else:
+            executor.idle(model.config)
+            out = ([], [])
+        executor.stats.next_step()
+        return out
+
+    speculator = MtpSpeculator(model, draft_tokens, temperature, rng=rng, main_pass=main_pass)
+    out, prefill_s, decode_s = speculative_loop(speculator, prompts, max_new_tokens, stop, keep_decoding)
+    return out, {"prefill_s": prefill_s, "decode_s": decode_s, "speculative": speculator.stats.to_dict()}
 
 
 def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
@@ -239,7 +266,8 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
     batch, prompt_len = prompts.shape
     mine = np.array_split(np.arange(batch), world)[rank]
     tokens, timing = generate_data_parallel(model, executor, comm, prompts[mine], args.max_new_tokens,
-                                            args.temperature, args.seed)
+                                            args.temperature, args.seed, getattr(args, "speculative", None),
+                                            getattr(args, "draft_tokens", 3))
     shares = comm.all_gather_objects((mine.tolist(), tokens.tolist(), timing, held.nbytes), "gathering results")
     records = [rec for part in comm.all_gather_objects(executor.stats.records, "gathering statistics")
                for rec in part]
@@ -264,6 +292,12 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
             ("prompt", f"{batch} x {prompt_len} tokens, sequences per rank {[len(s[0]) for s in shares]}"),
             ("prefill", f"{max(s[2]['prefill_s'] for s in shares):.3f} s (slowest rank)"),
             ("decode", f"{max(s[2]['decode_s'] for s in shares):.3f} s (slowest rank)")]
+    for r, (_, _, rank_timing, _) in enumerate(shares):
+        if "speculative" in rank_timing:
+            stats = rank_timing["speculative"]
+            rows.append((f"speculative[rank {r}]", f"{stats['accepted']} of {stats['drafted']} drafts accepted, "
+                                                   f"acceptance length {stats['mean_acceptance_length']}, "
+                                                   f"{stats['tokens_per_main_pass']} tokens per verify pass"))
     for b in range(batch):
         rows.append((f"generated[{b}]", " ".join(map(str, full[b, prompt_len:]))))
     width = max(len(k) for k, _ in rows)
@@ -278,7 +312,8 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
         _write_json(args.ep_save_placement, load_aware_placement(load, world).to_json())
     if args.json:
         _write_json(args.json, {"config": config.to_hub_dict(), "tokens": full.tolist(), "world_size": world,
-                                "weights": held.source, "weight_bytes": weight_bytes, "ep": summary})
+                                "weights": held.source, "weight_bytes": weight_bytes, "ep": summary,
+                                "speculative": [s[2].get("speculative") for s in shares]})
 
 
 def _write_json(path: str, data) -> None:

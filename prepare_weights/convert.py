@@ -37,7 +37,7 @@ import numpy as np
 
 from mimo_v2_flash import fp8
 from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, HubCheckpoint,
-                                      expert_file_name, rank_file_name)
+                                      expert_file_name, rank_file_name, stored_mtp_tensors)
 from mimo_v2_flash.fileguard import DirectoryLock, create_new, refuse_symlinks
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.progress import progress_bar
@@ -166,10 +166,11 @@ def resolve_placement(num_experts: int, world_size: int | None, table=None) -> E
 
 
 def plan_files(config, placement: ExpertPlacement, layers: list[int], experts: list[int] | None,
-               dtype: str, replicated: str) -> tuple[list[FilePlan], list[RankPlan]]:
-    """The output files in write order, and which of them each rank reads."""
+               dtype: str, replicated: str, mtp_specs=()) -> tuple[list[FilePlan], list[RankPlan]]:
+    """The output files in write order, and which of them each rank reads (`mtp_specs`: the MTP
+    layers' tensors, replicated like the attention weights)."""
     world = placement.world_size
-    replicated_specs = model_tensors(config, layers, experts=[])
+    replicated_specs = model_tensors(config, layers, experts=[]) + list(mtp_specs)
     shared_specs = frozenset(replicated_specs)
 
     def file_plan(name, specs, metadata, **copy):
@@ -183,7 +184,7 @@ def plan_files(config, placement: ExpertPlacement, layers: list[int], experts: l
     for rank in range(world):
         owned = placement.experts_of(rank)
         owned = owned if experts is None else [e for e in owned if e in set(experts)]
-        specs = model_tensors(config, layers, experts=owned)     # replicated and expert tensors interleaved
+        specs = model_tensors(config, layers, experts=owned) + list(mtp_specs)   # replicated and expert tensors interleaved
         if replicated == SHARED:
             name = expert_file_name(rank, world)
             files.append(file_plan(name, [s for s in specs if s not in shared_specs],
@@ -257,8 +258,12 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
             raise PrepareError(f"expert subset: expert {bad[0] if bad else '(none)'} outside "
                                f"0..{config.n_routed_experts - 1}")
     placement = resolve_placement(config.n_routed_experts, world_size, placement_table)
-    files, ranks = plan_files(config, placement, layers, expert_subset, dtype, replicated)
-    specs = model_tensors(config, layers, experts=expert_subset)
+    try:   # MTP layers (speculative decoding) go along with a whole model when the source has them
+        mtp_specs = stored_mtp_tensors(checkpoint) if layers == list(range(config.num_hidden_layers)) else []
+    except CheckpointError as err:
+        raise PrepareError(str(err)) from None
+    files, ranks = plan_files(config, placement, layers, expert_subset, dtype, replicated, mtp_specs)
+    specs = model_tensors(config, layers, experts=expert_subset) + mtp_specs
     try:   # every needed header, shape, dtype and scale grid, before any output exists
         checkpoint.validate(specs)
         shards = manifest_io.shard_records(source, manifest_io.source_shards(checkpoint.weight_map, specs),

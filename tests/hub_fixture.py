@@ -3,7 +3,8 @@
 Layout as on the Hub (spec section 4): `config.json` with the legacy keys and a
 `quantization_config`, `model.safetensors.index.json`, and the shards `model_{i}.safetensors`,
 `model_{i}_linear_fc1.safetensors`, `model_{i}_linear_fc2.safetensors`,
-`model_embedding.safetensors`, `model_final.safetensors`. q/k/v, the dense MLP and the experts are
+`model_embedding.safetensors`, `model_final.safetensors`, `model_mtp.safetensors` (the MTP layers:
+SWA geometry, q/k/v and MLP FP8 per tensor, eh_proj and norms BF16). q/k/v, the dense MLP and the experts are
 FP8 e4m3fn with 128x128 `weight_scale_inv` blocks (amax / 448, a multiplier); o_proj, norms,
 sinks and the embeddings BF16; the router F32. Full-attention layers quantise K and V per KV head
 as one fused [K_h; V_h] matrix (2 K scale rows and 1 V scale row per head), SWA layers per tensor.
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimo_v2_flash import MiMoV2FlashConfig, load_config
-from mimo_v2_flash.weights import BF16, F32, FP8, layer_prefix, model_tensors, random_weights
+from mimo_v2_flash.weights import BF16, F32, FP8, layer_prefix, model_tensors, mtp_tensors, random_weights
 
 E4M3FN_MAX = 448.0
 BLOCK = 128
@@ -97,14 +98,15 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def write_hub_fixture(path, config: MiMoV2FlashConfig | None = None, seed: int = 0,
-                      full_kv_grouping: str = "per_kv_head") -> HubFixture:
+                      full_kv_grouping: str = "per_kv_head", mtp: bool = True) -> HubFixture:
     """Write the checkpoint to `path`; `full_kv_grouping="uniform"` quantises full layers' K/V
-    per tensor instead (a layout the reader must also detect)."""
+    per tensor instead (a layout the reader must also detect); `mtp=False` leaves out
+    `model_mtp.safetensors` (a checkpoint without MTP layers)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     config = config or fixture_config()
-    known = random_weights(config, seed)
-    specs = model_tensors(config)
+    known = random_weights(config, seed, mtp=mtp)
+    specs = model_tensors(config) + (mtp_tensors(config) if mtp else [])
     expected, scales, stored = {}, {}, {}
     fused = {}
     for layer in range(config.num_hidden_layers):

@@ -21,7 +21,7 @@ from hub_fixture import write_hub_fixture
 from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import PreparedCheckpoint
 from mimo_v2_flash.placement import PlacementError
-from mimo_v2_flash.weights import model_tensors
+from mimo_v2_flash.weights import model_tensors, mtp_tensors
 from mimo_prepare_weights.convert import PER_RANK, SHARED, convert
 from test_parallel_torchrun import launch
 
@@ -71,11 +71,12 @@ def test_torchrun_on_prepared_weights_matches_single_process(prepared, layout, t
     assert ep["tokens"] == expected.tolist()
     assert ep["ep"]["dropped_tokens"] == 0
     assert [r["tokens"] > 0 and r["expert_rows"] > 0 for r in ep["ep"]["ranks"]] == [True] * WORLD
-    # Each rank holds the replicated tensors and its own stored experts, nothing more (float32).
+    # Each rank holds the replicated tensors (MTP layers included) and its own stored experts,
+    # nothing more (float32).
     checkpoint = PreparedCheckpoint(out)
     config = checkpoint.runnable_config()
     for rank in range(WORLD):
-        specs = model_tensors(config, experts=checkpoint.experts_of(rank))
+        specs = model_tensors(config, experts=checkpoint.experts_of(rank)) + mtp_tensors(config)
         assert ep["weight_bytes"][rank] == 4 * sum(int(np.prod(s.shape)) for s in specs)
 
 

@@ -21,7 +21,7 @@ from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, PreparedCheckpoint,
                                       expert_file_name, rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement
-from mimo_v2_flash.weights import F32, kernel_name, model_tensors, scale_name
+from mimo_v2_flash.weights import F32, kernel_name, model_tensors, mtp_tensors, scale_name
 from mimo_prepare_weights import convert as convert_module
 from mimo_prepare_weights import download as download_module
 from mimo_prepare_weights.__main__ import main as cli
@@ -91,7 +91,7 @@ def test_every_rank_holds_exactly_the_expected_tensors(hub, bf16_expected, tmp_p
     conversions = count_conversions(monkeypatch)
     result = convert(hub.path, out, world_size=world_size, progress=False, replicated=layout)
     # every source tensor is converted exactly once, however many ranks hold it
-    assert conversions == Counter(s.name for s in model_tensors(hub.config))
+    assert conversions == Counter(s.name for s in model_tensors(hub.config) + mtp_tensors(hub.config))
     file_sets = rank_file_sets(layout, world_size)
     files = list(dict.fromkeys(name for names in file_sets for name in names))
     assert result.written == files and result.skipped == []
@@ -102,7 +102,7 @@ def test_every_rank_holds_exactly_the_expected_tensors(hub, bf16_expected, tmp_p
     assert [f["name"] for f in manifest["files"]] == files
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     tensors_of = {f["name"]: f["tensors"] for f in manifest["files"]}
-    replicated = {kernel_name(s) for s in model_tensors(hub.config, experts=[])}
+    replicated = {kernel_name(s) for s in model_tensors(hub.config, experts=[]) + mtp_tensors(hub.config)}
     if layout == SHARED:
         assert set(tensors_of[REPLICATED_FILE]) == replicated
     placement = ExpertPlacement.contiguous(hub.config.n_routed_experts, world_size)
@@ -110,7 +110,7 @@ def test_every_rank_holds_exactly_the_expected_tensors(hub, bf16_expected, tmp_p
     for rank in range(world_size):
         assert manifest["ranks"][rank] == {"rank": rank, "experts": placement.experts_of(rank),
                                            "files": file_sets[rank]}
-        specs = model_tensors(hub.config, experts=placement.experts_of(rank))
+        specs = model_tensors(hub.config, experts=placement.experts_of(rank)) + mtp_tensors(hub.config)
         # the rank's file set holds each of its tensors exactly once (shared: experts files hold
         # no replicated tensor)
         held = Counter(n for f in file_sets[rank] for n in tensors_of[f])
@@ -160,7 +160,7 @@ def test_fp8_output_is_trainium_e4m3_within_quantisation_error(hub, tmp_path, la
     for rank in range(2):
         raw = load_rank_raw(out, manifest, rank)
         _, loaded = prepared.load(rank)
-        for spec in model_tensors(hub.config, experts=prepared.experts_of(rank)):
+        for spec in model_tensors(hub.config, experts=prepared.experts_of(rank)) + mtp_tensors(hub.config):
             name = kernel_name(spec)
             if spec.name not in hub.scales:          # not FP8 on the Hub: bf16 / f32 as for bf16
                 assert raw[name].dtype in (ml_dtypes.bfloat16, np.float32)
