@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, attention_prefill,
     check_attention_shapes, load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
@@ -497,7 +498,7 @@ def visible_keys(k_positions, q_positions, window):
     return np.flatnonzero(keep)
 
 
-def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 1, **tuning):
+def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, **tuning):
     """Host launcher with the semantics of `ReferenceOps.attention`: each problem has q [T, Hq, D],
     k [S, Hkv, D], v [S, Hkv, Dv] (cached keys in cache order, then the new ones), q_positions
     [T], k_positions [S]. All problems go into one kernel launch.
@@ -563,10 +564,8 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         if sink is not None:
             sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
         row0 += tile[0]
-    kernel = attention_decode_kernel if lnc == 1 else attention_decode_kernel[lnc]
-    o_rows, rep = simulate(kernel, report=True)(q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
-                                                plan.kernel_plan, None if window is None else int(window),
-                                                **tuning)
+    o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
+                         plan.kernel_plan, None if window is None else int(window), report=True, lnc=lnc, **tuning)
     o_rows = np.asarray(o_rows, np.float32)
     outs = []
     for b in range(n):
@@ -584,7 +583,7 @@ def is_fresh_prefill(problem) -> bool:
 
 
 def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_tokens: int = PREFILL_MIN_TOKENS,
-                    lnc: int = 1):
+                    lnc: int | None = None):
     """`ReferenceOps.attention` for the NKI backend: problems -> (outputs, cost reports).
 
     A fresh sequence of at least `prefill_min_tokens` tokens runs the prefill kernel (it skips the

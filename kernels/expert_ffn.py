@@ -61,7 +61,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
@@ -427,8 +428,8 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
     if plan.num_blocks == 0:
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
-    result = simulate(expert_ffn_kernel, report=report)(
-        x, plan.row_token, plan.row_weight, plan.block_expert, *weights.kernel_args())
+    result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
+                    *weights.kernel_args(), report=report)
     out, rep = result if report else (result, None)
     return (out[:T], rep) if report else out[:T]
 

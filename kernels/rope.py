@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 
 P = nl.tile_size.pmax
 TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget
@@ -159,5 +160,5 @@ def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False):
     if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
         raise ValueError(f"rope: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
     table = cached_rope_table(theta, rotary_dim, int(positions.max(initial=0)))
-    return simulate(rope_kernel, report=report)(np.ascontiguousarray(x, dtype=dtype),
-                                                positions.astype(np.int32), table)
+    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions.astype(np.int32), table,
+                  report=report)
