@@ -32,11 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", type=parse_prompt_ids, metavar="IDS",
                    help="prompt token ids instead of seeded random ones, e.g. 1,2,3 or 1,2,3;4,5,6 "
                         "(sequences of equal length; replaces --batch and --seq-len)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["reference", "nki"], default="reference",
                    help="reference = NumPy; nki = NKI kernels (CPU simulator unless real NKI is present)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="--backend nki: skip compiling every static-shape bucket before generating "
+                        "(docs/device.md)")
     p.add_argument("--quick", action="store_true", help="--mode test: skip the slowest checks")
     p.add_argument("--topics", help="--mode test: comma-separated self-check topics")
     p.add_argument("--json", help="also write the results as JSON to this file")
@@ -137,6 +140,7 @@ def generate_single_process(args, model, built: str) -> int:
     except ValueError as err:
         return input_error(err)
     batch, prompt_len = prompt.shape
+    variants = kernel_buckets(args, model, batch, prompt_len)
     tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, seed=args.seed, return_timing=True)
     new = tokens[:, prompt_len:]
@@ -162,10 +166,33 @@ def generate_single_process(args, model, built: str) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if variants is not None:
+        print(variants())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": config.to_hub_dict(), "timing": timing, "tokens": tokens.tolist()}, f)
     return 0
+
+
+def kernel_buckets(args, model, batch: int, prompt_len: int):
+    """Kernel backend: static-shape buckets for this generation, compiled ahead of time unless
+    --no-warmup. Returns a function giving the `kernel variants:` line after generation (None on
+    the reference backend)."""
+    if args.backend != "nki":
+        return None
+    from mimo_kernels.launch import VARIANTS
+    from mimo_v2_flash.buckets import BucketTable
+    model.buckets = BucketTable.for_generation(batch, prompt_len, args.max_new_tokens)
+    start = len(VARIANTS)
+    if not args.no_warmup:
+        model.warmup()
+    mark = len(VARIANTS)
+
+    def line() -> str:
+        if args.no_warmup:
+            return f"kernel variants: {len(VARIANTS) - start} compiled during generation (no warmup)"
+        return f"kernel variants: {mark - start} compiled at warmup, {len(VARIANTS) - mark} new after warmup"
+    return line
 
 
 def input_error(err: Exception) -> int:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint, save_hub_checkpoint
+from .buckets import BucketTable
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
@@ -69,6 +70,7 @@ class MiMoV2FlashModel:
         if check_reference:
             self.ops = CheckedOps(self.ops, ReferenceOps(config, weights, allowed))
         self.expert_executor = expert_executor or LocalExperts(self.ops)
+        self.buckets: BucketTable | None = None    # static shapes of the kernel path (see `warmup`)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -146,14 +148,51 @@ class MiMoV2FlashModel:
             offset += len(tokens)
             stops.append(offset)
         batch = TokenBatch(seq_indices, starts, stops, np.concatenate(positions))
-        x = self.ops.embed(np.concatenate(ids))
-        for layer in range(self.config.num_hidden_layers):
-            x = decoder_layer(self.ops, self.config, layer, x, batch, cache, self.expert_executor)
-        logits = self.ops.logits(x)
+        kernel_ops = getattr(self.ops, "backend", self.ops)     # under CheckedOps, the kernel backend
+        if self.buckets is not None and hasattr(kernel_ops, "bucket"):
+            kernel_ops.bucket = self._pass_bucket([p[0] for p in positions], [len(t) for t in ids])
+        try:
+            x = self.ops.embed(np.concatenate(ids))
+            for layer in range(self.config.num_hidden_layers):
+                x = decoder_layer(self.ops, self.config, layer, x, batch, cache, self.expert_executor)
+            logits = self.ops.logits(x)
+        finally:
+            if hasattr(kernel_ops, "bucket"):
+                kernel_ops.bucket = None
         if cache is not None:
             for seq, start, stop in batch.segments():
                 cache.seq_lens[seq] += stop - start
         return [logits[start:stop] for _, start, stop in batch.segments()]
+
+    def _pass_bucket(self, starts: list[int], counts: list[int]):
+        """The bucket of a pass: prefill when every sequence starts at position 0, decode when each
+        adds one token; None (ragged shapes) for anything else or when no bucket is large enough."""
+        try:
+            if not any(starts):
+                return self.buckets.prefill(len(counts), max(counts))
+            if all(c == 1 for c in counts):
+                return self.buckets.decode(len(counts), max(starts) + 1)
+        except ValueError:
+            pass
+        return None
+
+    def warmup(self, buckets: BucketTable | None = None) -> int:
+        """Compile ahead of time: one pass of dummy tokens through every bucket of `buckets`
+        (default `self.buckets`, which this sets), so generation inside them launches no new kernel
+        specialization. Cost records of the warmup are dropped. Returns the number of passes."""
+        if buckets is not None:
+            self.buckets = buckets
+        if self.buckets is None:
+            raise ValueError("warmup needs a BucketTable (model.buckets or the buckets argument)")
+        self.buckets.check(self.config)
+        for bucket in self.buckets.buckets():
+            cache = self.new_cache(bucket.batch)
+            if bucket.kind == "decode":      # a history reaching the bucket's context
+                cache.seq_lens[:] = bucket.context - 1
+            self.forward_ragged([np.zeros(bucket.tokens, np.int64)] * bucket.batch, cache)
+        if hasattr(self.ops, "reset_costs"):
+            self.ops.reset_costs()
+        return len(self.buckets.buckets())
 
     def forward(self, input_ids, cache: KVCache | None = None) -> np.ndarray:
         """input_ids int [B, T] -> logits float32 [B, T, vocab] (continuing `cache` if given)."""
