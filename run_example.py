@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["reference", "nki"], default="reference",
-                   help="reference = NumPy; nki = NKI kernels (CPU simulator unless real NKI is present)")
+                   help="reference = NumPy; nki = NKI kernels (the bundled CPU simulator unless the Neuron "
+                        "SDK's nki is installed; docs/device.md)")
     p.add_argument("--no-warmup", action="store_true",
                    help="--backend nki: skip compiling every static-shape bucket before generating "
                         "(docs/device.md)")
@@ -154,7 +155,7 @@ def generate_single_process(args, model, built: str) -> int:
                     f"{batch * prompt_len / max(timing['prefill_s'], 1e-9):.1f} tokens/s"),
         ("decode", f"{decoded} tokens in {timing['decode_s']:.3f} s, "
                    f"{decoded / max(timing['decode_s'], 1e-9):.1f} tokens/s"),
-        ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB (float32)"),
+        ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB ({timing['kv_cache_dtype']})"),
     ]
     if args.backend == "nki":   # the simulator's cost model of one NeuronCore-v3, not a measurement
         prefill, decode = model.ops.cost_summary(slice(0, 1)), model.ops.cost_summary(slice(1, None))

@@ -23,6 +23,7 @@ from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint
 from .buckets import BucketTable
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
+from .static_kv_cache import BF16, StaticKVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
 from .weights import random_weights
 
@@ -110,8 +111,13 @@ class MiMoV2FlashModel:
         """Write a Hub-layout checkpoint (config, index, per-layer shards) of these weights."""
         save_hub_checkpoint(path, self.config, self.weights, dtype=dtype)
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache(self.config, batch)
+    def new_cache(self, batch: int) -> KVCache | StaticKVCache:
+        """The ragged cache; with a bucket table (static shapes), a preallocated one sized for its
+        largest decode context, in bf16 on the kernel backend (what the kernels read)."""
+        if self.buckets is None:
+            return KVCache(self.config, batch)
+        dtype = BF16 if self.backend == "nki" else np.float32
+        return StaticKVCache(self.config, batch, self.buckets.decode_contexts[-1], dtype)
 
     # ---- forward -----------------------------------------------------------------------------
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
@@ -230,7 +236,8 @@ class MiMoV2FlashModel:
             input_ids, max_new_tokens, last_logits,
             lambda logits: sample(logits, temperature, top_k, top_p, rng), stop)
         if return_timing:
-            return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes}
+            return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes,
+                         "kv_cache_dtype": str(cache.layers[0].k.dtype)}
         return out
 
 

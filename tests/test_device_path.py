@@ -1,0 +1,223 @@
+"""The device launch path on the simulator: `launch` (kernel[lnc] with torch tensors), the
+kernel-specialization counter, static-shape buckets, the static KV cache and the fixed-shape
+expert block plan.
+
+Tolerances: bucketed (padded) launches against exact-shape launches of the same kernels: equal
+bit for bit where the kernel's per-row arithmetic is unchanged (rmsnorm, experts), 1e-6 relative
+for attention (masked padding adds exact zeros; the shape changes only the tiling). The static
+cache against the ragged cache on the reference backend: 1e-6 relative on the logits (same
+arithmetic, masked empty slots contribute exactly zero).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from mimo_kernels import launch as launch_module
+from mimo_kernels.attention_decode import attention_decode
+from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
+from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
+from mimo_kernels.launch import VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
+from mimo_kernels.rmsnorm import rmsnorm, rmsnorm_kernel
+from mimo_v2_flash import MiMoV2FlashModel
+from mimo_v2_flash.buckets import Bucket, BucketTable, powers_of_two
+from mimo_v2_flash.layer import AttentionInput
+from mimo_v2_flash.static_kv_cache import StaticKVCache
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float32) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# ---------------------------------------------------------------- backend and launch
+
+def test_backend_reports_the_bundled_simulator_and_never_calls_it_real():
+    assert IS_SIMULATOR
+    assert NKI_VERSION.endswith("+cpu-sim")
+    text = describe()
+    assert "bundled CPU simulator" in text and "real" not in text.lower()
+
+
+def test_runtime_lnc_follows_the_neuron_variable(monkeypatch):
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    assert runtime_lnc() == 2                                   # trn2's default
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+    assert runtime_lnc() == 1
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "4")
+    with pytest.raises(ValueError, match="NEURON_LOGICAL_NC_CONFIG='4'.*1 or 2"):
+        runtime_lnc()
+
+
+def test_launch_passes_torch_tensors_to_the_kernel_at_the_runtime_lnc(monkeypatch):
+    seen = []
+    real_getitem = type(rmsnorm_kernel).__getitem__
+
+    def spy(kernel, grid):
+        launched = real_getitem(kernel, grid)
+        real_call = launched.fn
+
+        def fn(*args, **kwargs):
+            seen.append((grid, [type(a).__name__ for a in args]))
+            return real_call(*args, **kwargs)
+        launched.fn = fn
+        return launched
+    monkeypatch.setattr(type(rmsnorm_kernel), "__getitem__", spy)
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    x = np.random.default_rng(0).standard_normal((5, 256)).astype(BF16)
+    w = (1 + 0.1 * np.random.default_rng(1).standard_normal(256)).astype(BF16)
+    y = launch(rmsnorm_kernel, x, w, eps=1e-6)
+    # the simulator saw LNC=2 and, per program, NKI tensors made from torch tensors
+    assert seen and all(grid == 2 for grid, _ in seen) and len(seen) == 2
+    assert isinstance(y, np.ndarray) and y.dtype == BF16
+    xf = x.astype(np.float32)
+    want = xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6) * w.astype(np.float32)
+    assert rel(y, want) < 1e-2
+
+
+def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
+    a = np.arange(6, dtype=np.float32).astype(BF16)
+    t = launch_module.to_device(a)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+    a[0] = 5                                     # a view: the tensor sees the change
+    assert float(t[0]) == 5.0
+    np.testing.assert_array_equal(launch_module.to_host(t), a)
+
+
+# ---------------------------------------------------------------- the variant counter
+
+def test_variant_key_is_shapes_dtypes_and_constants():
+    a, b = np.zeros((4, 8), np.float32), np.ones((4, 8), np.float32)
+    key = variant_key(rmsnorm_kernel, 2, (a,), {"eps": 1e-6})
+    assert key == variant_key(rmsnorm_kernel, 2, (torch.from_numpy(b),), {"eps": 1e-6})   # values don't matter
+    assert key != variant_key(rmsnorm_kernel, 1, (a,), {"eps": 1e-6})                      # LNC does
+    assert key != variant_key(rmsnorm_kernel, 2, (np.zeros((5, 8), np.float32),), {"eps": 1e-6})
+    assert key != variant_key(rmsnorm_kernel, 2, (a.astype(BF16),), {"eps": 1e-6})
+    assert key != variant_key(rmsnorm_kernel, 2, (a,), {"eps": 1e-5})                      # constants do
+
+
+def test_counter_counts_distinct_launches():
+    counter = VariantCounter()
+    assert counter.record(("k", 1)) and not counter.record(("k", 1)) and counter.record(("k", 2))
+    assert len(counter) == 2 and counter.since(1) == [("k", 2)] and counter.by_kernel() == {"k": 2}
+
+
+def test_exact_shape_launches_create_a_variant_per_token_count():
+    w = np.ones(256, BF16)
+    start = len(VARIANTS)
+    for n in (3, 4, 3, 5):
+        rmsnorm(np.ones((n, 256), np.float32), w)
+    assert len(VARIANTS) - start == 3
+
+
+# ---------------------------------------------------------------- buckets
+
+def test_bucket_table_picks_the_smallest_fitting_bucket():
+    assert powers_of_two(3, 40) == (4, 8, 16, 32, 64)
+    table = BucketTable(batches=(1, 2, 4), prefill_tokens=(16, 64), decode_contexts=(64, 256))
+    assert table.prefill(3, 17) == Bucket("prefill", 4, 64, 64)
+    assert table.decode(1, 65) == Bucket("decode", 1, 1, 256)
+    assert table.decode(2, 64).rows == 2 and Bucket("prefill", 2, 64, 64).rows == 128
+    assert Bucket("decode", 2, 1, 256).attention_keys(None) == 256
+    assert Bucket("decode", 2, 1, 256).attention_keys(128) == 129
+    assert len(table.buckets()) == 3 * 2 + 3 * 2
+    with pytest.raises(ValueError, match="no bucket holds decode context 300: the largest is 256"):
+        table.decode(1, 300)
+    with pytest.raises(ValueError, match="no bucket holds batch 5"):
+        table.prefill(5, 8)
+    gen = BucketTable.for_generation(batch=3, prompt_len=20, max_new_tokens=40)
+    assert (gen.batches, gen.prefill_tokens, gen.decode_contexts) == ((4,), (32,), (64,))
+
+
+def test_bucketed_generation_compiles_nothing_new_after_warmup_and_keeps_the_tokens():
+    prompt = np.random.default_rng(4).integers(0, 512, (2, 9))
+    exact = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    want = exact.generate(prompt, max_new_tokens=6)
+    model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    model.warmup(BucketTable.for_generation(2, 12, 20))        # room for other lengths in the buckets
+    mark = len(VARIANTS)
+    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=6), want)
+    model.generate(prompt[:, :12 - 3], max_new_tokens=19)      # other lengths inside the same buckets
+    model.generate(prompt[:1, :5], max_new_tokens=3)           # a smaller batch is padded
+    assert VARIANTS.since(mark) == []
+    assert model.ops.passes[0].tokens == 2 * 9        # the first generation's prefill: warmup costs dropped
+
+
+def test_static_shape_attention_equals_the_exact_shape_launch():
+    rng = np.random.default_rng(7)
+    hq, hkv, d, dv, window = 8, 2, 64, 64, 16
+    problems = []
+    for t_len, history in ((1, 20), (1, 5), (3, 9)):
+        qpos = np.arange(history, history + t_len)
+        kpos = np.arange(history + t_len)
+        problems.append(AttentionInput(rng.standard_normal((t_len, hq, d)).astype(np.float32),
+                                       rng.standard_normal((len(kpos), hkv, d)).astype(np.float32),
+                                       rng.standard_normal((len(kpos), hkv, dv)).astype(np.float32), qpos, kpos))
+    for w in (None, window):
+        want, _ = attention_decode(problems, 0.125, w)
+        got, _ = attention_decode(problems, 0.125, w, shape=(4, 4, 32))
+        for g, e in zip(got, want):
+            assert g.shape == e.shape and rel(g, e) < 1e-6
+    with pytest.raises(ValueError, match="problem 0 has 1 new tokens and 21 keys; the bucket holds 4 tokens and 16"):
+        attention_decode(problems, 0.125, None, shape=(4, 4, 16))
+
+
+# ---------------------------------------------------------------- static expert blocks
+
+def test_static_block_plan_holds_the_exact_plan_and_only_padding_after_it():
+    rng = np.random.default_rng(3)
+    tokens, k, experts = 7, 3, 6
+    ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    ids[2, 1] = -1
+    weights = rng.random((tokens, k)).astype(np.float32)
+    block_rows, num_blocks = static_block_shape(tokens, k, experts)
+    assert (block_rows, num_blocks) == (4, 6 + 5)                # ceil(21 / 4) + E - 1
+    static = plan_blocks_static(ids, weights, experts, block_rows, num_blocks)
+    flat = ids.reshape(-1)
+    keep = flat >= 0
+    order = np.argsort(flat[keep], kind="stable")
+    exact = plan_blocks(np.bincount(flat[keep], minlength=experts), np.repeat(np.arange(tokens), k)[keep][order],
+                        weights.reshape(-1)[keep][order], tokens, block_rows)
+    n = exact.num_blocks
+    np.testing.assert_array_equal(static.block_expert[:n], exact.block_expert)
+    np.testing.assert_array_equal(static.row_token[:n * block_rows], exact.row_token)
+    np.testing.assert_array_equal(static.row_weight[:n * block_rows], exact.row_weight)
+    assert (static.row_token[n * block_rows:] == tokens).all() and (static.row_weight[n * block_rows:] == 0).all()
+    with pytest.raises(ValueError, match="routing needs 20 blocks of 1 rows, the bucket has 3"):
+        plan_blocks_static(ids, weights, experts, 1, 3)
+
+
+def test_static_shape_experts_equal_the_exact_launch_bit_for_bit():
+    rng = np.random.default_rng(5)
+    tokens, k, experts, hidden, inter = 5, 2, 4, 128, 128
+    stack = ExpertWeights(*(0.05 * rng.standard_normal(s) for s in
+                            ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
+    stack = ExpertWeights(stack.gate.astype(BF16), stack.up.astype(BF16), stack.down.astype(BF16))
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    w = rng.random((tokens, k)).astype(np.float32)
+    want = expert_ffn(x, ids, w, stack)
+    got = expert_ffn(x, ids, w, stack, shape=static_block_shape(8, k, experts))
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- static KV cache
+
+def test_static_cache_gives_the_ragged_cache_logits():
+    model = MiMoV2FlashModel.random("tiny", seed=3)
+    window = model.config.window_keys
+    ids = np.random.default_rng(1).integers(0, 512, (2, 2 * window + 7))
+    ragged, static = model.new_cache(2), StaticKVCache(model.config, 2, context=64, dtype=np.float32)
+    split = window + 3
+    for cache in (ragged, static):
+        model.forward(ids[:, :split], cache)
+    for t in range(split, ids.shape[1]):                  # decode steps wrap the SWA ring
+        want = model.forward(ids[:, t:t + 1], ragged)
+        got = model.forward(ids[:, t:t + 1], static)
+        assert rel(got, want) < 1e-6, t
+    assert static.layers[1].k.shape[1] == window and static.layers[0].k.shape[1] == 64
+    assert static.nbytes == StaticKVCache.bytes_for(model.config, 2, 64, itemsize=4)
+    with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
+        model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])
