@@ -22,6 +22,7 @@ measured on the simulator is the number of compilations a device would do for th
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -130,15 +131,24 @@ def to_device(value, where=None):
     import torch
     import ml_dtypes
     if value.dtype == ml_dtypes.bfloat16:
-        tensor = torch.from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
-    elif value.dtype.kind == "f" and value.dtype.itemsize == 1:
+        tensor = _from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
+    elif value.dtype.itemsize == 1 and value.dtype.kind not in "biu":      # an ml_dtypes float8
         if where.type == "cpu" and IS_SIMULATOR:
             return value
         raise TypeError(f"a {value.dtype} array has no torch dtype NKI accepts on the device; "
                         f"Trainium FP8 weights are not supported on the device path yet (docs/device.md)")
     else:
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        tensor = _from_numpy(np.ascontiguousarray(value))
     return tensor if where.type == "cpu" else tensor.to(where)
+
+
+def _from_numpy(array: np.ndarray):
+    """torch.from_numpy, also of read-only arrays (memory-mapped weights: kernel inputs are never
+    written, so the view needs no copy)."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def to_host(value):

@@ -37,7 +37,7 @@ from .config import ConfigError, MiMoV2FlashConfig
 from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .safetensors_io import SafetensorsError, SafetensorsFile
-from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
+from .weights import (BF16, EMBED, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
                       layer_tensors, model_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -384,6 +384,16 @@ class PreparedCheckpoint:
 
         rank=None: replicated tensors from rank 0's files plus every rank's experts.
         """
+        return self._load(rank, self._read)
+
+    def load_kernel_layout(self, rank: int | None = None) -> tuple[MiMoV2FlashConfig, "KernelLayoutWeights"]:
+        """Like `load`, but every tensor as stored (projections [in, out] in bf16, or FP8 with
+        its block scale), memory-mapped: what a kernel backend reads, with no float32 Hub-layout
+        copy (see `KernelLayoutWeights`)."""
+        config, stored = self._load(rank, self._read_stored)
+        return config, KernelLayoutWeights(stored)
+
+    def _load(self, rank, read):
         if rank is not None and not 0 <= rank < self.world_size:
             raise CheckpointError(f"{self.path}: rank {rank} outside 0..{self.world_size - 1}")
         config = self.runnable_config()
@@ -403,10 +413,15 @@ class PreparedCheckpoint:
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
             for spec in specs:
-                weights[spec.name] = self._read(r, files, spec)
+                weights[spec.name] = read(r, files, spec)
         return config, weights
 
     def _read(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec) -> np.ndarray:
+        weight, scale = self._read_stored(rank, files, spec)
+        return stored_to_hub(weight, scale, projection=kernel_name(spec) != spec.name)
+
+    def _read_stored(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec):
+        """(tensor as stored, memory-mapped; its FP8 block scale or None), shape checked."""
         name = kernel_name(spec)
         handle = next((f for f in files if name in f), None)
         if handle is None:
@@ -417,8 +432,44 @@ class PreparedCheckpoint:
         if stored.shape != shape:
             raise CheckpointError(f"{handle.path}: tensor {name!r} has shape {list(stored.shape)}, "
                                   f"expected {list(shape)}")
-        if stored.dtype == "F8_E4M3":
-            array = fp8.dequantize(handle.read(name), handle.read(scale_name(name)))
-        else:
-            array = np.asarray(handle.read(name), np.float32)
-        return array.T if name != spec.name else array
+        scale = handle.read(scale_name(name)) if stored.dtype == "F8_E4M3" else None
+        return handle.read(name), scale
+
+
+def stored_to_hub(weight: np.ndarray, scale: np.ndarray | None, projection: bool) -> np.ndarray:
+    """A stored tensor in the Hub layout, float32: FP8 dequantised, projections transposed back."""
+    array = fp8.dequantize(weight, scale) if scale is not None else np.asarray(weight, np.float32)
+    return array.T if projection else array
+
+
+class KernelLayoutWeights:
+    """A prepared rank's tensors as stored: `stored(name)` gives (array, FP8 scale or None) in the
+    kernel layout (projections [in, out]); `weights[name]` gives the Hub layout [out, in] float32,
+    computed on each access (for the few small tensors the layer code reads directly, and for a
+    reference check). The arrays are memory maps of the files: nothing is copied until a backend
+    converts or uploads them."""
+
+    def __init__(self, stored: dict[str, tuple[np.ndarray, np.ndarray | None]]):
+        self._stored = stored
+
+    def stored(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._stored[name]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        weight, scale = self._stored[name]
+        return stored_to_hub(weight, scale, projection=weight.ndim == 2 and name != EMBED)
+
+    def __contains__(self, name) -> bool:
+        return name in self._stored
+
+    def __iter__(self):
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def keys(self):
+        return self._stored.keys()
+
+    def items(self):
+        return ((name, self[name]) for name in self._stored)

@@ -99,7 +99,10 @@ class MiMoV2FlashModel:
             config, weights = load_hub_checkpoint(path, experts=expert_subset)
             return cls(config, weights, expert_subset=expert_subset, **kwargs)
         prepared = PreparedCheckpoint(path)
-        config, weights = prepared.load(rank)
+        if kwargs.get("backend") == "nki" and not kwargs.get("check_reference"):
+            config, weights = prepared.load_kernel_layout(rank)     # no float32 Hub-layout copy
+        else:
+            config, weights = prepared.load(rank)
         held = prepared.experts if rank is None else prepared.experts_of(rank)
         if expert_subset is None:
             expert_subset = prepared.experts if kwargs.get("expert_executor") else held

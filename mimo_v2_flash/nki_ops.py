@@ -4,8 +4,10 @@ Every method has the semantics of the same method of `layer.ReferenceOps` and ru
 host launcher (kernels/*.py) on the backend `mimo_kernels.backend` picked: the CPU simulator here, the
 real `nki` on a Trainium2.
 
-Weights arrive by Hub name in the Hub layout `[out, in]` float32. Each is converted once, on first
-use, into the layout its kernel reads and kept: projections `[in, out]` in bf16, or with
+Weights arrive by Hub name in the Hub layout `[out, in]` float32, or from a prepared directory as
+stored (`checkpoint.KernelLayoutWeights`: already the kernel layout, memory-mapped, used as is
+when its dtype is the one asked for). Each is converted once, on first use, into the layout its
+kernel reads and kept: projections `[in, out]` in bf16, or with
 `weight_dtype="fp8"` the tensors the Hub stores as FP8 (q/k/v, the dense MLP, the experts) as
 Trainium float8_e4m3 with 128x128 block scales (`fp8.quantize_blocks`); o_proj and lm_head stay
 bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked once into the
@@ -134,8 +136,27 @@ class NkiOps:
         weight_dtype="fp8"), the router weight [in, out] fp32, vectors and the embedding bf16."""
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = self._convert(self._specs[name], self.w(name))
+            prepared = self._prepared[name] = self._kernel_layout(self._specs[name])
         return prepared
+
+    def _kernel_layout(self, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        """A tensor in its kernel layout: taken as stored when the weights come from a prepared
+        directory in that layout already (`checkpoint.KernelLayoutWeights`, memory-mapped, no
+        copy), otherwise converted from the Hub layout."""
+        stored = getattr(self.weights, "stored", None)
+        if stored is None:
+            return self._convert(spec, self.weights[spec.name])
+        weight, scale = stored(spec.name)
+        if not is_projection(spec):                       # norms and the embedding table
+            return np.asarray(weight, dtype=BF16), None
+        if spec.hub_dtype == F32:
+            return np.asarray(weight, dtype=np.float32), None
+        if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
+            if scale is not None:   # F8_E4M3 files hold e4m3fn bytes; within +-240 they are Trainium's
+                return weight.view(TRAINIUM_E4M3.dtype), np.asarray(scale, np.float32)
+        elif weight.dtype == BF16:
+            return weight, None
+        return self._convert(spec, self.weights[spec.name])   # stored in the other dtype
 
     def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if not is_projection(spec):                       # norms and the embedding table
@@ -158,7 +179,7 @@ class NkiOps:
             for e in experts:
                 for proj in EXPERT_PROJS:
                     name = expert_prefix(layer, e) + f"{proj}.weight"
-                    weight, scale = self._convert(by_name[name], self.weights[name])
+                    weight, scale = self._kernel_layout(by_name[name])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
             stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]

@@ -221,3 +221,24 @@ def test_static_cache_gives_the_ragged_cache_logits():
     assert static.nbytes == StaticKVCache.bytes_for(model.config, 2, 64, itemsize=4)
     with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
         model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])
+
+
+# ---------------------------------------------------------------- prepared weights, kernel layout
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_prepared_weights_load_straight_into_the_kernel_layout(tmp_path, dtype):
+    from mimo_prepare_weights.convert import convert
+    from mimo_v2_flash.checkpoint import KernelLayoutWeights, PreparedCheckpoint
+
+    MiMoV2FlashModel.random("tiny", seed=6).save_pretrained(tmp_path / "hub")
+    convert(tmp_path / "hub", tmp_path / "prepared", world_size=2, dtype=dtype, progress=False, log=lambda *a: None)
+    direct = MiMoV2FlashModel.from_pretrained(tmp_path / "prepared", backend="nki", weight_dtype=dtype)
+    assert isinstance(direct.weights, KernelLayoutWeights)
+    config, hub_layout = PreparedCheckpoint(tmp_path / "prepared").load()
+    via_float32 = MiMoV2FlashModel(config, hub_layout, backend="nki", weight_dtype=dtype)
+    ids = np.random.default_rng(0).integers(0, 512, (1, 6))
+    np.testing.assert_array_equal(direct.forward(ids), via_float32.forward(ids))
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    weight, _ = direct.ops.kernel_weight(o_proj)
+    assert isinstance(weight, np.memmap) or isinstance(weight.base, np.memmap)   # the file's bytes, no copy
+    np.testing.assert_array_equal(direct.weights[o_proj], hub_layout[o_proj])    # Hub view on demand
