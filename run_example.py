@@ -181,6 +181,10 @@ def kernel_buckets(args, model, batch: int, prompt_len: int):
     the reference backend)."""
     if args.backend != "nki":
         return None
+    try:
+        import torch  # noqa: F401  (the static-shape path builds its tables with torch operations)
+    except ImportError:
+        return lambda: "kernel variants: not counted; static-shape buckets need torch (pip install '.[torch]')"
     from mimo_kernels.launch import VARIANTS
     from mimo_v2_flash.buckets import BucketTable
     model.buckets = BucketTable.for_generation(batch, prompt_len, args.max_new_tokens)

@@ -22,6 +22,7 @@ import numpy as np
 from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint, save_hub_checkpoint
 from .buckets import BucketTable
 from .config import MiMoV2FlashConfig, load_config
+from .device_sampling import DeviceSampler
 from .kv_cache import KVCache
 from .static_kv_cache import BF16, StaticKVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
@@ -235,9 +236,11 @@ class MiMoV2FlashModel:
         def last_logits(sequences, slots):
             return [l[-1] for l in self.forward_ragged(sequences, cache, slots)]
 
-        out, prefill_s, decode_s = generation_loop(
-            input_ids, max_new_tokens, last_logits,
-            lambda logits: sample(logits, temperature, top_k, top_p, rng), stop)
+        if self.buckets is None:
+            choose = lambda logits: sample(logits, temperature, top_k, top_p, rng)   # noqa: E731
+        else:                        # the static-shape (device) path samples on the device
+            choose = DeviceSampler(temperature, top_k, top_p, seed)
+        out, prefill_s, decode_s = generation_loop(input_ids, max_new_tokens, last_logits, choose, stop)
         if return_timing:
             return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes,
                          "kv_cache_dtype": str(cache.layers[0].k.dtype)}

@@ -96,14 +96,3 @@ class StaticKVCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
-
-    @staticmethod
-    def bytes_for(config: MiMoV2FlashConfig, batch: int, context: int, itemsize: int = 2) -> int:
-        """Bytes of the cache for `batch` x `context` without allocating it (memory budgets)."""
-        total = 0
-        for layer in range(config.num_hidden_layers):
-            _, kv, d, dv = config.attention_shape(layer)
-            window = config.window_of(layer)
-            slots = context if window is None else window
-            total += batch * slots * kv * (d + dv) * itemsize
-        return total

@@ -218,7 +218,7 @@ def test_static_cache_gives_the_ragged_cache_logits():
         got = model.forward(ids[:, t:t + 1], static)
         assert rel(got, want) < 1e-6, t
     assert static.layers[1].k.shape[1] == window and static.layers[0].k.shape[1] == 64
-    assert static.nbytes == StaticKVCache.bytes_for(model.config, 2, 64, itemsize=4)
+    assert static.nbytes == sum(c.k.nbytes + c.v.nbytes for c in static.layers)
     with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
         model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])
 
@@ -242,3 +242,20 @@ def test_prepared_weights_load_straight_into_the_kernel_layout(tmp_path, dtype):
     weight, _ = direct.ops.kernel_weight(o_proj)
     assert isinstance(weight, np.memmap) or isinstance(weight.base, np.memmap)   # the file's bytes, no copy
     np.testing.assert_array_equal(direct.weights[o_proj], hub_layout[o_proj])    # Hub view on demand
+
+
+# ---------------------------------------------------------------- sampling on the device
+
+def test_device_sampler_follows_the_numpy_rule():
+    from mimo_v2_flash.device_sampling import DeviceSampler
+    from mimo_v2_flash.model import sample
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.standard_normal(50).astype(np.float32)
+        logits[rng.integers(50)] = logits.max()                       # a tie: the lower id wins
+        assert DeviceSampler(0.0, None, None, 0)(logits) == sample(logits, 0.0, None, None, rng)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = [DeviceSampler(1.0, None, 0.7, seed)(logits) for seed in range(200)]
+    assert set(draws) == {0, 1}                                        # the smallest set reaching 0.7
+    assert abs(draws.count(0) / 200 - 0.5 / 0.8) < 0.1
+    assert {DeviceSampler(1.0, 2, None, seed)(logits) for seed in range(50)} == {0, 1}
