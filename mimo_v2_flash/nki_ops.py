@@ -117,6 +117,10 @@ class NkiOps:
         self.passes: list[PassCost] = []
         self.bucket = None      # a buckets.Bucket: launch at its static shapes (module docstring)
 
+    def _max_position(self) -> int | None:
+        """The largest position of the bucket (sizes the RoPE table), None without a bucket."""
+        return None if self.bucket is None else self.bucket.context - 1
+
     def padded(self, a: np.ndarray, fill=0) -> np.ndarray:
         """`a` [N, ...] with rows of `fill` up to the bucket's rows (unchanged without a bucket)."""
         a = np.asarray(a)
@@ -300,14 +304,14 @@ class NkiOps:
     def rope_qk(self, q, k, positions, theta):
         """q and k heads side by side through one rope launch (same positions and theta)."""
         both, report = rope(self.padded(np.concatenate([q, k], axis=1)), self.padded(positions), theta,
-                            rotary_dim=self.config.rotary_dim, report=True)
+                            rotary_dim=self.config.rotary_dim, report=True, max_position=self._max_position())
         self._record("rope_qk", report)
         both = both[:len(q)].astype(np.float32)
         return both[:, :q.shape[1]], both[:, q.shape[1]:]
 
     def rope(self, x, positions, theta):
         y, report = rope(self.padded(x), self.padded(positions), theta, rotary_dim=self.config.rotary_dim,
-                         report=True)
+                         report=True, max_position=self._max_position())
         self._record("rope", report)
         return y[:len(x)].astype(np.float32)
 
