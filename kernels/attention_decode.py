@@ -584,7 +584,8 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | 
             sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
         row0 += tile[0]
     o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
-                         plan.kernel_plan, None if window is None else int(window), report=True, lnc=lnc, **tuning)
+                         plan.kernel_plan, None if window is None else int(window), report=True, lnc=lnc,
+                         splits_lnc=True, **tuning)
     o_rows = np.asarray(o_rows, np.float32)
     outs = []
     for b in range(n):

@@ -644,5 +644,5 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | 
     v_dev = np.ascontiguousarray(np.asarray(v, np.float32).transpose(1, 0, 2)).astype(BF16)
     sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
     o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
-                         report=True, lnc=lnc, **tuning)
+                         report=True, lnc=lnc, splits_lnc=True, **tuning)
     return from_rows(o_rows, t_len), rep

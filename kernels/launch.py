@@ -10,6 +10,13 @@ traced into the step's graph and compiled with it; the grid ``[lnc]`` is the log
 degree, which must equal the degree the graph is compiled and run with (``NEURON_LOGICAL_NC_CONFIG``;
 trn2 defaults to 2, and a kernel launched at another degree fails with NCC_EVRF066).
 
+At LNC=2 both physical cores run the kernel's program concurrently on shared HBM, so a kernel
+must split its work by ``nl.program_id`` (the attention kernels do: ``splits_lnc=True``); the
+others would race on their outputs (the expert kernel's read-modify-write of its per-token sums
+gives wrong results under the simulator's concurrent programs). `launch` refuses those at LNC=2
+with an error naming the kernel: until every kernel splits, run with ``NEURON_LOGICAL_NC_CONFIG=1``
+(the default here; on a trn2 the runtime's default is 2, so set it).
+
 On this CPU the same verb runs on the bundled simulator: its ``Kernel`` takes torch tensors too and
 ``kernel[lnc](...)`` runs every program instance, so the launch code tested here is the code a
 trn2 runs. Only the placement differs (``device()``: the XLA device there, the CPU here). Cost
@@ -33,10 +40,12 @@ TRN2_DEFAULT_LNC = 2
 
 
 def runtime_lnc() -> int:
-    """The logical-NeuronCore degree of the runtime: ``NEURON_LOGICAL_NC_CONFIG`` (1 or 2), else
-    trn2's default 2. Every kernel launches at this degree (kernels split their work by
-    ``nl.program_id``; the others run the same program on both cores)."""
-    value = os.environ.get(LNC_ENV, str(TRN2_DEFAULT_LNC)).strip()
+    """The logical-NeuronCore degree of the runtime: ``NEURON_LOGICAL_NC_CONFIG`` (1 or 2); unset,
+    trn2's default 2 on a Neuron device and 1 on the bundled simulator (module docstring)."""
+    value = os.environ.get(LNC_ENV, "").strip()
+    if not value:
+        where = device()
+        return TRN2_DEFAULT_LNC if where is not None and where.type != "cpu" else 1
     if value not in ("1", "2"):
         raise ValueError(f"{LNC_ENV}={value!r}: the logical NeuronCore degree must be 1 or 2")
     return int(value)
@@ -167,13 +176,23 @@ def to_host(value):
 
 # ---------------------------------------------------------------------------------- launch
 
-def launch(kernel, *args, report: bool = False, lnc: int | None = None, **kwargs):
+class LncError(RuntimeError):
+    """A kernel launched at LNC=2 that does not split its work between the two cores."""
+
+
+def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_lnc: bool = False, **kwargs):
     """Run `kernel` as ``kernel[lnc](*device_tensors, **constants)`` and return its outputs as
     NumPy arrays (plus the simulator's cost report, None on the device, when `report=True`).
 
-    `lnc` defaults to `runtime_lnc()`. Array arguments go to `device()` (a zero-copy view on the
-    CPU); everything else is a compile-time constant. Every launch is counted in `VARIANTS`."""
+    `lnc` defaults to `runtime_lnc()`; `splits_lnc`: the kernel divides its work by
+    ``nl.program_id``, so it may run at LNC=2 (module docstring). Array arguments go to
+    `device()` (a zero-copy view on the CPU); everything else is a compile-time constant. Every
+    launch is counted in `VARIANTS`."""
     lnc = runtime_lnc() if lnc is None else int(lnc)
+    if lnc == 2 and not splits_lnc:
+        name = getattr(kernel, "__name__", None) or getattr(kernel, "name", repr(kernel))
+        raise LncError(f"{name} does not split its work between the two cores of LNC=2 (both programs "
+                       f"would race on its outputs); run with {LNC_ENV}=1 until it does (docs/device.md)")
     VARIANTS.record(variant_key(kernel, lnc, args, kwargs))
     where = device()
     grid = kernel[lnc]
@@ -184,5 +203,5 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, **kwargs
     return outputs
 
 
-__all__ = ["LNC_ENV", "VARIANTS", "VariantCounter", "device", "launch", "runtime_lnc", "to_device", "to_host",
+__all__ = ["LNC_ENV", "LncError", "VARIANTS", "VariantCounter", "device", "launch", "runtime_lnc", "to_device", "to_host",
            "variant_key"]

@@ -43,9 +43,9 @@ def test_backend_reports_the_bundled_simulator_and_never_calls_it_real():
 
 def test_runtime_lnc_follows_the_neuron_variable(monkeypatch):
     monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
-    assert runtime_lnc() == 2                                   # trn2's default
-    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
-    assert runtime_lnc() == 1
+    assert runtime_lnc() == 1                                   # the simulator; a trn2 device defaults to 2
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    assert runtime_lnc() == 2
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "4")
     with pytest.raises(ValueError, match="NEURON_LOGICAL_NC_CONFIG='4'.*1 or 2"):
         runtime_lnc()
@@ -53,28 +53,34 @@ def test_runtime_lnc_follows_the_neuron_variable(monkeypatch):
 
 def test_launch_passes_torch_tensors_to_the_kernel_at_the_runtime_lnc(monkeypatch):
     seen = []
-    real_getitem = type(rmsnorm_kernel).__getitem__
+    real_call = type(rmsnorm_kernel).__call__
 
-    def spy(kernel, grid):
-        launched = real_getitem(kernel, grid)
-        real_call = launched.fn
-
-        def fn(*args, **kwargs):
-            seen.append((grid, [type(a).__name__ for a in args]))
-            return real_call(*args, **kwargs)
-        launched.fn = fn
-        return launched
-    monkeypatch.setattr(type(rmsnorm_kernel), "__getitem__", spy)
-    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    def spy(kernel, *args, **kwargs):
+        seen.append((kernel.num_programs, [type(a).__name__ for a in args]))
+        return real_call(kernel, *args, **kwargs)
+    monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
     x = np.random.default_rng(0).standard_normal((5, 256)).astype(BF16)
     w = (1 + 0.1 * np.random.default_rng(1).standard_normal(256)).astype(BF16)
     y = launch(rmsnorm_kernel, x, w, eps=1e-6)
-    # the simulator saw LNC=2 and, per program, NKI tensors made from torch tensors
-    assert seen and all(grid == 2 for grid, _ in seen) and len(seen) == 2
+    assert seen == [(1, ["Tensor", "Tensor"])]                  # kernel[1](torch tensors)
     assert isinstance(y, np.ndarray) and y.dtype == BF16
     xf = x.astype(np.float32)
     want = xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6) * w.astype(np.float32)
     assert rel(y, want) < 1e-2
+
+
+def test_lnc2_runs_only_kernels_that_split_their_work(monkeypatch):
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    x = np.ones((5, 256), BF16)
+    with pytest.raises(launch_module.LncError, match="rmsnorm_kernel does not split its work.*=1"):
+        launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6)
+    rng = np.random.default_rng(2)
+    problem = AttentionInput(rng.standard_normal((1, 8, 64)).astype(np.float32),
+                             rng.standard_normal((9, 2, 64)).astype(np.float32),
+                             rng.standard_normal((9, 2, 64)).astype(np.float32), np.array([8]), np.arange(9))
+    got, _ = attention_decode([problem], 0.125)                  # the attention kernels split: LNC=2
+    want, _ = attention_decode([problem], 0.125, lnc=1)
+    assert rel(got[0], want[0]) < 1e-6
 
 
 def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
