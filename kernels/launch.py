@@ -33,7 +33,7 @@ import warnings
 
 import numpy as np
 
-from .backend import IS_SIMULATOR, nki
+from .backend import IS_SIMULATOR
 
 LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
 TRN2_DEFAULT_LNC = 2
@@ -53,7 +53,7 @@ def runtime_lnc() -> int:
 
 def device():
     """Where kernel arguments live: the XLA (NeuronCore) device when the Neuron stack is installed
-    and the real ``nki`` is the backend, the CPU otherwise. None when torch is not installed (the
+    and its ``nki`` is the backend, the CPU otherwise. None when torch is not installed (the
     simulator then takes NumPy arrays)."""
     try:
         import torch
