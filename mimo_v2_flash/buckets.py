@@ -36,8 +36,9 @@ class Bucket:
 
     def attention_keys(self, window: int | None) -> int:
         """Key slots per sequence of an attention launch: the context on full layers; on sliding-
-        window layers the window's ring plus the new tokens (or the context when smaller)."""
-        return self.context if window is None else min(self.context, int(window) + self.tokens)
+        window layers the window's ring plus the new tokens (the ring has `window` slots whatever
+        the context)."""
+        return self.context if window is None else int(window) + self.tokens
 
     def __str__(self) -> str:
         what = f"{self.tokens} tokens" if self.kind == "prefill" else f"context {self.context}"

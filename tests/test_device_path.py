@@ -128,6 +128,7 @@ def test_bucket_table_picks_the_smallest_fitting_bucket():
     assert table.decode(2, 64).rows == 2 and Bucket("prefill", 2, 64, 64).rows == 128
     assert Bucket("decode", 2, 1, 256).attention_keys(None) == 256
     assert Bucket("decode", 2, 1, 256).attention_keys(128) == 129
+    assert Bucket("decode", 1, 1, 16).attention_keys(16) == 17      # a ring as large as the context
     assert len(table.buckets()) == 3 * 2 + 3 * 2
     with pytest.raises(ValueError, match="no bucket holds decode context 300: the largest is 256"):
         table.decode(1, 300)
