@@ -15,6 +15,7 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
 
@@ -31,7 +32,8 @@ def embedding_kernel(ids, table):
     """out [T, H] = table [V, H] rows at ids [T] (int32)."""
     (T,) = ids.shape
     V, H = table.shape
-    assert T >= 1, "embedding: no tokens"
+    if not (T >= 1):
+        raise KernelInputError("embedding: no tokens")
     out = nl.ndarray((T, H), dtype=table.dtype, buffer=nl.shared_hbm)
     full_tiles, tail = divmod(T, P)
     if full_tiles:
