@@ -135,11 +135,13 @@ def mode_generate(args) -> int:
         from mimo_parallel.run import prepared_rank_weights, run_distributed
 
         def load_weights(world, rank):
+            device_memory_budget(args, world, show=rank == 0)
             return prepared_rank_weights(args.weights, world, rank, args.ep_placement)
         return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
     from mimo_v2_flash import MiMoV2FlashModel
     t0 = time.perf_counter()
     try:
+        device_memory_budget(args, 1, show=True)
         model = MiMoV2FlashModel.from_pretrained(args.weights, backend=args.backend, weight_dtype=args.weight_dtype)
     except ValueError as err:      # CheckpointError, ConfigError: the message names the file
         return input_error(err)
@@ -147,6 +149,25 @@ def mode_generate(args) -> int:
         return generate_text_single_process(args, model)
     return generate_single_process(args, model, f"{args.weights}, every rank's files, "
                                                 f"{time.perf_counter() - t0:.2f} s")
+
+
+def device_memory_budget(args, world: int, show: bool) -> None:
+    """Print the per-rank trn2 memory budget of this run (mimo_v2_flash.memory_budget) before the
+    weights load; on a Neuron device a run that does not fit stops here (MemoryBudgetError)."""
+    from mimo_kernels.launch import device, runtime_lnc
+    from mimo_v2_flash.checkpoint import PreparedCheckpoint
+    from mimo_v2_flash.memory_budget import memory_budget
+    config = PreparedCheckpoint(args.weights).runnable_config()
+    batch = len(args.prompt_ids) if args.prompt_ids is not None else args.batch
+    context = 1 << (args.seq_len + args.max_new_tokens - 1).bit_length()      # the decode bucket
+    budget = memory_budget(config, world, weight_dtype=args.weight_dtype, batch=batch,
+                           context=min(context, config.max_position_embeddings), lnc=runtime_lnc(),
+                           host_weights="kernel" if args.backend == "nki" else "float32+kernel")
+    on_device = args.backend == "nki" and getattr(device(), "type", "cpu") != "cpu"
+    if show:
+        print(budget.table() + ("" if on_device else "\n  (trn2 figures; not enforced on this CPU)"))
+    if on_device:
+        budget.check()
 
 
 def generate_text_single_process(args, model) -> int:

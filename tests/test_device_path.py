@@ -266,3 +266,16 @@ def test_device_sampler_follows_the_numpy_rule():
     assert set(draws) == {0, 1}                                        # the smallest set reaching 0.7
     assert abs(draws.count(0) / 200 - 0.5 / 0.8) < 0.1
     assert {DeviceSampler(1.0, 2, None, seed)(logits) for seed in range(50)} == {0, 1}
+
+
+def test_generate_prints_the_memory_budget_and_the_variant_count(tmp_path, capsys):
+    import run_example
+    from mimo_prepare_weights.convert import convert
+    MiMoV2FlashModel.random("tiny", seed=6).save_pretrained(tmp_path / "hub")
+    convert(tmp_path / "hub", tmp_path / "prepared", world_size=1, progress=False, log=lambda *a: None)
+    argv = ["--mode", "generate", "--weights", str(tmp_path / "prepared"), "--backend", "nki",
+            "--batch", "1", "--seq-len", "4", "--max-new-tokens", "3", "--no-progress"]
+    assert run_example.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "memory budget per rank: weights bf16, KV bf16 bucket 1 x 8" in out and "fits" in out
+    assert "kernel variants:" in out and "0 new after warmup" in out
