@@ -41,11 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (default: --weights)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the text reaches this string (repeatable; cut before it)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["reference", "nki"], default="reference",
-                   help="reference = NumPy; nki = NKI kernels (CPU simulator unless real NKI is present)")
+                   help="reference = NumPy; nki = NKI kernels (the bundled CPU simulator unless the Neuron "
+                        "SDK's nki is installed; docs/device.md)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="--backend nki: skip compiling every static-shape bucket before generating "
+                        "(docs/device.md)")
     p.add_argument("--speculative", choices=["mtp"],
                    help="self-speculative decoding: draft with the MTP layers, verify in one pass (docs/mtp.md)")
     p.add_argument("--draft-tokens", type=int, default=3, metavar="K",
@@ -135,11 +139,13 @@ def mode_generate(args) -> int:
         from mimo_parallel.run import prepared_rank_weights, run_distributed
 
         def load_weights(world, rank):
+            device_memory_budget(args, world, show=rank == 0)
             return prepared_rank_weights(args.weights, world, rank, args.ep_placement)
         return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
     from mimo_v2_flash import MiMoV2FlashModel
     t0 = time.perf_counter()
     try:
+        device_memory_budget(args, 1, show=True)
         model = MiMoV2FlashModel.from_pretrained(args.weights, backend=args.backend, weight_dtype=args.weight_dtype)
     except ValueError as err:      # CheckpointError, ConfigError: the message names the file
         return input_error(err)
@@ -147,6 +153,25 @@ def mode_generate(args) -> int:
         return generate_text_single_process(args, model)
     return generate_single_process(args, model, f"{args.weights}, every rank's files, "
                                                 f"{time.perf_counter() - t0:.2f} s")
+
+
+def device_memory_budget(args, world: int, show: bool) -> None:
+    """Print the per-rank trn2 memory budget of this run (mimo_v2_flash.memory_budget) before the
+    weights load; on a Neuron device a run that does not fit stops here (MemoryBudgetError)."""
+    from mimo_kernels.launch import device, runtime_lnc
+    from mimo_v2_flash.checkpoint import PreparedCheckpoint
+    from mimo_v2_flash.memory_budget import memory_budget
+    config = PreparedCheckpoint(args.weights).runnable_config()
+    batch = len(args.prompt_ids) if args.prompt_ids is not None else args.batch
+    context = 1 << (args.seq_len + args.max_new_tokens - 1).bit_length()      # the decode bucket
+    budget = memory_budget(config, world, weight_dtype=args.weight_dtype, batch=batch,
+                           context=min(context, config.max_position_embeddings), lnc=runtime_lnc(),
+                           host_weights="kernel" if args.backend == "nki" else "float32+kernel")
+    on_device = args.backend == "nki" and getattr(device(), "type", "cpu") != "cpu"
+    if show:
+        print(budget.table() + ("" if on_device else "\n  (trn2 figures; not enforced on this CPU)"))
+    if on_device:
+        budget.check()
 
 
 def generate_text_single_process(args, model) -> int:
@@ -179,6 +204,7 @@ def generate_single_process(args, model, built: str) -> int:
     except ValueError as err:
         return input_error(err)
     batch, prompt_len = prompt.shape
+    variants = kernel_buckets(args, model, batch, prompt_len)
     try:
         tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         seed=args.seed, return_timing=True, speculative=args.speculative,
@@ -196,7 +222,7 @@ def generate_single_process(args, model, built: str) -> int:
                     f"{batch * prompt_len / max(timing['prefill_s'], 1e-9):.1f} tokens/s"),
         ("decode", f"{decoded} tokens in {timing['decode_s']:.3f} s, "
                    f"{decoded / max(timing['decode_s'], 1e-9):.1f} tokens/s"),
-        ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB (float32)"),
+        ("KV cache", f"{timing['kv_cache_bytes'] / 1e6:.2f} MB ({timing['kv_cache_dtype']})"),
     ]
     if args.backend == "nki":   # the simulator's cost model of one NeuronCore-v3, not a measurement
         prefill, decode = model.ops.cost_summary(slice(0, 1)), model.ops.cost_summary(slice(1, None))
@@ -210,6 +236,8 @@ def generate_single_process(args, model, built: str) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if variants is not None:
+        print(variants())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": config.to_hub_dict(), "timing": timing, "tokens": tokens.tolist()}, f)
@@ -227,6 +255,31 @@ def speculative_rows(stats: dict) -> list[tuple[str, str]]:
                                   f"(per step: {per_step})"),
             ("tokens per pass", f"{fmt(stats['tokens_per_main_pass'])} tokens per main-model pass "
                                 f"({stats['main_passes']} verify passes, {stats['mtp_passes']} MTP passes)")]
+
+
+def kernel_buckets(args, model, batch: int, prompt_len: int):
+    """Kernel backend: static-shape buckets for this generation, compiled ahead of time unless
+    --no-warmup. Returns a function giving the `kernel variants:` line after generation (None on
+    the reference backend)."""
+    if args.backend != "nki":
+        return None
+    try:
+        import torch  # noqa: F401  (the static-shape path builds its tables with torch operations)
+    except ImportError:
+        return lambda: "kernel variants: not counted; static-shape buckets need torch (pip install '.[torch]')"
+    from mimo_kernels.launch import VARIANTS
+    from mimo_v2_flash.buckets import BucketTable
+    model.buckets = BucketTable.for_generation(batch, prompt_len, args.max_new_tokens)
+    start = len(VARIANTS)
+    if not args.no_warmup:
+        model.warmup()
+    mark = len(VARIANTS)
+
+    def line() -> str:
+        if args.no_warmup:
+            return f"kernel variants: {len(VARIANTS) - start} compiled during generation (no warmup)"
+        return f"kernel variants: {mark - start} compiled at warmup, {len(VARIANTS) - mark} new after warmup"
+    return line
 
 
 def input_error(err: Exception) -> int:

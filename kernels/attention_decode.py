@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, attention_prefill,
     check_attention_shapes, load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
@@ -505,14 +506,20 @@ def visible_keys(k_positions, q_positions, window):
     return np.flatnonzero(keep)
 
 
-def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 1, **tuning):
+def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
+                     **tuning):
     """Host launcher with the semantics of `ReferenceOps.attention`: each problem has q [T, Hq, D],
     k [S, Hkv, D], v [S, Hkv, Dv] (cached keys in cache order, then the new ones), q_positions
     [T], k_positions [S]. All problems go into one kernel launch.
 
-    Keys no query can see (older than every query's window) are dropped on the host; the rest
-    keep their order (a ring buffer stays wrapped). Returns (list of out [T, Hq, Dv] float32,
-    cost report or None)."""
+    `shape` None (ragged): keys no query can see (older than every query's window) are dropped on
+    the host, the rest keep their order (a ring buffer stays wrapped), and the plan follows the
+    key counts and positions. `shape=(batch, tokens, keys)` (a static bucket): every launch has
+    exactly that many sequences, new tokens and key slots (problems padded, extra sequences
+    dummies), and the plan depends on the shape only: every tile reads all key slots and masks
+    them from the positions at run time (`static_key_ranges`), so any lengths and positions
+    inside the bucket reuse one compiled kernel. Returns (list of out [T, Hq, Dv] float32, cost
+    report or None)."""
     if not problems:
         return [], None
     hq, d = problems[0].q.shape[1:]
@@ -539,15 +546,24 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         kept.append(idx)
     n = len(problems)
     q_lens = [p.q.shape[0] for p in problems]
-    k_lens = [len(idx) for idx in kept]
-    order = sorted(range(n), key=lambda b: -k_lens[b])   # similar key counts share tiles
-    plan = plan_decode_units([q_lens[b] for b in order], [k_lens[b] for b in order], kv_heads, group)
-    t_max, s_max = max(q_lens), max(k_lens)
-    q_t = np.zeros((n, kv_heads, d, t_max * group), BF16)
-    k_t = np.zeros((n, kv_heads, d, s_max), BF16)
-    v_dev = np.zeros((n, kv_heads, s_max, dv), BF16)
-    kpos = np.full((n, s_max), EMPTY_POSITION, np.float32)
-    qpos = np.zeros((n, t_max), np.float32)
+    if shape is None:
+        k_lens = [len(idx) for idx in kept]
+        order = sorted(range(n), key=lambda b: -k_lens[b])   # similar key counts share tiles
+        plan = plan_decode_units([q_lens[b] for b in order], [k_lens[b] for b in order], kv_heads, group)
+        t_max, s_max = max(q_lens), max(k_lens)
+    else:
+        n_static, t_max, s_max = (int(v) for v in shape)
+        kept = [np.arange(p.k.shape[0]) for p in problems]
+        check_static_shape(problems, n_static, t_max, s_max)
+        k_lens, order = [p.k.shape[0] for p in problems], list(range(n))
+        plan = plan_decode_units([t_max] * n_static, [s_max] * n_static, kv_heads, group)
+    slots = n if shape is None else n_static
+    q_t = np.zeros((slots, kv_heads, d, t_max * group), BF16)
+    k_t = np.zeros((slots, kv_heads, d, s_max), BF16)
+    v_dev = np.zeros((slots, kv_heads, s_max, dv), BF16)
+    kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
+    kpos[n:, 0] = 0.0                 # dummy sequences: one zero key at position 0, their query's own
+    qpos = np.zeros((slots, t_max), np.float32)
     for slot, b in enumerate(order):
         p, idx = problems[b], kept[b]
         t_len, s_len = q_lens[b], k_lens[b]
@@ -558,7 +574,11 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         v_dev[slot, :, :s_len] = np.asarray(p.v, np.float32)[idx].transpose(1, 0, 2)
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
-    limit_keys(plan, kpos, qpos, window)
+        qpos[slot, t_len:] = qpos[slot, t_len - 1]      # padding tokens see what the last one sees
+    if shape is None:
+        limit_keys(plan, kpos, qpos, window)
+    else:
+        static_key_ranges(plan, s_max, window)
     tiles = [t for _, unit_tiles in plan.units for t in unit_tiles]
     onehot = np.zeros((len(tiles), max(len(tok) for tok in plan.tile_tokens), P_MAX), BF16)
     sink_rows = None if sink is None else np.zeros((len(tiles), P_MAX, 1), np.float32)
@@ -571,18 +591,38 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int = 
         if sink is not None:
             sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
         row0 += tile[0]
-    kernel = attention_decode_kernel if lnc == 1 else attention_decode_kernel[lnc]
-    o_rows, rep = simulate(kernel, report=True)(q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
-                                                plan.kernel_plan, None if window is None else int(window),
-                                                **tuning)
+    o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v_dev, kpos, qpos, onehot, sink_rows,
+                         plan.kernel_plan, None if window is None else int(window), report=True, lnc=lnc,
+                         splits_lnc=True, **tuning)
     o_rows = np.asarray(o_rows, np.float32)
     outs = []
     for b in range(n):
-        mine = plan.row_seq == order.index(b)
+        mine = (plan.row_seq == order.index(b)) & (plan.row_token < q_lens[b])
         out = np.zeros((q_lens[b], hq, dv), np.float32)
         out[plan.row_token[mine], plan.row_head[mine]] = o_rows[mine]
         outs.append(out)
     return outs, rep
+
+
+def check_static_shape(problems, batch: int, tokens: int, keys: int) -> None:
+    """A ValueError naming the limit when the problems do not fit the static shape."""
+    if len(problems) > batch:
+        raise ValueError(f"attention: {len(problems)} sequences exceed the bucket's batch {batch}")
+    for i, p in enumerate(problems):
+        if p.q.shape[0] > tokens or p.k.shape[0] > keys:
+            raise ValueError(f"attention: problem {i} has {p.q.shape[0]} new tokens and {p.k.shape[0]} keys; "
+                             f"the bucket holds {tokens} tokens and {keys} key slots per sequence")
+
+
+def static_key_ranges(plan: DecodePlan, keys: int, window) -> None:
+    """The shape-only counterpart of `limit_keys`: every tile reads key slots [0, keys) and every
+    chunk is masked from the positions at run time (late keys and padding; with a window also
+    keys outside it)."""
+    for _, tiles in plan.units:
+        for tile in tiles:
+            tile[3], tile[4] = 0, keys
+            tile[5] = tuple(((c0, min(c0 + CHUNK_KEYS, keys), True, window is not None),)
+                            for c0 in range(0, keys, CHUNK_KEYS))
 
 
 def is_fresh_prefill(problem) -> bool:
@@ -592,23 +632,36 @@ def is_fresh_prefill(problem) -> bool:
 
 
 def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_tokens: int = PREFILL_MIN_TOKENS,
-                    lnc: int = 1):
+                    lnc: int | None = None, shape=None):
     """`ReferenceOps.attention` for the NKI backend: problems -> (outputs, cost reports).
 
     A fresh sequence of at least `prefill_min_tokens` tokens runs the prefill kernel (it skips the
     key blocks outside the causal window; one launch per sequence); every other problem (decode
     steps, prefill on a history, short prompts) shares one launch of the cached-attention kernel.
+    With a static `shape=(batch, tokens, keys)` the choice follows the bucket's `tokens`, a
+    fresh prompt is padded to `tokens` (the padding comes after it, so the causal mask hides it)
+    and the cached-attention launch has that shape (`attention_decode`).
     Outputs are [T, Hq, Dv] float32 in problem order."""
     outputs, reports = [None] * len(problems), []
-    cached = [i for i, p in enumerate(problems)
-              if not (is_fresh_prefill(p) and len(p.q_positions) >= prefill_min_tokens)]
+    long_enough = (lambda p: len(p.q_positions) >= prefill_min_tokens) if shape is None else \
+        (lambda p: shape[1] >= prefill_min_tokens)
+    cached = [i for i, p in enumerate(problems) if not (is_fresh_prefill(p) and long_enough(p))]
     for i in sorted(set(range(len(problems))) - set(cached)):
         p = problems[i]
-        outputs[i], rep = attention_prefill(p.q, p.k, p.v, scale, window, sink, lnc=lnc)
+        q, k, v = (p.q, p.k, p.v) if shape is None else (pad_tokens(a, shape[1]) for a in (p.q, p.k, p.v))
+        out, rep = attention_prefill(q, k, v, scale, window, sink, lnc=lnc)
+        outputs[i] = out[:p.q.shape[0]]
         reports.append(rep)
     if cached:
-        outs, rep = attention_decode([problems[i] for i in cached], scale, window, sink, lnc=lnc)
+        outs, rep = attention_decode([problems[i] for i in cached], scale, window, sink, lnc=lnc, shape=shape)
         for i, o in zip(cached, outs):
             outputs[i] = o
         reports.append(rep)
     return outputs, reports
+
+
+def pad_tokens(a, tokens: int):
+    """[T, ...] -> [tokens, ...] with zero rows after the T given ones."""
+    if a.shape[0] > tokens:
+        raise ValueError(f"attention: {a.shape[0]} tokens exceed the bucket's {tokens}")
+    return np.concatenate([np.asarray(a, np.float32), np.zeros((tokens - a.shape[0],) + a.shape[1:], np.float32)])

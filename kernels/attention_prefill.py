@@ -56,7 +56,8 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys per PV matmul
@@ -633,7 +634,7 @@ def sink_per_row(sink, kv_heads: int, group: int):
     return np.asarray(sink, np.float32)[heads][..., None]
 
 
-def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int = 1, **tuning):
+def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | None = None, **tuning):
     """Host launcher: prefill attention of one fresh sequence (queries = keys = the same T
     tokens, positions 0..T-1) on the backend (simulator or device).
 
@@ -650,7 +651,6 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int = 
     k_t = np.ascontiguousarray(np.asarray(k, np.float32).transpose(1, 2, 0)).astype(BF16)
     v_dev = np.ascontiguousarray(np.asarray(v, np.float32).transpose(1, 0, 2)).astype(BF16)
     sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
-    kernel = attention_prefill_kernel if lnc == 1 else attention_prefill_kernel[lnc]
-    o_rows, rep = simulate(kernel, report=True)(q_t, k_t, v_dev, sink_rows,
-                                                None if window is None else int(window), **tuning)
+    o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
+                         report=True, lnc=lnc, splits_lnc=True, **tuning)
     return from_rows(o_rows, t_len), rep

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, simulate
+from mimo_kernels.backend import nki, nl
+from mimo_kernels.launch import launch
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.checks import KernelInputError
 
@@ -56,4 +57,4 @@ def dense_mlp(x, gate, up, down, scales=None, dtype=BF16, report=False):
     args = [np.ascontiguousarray(x, dtype=dtype)] + [w for w, _ in prepared]
     if scales[0] is not None:
         args += [s for _, s in prepared]
-    return simulate(dense_mlp_kernel, report=report)(*args)
+    return launch(dense_mlp_kernel, *args, report=report)

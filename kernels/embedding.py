@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -61,7 +62,7 @@ def embed(ids, table, report=False):
     if bad.any():
         raise ValueError(f"embed: token id {ids[bad].reshape(-1)[0]} is outside the vocabulary [0, {V})")
     flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int32)
-    result = simulate(embedding_kernel, report=report)(flat, np.ascontiguousarray(table))
+    result = launch(embedding_kernel, flat, np.ascontiguousarray(table), report=report)
     out, rep = result if report else (result, None)
     out = out.reshape(ids.shape + (table.shape[1],))
     return (out, rep) if report else out

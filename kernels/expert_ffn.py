@@ -61,7 +61,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
@@ -434,23 +435,72 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
     I = weights.gate.shape[2]
     if block_rows is None:
         block_rows = choose_block_rows(group_sizes, H, I, weights.gate.dtype.itemsize)
-    plan = plan_blocks(group_sizes, row_token, row_weight, T, block_rows)
+    return run_blocks(x, plan_blocks(group_sizes, row_token, row_weight, T, block_rows), weights, report)
+
+
+def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
+    """Launch the kernel over a block plan; x [T, H] bf16. Returns out [T, H] float32 (and the
+    cost report, None when there are no blocks)."""
+    T, H = x.shape
     if plan.num_blocks == 0:
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
-    result = simulate(expert_ffn_kernel, report=report)(
-        x, plan.row_token, plan.row_weight, plan.block_expert, *weights.kernel_args())
+    result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
+                    *weights.kernel_args(), report=report)
     out, rep = result if report else (result, None)
     return (out[:T], rep) if report else out[:T]
 
 
+def static_block_shape(rows: int, top_k: int, num_experts: int) -> tuple[int, int]:
+    """(block rows B, block count NB) of a bucket of `rows` tokens with `top_k` experts each:
+    B the power of two covering an even share of the rows per expert (at most 512), NB the worst
+    case of any routing, ceil(rows * top_k / B) + E - 1 (every expert but one may end a block
+    part-full)."""
+    entries = rows * top_k
+    block_rows = min(MAX_BLOCK_ROWS, 1 << max(0, -(-entries // num_experts) - 1).bit_length())
+    return block_rows, -(-entries // block_rows) + num_experts - 1
+
+
+def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, num_blocks: int) -> BlockPlan:
+    """The block tables of `plan_blocks` at a fixed shape (`num_blocks` blocks of `block_rows`),
+    computed with tensor operations of static shape (stable sort, counts, prefix sums, one
+    scatter), so the same bookkeeping runs on the device without a host round trip.
+
+    ids [T, k] local expert ids (-1: a slot computed elsewhere), routing_weights [T, k]. Unused
+    blocks belong to the last expert and hold only padding rows (token T, weight 0)."""
+    import torch
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+    tokens, top_k = ids.shape
+    weights = torch.as_tensor(np.asarray(routing_weights, np.float32)).reshape(-1)
+    key = torch.where(ids.reshape(-1) >= 0, ids.reshape(-1), num_experts)      # unused slots last
+    order = torch.sort(key, stable=True).indices
+    key, weights = key[order], weights[order]
+    token = torch.arange(tokens).repeat_interleave(top_k)[order]
+    counts = (key[:, None] == torch.arange(num_experts)[None, :]).sum(0)
+    blocks = (counts + block_rows - 1) // block_rows
+    if int(blocks.sum()) > num_blocks:
+        raise ValueError(f"expert_ffn: routing needs {int(blocks.sum())} blocks of {block_rows} rows, the "
+                         f"bucket has {num_blocks}")
+    expert = key.clamp(max=num_experts - 1)
+    rank = torch.arange(len(key)) - (torch.cumsum(counts, 0) - counts)[expert]
+    dump = num_blocks * block_rows                                            # unused slots land here
+    slot = torch.where(key < num_experts, (torch.cumsum(blocks, 0) - blocks)[expert] * block_rows + rank, dump)
+    row_token = torch.full((dump + 1,), tokens, dtype=torch.int32).scatter(0, slot, token.to(torch.int32))
+    row_weight = torch.zeros(dump + 1).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
+    block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks), right=True)
+    return BlockPlan(block_rows, block_expert.clamp(max=num_experts - 1).to(torch.int32).numpy(),
+                     row_token[:dump].numpy(), row_weight[:dump].numpy())
+
+
 def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,
-               report=False):
+               report=False, shape: tuple[int, int] | None = None):
     """Host launcher with the semantics of `ReferenceOps.experts` over local experts:
     out[t] = sum_j routing_weights[t, j] * expert_{ids[t, j]}(x[t]).
 
     ids [T, k] index the local experts of `weights` (-1 = no expert in this slot); x [T, H].
     Sorts the rows by expert (stable, so rows keep token order) and runs `grouped_expert_ffn`.
+    `shape=(block_rows, num_blocks)` (a static bucket, `static_block_shape`): the block tables
+    come from `plan_blocks_static`, so the launch has that shape whatever the routing.
     """
     ids = np.asarray(ids, dtype=np.int64)
     routing_weights = np.asarray(routing_weights, dtype=np.float32)
@@ -460,6 +510,10 @@ def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int 
     if ids.size and (ids.max() >= weights.num_experts or ids.min() < -1):
         raise ValueError(f"expert_ffn: expert ids must lie in -1..{weights.num_experts - 1}, got "
                          f"{ids.min()}..{ids.max()}")
+    if shape is not None:
+        weights.validate()
+        x = np.ascontiguousarray(x, dtype=BF16)
+        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights, report)
     token_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
     flat_ids, flat_w = ids.reshape(-1), routing_weights.reshape(-1)
     keep = flat_ids >= 0

@@ -39,7 +39,8 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                               # partitions, and the K / FP8 block size
@@ -329,4 +330,4 @@ def linear(x, weight, scale=None, dtype=BF16, report=False):
         raise ValueError(f"linear: x must be [tokens, in], got shape {x.shape}")
     weight, scale = kernel_weight(weight, scale)
     args = (np.ascontiguousarray(x, dtype=dtype), weight) + (() if scale is None else (scale,))
-    return simulate(linear_kernel, report=report)(*args)
+    return launch(linear_kernel, *args, report=report)

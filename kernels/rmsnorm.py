@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -177,7 +178,7 @@ def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
     bf16. Returns y [T, H] in `dtype`, plus the simulator's cost report when `report=True`."""
     x = _activations("x", x, dtype)
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return simulate(rmsnorm_kernel, report=report)(x, w, eps=float(eps))
+    return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report)
 
 
 def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
@@ -189,4 +190,4 @@ def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
     if x.shape != delta.shape:
         raise ValueError(f"add_rmsnorm: delta shape {delta.shape} differs from x shape {x.shape}")
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return simulate(add_rmsnorm_kernel, report=report)(x, delta, w, eps=float(eps))
+    return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report)

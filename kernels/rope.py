@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -149,10 +150,12 @@ def cached_rope_table(theta: float, rotary_dim: int, max_position: int) -> np.nd
     return table
 
 
-def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False):
+def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False, max_position=None):
     """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (any float array),
     positions [T] (non-negative ints), returns x with the first `rotary_dim` dims of every head
-    rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`."""
+    rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`.
+    `max_position`: the largest position the table must cover (default the largest given); a
+    static-shape caller passes its bucket's, so the table's shape does not follow the data."""
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {x.shape}")
@@ -161,6 +164,9 @@ def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False):
         raise ValueError(f"rope: positions shape {positions.shape} must be ({x.shape[0]},) for x {x.shape}")
     if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
         raise ValueError(f"rope: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
-    table = cached_rope_table(theta, rotary_dim, int(positions.max(initial=0)))
-    return simulate(rope_kernel, report=report)(np.ascontiguousarray(x, dtype=dtype),
-                                                positions.astype(np.int32), table)
+    largest = int(positions.max(initial=0))
+    if max_position is not None and largest > max_position:
+        raise ValueError(f"rope: position {largest} exceeds max_position={max_position}")
+    table = cached_rope_table(theta, rotary_dim, largest if max_position is None else int(max_position))
+    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions.astype(np.int32), table,
+                  report=report)

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
@@ -194,7 +195,7 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
     if x.shape[0] == 0:
         empty = (np.zeros((0, TOP_K), np.int64), np.zeros((0, TOP_K), np.float32))
         return (*empty, None) if report else empty
-    result = simulate(router_kernel, report=report)(x, w, bias, float(routed_scaling_factor))
+    result = launch(router_kernel, x, w, bias, float(routed_scaling_factor), report=report)
     (ids, weights), rep = (result, None) if not report else (result[0], result[1])
     ids = ids.astype(np.int64)
     return (ids, weights, rep) if report else (ids, weights)

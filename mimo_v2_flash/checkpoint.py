@@ -39,10 +39,11 @@ from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile, check_finite
-from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
+from .weights import (BF16, EMBED, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
                       layer_tensors, model_tensors, mtp_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
+FINITE_CHECK_ROWS = 1024          # rows of a stored tensor checked for NaN / Inf at a time
 MANIFEST_FILE = "manifest.json"
 PREPARED_FORMAT = "mimo_v2_flash.prepared"
 PREPARED_VERSION = 2      # 2: per-rank file sets (shared replicated file)
@@ -436,6 +437,16 @@ class PreparedCheckpoint:
 
         rank=None: replicated tensors from rank 0's files plus every rank's experts.
         """
+        return self._load(rank, self._read)
+
+    def load_kernel_layout(self, rank: int | None = None) -> tuple[MiMoV2FlashConfig, "KernelLayoutWeights"]:
+        """Like `load`, but every tensor as stored (projections [in, out] in bf16, or FP8 with
+        its block scale), memory-mapped: what a kernel backend reads, with no float32 Hub-layout
+        copy (see `KernelLayoutWeights`)."""
+        config, stored = self._load(rank, self._read_stored)
+        return config, KernelLayoutWeights(stored)
+
+    def _load(self, rank, read):
         if rank is not None and not 0 <= rank < self.world_size:
             raise CheckpointError(f"{self.path}: rank {rank} outside 0..{self.world_size - 1}")
         config = self.runnable_config()
@@ -457,7 +468,7 @@ class PreparedCheckpoint:
             else:
                 specs += self._stored_mtp(files)
             for spec in progress_bar(specs, desc=f"loading rank {r}", unit="tensor"):
-                weights[spec.name] = self._read(r, files, spec)
+                weights[spec.name] = read(r, files, spec)
         return config, weights
 
     def _stored_mtp(self, files: list[SafetensorsFile]) -> list[TensorSpec]:
@@ -472,6 +483,11 @@ class PreparedCheckpoint:
         return specs if all(held) else []
 
     def _read(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec) -> np.ndarray:
+        weight, scale = self._read_stored(rank, files, spec)
+        return stored_to_hub(weight, scale, projection=kernel_name(spec) != spec.name)
+
+    def _read_stored(self, rank: int, files: list[SafetensorsFile], spec: TensorSpec):
+        """(tensor as stored, memory-mapped; its FP8 block scale or None), shape checked."""
         name = kernel_name(spec)
         handle = next((f for f in files if name in f), None)
         if handle is None:
@@ -482,12 +498,51 @@ class PreparedCheckpoint:
         if stored.shape != shape:
             raise CheckpointError(f"{handle.path}: tensor {name!r} has shape {list(stored.shape)}, "
                                   f"expected {list(shape)}")
-        if stored.dtype == "F8_E4M3":
-            array = fp8.dequantize(handle.read(name), handle.read(scale_name(name)))
-        else:
-            array = np.asarray(handle.read(name), np.float32)
-        try:
-            check_finite(array, f"{handle.path}: tensor {name!r}")
+        weight = handle.read(name)
+        scale = handle.read(scale_name(name)) if stored.dtype == "F8_E4M3" else None
+        try:       # in row blocks: the float32 view of a check never holds a whole tensor
+            for array, what in ((weight, name), (scale, scale_name(name))):
+                for r0 in range(0, 0 if array is None else max(len(array), 1), FINITE_CHECK_ROWS):
+                    check_finite(array[r0:r0 + FINITE_CHECK_ROWS], f"{handle.path}: tensor {what!r}", row_offset=r0)
         except SafetensorsError as err:
             raise CheckpointError(str(err)) from None
-        return array.T if name != spec.name else array
+        return weight, scale
+
+
+def stored_to_hub(weight: np.ndarray, scale: np.ndarray | None, projection: bool) -> np.ndarray:
+    """A stored tensor in the Hub layout, float32: FP8 dequantised, projections transposed back."""
+    array = fp8.dequantize(weight, scale) if scale is not None else np.asarray(weight, np.float32)
+    return array.T if projection else array
+
+
+class KernelLayoutWeights:
+    """A prepared rank's tensors as stored: `stored(name)` gives (array, FP8 scale or None) in the
+    kernel layout (projections [in, out]); `weights[name]` gives the Hub layout [out, in] float32,
+    computed on each access (for the few small tensors the layer code reads directly, and for a
+    reference check). The arrays are memory maps of the files: nothing is copied until a backend
+    converts or uploads them."""
+
+    def __init__(self, stored: dict[str, tuple[np.ndarray, np.ndarray | None]]):
+        self._stored = stored
+
+    def stored(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._stored[name]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        weight, scale = self._stored[name]
+        return stored_to_hub(weight, scale, projection=weight.ndim == 2 and name != EMBED)
+
+    def __contains__(self, name) -> bool:
+        return name in self._stored
+
+    def __iter__(self):
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def keys(self):
+        return self._stored.keys()
+
+    def items(self):
+        return ((name, self[name]) for name in self._stored)

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from .buckets import BucketTable
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
@@ -70,6 +71,7 @@ class MiMoV2FlashModel:
         if check_reference:
             self.ops = CheckedOps(self.ops, ReferenceOps(config, weights, allowed))
         self.expert_executor = expert_executor or LocalExperts(self.ops)
+        self.buckets: BucketTable | None = None    # static shapes of the kernel path (see `warmup`)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -101,9 +103,12 @@ class MiMoV2FlashModel:
             config, weights = load_hub_checkpoint(path, experts=expert_subset)
             return cls(config, weights, expert_subset=expert_subset, **kwargs)
         prepared = PreparedCheckpoint(path)
-        check_reference_weights_fit(prepared.runnable_config(),
-                                    prepared.experts if rank is None else prepared.experts_of(rank), str(path))
-        config, weights = prepared.load(rank)
+        if kwargs.get("backend") == "nki" and not kwargs.get("check_reference"):
+            config, weights = prepared.load_kernel_layout(rank)     # no float32 Hub-layout copy
+        else:
+            check_reference_weights_fit(prepared.runnable_config(),
+                                        prepared.experts if rank is None else prepared.experts_of(rank), str(path))
+            config, weights = prepared.load(rank)
         held = prepared.experts if rank is None else prepared.experts_of(rank)
         if expert_subset is None:
             expert_subset = prepared.experts if kwargs.get("expert_executor") else held
@@ -116,8 +121,14 @@ class MiMoV2FlashModel:
         from .checkpoint import save_hub_checkpoint
         save_hub_checkpoint(path, self.config, self.weights, dtype=dtype)
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache(self.config, batch)
+    def new_cache(self, batch: int):
+        """The ragged cache; with a bucket table (static shapes), a preallocated one sized for its
+        largest decode context, in bf16 on the kernel backend (what the kernels read)."""
+        if self.buckets is None:
+            return KVCache(self.config, batch)
+        from .static_kv_cache import BF16, StaticKVCache      # ml_dtypes: loaded on first use
+        dtype = BF16 if self.backend == "nki" else np.float32
+        return StaticKVCache(self.config, batch, self.buckets.decode_contexts[-1], dtype)
 
     # ---- forward -----------------------------------------------------------------------------
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
@@ -176,10 +187,17 @@ class MiMoV2FlashModel:
             offset += len(tokens)
             stops.append(offset)
         batch = TokenBatch(seq_indices, starts, stops, np.concatenate(positions))
-        x = self.ops.embed(np.concatenate(ids))
-        for layer in range(self.config.num_hidden_layers):
-            x = decoder_layer(self.ops, self.config, layer, x, batch, cache, self.expert_executor)
-        logits = self.ops.logits(x)
+        kernel_ops = getattr(self.ops, "backend", self.ops)     # under CheckedOps, the kernel backend
+        if self.buckets is not None and hasattr(kernel_ops, "bucket"):
+            kernel_ops.bucket = self._pass_bucket([p[0] for p in positions], [len(t) for t in ids])
+        try:
+            x = self.ops.embed(np.concatenate(ids))
+            for layer in range(self.config.num_hidden_layers):
+                x = decoder_layer(self.ops, self.config, layer, x, batch, cache, self.expert_executor)
+            logits = self.ops.logits(x)
+        finally:
+            if hasattr(kernel_ops, "bucket"):
+                kernel_ops.bucket = None
         if cache is not None:
             for seq, start, stop in batch.segments():
                 cache.seq_lens[seq] += stop - start
@@ -187,6 +205,36 @@ class MiMoV2FlashModel:
         if return_hidden:
             return rows, [x[start:stop] for _, start, stop in batch.segments()]
         return rows
+
+    def _pass_bucket(self, starts: list[int], counts: list[int]):
+        """The bucket of a pass: prefill when every sequence starts at position 0, decode when each
+        adds one token; None (ragged shapes) for anything else or when no bucket is large enough."""
+        try:
+            if not any(starts):
+                return self.buckets.prefill(len(counts), max(counts))
+            if all(c == 1 for c in counts):
+                return self.buckets.decode(len(counts), max(starts) + 1)
+        except ValueError:
+            pass
+        return None
+
+    def warmup(self, buckets: BucketTable | None = None) -> int:
+        """Compile ahead of time: one pass of dummy tokens through every bucket of `buckets`
+        (default `self.buckets`, which this sets), so generation inside them launches no new kernel
+        specialization. Cost records of the warmup are dropped. Returns the number of passes."""
+        if buckets is not None:
+            self.buckets = buckets
+        if self.buckets is None:
+            raise ValueError("warmup needs a BucketTable (model.buckets or the buckets argument)")
+        self.buckets.check(self.config)
+        for bucket in self.buckets.buckets():
+            cache = self.new_cache(bucket.batch)
+            if bucket.kind == "decode":      # a history reaching the bucket's context
+                cache.seq_lens[:] = bucket.context - 1
+            self.forward_ragged([np.zeros(bucket.tokens, np.int64)] * bucket.batch, cache)
+        if hasattr(self.ops, "reset_costs"):
+            self.ops.reset_costs()
+        return len(self.buckets.buckets())
 
     def forward(self, input_ids, cache: KVCache | None = None) -> np.ndarray:
         """input_ids int [B, T] -> logits float32 [B, T, vocab] (continuing `cache` if given)."""
@@ -240,11 +288,16 @@ class MiMoV2FlashModel:
         def last_logits(sequences, slots):
             return [l[-1] for l in self.forward_ragged(sequences, cache, slots)]
 
-        out, prefill_s, decode_s = generation_loop(
-            input_ids, max_new_tokens, last_logits,
-            lambda logits: sample(logits, temperature, top_k, top_p, rng), stop, progress=progress)
+        if self.buckets is None:
+            choose = lambda logits: sample(logits, temperature, top_k, top_p, rng)   # noqa: E731
+        else:                        # the static-shape (device) path samples on the device
+            from .device_sampling import DeviceSampler
+            choose = DeviceSampler(temperature, top_k, top_p, seed)
+        out, prefill_s, decode_s = generation_loop(input_ids, max_new_tokens, last_logits, choose, stop,
+                                                   progress=progress)
         if return_timing:
-            return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes}
+            return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes,
+                         "kv_cache_dtype": str(cache.layers[0].k.dtype)}
         return out
 
 

@@ -4,8 +4,10 @@ Every method has the semantics of the same method of `layer.ReferenceOps` and ru
 host launcher (kernels/*.py) on the backend `mimo_kernels.backend` picked: the CPU simulator here, the
 real `nki` on a Trainium2.
 
-Weights arrive by Hub name in the Hub layout `[out, in]` float32. Each is converted once, on first
-use, into the layout its kernel reads and kept: projections `[in, out]` in bf16, or with
+Weights arrive by Hub name in the Hub layout `[out, in]` float32, or from a prepared directory as
+stored (`checkpoint.KernelLayoutWeights`: already the kernel layout, memory-mapped, used as is
+when its dtype is the one asked for). Each is converted once, on first use, into the layout its
+kernel reads and kept: projections `[in, out]` in bf16, or with
 `weight_dtype="fp8"` the tensors the Hub stores as FP8 (q/k/v, the dense MLP, the experts) as
 Trainium float8_e4m3 with 128x128 block scales (`fp8.quantize_blocks`); o_proj and lm_head stay
 bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked once into the
@@ -14,6 +16,12 @@ grouped expert kernel's `ExpertWeights` (local index = position among the loaded
 Activations travel in bf16 between kernels, as on the device: every launcher takes its input
 rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
 is NumPy. The router works in fp32 and the expert kernel accumulates into fp32, as the kernels do.
+
+Static shapes: with `bucket` set (a `buckets.Bucket`), every op pads its token rows to the
+bucket's `rows` and drops the padding from its result, attention runs at the bucket's shape and
+the expert kernel at its fixed block count, so a pass launches the same kernel specializations
+whatever the lengths inside the bucket (`mimo_kernels.launch.VARIANTS` counts them). Without a
+bucket the launches take the exact ragged shapes.
 
 Cost: every launch's simulator report (an estimate of Trainium2 time from the cost model, not a
 measurement) is added to a per-op running total, split into forward passes (a pass starts at
@@ -31,7 +39,7 @@ import numpy as np
 from mimo_kernels.attention_decode import attention_batch
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
-from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn
+from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
 from mimo_kernels.linear import linear
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.rope import rope
@@ -107,6 +115,20 @@ class NkiOps:
         self._prepared: dict[str, tuple] = {}
         self._expert_stacks: dict[int, tuple[ExpertWeights, np.ndarray]] = {}
         self.passes: list[PassCost] = []
+        self.bucket = None      # a buckets.Bucket: launch at its static shapes (module docstring)
+
+    def _max_position(self) -> int | None:
+        """The largest position of the bucket (sizes the RoPE table), None without a bucket."""
+        return None if self.bucket is None else self.bucket.context - 1
+
+    def padded(self, a: np.ndarray, fill=0) -> np.ndarray:
+        """`a` [N, ...] with rows of `fill` up to the bucket's rows (unchanged without a bucket)."""
+        a = np.asarray(a)
+        if self.bucket is None or a.shape[0] == self.bucket.rows:
+            return a
+        if a.shape[0] > self.bucket.rows:
+            raise ValueError(f"{a.shape[0]} token rows exceed the bucket {self.bucket} ({self.bucket.rows} rows)")
+        return np.concatenate([a, np.full((self.bucket.rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
 
     # ---- weights: Hub layout in, kernel layout out (once) ------------------------------------
     def w(self, name: str) -> np.ndarray:
@@ -118,8 +140,27 @@ class NkiOps:
         weight_dtype="fp8"), the router weight [in, out] fp32, vectors and the embedding bf16."""
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = self._convert(self._specs[name], self.w(name))
+            prepared = self._prepared[name] = self._kernel_layout(self._specs[name])
         return prepared
+
+    def _kernel_layout(self, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        """A tensor in its kernel layout: taken as stored when the weights come from a prepared
+        directory in that layout already (`checkpoint.KernelLayoutWeights`, memory-mapped, no
+        copy), otherwise converted from the Hub layout."""
+        stored = getattr(self.weights, "stored", None)
+        if stored is None:
+            return self._convert(spec, self.weights[spec.name])
+        weight, scale = stored(spec.name)
+        if not is_projection(spec):                       # norms and the embedding table
+            return np.asarray(weight, dtype=BF16), None
+        if spec.hub_dtype == F32:
+            return np.asarray(weight, dtype=np.float32), None
+        if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
+            if scale is not None:   # F8_E4M3 files hold e4m3fn bytes; within +-240 they are Trainium's
+                return weight.view(TRAINIUM_E4M3.dtype), np.asarray(scale, np.float32)
+        elif weight.dtype == BF16:
+            return weight, None
+        return self._convert(spec, self.weights[spec.name])   # stored in the other dtype
 
     def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if not is_projection(spec):                       # norms and the embedding table
@@ -142,7 +183,7 @@ class NkiOps:
             for e in experts:
                 for proj in EXPERT_PROJS:
                     name = expert_prefix(layer, e) + f"{proj}.weight"
-                    weight, scale = self._convert(by_name[name], self.weights[name])
+                    weight, scale = self._kernel_layout(by_name[name])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
             stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]
@@ -205,13 +246,14 @@ class NkiOps:
         """Token rows of the embedding table; starts a new forward pass in the cost ledger."""
         self.passes.append(PassCost(tokens=int(np.size(ids))))
         table, _ = self.kernel_weight(EMBED)
-        out, report = embed(ids, table, report=True)
+        out, report = embed(self.padded(np.reshape(ids, -1)), table, report=True)
         self._record("embed", report)
-        return out.astype(np.float32)
+        return out[:np.size(ids)].reshape(np.shape(ids) + out.shape[1:]).astype(np.float32)
 
     def _rmsnorm(self, x, weight_name):
         weight, _ = self.kernel_weight(weight_name)
-        return rmsnorm(x, weight, self.config.layernorm_epsilon, report=True)
+        y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
+        return y[:len(x)], report
 
     def rmsnorm(self, x, weight_name):
         y, report = self._rmsnorm(x, weight_name)
@@ -221,13 +263,15 @@ class NkiOps:
     def add_rmsnorm(self, x, delta, weight_name):
         """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
         weight, _ = self.kernel_weight(weight_name)
-        (total, y), report = add_rmsnorm(x, delta, weight, self.config.layernorm_epsilon, report=True)
+        (total, y), report = add_rmsnorm(self.padded(x), self.padded(delta), weight, self.config.layernorm_epsilon,
+                                         report=True)
         self._record("add_rmsnorm", report)
-        return total.astype(np.float32), y.astype(np.float32)
+        return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
     def _linear(self, x, weight_name):
         weight, scale = self.kernel_weight(weight_name)
-        return linear(x, weight, scale, report=True)
+        y, report = linear(self.padded(x), weight, scale, report=True)
+        return y[:len(x)], report
 
     def linear(self, x, weight_name):
         y, report = self._linear(x, weight_name)
@@ -252,39 +296,42 @@ class NkiOps:
         latency instead of three), split back into [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]."""
         heads, kv_heads, d, dv = self.config.attention_shape(layer)
         weight, scale = self._fused_qkv_weight(layer)
-        y, report = linear(x, weight, scale, report=True)
+        y, report = linear(self.padded(x), weight, scale, report=True)
         self._record("qkv", report)
-        y = y.astype(np.float32)
+        y = y[:len(x)].astype(np.float32)
         return y[:, :heads * d], y[:, heads * d:(heads + kv_heads) * d], y[:, (heads + kv_heads) * d:]
 
     def rope_qk(self, q, k, positions, theta):
         """q and k heads side by side through one rope launch (same positions and theta)."""
-        both, report = rope(np.concatenate([q, k], axis=1), positions, theta,
-                            rotary_dim=self.config.rotary_dim, report=True)
+        both, report = rope(self.padded(np.concatenate([q, k], axis=1)), self.padded(positions), theta,
+                            rotary_dim=self.config.rotary_dim, report=True, max_position=self._max_position())
         self._record("rope_qk", report)
-        both = both.astype(np.float32)
+        both = both[:len(q)].astype(np.float32)
         return both[:, :q.shape[1]], both[:, q.shape[1]:]
 
     def rope(self, x, positions, theta):
-        y, report = rope(x, positions, theta, rotary_dim=self.config.rotary_dim, report=True)
+        y, report = rope(self.padded(x), self.padded(positions), theta, rotary_dim=self.config.rotary_dim,
+                         report=True, max_position=self._max_position())
         self._record("rope", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
         """Fresh prompts of 128+ tokens through the flash prefill kernel (one launch each); decode
         steps, prefill on a history and short prompts share one ragged cached-attention launch."""
-        outs, reports = attention_batch(problems, self.config.softmax_scale, window, sink)
+        shape = None if self.bucket is None else (self.bucket.batch, self.bucket.tokens,
+                                                  self.bucket.attention_keys(window))
+        outs, reports = attention_batch(problems, self.config.softmax_scale, window, sink, shape=shape)
         self._record("attention", *reports)
         return outs
 
     def router(self, x, layer):
         p = layer_prefix(layer) + "mlp.gate."
         gate_t, _ = self.kernel_weight(p + "weight")
-        ids, weights, report = route(x, gate_t, self.w(p + "e_score_correction_bias"),
+        ids, weights, report = route(self.padded(x), gate_t, self.w(p + "e_score_correction_bias"),
                                      self.config.num_experts_per_tok, self.config.routed_scaling_factor,
                                      self.allowed_experts, report=True)
         self._record("router", report)
-        return ids, weights
+        return ids[:len(x)], weights[:len(x)]
 
     def experts(self, x, layer, ids, weights):
         """Routed experts (global ids; -1 = a slot computed elsewhere) through the grouped expert
@@ -296,17 +343,20 @@ class NkiOps:
         missing = (ids >= 0) & (local < 0)
         if missing.any():
             raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
-        out, report = expert_ffn(x, local, weights, stack, report=True)
+        shape = None if self.bucket is None else static_block_shape(
+            self.bucket.rows, local.shape[1], stack.num_experts)
+        out, report = expert_ffn(self.padded(x), self.padded(local, fill=-1), self.padded(weights), stack,
+                                 report=True, shape=shape)
         self._record("experts", report)
-        return out.astype(np.float32)
+        return out[:len(x)].astype(np.float32)
 
     def dense_mlp(self, x, layer):
         p = layer_prefix(layer) + "mlp."
         prepared = [self.kernel_weight(p + f"{proj}.weight") for proj in EXPERT_PROJS]
         scales = None if prepared[0][1] is None else [s for _, s in prepared]
-        y, report = dense_mlp(x, *(w for w, _ in prepared), scales=scales, report=True)
+        y, report = dense_mlp(self.padded(x), *(w for w, _ in prepared), scales=scales, report=True)
         self._record("dense_mlp", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def logits(self, x):
         """Final norm and lm_head: two launches, counted together."""

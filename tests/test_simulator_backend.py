@@ -25,8 +25,8 @@ def test_simulator_is_selected_without_the_real_package():
         assert callable(getattr(nki, name))
 
 
-def test_forcing_the_real_backend_without_it_fails_clearly():
-    res = _python("import mimo_kernels.backend", MIMO_NKI_BACKEND="real")
+def test_forcing_the_neuron_backend_without_it_fails_clearly():
+    res = _python("import mimo_kernels.backend", MIMO_NKI_BACKEND="neuron")
     assert res.returncode != 0 and "nki" in res.stderr and "ImportError" in res.stderr
 
 

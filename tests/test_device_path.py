@@ -1,0 +1,281 @@
+"""The device launch path on the simulator: `launch` (kernel[lnc] with torch tensors), the
+kernel-specialization counter, static-shape buckets, the static KV cache and the fixed-shape
+expert block plan.
+
+Tolerances: bucketed (padded) launches against exact-shape launches of the same kernels: equal
+bit for bit where the kernel's per-row arithmetic is unchanged (rmsnorm, experts), 1e-6 relative
+for attention (masked padding adds exact zeros; the shape changes only the tiling). The static
+cache against the ragged cache on the reference backend: 1e-6 relative on the logits (same
+arithmetic, masked empty slots contribute exactly zero).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from mimo_kernels import launch as launch_module
+from mimo_kernels.attention_decode import attention_decode
+from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
+from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
+from mimo_kernels.launch import VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
+from mimo_kernels.rmsnorm import rmsnorm, rmsnorm_kernel
+from mimo_v2_flash import MiMoV2FlashModel
+from mimo_v2_flash.buckets import Bucket, BucketTable, powers_of_two
+from mimo_v2_flash.layer import AttentionInput
+from mimo_v2_flash.static_kv_cache import StaticKVCache
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a, np.float32) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# ---------------------------------------------------------------- backend and launch
+
+def test_backend_reports_the_bundled_simulator_and_never_calls_it_real():
+    assert IS_SIMULATOR
+    assert NKI_VERSION.endswith("+cpu-sim")
+    text = describe()
+    assert "bundled CPU simulator" in text and "real" not in text.lower()
+
+
+def test_runtime_lnc_follows_the_neuron_variable(monkeypatch):
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    assert runtime_lnc() == 1                                   # the simulator; a trn2 device defaults to 2
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    assert runtime_lnc() == 2
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "4")
+    with pytest.raises(ValueError, match="NEURON_LOGICAL_NC_CONFIG='4'.*1 or 2"):
+        runtime_lnc()
+
+
+def test_launch_passes_torch_tensors_to_the_kernel_at_the_runtime_lnc(monkeypatch):
+    seen = []
+    real_call = type(rmsnorm_kernel).__call__
+
+    def spy(kernel, *args, **kwargs):
+        seen.append((kernel.num_programs, [type(a).__name__ for a in args]))
+        return real_call(kernel, *args, **kwargs)
+    monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
+    x = np.random.default_rng(0).standard_normal((5, 256)).astype(BF16)
+    w = (1 + 0.1 * np.random.default_rng(1).standard_normal(256)).astype(BF16)
+    y = launch(rmsnorm_kernel, x, w, eps=1e-6)
+    assert seen == [(1, ["Tensor", "Tensor"])]                  # kernel[1](torch tensors)
+    assert isinstance(y, np.ndarray) and y.dtype == BF16
+    xf = x.astype(np.float32)
+    want = xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6) * w.astype(np.float32)
+    assert rel(y, want) < 1e-2
+
+
+def test_lnc2_runs_only_kernels_that_split_their_work(monkeypatch):
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    x = np.ones((5, 256), BF16)
+    with pytest.raises(launch_module.LncError, match="rmsnorm_kernel does not split its work.*=1"):
+        launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6)
+    rng = np.random.default_rng(2)
+    problem = AttentionInput(rng.standard_normal((1, 8, 64)).astype(np.float32),
+                             rng.standard_normal((9, 2, 64)).astype(np.float32),
+                             rng.standard_normal((9, 2, 64)).astype(np.float32), np.array([8]), np.arange(9))
+    got, _ = attention_decode([problem], 0.125)                  # the attention kernels split: LNC=2
+    want, _ = attention_decode([problem], 0.125, lnc=1)
+    assert rel(got[0], want[0]) < 1e-6
+
+
+def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
+    a = np.arange(6, dtype=np.float32).astype(BF16)
+    t = launch_module.to_device(a)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+    a[0] = 5                                     # a view: the tensor sees the change
+    assert float(t[0]) == 5.0
+    np.testing.assert_array_equal(launch_module.to_host(t), a)
+
+
+# ---------------------------------------------------------------- the variant counter
+
+def test_variant_key_is_shapes_dtypes_and_constants():
+    a, b = np.zeros((4, 8), np.float32), np.ones((4, 8), np.float32)
+    key = variant_key(rmsnorm_kernel, 2, (a,), {"eps": 1e-6})
+    assert key == variant_key(rmsnorm_kernel, 2, (torch.from_numpy(b),), {"eps": 1e-6})   # values don't matter
+    assert key != variant_key(rmsnorm_kernel, 1, (a,), {"eps": 1e-6})                      # LNC does
+    assert key != variant_key(rmsnorm_kernel, 2, (np.zeros((5, 8), np.float32),), {"eps": 1e-6})
+    assert key != variant_key(rmsnorm_kernel, 2, (a.astype(BF16),), {"eps": 1e-6})
+    assert key != variant_key(rmsnorm_kernel, 2, (a,), {"eps": 1e-5})                      # constants do
+
+
+def test_counter_counts_distinct_launches():
+    counter = VariantCounter()
+    assert counter.record(("k", 1)) and not counter.record(("k", 1)) and counter.record(("k", 2))
+    assert len(counter) == 2 and counter.since(1) == [("k", 2)] and counter.by_kernel() == {"k": 2}
+
+
+def test_exact_shape_launches_create_a_variant_per_token_count():
+    w = np.ones(256, BF16)
+    start = len(VARIANTS)
+    for n in (3, 4, 3, 5):
+        rmsnorm(np.ones((n, 256), np.float32), w)
+    assert len(VARIANTS) - start == 3
+
+
+# ---------------------------------------------------------------- buckets
+
+def test_bucket_table_picks_the_smallest_fitting_bucket():
+    assert powers_of_two(3, 40) == (4, 8, 16, 32, 64)
+    table = BucketTable(batches=(1, 2, 4), prefill_tokens=(16, 64), decode_contexts=(64, 256))
+    assert table.prefill(3, 17) == Bucket("prefill", 4, 64, 64)
+    assert table.decode(1, 65) == Bucket("decode", 1, 1, 256)
+    assert table.decode(2, 64).rows == 2 and Bucket("prefill", 2, 64, 64).rows == 128
+    assert Bucket("decode", 2, 1, 256).attention_keys(None) == 256
+    assert Bucket("decode", 2, 1, 256).attention_keys(128) == 129
+    assert Bucket("decode", 1, 1, 16).attention_keys(16) == 17      # a ring as large as the context
+    assert len(table.buckets()) == 3 * 2 + 3 * 2
+    with pytest.raises(ValueError, match="no bucket holds decode context 300: the largest is 256"):
+        table.decode(1, 300)
+    with pytest.raises(ValueError, match="no bucket holds batch 5"):
+        table.prefill(5, 8)
+    gen = BucketTable.for_generation(batch=3, prompt_len=20, max_new_tokens=40)
+    assert (gen.batches, gen.prefill_tokens, gen.decode_contexts) == ((4,), (32,), (64,))
+
+
+def test_bucketed_generation_compiles_nothing_new_after_warmup_and_keeps_the_tokens():
+    prompt = np.random.default_rng(4).integers(0, 512, (2, 9))
+    exact = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    want = exact.generate(prompt, max_new_tokens=6)
+    model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    model.warmup(BucketTable.for_generation(2, 12, 20))        # room for other lengths in the buckets
+    mark = len(VARIANTS)
+    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=6), want)
+    model.generate(prompt[:, :12 - 3], max_new_tokens=19)      # other lengths inside the same buckets
+    model.generate(prompt[:1, :5], max_new_tokens=3)           # a smaller batch is padded
+    assert VARIANTS.since(mark) == []
+    assert model.ops.passes[0].tokens == 2 * 9        # the first generation's prefill: warmup costs dropped
+
+
+def test_static_shape_attention_equals_the_exact_shape_launch():
+    rng = np.random.default_rng(7)
+    hq, hkv, d, dv, window = 8, 2, 64, 64, 16
+    problems = []
+    for t_len, history in ((1, 20), (1, 5), (3, 9)):
+        qpos = np.arange(history, history + t_len)
+        kpos = np.arange(history + t_len)
+        problems.append(AttentionInput(rng.standard_normal((t_len, hq, d)).astype(np.float32),
+                                       rng.standard_normal((len(kpos), hkv, d)).astype(np.float32),
+                                       rng.standard_normal((len(kpos), hkv, dv)).astype(np.float32), qpos, kpos))
+    for w in (None, window):
+        want, _ = attention_decode(problems, 0.125, w)
+        got, _ = attention_decode(problems, 0.125, w, shape=(4, 4, 32))
+        for g, e in zip(got, want):
+            assert g.shape == e.shape and rel(g, e) < 1e-6
+    with pytest.raises(ValueError, match="problem 0 has 1 new tokens and 21 keys; the bucket holds 4 tokens and 16"):
+        attention_decode(problems, 0.125, None, shape=(4, 4, 16))
+
+
+# ---------------------------------------------------------------- static expert blocks
+
+def test_static_block_plan_holds_the_exact_plan_and_only_padding_after_it():
+    rng = np.random.default_rng(3)
+    tokens, k, experts = 7, 3, 6
+    ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    ids[2, 1] = -1
+    weights = rng.random((tokens, k)).astype(np.float32)
+    block_rows, num_blocks = static_block_shape(tokens, k, experts)
+    assert (block_rows, num_blocks) == (4, 6 + 5)                # ceil(21 / 4) + E - 1
+    static = plan_blocks_static(ids, weights, experts, block_rows, num_blocks)
+    flat = ids.reshape(-1)
+    keep = flat >= 0
+    order = np.argsort(flat[keep], kind="stable")
+    exact = plan_blocks(np.bincount(flat[keep], minlength=experts), np.repeat(np.arange(tokens), k)[keep][order],
+                        weights.reshape(-1)[keep][order], tokens, block_rows)
+    n = exact.num_blocks
+    np.testing.assert_array_equal(static.block_expert[:n], exact.block_expert)
+    np.testing.assert_array_equal(static.row_token[:n * block_rows], exact.row_token)
+    np.testing.assert_array_equal(static.row_weight[:n * block_rows], exact.row_weight)
+    assert (static.row_token[n * block_rows:] == tokens).all() and (static.row_weight[n * block_rows:] == 0).all()
+    with pytest.raises(ValueError, match="routing needs 20 blocks of 1 rows, the bucket has 3"):
+        plan_blocks_static(ids, weights, experts, 1, 3)
+
+
+def test_static_shape_experts_equal_the_exact_launch_bit_for_bit():
+    rng = np.random.default_rng(5)
+    tokens, k, experts, hidden, inter = 5, 2, 4, 128, 128
+    stack = ExpertWeights(*(0.05 * rng.standard_normal(s) for s in
+                            ((experts, hidden, inter), (experts, hidden, inter), (experts, inter, hidden))))
+    stack = ExpertWeights(stack.gate.astype(BF16), stack.up.astype(BF16), stack.down.astype(BF16))
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    w = rng.random((tokens, k)).astype(np.float32)
+    want = expert_ffn(x, ids, w, stack)
+    got = expert_ffn(x, ids, w, stack, shape=static_block_shape(8, k, experts))
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- static KV cache
+
+def test_static_cache_gives_the_ragged_cache_logits():
+    model = MiMoV2FlashModel.random("tiny", seed=3)
+    window = model.config.window_keys
+    ids = np.random.default_rng(1).integers(0, 512, (2, 2 * window + 7))
+    ragged, static = model.new_cache(2), StaticKVCache(model.config, 2, context=64, dtype=np.float32)
+    split = window + 3
+    for cache in (ragged, static):
+        model.forward(ids[:, :split], cache)
+    for t in range(split, ids.shape[1]):                  # decode steps wrap the SWA ring
+        want = model.forward(ids[:, t:t + 1], ragged)
+        got = model.forward(ids[:, t:t + 1], static)
+        assert rel(got, want) < 1e-6, t
+    assert static.layers[1].k.shape[1] == window and static.layers[0].k.shape[1] == 64
+    assert static.nbytes == sum(c.k.nbytes + c.v.nbytes for c in static.layers)
+    with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
+        model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])
+
+
+# ---------------------------------------------------------------- prepared weights, kernel layout
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_prepared_weights_load_straight_into_the_kernel_layout(tmp_path, dtype):
+    from mimo_prepare_weights.convert import convert
+    from mimo_v2_flash.checkpoint import KernelLayoutWeights, PreparedCheckpoint
+
+    MiMoV2FlashModel.random("tiny", seed=6).save_pretrained(tmp_path / "hub")
+    convert(tmp_path / "hub", tmp_path / "prepared", world_size=2, dtype=dtype, progress=False, log=lambda *a: None)
+    direct = MiMoV2FlashModel.from_pretrained(tmp_path / "prepared", backend="nki", weight_dtype=dtype)
+    assert isinstance(direct.weights, KernelLayoutWeights)
+    config, hub_layout = PreparedCheckpoint(tmp_path / "prepared").load()
+    via_float32 = MiMoV2FlashModel(config, hub_layout, backend="nki", weight_dtype=dtype)
+    ids = np.random.default_rng(0).integers(0, 512, (1, 6))
+    np.testing.assert_array_equal(direct.forward(ids), via_float32.forward(ids))
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    weight, _ = direct.ops.kernel_weight(o_proj)
+    assert isinstance(weight, np.memmap) or isinstance(weight.base, np.memmap)   # the file's bytes, no copy
+    np.testing.assert_array_equal(direct.weights[o_proj], hub_layout[o_proj])    # Hub view on demand
+
+
+# ---------------------------------------------------------------- sampling on the device
+
+def test_device_sampler_follows_the_numpy_rule():
+    from mimo_v2_flash.device_sampling import DeviceSampler
+    from mimo_v2_flash.model import sample
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.standard_normal(50).astype(np.float32)
+        logits[rng.integers(50)] = logits.max()                       # a tie: the lower id wins
+        assert DeviceSampler(0.0, None, None, 0)(logits) == sample(logits, 0.0, None, None, rng)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = [DeviceSampler(1.0, None, 0.7, seed)(logits) for seed in range(200)]
+    assert set(draws) == {0, 1}                                        # the smallest set reaching 0.7
+    assert abs(draws.count(0) / 200 - 0.5 / 0.8) < 0.1
+    assert {DeviceSampler(1.0, 2, None, seed)(logits) for seed in range(50)} == {0, 1}
+
+
+def test_generate_prints_the_memory_budget_and_the_variant_count(tmp_path, capsys):
+    import run_example
+    from mimo_prepare_weights.convert import convert
+    MiMoV2FlashModel.random("tiny", seed=6).save_pretrained(tmp_path / "hub")
+    convert(tmp_path / "hub", tmp_path / "prepared", world_size=1, progress=False, log=lambda *a: None)
+    argv = ["--mode", "generate", "--weights", str(tmp_path / "prepared"), "--backend", "nki",
+            "--batch", "1", "--seq-len", "4", "--max-new-tokens", "3", "--no-progress"]
+    assert run_example.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "memory budget per rank: weights bf16, KV bf16 bucket 1 x 8" in out and "fits" in out
+    assert "kernel variants:" in out and "0 new after warmup" in out
