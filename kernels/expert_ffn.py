@@ -62,6 +62,7 @@ import ml_dtypes
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.linear import scale_blocks
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
@@ -114,9 +115,8 @@ def _load_weight_stripe(w, scale, expert, c0, width, dequant):
     tile = nl.ndarray((P, KT, width), dtype=nl.bfloat16, buffer=nl.sbuf)
     blocks = width // P
     b0 = c0 // P
-    per_column = scale[:, :, b0:b0 + blocks].expand_dim(3).broadcast(3, P)   # [P, KT, blocks, P]
-    nisa.tensor_tensor(dst=tile.reshape((P, KT, blocks, P)), data1=raw.reshape((P, KT, blocks, P)),
-                       data2=per_column, op=nl.multiply, engine=dequant.next())
+    scale_blocks(tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P)),
+                 scale[:, :, b0:b0 + blocks], dequant.next())
     return tile
 
 
@@ -152,7 +152,7 @@ def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, co
     """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
     sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1."""
     KT = x.shape[1] // P
-    B = sum(src.shape[0] for src in sources)
+    B = sum([src.shape[0] for src in sources])
     I = w_gate.shape[2]
     x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     for s, source in enumerate(sources):

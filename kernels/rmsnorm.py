@@ -106,8 +106,8 @@ def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
     # Four passes over [P, n*J] (square, reduce, two multiplies) on three engines: ScalarE, the
     # fastest, takes two; the add of the fused form shares GpSimd with the weight multiply.
     scaled = nl.ndarray((P, n, J), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=scaled, data1=x_tile, data2=rstd.expand_dim(2).broadcast(2, J), op=nl.multiply,
-                       engine=nisa.engine.scalar)
+    for t in range(n):      # ScalarE reads one tensor per instruction: rstd as its scale column
+        nisa.activation(dst=scaled[:, t, :], op=nl.copy, data=x_tile[:, t, :], scale=rstd[:, t:t + 1])
     y_tile = nl.ndarray((P, n, J), dtype=y.dtype, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=y_tile, data1=scaled, data2=weight_cols.expand_dim(1).broadcast(1, n),
                        op=nl.multiply, engine=nisa.engine.gpsimd)

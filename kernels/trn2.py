@@ -90,9 +90,8 @@ class Trn2Model:
     dma_transpose_rate_on_chip: float = 0.5
     dma_transpose_block: tuple = (128, 16)
     # [ISA] dma_transpose: 2-byte dtypes; hwdge 2-D source has 16 partitions, 3-/4-D source
-    # partitions in {1, 2, 4, 8, 16}; source inner dim <= 128.
+    # partitions in {1, 2, 4, 8, 16}.
     dma_transpose_hwdge_src_partitions: tuple = (1, 2, 4, 8, 16)
-    dma_transpose_max_src_inner: int = 128
     # SWDGE (indirect DMA) descriptors are written by GpSimd [T2 DGE section: software DGE
     # "occupies GpsimdE"]; cost per descriptor: one GpSimd cycle per row, our reading.
     swdge_cycles_per_descriptor: int = 1

@@ -403,13 +403,8 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
 
 
 def _check_dma_transpose_shape(instr: str, src: NkiTensor, mode, model) -> None:
-    """Source limits of the DGE lowerings: inner dim <= 128 always; hwdge also 16 source
-    partitions (2-D) or {1, 2, 4, 8, 16} with (partitions * shape[-2]) % 16 == 0 (3-/4-D)."""
-    inner = src.shape[-1]
-    if inner > model.dma_transpose_max_src_inner:
-        raise violation(TileSizeError, "dma-transpose-shape",
-                        f"{instr}: src {src.describe()} inner dim {inner} > "
-                        f"{model.dma_transpose_max_src_inner}")
+    """Source limits of the hwdge lowering: 16 source partitions (2-D) or {1, 2, 4, 8, 16} with
+    (partitions * shape[-2]) % 16 == 0 (3-/4-D).  (src.shape[-1] <= 128 is the dst partition limit.)"""
     if mode is dge_mode.hwdge:
         rows = src.shape[0]
         ok = rows == 16 if src.ndim == 2 else (
