@@ -15,6 +15,9 @@ import importlib
 import json
 import os
 import time
+from dataclasses import asdict
+
+from mimo_kernels.trn2 import TRN2
 
 KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention", "decoder_layer"]
 DEFAULT_TOKENS = [1, 8, 64, 512, 4096]
@@ -61,9 +64,12 @@ def main(argv=None):
     print(format_rows(rows))
     print("estimated times come from the simulator's cost model of Trainium2 (see docs/simulator.md); "
           "they are estimates, not measurements")
+    print(f"cost model: DMA at {TRN2.dma_achieved_fraction:.0%} of the DMA engines' rate "
+          f"(Trn2Model.dma_achieved_fraction), {TRN2.dma_fixed_s * 1e6:.1f} us per transfer; "
+          f"% roof is against the documented peaks")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"timestamp": time.time(), "rows": rows}, f, indent=1)
+        json.dump({"timestamp": time.time(), "machine": asdict(TRN2), "rows": rows}, f, indent=1)
     print(f"wrote {args.json}")
 
 

@@ -63,6 +63,7 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
 from mimo_kernels.linear import scale_blocks
+from mimo_kernels.trn2 import TRN2
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
@@ -338,17 +339,13 @@ class BlockPlan:
         return len(self.block_expert)
 
 
-# Cost-model rates used to pick the block size (nki_reference.md section 6, one NeuronCore-v3).
-_TENSOR_HZ = 2.4e9
-_HBM_BYTES_PER_S = 2.9e12 / 8
-
-
+# Block-size choice from the machine description's rates (TensorE cycles, HBM bandwidth).
 def _block_time_s(block_rows: int, hidden: int, inter: int, weight_bytes: int) -> float:
     """Rough time of one block: the larger of its TensorE cycles and its weight stream."""
     gate_up = 2 * (hidden // P) * (inter // P) * sum(
-        max(64, min(ROWS_PER_MATMUL, block_rows - c)) for c in range(0, block_rows, ROWS_PER_MATMUL))
+        max(TRN2.min_ii_cycles, min(ROWS_PER_MATMUL, block_rows - c)) for c in range(0, block_rows, ROWS_PER_MATMUL))
     down = -(-block_rows // P) * (hidden // DOWN_COLUMNS) * (inter // P) * DOWN_COLUMNS
-    return max((gate_up + down) / _TENSOR_HZ, weight_bytes / _HBM_BYTES_PER_S)
+    return max((gate_up + down) / TRN2.tensor_hz, weight_bytes / TRN2.hbm_bytes_per_s_core)
 
 
 def choose_block_rows(group_sizes, hidden: int, inter: int, weight_itemsize: int) -> int:

@@ -505,12 +505,13 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         m_vals = m_vals.reshape(k * 2, -1)
     kk, m = s_vals.shape
     n = m_vals.shape[1]
-    if m > 128:
+    model = ctx.config.model
+    if m > model.gemm_stationary_fmax:
         raise TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
-                            f"gemm_stationary_fmax 128")
-    if n > 512:
+                            f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
+    if n > model.gemm_moving_fmax:
         raise TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
-                            f"gemm_moving_fmax 512")
+                            f"gemm_moving_fmax {model.gemm_moving_fmax}")
     if tile_size:
         rows, cols = (int(v) for v in tile_size)
         if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
@@ -570,7 +571,7 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     if use_tensor:
         _in(instr, "data", data, ("sbuf",))
         _in(instr, "dst", dst, ("psum",))
-        limit = 128
+        limit = PMAX
     else:
         _in(instr, "data", data)
         _in(instr, "dst", dst)
@@ -1258,7 +1259,7 @@ def bn_stats(dst, data, name=None):
     ctx = current("nisa.bn_stats")
     data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
-    if data.free_size > 512:
+    if data.free_size > current(instr).config.model.bn_stats_fmax:
         raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
                             f"bn_stats_fmax is 512")
     if dst.free_size != 6:
