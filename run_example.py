@@ -1,5 +1,7 @@
 """MiMo-V2-Flash command-line entry.
 
+    python run_example.py --mode generate --weights DIR --prompt "Hello"        # text in, text out
+    python run_example.py --mode generate --weights DIR --chat --prompt "Hi"    # with the chat template
     python run_example.py --mode random              # random small model: prefill + decode, a table
     python run_example.py --mode test                # self-checks (reference, kernels): pass/fail table
     python run_example.py --mode download ...        # Hub checkpoint -> per-rank files -> generate
@@ -32,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-ids", type=parse_prompt_ids, metavar="IDS",
                    help="prompt token ids instead of seeded random ones, e.g. 1,2,3 or 1,2,3;4,5,6 "
                         "(sequences of equal length; replaces --batch and --seq-len)")
+    p.add_argument("--prompt", help="prompt text: tokenized with the checkpoint's tokenizer.json, the "
+                                    "continuation printed as text while it is generated")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt "
+                                                       "(one user message)")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with tokenizer.json (default: --weights)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text reaches this string (repeatable; cut before it)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -40,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="--mode test: skip the slowest checks")
     p.add_argument("--topics", help="--mode test: comma-separated self-check topics")
     p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they show on a terminal for steps longer than a few seconds)")
     ep = p.add_argument_group("expert parallel (under torchrun; see docs/expert_parallel.md)")
     ep.add_argument("--ep-mode", choices=["auto", "alltoallv", "alltoall_padded", "allgather"], default="auto")
     ep.add_argument("--ep-allgather-max-tokens", type=int, default=1,
@@ -125,8 +136,32 @@ def mode_generate(args) -> int:
         model = MiMoV2FlashModel.from_pretrained(args.weights, backend=args.backend, weight_dtype=args.weight_dtype)
     except ValueError as err:      # CheckpointError, ConfigError: the message names the file
         return input_error(err)
+    if args.prompt is not None:
+        return generate_text_single_process(args, model)
     return generate_single_process(args, model, f"{args.weights}, every rank's files, "
                                                 f"{time.perf_counter() - t0:.2f} s")
+
+
+def generate_text_single_process(args, model) -> int:
+    """--prompt: the continuation on stdout as it is generated; speed on stderr."""
+    from mimo_v2_flash.text import TextTokenizer, TokenizerError, generate_text
+    try:
+        tokenizer = TextTokenizer.from_dir(args.tokenizer or args.weights)
+    except TokenizerError as err:
+        return input_error(err)
+
+    def show(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    try:
+        text = generate_text(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed, stop_strings=args.stop, on_text=show)
+    except ValueError as err:     # TokenizerError (template, vocabulary), an empty prompt
+        return input_error(err)
+    print()
+    print(f"[{len(text)} characters in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+    return 0
 
 
 def generate_single_process(args, model, built: str) -> int:
@@ -198,12 +233,19 @@ def main(argv=None) -> int:
     parser = build_parser()
     add_download_arguments(parser)
     args = parser.parse_args(argv)
+    if args.no_progress:
+        from mimo_v2_flash.progress import PROGRESS_ENV
+        os.environ[PROGRESS_ENV] = "0"    # every bar, including those in torchrun's rank processes
     if (args.mode == "generate") != bool(args.weights):
         parser.error("--mode generate needs --weights PREPARED_DIR" if args.weights is None
                      else "--weights applies to --mode generate only")
     if args.mode == "generate" and (args.config or args.num_layers or args.num_experts):
         parser.error("--config, --num-layers and --num-experts do not apply to --mode generate: the model is "
                      "the prepared directory's (prepare-weights --layers 0:N for fewer layers)")
+    if args.prompt is None and (args.chat or args.stop or args.tokenizer):
+        parser.error("--chat, --stop and --tokenizer apply to --prompt only")
+    if args.prompt is not None and (args.mode != "generate" or distributed()):
+        parser.error("--prompt applies to --mode generate in one process (use --prompt-ids otherwise)")
     modes = {"random": mode_random, "generate": mode_generate, "test": mode_test, "download": mode_download}
     return modes[args.mode](args)
 

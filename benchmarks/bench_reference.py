@@ -2,9 +2,11 @@
 
     python benchmarks/bench_reference.py [--json benchmarks/results/reference.json]
 
-Peak memory is the tracemalloc high-water mark of NumPy allocations during the run (weights
-excluded: they are allocated before), plus the process RSS afterwards. CPU numbers of this
-machine; they say how interactive the reference is, nothing about Trainium.
+Timing and memory are separate passes of the same generation: the timed pass runs untraced
+(tracemalloc slows NumPy-heavy Python ~2x), then a second pass measures the tracemalloc
+high-water mark of allocations during the run (weights excluded: they are allocated before),
+plus the process RSS afterwards. CPU numbers of this machine; they say how interactive the
+reference is, nothing about Trainium.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ def run_case(name, preset, batch, prompt_len, new_tokens):
     model = MiMoV2FlashModel.random(config, seed=0)
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_len))
     model.generate(prompt[:, :8], max_new_tokens=2)          # warm-up
-    tracemalloc.start()
     tokens, timing = model.generate(prompt, max_new_tokens=new_tokens, return_timing=True)
+    tracemalloc.start()                                      # memory: a second, traced pass
+    traced = model.generate(prompt, max_new_tokens=new_tokens)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    if not np.array_equal(traced, tokens):
+        raise RuntimeError(f"{name}: the traced pass generated other tokens than the timed one")
     decoded = batch * (new_tokens - 1)
     return {
         "case": name, "config": config.summary(), "batch": batch, "prompt_tokens": prompt_len,
@@ -47,8 +52,6 @@ def run_case(name, preset, batch, prompt_len, new_tokens):
         "peak_traced_mb": peak / 1e6,
         "rss_mb": psutil.Process().memory_info().rss / 1e6,
     }
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default="benchmarks/results/reference.json")

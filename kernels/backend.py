@@ -87,6 +87,8 @@ def install_as_nki() -> None:
     sys.modules.setdefault("nki", nki)
     sys.modules.setdefault("nki.language", nl)
     sys.modules.setdefault("nki.isa", nisa)
+    sys.modules.setdefault("nki.isa.constants", nisa.constants)
+    sys.modules.setdefault("nki.typing", nki.typing)
 
 
 __all__ = ["BACKEND", "IS_SIMULATOR", "nki", "nl", "nisa", "simulate", "install_as_nki"]

@@ -36,6 +36,7 @@ from . import fp8
 from .config import ConfigError, MiMoV2FlashConfig
 from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
+from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
                       layer_tensors, model_tensors, scale_name)
@@ -284,19 +285,36 @@ def load_hub_checkpoint(path, experts=None, layers=None):
     checkpoint = HubCheckpoint(path)
     specs = model_tensors(checkpoint.config, layers=layers, experts=experts)
     checkpoint.validate(specs)
-    return checkpoint.config, {spec.name: checkpoint.read(spec) for spec in specs}
+    return checkpoint.config, {spec.name: checkpoint.read(spec)
+                               for spec in progress_bar(specs, desc="loading", unit="tensor")}
+
+
+class TransformersCompatibilityWarning(UserWarning):
+    """A saved checkpoint that transformers' native class would load as a different model."""
 
 
 def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "float32") -> None:
-    """Write `weights` in the Hub shard layout; projections in `dtype`, F32 tensors as F32."""
+    """Write `weights` in the Hub shard layout; projections in `dtype`, F32 tensors as F32.
+
+    config.json says `dtype` and carries no FP8 `quantization_config` (nothing written is FP8),
+    so transformers loads the tensors as they are stored."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    specs = model_tensors(config)
+    missing = [spec.name for spec in specs if spec.name not in weights]
+    if missing:  # an expert-subset model writes the experts it has
+        warnings.warn(f"{path}: {len(missing)} tensors (first {missing[0]!r}) are not held by this "
+                      "model; transformers would initialise them at random", TransformersCompatibilityWarning,
+                      stacklevel=3)
+    for difference in config.transformers_differences():
+        warnings.warn(f"{path}: transformers' MiMoV2FlashForCausalLM cannot build this config: "
+                      f"{difference}", TransformersCompatibilityWarning, stacklevel=3)
     os.makedirs(path, exist_ok=True)
     store = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     shards: dict[str, dict[str, np.ndarray]] = {}
-    for spec in model_tensors(config):
+    for spec in specs:
         if spec.name not in weights:
-            continue   # an expert-subset model writes the experts it has
+            continue
         target = np.float32 if spec.hub_dtype == F32 else store
         shards.setdefault(spec.shard, {})[spec.name] = np.ascontiguousarray(weights[spec.name], dtype=target)
     weight_map = {}
@@ -305,7 +323,7 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
         save_file(tensors, tmp)
         os.replace(tmp, os.path.join(path, shard))
         weight_map.update({name: shard for name in tensors})
-    config.save(os.path.join(path, "config.json"))
+    config.replace(quantization_config=None).save(os.path.join(path, "config.json"), dtype=dtype)
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
 
@@ -402,7 +420,7 @@ class PreparedCheckpoint:
             specs = model_tensors(self.full_config, self.layers, experts=self.experts_of(r))
             if r != min(ranks):    # replicated tensors come from the first rank read
                 specs = [s for s in specs if s not in replicated]
-            for spec in specs:
+            for spec in progress_bar(specs, desc=f"loading rank {r}", unit="tensor"):
                 weights[spec.name] = self._read(r, files, spec)
         return config, weights
 

@@ -5,9 +5,11 @@ The Hub file uses MiMo's legacy names (`layernorm_epsilon`, `swa_*`, `hybrid_lay
 model cannot run (another scoring function, shared experts, group-limited routing, ...) are
 rejected with an error naming the key. Choices where public sources disagree are settings:
 
-* `sliding_window` counts the keys a sliding-window query sees, itself included (HF masking,
-  vLLM, Megatron-Bridge: keys t-127 .. t for 128). `sliding_window_convention="sglang"` adds one
-  key (SGLang passes the window to FA3 without subtracting the query: keys t-128 .. t).
+* `sliding_window` counts the keys a sliding-window query sees, itself included (the Hub's own
+  remote code through HF masking, vLLM, Megatron-Bridge, llama.cpp: keys t-127 .. t for 128).
+  `sliding_window_convention="sglang"` adds one key (SGLang passes the window to FA3 without
+  subtracting the query: keys t-128 .. t; transformers' native class follows SGLang whenever a
+  config carries `sliding_window_size`). See docs/ARCHITECTURE.md for the sources.
 * `routed_scaling_factor: null` on the Hub means 1.0.
 """
 
@@ -37,8 +39,11 @@ _IGNORED_HUB_KEYS = {
     "initializer_range", "sliding_window_size", "attention_chunk_size", "hybrid_block_size",
     "quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
     "rope_scaling", "moe_router_dtype", "num_nextn_predict_layers", "_name_or_path",
-    "head_dim_swa", "swa_num_attention_heads_per_kv", "output_router_logits",
+    "head_dim_swa", "swa_num_attention_heads_per_kv", "output_router_logits", "dtype",
 }
+# transformers' native MiMoV2FlashConfig names (written beside the legacy ones by `to_hub_dict`);
+# when a file carries them they must agree with the legacy keys.
+TRANSFORMERS_KEYS = ("layer_types", "mlp_layer_types", "rms_norm_eps", "rope_parameters")
 
 
 @dataclass
@@ -212,7 +217,8 @@ class MiMoV2FlashConfig:
         for key, value in data.items():
             if key in fields:
                 kwargs[key] = value
-            elif key not in _IGNORED_HUB_KEYS and key not in fixed and key != "n_shared_experts":
+            elif (key not in _IGNORED_HUB_KEYS and key not in fixed and key != "n_shared_experts"
+                  and key not in TRANSFORMERS_KEYS):
                 warnings.warn(f"{source}: ignoring unknown key {key!r}", stacklevel=2)
         if "quantization_config" in data:
             kwargs["quantization_config"] = data["quantization_config"]
@@ -220,11 +226,17 @@ class MiMoV2FlashConfig:
             if key in data:
                 kwargs[key] = data[key]
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         except TypeError as err:  # a value of the wrong JSON type reaching arithmetic
             raise ConfigError(f"{source}: {err}") from None
+        native = config.transformers_keys()
+        for key in TRANSFORMERS_KEYS:
+            if key in data and data[key] != native[key]:
+                raise ConfigError(f"{source}: key {key!r} is {data[key]!r} but the legacy keys give "
+                                  f"{native[key]!r}")
+        return config
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "MiMoV2FlashConfig":
@@ -233,10 +245,17 @@ class MiMoV2FlashConfig:
             path = os.path.join(path, "config.json")
         return cls.from_hub_dict(read_json(path, ConfigError, "config file"), source=path)
 
-    def to_hub_dict(self) -> dict[str, Any]:
-        """The Hub `config.json` form (legacy names), including the redundant window keys."""
+    def to_hub_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """The Hub `config.json` form: MiMo's legacy names, which this project, vLLM and SGLang
+        read, plus transformers' native names, so that `MiMoV2FlashForCausalLM` builds the same
+        model. `dtype` ("float32", "bfloat16") labels the weights; None leaves them unlabelled.
+
+        The window: transformers counts `sliding_window_size + 1` keys when that key is present
+        and `sliding_window` keys otherwise. So the default convention writes `sliding_window`
+        alone (the key count), and "sglang" writes the Hub's three equal keys, which SGLang and
+        transformers both read as one key more.
+        """
         data = dataclasses.asdict(self)
-        data.pop("sliding_window_convention")
         if data["quantization_config"] is None:
             data.pop("quantization_config")
         for key in ("bos_token_id", "eos_token_id"):
@@ -244,18 +263,53 @@ class MiMoV2FlashConfig:
                 data.pop(key)
         data.update({
             "architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash",
-            "sliding_window_size": self.sliding_window, "attention_chunk_size": self.sliding_window,
             "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1,
             "n_shared_experts": None, "hidden_act": "silu", "attention_bias": False,
-            "torch_dtype": "bfloat16",
         })
+        data.update(self.transformers_keys())
+        if self.sliding_window_convention == "sglang":
+            data.update(sliding_window_size=self.sliding_window, attention_chunk_size=self.sliding_window)
+        if dtype is not None:
+            data["torch_dtype"] = data["dtype"] = dtype   # transformers 4.x reads the first, 5.x the second
         if self.routed_scaling_factor == 1.0:
             data["routed_scaling_factor"] = None  # the Hub writes null for 1.0
         return data
 
-    def save(self, path: str | os.PathLike) -> None:
+    def transformers_keys(self) -> dict[str, Any]:
+        """transformers' native names for the layer kinds, norm epsilon and per-kind RoPE."""
+        rope = {kind: {"rope_type": "default", "rope_theta": theta,
+                       "partial_rotary_factor": self.partial_rotary_factor}
+                for kind, theta in (("full_attention", self.rope_theta),
+                                    ("sliding_attention", self.swa_rope_theta))}
+        return {
+            "layer_types": ["sliding_attention" if self.is_swa(i) else "full_attention"
+                            for i in range(self.num_hidden_layers)],
+            "mlp_layer_types": ["sparse" if self.is_moe(i) else "dense"
+                                for i in range(self.num_hidden_layers)],
+            "rms_norm_eps": self.layernorm_epsilon,
+            "rope_parameters": rope,
+        }
+
+    def transformers_differences(self) -> list[str]:
+        """What transformers' native class (5.x) cannot express of this config: it derives the
+        sliding-window layers' heads from the full layers' (same query heads and head dims,
+        twice the KV heads) and puts sinks on exactly the sliding-window layers."""
+        differences = []
+        if self.swa_num_attention_heads != self.num_attention_heads:
+            differences.append(f"swa_num_attention_heads={self.swa_num_attention_heads} differs from "
+                               f"num_attention_heads={self.num_attention_heads}")
+        if self.swa_num_key_value_heads != 2 * self.num_key_value_heads:
+            differences.append(f"swa_num_key_value_heads={self.swa_num_key_value_heads} is not twice "
+                               f"num_key_value_heads={self.num_key_value_heads}")
+        if self.swa_v_head_dim != self.v_head_dim:
+            differences.append(f"swa_v_head_dim={self.swa_v_head_dim} differs from v_head_dim={self.v_head_dim}")
+        if not self.add_swa_attention_sink_bias or self.add_full_attention_sink_bias:
+            differences.append("attention sinks are not on exactly the sliding-window layers")
+        return differences
+
+    def save(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         with open(path, "w") as f:
-            json.dump(self.to_hub_dict(), f, indent=2)
+            json.dump(self.to_hub_dict(dtype), f, indent=2)
 
     def replace(self, **changes) -> "MiMoV2FlashConfig":
         """A copy with some fields changed; layer patterns are cut or regenerated to fit."""

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint, save_hub_checkpoint
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from .progress import progress_bar
 from .weights import random_weights
 
 
@@ -89,6 +89,8 @@ class MiMoV2FlashModel:
         the loaded experts only (a single-process run of one rank's files); with one (expert
         parallel) it may choose any expert the directory holds, and the executor runs them.
         """
+        # Checkpoint code (ml_dtypes, safetensors) loads here, not with the model: ~0.5 s of import.
+        from .checkpoint import PreparedCheckpoint, is_prepared_dir, load_hub_checkpoint
         if not is_prepared_dir(path):
             if rank is not None:
                 raise ValueError(f"{path}: rank={rank} needs a prepare_weights directory, this is "
@@ -106,6 +108,7 @@ class MiMoV2FlashModel:
 
     def save_pretrained(self, path, dtype: str = "float32") -> None:
         """Write a Hub-layout checkpoint (config, index, per-layer shards) of these weights."""
+        from .checkpoint import save_hub_checkpoint
         save_hub_checkpoint(path, self.config, self.weights, dtype=dtype)
 
     def new_cache(self, batch: int) -> KVCache:
@@ -167,13 +170,14 @@ class MiMoV2FlashModel:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens=None, return_timing: bool = False):
+                 stop_tokens=None, return_timing: bool = False, progress: bool | None = None):
         """Prefill, then decode one token at a time with the KV cache.
 
         Greedy at temperature 0; otherwise sample from softmax(logits / temperature) restricted to
         the `top_k` most likely tokens and the smallest set reaching probability `top_p`.
         A sequence that emits one of `stop_tokens` stops; its row is padded with that token.
-        Returns int64 [B, T + max_new_tokens] (and timings if asked).
+        Returns int64 [B, T + max_new_tokens] (and timings if asked). `progress`: a bar over the
+        steps once they take more than a few seconds (None: on a terminal, see progress.py).
         """
         input_ids = self._check_ids(input_ids, "input_ids")
         if input_ids.ndim == 1:
@@ -189,32 +193,35 @@ class MiMoV2FlashModel:
 
         out, prefill_s, decode_s = generation_loop(
             input_ids, max_new_tokens, last_logits,
-            lambda logits: sample(logits, temperature, top_k, top_p, rng), stop)
+            lambda logits: sample(logits, temperature, top_k, top_p, rng), stop, progress=progress)
         if return_timing:
             return out, {"prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": cache.nbytes}
         return out
 
 
 def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choose, stop: set,
-                    keep_decoding=None):
+                    keep_decoding=None, progress: bool | None = False):
     """The prefill + decode loop shared by single-process and expert-parallel generation.
 
     `last_logits(token_lists, slots)` runs the model on new tokens of those cache slots and
     returns each one's last-position logits; `choose(logits)` picks a token. A sequence that
     emits a token in `stop` is padded with it to the end and drops out. `keep_decoding(step,
     active)` decides whether another step runs (default: while a sequence is active; a
-    distributed caller agrees across ranks there). Returns (tokens int64 [B, T + new], prefill
-    seconds, decode seconds).
+    distributed caller agrees across ranks there). `progress`: a bar over the steps (see
+    progress.py; off by default, so that only callers that own the terminal show one). Returns
+    (tokens int64 [B, T + new], prefill seconds, decode seconds).
     """
     batch, prompt_len = prompts.shape
     out = np.zeros((batch, prompt_len + max_new_tokens), np.int64)
     out[:, :prompt_len] = prompts
+    bar = progress_bar(total=max_new_tokens, desc="generating", unit="token", enabled=progress)
     t0 = time.perf_counter()
     logits = last_logits(list(prompts), list(range(batch))) if max_new_tokens else []
     prefill_s = time.perf_counter() - t0
     active = list(range(batch))
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
+        bar.update()
         col = prompt_len + step
         still = []
         for seq, row_logits in zip(active, logits):
@@ -228,6 +235,7 @@ def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choos
         if step == max_new_tokens - 1 or not (keep_decoding or _any_active)(step, active):
             break
         logits = last_logits([[out[seq, col]] for seq in active], active)
+    bar.close()
     return out, prefill_s, time.perf_counter() - t1
 
 

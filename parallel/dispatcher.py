@@ -99,7 +99,7 @@ class Dispatcher:
 
     # ---- counts exchange ---------------------------------------------------------------------
     def _exchange_layout(self, layer: int, plan: DispatchPlan, traffic: Traffic) -> Layout:
-        mine = np.concatenate([[layer, plan.num_tokens], plan.send_counts]).astype(np.int64)
+        mine = np.concatenate([[layer, plan.num_tokens], plan.send_counts]).astype(np.int32)
         table = self.comm.all_gather(mine, traffic, "layout", f"layer {layer} counts exchange")
         layers = table[:, 0]
         if (layers != layer).any():

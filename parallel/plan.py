@@ -25,7 +25,8 @@ from .stats import Traffic
 
 MODES = ("alltoallv", "alltoall_padded", "allgather")
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-LAYOUT_FIELDS = 2          # the counts exchange sends [layer, tokens, counts to each rank...] (int64)
+LAYOUT_FIELDS = 2          # the counts exchange sends [layer, tokens, counts to each rank...] (int32)
+COUNT_BYTES = 4            # counts travel as int32 (what the Neuron collectives carry natively)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class Layout:
 def predict_traffic(mode: str, layout: Layout, rank: int, fmt: RowFormat) -> Traffic:
     """Bytes `rank` sends to / receives from other ranks in one MoE layer of `mode`.
 
-    layout: an all-gather of R + 2 int64 per rank. alltoallv: exactly the rows routed.
+    layout: an all-gather of R + 2 int32 per rank. alltoallv: exactly the rows routed.
     alltoall_padded: R - 1 slots of `capacity` rows each way. allgather: every rank's tokens
     (padded to the largest count) to every other rank, partials back the same way.
     """
@@ -182,7 +183,7 @@ def predict_traffic(mode: str, layout: Layout, rank: int, fmt: RowFormat) -> Tra
     world = len(layout.tokens)
     others = world - 1
     traffic = Traffic()
-    traffic.add("layout", others * (world + LAYOUT_FIELDS) * 8, others * (world + LAYOUT_FIELDS) * 8)
+    traffic.add("layout", others * (world + LAYOUT_FIELDS) * COUNT_BYTES, others * (world + LAYOUT_FIELDS) * COUNT_BYTES)
     if mode == "alltoallv":
         out_rows = int(layout.counts[rank].sum() - layout.counts[rank, rank])
         in_rows = int(layout.counts[:, rank].sum() - layout.counts[rank, rank])

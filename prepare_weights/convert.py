@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
-from tqdm import tqdm
 
 from mimo_v2_flash import fp8
 from mimo_v2_flash.checkpoint import (REPLICATED_FILE, CheckpointError, HubCheckpoint, expert_file_name,
                                       rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
+from mimo_v2_flash.progress import progress_bar
 from mimo_v2_flash.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorEntry
 from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
 
@@ -276,8 +276,8 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
         if plan.name in result.skipped:
             continue
         copy_source = SafetensorsFile(os.path.join(output, plan.copy_from)) if plan.copy_from else None
-        bar = tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=plan.name, disable=not progress, leave=False)
+        bar = progress_bar(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=plan.name, enabled=None if progress else False)
         with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, plan.metadata) as writer:
             for spec in plan.specs:
                 entries = output_entries(spec, dtype)

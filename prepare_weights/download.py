@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -29,8 +30,8 @@ from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_ex
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
 METADATA_FILES = ["config.json", INDEX_FILE]
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
 
 
 def needed_shards(config: MiMoV2FlashConfig, weight_map: dict[str, str], layers=None,
@@ -89,6 +90,18 @@ def download(repo_id: str = DEFAULT_REPO, local_dir: str = "MiMo-V2-Flash", revi
     return shards
 
 
+def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
+    """The tokenizer files present in `source_dir`, copied beside the prepared weights so that the
+    prepared directory alone serves `--prompt` text."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = os.path.join(source_dir, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(target_dir, name))
+            copied.append(name)
+    return copied
+
+
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `run_example.py --mode download` (and the prepare-weights CLI's download)."""
     g = parser.add_argument_group("download / prepare weights")
@@ -127,6 +140,10 @@ def run_download_mode(args) -> int:
                      args.weight_dtype, replicated=args.replicated)
     print(f"prepared {args.output_dir}: wrote {result.written}, resumed {result.skipped}, "
           f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
+    copied = copy_tokenizer_files(args.local_dir, args.output_dir)
+    if copied:
+        print(f"tokenizer: {', '.join(copied)} -> {args.output_dir} (text: run_example.py --mode generate "
+              f"--weights {args.output_dir} --prompt \"...\")")
     specs = model_tensors(MiMoV2FlashConfig.from_json(args.local_dir), layers, experts)
     need = 4 * sum(int(np.prod(s.shape)) for s in specs)      # the reference model holds float32
     have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-from tqdm import tqdm
-
 from mimo_v2_flash.checkpoint import INDEX_FILE, MANIFEST_FILE, PREPARED_FORMAT, PREPARED_VERSION
+from mimo_v2_flash.progress import progress_bar
 from mimo_v2_flash.safetensors_io import encode_header, sha256_file
 
 LAYOUT = ("projections (2-D tensors except the embedding) transposed to [in, out] and named "
@@ -107,8 +106,8 @@ def file_matches(output: str, manifest: dict, record: dict, progress: bool = Fal
     path = os.path.join(output, record["name"])
     if expected is None or not os.path.isfile(path) or os.path.getsize(path) != record["size"]:
         return False
-    with tqdm(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              desc=f"hashing {record['name']}", disable=not progress) as bar:
+    with progress_bar(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"hashing {record['name']}", enabled=None if progress else False) as bar:
         return sha256_file(path, progress=bar) == expected
 
 

@@ -39,13 +39,37 @@ def test_hub_dict_round_trip_and_null_scaling_factor():
     c = load_config("tiny")
     data = c.to_hub_dict()
     assert data["routed_scaling_factor"] is None          # the Hub writes null for 1.0
-    assert data["sliding_window_size"] == data["attention_chunk_size"] == c.sliding_window
+    # transformers counts sliding_window_size + 1 keys when that key is present: left out here.
+    assert data["sliding_window"] == c.window_keys and "sliding_window_size" not in data
+    assert data["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert data["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"]
+    assert data["rope_parameters"]["sliding_attention"]["rope_theta"] == c.swa_rope_theta
+    assert "torch_dtype" not in data and c.to_hub_dict("float32")["torch_dtype"] == "float32"
     assert MiMoV2FlashConfig.from_hub_dict(json.loads(json.dumps(data))) == c
 
 
 def test_sglang_window_convention_adds_one_key():
     c = load_config("tiny").replace(sliding_window_convention="sglang")
     assert c.window_keys == c.sliding_window + 1
+    data = c.to_hub_dict()
+    assert data["sliding_window_size"] == data["attention_chunk_size"] == data["sliding_window"] == 16
+    assert MiMoV2FlashConfig.from_hub_dict(data) == c
+
+
+def test_hub_file_without_a_convention_key_reads_as_the_key_count():
+    """The Hub's own file (three equal window keys, no convention key): 128 keys, the query
+    included, as the checkpoint's remote code, vLLM and Megatron-Bridge read it."""
+    data = load_config("tiny").to_hub_dict()
+    del data["sliding_window_convention"]
+    data.update(sliding_window_size=16, attention_chunk_size=16)
+    c = MiMoV2FlashConfig.from_hub_dict(data)
+    assert c.sliding_window_convention == "hf" and c.window_keys == 16
+
+
+def test_transformers_keys_must_agree_with_the_legacy_ones():
+    data = _hub(layer_types=["full_attention"] * 4)
+    with pytest.raises(ConfigError, match="key 'layer_types'"):
+        MiMoV2FlashConfig.from_hub_dict(data, source="x/config.json")
 
 
 def test_default_hybrid_pattern_rule():

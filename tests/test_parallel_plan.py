@@ -120,7 +120,7 @@ def test_simulated_exchange_equals_reference_moe(num_experts, world, tokens):
 def test_predicted_traffic_per_mode():
     fmt = RowFormat(hidden_size=10, top_k=2)               # dispatch row 56 B, combine row 40 B
     layout = Layout(counts=np.array([[1, 3, 0], [2, 0, 5], [4, 1, 1]]), tokens=np.array([4, 6, 5]))
-    layout_bytes = 2 * (3 + 2) * 8
+    layout_bytes = 2 * (3 + 2) * 4                            # int32 counts
     v = predict_traffic("alltoallv", layout, 0, fmt)
     assert v.sent == {"layout": layout_bytes, "dispatch": 3 * 56, "combine": 6 * 40}
     assert v.received == {"layout": layout_bytes, "dispatch": 6 * 56, "combine": 3 * 40}

@@ -30,8 +30,18 @@ int8 = np.dtype(np.int8)
 uint8 = np.dtype(np.uint8)
 bool_ = np.dtype(np.bool_)
 
+# MX types (NKI 0.6 names; the math that uses them, nc_matmul_mx / quantize_mx, is NeuronCore-v4
+# only).  Packed types hold four elements in one item: 4 x fp8 in 4 bytes, 4 x fp4 in 2 bytes.
+# On Trainium2 they are storage only: DMA and same-dtype copies move their bits, engines raise.
+float8_e8m0fnu = np.dtype(ml_dtypes.float8_e8m0fnu)
+float8_e4m3fn_x4 = np.dtype([("float8_e4m3fn_x4", "<u4")])
+float8_e5m2_x4 = np.dtype([("float8_e5m2_x4", "<u4")])
+float4_e2m1fn_x4 = np.dtype([("float4_e2m1fn_x4", "<u2")])
+MX_STORAGE_ONLY = (float8_e8m0fnu, float8_e4m3fn_x4, float8_e5m2_x4, float4_e2m1fn_x4)
+PACKED_ELEMENTS = {float8_e4m3fn_x4: 4, float8_e5m2_x4: 4, float4_e2m1fn_x4: 4}
+
 SUPPORTED = (float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2,
-             int32, uint32, int16, uint16, int8, uint8, bool_)
+             int32, uint32, int16, uint16, int8, uint8, bool_) + MX_STORAGE_ONLY
 LOW_PRECISION_FLOATS = (float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2)
 FP8 = (float8_e4m3, float8_e4m3fn, float8_e5m2)
 _SUPPORTED_SET = set(SUPPORTED)
@@ -75,10 +85,19 @@ def fill_value(dt: np.dtype):
     return np.nan if is_float(dt) else 4
 
 
+def dtype_name(dt: np.dtype) -> str:
+    """The NKI name of a dtype (``float8_e4m3fn_x4`` for the packed types)."""
+    return dt.names[0] if dt.names else str(dt)
+
+
 def to_f32(values: np.ndarray) -> np.ndarray:
     """Engine input conversion: every arithmetic engine computes in fp32."""
     if values.dtype == float32:
         return values
+    if values.dtype in MX_STORAGE_ONLY:
+        raise DtypeError(f"{dtype_name(values.dtype)} is an MX storage type: arithmetic on it "
+                         f"(nc_matmul_mx, quantize_mx) is trn3 (NeuronCore-v4) only; on Trainium2 it "
+                         f"can only be moved (DMA, same-dtype copies)")
     return values.astype(float32)
 
 

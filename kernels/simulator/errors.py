@@ -91,7 +91,7 @@ class ActivationRangeError(NkiValidationError):
     """A ScalarE activation function outside the documented table or its valid input range."""
 
 
-class StartPartitionError(NkiValidationError):
+class StartPartitionError(PartitionMismatchError):
     """An on-chip operand starting on a partition its partition count does not allow."""
 
 

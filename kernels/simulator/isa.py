@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import threading
 
 import numpy as np
 
@@ -63,7 +64,9 @@ class oob_mode(enum.Enum):
     skip = 1
 
 
-class nc_version(enum.Enum):
+class nc_version(enum.IntEnum):
+    """NeuronCore generation; ordered and comparable with ints (``get_nc_version() >= 3``)."""
+
     gen2 = 2
     gen3 = 3
     gen4 = 4
@@ -128,9 +131,9 @@ def _check_start_partition(instr: str, operand: str, t: NkiTensor) -> None:
     allowed = current(instr).config.model.allowed_start_partitions(t.partitions)
     if start not in allowed:
         raise violation(StartPartitionError, "start-partition",
-                        f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions "
-                        f"starting at partition {start}; with {t.partitions} partitions the start must "
-                        f"be one of {list(allowed)}")
+                        f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
+                        f"start partition {start}; with {t.partitions} partitions the start must be one "
+                        f"of {list(allowed)}")
 
 
 def _check_free_size(instr: str, operand: str, t: NkiTensor) -> None:
@@ -364,19 +367,22 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
     _record_dma(ctx, instr, dst, src, max(src_bytes, dst_bytes), hbm)
 
 
+DMA_TRANSPOSE_PERMUTATION = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
+
+
 def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
-    """DMA with a transpose: 2-D ``src`` [a, b] -> [b, a] (axes None or (1, 0)), or 3-D with
-    ``axes=(2, 1, 0)``: [a, b, c] -> [c, b, a]; 2- and 4-byte dtypes."""
+    """DMA with a transpose, by rank as documented: 2-D permutes (1, 0), 3-D (2, 1, 0), 4-D
+    (3, 1, 2, 0); ``axes`` may be omitted or must name that permutation."""
     instr = "dma_transpose"
     ctx = current("nisa.dma_transpose")
     dst, src = _tensor(instr, "dst", dst), _tensor(instr, "src", src)
-    if src.ndim != dst.ndim or src.ndim not in (2, 3):
-        raise UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-D "
-                               f"(or 3-D with axes=(2, 1, 0)) in the simulator")
-    perm = (1, 0) if src.ndim == 2 and axes is None else tuple(axes) if axes is not None else None
-    if perm not in ((1, 0), (2, 1, 0)) or len(perm) != src.ndim:
-        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: (1, 0) for 2-D, "
-                               f"(2, 1, 0) for 3-D")
+    perm = DMA_TRANSPOSE_PERMUTATION.get(src.ndim)
+    if src.ndim != dst.ndim or perm is None:
+        raise UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-, 3- "
+                               f"or 4-D")
+    if axes is not None and tuple(axes) != perm:
+        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: the documented "
+                               f"permutation {perm} of a {src.ndim}-D tile")
     if src.itemsize not in (2, 4):
         raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
     if src.itemsize != 2 and strict("dma-transpose-2-byte"):
@@ -597,19 +603,19 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
 
 # --------------------------------------------------------------------------- ScalarE
 
-_lowering = False      # set while an nl.* function lowers itself to activations (e.g. nl.sin)
+_lowering = threading.local()     # set while an nl.* function lowers itself (e.g. nl.sin)
 
 
 @contextlib.contextmanager
 def lowered_activations():
     """nl.* functions built from several instructions (nl.sin range-reduces first, nl.cos / nl.tan
     / rounding use other instructions) run their activation without the table check."""
-    global _lowering
-    previous, _lowering = _lowering, True
+    previous = getattr(_lowering, "active", False)
+    _lowering.active = True
     try:
         yield
     finally:
-        _lowering = previous
+        _lowering.active = previous
 
 
 def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None:
@@ -654,7 +660,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     bias_v = np.float32(0.0) if bias is None else _scalar_operand(instr, "bias", bias, p, require_fp32=False)
     with np.errstate(all="ignore"):
         x = _vals(data, instr, "data") * scale_v + bias_v
-    if not _lowering:
+    if not getattr(_lowering, "active", False):
         _check_activation_input(instr, fn.name, x, ctx.config.model)
     y = ops.apply_activation(fn, x)
     _store(dst, y, instr)
@@ -1293,3 +1299,23 @@ def bn_aggr(dst, data, name=None):
     var = (m2 + count * (mean - grand) ** 2).sum(axis=1, keepdims=True) / np.maximum(total, 1)
     _store(dst, np.concatenate([grand, var], axis=1).astype(np.float32), instr)
     ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
+
+
+# --------------------------------------------------------------------------- more of the surface
+# (defined in their own modules, which use the helpers above)
+from .isa_ext import (nc_matmul_mx, nc_stream_shuffle, nonzero_with_count, quantize_mx,  # noqa: E402
+                      range_select, tensor_tensor_scan)
+from .lnc import core_barrier, dma_engine, sendrecv  # noqa: E402
+
+
+def _constants_module():
+    """``nki.isa.constants``: the enumerations, as the NKI Library imports them."""
+    import types
+    module = types.ModuleType("nki.isa.constants", "Enumerations of nki.isa (simulator).")
+    for enum_name in ("engine", "reduce_cmd", "dge_mode", "oob_mode", "nc_version", "matmul_perf_mode",
+                      "dma_engine"):
+        setattr(module, enum_name, globals()[enum_name])
+    return module
+
+
+constants = _constants_module()

@@ -38,6 +38,10 @@ uint16 = _dt.uint16
 int8 = _dt.int8
 uint8 = _dt.uint8
 bool_ = _dt.bool_
+float8_e8m0fnu = _dt.float8_e8m0fnu
+float8_e4m3fn_x4 = _dt.float8_e4m3fn_x4
+float8_e5m2_x4 = _dt.float8_e5m2_x4
+float4_e2m1fn_x4 = _dt.float4_e2m1fn_x4
 
 sbuf = MemoryRegion.sbuf
 psum = MemoryRegion.psum
@@ -66,14 +70,60 @@ class tile_size:
 
 
 class NKIObject:
-    """Base class for classes used inside kernels (required by the NKI compiler)."""
+    """Base class of classes used inside kernels (NKI language guide, "Classes").
+
+    As the NKI compiler does, a subclass that does not define them gets ``__init__`` and
+    ``__post_init__`` generated from its annotated class attributes (with or without
+    ``@dataclass``): ``__init__(self, x=None, y=<class default>, ...)`` sets the fields in
+    declaration order (base classes first) and calls ``self.__post_init__()``, which does nothing
+    by default.  Equality is structural (same class, same attribute dictionary).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = _generated_init(cls)
+
+    def __post_init__(self):
+        pass
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = object.__hash__
+
+
+def _generated_init(cls):
+    fields = []
+    for klass in reversed(cls.__mro__):
+        for field in klass.__dict__.get("__annotations__", {}):
+            if field not in fields:
+                fields.append(field)
+    defaults = {f: getattr(cls, f, None) for f in fields}
+
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(fields):
+            raise TypeError(f"{cls.__name__}() takes {len(fields)} positional arguments but "
+                            f"{len(args)} were given")
+        values = dict(defaults)
+        values.update(zip(fields, args))
+        unknown = set(kwargs) - set(fields)
+        if unknown:
+            raise TypeError(f"{cls.__name__}() got unexpected keyword argument(s) {sorted(unknown)}")
+        values.update(kwargs)
+        for field, value in values.items():
+            object.__setattr__(self, field, value)     # works for frozen dataclasses too
+        self.__post_init__()
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
 
 
 # --------------------------------------------------------------------------- creation
 
 def ndarray(shape, dtype, buffer=None, name="", address=None) -> NkiTensor:
-    """An uninitialised tensor (NaN / 4 filled; reads before writes raise)."""
-    return allocate(shape, dtype, sbuf if buffer is None else buffer, name)
+    """An uninitialised tensor (NaN / 4 filled; reads before writes raise).  ``address=
+    (partition_offset, free_offset)`` places an on-chip tile: tiles at one address share it."""
+    return allocate(shape, dtype, sbuf if buffer is None else buffer, name, address)
 
 
 def _filled(shape, dtype, value, buffer, name, api):
@@ -119,6 +169,44 @@ def rand(shape, dtype=float32, buffer=None, name="") -> NkiTensor:
 
 def random_seed(seed) -> None:
     _current("nl.random_seed").run.rng = np.random.default_rng(int(seed))
+
+
+SHARED_CONSTANT_DTYPES = (float32, float16, bfloat16, int32, int16, int8, uint32, uint16, uint8,
+                          float8_e4m3fn, float8_e5m2, float8_e8m0fnu)
+
+
+def shared_constant(constant) -> NkiTensor:
+    """A ``nl.shared_hbm`` tensor holding ``constant`` (a NumPy array or a ``.npy`` path); in NKI it
+    is embedded in the binary and loaded at model load time, so it costs the kernel nothing."""
+    ctx = _current("nl.shared_constant")
+    if isinstance(constant, (str, bytes)) or hasattr(constant, "__fspath__"):
+        constant = np.load(constant)
+    values = np.asarray(constant)
+    dtype = _dt.as_dtype(values.dtype, "nl.shared_constant")
+    if dtype not in SHARED_CONSTANT_DTYPES:
+        raise DtypeError(f"nl.shared_constant: dtype {_dt.dtype_name(dtype)} is not supported (supported: "
+                         + ", ".join(_dt.dtype_name(d) for d in SHARED_CONSTANT_DTYPES) + ")")
+    from .memory import wrap_input
+    tensor = wrap_input(values, "shared_constant", shared_hbm, ctx.fp32_storage)
+    tensor.storage.is_input = False
+    tensor.storage.readonly_constant = True
+    return tensor
+
+
+def shared_identity_matrix(n, dtype=uint8, dst=None) -> NkiTensor:
+    """An ``[n, n]`` identity matrix in SBUF (``dst`` if given); like ``shared_constant``, loaded
+    from HBM, so it costs one DMA of ``n * n`` elements."""
+    n = int(n)
+    if dst is None:
+        dst = ndarray((n, n), dtype, sbuf, name="identity")
+    elif not isinstance(dst, NkiTensor) or dst.buffer is not sbuf or dst.partitions != n or dst.free_size != n:
+        raise ShapeMismatchError(f"nl.shared_identity_matrix: dst must be an [{n}, {n}] SBUF tile, got "
+                                 f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
+    dst.write(np.eye(n, dtype=np.float32).reshape(dst.shape), "shared_identity_matrix")
+    _current("nl.shared_identity_matrix").cost.dma("shared_identity_matrix", dst.size,
+                                                   dst.size * dst.itemsize, dst.size * dst.itemsize,
+                                                   partitions=n, run_bytes=n * dst.itemsize)
+    return dst
 
 
 # --------------------------------------------------------------------------- indexing and loops

@@ -23,7 +23,7 @@ import numpy as np
 from ..trn2 import TRN2
 from . import dtypes as dt
 from .context import active
-from .errors import (DtypeError, NkiContextError, ImmutableInputError, MemoryRegionError, OutOfBoundsError,
+from .errors import (DtypeError, NkiContextError, MemoryRegionError, OutOfBoundsError,
                      PartitionLimitError, ShapeMismatchError, UninitializedReadError,
                      UnsupportedError)
 
@@ -145,6 +145,65 @@ class Storage:
     def flat(self) -> np.ndarray:
         return self.data.reshape(-1)
 
+    def mark_initialized(self, flat_addr) -> None:
+        if self.init is not None:
+            self.init.reshape(-1)[flat_addr] = True
+
+
+class ReinterpretedStorage(Storage):
+    """The bytes of another storage seen as another dtype (``.ap(dtype=...)``).  Its
+    initialised mask is derived from the parent's on every use, and writes mark the parent."""
+
+    def __init__(self, parent: Storage, dtype):
+        ratio_num, ratio_den = parent.dtype.itemsize, dtype.itemsize
+        self.parent, self.dtype, self.buffer, self.name = parent, dtype, parent.buffer, parent.name
+        self.is_input = parent.is_input
+        self.uid = parent.uid               # the same memory, for the cost model's dependencies
+        rows = parent.shape[0] if parent.buffer.on_chip else 1
+        self.data = parent.data.reshape(rows, -1).view(dtype)
+        self.shape = self.data.shape if parent.buffer.on_chip else (self.data.size,)
+        self.data = self.data.reshape(self.shape)
+        self.partition_stride = self.data.size // rows
+        self.acc = None
+        self._num, self._den = ratio_num, ratio_den
+
+    @property
+    def init(self):
+        parent = self.parent.init
+        if parent is None:
+            return None
+        flat = parent.reshape(-1)
+        if self._num >= self._den:      # each parent element covers num/den new elements
+            return np.repeat(flat, self._num // self._den).reshape(self.shape)
+        return flat.reshape(-1, self._den // self._num).all(axis=1).reshape(self.shape)
+
+    def mark_initialized(self, flat_addr) -> None:
+        if self.parent.init is None:
+            return
+        flat_addr = np.asarray(flat_addr).reshape(-1)
+        if self._num >= self._den:
+            self.parent.mark_initialized(flat_addr // (self._num // self._den))
+        else:
+            k = self._den // self._num
+            self.parent.mark_initialized((flat_addr[:, None] * k + np.arange(k)).reshape(-1))
+
+
+def _reinterpreted(storage: Storage, dtype, base: int):
+    """(storage seen as ``dtype``, ``base`` in its elements) for ``.ap(dtype=...)``."""
+    if isinstance(storage, ReinterpretedStorage):
+        base, storage = base * storage.dtype.itemsize // storage.parent.dtype.itemsize, storage.parent
+    if storage.fp32_stored:
+        raise UnsupportedError(f"ap(dtype={dt.dtype_name(dtype)}) of {storage.name!r}: its bytes are not "
+                               f"modelled in fp32-storage mode (NKI_SIM_FP32_STORAGE / NKI_PRECISE_FP=0)")
+    if storage.buffer is MemoryRegion.psum and dtype.itemsize != storage.dtype.itemsize:
+        raise UnsupportedError(f"ap(dtype={dt.dtype_name(dtype)}) of PSUM tensor {storage.name!r}: "
+                               f"reinterpreting PSUM with another item size is not supported")
+    per_row = (storage.partition_stride if storage.buffer.on_chip else storage.data.size) * storage.dtype.itemsize
+    if per_row % dtype.itemsize or (base * storage.dtype.itemsize) % dtype.itemsize:
+        raise ShapeMismatchError(f"ap(dtype={dt.dtype_name(dtype)}) of {storage.name!r}: the bytes per "
+                                 f"partition / the view start are not a multiple of {dtype.itemsize}")
+    return ReinterpretedStorage(storage, dtype), base * storage.dtype.itemsize // dtype.itemsize
+
 
 # PSUM accumulation state per element (Storage.acc).
 ACC_NONE, ACC_OPEN, ACC_READ = 0, 1, 2
@@ -154,7 +213,7 @@ def _free_bytes_per_partition(shape, dtype) -> int:
     return int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
 
-def allocate(shape, dtype, buffer: MemoryRegion, name: str = "") -> "NkiTensor":
+def allocate(shape, dtype, buffer: MemoryRegion, name: str = "", address=None) -> "NkiTensor":
     """Create a tensor (``nl.ndarray``): NaN / 4 filled, registered with the capacity tracker."""
     from .context import current
     ctx = current("nl.ndarray")
@@ -178,9 +237,10 @@ def allocate(shape, dtype, buffer: MemoryRegion, name: str = "") -> "NkiTensor":
                 f"nl.ndarray {name!r}: partition dimension {shape[0]} of {list(shape)} in "
                 f"{buffer.value} exceeds maximum {PMAX}")
     if buffer is MemoryRegion.shared_hbm:
-        tensor = ctx.run.shared_hbm_tensor(ctx, shape, dtype, name)
-        if tensor is not None:
-            return tensor
+        return ctx.run.shared_hbm_tensor(ctx, shape, dtype, name, lambda: NkiTensor._whole(
+            Storage(shape, dtype, buffer, name or "tensor", ctx.fp32_storage)))
+    if address is not None and buffer.on_chip:
+        return _placed(ctx, shape, dtype, buffer, name, address)
     storage = Storage(shape, dtype, buffer, name or "tensor", ctx.fp32_storage)
     if buffer.on_chip:
         per_partition = _free_bytes_per_partition(shape, dtype)
@@ -190,14 +250,48 @@ def allocate(shape, dtype, buffer: MemoryRegion, name: str = "") -> "NkiTensor":
                                       f"exceeds the 16 KiB PSUM partition")
         ctx.alloc.allocate(buffer.value, per_partition, describe)
         weakref.finalize(storage, ctx.alloc.free, buffer.value, per_partition)
-    tensor = NkiTensor._whole(storage)
-    if buffer is MemoryRegion.shared_hbm:
-        ctx.run.register_shared_hbm(ctx, tensor)
-    return tensor
+    return NkiTensor._whole(storage)
+
+
+def _placed(ctx, shape, dtype, buffer: MemoryRegion, name: str, address) -> "NkiTensor":
+    """``nl.ndarray(..., address=(partition_offset, free_offset))``: tiles placed at one address
+    share one allocation (its capacity is counted once, while any of them is alive).
+
+    Sharing is modelled for tiles of the same shape and dtype (one buffer reused, e.g. per loop
+    iteration); a different shape or dtype at a live address raises, because the byte-level
+    overlap of differently typed tiles is not modelled."""
+    try:
+        key = (buffer.value, int(address[0]), int(address[1]))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise TypeError(f"nl.ndarray {name!r}: address must be (partition_offset, free_offset), "
+                        f"got {address!r}") from exc
+    if key[1] < 0 or key[1] + shape[0] > PMAX:
+        raise PartitionLimitError(f"nl.ndarray {name!r}: partitions [{key[1]}, {key[1] + shape[0]}) at "
+                                  f"address {address} exceed the {PMAX} partitions")
+    placed = ctx.__dict__.setdefault("placed", weakref.WeakValueDictionary())
+    owner = placed.get(key)
+    if owner is not None:
+        if owner.shape != shape or owner.dtype != dtype:
+            raise UnsupportedError(
+                f"nl.ndarray {name!r} {list(shape)} {dtype} at address {address} overlaps live tile "
+                f"{owner.name!r} {list(owner.shape)} {owner.dtype}; sharing an address is modelled for "
+                f"tiles of one shape and dtype only")
+        alias = Storage.__new__(Storage)
+        alias.__dict__.update(owner.__dict__)
+        alias.name = name or owner.name
+        alias._owner = owner            # the allocation lives while any tile at the address does
+        return NkiTensor._whole(alias)
+    storage = Storage(shape, dtype, buffer, name or "tensor", ctx.fp32_storage)
+    per_partition = _free_bytes_per_partition(shape, dtype)
+    ctx.alloc.allocate(buffer.value, per_partition, f"{name or 'tensor'} {list(shape)} {dtype} at {address}")
+    weakref.finalize(storage, ctx.alloc.free, buffer.value, per_partition)
+    placed[key] = storage
+    return NkiTensor._whole(storage)
 
 
 def wrap_input(array: np.ndarray, name: str, buffer: MemoryRegion, fp32_storage: bool) -> "NkiTensor":
-    """A kernel argument: an immutable, fully initialised HBM tensor holding a copy of ``array``."""
+    """A kernel argument: a fully initialised HBM tensor holding a copy of ``array`` (copied back
+    into ``array`` after the run if the kernel wrote it)."""
     dtype = dt.as_dtype(array.dtype, f"kernel input {name!r}")
     data = np.array(array, dtype=dt.storage_dtype(dtype, fp32_storage), copy=True, order="C")
     storage = Storage(array.shape, dtype, buffer, name, fp32_storage, data=data, is_input=True)
@@ -239,7 +333,7 @@ def _note_access(tensor: "NkiTensor", write: bool) -> None:
 class NkiTensor:
     """A view of a :class:`Storage` (the real ``nki.language.NkiTensor``)."""
 
-    __slots__ = ("storage", "shape", "_arr", "_init", "_acc", "_addr", "_valid", "_indirect",
+    __slots__ = ("storage", "shape", "_arr", "_init", "_acc", "_addr", "_valid", "_indirect", "_out_of_bounds",
                  "_readonly", "__weakref__")
 
     def __init__(self, storage, shape, arr=None, init=None, acc=None, addr=None, valid=None,
@@ -253,6 +347,7 @@ class NkiTensor:
         self._valid = valid
         self._indirect = indirect
         self._readonly = readonly
+        self._out_of_bounds = None      # the error of a static .ap() outside its tensor (raised on access)
 
     @classmethod
     def _whole(cls, storage: Storage) -> "NkiTensor":
@@ -323,9 +418,11 @@ class NkiTensor:
 
     def _derive(self, fn, shape, **flags) -> "NkiTensor":
         arr, init, acc, addr, valid = (None if a is None else fn(a) for a in self._views())
-        return NkiTensor(self.storage, shape, arr, init, acc, addr, valid,
+        view = NkiTensor(self.storage, shape, arr, init, acc, addr, valid,
                          indirect=flags.get("indirect", self._indirect),
                          readonly=flags.get("readonly", self._readonly))
+        view._out_of_bounds = self._out_of_bounds
+        return view
 
     def __getitem__(self, key) -> "NkiTensor":
         if not isinstance(key, tuple):
@@ -367,7 +464,7 @@ class NkiTensor:
                 stop = n if k.stop is None else int(k.stop)
                 start = start + n if start < 0 else start
                 stop = stop + n if stop < 0 else stop
-                if start < 0 or stop > n or start >= stop:
+                if start < 0 or stop > n or start > stop:
                     raise OutOfBoundsError(
                         f"Out-of-bound access for tensor `{self.name}` on dimension {d}: index range "
                         f"[{start}, {stop - 1}] exceed dimension size of {n}" if stop > n or start < 0
@@ -495,36 +592,47 @@ class NkiTensor:
         alias._owner = storage          # keep the allocation alive while the alias lives
         return NkiTensor(alias, self.shape, self._arr.view(new), self._init, self._acc)
 
-    def ap(self, pattern, offset: int = 0, scalar_offset=None, vector_offset=None,
+    def ap(self, pattern, offset: int | None = None, scalar_offset=None, vector_offset=None,
            indirect_dim: int = 0, dtype=None) -> "NkiTensor":
-        """Access pattern over the underlying storage (not composable with other views).
+        """Access pattern over the underlying storage.
 
         Element ``[i0, i1, ...]`` of the result is storage element
-        ``offset + sum(stride_k * i_k)`` (flat, in elements) for ``pattern = [[stride_k, count_k], ...]``.
+        ``base + offset + sum(stride_k * i_k)`` (flat, in elements) for ``pattern = [[stride_k,
+        count_k], ...]``, ``base`` being this view's first element (0 for a whole tensor; the
+        documented "offset added to the view's base storage offset").  ``dtype=`` reinterprets
+        the storage bytes (strides and offsets then count elements of that dtype).
         Dynamic parts (simulator semantics, see docs/simulator.md):
 
         * ``scalar_offset`` (int, VirtualRegister or 1x1 SBUF int tensor) adds
           ``value * stride[indirect_dim]``: a runtime start along that pattern dim.
-        * ``vector_offset`` (an SBUF ``[n, 1]`` integer tile, HBM tensors only) replaces index
-          ``i`` of pattern dim ``indirect_dim`` by ``vector_offset[i]``: a row gather/scatter.
+        * ``vector_offset`` (an SBUF ``[n, 1]`` integer tile, HBM tensors only, ``indirect_dim=0``)
+          replaces index ``i`` of the leading pattern dim by ``vector_offset[i]``: a row
+          gather/scatter.  The leading stride given is ignored (documented): rows are
+          ``prod(shape[1:])`` elements of the base tensor apart.
 
         For on-chip tensors the first pair is the partition dim and its stride must equal the
         number of elements per partition.  Indirect views may only be used by DMA instructions.
         """
-        if not self.is_whole:
-            raise UnsupportedError(
-                f"ap() on a view of {self.describe()}: an access pattern addresses the underlying "
-                f"storage {list(self.storage.shape)}, not the view; call it on the whole tensor and "
-                f"put the view's start into offset=")
+        if self._indirect:
+            raise UnsupportedError(f"ap() on the indirect view {self.describe()}: only one dynamic "
+                                   f"access per tensor")
+        base = self._base_offset()
+        storage = self.storage
         if dtype is not None and dt.as_dtype(dtype, "ap dtype") != self.dtype:
-            raise UnsupportedError("ap(dtype=...) reinterpretation is not supported by the simulator")
+            storage, base = _reinterpreted(storage, dt.as_dtype(dtype, "ap dtype"), base)
         try:
             pairs = [(int(s), int(c)) for s, c in pattern]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"ap pattern must be [[stride, count], ...], got {pattern!r}") from exc
         if not pairs or any(c <= 0 for _, c in pairs):
             raise ShapeMismatchError(f"ap pattern {pattern!r}: counts must be positive")
-        storage = self.storage
+        if vector_offset is not None:
+            if indirect_dim != 0:
+                raise UnsupportedError(f"ap with vector_offset: only indirect_dim=0 is supported (NKI "
+                                       f"access-pattern guide), got {indirect_dim}")
+            # The guide: the leading stride of the pattern is ignored; the hardware uses the
+            # number of elements right of the leading dim of the base tensor.
+            pairs[0] = (storage.partition_stride, pairs[0][1])
         shape = [c for _, c in pairs]
         if storage.buffer.on_chip:
             if pairs[0][0] != storage.partition_stride:
@@ -538,7 +646,7 @@ class NkiTensor:
                 raise UnsupportedError("vector_offset is only supported on HBM tensors (indirect DMA)")
         if not 0 <= indirect_dim < len(pairs):
             raise IndexError(f"indirect_dim {indirect_dim} out of range for pattern of {len(pairs)} dims")
-        addr = np.full(shape, int(offset), np.int64)
+        addr = np.full(shape, base + (0 if offset is None else int(offset)), np.int64)
         dynamic = False
         for k, (stride, count) in enumerate(pairs):
             idx = np.arange(count, dtype=np.int64)
@@ -561,18 +669,40 @@ class NkiTensor:
             dynamic = True
         total = int(np.prod(storage.shape, dtype=np.int64))
         valid = (addr >= 0) & (addr < total)
-        if not valid.all():
-            if not dynamic:
-                bad = addr[~valid].reshape(-1)[0]
-                raise OutOfBoundsError(f"ap on {self.describe()}: pattern {pattern} with offset {offset} "
-                                       f"addresses element {bad}, outside [0, {total})")
-            addr = np.where(valid, addr, 0)
-        else:
+        out_of_bounds = None
+        if valid.all():
             valid = None
-        return NkiTensor(storage, shape, addr=addr, valid=valid, indirect=dynamic)
+        elif not dynamic:
+            # A static pattern outside the tensor is only a descriptor until an instruction uses
+            # it (public kernels build such views for loop iterations they then skip): the error
+            # is raised on access.
+            bad = addr[~valid].reshape(-1)[0]
+            out_of_bounds = (f"ap on {self.describe()}: pattern {pattern} with offset {offset} addresses "
+                             f"element {bad}, outside [0, {total})")
+            addr, valid = np.where(valid, addr, 0), None
+        else:
+            addr = np.where(valid, addr, 0)
+        view = NkiTensor(storage, shape, addr=addr, valid=valid, indirect=dynamic)
+        view._out_of_bounds = out_of_bounds
+        return view
+
+    def _base_offset(self) -> int:
+        """Flat storage index of this view's first element."""
+        if self._addr is not None:
+            return int(self._addr.reshape(-1)[0]) if self._addr.size else 0
+        start = self._arr.__array_interface__["data"][0] - self.storage.data.__array_interface__["data"][0]
+        return int(start // self._arr.itemsize)
 
     # ----------------------------------------------------------------- element access (engines)
+    def _check_accessible(self, instr: str, operand: str) -> None:
+        if self._out_of_bounds:
+            raise OutOfBoundsError(f"{instr} operand {operand}: {self._out_of_bounds}")
+        if self.size == 0:
+            raise ShapeMismatchError(f"{instr}: operand {operand} {self.describe()} has no elements; a "
+                                     f"zero-size view (e.g. nl.ds(0, 0)) may be created but not accessed")
+
     def _check_readable(self, instr: str, operand: str) -> None:
+        self._check_accessible(instr, operand)
         storage = self.storage
         if storage.init is None:
             return
@@ -609,11 +739,13 @@ class NkiTensor:
     def write(self, values, instr: str, operand: str = "dst", matmul: bool = False,
               mask: np.ndarray | None = None) -> None:
         """Round ``values`` once into this view's dtype and store them (only where ``mask``)."""
+        self._check_accessible(instr, operand)
         storage = self.storage
+        if getattr(storage, "readonly_constant", False):
+            raise UnsupportedError(f"{instr}: {operand} {self.describe()} is an nl.shared_constant, "
+                                   f"which kernels may not write")
         if storage.is_input:
-            raise ImmutableInputError(
-                f"{instr} writes kernel input {self.describe()} (operand {operand}); kernel inputs are "
-                f"immutable: write results into a new nl.shared_hbm output")
+            storage.modified = True     # copied back into the caller's array after the run
         if self._readonly:
             raise UnsupportedError(f"{instr}: {operand} {self.describe()} is a broadcast (stride-0) view "
                                    f"and cannot be written")
@@ -642,8 +774,7 @@ class NkiTensor:
             if keep is not None:
                 addr, rounded = addr[keep], rounded[keep]
             storage.flat[addr] = rounded
-            if storage.init is not None:
-                storage.init.reshape(-1)[addr] = True
+            storage.mark_initialized(addr)
             if storage.acc is not None:
                 storage.acc.reshape(-1)[addr] = state
 
