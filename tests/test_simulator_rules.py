@@ -180,3 +180,22 @@ def test_only_ambiguous_rules_can_be_loosened():
     with pytest.raises(ValueError, match="not switchable"):
         run(lambda: None, lenient=("start-partition",))
     assert set(AMBIGUOUS) <= set(RULES)
+
+
+def test_simulator_layers_import_one_way():
+    """memory (tensors) never imports the API modules built on it (isa, language): no cycle."""
+    import ast
+    import mimo_kernels.simulator.memory as memory
+    tree = ast.parse(open(memory.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {node.module for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"isa", "language", "isa_ext"}
+
+
+def test_machine_description_feeds_the_simulator():
+    from mimo_kernels.trn2 import TRN2
+    assert nl.tile_size.pmax == TRN2.partitions
+    assert nl.tile_size.gemm_moving_fmax == TRN2.gemm_moving_fmax
+    assert nl.tile_size.sbuf_size_bytes == TRN2.sbuf_bytes_per_partition
+    assert TRN2.dma_engines_for(128) == 16 and TRN2.dma_engines_for(9) == 2
