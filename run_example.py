@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="process group: gloo on CPU; xla = Neuron on trn2 (untested here)")
     ep.add_argument("--timeout", type=float, default=300.0,
                     help="seconds a collective may wait before every rank gives up with an error")
+    ep.add_argument("--ep-liveness", type=float, default=None,
+                    help="seconds without a heartbeat after which a rank counts as killed (default "
+                         "min(timeout, 10)); the others then stop naming it")
     return p
 
 
@@ -95,9 +98,9 @@ def make_config(args):
     from mimo_v2_flash import load_config
     config = load_config(args.config or "tiny")
     changes = {}
-    if args.num_layers:
+    if args.num_layers is not None:
         changes["num_hidden_layers"] = args.num_layers
-    if args.num_experts:
+    if args.num_experts is not None:
         changes["n_routed_experts"] = args.num_experts
     return config.replace(**changes) if changes else config
 
@@ -246,8 +249,44 @@ def main(argv=None) -> int:
         parser.error("--chat, --stop and --tokenizer apply to --prompt only")
     if args.prompt is not None and (args.mode != "generate" or distributed()):
         parser.error("--prompt applies to --mode generate in one process (use --prompt-ids otherwise)")
+    problem = argument_problem(args)
+    if problem:
+        parser.error(problem)
     modes = {"random": mode_random, "generate": mode_generate, "test": mode_test, "download": mode_download}
-    return modes[args.mode](args)
+    try:
+        return modes[args.mode](args)
+    except (ValueError, OSError, FloatingPointError) as err:
+        # every input error of the project is a ValueError subclass (ConfigError, CheckpointError,
+        # PrepareError, SafetensorsError, MemoryBudgetError, ...) whose message names the file or value
+        return input_error(err)
+    except KeyboardInterrupt:
+        print("run_example.py: interrupted", file=sys.stderr)
+        return 130
+
+
+def argument_problem(args) -> str:
+    """The first flag outside its range or used where it does not apply, else ''."""
+    from mimo_v2_flash.model import check_sampling
+    for flag, value, low in (("--num-layers", args.num_layers, 1), ("--num-experts", args.num_experts, 1),
+                             ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 0)):
+        if value is not None and value < low:
+            return f"{flag} must be >= {low}, got {value}"
+    if not 0 < args.timeout < float("inf"):
+        return f"--timeout must be a positive number of seconds, got {args.timeout}"
+    try:
+        check_sampling(args.temperature, None, None)
+    except ValueError as err:
+        return f"--{err}"
+    if not distributed():
+        used = [flag for flag, value, default in (
+            ("--ep-mode", args.ep_mode, "auto"), ("--ep-placement", args.ep_placement, None),
+            ("--ep-save-placement", args.ep_save_placement, None), ("--dist-backend", args.dist_backend, "gloo"),
+            ("--ep-wire-dtype", args.ep_wire_dtype, "float32")) if value != default]
+        if used:
+            return (f"{used[0]} applies to expert-parallel runs under torchrun only (WORLD_SIZE > 1); "
+                    "this is a single process")
+    return ""
 
 
 if __name__ == "__main__":

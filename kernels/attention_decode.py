@@ -46,6 +46,7 @@ from mimo_kernels.attention_prefill import (
     BF16, CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, Share, attention_prefill,
     check_attention_shapes, load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_step, store_rows,
     tile_batches, transpose_probs, update_output, zero_probs_margins)
+from mimo_kernels.checks import KernelInputError
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -131,17 +132,23 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     s_max = k_t.shape[3]
     dv = v.shape[3]
     group, units = plan
-    assert k_t.shape[:3] == (n_seqs, kv_heads, d_head), f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]"
-    assert v.shape[:3] == (n_seqs, kv_heads, s_max), f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]"
-    assert kpos.shape == (n_seqs, s_max), f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]"
-    assert dv <= P_MAX, f"V head dim {dv} exceeds {P_MAX} (V is a matmul stationary in packed tiles)"
-    assert q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group), \
-        f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}"
+    if not (k_t.shape[:3] == (n_seqs, kv_heads, d_head)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]")
+    if not (v.shape[:3] == (n_seqs, kv_heads, s_max)):
+        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]")
+    if not (kpos.shape == (n_seqs, s_max)):
+        raise KernelInputError(f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]")
+    if not (dv <= P_MAX):
+        raise KernelInputError(f"V head dim {dv} exceeds {P_MAX} (V is a matmul stationary in packed tiles)")
+    if not (q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group)):
+        raise KernelInputError(
+            f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}")
     out = nl.ndarray((sum([t[0] for _, tiles in units for t in tiles]), dv), dtype=q_t.dtype,
                      buffer=nl.shared_hbm)
     n_dp = (d_head + P_MAX - 1) // P_MAX
     dp = d_head // n_dp              # 192 -> 96 + 96: Q^T and K^T each load in one DMA
-    assert dp * n_dp == d_head, f"head dim {d_head} must split into {n_dp} equal partition tiles"
+    if not (dp * n_dp == d_head):
+        raise KernelInputError(f"head dim {d_head} must split into {n_dp} equal partition tiles")
     evict = EvictEngines(evict_vector_share)
     no_dma = Share(0.0)
     if split_dma_transpose_share is None:
@@ -176,7 +183,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                     pieces.append((ri, bl, j, piece_row, (t1 - t0) * group))
                     piece_row += (t1 - t0) * group
         if packed:
-            assert piece_row == tiles[0][0], f"unit {u_first}: runs give a different row count than {tiles[0][0]}"
+            if not (piece_row == tiles[0][0]):
+                raise KernelInputError(f"unit {u_first}: runs give a different row count than {tiles[0][0]}")
 
         # HBM -> SBUF: Q^T of the group's units, one DMA per run
         if packed:

@@ -57,6 +57,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys per PV matmul
 MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)
@@ -342,7 +343,9 @@ def update_output(state: RowState, o_psum, alpha, result, evict: EvictEngines):
             nisa.tensor_tensor(result[:, on_scalar:n, :], o_psum[:, on_scalar:n, :],
                                recip[:, on_scalar:n].expand_dim(2).broadcast(2, o_psum.shape[2]), nl.multiply)
         return
-    assert n == 1, f"a row tile spanning several key chunks is processed alone, not {n} at a time"
+    if not (n == 1):
+        raise KernelInputError(
+            f"a row tile spanning several key chunks is processed alone, not {n} at a time")
     if alpha is None:
         state.o_acc = nl.ndarray((rows, o_psum.shape[2]), dtype=nl.float32, buffer=nl.sbuf)
         evict.copy(state.o_acc, o_psum[:, 0, :])
@@ -429,19 +432,24 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     kv_heads, d_head, total_rows = q_t.shape
     seq_len = k_t.shape[2]
     dv = v.shape[2]
-    assert seq_len >= 1 and total_rows % seq_len == 0, \
-        f"q_t columns {total_rows} must be T * G for T = {seq_len} (k_t's last dim)"
+    if not (seq_len >= 1 and total_rows % seq_len == 0):
+        raise KernelInputError(f"q_t columns {total_rows} must be T * G for T = {seq_len} (k_t's last dim)")
     group = total_rows // seq_len
-    assert group <= P_MAX, f"group size G = {group} query heads per KV head exceeds {P_MAX}"
-    assert k_t.shape[:2] == (kv_heads, d_head), f"k_t {k_t.shape} must be [{kv_heads}, {d_head}, T]"
-    assert v.shape[:2] == (kv_heads, seq_len), f"v {v.shape} must be [{kv_heads}, {seq_len}, Dv]"
-    assert dv <= P_MAX, f"V head dim {dv} exceeds {P_MAX}"
-    assert window is None or window >= 1, f"window {window} must be >= 1 key"
+    if not (group <= P_MAX):
+        raise KernelInputError(f"group size G = {group} query heads per KV head exceeds {P_MAX}")
+    if not (k_t.shape[:2] == (kv_heads, d_head)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{kv_heads}, {d_head}, T]")
+    if not (v.shape[:2] == (kv_heads, seq_len)):
+        raise KernelInputError(f"v {v.shape} must be [{kv_heads}, {seq_len}, Dv]")
+    if not (dv <= P_MAX):
+        raise KernelInputError(f"V head dim {dv} exceeds {P_MAX}")
+    if not (window is None or window >= 1):
+        raise KernelInputError(f"window {window} must be >= 1 key")
     tokens_per_tile = P_MAX // group
     rows_per_tile = tokens_per_tile * group
     if sink_rows is not None:
-        assert sink_rows.shape == (kv_heads, rows_per_tile, 1), \
-            f"sink_rows {sink_rows.shape} must be [{kv_heads}, {rows_per_tile}, 1]"
+        if not (sink_rows.shape == (kv_heads, rows_per_tile, 1)):
+            raise KernelInputError(f"sink_rows {sink_rows.shape} must be [{kv_heads}, {rows_per_tile}, 1]")
     out = nl.ndarray((kv_heads, total_rows, dv), dtype=q_t.dtype, buffer=nl.shared_hbm)
     d_tiles = [(d0, min(d_head, d0 + P_MAX)) for d0 in range(0, d_head, P_MAX)]
 

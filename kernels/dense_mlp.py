@@ -20,6 +20,7 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, simulate
 from mimo_kernels.linear import BF16, kernel_weight, project
+from mimo_kernels.checks import KernelInputError
 
 
 @nki.jit
@@ -27,10 +28,11 @@ def dense_mlp_kernel(x, w_gate, w_up, w_down, gate_scale=None, up_scale=None, do
     """y [T, H] = (silu(x @ w_gate) * (x @ w_up)) @ w_down (see module doc)."""
     T, H = x.shape
     I = w_gate.shape[1]
-    assert tuple(w_down.shape) == (I, H), \
-        f"dense_mlp: w_down shape {w_down.shape} must be [{I}, {H}] for w_gate {w_gate.shape} ([in, out] layout)"
-    assert (gate_scale is None) == (up_scale is None) == (down_scale is None), \
-        "dense_mlp: give block scales for all three weights (FP8) or for none (bf16)"
+    if not (tuple(w_down.shape) == (I, H)):
+        raise KernelInputError(
+            f"dense_mlp: w_down shape {w_down.shape} must be [{I}, {H}] for w_gate {w_gate.shape} ([in, out] layout)")
+    if not ((gate_scale is None) == (up_scale is None) == (down_scale is None)):
+        raise KernelInputError("dense_mlp: give block scales for all three weights (FP8) or for none (bf16)")
     hidden = nl.ndarray((T, I), dtype=x.dtype, buffer=nl.hbm)           # private scratch
     project(x, (w_gate, w_up), (gate_scale, up_scale), hidden)
     y = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.shared_hbm)

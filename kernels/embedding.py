@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
 
@@ -30,7 +31,8 @@ def embedding_kernel(ids, table):
     """out [T, H] = table [V, H] rows at ids [T] (int32)."""
     (T,) = ids.shape
     V, H = table.shape
-    assert T >= 1, "embedding: no tokens"
+    if not (T >= 1):
+        raise KernelInputError("embedding: no tokens")
     out = nl.ndarray((T, H), dtype=table.dtype, buffer=nl.shared_hbm)
     full_tiles, tail = divmod(T, P)
     if full_tiles:

@@ -62,6 +62,7 @@ import ml_dtypes
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 from mimo_kernels.linear import scale_blocks
 from mimo_kernels.trn2 import TRN2
 
@@ -221,27 +222,37 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     T, H = x.shape
     E, _, I = w_gate.shape
     NB = block_expert.shape[0]
-    assert NB >= 1, "expert_ffn: no blocks (block_expert is empty)"
+    if not (NB >= 1):
+        raise KernelInputError("expert_ffn: no blocks (block_expert is empty)")
     B = row_token.shape[0] // NB
-    assert x.dtype == nl.bfloat16, f"expert_ffn: x must be bfloat16, got {x.dtype}"
-    assert H % P == 0 and I % P == 0, f"expert_ffn: hidden {H} and intermediate {I} must be multiples of {P}"
-    assert tuple(w_gate.shape) == (E, H, I) and tuple(w_up.shape) == (E, H, I), \
-        f"expert_ffn: w_gate {tuple(w_gate.shape)} / w_up {tuple(w_up.shape)} must be [E, {H}, I]"
-    assert tuple(w_down.shape) == (E, I, H), f"expert_ffn: w_down {tuple(w_down.shape)} must be [{E}, {I}, {H}]"
-    assert 1 <= B <= MAX_BLOCK_ROWS and (B <= P or B % P == 0) and tuple(row_token.shape) == (NB * B,), \
-        f"expert_ffn: row_token {tuple(row_token.shape)} must hold {NB} blocks of B rows, B <= {P} " \
-        f"or a multiple of {P} up to {MAX_BLOCK_ROWS}"
-    assert tuple(row_weight.shape) == (NB * B,), f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)"
+    if not (x.dtype == nl.bfloat16):
+        raise KernelInputError(f"expert_ffn: x must be bfloat16, got {x.dtype}")
+    if not (H % P == 0 and I % P == 0):
+        raise KernelInputError(f"expert_ffn: hidden {H} and intermediate {I} must be multiples of {P}")
+    if not (tuple(w_gate.shape) == (E, H, I) and tuple(w_up.shape) == (E, H, I)):
+        raise KernelInputError(
+            f"expert_ffn: w_gate {tuple(w_gate.shape)} / w_up {tuple(w_up.shape)} must be [E, {H}, I]")
+    if not (tuple(w_down.shape) == (E, I, H)):
+        raise KernelInputError(f"expert_ffn: w_down {tuple(w_down.shape)} must be [{E}, {I}, {H}]")
+    if not (1 <= B <= MAX_BLOCK_ROWS and (B <= P or B % P == 0) and tuple(row_token.shape) == (NB * B,)):
+        raise KernelInputError(
+            f"expert_ffn: row_token {tuple(row_token.shape)} must hold {NB} blocks of B rows, B <= {P} "
+            f"or a multiple of {P} up to {MAX_BLOCK_ROWS}")
+    if not (tuple(row_weight.shape) == (NB * B,)):
+        raise KernelInputError(f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)")
     fp8 = w_gate.dtype == nl.float8_e4m3
-    assert fp8 or w_gate.dtype == nl.bfloat16, f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}"
-    assert w_up.dtype == w_gate.dtype and w_down.dtype == w_gate.dtype, "expert_ffn: mixed weight dtypes"
+    if not (fp8 or w_gate.dtype == nl.bfloat16):
+        raise KernelInputError(f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}")
+    if not (w_up.dtype == w_gate.dtype and w_down.dtype == w_gate.dtype):
+        raise KernelInputError("expert_ffn: mixed weight dtypes")
     if fp8:
         for name, s, shape in (("gate_scale", gate_scale, (E, H // P, I // P)),
                                ("up_scale", up_scale, (E, H // P, I // P)),
                                ("down_scale", down_scale, (E, I // P, H // P))):
-            assert s is not None and tuple(s.shape) == shape and s.dtype == nl.float32, \
-                f"expert_ffn: fp8 weights need {name} float32 {list(shape)}, got " \
-                f"{None if s is None else (tuple(s.shape), s.dtype)}"
+            if not (s is not None and tuple(s.shape) == shape and s.dtype == nl.float32):
+                raise KernelInputError(
+                    f"expert_ffn: fp8 weights need {name} float32 {list(shape)}, got "
+                    f"{None if s is None else (tuple(s.shape), s.dtype)}")
 
     out = nl.ndarray((T + 1, H), dtype=nl.float32, buffer=nl.shared_hbm)
     _zero_rows(out)

@@ -40,6 +40,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                               # partitions, and the K / FP8 block size
 MOVING_FMAX = nl.tile_size.gemm_moving_fmax         # 512 columns per matmul (one PSUM bank of fp32)
@@ -73,18 +74,29 @@ def check_projection(x, weights, scales):
     """Validate shapes and dtypes of x [T, K] against weights [K, N] (+ scales); return T, K, N."""
     T, K = x.shape
     K_w, N = weights[0].shape
-    assert T >= 1, f"linear: no tokens (x shape {x.shape})"
-    assert K_w == K, f"linear: weight shape {weights[0].shape} must be [K={K}, N] for x {x.shape} ([in, out] layout)"
-    assert K % P == 0 and N % P == 0, f"linear: sizes K={K} and N={N} must be multiples of {P}"
+    if not (T >= 1):
+        raise KernelInputError(f"linear: no tokens (x shape {x.shape})")
+    if not (K_w == K):
+        raise KernelInputError(
+            f"linear: weight shape {weights[0].shape} must be [K={K}, N] for x {x.shape} ([in, out] layout)")
+    if not (K % P == 0 and N % P == 0):
+        raise KernelInputError(f"linear: sizes K={K} and N={N} must be multiples of {P}")
     for w, s in zip(weights, scales):
-        assert tuple(w.shape) == (K, N), f"linear: weight shapes differ: {w.shape} vs {(K, N)}"
+        if not (tuple(w.shape) == (K, N)):
+            raise KernelInputError(f"linear: weight shapes differ: {w.shape} vs {(K, N)}")
         if s is None:
-            assert w.dtype == nl.bfloat16, f"linear: weight dtype {w.dtype} must be bfloat16, or float8_e4m3 with a scale"
+            if not (w.dtype == nl.bfloat16):
+                raise KernelInputError(
+                    f"linear: weight dtype {w.dtype} must be bfloat16, or float8_e4m3 with a scale")
         else:
-            assert _is_fp8(w.dtype), f"linear: a scale was given but the weight dtype is {w.dtype}, not float8_e4m3"
-            assert tuple(s.shape) == (K // P, N // P), \
-                f"linear: scale shape {s.shape} must be {(K // P, N // P)} (one fp32 multiplier per 128x128 block)"
-            assert s.dtype == nl.float32, f"linear: scale dtype {s.dtype} must be float32"
+            if not (_is_fp8(w.dtype)):
+                raise KernelInputError(
+                    f"linear: a scale was given but the weight dtype is {w.dtype}, not float8_e4m3")
+            if not (tuple(s.shape) == (K // P, N // P)):
+                raise KernelInputError(
+                    f"linear: scale shape {s.shape} must be {(K // P, N // P)} (one fp32 multiplier per 128x128 block)")
+            if not (s.dtype == nl.float32):
+                raise KernelInputError(f"linear: scale dtype {s.dtype} must be float32")
     return T, K, N
 
 
@@ -289,7 +301,8 @@ def project(x, weights, scales, y):
     products accumulated side by side in PSUM and combined on eviction.
     """
     T, _, _ = check_projection(x, weights, scales)
-    assert len(weights) in (1, 2), f"project: one weight, or a gate and an up weight; got {len(weights)}"
+    if not (len(weights) in (1, 2)):
+        raise KernelInputError(f"project: one weight, or a gate and an up weight; got {len(weights)}")
     if scales[0] is not None and T <= FP8_SCALED_ACTIVATIONS_MAX_TOKENS:
         _project_activations_scaled(x, weights, scales, y)
     else:

@@ -29,6 +29,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
 PSUM_FMAX = nl.tile_size.psum_bank_fmax      # fp32 elements of one PSUM bank per partition
@@ -116,10 +117,12 @@ def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
 
 def _rmsnorm_body(x, delta, weight, y, total, eps):
     T, H = x.shape
-    assert T >= 1, f"rmsnorm: no tokens (x shape {x.shape})"
-    assert tuple(weight.shape) == (H,), f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}"
-    assert delta is None or tuple(delta.shape) == (T, H), \
-        f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}"
+    if not (T >= 1):
+        raise KernelInputError(f"rmsnorm: no tokens (x shape {x.shape})")
+    if not (tuple(weight.shape) == (H,)):
+        raise KernelInputError(f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}")
+    if not (delta is None or tuple(delta.shape) == (T, H)):
+        raise KernelInputError(f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}")
     full_tiles, tail = divmod(T, P)
     if full_tiles:
         w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
@@ -129,7 +132,9 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
         for i in range(full_tiles):
             _token_major_tile(x, delta, weight_rows, y, total, i * P, eps)
     if tail:
-        assert H % P == 0, f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)"
+        if not (H % P == 0):
+            raise KernelInputError(
+                f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)")
         weight_cols = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=weight_cols, src=weight.reshape((P, H // P)))   # HBM -> SBUF, J per partition
         ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)

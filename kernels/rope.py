@@ -26,6 +26,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
 TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget
@@ -96,8 +97,10 @@ def rope_kernel(x, positions, cos_sin_table):
     T, heads, D = x.shape
     R = cos_sin_table.shape[1]
     half = R // 2
-    assert R % 2 == 0 and R <= D, f"rope: table width {R} (rotary dim) must be even and <= head dim {D}"
-    assert tuple(positions.shape) == (T,), f"rope: positions shape {positions.shape} must be ({T},)"
+    if not (R % 2 == 0 and R <= D):
+        raise KernelInputError(f"rope: table width {R} (rotary dim) must be even and <= head dim {D}")
+    if not (tuple(positions.shape) == (T,)):
+        raise KernelInputError(f"rope: positions shape {positions.shape} must be ({T},)")
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     for t0, n, tpp, ppt in _token_tiles(T, heads, D):
         parts, hpp = n // tpp * ppt, heads // ppt          # partitions; heads per partition

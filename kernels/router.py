@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
 EXPERT_TILE = nl.tile_size.gemm_stationary_fmax   # experts per matmul (stationary free size)
@@ -110,12 +111,17 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     """
     T, H = x.shape
     E = w.shape[1]
-    assert x.dtype == nl.float32 and w.dtype == nl.float32 and bias.dtype == nl.float32, \
-        f"router: x, w and bias must be float32 (fp32 routing), got {x.dtype}, {w.dtype}, {bias.dtype}"
-    assert H % P == 0, f"router: hidden size {H} must be a multiple of {P}"
-    assert tuple(w.shape) == (H, E), f"router: w shape {tuple(w.shape)} must be [hidden {H}, experts]"
-    assert TOP_K <= E <= PSUM_FMAX, f"router: {E} experts; supported {TOP_K}..{PSUM_FMAX}"
-    assert tuple(bias.shape) == (E,), f"router: bias shape {tuple(bias.shape)} must be ({E},)"
+    if not (x.dtype == nl.float32 and w.dtype == nl.float32 and bias.dtype == nl.float32):
+        raise KernelInputError(
+            f"router: x, w and bias must be float32 (fp32 routing), got {x.dtype}, {w.dtype}, {bias.dtype}")
+    if not (H % P == 0):
+        raise KernelInputError(f"router: hidden size {H} must be a multiple of {P}")
+    if not (tuple(w.shape) == (H, E)):
+        raise KernelInputError(f"router: w shape {tuple(w.shape)} must be [hidden {H}, experts]")
+    if not (TOP_K <= E <= PSUM_FMAX):
+        raise KernelInputError(f"router: {E} experts; supported {TOP_K}..{PSUM_FMAX}")
+    if not (tuple(bias.shape) == (E,)):
+        raise KernelInputError(f"router: bias shape {tuple(bias.shape)} must be ({E},)")
     KT = H // P
     ids = nl.ndarray((T, TOP_K), dtype=nl.uint32, buffer=nl.shared_hbm)
     weights = nl.ndarray((T, TOP_K), dtype=nl.float32, buffer=nl.shared_hbm)

@@ -34,10 +34,11 @@ from safetensors.numpy import save_file
 
 from . import fp8
 from .config import ConfigError, MiMoV2FlashConfig
+from .fileguard import check_plain_name
 from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .progress import progress_bar
-from .safetensors_io import SafetensorsError, SafetensorsFile
+from .safetensors_io import SafetensorsError, SafetensorsFile, check_finite
 from .weights import (BF16, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
                       layer_tensors, model_tensors, scale_name)
 
@@ -68,6 +69,8 @@ def read_index(path: str) -> dict[str, str]:
     index = read_json(index_path, CheckpointError, "index file")
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
+    for shard in index["weight_map"].values():
+        check_plain_name(shard, CheckpointError, index_path)
     return index["weight_map"]
 
 
@@ -245,6 +248,15 @@ class HubCheckpoint:
                           "K/V scale layout may be misread", ScaleGroupingWarning, stacklevel=2)
 
     def iter_rows(self, spec: TensorSpec, chunk_rows: int):
+        """As `_iter_rows`, each chunk checked finite (CheckpointError naming the tensor)."""
+        for start, stop, rows in self._iter_rows(spec, chunk_rows):
+            try:
+                check_finite(rows, f"{self.shard_of(spec.name).path}: tensor {spec.name!r}", start)
+            except SafetensorsError as err:
+                raise CheckpointError(str(err)) from None
+            yield start, stop, rows
+
+    def _iter_rows(self, spec: TensorSpec, chunk_rows: int):
         """Yield (start, stop, float32 rows [stop - start, ...]) of one tensor, dequantised.
 
         `chunk_rows` is rounded down to a multiple of 128 for FP8 tensors (at least 128), so each
@@ -346,6 +358,14 @@ def is_prepared_dir(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MANIFEST_FILE))
 
 
+def _int_list(value, path: str, key: str) -> list[int]:
+    """A manifest list of non-negative ints, or a CheckpointError naming the key."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise CheckpointError(f"{path}: {key!r} must be a list of non-negative integers, got {value!r:.80}")
+    return value
+
+
 class PreparedCheckpoint:
     """A directory written by `prepare_weights`: `manifest.json` plus each rank's file set.
 
@@ -371,8 +391,8 @@ class PreparedCheckpoint:
         try:
             self.full_config = MiMoV2FlashConfig.from_hub_dict(m["config"], source=manifest_path)
             self.placement = ExpertPlacement.from_json(m["placement"])
-            rank_files = {r["rank"]: [os.path.join(self.path, name) for name in r["files"]]
-                          for r in m["ranks"]}
+            rank_files = {r["rank"]: [os.path.join(self.path, check_plain_name(name, CheckpointError, manifest_path))
+                                      for name in r["files"]] for r in m["ranks"]}
         except (ConfigError, PlacementError, KeyError, TypeError) as err:
             raise CheckpointError(f"{manifest_path}: {err}") from None
         self.world_size = self.placement.world_size
@@ -380,8 +400,8 @@ class PreparedCheckpoint:
             raise CheckpointError(f"{manifest_path}: lists files for ranks {sorted(rank_files)}, the "
                                   f"placement has ranks 0..{self.world_size - 1}")
         self.rank_files = rank_files
-        self.layers = list(m["layers"])
-        self.experts = None if m["experts"] is None else list(m["experts"])   # None: all experts
+        self.layers = _int_list(m.get("layers"), manifest_path, "layers")
+        self.experts = None if m.get("experts") is None else _int_list(m["experts"], manifest_path, "experts")
 
     def experts_of(self, rank: int) -> list[int]:
         """Routed experts stored in `rank`'s files."""
@@ -439,4 +459,8 @@ class PreparedCheckpoint:
             array = fp8.dequantize(handle.read(name), handle.read(scale_name(name)))
         else:
             array = np.asarray(handle.read(name), np.float32)
+        try:
+            check_finite(array, f"{handle.path}: tensor {name!r}")
+        except SafetensorsError as err:
+            raise CheckpointError(str(err)) from None
         return array.T if name != spec.name else array

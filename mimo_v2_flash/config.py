@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,17 @@ SLIDING_WINDOW_ATTENTION = 1
 WINDOW_CONVENTIONS = ("hf", "sglang")
 
 # Hub keys that carry no information for this implementation (or duplicate another key).
+# Upper bounds of the size keys: generous for this model family (MiMo-V2-Flash is far below every
+# one), small enough that a config cannot make the code allocate terabytes before any other check.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers": 1024,
+    "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 16, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "swa_num_attention_heads": 1024, "swa_num_key_value_heads": 1024,
+    "head_dim": 1024, "v_head_dim": 1024, "swa_head_dim": 1024, "swa_v_head_dim": 1024,
+    "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24, "n_routed_experts": 4096,
+    "num_experts_per_tok": 256,
+}
+
 _IGNORED_HUB_KEYS = {
     "architectures", "model_type", "auto_map", "transformers_version", "torch_dtype", "use_cache",
     "initializer_range", "sliding_window_size", "attention_chunk_size", "hybrid_block_size",
@@ -83,6 +95,7 @@ class MiMoV2FlashConfig:
     quantization_config: dict | None = None
 
     def __post_init__(self):
+        self.check_sizes()      # before the layer patterns below are built from num_hidden_layers
         if not self.hybrid_layer_pattern:
             self.hybrid_layer_pattern = default_hybrid_pattern(self.num_hidden_layers)
         if not self.moe_layer_freq:
@@ -134,21 +147,23 @@ class MiMoV2FlashConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
 
     # ---- validation ----------------------------------------------------------------------
-    def validate(self) -> None:
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                    "moe_intermediate_size", "num_attention_heads", "num_key_value_heads",
-                    "swa_num_attention_heads", "swa_num_key_value_heads", "head_dim", "v_head_dim",
-                    "swa_head_dim", "swa_v_head_dim", "max_position_embeddings", "sliding_window",
-                    "n_routed_experts", "num_experts_per_tok"]
-        for key in positive:
+    def check_sizes(self) -> None:
+        """Every size key a positive integer within SIZE_LIMITS: a hostile or mistyped config
+        fails here, naming the key, before anything is allocated from it."""
+        for key in SIZE_LIMITS:
+            check_size(key, getattr(self, key))
+        for key in ("hybrid_layer_pattern", "moe_layer_freq"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+            if not isinstance(value, list):
+                raise ConfigError(f"config key {key!r} must be a list of 0/1, got {type(value).__name__}")
+
+    def validate(self) -> None:
+        self.check_sizes()
         for key in ["rope_theta", "swa_rope_theta", "layernorm_epsilon", "attention_value_scale",
                     "routed_scaling_factor", "partial_rotary_factor"]:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"config key {key!r} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"config key {key!r} must be a positive finite number, got {value!r}")
         if self.sliding_window_convention not in WINDOW_CONVENTIONS:
             raise ConfigError(f"config key 'sliding_window_convention' must be one of "
                               f"{WINDOW_CONVENTIONS}, got {self.sliding_window_convention!r}")
@@ -317,6 +332,7 @@ class MiMoV2FlashConfig:
         data.update(changes)
         layers = data["num_hidden_layers"]
         if "num_hidden_layers" in changes:
+            check_size("num_hidden_layers", layers)     # before patterns of that length are built
             for key, default in (("hybrid_layer_pattern", default_hybrid_pattern(layers)),
                                  ("moe_layer_freq", [0] + [1] * (layers - 1))):
                 if key not in changes:
@@ -332,6 +348,15 @@ class MiMoV2FlashConfig:
                 f"{self.head_dim}/{self.v_head_dim}, experts {self.n_routed_experts} top-"
                 f"{self.num_experts_per_tok} x {self.moe_intermediate_size}, vocab {self.vocab_size}, "
                 f"window {self.window_keys} keys")
+
+
+def check_size(key: str, value) -> None:
+    """A size key is a positive integer within SIZE_LIMITS, or a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+    if value > SIZE_LIMITS[key]:
+        raise ConfigError(f"config key {key!r}={value} exceeds the limit {SIZE_LIMITS[key]} (a sane range "
+                          f"for this model family; MiMo-V2-Flash uses {getattr(MiMoV2FlashConfig, key)})")
 
 
 def default_hybrid_pattern(num_layers: int) -> list[int]:

@@ -48,9 +48,17 @@ class ReferenceOps:
         self.config = config
         self.weights = weights
         self.allowed_experts = allowed_experts
+        self._float32: dict[str, np.ndarray] = {}   # weights stored in another dtype, converted once
 
     def w(self, name: str) -> np.ndarray:
-        return self.weights[name]
+        """Weight `name` in float32, the dtype the math uses: the stored array itself when it is
+        float32 (as every loader here gives), otherwise a float32 copy made on first use."""
+        weight = self.weights[name]
+        if weight.dtype == np.float32:
+            return weight
+        if name not in self._float32:
+            self._float32[name] = np.asarray(weight, np.float32)
+        return self._float32[name]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.w(EMBED)[ids].astype(np.float32)

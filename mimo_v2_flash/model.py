@@ -22,6 +22,7 @@ import numpy as np
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from .memory_budget import check_reference_weights_fit
 from .progress import progress_bar
 from .weights import random_weights
 
@@ -76,6 +77,7 @@ class MiMoV2FlashModel:
         """Seeded random weights (see `weights.random_weights`)."""
         if isinstance(config, str):
             config = load_config(config)
+        check_reference_weights_fit(config, expert_subset, "random weights")
         weights = random_weights(config, seed, experts=expert_subset)
         return cls(config, weights, expert_subset=expert_subset, **kwargs)
 
@@ -95,9 +97,12 @@ class MiMoV2FlashModel:
             if rank is not None:
                 raise ValueError(f"{path}: rank={rank} needs a prepare_weights directory, this is "
                                  "a Hub-layout checkpoint")
+            check_reference_weights_fit(load_config(path), expert_subset, str(path))
             config, weights = load_hub_checkpoint(path, experts=expert_subset)
             return cls(config, weights, expert_subset=expert_subset, **kwargs)
         prepared = PreparedCheckpoint(path)
+        check_reference_weights_fit(prepared.runnable_config(),
+                                    prepared.experts if rank is None else prepared.experts_of(rank), str(path))
         config, weights = prepared.load(rank)
         held = prepared.experts if rank is None else prepared.experts_of(rank)
         if expert_subset is None:
@@ -127,6 +132,26 @@ class MiMoV2FlashModel:
                              f"0..{self.config.vocab_size - 1}")
         return ids.astype(np.int64)
 
+    @staticmethod
+    def _check_slots(sequences, cache, seq_indices) -> list[int]:
+        """seq_indices as distinct ints, one per sequence, inside the cache's slots."""
+        if seq_indices is None:
+            return list(range(len(sequences)))
+        seq_indices = list(seq_indices)
+        if len(seq_indices) != len(sequences):
+            raise ValueError(f"seq_indices has {len(seq_indices)} entries for {len(sequences)} sequences")
+        limit = cache.batch if cache is not None else len(sequences)
+        for i, slot in enumerate(seq_indices):
+            if isinstance(slot, (bool, np.bool_)) or not isinstance(slot, (int, np.integer)):
+                raise TypeError(f"seq_indices[{i}] must be an integer slot, got {slot!r}")
+            if not 0 <= slot < limit:
+                raise ValueError(f"seq_indices[{i}]={slot} outside the "
+                                 f"{'cache slots' if cache is not None else 'sequences'} 0..{limit - 1}")
+        if len(set(seq_indices)) != len(seq_indices):
+            raise ValueError(f"seq_indices {seq_indices} names a slot twice (two sequences would "
+                             "write one cache slot)")
+        return [int(slot) for slot in seq_indices]
+
     def forward_ragged(self, sequences: list, cache: KVCache | None = None,
                        seq_indices: list[int] | None = None) -> list[np.ndarray]:
         """New tokens for several sequences of different lengths -> logits [T_i, vocab] each.
@@ -134,7 +159,7 @@ class MiMoV2FlashModel:
         With a cache, sequence i continues cache slot `seq_indices[i]` (default i) from its
         current length; without one, each sequence starts at position 0.
         """
-        seq_indices = list(range(len(sequences))) if seq_indices is None else list(seq_indices)
+        seq_indices = self._check_slots(sequences, cache, seq_indices)
         ids, starts, stops, positions = [], [], [], []
         offset = 0
         for i, (seq, tokens) in enumerate(zip(seq_indices, sequences)):
@@ -182,8 +207,17 @@ class MiMoV2FlashModel:
         input_ids = self._check_ids(input_ids, "input_ids")
         if input_ids.ndim == 1:
             input_ids = input_ids[None, :]
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [tokens] or [batch, tokens], got shape {input_ids.shape}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        end = input_ids.shape[1] + max_new_tokens
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} "
+                             f"reaches position {end}, beyond max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; nothing was generated")
+        check_sampling(temperature, top_k, top_p)
         stop = set(stop_tokens if stop_tokens is not None else self.config.stop_token_ids)
         rng = np.random.default_rng(seed)
         cache = self.new_cache(input_ids.shape[0])
@@ -243,9 +277,24 @@ def _any_active(step: int, active: list) -> bool:
     return bool(active)
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling settings inside their ranges, or a ValueError naming the one that is not."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or
+                              not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+
+
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
            rng: np.random.Generator) -> int:
     """One token from a logits vector; argmax (lowest id on ties) when temperature is 0."""
+    if np.isnan(logits).any():     # argmax of NaNs is token 0, forever: say so instead
+        raise FloatingPointError("the model produced NaN logits (non-finite weights or activations); "
+                                 "check the checkpoint with prepare-weights --verify")
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature

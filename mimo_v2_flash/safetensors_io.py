@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+from .fileguard import create_new, open_regular
 
 # safetensors dtype name -> NumPy dtype. F8_E4M3 is OCP e4m3fn (max 448), the Hub's format.
 DTYPES = {
@@ -43,6 +46,22 @@ class SafetensorsError(ValueError):
     """A malformed or truncated safetensors file; the message names the file."""
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_finite(array: np.ndarray, where: str, row_offset: int = 0) -> None:
+    """Raise SafetensorsError naming `where` and the first row holding NaN or Inf (float data)."""
+    if array.dtype.kind not in "fV":      # ml_dtypes floats are kind "V"
+        return
+    values = np.asarray(array, np.float32) if array.dtype.kind == "V" or array.dtype.itemsize < 4 else array
+    finite = np.isfinite(values)
+    if not finite.all():
+        index = np.unravel_index(int(np.argmin(finite)), finite.shape)
+        raise SafetensorsError(f"{where}: non-finite value {values[index]} at index "
+                               f"{tuple(int(i) + (row_offset if k == 0 else 0) for k, i in enumerate(index))}")
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -51,7 +70,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize     # Python ints: no overflow
 
 
 class SafetensorsFile:
@@ -64,49 +83,70 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        try:
-            file_size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise SafetensorsError(f"{self.path}: truncated safetensors file ({file_size} bytes, "
-                                           "shorter than the 8-byte header length)")
-                (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > min(MAX_HEADER_BYTES, file_size - 8):
-                    raise SafetensorsError(f"{self.path}: header length {header_len} exceeds the "
-                                           f"file ({file_size} bytes): truncated or not safetensors")
-                raw = f.read(header_len)
-        except FileNotFoundError:
-            raise SafetensorsError(f"{self.path}: file not found") from None
+        with open_regular(self.path, SafetensorsError) as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsError(f"{self.path}: truncated safetensors file ({file_size} bytes, "
+                                       "shorter than the 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                raise SafetensorsError(f"{self.path}: header length {header_len} exceeds the "
+                                       f"file ({file_size} bytes): truncated or not safetensors")
+            raw = f.read(header_len)
         try:
             header = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise SafetensorsError(f"{self.path}: header is not valid JSON ({err})") from None
+        except RecursionError:
+            raise SafetensorsError(f"{self.path}: header is nested too deeply") from None
         if not isinstance(header, dict):
             raise SafetensorsError(f"{self.path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise SafetensorsError(f"{self.path}: __metadata__ must map strings to strings")
         self.data_start = 8 + header_len
         self.entries: dict[str, TensorEntry] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
-        data_len = 0
         for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            if dtype not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, not one of "
-                                       f"{sorted(DTYPES)}")
-            entry = TensorEntry(name, dtype, shape)
-            if end - begin != entry.nbytes or begin < 0:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} spans bytes {begin}..{end} but "
-                                       f"{dtype} {list(shape)} needs {entry.nbytes}")
+            entry, begin, end = self._parse_entry(name, info)
             self.entries[name] = entry
             self.offsets[name] = (begin, end)
-            data_len = max(data_len, end)
+        # As the reference implementation: tensors tile the data exactly, no holes, no overlaps
+        # (two names aliasing one byte range would let one write show up in another tensor).
+        data_len = 0
+        for name, (begin, end) in sorted(self.offsets.items(), key=lambda item: item[1]):
+            if begin != data_len:
+                kind = "overlaps the previous tensor" if begin < data_len else "leaves a hole before it"
+                raise SafetensorsError(f"{self.path}: tensor {name!r} starts at byte {begin}, which "
+                                       f"{kind} (expected {data_len}): overlapping or aliasing offsets")
+            data_len = end
         if self.data_start + data_len != file_size:
             raise SafetensorsError(f"{self.path}: truncated or padded file: the header describes "
                                    f"{self.data_start + data_len} bytes, the file has {file_size}")
+
+    def _parse_entry(self, name: str, info) -> tuple["TensorEntry", int, int]:
+        """(entry, begin, end) of one header entry, every field type-checked."""
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                   "(expected exactly dtype, shape, data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, not one of "
+                                   f"{sorted(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has shape {shape!r}; expected a list "
+                                   "of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has data_offsets {offsets!r}; expected "
+                                   "[begin, end] with non-negative integers")
+        entry = TensorEntry(name, dtype, tuple(shape))
+        begin, end = offsets
+        if end - begin != entry.nbytes:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} spans bytes {begin}..{end} but "
+                                   f"{dtype} {list(shape)} needs {entry.nbytes}")
+        return entry, begin, end
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -185,7 +225,7 @@ class SafetensorsWriter:
         self._hash = hashlib.sha256()
         header = encode_header(self.entries, metadata)
         self.size = len(header) + sum(e.nbytes for e in self.entries)
-        self._file = open(self.partial_path, "wb")
+        self._file = create_new(self.partial_path, SafetensorsError)
         self._put(header)
 
     def _put(self, data) -> None:
@@ -248,7 +288,7 @@ class SafetensorsWriter:
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 24, progress=None) -> str:
     """Hex sha256 of a file, read in chunks (`progress.update(n)` per chunk if given)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(os.fspath(path), SafetensorsError) as f:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
             if progress is not None:

@@ -93,18 +93,27 @@ def xla_transport() -> Transport:
                      all_to_all=_dist_all_to_all, all_gather=_dist_all_gather)
 
 
-def xla_threads_transport(world_size: int) -> Transport:
-    """torch-xla's collectives called directly (thread-per-device mode: no torch.distributed group)."""
+def xla_threads_transport(world_size: int, rank: int, stagger_s: float = 0.0) -> Transport:
+    """torch-xla's collectives called directly (thread-per-device mode: no torch.distributed group;
+    `xr.world_size()` is 1 there, so the replica group is explicit). `stagger_s`: rank r enters
+    each sync r * stagger_s late, so rank 0 compiles a new graph before the others look it up
+    (torch-xla 2.9 on CPU: threads compiling the same graph at once assign its collectives
+    different op ids and the rendezvous never completes)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
+    groups = [list(range(world_size))]
 
     def all_to_all(out, src, recv_counts, send_counts):
-        out.copy_(xm.all_to_all(src, 0, 0, world_size, pin_layout=False))
+        out.copy_(xm.all_to_all(src, 0, 0, world_size, groups=groups, pin_layout=False))
 
     def all_gather(out, src):
-        out.copy_(xm.all_gather(src, dim=0, pin_layout=False))
+        out.copy_(xm.all_gather(src, dim=0, groups=groups, pin_layout=False))
 
-    return Transport("xla_threads", torch_xla.device(), lazy=True, uneven_splits=False, sync=torch_xla.sync,
+    def sync():
+        time.sleep(rank * stagger_s)
+        torch_xla.sync()
+
+    return Transport("xla_threads", torch_xla.device(), lazy=True, uneven_splits=False, sync=sync,
                      all_to_all=all_to_all, all_gather=all_gather)
 
 
@@ -157,7 +166,10 @@ class Communicator:
         self._aborting = False
         self._object_rounds = 0
         self._closed = threading.Event()
-        self._watch_store = store.clone() if hasattr(store, "clone") else store
+        try:
+            self._watch_store = store.clone()     # the watchdog's own connection
+        except Exception:
+            self._watch_store = store             # an in-process store (thread-per-device runs)
         self._watchdog = threading.Thread(target=self._watch, name=f"ep-watchdog-{rank}", daemon=True)
         self._publish()
         self._watchdog.start()

@@ -13,6 +13,7 @@ prints the generated tokens and a per-rank statistics table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from .dispatcher import Dispatcher, ModePolicy
 from .executor import ExpertParallelExecutor, OpsLocalExperts
 from .placement import load_aware_placement
 from .plan import RowFormat
+from .static_dispatch import StaticDispatcher, StaticExpertParallelExecutor, TorchLocalExperts
 from .stats import format_table, summarize
 
 
@@ -43,6 +45,7 @@ class RankWeights:
     weights: dict[str, np.ndarray]
     routable: list[int] | None     # experts the router may choose; None = all (a prepared subset limits it)
     source: str                    # where the weights came from, for the report
+    identity: dict                 # what every rank must agree on (`check_same_checkpoint`)
 
     @property
     def nbytes(self) -> int:
@@ -53,8 +56,11 @@ def random_rank_weights(config: MiMoV2FlashConfig, placement: ExpertPlacement, r
                         seed: int) -> RankWeights:
     """Seeded random weights: each tensor has its own stream, so a rank's experts have exactly the
     single-process model's values."""
+    identity = {"source": "random weights", "seed": seed, "config": _digest(config.to_hub_dict()),
+                "layers": config.num_hidden_layers, "experts": config.n_routed_experts,
+                "placement": _digest(placement.to_json())}
     return RankWeights(config, placement, random_weights(config, seed, experts=placement.experts_of(rank)),
-                       None, f"random (seed {seed})")
+                       None, f"random (seed {seed})", identity)
 
 
 def prepared_rank_weights(path, world_size: int, rank: int, placement_spec: str | None = None) -> RankWeights:
@@ -81,7 +87,44 @@ def prepared_rank_weights(path, world_size: int, rank: int, placement_spec: str 
     manifest_data = prepared.manifest
     return RankWeights(config, prepared.placement, weights, prepared.experts,
                        f"{prepared.path} ({manifest_data['dtype']}, {manifest_data['replicated']} layout, "
-                       f"{len(prepared.rank_files[rank])} file(s) per rank)")
+                       f"{len(prepared.rank_files[rank])} file(s) per rank)", checkpoint_identity(manifest_data))
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(manifest: dict) -> dict:
+    """What identifies a prepared checkpoint across ranks, from its manifest: the source
+    checkpoint (its index file's sha256), the conversion (dtype, layers, experts, placement,
+    layout, config) and the bytes written (every file's recorded sha256)."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    files = sorted((f.get("name"), f.get("sha256")) for f in manifest.get("files", []) if isinstance(f, dict))
+    layers = manifest.get("layers") or []
+    return {"source index sha256": source.get("index_sha256"), "dtype": manifest.get("dtype"),
+            "layers": f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "none",
+            "experts": "all" if manifest.get("experts") is None else _digest(manifest.get("experts")),
+            "placement": _digest(manifest.get("placement")), "replicated": manifest.get("replicated"),
+            "config": _digest(manifest.get("config")), "files": _digest(files)}
+
+
+class CheckpointMismatch(RuntimeError):
+    """Ranks hold different checkpoints (or conversions of one)."""
+
+
+def check_same_checkpoint(comm: Communicator, identity: dict) -> None:
+    """Every rank compares its checkpoint identity with rank 0's before the first forward; all
+    ranks raise the same error, naming each differing rank and field."""
+    identities = comm.all_gather_objects(identity, "checkpoint identity check")
+    differences = []
+    for r, other in enumerate(identities[1:], start=1):
+        fields = [k for k in sorted(set(identities[0]) | set(other)) if identities[0].get(k) != other.get(k)]
+        if fields:
+            differences.append(f"rank {r} differs from rank 0 in " + ", ".join(
+                f"{k} ({other.get(k)!r} on rank {r}, {identities[0].get(k)!r} on rank 0)" for k in fields))
+    if differences:
+        raise CheckpointMismatch("ranks hold different checkpoints: " + "; ".join(differences) +
+                                 ". Give every rank the same prepared directory (or copies of it)")
 
 
 def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPlacement:
@@ -106,12 +149,20 @@ def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", 
     """This rank's model over `held` and its expert-parallel executor; the rank's experts run on
     the model's ops backend (backend "nki": the grouped expert FFN kernel, `weight_dtype`)."""
     config, placement = held.config, held.placement
-    fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
-    dispatcher = Dispatcher(comm, placement, fmt, mode, policy)
     # The router chooses among all (routable) experts, wherever they live.
     model = MiMoV2FlashModel(config, held.weights, expert_subset=held.routable, backend=backend,
                              weight_dtype=weight_dtype)
-    executor = ExpertParallelExecutor(dispatcher, OpsLocalExperts(model.ops, placement.experts_of(comm.rank)))
+    mine = placement.experts_of(comm.rank)
+    if comm.transport.lazy:     # xla: static shapes, equal splits, no host reads inside a layer
+        dispatcher = StaticDispatcher(comm, placement, config.hidden_size, config.num_experts_per_tok,
+                                      wire_dtype=wire_dtype)
+        executor = StaticExpertParallelExecutor(
+            dispatcher, TorchLocalExperts(model.ops, mine, comm.to_device), config, mode,
+            allgather_max_tokens=(policy or ModePolicy()).allgather_max_tokens)
+    else:
+        fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
+        executor = ExpertParallelExecutor(Dispatcher(comm, placement, fmt, mode, policy),
+                                          OpsLocalExperts(model.ops, mine))
     model.expert_executor = executor
     return model, executor
 
@@ -161,7 +212,7 @@ def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
     failure guard, so a bad input stops every rank with its message.
     """
     try:
-        comm = Communicator.from_env(args.dist_backend, args.timeout)
+        comm = Communicator.from_env(args.dist_backend, args.timeout, getattr(args, "ep_liveness", None))
     except Exception as err:
         return report_and_exit_code(int(os.environ.get("RANK", -1)), err)
     try:
@@ -178,6 +229,7 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
     world, rank = comm.world_size, comm.rank
     t0 = time.perf_counter()
     held = load_weights(world, rank)
+    check_same_checkpoint(comm, held.identity)
     config, placement = held.config, held.placement
     prompts = make_prompts(config.vocab_size)
     policy = ModePolicy(args.ep_allgather_max_tokens, comm.uneven_splits)

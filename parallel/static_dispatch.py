@@ -35,6 +35,7 @@ from mimo_v2_flash.placement import ExpertPlacement
 
 from .comm import Communicator
 from .plan import local_expert_index
+from .stats import EPStats
 
 STATIC_MODES = ("alltoall_padded", "allgather")
 TORCH_WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -178,23 +179,29 @@ class StaticDispatcher:
 
 class TorchLocalExperts:
     """This rank's experts as torch ops on the communicator's device (the CPU stand-in of the
-    device expert kernel; same contract as `OpsLocalExperts`): `(x [M, H], local_ids [M, k],
-    weights [M, k]) -> [M, H]`, every expert over every row with its routing weight (0 where the
-    row does not choose it), so shapes stay static."""
+    device expert kernel; the contract of `OpsLocalExperts`): `(layer, x [M, H], local_ids [M, k],
+    weights [M, k]) -> [M, H]`, every local expert over every row with its routing weight (0 where
+    the row does not choose it), so shapes stay static. Weights come from `ops.expert_weights` and
+    are uploaded once per layer."""
 
-    def __init__(self, expert_weights, device):
-        """expert_weights: per local expert (gate [I, H], up [I, H], down [H, I]) arrays."""
-        to = lambda a: torch.as_tensor(np.asarray(a, np.float32)).to(device)
-        self.gate = torch.stack([to(g) for g, _, _ in expert_weights])            # [L, I, H]
-        self.up = torch.stack([to(u) for _, u, _ in expert_weights])
-        self.down = torch.stack([to(d) for _, _, d in expert_weights])            # [L, H, I]
+    def __init__(self, ops, local_experts: list[int], to_device):
+        self.ops, self.local_experts, self.to_device = ops, list(local_experts), to_device
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _weights(self, layer: int):
+        if layer not in self._layers:
+            held = [self.ops.expert_weights(layer, e) for e in self.local_experts]
+            self._layers[layer] = tuple(self.to_device(np.stack([np.asarray(w[i], np.float32) for w in held]))
+                                        for i in range(3))      # gate, up [L, I, H]; down [L, H, I]
+        return self._layers[layer]
+
+    def __call__(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self._weights(layer)
         out = torch.zeros_like(x)
-        for e in range(self.gate.shape[0]):
+        for e in range(len(self.local_experts)):
             coef = torch.where(local_ids == e, weights, 0.0).sum(dim=-1, keepdim=True)   # [M, 1]
-            h = torch.nn.functional.silu(x @ self.gate[e].T) * (x @ self.up[e].T)
-            out = out + coef * (h @ self.down[e].T)
+            h = torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T)
+            out = out + coef * (h @ down[e].T)
         return out
 
 
@@ -206,18 +213,19 @@ class StaticExpertParallelExecutor:
     this adapter syncs once per MoE layer; a device-resident model calls the dispatcher directly
     and syncs once per step."""
 
-    def __init__(self, dispatcher: StaticDispatcher, compute, config, mode: str = "auto", sizes=None,
+    def __init__(self, dispatcher: StaticDispatcher, local_experts, config, mode: str = "auto", sizes=None,
                  allgather_max_tokens: int = 1):
         if mode != "auto" and mode not in STATIC_MODES:
             raise ValueError(f"expert-parallel mode {mode!r} needs uneven splits or host reads; on backend "
                              f"{dispatcher.comm.backend!r} use 'auto' or one of {STATIC_MODES}")
-        self.dispatcher, self.compute, self.config, self.mode = dispatcher, compute, config, mode
+        self.dispatcher, self.local_experts, self.config, self.mode = dispatcher, local_experts, config, mode
         self.sizes = sizes
         self.allgather_max_tokens = allgather_max_tokens
         self.first_moe_layer = min(layer for layer in range(config.num_hidden_layers) if config.is_moe(layer))
         self.shape: StaticShape | None = None
         self.modes: list[str] = []
-        self.routed: list[dict] = []
+        self.routed: list[dict] = []          # per layer call: rows routed to each rank
+        self.stats = EPStats(dispatcher.comm.rank)   # step counter; no per-layer byte records here
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         comm, n = self.dispatcher.comm, len(x)
@@ -234,7 +242,7 @@ class StaticExpertParallelExecutor:
         auto = "allgather" if tokens <= self.allgather_max_tokens else "alltoall_padded"
         self.dispatcher.mode = auto if self.mode == "auto" else self.mode
         out = self.dispatcher(layer, comm.to_device(pad_x), comm.to_device(pad_ids), comm.to_device(pad_w),
-                              self.compute, self.shape)
+                              lambda xr, local_ids, w: self.local_experts(layer, xr, local_ids, w), self.shape)
         comm.sync(f"layer {layer} step sync")
         self.modes.append(self.dispatcher.mode)
         self.routed.extend(self.dispatcher.finish_step())

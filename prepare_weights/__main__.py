@@ -17,11 +17,12 @@ OUTPUT resumes, skipping files whose sha256 matches the manifest. --verify re-ha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mimo_v2_flash.checkpoint import CheckpointError
 from mimo_v2_flash.config import ConfigError
+from mimo_v2_flash.jsonfile import read_json
+from mimo_v2_flash.safetensors_io import SafetensorsError
 
 from .convert import (REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list,
                       parse_layer_range)
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
                    help="shared (default): one replicated file read by every rank + an experts file per "
                         "rank; per-rank: one self-contained file per rank (replicated tensors in each)")
+    p.add_argument("--hash-sources", action="store_true",
+                   help="record (and on resume compare) each source shard's sha256, not only its size "
+                        "and modification time")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -69,15 +73,10 @@ def run(args) -> int:
         download(args.repo_id, args.paths[0], args.revision, layers, experts, args.offline or None)
         if len(args.paths) == 1:
             return 0
-    placement = None
-    if args.placement:
-        try:
-            with open(args.placement) as f:
-                placement = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise PrepareError(f"{args.placement}: cannot read the placement table ({err})") from None
+    placement = read_json(args.placement, PrepareError, "placement table", expect=None) if args.placement else None
     result = convert(args.paths[0], args.paths[1], args.world_size, placement, experts, layers,
-                     args.dtype, progress=not args.no_progress, replicated=args.replicated)
+                     args.dtype, progress=not args.no_progress, replicated=args.replicated,
+                     hash_sources=args.hash_sources)
     print(f"{args.paths[1]}: wrote {len(result.written)} file(s), resumed {len(result.skipped)}, "
           f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
     return 0
@@ -87,9 +86,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (PrepareError, CheckpointError, ConfigError) as err:
+    except (PrepareError, CheckpointError, ConfigError, SafetensorsError) as err:
         print(f"prepare-weights: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:      # e.g. a disk that fills up while writing
+        print(f"prepare-weights: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare-weights: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -36,24 +36,22 @@ import ml_dtypes
 import numpy as np
 
 from mimo_v2_flash import fp8
-from mimo_v2_flash.checkpoint import (REPLICATED_FILE, CheckpointError, HubCheckpoint, expert_file_name,
-                                      rank_file_name)
+from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, HubCheckpoint,
+                                      expert_file_name, rank_file_name)
+from mimo_v2_flash.fileguard import DirectoryLock, create_new, refuse_symlinks
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.progress import progress_bar
-from mimo_v2_flash.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorEntry
+from mimo_v2_flash.safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter, TensorEntry
 from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
 
 from . import manifest as manifest_io
+from .manifest import PrepareError
 
 OUTPUT_DTYPES = ("bf16", "fp8")
 SHARED, PER_RANK = "shared", "per-rank"
 REPLICATED_LAYOUTS = (SHARED, PER_RANK)
 CHUNK_ROWS = 256     # source rows dequantised at once: whole 128-row blocks, and short enough
                      # that the transposed write into [in, out] stays cache-friendly
-
-
-class PrepareError(ValueError):
-    """Bad conversion input or output; the message names the file, tensor, value or limit."""
 
 
 @dataclass
@@ -200,12 +198,22 @@ def plan_files(config, placement: ExpertPlacement, layers: list[int], experts: l
     return files, ranks
 
 
-def check_output_dir(output: str) -> None:
-    """Create the directory and prove it writable, or raise naming it."""
-    probe = os.path.join(output, ".write-probe.partial")
+def check_output_dir(source: str, output: str) -> None:
+    """Create the directory and prove it writable, or raise naming it. OUTPUT may not be SOURCE,
+    nor hold symlinks (a planted link would redirect a write outside it)."""
+    if os.path.exists(output) and os.path.samefile(source, output):
+        raise PrepareError(f"{output}: the output directory is the source checkpoint; choose another")
     try:
         os.makedirs(output, exist_ok=True)
-        with open(probe, "wb") as f:
+    except OSError as err:
+        raise PrepareError(f"{output}: output directory is not writable (cannot create it: "
+                           f"{err.strerror or err})") from None
+    if not os.path.isdir(output):
+        raise PrepareError(f"{output}: exists and is not a directory")
+    refuse_symlinks(output, PrepareError)
+    probe = os.path.join(output, ".write-probe.partial")
+    try:
+        with create_new(probe, PrepareError) as f:
             f.write(b"ok")
         os.remove(probe)
     except OSError as err:
@@ -214,7 +222,7 @@ def check_output_dir(output: str) -> None:
 
 def convert(source, output, world_size: int | None = None, placement_table=None,
             expert_subset=None, layers=None, dtype: str = "bf16", progress: bool = True,
-            log=print, replicated: str = SHARED) -> ConversionResult:
+            log=print, replicated: str = SHARED, hash_sources: bool = False) -> ConversionResult:
     """Convert the Hub checkpoint in `source` into the files of every rank in `output`.
 
     world_size / placement_table: contiguous placement, or an explicit table (rank_of list, list
@@ -222,7 +230,9 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
     (default all). layers: layer indices to keep (default all). replicated: SHARED (one
     replicated file for all ranks + experts-only files) or PER_RANK (self-contained rank files).
     An interrupted run resumes: files recorded in the manifest whose sha256 still matches are
-    skipped.
+    skipped, if the settings, the source index and every source shard read are unchanged (size
+    and modification time; sha256 with `hash_sources`). A refusal found while converting (a
+    non-finite weight, an FP8 range error) leaves OUTPUT as it was before the run.
     """
     t0 = time.perf_counter()
     source, output = os.fspath(source), os.fspath(output)
@@ -248,15 +258,49 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
                                f"0..{config.n_routed_experts - 1}")
     placement = resolve_placement(config.n_routed_experts, world_size, placement_table)
     files, ranks = plan_files(config, placement, layers, expert_subset, dtype, replicated)
+    specs = model_tensors(config, layers, experts=expert_subset)
     try:   # every needed header, shape, dtype and scale grid, before any output exists
-        checkpoint.validate(model_tensors(config, layers, experts=expert_subset))
+        checkpoint.validate(specs)
+        shards = manifest_io.shard_records(source, manifest_io.source_shards(checkpoint.weight_map, specs),
+                                           hash_sources)
     except CheckpointError as err:
         raise PrepareError(str(err)) from None
-    check_output_dir(output)
+    created = not os.path.exists(output)
+    check_output_dir(source, output)
+    with DirectoryLock(output, PrepareError, "prepare-weights"):
+        try:
+            return _convert_locked(checkpoint, source, output, placement, layers, expert_subset, dtype,
+                                   replicated, files, ranks, shards, progress, log, t0)
+        except RefusedWhileWriting as refusal:
+            refusal.restore(output)
+            message = str(refusal.__cause__)
+    if created:
+        os.rmdir(output)
+    raise PrepareError(f"{message} (nothing was kept: {output} is as it was before this run)")
 
+
+class RefusedWhileWriting(Exception):
+    """Bad data found after writing started: `restore` puts OUTPUT back as it was."""
+
+    def __init__(self, written: list[str], previous: dict | None):
+        super().__init__("refused while writing")
+        self.written, self.previous = written, previous
+
+    def restore(self, output: str) -> None:
+        for name in self.written:
+            os.remove(os.path.join(output, name))
+        if self.previous is None:
+            os.remove(os.path.join(output, MANIFEST_FILE))
+        else:
+            manifest_io.write_manifest(output, self.previous)
+
+
+def _convert_locked(checkpoint, source, output, placement, layers, expert_subset, dtype, replicated,
+                    files, ranks, shards, progress, log, t0) -> ConversionResult:
+    config = checkpoint.config
     manifest = manifest_io.new_manifest(source, config, placement, layers, expert_subset, dtype, replicated,
                                         [(f.name, f.entries, f.metadata) for f in files],
-                                        [(r.rank, r.experts, r.files) for r in ranks])
+                                        [(r.rank, r.experts, r.files) for r in ranks], shards)
     previous = manifest_io.read_existing(output)
     if previous is not None:
         differs = manifest_io.plan_difference(previous, manifest)
@@ -278,18 +322,21 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
         copy_source = SafetensorsFile(os.path.join(output, plan.copy_from)) if plan.copy_from else None
         bar = progress_bar(total=record["size"], unit="B", unit_scale=True, unit_divisor=1024,
                            desc=plan.name, enabled=None if progress else False)
-        with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, plan.metadata) as writer:
-            for spec in plan.specs:
-                entries = output_entries(spec, dtype)
-                if spec in plan.copied:
-                    for entry in entries:
-                        writer.copy(copy_source, entry.name)
-                        bar.update(entry.nbytes)
-                    continue
-                for entry, array in zip(entries, convert_tensor(checkpoint, spec, dtype)):
-                    writer.write(entry.name, array)
-                    bar.update(array.nbytes)
-            record["sha256"] = writer.finish()
+        try:
+            with bar, SafetensorsWriter(os.path.join(output, plan.name), plan.entries, plan.metadata) as writer:
+                for spec in plan.specs:
+                    entries = output_entries(spec, dtype)
+                    if spec in plan.copied:
+                        for entry in entries:
+                            writer.copy(copy_source, entry.name)
+                            bar.update(entry.nbytes)
+                        continue
+                    for entry, array in zip(entries, convert_tensor(checkpoint, spec, dtype)):
+                        writer.write(entry.name, array)
+                        bar.update(array.nbytes)
+                record["sha256"] = writer.finish()
+        except (PrepareError, CheckpointError, SafetensorsError) as err:
+            raise RefusedWhileWriting(result.written, previous) from err
         result.written.append(plan.name)
         result.bytes_written += record["size"]
         manifest_io.write_manifest(output, manifest)    # this file is now resumable

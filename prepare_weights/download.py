@@ -12,20 +12,25 @@ metadata when online, from the local files when offline.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
+import socket
+import urllib.parse
 
 import numpy as np
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
 
 from mimo_v2_flash import MiMoV2FlashModel
-from mimo_v2_flash.checkpoint import INDEX_FILE, CheckpointError, read_index
+from mimo_v2_flash.checkpoint import INDEX_FILE, read_index
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.weights import model_tensors, scale_name
+from mimo_v2_flash.jsonfile import read_json
+from mimo_v2_flash.weights import model_tensors
 
+from .manifest import source_shards
 from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list, parse_layer_range
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
@@ -37,14 +42,7 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def needed_shards(config: MiMoV2FlashConfig, weight_map: dict[str, str], layers=None,
                   experts=None) -> list[str]:
     """Shard files holding every tensor (and FP8 scale) of the requested layers and experts."""
-    shards = set()
-    for spec in model_tensors(config, layers=layers, experts=experts):
-        if spec.name not in weight_map:
-            raise CheckpointError(f"{INDEX_FILE}: tensor {spec.name!r} is not listed")
-        shards.add(weight_map[spec.name])
-        if scale_name(spec.name) in weight_map:
-            shards.add(weight_map[scale_name(spec.name)])
-    return sorted(shards)
+    return source_shards(weight_map, model_tensors(config, layers=layers, experts=experts))
 
 
 def allow_patterns(shards: list[str]) -> list[str]:
@@ -64,6 +62,34 @@ def _hub_size(repo_id: str, revision: str | None, files: list[str]) -> int:
     return sum(getattr(info, "size", 0) or 0 for info in infos)
 
 
+def check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail in seconds, with one message, when the Hub's host cannot be reached (huggingface_hub
+    itself retries for about 24 s and ends in a chained traceback). Behind a proxy the check is
+    left to the download itself."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urllib.parse.urlsplit(hf_constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise PrepareError(f"cannot reach the Hub at {hf_constants.ENDPOINT} ({err.strerror or err}); "
+                           "check the network, or pass --offline with the files already in the "
+                           "local directory") from None
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str):
+    """Any failure talking to the Hub as one PrepareError naming the repository."""
+    try:
+        yield
+    except (OSError, HfHubHTTPError, ValueError) as err:
+        if isinstance(err, PrepareError):
+            raise
+        raise PrepareError(f"{repo_id}: download failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+                           ) from None
+
+
 def download(repo_id: str = DEFAULT_REPO, local_dir: str = "MiMo-V2-Flash", revision: str | None = None,
              layers=None, experts=None, offline: bool | None = None, log=print) -> list[str]:
     """Fetch the files a run needs into `local_dir` (or check them offline); returns the shards.
@@ -74,8 +100,10 @@ def download(repo_id: str = DEFAULT_REPO, local_dir: str = "MiMo-V2-Flash", revi
     local_dir = os.fspath(local_dir)
     offline = hf_constants.HF_HUB_OFFLINE if offline is None else offline
     if not offline:
-        for name in METADATA_FILES:
-            hf_hub_download(repo_id, name, revision=revision, local_dir=local_dir)
+        check_hub_reachable()
+        with hub_errors(repo_id):
+            for name in METADATA_FILES:
+                hf_hub_download(repo_id, name, revision=revision, local_dir=local_dir)
     config = MiMoV2FlashConfig.from_json(local_dir)
     shards = needed_shards(config, read_index(local_dir), layers, experts)
     size = _local_size(local_dir, shards) if offline else _hub_size(repo_id, revision, shards)
@@ -85,8 +113,9 @@ def download(repo_id: str = DEFAULT_REPO, local_dir: str = "MiMo-V2-Flash", revi
         log(f"expert subset of {len(experts)} experts: all {config.n_routed_experts} experts of a layer "
             "share one shard pair (model_{i}_linear_fc1/fc2), so those shards are downloaded whole")
     if not offline:
-        snapshot_download(repo_id, revision=revision, local_dir=local_dir,
-                          allow_patterns=allow_patterns(shards))
+        with hub_errors(repo_id):
+            snapshot_download(repo_id, revision=revision, local_dir=local_dir,
+                              allow_patterns=allow_patterns(shards))
     return shards
 
 
@@ -131,10 +160,7 @@ def run_download_mode(args) -> int:
     layers = parse_layer_range(args.layers, num_layers) if args.layers else \
         (list(range(args.num_layers)) if args.num_layers else None)
     experts = parse_expert_list(args.expert_subset) if args.expert_subset else None
-    placement = None
-    if args.placement:
-        with open(args.placement) as f:
-            placement = json.load(f)
+    placement = read_json(args.placement, PrepareError, "placement table", expect=None) if args.placement else None
     download(args.repo_id, args.local_dir, args.revision, layers, experts, args.offline or None)
     result = convert(args.local_dir, args.output_dir, args.world_size, placement, experts, layers,
                      args.weight_dtype, replicated=args.replicated)
@@ -144,14 +170,6 @@ def run_download_mode(args) -> int:
     if copied:
         print(f"tokenizer: {', '.join(copied)} -> {args.output_dir} (text: run_example.py --mode generate "
               f"--weights {args.output_dir} --prompt \"...\")")
-    specs = model_tensors(MiMoV2FlashConfig.from_json(args.local_dir), layers, experts)
-    need = 4 * sum(int(np.prod(s.shape)) for s in specs)      # the reference model holds float32
-    have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > have:
-        print(f"not generating: the float32 reference model would need {need / 1e9:.1f} GB, "
-              f"{have / 1e9:.1f} GB are free; choose fewer layers or experts "
-              "(e.g. --num-layers 2 --expert-subset 0-15)")
-        return 1
     model = MiMoV2FlashModel.from_pretrained(args.output_dir)
     config = model.config
     prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))

@@ -420,6 +420,7 @@ def test_online_download_requests_only_needed_patterns(hub, tmp_path, monkeypatc
     def fake_snapshot_download(repo_id, revision=None, local_dir=None, allow_patterns=None):
         calls["snapshot"] = (repo_id, revision, local_dir, allow_patterns)
 
+    monkeypatch.setattr(download_module, "check_hub_reachable", lambda: None)   # no network here
     monkeypatch.setattr(download_module, "hf_hub_download", fake_hf_hub_download)
     monkeypatch.setattr(download_module, "HfApi", FakeApi)
     monkeypatch.setattr(download_module, "snapshot_download", fake_snapshot_download)

@@ -347,3 +347,14 @@ def test_vector_offset_ignores_the_leading_stride():
         nisa.dma_copy(rows, table.ap([[999, 3], [1, 6]], vector_offset=load(ids), indirect_dim=0))
         return store(rows)
     np.testing.assert_array_equal(run(k, table, ids), table[[7, 0, 3]])
+
+
+def test_ap_dtype_on_hbm_keeps_rows_for_vector_offset():
+    table = RNG.integers(0, 2**32, (6, 4), dtype=np.uint32)
+    ids = np.array([[4], [1]], np.int32)
+
+    def k(table, ids):
+        rows = nl.ndarray((2, 16), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.dma_copy(rows, table.ap([[16, 2], [1, 16]], vector_offset=load(ids), indirect_dim=0, dtype=nl.uint8))
+        return store(rows)
+    np.testing.assert_array_equal(run(k, table, ids), table.view(np.uint8).reshape(6, 16)[[4, 1]])

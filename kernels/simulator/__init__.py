@@ -4,7 +4,9 @@ This package stands in for the ``nki`` module: ``nki.jit``, ``nki.simulate``, ``
 (``nl``) and ``nki.isa`` (``nisa``).  Kernels import it through :mod:`mimo_kernels.backend`.
 
 Layout: ``dtypes`` (types and rounding), ``memory`` (buffers, tensors, views, access patterns),
-``ops`` (ALU operators and activation functions), ``isa`` and ``language`` (the APIs),
+``ops`` (ALU operators and activation functions), ``isa`` and ``language`` (the APIs; ``isa_ext``
+holds scan / shuffle / range-select / nonzero instructions, ``lnc`` the LNC=2 synchronisation),
+``nki_typing`` (``nki.typing``),
 ``cost`` (the Trainium2 cost model and :class:`Report`), ``context`` (settings, allocation
 tracking), ``runtime`` (``jit``/``simulate``), ``errors`` (exception classes).
 """

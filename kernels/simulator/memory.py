@@ -155,17 +155,21 @@ class ReinterpretedStorage(Storage):
     initialised mask is derived from the parent's on every use, and writes mark the parent."""
 
     def __init__(self, parent: Storage, dtype):
-        ratio_num, ratio_den = parent.dtype.itemsize, dtype.itemsize
         self.parent, self.dtype, self.buffer, self.name = parent, dtype, parent.buffer, parent.name
         self.is_input = parent.is_input
         self.uid = parent.uid               # the same memory, for the cost model's dependencies
-        rows = parent.shape[0] if parent.buffer.on_chip else 1
-        self.data = parent.data.reshape(rows, -1).view(dtype)
-        self.shape = self.data.shape if parent.buffer.on_chip else (self.data.size,)
-        self.data = self.data.reshape(self.shape)
-        self.partition_stride = self.data.size // rows
+        self._num, self._den = parent.dtype.itemsize, dtype.itemsize
+        # Rows stay rows (partitions on chip, the leading dims in HBM) when the last dim's bytes
+        # divide evenly; otherwise an HBM tensor is seen as one flat run of elements.
+        last_bytes = parent.shape[-1] * self._num
+        if last_bytes % self._den == 0:
+            self.shape = parent.shape[:-1] + (last_bytes // self._den,)
+        else:
+            self.shape = (parent.data.nbytes // self._den,)
+        self.data = parent.data.view(dtype).reshape(self.shape) if len(parent.shape) == len(self.shape) \
+            else parent.data.reshape(-1).view(dtype)
+        self.partition_stride = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
         self.acc = None
-        self._num, self._den = ratio_num, ratio_den
 
     @property
     def init(self):
@@ -198,10 +202,11 @@ def _reinterpreted(storage: Storage, dtype, base: int):
     if storage.buffer is MemoryRegion.psum and dtype.itemsize != storage.dtype.itemsize:
         raise UnsupportedError(f"ap(dtype={dt.dtype_name(dtype)}) of PSUM tensor {storage.name!r}: "
                                f"reinterpreting PSUM with another item size is not supported")
-    per_row = (storage.partition_stride if storage.buffer.on_chip else storage.data.size) * storage.dtype.itemsize
-    if per_row % dtype.itemsize or (base * storage.dtype.itemsize) % dtype.itemsize:
+    row_bytes = (storage.partition_stride if storage.buffer.on_chip else storage.data.size) * storage.dtype.itemsize
+    if row_bytes % dtype.itemsize or (base * storage.dtype.itemsize) % dtype.itemsize:
         raise ShapeMismatchError(f"ap(dtype={dt.dtype_name(dtype)}) of {storage.name!r}: the bytes per "
-                                 f"partition / the view start are not a multiple of {dtype.itemsize}")
+                                 f"{'partition' if storage.buffer.on_chip else 'tensor'} or the view start "
+                                 f"are not a multiple of {dtype.itemsize}")
     return ReinterpretedStorage(storage, dtype), base * storage.dtype.itemsize // dtype.itemsize
 
 
