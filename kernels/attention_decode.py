@@ -65,7 +65,9 @@ def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engin
     """[tokens, width] bf16: 1.0 where key j is masked for token t: k > q (when `late`), or
     k <= q - window (when `early_window` is the window, else None).
 
-    `kpos` [tokens, width] fp32 (each token's row of key positions), `qpos_col` [tokens, 1]."""
+    `kpos` [tokens, width] fp32 (each token's row of key positions), `qpos_col` [tokens, 1].
+    On VectorE one tensor_scalar per test; GpSimd (whose tensor_scalar is rsqrt only) compares
+    against the query column broadcast, shifted by the window first."""
     tokens = kpos.shape[0]
     tests = []
     if late:
@@ -75,7 +77,14 @@ def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engin
     parts = []
     for op, bound in tests:
         part = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
-        nisa.tensor_scalar(part, kpos, nl.subtract, qpos_col, op1=op, operand1=bound, engine=engine)
+        if engine == nisa.vector_engine:
+            nisa.tensor_scalar(part, kpos, nl.subtract, qpos_col, op1=op, operand1=bound)
+        else:
+            limit = qpos_col
+            if bound != 0.0:
+                limit = nl.ndarray((tokens, 1), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_scalar(limit, qpos_col, nl.add, bound)
+            nisa.tensor_tensor(part, kpos, limit.broadcast(1, width), op, engine=engine)
         parts.append(part)
     if len(parts) == 1:
         return parts[0]
@@ -135,7 +144,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     if not (q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group)):
         raise KernelInputError(
             f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}")
-    out = nl.ndarray((sum(t[0] for _, tiles in units for t in tiles), dv), dtype=q_t.dtype,
+    out = nl.ndarray((sum([t[0] for _, tiles in units for t in tiles]), dv), dtype=q_t.dtype,
                      buffer=nl.shared_hbm)
     n_dp = (d_head + P_MAX - 1) // P_MAX
     dp = d_head // n_dp              # 192 -> 96 + 96: Q^T and K^T each load in one DMA
@@ -149,23 +158,23 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     if mask_vector_share is None:
         mask_vector_share = MASK_VECTOR_SHARE["full" if window is None else "swa"]
     mask_vector = Share(mask_vector_share)
-    memset_engines = [nisa.scalar_engine, nisa.gpsimd_engine, nisa.vector_engine]
+    memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
     padded_q = {}            # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece, set up once
     per_layout = {}          # (rows, tile layout) -> [-sink rows, mask one-hot], loaded once
     ones = None              # [128, keys] 1.0: the mask of a batch's columns past a tile's own keys
-    if any(len(tiles) > 1 for _, tiles in units):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
+    if any([len(tiles) > 1 for _, tiles in units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
         ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.memset(ones, 1.0, engine=nisa.gpsimd_engine)
     unit_row0, unit_tile0 = [0], [0]
     for _, tiles in units:
-        unit_row0.append(unit_row0[-1] + sum(t[0] for t in tiles))
+        unit_row0.append(unit_row0[-1] + sum([t[0] for t in tiles]))
         unit_tile0.append(unit_tile0[-1] + len(tiles))
 
     for gi, (u_first, n_units) in enumerate(unit_groups(units, kv_heads, d_head, dv, nl.num_programs(0))):
         if gi % nl.num_programs(0) != nl.program_id(0):
             continue
         runs, tiles = units[u_first]
-        seqs = sum(r[1] for r in runs)           # unit u of the group: runs shifted by u * seqs sequences
+        seqs = sum([r[1] for r in runs])           # unit u of the group: runs shifted by u * seqs sequences
         packed = len(tiles) == 1 and (len(runs) > 1 or runs[0][1] > 1 or runs[0][3] - runs[0][2] > 1)
         pieces = []          # (run, sequence in run, KV head in run, first row, rows) of a packed tile
         piece_row = 0
@@ -181,11 +190,11 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
         # HBM -> SBUF: Q^T of the group's units, one DMA per run
         if packed:
             rows0 = tiles[0][0]
-            layout = (rows0, tuple(p[3:] for p in pieces), tuple(r[2:4] for r in runs))
+            layout = (rows0, tuple([p[3:] for p in pieces]), tuple([r[2:4] for r in runs]))
             if (layout, n_units) not in padded_q:
                 buf = nl.ndarray((dp, n_dp, n_units, len(pieces), rows0), dtype=q_t.dtype, buffer=nl.sbuf)
                 for u in range(n_units):
-                    nisa.memset(buf[:, :, u], 0.0, engine=memset_engines[(len(padded_q) + u) % 3])
+                    nisa.memset(buf[:, :, u], 0.0, engine=memset_engines[(len(padded_q) + u) % 2])
                 padded_q[(layout, n_units)] = buf
             buf = padded_q[(layout, n_units)]
             unit_size = len(pieces) * rows0
@@ -206,17 +215,17 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
             layout = (tiles[0][0], g)
 
         # per unit and tile: its stationaries, -sink rows, one-hot and query positions (for masks)
-        split_tokens = max(t[2] - t[1] for t in tiles)
-        unit_lo, unit_hi = min(t[3] for t in tiles), max(t[4] for t in tiles)
+        split_tokens = max([t[2] - t[1] for t in tiles])
+        unit_lo, unit_hi = min([t[3] for t in tiles]), max([t[4] for t in tiles])
         chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
         tile_setup = []      # per unit: per tile (stationaries, query positions, RowState if several chunks)
         for u in range(n_units):
             tiles = units[u_first + u][1]
             unit_setup = []
-            if any(any(t[5]) for t in tiles) and not packed:
+            if any([any(t[5]) for t in tiles]) and not packed:
                 # query positions of the split tokens as columns: [tokens per tile, tile]
                 qpos_cols = nl.ndarray((split_tokens, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
-                full = sum(1 for t in tiles if t[2] - t[1] == split_tokens)
+                full = sum([1 for t in tiles if t[2] - t[1] == split_tokens])
                 nisa.dma_copy(qpos_cols[:, 0:full], qpos[b, t0:t0 + full * split_tokens]
                               .reshape((full, split_tokens)).permute((1, 0)))
                 if full < len(tiles):
@@ -230,7 +239,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                         sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.dma_copy(sink, sink_rows[unit_tile0[u_first + u] + j, 0:rows, :])
                         neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-                        nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
+                        nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0)
                     per_layout[key] = [neg_sink, onehot]
                 if (any(masked) or len(tiles) > 1) and per_layout[key][1] is None:
                     onehot = nl.ndarray((tb - ta, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -249,10 +258,10 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 else:
                     stationaries = [[q_unit[:, h, ta * group:tb * group]] for h in range(n_dp)]
                     qpos_col = qpos_cols[0:tb - ta, j:j + 1] if any(masked) else None
-                n_chunks = sum(1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi))
+                n_chunks = sum([1 for c0, c1 in chunks if max(c0, k_lo) < min(c1, k_hi)])
                 unit_setup.append((stationaries, qpos_col, RowState(rows, n_chunks) if n_chunks > 1 else None))
             tile_setup.append(unit_setup)
-        result = nl.ndarray((max(t[0] for t in tiles), n_units * len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
+        result = nl.ndarray((max([t[0] for t in tiles]), n_units * len(tiles), dv), dtype=out.dtype, buffer=nl.sbuf)
 
         for ci, (c0, c1) in enumerate(chunks):
             # HBM -> SBUF: per run, the key chunk of K^T and of V for all the group's units
@@ -267,7 +276,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
             for u in range(n_units):
                 tiles = units[u_first + u][1]
                 kpos_rows = None
-                if any(t[5][ci] for t in tiles):
+                if any([t[5][ci] for t in tiles]):
                     # HBM -> SBUF: key positions, one row per new token of the tile(s)
                     kpos_rows = nl.ndarray((tiles[0][2] if packed else split_tokens, c1 - c0), dtype=nl.float32,
                                            buffer=nl.sbuf)
@@ -343,15 +352,13 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
     """A unit's row tiles that meet key chunk [c0, c1), in batches processed together: the
     prefill kernel's `tile_batches` over the split tiles (visible keys [k_lo, k_hi) in place of
-    the prefill's [lo, q1)); a packed tile goes alone. Yields (first tile, step, n, lead, width,
-    rows)."""
+    the prefill's [lo, q1)); a packed tile goes alone. Returns [(first tile, step, n, lead, width,
+    rows)]."""
     if packed:
         rows, _, _, k_lo, k_hi, _ = tiles[0]
         a, b = max(c0, k_lo), min(c1, k_hi)
-        if a < b:
-            yield 0, 1, 1, (a - c0) % P_MAX, b - a + (a - c0) % P_MAX, rows
-        return
-    yield from tile_batches([(k_hi - (tb - ta), k_hi, k_lo, state)
+        return [(0, 1, 1, (a - c0) % P_MAX, b - a + (a - c0) % P_MAX, rows)] if a < b else []
+    return tile_batches([(k_hi - (tb - ta), k_hi, k_lo, state)
                              for (_, ta, tb, k_lo, k_hi, _), (_, _, state) in zip(tiles, setup)], c0, c1, group)
 
 

@@ -236,7 +236,7 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
     neg_m = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
     alpha = None
     if state.first and neg_sink is None:
-        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP, engine=gpsimd)
+        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP)   # GpSimd: rsqrt only
     elif state.first:
         # the sink is the first "key": m = max(rowmax, sink)
         nisa.tensor_tensor(neg_m, neg_rowmax, neg_sink.broadcast(1, n), nl.minimum, engine=gpsimd)
@@ -355,7 +355,8 @@ def update_output(state: RowState, o_psum, alpha, result, evict: EvictEngines):
     if last:
         recip = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.reciprocal(recip, state.denom)
-        nisa.tensor_scalar(result[:, 0, :], state.o_acc, nl.multiply, recip, engine=nisa.gpsimd_engine)
+        nisa.tensor_tensor(result[:, 0, :], state.o_acc, recip.broadcast(1, state.o_acc.shape[1]), nl.multiply,
+                           engine=nisa.gpsimd_engine)
 
 
 def load_key_tiles(v_heads, c0: int, c1: int):
@@ -396,7 +397,7 @@ def boundary_regions(q0: int, q1: int, a: int, b: int, window):
 def store_rows(out_rows, row0: int, result, tile_rows):
     """SBUF [R, tiles, Dv] -> HBM rows row0...: one DMA for the full tiles, one for a ragged last."""
     rows_per_tile, _, dv = result.shape
-    full = sum(1 for rows in tile_rows if rows == rows_per_tile)
+    full = sum([1 for rows in tile_rows if rows == rows_per_tile])
     if full:
         dst = out_rows[row0:row0 + full * rows_per_tile, :].reshape((full, rows_per_tile, dv))
         nisa.dma_copy(dst.permute((1, 0, 2)), result[:, 0:full, :])
@@ -469,7 +470,7 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
             sink = nl.ndarray((rows_per_tile, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(sink, sink_rows[g])
             neg_sink = nl.ndarray((rows_per_tile, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0, engine=nisa.gpsimd_engine)
+            nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0)
         for s0 in range(0, seq_len, SUPER_TOKENS):
             s1 = min(seq_len, s0 + SUPER_TOKENS)
             k_lo = 0 if window is None else max(0, s0 - window + 1)
@@ -478,7 +479,7 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
             for q0 in range(s0, s1, tokens_per_tile):
                 q1 = min(s1, q0 + tokens_per_tile)
                 lo = 0 if window is None else max(0, q0 - window + 1)
-                n_chunks = sum(1 for c0, c1 in chunks if max(c0, lo) < min(c1, q1))
+                n_chunks = sum([1 for c0, c1 in chunks if max(c0, lo) < min(c1, q1)])
                 tiles.append((q0, q1, lo, RowState((q1 - q0) * group, n_chunks) if n_chunks > 1 else None))
             # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
             q_sb = []
@@ -551,7 +552,8 @@ def tile_batches(tiles, c0: int, c1: int, group: int):
     boundary of the chunk) batch up to BATCH_TILES at a constant tile step, so one strided view
     addresses their results; they share the batch's widest logit range (lead + keys), and each
     tile's extra columns are keys after its last query, masked by the causal boundary region. A
-    tile spanning several chunks goes alone. Yields (first tile, step, n, lead, width, rows)."""
+    tile spanning several chunks goes alone. Returns [(first tile, step, n, lead, width, rows)]."""
+    batches = []
     candidates = {}          # (lead, rows) -> [(tile, first key, width)]
     for t, (q0, q1, lo, multi) in enumerate(tiles):
         a, b = max(c0, lo), min(c1, q1)
@@ -559,7 +561,7 @@ def tile_batches(tiles, c0: int, c1: int, group: int):
             continue            # this chunk is entirely outside the tile's window
         lead = (a - c0) % P_MAX
         if multi:
-            yield t, 1, 1, lead, b - a + lead, multi.rows
+            batches.append((t, 1, 1, lead, b - a + lead, multi.rows))
         else:
             candidates.setdefault((lead, (q1 - q0) * group), []).append((t, a, b - a + lead))
     for (lead, rows), members in candidates.items():
@@ -573,12 +575,13 @@ def tile_batches(tiles, c0: int, c1: int, group: int):
                     break
                 wider = max(width, w_next)
                 fits = batch_fits_psum(n + 1, wider) and \
-                    all(a - lead + wider <= c1 for _, a, _ in members[i:i + n + 1])
+                    all([a - lead + wider <= c1 for _, a, _ in members[i:i + n + 1]])
                 if not fits:
                     break
                 step, width, n = t_next - members[i + n - 1][0], wider, n + 1
-            yield t_first, step or 1, n, lead, width, rows
+            batches.append((t_first, step or 1, n, lead, width, rows))
             i += n
+    return batches
 
 
 # --------------------------------------------------------------------------- host launcher

@@ -64,6 +64,8 @@ import numpy as np
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
+from mimo_kernels.linear import scale_blocks
+from mimo_kernels.trn2 import TRN2
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
@@ -116,9 +118,8 @@ def _load_weight_stripe(w, scale, expert, c0, width, dequant):
     tile = nl.ndarray((P, KT, width), dtype=nl.bfloat16, buffer=nl.sbuf)
     blocks = width // P
     b0 = c0 // P
-    per_column = scale[:, :, b0:b0 + blocks].expand_dim(3).broadcast(3, P)   # [P, KT, blocks, P]
-    nisa.tensor_tensor(dst=tile.reshape((P, KT, blocks, P)), data1=raw.reshape((P, KT, blocks, P)),
-                       data2=per_column, op=nl.multiply, engine=dequant.next())
+    scale_blocks(tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P)),
+                 scale[:, :, b0:b0 + blocks], dequant.next())
     return tile
 
 
@@ -154,7 +155,7 @@ def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, co
     """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
     sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1."""
     KT = x.shape[1] // P
-    B = sum(src.shape[0] for src in sources)
+    B = sum([src.shape[0] for src in sources])
     I = w_gate.shape[2]
     x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     for s, source in enumerate(sources):
@@ -350,17 +351,13 @@ class BlockPlan:
         return len(self.block_expert)
 
 
-# Cost-model rates used to pick the block size (nki_reference.md section 6, one NeuronCore-v3).
-_TENSOR_HZ = 2.4e9
-_HBM_BYTES_PER_S = 2.9e12 / 8
-
-
+# Block-size choice from the machine description's rates (TensorE cycles, HBM bandwidth).
 def _block_time_s(block_rows: int, hidden: int, inter: int, weight_bytes: int) -> float:
     """Rough time of one block: the larger of its TensorE cycles and its weight stream."""
     gate_up = 2 * (hidden // P) * (inter // P) * sum(
-        max(64, min(ROWS_PER_MATMUL, block_rows - c)) for c in range(0, block_rows, ROWS_PER_MATMUL))
+        max(TRN2.min_ii_cycles, min(ROWS_PER_MATMUL, block_rows - c)) for c in range(0, block_rows, ROWS_PER_MATMUL))
     down = -(-block_rows // P) * (hidden // DOWN_COLUMNS) * (inter // P) * DOWN_COLUMNS
-    return max((gate_up + down) / _TENSOR_HZ, weight_bytes / _HBM_BYTES_PER_S)
+    return max((gate_up + down) / TRN2.tensor_hz, weight_bytes / TRN2.hbm_bytes_per_s_core)
 
 
 def choose_block_rows(group_sizes, hidden: int, inter: int, weight_itemsize: int) -> int:

@@ -150,20 +150,36 @@ def load_weight_tile(w, scale, n0, cols, engine_offset=0):
     nisa.dma_copy(dst=scales, src=_scale_columns(scale, n0 // P, blocks))
     tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
     per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
+    tile_blocks, raw_blocks = tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P))
     for i, k0 in enumerate(range(0, KT, per_pass)):
         k1 = min(KT, k0 + per_pass)
         # K block kt = scale row kt: each 128-column block times its scale, [128, kb, blocks, 128].
-        nisa.tensor_tensor(dst=tile[:, k0:k1, :], data1=raw[:, k0:k1, :],
-                           data2=scales[:, k0:k1, :].expand_dim(3).broadcast(3, P), op=nl.multiply,
-                           engine=SBUF_ENGINES[(engine_offset + i) % 3])
+        scale_blocks(tile_blocks[:, k0:k1], raw_blocks[:, k0:k1], scales[:, k0:k1, :],
+                     SBUF_ENGINES[(engine_offset + i) % 3])
     return tile
+
+
+def scale_blocks(dst, data, scale, engine):
+    """dst[p, a, b, c] = data[p, a, b, c] * scale[p, a, b] (fp32 scales) on `engine`: one
+    tensor_tensor on VectorE or GpSimd; ScalarE reads one tensor per instruction, so there one
+    activation per (a, b) takes the scale as its [P, 1] `scale` column (rows of 128+ elements
+    keep ScalarE above its minimum instruction interval)."""
+    if engine == nisa.engine.scalar:
+        for a in range(dst.shape[1]):
+            for b in range(dst.shape[2]):
+                nisa.activation(dst=dst[:, a, b, :], op=nl.copy, data=data[:, a, b, :],
+                                scale=scale[:, a, b:b + 1])
+        return
+    nisa.tensor_tensor(dst=dst, data1=data, data2=scale.expand_dim(3).broadcast(3, dst.shape[3]),
+                       op=nl.multiply, engine=engine)
 
 
 def evict(dst, accs, step):
     """PSUM accumulators -> `dst` (SBUF, output dtype); `step` rotates the engines.
 
     One weight: a copy with the cast. Two weights (SwiGLU gate and up): dst = silu(gate) * up,
-    ScalarE applying silu on its way out of PSUM and the multiply reading `up` straight from PSUM.
+    ScalarE applying silu on its way out of PSUM and VectorE (tensor_tensor runs on VectorE or
+    GpSimd, and GpSimd cannot read PSUM) multiplying by `up` straight from PSUM.
     """
     if len(accs) == 1:
         nisa.tensor_copy(dst=dst, src=accs[0], engine=PSUM_ENGINES[step % 2])
@@ -171,7 +187,7 @@ def evict(dst, accs, step):
     gate, up = accs
     act = nl.ndarray(dst.shape, dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=act, op=nl.silu, data=gate)                     # ScalarE, PSUM -> SBUF
-    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply, engine=PSUM_ENGINES[step % 2])
+    nisa.tensor_tensor(dst=dst, data1=act, data2=up, op=nl.multiply)
 
 
 def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
@@ -193,13 +209,14 @@ def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
             if scale_tiles is not None:
                 # x^T block kt times every column block's scale, in one instruction: [128 k, nbs, T].
                 x_scaled = nl.ndarray((P, nbs, T), dtype=nl.bfloat16, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=x_scaled, data1=x_block[:, kt, :].expand_dim(1).broadcast(1, nbs),
-                                   data2=scale_tiles[i][:, kt, :].expand_dim(2).broadcast(2, T),
-                                   op=nl.multiply, engine=SBUF_ENGINES[(kt * len(tiles) + i) % 3])
+                scale_blocks(x_scaled.expand_dim(1),
+                             x_block[:, kt, :].expand_dim(1).broadcast(1, nbs).expand_dim(1),
+                             scale_tiles[i][:, kt, :].expand_dim(1), SBUF_ENGINES[(kt * len(tiles) + i) % 3])
             for nb in range(nbs):
                 moving = x_block[:, kt, :] if scale_tiles is None else x_scaled[:, nb, :]
+                # Blocks nb share PSUM banks: start each block's group explicitly.
                 nisa.nc_matmul(dst=acc[:, nb, 0:T], stationary=tile[:, kt, nb * P:(nb + 1) * P],
-                               moving=moving)
+                               moving=moving, accumulate=kt > 0)
     y_t = nl.ndarray((P, nbs, T), dtype=y_tile.dtype, buffer=nl.sbuf)  # y^T: output columns on partitions
     evict(y_t, [acc[:, :, 0:T] for acc in accs], step)
     # Back to tokens on partitions: one TensorE transpose per 128-column block, a PSUM bank at a time.

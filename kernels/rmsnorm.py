@@ -34,6 +34,9 @@ from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
 PSUM_FMAX = nl.tile_size.psum_bank_fmax      # fp32 elements of one PSUM bank per partition
+# Fewer tail rows than this take the hidden-major layout (all 128 lanes, but J-element DMA runs,
+# which the DMA engines move far below their rate); more take whole contiguous rows.
+TOKEN_MAJOR_MIN_ROWS = 32
 
 
 def _broadcast_row(row, rows_out):
@@ -52,29 +55,30 @@ def _broadcast_row(row, rows_out):
         nisa.tensor_copy(dst=rows_out[:, c0:c1], src=bank, engine=nisa.engine.scalar)   # PSUM -> SBUF
 
 
-def _token_major_tile(x, delta, weight_rows, y, total, t0, eps):
-    """Tokens t0 .. t0+127, tokens on partitions. weight_rows [P, H] holds the weight on every row."""
+def _token_major_tile(x, delta, weight_rows, y, total, t0, eps, n=P):
+    """Tokens t0 .. t0+n-1 (n <= 128), tokens on partitions: whole rows, so every DMA moves
+    contiguous rows. weight_rows [P, H] holds the weight on every row."""
     H = x.shape[1]
-    x_tile = nl.ndarray((P, H), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_tile, src=x[t0:t0 + P, :])                       # HBM -> SBUF, one row each
+    x_tile = nl.ndarray((n, H), dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_tile, src=x[t0:t0 + n, :])                       # HBM -> SBUF, one row each
     if delta is not None:
-        d_tile = nl.ndarray((P, H), dtype=delta.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=d_tile, src=delta[t0:t0 + P, :])
-        s_tile = nl.ndarray((P, H), dtype=total.dtype, buffer=nl.sbuf)
+        d_tile = nl.ndarray((n, H), dtype=delta.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=d_tile, src=delta[t0:t0 + n, :])
+        s_tile = nl.ndarray((n, H), dtype=total.dtype, buffer=nl.sbuf)
         # The add runs on GpSimd, the least busy engine of this layout.
         nisa.tensor_tensor(dst=s_tile, data1=x_tile, data2=d_tile, op=nl.add, engine=nisa.engine.gpsimd)
-        nisa.dma_copy(dst=total[t0:t0 + P, :], src=s_tile)               # SBUF -> HBM: the new residual
+        nisa.dma_copy(dst=total[t0:t0 + n, :], src=s_tile)               # SBUF -> HBM: the new residual
         x_tile = s_tile
-    squares = nl.ndarray((P, H), dtype=x.dtype, buffer=nl.sbuf)          # by-product, unused
-    sum_sq = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    squares = nl.ndarray((n, H), dtype=x.dtype, buffer=nl.sbuf)          # by-product, unused
+    sum_sq = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=squares, op=nl.square, data=x_tile, reduce_op=nl.add, reduce_res=sum_sq,
                     reduce_cmd=nisa.reduce_cmd.reset_reduce)             # fp32 sum over the row
-    rstd = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+    rstd = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=eps)
-    y_tile = nl.ndarray((P, H), dtype=y.dtype, buffer=nl.sbuf)
+    y_tile = nl.ndarray((n, H), dtype=y.dtype, buffer=nl.sbuf)
     nisa.scalar_tensor_tensor(dst=y_tile, data=x_tile, op0=nl.multiply, operand0=rstd,
-                              op1=nl.multiply, operand1=weight_rows)
-    nisa.dma_copy(dst=y[t0:t0 + P, :], src=y_tile)                       # SBUF -> HBM
+                              op1=nl.multiply, operand1=weight_rows[0:n, :])
+    nisa.dma_copy(dst=y[t0:t0 + n, :], src=y_tile)                       # SBUF -> HBM
 
 
 def _hidden_major(view, t0, n):
@@ -108,8 +112,8 @@ def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
     # Four passes over [P, n*J] (square, reduce, two multiplies) on three engines: ScalarE, the
     # fastest, takes two; the add of the fused form shares GpSimd with the weight multiply.
     scaled = nl.ndarray((P, n, J), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=scaled, data1=x_tile, data2=rstd.expand_dim(2).broadcast(2, J), op=nl.multiply,
-                       engine=nisa.engine.scalar)
+    for t in range(n):      # ScalarE reads one tensor per instruction: rstd as its scale column
+        nisa.activation(dst=scaled[:, t, :], op=nl.copy, data=x_tile[:, t, :], scale=rstd[:, t:t + 1])
     y_tile = nl.ndarray((P, n, J), dtype=y.dtype, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=y_tile, data1=scaled, data2=weight_cols.expand_dim(1).broadcast(1, n),
                        op=nl.multiply, engine=nisa.engine.gpsimd)
@@ -125,14 +129,17 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
     if not (delta is None or tuple(delta.shape) == (T, H)):
         raise KernelInputError(f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}")
     full_tiles, tail = divmod(T, P)
-    if full_tiles:
+    token_major_tail = tail >= TOKEN_MAJOR_MIN_ROWS
+    if full_tiles or token_major_tail:
         w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
         weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
         _broadcast_row(w_row, weight_rows)
         for i in range(full_tiles):
             _token_major_tile(x, delta, weight_rows, y, total, i * P, eps)
-    if tail:
+        if token_major_tail:
+            _token_major_tile(x, delta, weight_rows, y, total, full_tiles * P, eps, tail)
+    if tail and not token_major_tail:
         if not (H % P == 0):
             raise KernelInputError(
                 f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)")

@@ -47,27 +47,25 @@ TOP_K = 8                                      # what max8 / nc_find_index8 prod
 DISALLOWED_BIAS = -1e30                        # selection bias of an expert that must not be chosen
 UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
 X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
-X_TRANSPOSE_DMA_TILES = 8                      # 128-row hidden tiles of x per DMA transpose
 
 
 def _load_x_transposed(x, t0, tc, xT):
-    """xT[p, k, t] = x[t0 + t, k*P + p] for t < tc: HBM fp32 rows -> SBUF, hidden on partitions."""
+    """xT[p, k, t] = x[t0 + t, k*P + p] for t < tc: HBM fp32 rows -> SBUF, hidden on partitions.
+
+    128 tokens at a time: one contiguous row per token (DMA), then TensorE transposes (exact in
+    fp32; a DMA transpose would need 2-byte data)."""
     KT = xT.shape[1]
-    if tc > P:
-        rows = x[t0:t0 + tc, :].reshape((tc, KT, P))  # [t, k, p]
-        for k0 in range(0, KT, X_TRANSPOSE_DMA_TILES):   # HBM -> SBUF, DMA transposes [t, k, p] -> [p, k, t]
-            k1 = min(KT, k0 + X_TRANSPOSE_DMA_TILES)
-            nisa.dma_transpose(dst=xT[:, k0:k1, :], src=rows[:, k0:k1, :], axes=(2, 1, 0))
-        return
-    rows = nl.ndarray((tc, KT * P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=rows, src=x[t0:t0 + tc, :])    # HBM -> SBUF, one contiguous row per token
-    for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
-        kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
-        bank = nl.ndarray((P, kn, tc), dtype=nl.float32, buffer=nl.psum)
-        for j in range(kn):
-            k = k0 + j
-            nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k * P:(k + 1) * P])   # exact in fp32
-        nisa.tensor_copy(dst=xT[:, k0:k0 + kn, :], src=bank)                      # PSUM -> SBUF
+    for s0 in range(0, tc, P):
+        sc = min(P, tc - s0)
+        rows = nl.ndarray((sc, KT * P), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=rows, src=x[t0 + s0:t0 + s0 + sc, :])    # HBM -> SBUF
+        for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
+            kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
+            bank = nl.ndarray((P, kn, sc), dtype=nl.float32, buffer=nl.psum)
+            for j in range(kn):
+                k = k0 + j
+                nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k * P:(k + 1) * P])
+            nisa.tensor_copy(dst=xT[:, k0:k0 + kn, s0:s0 + sc], src=bank)          # PSUM -> SBUF
 
 
 def _top8_tokens(scores, bias_rows, ids, weights, t0, routed_scaling_factor):

@@ -119,7 +119,7 @@ def test_misuse_is_rejected():
 
 @nki.jit
 def _transpose_3d_kernel(a, axes):
-    """a [T, K, P] (HBM) -> SBUF by a DMA transpose with `axes` -> out (what the router does to x)."""
+    """a [T, K, P] (HBM) -> SBUF by a DMA transpose with `axes` -> out."""
     out = nl.ndarray((a.shape[2], a.shape[1], a.shape[0]), dtype=a.dtype, buffer=nl.shared_hbm)
     tile = nl.ndarray(out.shape, dtype=a.dtype, buffer=nl.sbuf)
     nisa.dma_transpose(dst=tile, src=a, axes=axes)
@@ -128,9 +128,9 @@ def _transpose_3d_kernel(a, axes):
 
 
 def test_simulator_dma_transpose_3d():
-    """The 3-D DMA transpose ([t, k, p] -> [p, k, t], axes (2, 1, 0)) the router loads x with;
-    other 3-D permutations are refused by name."""
-    a = np.arange(5 * 3 * 128, dtype=np.float32).reshape(5, 3, 128)
+    """The 3-D DMA transpose ([t, k, p] -> [p, k, t], axes (2, 1, 0)), 2-byte data; other 3-D
+    permutations are refused by name."""
+    a = np.arange(5 * 3 * 128, dtype=np.float32).reshape(5, 3, 128).astype(np.float16)
     np.testing.assert_array_equal(simulate(_transpose_3d_kernel)(a, (2, 1, 0)), a.transpose(2, 1, 0))
     with pytest.raises(Exception, match=r"axes=\(1, 0, 2\) for 3-D; supported"):
         simulate(_transpose_3d_kernel)(a, (1, 0, 2))

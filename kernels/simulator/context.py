@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import CostRecorder, Trn2Model, TRN2
+from ..trn2 import TRN2, Trn2Model
+from .cost import CostRecorder
 from .errors import CapacityError, NkiContextError
 
 
@@ -35,12 +36,20 @@ class SimConfig:
     fp32_storage: bool = False
     check_outputs_written: bool = True
     model: Trn2Model = TRN2
+    lenient: frozenset = frozenset()     # ambiguous rules read leniently (rules.AMBIGUOUS)
 
     @classmethod
     def from_env(cls, **overrides) -> "SimConfig":
         fp32 = _env_flag("NKI_SIM_FP32_STORAGE", not _env_flag("NKI_PRECISE_FP", True))
-        values = {"fp32_storage": fp32}
+        lenient = [r.strip() for r in os.environ.get("NKI_SIM_LENIENT", "").split(",") if r.strip()]
+        values = {"fp32_storage": fp32, "lenient": lenient}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        from .rules import AMBIGUOUS
+        unknown = sorted(set(values["lenient"]) - set(AMBIGUOUS))
+        if unknown:
+            raise ValueError(f"lenient rules {unknown} are not switchable; only {list(AMBIGUOUS)} are "
+                             f"(docs/simulator.md)")
+        values["lenient"] = frozenset(values["lenient"])
         return cls(**values)
 
 

@@ -1,71 +1,37 @@
 """Cost model: what a kernel issues per engine, turned into an estimated Trainium2 time.
 
-Every instruction the simulator executes is recorded here (engine, elements, bytes, cycles).
-The numbers are a *model* built from published rates (nki_reference.md section 6), not a
-measurement; docs/simulator.md explains each assumption.  In short, per program instance
-(= one physical NeuronCore-v3):
+Every instruction the simulator executes is recorded here (engine, elements, bytes, cycles, and
+which memory it read and wrote).  Every rate comes from the machine description
+:mod:`mimo_kernels.trn2`, which cites its documentation source; docs/simulator.md explains the
+model.  In short, per program instance (= one physical NeuronCore-v3):
 
-* TensorE  ``nc_matmul``: ``max(min(64, M), N)`` cycles at 2.4 GHz for 16-bit and fp8 operands
-  (one moving column per cycle, 64-cycle minimum initiation interval), 4x that for fp32 operands.
-  fp8 with ``perf_mode=double_row`` contracts K=256 rows in the same cycles: twice the FLOPs.
-  A TensorE transpose of ``[P, F]`` is a matmul with the identity: ``max(min(64, F), P)`` cycles.
-* VectorE (0.96 GHz), ScalarE (1.2 GHz), GpSimd (1.2 GHz): ``fixed + N`` cycles, N = elements per
-  partition (one element per partition lane per cycle), fixed = 64 cycles (VectorE/ScalarE,
-  the documented minimum initiation interval) or 150 cycles (GpSimd start-up).
-* DMA: ``bytes / (2.9 TB/s / 8)`` (HBM bandwidth of one physical core) plus a 2 us fixed cost per
-  DMA instruction, amortised over 16 DMA queues (``2 us / 16`` each).
-* Engines run concurrently: ``estimate = max(engine times) + 2 us`` (the latency of the first DMA
-  that nothing can hide).  ``serial`` (sum of engine times) is reported as an upper bound.
-* LNC=2 (``kernel[2]``) runs two physical cores in parallel: the estimate is the slower instance.
-* Roofline: ``max(matmul FLOPs / peak, HBM bytes / bandwidth)`` with 79 TFLOPS bf16/fp16,
-  158 TFLOPS fp8, 79/4 TFLOPS fp32 per core and 362.5 GB/s per core (times the LNC degree).
+* TensorE ``nc_matmul``: ``max(min(64, M), N)`` cycles at 2.4 GHz (16-bit and fp8), 4x for fp32;
+  fp8 double_row contracts K=256 in the same cycles.  A transpose is a matmul with the identity.
+* VectorE / ScalarE: ``max(MIN_II, cycles_per_element * N)`` cycles, N = elements per partition:
+  1 per element for one input, 2 for two-input VectorE instructions (``tensor_tensor``), 8 for the
+  VectorE ``reciprocal``; the trn2 VectorE performance mode (bf16/fp16) divides by 4 or 2 only
+  where its documented conditions hold.  An instruction that reads what the previous instruction
+  of its engine wrote pays the documented static overhead (100 cycles).  GpSimd: 150 + N.
+* DMA: a transfer over P partitions uses ceil(P / 8) of the 16 DMA engines (23 B/ns each), pays
+  ~1.3 us of descriptor setup, and streams at ``achieved fraction x run efficiency`` of their rate,
+  where the run efficiency penalises contiguous runs below 2 KiB per partition.  DMA transposes
+  run at their "up to" rates only for their documented shapes.  Indirect (software-DGE) DMAs
+  charge their descriptor generation to GpSimd.
+* Scheduling: each instruction starts when its engine is free and the memory it reads has been
+  written (read-after-write dependencies at the granularity of partition and free-offset ranges),
+  so ``estimated_time_s`` includes dependency stalls.  ``overlapped_time_s`` (busiest engine,
+  perfect overlap) and ``serial_time_s`` (sum of engine times) bracket it.
+* Roofline: ``max(matmul FLOPs / peak, HBM bytes / HBM bandwidth)`` per core (times the LNC degree).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, asdict
 
+from ..trn2 import TRN2, Trn2Model
+
 ENGINES = ("TensorE", "VectorE", "ScalarE", "GpSimd", "DMA")
-
-
-@dataclass(frozen=True)
-class Trn2Model:
-    """Published Trainium2 (NeuronCore-v3) numbers the estimate uses; override to experiment."""
-
-    tensor_hz: float = 2.4e9
-    vector_hz: float = 0.96e9
-    scalar_hz: float = 1.2e9
-    gpsimd_hz: float = 1.2e9
-    min_ii_cycles: int = 64            # minimum initiation interval (TensorE/VectorE/ScalarE)
-    gpsimd_fixed_cycles: int = 150     # GpSimd instruction start-up
-    hbm_bytes_per_s_chip: float = 2.9e12
-    cores_per_chip: int = 8
-    dma_fixed_s: float = 2e-6          # fixed cost of one DMA instruction (descriptor + latency)
-    dma_queues: int = 16               # DMA queues per core the fixed cost is spread over
-    # DMA transposes run below the DMA rate: "HBM->SBUF up to 90% DMA throughput, SBUF->SBUF up
-    # to 50%" (trn2 architecture guide); the estimate takes these upper bounds as the rates.
-    dma_transpose_rate_from_hbm: float = 0.9
-    dma_transpose_rate_on_chip: float = 0.5
-    peak_flops_bf16: float = 79e12
-    peak_flops_fp8: float = 158e12
-    peak_flops_fp32: float = 79e12 / 4
-    sbuf_bytes_per_partition: int = 224 * 1024
-    psum_bank_bytes: int = 2048
-    psum_banks: int = 8
-
-    @property
-    def hbm_bytes_per_s_core(self) -> float:
-        return self.hbm_bytes_per_s_chip / self.cores_per_chip
-
-    def engine_hz(self, engine: str) -> float:
-        return {"TensorE": self.tensor_hz, "VectorE": self.vector_hz,
-                "ScalarE": self.scalar_hz, "GpSimd": self.gpsimd_hz}[engine]
-
-    def fixed_cycles(self, engine: str) -> int:
-        return self.gpsimd_fixed_cycles if engine == "GpSimd" else self.min_ii_cycles
-
-
-TRN2 = Trn2Model()
+_WRITES_TRACKED = 256       # most recent write regions remembered per tensor
 
 
 @dataclass
@@ -89,8 +55,12 @@ class EngineStats:
             self.by_op[k] = self.by_op.get(k, 0) + v
 
 
+def _overlaps(a, b) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1] and a[2] <= b[3] and b[2] <= a[3]
+
+
 class CostRecorder:
-    """Accumulates the instructions of one program instance (one physical core)."""
+    """Accumulates and schedules the instructions of one program instance (one physical core)."""
 
     def __init__(self, model: Trn2Model = TRN2):
         self.model = model
@@ -100,6 +70,44 @@ class CostRecorder:
         self.tensor_columns = 0
         self.hbm_bytes = 0
         self.dma_bytes = 0
+        self.engine_free = {name: 0.0 for name in ENGINES if name != "DMA"}
+        self.dma_free = [0.0] * model.dma_engines
+        self.makespan = 0.0
+        self._writes = {}                  # storage uid -> [(region, finish time)]
+        self._last_writes = {name: [] for name in ENGINES}
+        self._reads, self._written = [], []
+
+    # ----------------------------------------------------------------- memory of the instruction
+    def note_access(self, key: int, region: tuple, write: bool) -> None:
+        """A read or write of ``region`` (p0, p1, lo, hi) of tensor ``key`` by the next instruction."""
+        (self._written if write else self._reads).append((key, region))
+
+    def _ready_time(self) -> float:
+        ready = 0.0
+        for key, region in self._reads:
+            for other, finish in self._writes.get(key, ()):
+                if finish > ready and _overlaps(region, other):
+                    ready = finish
+        return ready
+
+    def _depends_on_previous(self, engine: str) -> bool:
+        last = self._last_writes[engine]
+        return any(k == key and _overlaps(r, region) for key, region in self._reads for k, r in last)
+
+    def _retire(self, engine: str, finish: float) -> None:
+        for key, region in self._written:
+            entries = self._writes.setdefault(key, [])
+            entries.append((region, finish))
+            if len(entries) > _WRITES_TRACKED:
+                del entries[0]
+        self._last_writes[engine] = self._written
+        self._reads, self._written = [], []
+        self.makespan = max(self.makespan, finish)
+
+    def _run(self, engine: str, duration: float) -> None:
+        start = max(self.engine_free[engine], self._ready_time())
+        self.engine_free[engine] = start + duration
+        self._retire(engine, start + duration)
 
     def _count(self, engine: str, op: str, elements: int, nbytes: int) -> EngineStats:
         st = self.engines[engine]
@@ -109,13 +117,23 @@ class CostRecorder:
         st.by_op[op] = st.by_op.get(op, 0) + 1
         return st
 
+    # ----------------------------------------------------------------- engines
     def compute(self, engine: str, op: str, partitions: int, free: int, nbytes: int,
-                extra_cycles: int = 0) -> None:
+                extra_cycles: int = 0, cycles_per_element: float = 1.0) -> None:
         """A VectorE / ScalarE / GpSimd instruction over ``partitions x free`` elements."""
         st = self._count(engine, op, partitions * free, nbytes)
-        cycles = self.model.fixed_cycles(engine) + free + extra_cycles
+        work = int(-(-free * cycles_per_element // 1))
+        if engine == "GpSimd":
+            cycles = self.model.gpsimd_fixed_cycles + work
+        else:
+            cycles = max(self.model.min_ii_cycles, work)
+            if self._depends_on_previous(engine):
+                cycles += self.model.static_overhead_cycles
+        cycles += extra_cycles
+        seconds = cycles / self.model.engine_hz(engine)
         st.cycles += cycles
-        st.time_s += cycles / self.model.engine_hz(engine)
+        st.time_s += seconds
+        self._run(engine, seconds)
 
     def matmul(self, op: str, k: int, m: int, n: int, operand_kind: str, nbytes: int,
                flops: bool = True) -> None:
@@ -126,9 +144,10 @@ class CostRecorder:
         st = self._count("TensorE", op, k * n, nbytes)
         cycles = max(min(self.model.min_ii_cycles, m), n)
         if operand_kind == "fp32":
-            cycles *= 4
+            cycles *= self.model.fp32_matmul_passes
+        seconds = cycles / self.model.tensor_hz
         st.cycles += cycles
-        st.time_s += cycles / self.model.tensor_hz
+        st.time_s += seconds
         self.tensor_columns += n
         if flops:
             f = 2 * k * m * n
@@ -136,27 +155,49 @@ class CostRecorder:
             peak = {"fp32": self.model.peak_flops_fp32, "fp8": self.model.peak_flops_fp8}.get(
                 operand_kind, self.model.peak_flops_bf16)
             self.matmul_time_at_peak_s += f / peak
+        self._run("TensorE", seconds)
 
-    def dma(self, op: str, elements: int, nbytes: int, hbm_bytes: int, rate: float = 1.0) -> None:
-        """One DMA of `nbytes` (of which `hbm_bytes` touch HBM) at `rate` x the DMA bandwidth."""
+    def dma(self, op: str, elements: int, nbytes: int, hbm_bytes: int, partitions: int,
+            run_bytes: float, rate: float = 1.0, descriptors: int = 0) -> None:
+        """One DMA transfer of ``nbytes`` (``hbm_bytes`` of them in HBM) over ``partitions``
+        partitions with contiguous runs of ``run_bytes`` per partition, at ``rate`` x the DMA
+        rate (transposes).  ``descriptors`` > 0: software DGE, whose descriptors GpSimd writes."""
+        model = self.model
+        if descriptors:
+            reads, self._reads = self._reads, []
+            written, self._written = self._written, []
+            self.compute("GpSimd", f"{op}(swdge descriptors)", 1, descriptors, 0,
+                         cycles_per_element=model.swdge_cycles_per_descriptor)
+            self._reads, self._written = reads, written
         st = self._count("DMA", op, elements, nbytes)
-        st.time_s += nbytes / (rate * self.model.hbm_bytes_per_s_core) + \
-            self.model.dma_fixed_s / self.model.dma_queues
+        used = model.dma_engines_for(partitions)
+        bandwidth = (used * model.dma_engine_bytes_per_s * model.dma_achieved_fraction
+                     * model.dma_run_efficiency(run_bytes) * rate)
+        seconds = model.dma_fixed_s + nbytes / bandwidth
+        st.time_s += seconds * used / model.dma_engines     # busy share of the 16 engines
         self.dma_bytes += nbytes
         self.hbm_bytes += hbm_bytes
+        order = sorted(range(len(self.dma_free)), key=self.dma_free.__getitem__)[:used]
+        after = self.engine_free["GpSimd"] if descriptors else 0.0
+        start = max(max(self.dma_free[i] for i in order), self._ready_time(), after)
+        for i in order:
+            self.dma_free[i] = start + seconds
+        self._retire("DMA", start + seconds)
 
+    # ----------------------------------------------------------------- totals
     def engine_times(self) -> dict:
         return {name: st.time_s for name, st in self.engines.items()}
 
     def estimate_s(self) -> float:
-        times = self.engine_times()
-        busiest = max(times.values())
-        latency = self.model.dma_fixed_s if self.engines["DMA"].instructions else 0.0
-        return busiest + latency
+        """Makespan of the dependency-aware schedule."""
+        return self.makespan
+
+    def overlapped_s(self) -> float:
+        """Busiest engine's time: the estimate if every instruction overlapped perfectly."""
+        return max(self.engine_times().values())
 
     def serial_s(self) -> float:
-        latency = self.model.dma_fixed_s if self.engines["DMA"].instructions else 0.0
-        return sum(self.engine_times().values()) + latency
+        return sum(self.engine_times().values())
 
 
 @dataclass
@@ -170,7 +211,8 @@ class Report:
     kernel: str
     num_programs: int
     engines: dict                      # engine -> EngineStats (summed over program instances)
-    estimated_time_s: float            # max over program instances of their overlapped estimate
+    estimated_time_s: float            # max over program instances of their dependency-aware schedule
+    overlapped_time_s: float           # max over instances of the busiest engine (perfect overlap)
     serial_time_s: float               # max over instances of the sum of engine times (upper bound)
     busiest_engine: str
     matmul_flops: int
@@ -201,6 +243,7 @@ class Report:
         n = max(1, len(recorders))
         estimates = [rec.estimate_s() for rec in recorders] or [0.0]
         serials = [rec.serial_s() for rec in recorders] or [0.0]
+        overlapped = [rec.overlapped_s() for rec in recorders] or [0.0]
         slowest = recorders[estimates.index(max(estimates))] if recorders else None
         times = slowest.engine_times() if slowest else {e: 0.0 for e in ENGINES}
         busiest = max(times, key=times.get)
@@ -210,7 +253,8 @@ class Report:
         memory_s = hbm / (model.hbm_bytes_per_s_core * n)
         return cls(
             kernel=kernel, num_programs=len(recorders), engines=engines,
-            estimated_time_s=max(estimates), serial_time_s=max(serials), busiest_engine=busiest,
+            estimated_time_s=max(estimates), overlapped_time_s=max(overlapped),
+            serial_time_s=max(serials), busiest_engine=busiest,
             matmul_flops=flops, tensor_columns=sum(r.tensor_columns for r in recorders),
             hbm_bytes=hbm, dma_bytes=sum(r.dma_bytes for r in recorders),
             roofline_time_s=max(compute_s, memory_s), roofline_compute_s=compute_s,
@@ -249,8 +293,11 @@ class Report:
             lines.append(f"{name:<8} {st.instructions:>8,} {st.elements:>14,} {st.bytes:>14,} "
                          f"{st.cycles:>12,} {us(st.time_s):>12}")
         lines += [
-            f"estimated time      {us(self.estimated_time_s)} us (busiest: {self.busiest_engine}; "
-            f"serial bound {us(self.serial_time_s)} us)",
+            f"estimated time      {us(self.estimated_time_s)} us with dependency stalls (busiest: "
+            f"{self.busiest_engine}; perfect overlap {us(self.overlapped_time_s)} us, serial "
+            f"{us(self.serial_time_s)} us)",
+            f"DMA achieved        {self.model['dma_achieved_fraction']:.0%} of the DMA engines' rate "
+            f"(Trn2Model.dma_achieved_fraction)",
             f"roofline time       {us(self.roofline_time_s)} us ({self.roofline_bound}-bound: "
             f"compute {us(self.roofline_compute_s)} us, memory {us(self.roofline_memory_s)} us); "
             f"efficiency {self.efficiency:.1%}",

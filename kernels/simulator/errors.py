@@ -81,3 +81,19 @@ class UnsupportedError(NkiError, TypeError):
 
 class NkiContextError(NkiError, RuntimeError):
     """An NKI API is called outside a running kernel, or a kernel is launched from inside one."""
+
+
+class EngineRuleError(NkiValidationError):
+    """An instruction on an engine, or with operators, its documentation does not allow."""
+
+
+class ActivationRangeError(NkiValidationError):
+    """A ScalarE activation function outside the documented table or its valid input range."""
+
+
+class StartPartitionError(PartitionMismatchError):
+    """An on-chip operand starting on a partition its partition count does not allow."""
+
+
+class PythonSubsetError(NkiValidationError):
+    """Python inside a traced kernel that the NKI language guide does not allow."""

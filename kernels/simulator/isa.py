@@ -6,14 +6,18 @@ bitvec operators and same-dtype copies), rounds once into ``dst.dtype`` and reco
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import threading
 
 import numpy as np
 
 from . import dtypes as dt
 from . import ops
 from .context import current
-from .errors import (AccumulationError, DtypeError, MemoryRegionError,
+from .rules import strict, violation
+from .errors import (ActivationRangeError, EngineRuleError, StartPartitionError,
+                     AccumulationError, DtypeError, MemoryRegionError,
                      OutOfBoundsError, PartitionLimitError, PartitionMismatchError, ReductionAxisError,
                      ShapeMismatchError, TileSizeError, UninitializedReadError, UnsupportedError)
 from .memory import (ACC_NONE, ACC_OPEN, ACC_READ, PMAX, MemoryRegion, NkiTensor, VirtualRegister,
@@ -116,7 +120,60 @@ def _in(instr: str, operand: str, t, spaces=("psum", "sbuf")) -> NkiTensor:
     if t._indirect:
         raise UnsupportedError(f"{instr}: operand '{operand}' is an indirect (dynamic) access pattern; "
                                f"only DMA instructions accept those")
+    _check_start_partition(instr, operand, t)
+    _check_free_size(instr, operand, t)
     return t
+
+
+def _check_start_partition(instr: str, operand: str, t: NkiTensor) -> None:
+    """64 < P <= 128 starts at 0; 32 < P <= 64 at 0 or 64; P <= 32 at 0, 32, 64 or 96."""
+    start = t.start_partition
+    allowed = current(instr).config.model.allowed_start_partitions(t.partitions)
+    if start not in allowed:
+        raise violation(StartPartitionError, "start-partition",
+                        f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
+                        f"start partition {start}; with {t.partitions} partitions the start must be one "
+                        f"of {list(allowed)}")
+
+
+def _check_free_size(instr: str, operand: str, t: NkiTensor) -> None:
+    model = current(instr).config.model
+    limit = model.engine_fmax_psum if t.buffer is MemoryRegion.psum else model.engine_fmax_sbuf
+    if t.free_size > limit:
+        raise violation(TileSizeError, "engine-free-size",
+                        f"{instr}: operand '{operand}' {t.describe()} has {t.free_size} elements per "
+                        f"partition; compute instructions take at most {limit} in {t.buffer.value}")
+
+
+_FAST_DTYPES = (dt.bfloat16, dt.float16)
+
+
+def _inner_contiguous(t: NkiTensor) -> bool:
+    if t._arr is None:
+        return False
+    return t.shape[-1] == 1 or t._arr.strides[-1] == t.itemsize
+
+
+def _vector_cycles_per_element(instr: str, dst: NkiTensor, *inputs: NkiTensor) -> float:
+    """VectorE cycles per element: 2 for two input tiles, 1 for one; the trn2 performance mode
+    (bf16/fp16 operands) only under its documented conditions (mimo_kernels.trn2)."""
+    model = current(instr).config.model
+    tensors = (dst,) + inputs
+    fast_dtypes = all(t.dtype in _FAST_DTYPES for t in tensors)
+    in_sbuf = [t.buffer is MemoryRegion.sbuf for t in tensors]
+    if len(inputs) >= 2:
+        two = model.vector_two_input_cycles_per_elem
+        if fast_dtypes and all(t.buffer is MemoryRegion.sbuf for t in inputs):
+            return two / model.vector_fast_mode_half
+        return two
+    if instr not in ("tensor_copy", "tensor_scalar") or not fast_dtypes:
+        return 1.0
+    contiguous = all(_inner_contiguous(t) for t in tensors)
+    if all(in_sbuf) and contiguous:
+        return 1.0 / model.vector_fast_mode_full
+    if all(in_sbuf) or (contiguous and sum(not x for x in in_sbuf) == 1):
+        return 1.0 / model.vector_fast_mode_half
+    return 1.0
 
 
 def _same_partitions(instr: str, **operands) -> int:
@@ -154,14 +211,17 @@ def _bytes(*tensors) -> int:
     return sum(t.size * t.itemsize for t in tensors if isinstance(t, NkiTensor))
 
 
-def _choose_engine(instr: str, requested, default: str, allowed) -> str:
+def _choose_engine(instr: str, requested, default: str, allowed, rule: str | None = None) -> str:
     if requested is None or requested is engine.unknown:
         return default
     if not isinstance(requested, engine):
         raise TypeError(f"{instr}: engine must be a nisa.engine member, got {requested!r}")
     name = _ENGINE_NAMES.get(requested)
     if name not in allowed:
-        raise UnsupportedError(f"{instr} cannot run on {requested.name} engine (allowed: {', '.join(allowed)})")
+        message = f"{instr} cannot run on {requested.name} engine (allowed: {', '.join(allowed)})"
+        if rule:
+            raise violation(EngineRuleError, rule, message)
+        raise UnsupportedError(message)
     return name
 
 
@@ -216,6 +276,46 @@ def _compatible_shapes(a, b) -> bool:
     return sa[0] == sb[0]
 
 
+def _run_elements(t: NkiTensor) -> int:
+    """Elements of the longest contiguous run per partition row of a DMA operand."""
+    if t._addr is not None:
+        addr = t._addr.reshape(t.shape) if t._addr.size == t.size else t._addr
+        if addr.ndim and addr.shape[-1] > 1 and bool((np.diff(addr, axis=-1) == 1).all()):
+            return int(addr.shape[-1])
+        return 1
+    run, expected = 1, t.itemsize
+    dims = list(zip(t.shape, t._arr.strides))
+    if t.buffer.on_chip:
+        dims = dims[1:]
+    for n, stride in reversed(dims):
+        if n == 1:
+            continue
+        if stride != expected:
+            break
+        run *= n
+        expected *= n
+    return run
+
+
+def _record_dma(ctx, instr: str, dst: NkiTensor, src: NkiTensor, nbytes: int, hbm: int,
+                rate: float = None) -> None:
+    """Cost of one DMA: partitions (the on-chip side's, else the leading dim), contiguous run per
+    partition, software-DGE descriptors for indirect operands.  A transpose (``rate`` given)
+    writes whole partitions; its shape-dependent rate stands for the access pattern."""
+    chip = [t for t in (dst, src) if t.buffer.on_chip]
+    partitions = chip[0].partitions if chip else (dst.shape[0] if dst.ndim > 1 else 1)
+    partitions = max(1, min(PMAX, partitions))
+    per_partition = nbytes / partitions
+    run_elements = min(_run_elements(dst), _run_elements(src))
+    run_bytes = min(per_partition, run_elements * max(dst.itemsize, src.itemsize))
+    if rate is not None:
+        run_bytes = per_partition
+    indirect = dst._indirect or src._indirect
+    descriptors = max(1, dst.size // max(1, run_elements)) if indirect else 0
+    ctx.cost.dma(instr, dst.size, nbytes, hbm, partitions, run_bytes,
+                 1.0 if rate is None else rate, descriptors)
+
+
 def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
              name=None):
     """DMA ``src`` into ``dst`` (HBM or SBUF on either side; dtype conversion through fp32).
@@ -264,7 +364,7 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
     n = dst.size
     src_bytes, dst_bytes = n * src.itemsize, n * dst.itemsize
     hbm = (src_bytes if src.buffer.is_hbm else 0) + (dst_bytes if dst.buffer.is_hbm else 0)
-    ctx.cost.dma(instr, n, max(src_bytes, dst_bytes, hbm), hbm)
+    _record_dma(ctx, instr, dst, src, max(src_bytes, dst_bytes), hbm)
 
 
 DMA_TRANSPOSE_PERMUTATION = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
@@ -285,6 +385,11 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
                                f"permutation {perm} of a {src.ndim}-D tile")
     if src.itemsize not in (2, 4):
         raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
+    if src.itemsize != 2 and strict("dma-transpose-2-byte"):
+        raise violation(DtypeError, "dma-transpose-2-byte",
+                        f"{instr}: src {src.describe()} has {src.itemsize}-byte elements; both DGE "
+                        f"lowerings take 2-byte dtypes")
+    _check_dma_transpose_shape(instr, src, dge_mode, ctx.config.model)
     if dst.dtype != src.dtype:
         raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
     if list(dst.shape) != [src.shape[a] for a in perm]:
@@ -294,12 +399,37 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
         if t.buffer is MemoryRegion.psum:
             raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
                                     f"'hbm|sbuf', but got a tile in 'psum' instead")
+    if not dst.buffer.on_chip or dst.buffer is MemoryRegion.psum:
+        raise MemoryRegionError(f"Expected operand 'dst' of '{instr}' to be in address space 'sbuf', "
+                                f"but got a tile in '{_space(dst)}' instead")
     dst.write(np.transpose(src.read(instr, "src"), perm), instr)
     n = dst.size * dst.itemsize
-    hbm = (n if src.buffer.is_hbm else 0) + (n if dst.buffer.is_hbm else 0)
-    model = ctx.cost.model
-    rate = model.dma_transpose_rate_from_hbm if src.buffer.is_hbm else model.dma_transpose_rate_on_chip
-    ctx.cost.dma(instr, dst.size, max(n, hbm), hbm, rate)
+    hbm = n if src.buffer.is_hbm else 0
+    _record_dma(ctx, instr, dst, src, n, hbm, _dma_transpose_rate(src, dst, ctx.config.model))
+
+
+def _check_dma_transpose_shape(instr: str, src: NkiTensor, mode, model) -> None:
+    """Source limits of the hwdge lowering: 16 source partitions (2-D) or {1, 2, 4, 8, 16} with
+    (partitions * shape[-2]) % 16 == 0 (3-/4-D).  (src.shape[-1] <= 128 is the dst partition limit.)"""
+    if mode is dge_mode.hwdge:
+        rows = src.shape[0]
+        ok = rows == 16 if src.ndim == 2 else (
+            rows in model.dma_transpose_hwdge_src_partitions and (rows * src.shape[-2]) % 16 == 0)
+        if not ok:
+            raise violation(TileSizeError, "dma-transpose-shape",
+                            f"{instr}: dge_mode=hwdge with src {src.describe()}: a 2-D source needs "
+                            f"shape[0] == 16, a 3-/4-D one shape[0] in {{1, 2, 4, 8, 16}} and "
+                            f"shape[0] * shape[-2] a multiple of 16")
+
+
+def _dma_transpose_rate(src: NkiTensor, dst: NkiTensor, model) -> float:
+    """The documented "up to" rate, pro-rated when the output is not made of whole
+    [128 partitions, 16 contiguous elements] blocks (what the 16 engines write together)."""
+    peak = model.dma_transpose_rate_from_hbm if src.buffer.is_hbm else model.dma_transpose_rate_on_chip
+    block_p, block_f = model.dma_transpose_block
+    p, f = dst.partitions, dst.shape[-1]
+    used = (p / (-(-p // block_p) * block_p)) * (f / (-(-f // block_f) * block_f))
+    return peak * used
 
 
 # --------------------------------------------------------------------------- TensorE
@@ -316,6 +446,24 @@ def _check_one_bank(instr: str, dst: NkiTensor) -> None:
             f"{instr}: dst {dst.describe()} covers bytes [{lo * item}, {hi * item + item}) of each "
             f"partition, crossing a 2 KiB PSUM bank boundary; a TensorE output must fit in one bank "
             f"(512 fp32 per partition)")
+
+
+def _check_fresh_bank(instr: str, dst: NkiTensor) -> None:
+    """Strict per-bank reading of accumulate=None: the compiler decides "first write" per PSUM
+    bank, so a fresh region of a bank that already holds a matmul result is ambiguous."""
+    if not strict("psum-accumulate-per-bank"):
+        return
+    storage = dst.storage
+    item = 4 if dst.dtype == dt.float32 else dst.itemsize
+    per_bank = current(instr).config.model.psum_bank_bytes // item
+    p0, p1, lo, hi = dst.region()
+    acc = storage.acc.reshape(storage.shape[0], -1)[p0:p1 + 1]
+    bank_lo, bank_hi = (lo // per_bank) * per_bank, (hi // per_bank + 1) * per_bank
+    if (acc[:, bank_lo:bank_hi] != ACC_NONE).any():
+        raise violation(AccumulationError, "psum-accumulate-per-bank",
+                        f"{instr}: accumulate=None into the fresh region {dst.describe()} of a PSUM bank "
+                        f"that already holds a matmul result; pass accumulate=False to start the group "
+                        f"(or True to add)")
 
 
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
@@ -363,12 +511,13 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         m_vals = m_vals.reshape(k * 2, -1)
     kk, m = s_vals.shape
     n = m_vals.shape[1]
-    if m > 128:
+    model = ctx.config.model
+    if m > model.gemm_stationary_fmax:
         raise TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
-                            f"gemm_stationary_fmax 128")
-    if n > 512:
+                            f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
+    if n > model.gemm_moving_fmax:
         raise TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
-                            f"gemm_moving_fmax 512")
+                            f"gemm_moving_fmax {model.gemm_moving_fmax}")
     if tile_size:
         rows, cols = (int(v) for v in tile_size)
         if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
@@ -382,6 +531,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     state = dst.acc_state()
     if accumulate is None:
         if (state == ACC_NONE).all():
+            _check_fresh_bank(instr, dst)
             add = False
         elif (state == ACC_OPEN).all():
             add = True
@@ -427,7 +577,7 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     if use_tensor:
         _in(instr, "data", data, ("sbuf",))
         _in(instr, "dst", dst, ("psum",))
-        limit = 128
+        limit = PMAX
     else:
         _in(instr, "data", data)
         _in(instr, "dst", dst)
@@ -453,6 +603,41 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
 
 # --------------------------------------------------------------------------- ScalarE
 
+_lowering = threading.local()     # set while an nl.* function lowers itself (e.g. nl.sin)
+
+
+@contextlib.contextmanager
+def lowered_activations():
+    """nl.* functions built from several instructions (nl.sin range-reduces first, nl.cos / nl.tan
+    / rounding use other instructions) run their activation without the table check."""
+    previous = getattr(_lowering, "active", False)
+    _lowering.active = True
+    try:
+        yield
+    finally:
+        _lowering.active = previous
+
+
+def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None:
+    documented, valid = model.activation_range(name)
+    if not documented:
+        raise violation(ActivationRangeError, "activation-table",
+                        f"{instr}: nl.{name} is not a ScalarE activation function (the table lists "
+                        f"{', '.join(n for n, _ in model.activation_ranges)})")
+    if valid is None:
+        return
+    lo, hi = valid
+    finite = x[np.isfinite(x)]
+    magnitude = np.abs(finite) if name == "reciprocal" else finite
+    outside = (magnitude < lo) | (magnitude > hi)
+    if outside.any():
+        bad = float(finite[outside].reshape(-1)[0])
+        extra = (" (the hardware evaluates sin's polynomial without range reduction; use nl.sin, "
+                 "which range-reduces first)" if name == "sin" else "")
+        raise violation(ActivationRangeError, "activation-range",
+                        f"{instr}: nl.{name} input {bad!r} is outside its valid range "
+                        f"{'±' if name == 'reciprocal' else ''}[{lo:g}, {hi:g}]{extra}")
+
 def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None,
                reduce_cmd=reduce_cmd.idle, name=None):
     """``dst = op(data * scale + bias)`` on ScalarE, with the optional accumulator reduction.
@@ -475,6 +660,8 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     bias_v = np.float32(0.0) if bias is None else _scalar_operand(instr, "bias", bias, p, require_fp32=False)
     with np.errstate(all="ignore"):
         x = _vals(data, instr, "data") * scale_v + bias_v
+    if not getattr(_lowering, "active", False):
+        _check_activation_input(instr, fn.name, x, ctx.config.model)
     y = ops.apply_activation(fn, x)
     _store(dst, y, instr)
     extra = 0
@@ -573,7 +760,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     _same_free(instr, "dst", dst, "data1", data1)
     _not_both_psum(instr, "data1", data1, "data2", data2)
     default = "GpSimd" if alu.name == "power" or _is_int32_arith(alu, data1, data2) else "VectorE"
-    eng = _choose_engine(instr, engine, default, ("VectorE", "GpSimd", "ScalarE"))
+    eng = _choose_engine(instr, engine, default, ("VectorE", "GpSimd"), rule="engine-tensor-tensor")
     _no_psum_on_gpsimd(instr, eng, data1=data1, data2=data2, dst=dst)
     if alu.kind == "bitvec":
         _require_int(instr, alu, data1, data2, dst)
@@ -584,7 +771,8 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     else:
         values = ops.apply_alu(alu, _vals(data1, instr, "data1"), _vals(data2, instr, "data2"))
     _store(dst, values, instr)
-    ctx.cost.compute(eng, instr, p, data1.free_size, _bytes(data1, data2, dst))
+    rate = _vector_cycles_per_element(instr, dst, data1, data2) if eng == "VectorE" else 1.0
+    ctx.cost.compute(eng, instr, p, data1.free_size, _bytes(data1, data2, dst), cycles_per_element=rate)
 
 
 def _bits(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
@@ -635,6 +823,10 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
             ("multiply", "add"), ("multiply", None), ("add", None)):
         raise UnsupportedError(f"{instr}: ScalarE supports only (multiply, add), (multiply, None), "
                                f"(add, None) on Trainium2")
+    if eng == "GpSimd" and (alu0.name != "rsqrt" or alu1 is not None) and strict("gpsimd-tensor-scalar"):
+        raise violation(EngineRuleError, "gpsimd-tensor-scalar",
+                        f"{instr}: op0=nl.{alu0.name}, op1={'nl.' + alu1.name if alu1 else None} on GpSimd; "
+                        f"GpSimd runs tensor_scalar only for op0=nl.rsqrt")
     _no_psum_on_gpsimd(instr, eng, data=data, dst=dst, operand0=operand0, operand1=operand1)
     if alu0.kind == "bitvec":
         _require_int(instr, alu0, data, dst)
@@ -653,7 +845,8 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
             o1 = None if alu1.kind == "unary" else _scalar_operand(instr, "operand1", operand1, p)
             values = _apply_scalar_op(alu1, values, o1, reverse1)
     _store(dst, values, instr)
-    ctx.cost.compute(eng, instr, p, data.free_size, _bytes(data, dst))
+    rate = _vector_cycles_per_element(instr, dst, data) if eng == "VectorE" else 1.0
+    ctx.cost.compute(eng, instr, p, data.free_size, _bytes(data, dst), cycles_per_element=rate)
 
 
 def _int_operand(instr, operand, value, p):
@@ -685,7 +878,8 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
     t = _vals(operand1, instr, "operand1")
     values = ops.apply_alu(alu1, t, values) if reverse1 else ops.apply_alu(alu1, values, t)
     _store(dst, values, instr)
-    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, operand1, dst))
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, operand1, dst),
+                     cycles_per_element=_vector_cycles_per_element(instr, dst, data, operand1))
 
 
 def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,
@@ -724,7 +918,8 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     if src.dtype != dst.dtype:
         values = dt.to_f32(values)
     _store(dst, values, instr)
-    ctx.cost.compute(eng, instr, p, src.free_size, _bytes(src, dst))
+    rate = _vector_cycles_per_element(instr, dst, src) if eng == "VectorE" else 1.0
+    ctx.cost.compute(eng, instr, p, src.free_size, _bytes(src, dst), cycles_per_element=rate)
 
 
 def reciprocal(dst, data, name=None):
@@ -736,7 +931,8 @@ def reciprocal(dst, data, name=None):
     _same_free(instr, "dst", dst, "data", data)
     with np.errstate(all="ignore"):
         _store(dst, np.float32(1.0) / _vals(data, instr, "data"), instr)
-    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst))
+    ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst),
+                     cycles_per_element=ctx.config.model.reciprocal_cycles_per_elem)
 
 
 def memset(dst, value, engine=engine.unknown, name=None):
@@ -748,7 +944,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
         raise DtypeError(f"{instr}: value {value!r} must be an integer literal for {dst.describe()}")
     if not isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_)):
         raise TypeError(f"{instr}: value must be a number, got {type(value).__name__}")
-    eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd", "ScalarE"))
+    eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd"), rule="engine-memset")
     _no_psum_on_gpsimd(instr, eng, dst=dst)
     if dt.is_int(dst.dtype) or dst.dtype == dt.bool_:
         fill = np.int64(value)
@@ -1010,7 +1206,7 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, name=Non
     dst.write(total.reshape(dst.shape), instr)
     n_bytes = sum(t.size * t.itemsize for _, t in tensors)
     hbm = sum(t.size * t.itemsize for _, t in tensors if t.buffer.is_hbm)
-    ctx.cost.dma(instr, dst.size, max(n_bytes, hbm), hbm)
+    _record_dma(ctx, instr, dst, tensors[1][1], max(n_bytes, hbm), hbm)
 
 
 def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
@@ -1030,7 +1226,8 @@ def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
     if reverse_pred:
         mask = ~mask
     dst.write(_raw(src, instr, "src").reshape(dst.shape), instr, mask=mask.reshape(dst.shape))
-    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, src, predicate))
+    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, src, predicate),
+                     cycles_per_element=ctx.config.model.vector_two_input_cycles_per_elem)
 
 
 def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd=reduce_cmd.idle,
@@ -1057,7 +1254,8 @@ def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd
         if reduce_res.partitions != p or reduce_res.free_size != 1:
             raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
         _store(reduce_res, values.max(axis=1, keepdims=True), instr)
-    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, on_true, predicate, reduce_res))
+    ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, on_true, predicate, reduce_res),
+                     cycles_per_element=ctx.config.model.vector_two_input_cycles_per_elem)
 
 
 def bn_stats(dst, data, name=None):
@@ -1067,7 +1265,7 @@ def bn_stats(dst, data, name=None):
     ctx = current("nisa.bn_stats")
     data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
-    if data.free_size > 512:
+    if data.free_size > current(instr).config.model.bn_stats_fmax:
         raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
                             f"bn_stats_fmax is 512")
     if dst.free_size != 6:

@@ -57,7 +57,8 @@ def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, rev
             state = (alu1.fn(b[:, i], x) if reverse1 else alu1.fn(x, b[:, i])).astype(np.float32)
             out[:, i] = state
     _store(dst, out, instr)
-    ctx.cost.compute("VectorE", instr, p, data0.free_size, _bytes(data0, data1, dst))
+    ctx.cost.compute("VectorE", instr, p, data0.free_size, _bytes(data0, data1, dst),
+                     cycles_per_element=ctx.config.model.vector_two_input_cycles_per_elem)
 
 
 QUADRANT = 32

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import sys
 
 import numpy as np
 
+from ..trn2 import TRN2 as _TRN2
 from . import dtypes as _dt
 from . import isa as _isa
 from . import ops as _ops
@@ -20,7 +22,7 @@ from .context import current as _current
 from .errors import (DtypeError, MemoryRegionError, PartitionLimitError, PartitionMismatchError,
                      ShapeMismatchError, TileSizeError, UnsupportedError)
 from .memory import (PMAX, DynamicSlice, MemoryRegion, NkiTensor, VirtualRegister, allocate,
-                     runtime_int)
+                     bind_element_wise_api, runtime_int)
 
 # --------------------------------------------------------------------------- dtypes and buffers
 float32 = _dt.float32
@@ -53,18 +55,18 @@ ndarray_type = NkiTensor
 
 
 class tile_size:
-    """Hardware tile limits of Trainium2 (NeuronCore-v3)."""
+    """Hardware tile limits of Trainium2 (NeuronCore-v3), from :mod:`mimo_kernels.trn2`."""
 
-    pmax = 128                    # partitions of an SBUF / PSUM tile
-    psum_fmax = 512               # fp32 elements per partition of one PSUM bank (deprecated name)
-    psum_bank_fmax = 512
-    psum_bank_fmax_bytes = 2048
-    psum_num_banks = 8
-    gemm_stationary_fmax = 128    # free size of the matmul stationary operand (M)
-    gemm_moving_fmax = 512        # free size of the matmul moving operand (N)
-    bn_stats_fmax = 512
-    sbuf_size_bytes = 224 * 1024  # per partition on trn2
-    total_available_sbuf_size = 224 * 1024 - 16384 - 8 - 256   # usable per partition (NKI Library)
+    pmax = _TRN2.partitions                           # partitions of an SBUF / PSUM tile
+    psum_fmax = _TRN2.psum_bank_fp32                  # fp32 per partition of one PSUM bank (old name)
+    psum_bank_fmax = _TRN2.psum_bank_fp32
+    psum_bank_fmax_bytes = _TRN2.psum_bank_bytes
+    psum_num_banks = _TRN2.psum_banks
+    gemm_stationary_fmax = _TRN2.gemm_stationary_fmax  # free size of the matmul stationary operand (M)
+    gemm_moving_fmax = _TRN2.gemm_moving_fmax          # free size of the matmul moving operand (N)
+    bn_stats_fmax = _TRN2.bn_stats_fmax
+    sbuf_size_bytes = _TRN2.sbuf_bytes_per_partition
+    total_available_sbuf_size = sbuf_size_bytes - 16384 - 8 - 256   # usable per partition (NKI Library)
 
 
 class NKIObject:
@@ -202,7 +204,8 @@ def shared_identity_matrix(n, dtype=uint8, dst=None) -> NkiTensor:
                                  f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
     dst.write(np.eye(n, dtype=np.float32).reshape(dst.shape), "shared_identity_matrix")
     _current("nl.shared_identity_matrix").cost.dma("shared_identity_matrix", dst.size,
-                                                   dst.size * dst.itemsize, dst.size * dst.itemsize)
+                                                   dst.size * dst.itemsize, dst.size * dst.itemsize,
+                                                   partitions=n, run_bytes=n * dst.itemsize)
     return dst
 
 
@@ -393,11 +396,20 @@ def _as_fp32_column(api: str, col: NkiTensor) -> NkiTensor:
     return tmp
 
 
+# nl functions that are not one documented ScalarE activation: nl.sin range-reduces before its
+# activation (nki.api.shared.rst), the others lower to other instruction sequences.
+_LOWERED = ("sin", "cos", "tan", "negative", "floor", "ceil", "trunc")
+
+
 def _unary_activation(name: str):
     def fn(x, dtype=None):
         x = _check_tile(name, "x", x)
         out = ndarray(x.shape, x.dtype if dtype is None else dtype, sbuf)
-        _isa.activation(out, fn, x)
+        if name in _LOWERED:
+            with _isa.lowered_activations():
+                _isa.activation(out, fn, x)
+        else:
+            _isa.activation(out, fn, x)
         return out
     fn.__name__ = name
     fn.__doc__ = f"Element-wise {name} on ScalarE (``nisa.activation(op=nl.{name})``); result in SBUF."
@@ -653,3 +665,6 @@ def static_cast(array, dtype) -> np.ndarray:
     if values.dtype.kind == "f" and values.dtype != np.float32 and not _dt.is_int(dtype):
         values = values.astype(np.float32)
     return _dt.round_to(values, dtype, False)
+
+
+bind_element_wise_api(sys.modules[__name__])   # the tensor operators (+, *, <, ...) call nl.*

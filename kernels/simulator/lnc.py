@@ -135,4 +135,4 @@ def sendrecv(src, dst, send_to_rank, recv_from_rank, pipe_id, dma_engine=dma_eng
     dst.write(values, instr)
     sync.rendezvous(me, f"{instr}(pipe_id={pipe_id}) completion")
     n = src.size * src.itemsize
-    ctx.cost.dma(instr, src.size, 2 * n, 0)
+    ctx.cost.dma(instr, src.size, 2 * n, 0, partitions=src.partitions, run_bytes=n / src.partitions)

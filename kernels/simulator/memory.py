@@ -14,18 +14,20 @@ drops it unless the result would fall below 2-D.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import weakref
 
 import numpy as np
 
+from ..trn2 import TRN2
 from . import dtypes as dt
 from .context import active
-from .errors import (DtypeError, MemoryRegionError, OutOfBoundsError,
+from .errors import (DtypeError, NkiContextError, MemoryRegionError, OutOfBoundsError,
                      PartitionLimitError, ShapeMismatchError, UninitializedReadError,
                      UnsupportedError)
 
-PMAX = 128
+PMAX = TRN2.partitions                # partitions of an on-chip tensor
 
 
 class MemoryRegion(enum.Enum):
@@ -111,6 +113,9 @@ class DynamicSlice:
         self.size = int(size)
 
 
+_STORAGE_IDS = itertools.count()
+
+
 class Storage:
     """One allocation in one memory."""
 
@@ -121,6 +126,7 @@ class Storage:
         self.buffer = buffer
         self.name = name
         self.is_input = is_input
+        self.uid = next(_STORAGE_IDS)
         sdtype = dt.storage_dtype(dtype, fp32_storage)
         if data is None:
             self.data = np.full(self.shape, dt.fill_value(dtype), dtype=sdtype)
@@ -151,6 +157,7 @@ class ReinterpretedStorage(Storage):
     def __init__(self, parent: Storage, dtype):
         self.parent, self.dtype, self.buffer, self.name = parent, dtype, parent.buffer, parent.name
         self.is_input = parent.is_input
+        self.uid = parent.uid               # the same memory, for the cost model's dependencies
         self._num, self._den = parent.dtype.itemsize, dtype.itemsize
         # Rows stay rows (partitions on chip, the leading dims in HBM) when the last dim's bytes
         # divide evenly; otherwise an HBM tensor is seen as one flat run of elements.
@@ -304,6 +311,28 @@ def _squeeze_dims(shape, int_dims, on_chip):
         while drop and len(shape) - len(drop) < 2:
             drop.pop()          # keep the last int-indexed free dim as size 1
     return tuple(drop)
+
+
+# The nl.* element-wise functions behind the tensor operators.  nki.language registers itself
+# here when it is imported, so this module never imports the API modules built on top of it.
+_ELEMENT_WISE = []
+
+
+def bind_element_wise_api(module) -> None:
+    _ELEMENT_WISE[:] = [module]
+
+
+def _element_wise_api():
+    if not _ELEMENT_WISE:
+        raise NkiContextError("tensor operators need nki.language to be imported")
+    return _ELEMENT_WISE[0]
+
+
+def _note_access(tensor: "NkiTensor", write: bool) -> None:
+    """Tell the running program's cost recorder which memory the current instruction touches."""
+    ctx = active()
+    if ctx is not None:
+        ctx.cost.note_access(tensor.storage.uid, tensor.region(), write)
 
 
 class NkiTensor:
@@ -548,7 +577,7 @@ class NkiTensor:
 
     def broadcast_to(self, shape, dtype=None) -> "NkiTensor":
         """New SBUF tile holding this tile broadcast to ``shape`` (like ``nl.broadcast_to``)."""
-        from . import language
+        language = _element_wise_api()
         return language.broadcast_to(self, shape, dtype=dtype)
 
     def is_contiguous(self) -> bool:
@@ -699,6 +728,7 @@ class NkiTensor:
     def read(self, instr: str, operand: str) -> np.ndarray:
         """Values of the view in storage dtype (after the initialisation check)."""
         self._check_readable(instr, operand)
+        _note_access(self, write=False)
         if self._arr is not None:
             values = self._arr
         else:
@@ -724,6 +754,7 @@ class NkiTensor:
         if self._readonly:
             raise UnsupportedError(f"{instr}: {operand} {self.describe()} is a broadcast (stride-0) view "
                                    f"and cannot be written")
+        _note_access(self, write=True)
         values = np.asarray(values)
         rounded = dt.round_to(values, self.dtype, storage.fp32_stored)
         state = ACC_OPEN if matmul else ACC_NONE
@@ -758,6 +789,37 @@ class NkiTensor:
             return self._acc
         return self.storage.acc.reshape(-1)[self._addr]
 
+    def region(self):
+        """(first partition, last partition, first, last element offset inside a partition) the
+        view touches: the unit the cost model tracks dependencies in (HBM: partition 0, flat)."""
+        storage = self.storage
+        stride = storage.partition_stride if storage.buffer.on_chip else storage.data.size
+        if self._addr is not None:
+            addr = self._addr if self._valid is None else self._addr[self._valid]
+            if addr.size == 0:
+                return 0, 0, 0, 0
+            first, last = int(addr.min()), int(addr.max())
+            rel = addr % stride
+            return first // stride, last // stride, int(rel.min()), int(rel.max())
+        arr = self._arr
+        if arr.size == 0:
+            return 0, 0, 0, 0
+        item = arr.itemsize
+        base = storage.data.__array_interface__["data"][0]
+        ptr = arr.__array_interface__["data"][0]
+        first = (ptr + sum(min(0, (n - 1) * s) for n, s in zip(arr.shape, arr.strides)) - base) // item
+        last = (ptr + sum(max(0, (n - 1) * s) for n, s in zip(arr.shape, arr.strides)) - base) // item
+        p0, p1 = first // stride, last // stride
+        if p0 == p1:
+            return p0, p1, first - p0 * stride, last - p0 * stride
+        lo, hi = self.free_range()
+        return p0, p1, lo, hi
+
+    @property
+    def start_partition(self) -> int:
+        """The first partition an on-chip view occupies (0 for HBM)."""
+        return self.region()[0] if self.buffer.on_chip else 0
+
     def free_range(self):
         """(first, last) element offsets inside one partition that the view touches."""
         storage = self.storage
@@ -777,7 +839,7 @@ class NkiTensor:
 
     # Operator overloads map to the nl.* element-wise functions (same shape rules).
     def _binary(self, other, fn_name, reverse=False):
-        from . import language
+        language = _element_wise_api()
         fn = getattr(language, fn_name)
         return fn(other, self) if reverse else fn(self, other)
 
@@ -797,7 +859,7 @@ class NkiTensor:
     def __or__(self, other): return self._binary(other, "bitwise_or")
     def __xor__(self, other): return self._binary(other, "bitwise_xor")
     def __neg__(self):
-        from . import language
+        language = _element_wise_api()
         return language.negative(self)
 
     def __iadd__(self, other):

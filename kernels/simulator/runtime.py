@@ -20,6 +20,7 @@ import numpy as np
 from .context import ProgramContext, SimConfig, active, set_current
 from .cost import Report
 from .lnc import ProgramSync, RendezvousBrokenError
+from .subset import check_kernel
 from .errors import (KernelInterfaceError, NkiContextError, OutputBufferError, OutputNotWrittenError,
                      UnsupportedError)
 from .memory import MemoryRegion, NkiTensor, wrap_input
@@ -136,17 +137,18 @@ def jit(fn=None, **kwargs):
 
 
 def simulate(kernel, report: bool = False, fp32_storage: bool | None = None,
-             check_outputs_written: bool | None = None, model=None):
+             check_outputs_written: bool | None = None, model=None, lenient=None):
     """``nki.simulate(kernel)(*args)``: run ``kernel`` on the CPU simulator.
 
     Returns what the kernel returns (NumPy arrays), or ``(outputs, Report)`` when ``report=True``.
     ``fp32_storage`` stores bf16/fp16/fp8 as fp32 (default from ``NKI_SIM_FP32_STORAGE``);
     ``model`` overrides the :class:`~mimo_kernels.simulator.cost.Trn2Model` of the cost estimate.
-    The last report is also kept on ``kernel.last_report``.
+    ``lenient`` names ambiguous rules to read leniently (``rules.AMBIGUOUS``; default from
+    ``NKI_SIM_LENIENT``, else none).  The last report is also kept on ``kernel.last_report``.
     """
     k = kernel if isinstance(kernel, Kernel) else Kernel(kernel)
     config = SimConfig.from_env(fp32_storage=fp32_storage, check_outputs_written=check_outputs_written,
-                                model=model)
+                                model=model, lenient=lenient)
 
     def run(*args, **kwargs):
         outputs, rep = _execute(k, config, args, kwargs)
@@ -244,6 +246,7 @@ def _execute(kernel: Kernel, config: SimConfig, args, kwargs):
     n = kernel.num_programs
     buffer = MemoryRegion.shared_hbm if n > 1 else MemoryRegion.hbm
     torch_out = any(_is_torch(a) for a in list(args) + list(kwargs.values()))
+    check_kernel(kernel.fn, args, kwargs)
     wrapped, wrapped_kw, inputs = _wrap_args(kernel.fn, args, kwargs, buffer, config)
     run = KernelRun(config, n)
     contexts = [ProgramContext(config, pid, n, run) for pid in range(n)]

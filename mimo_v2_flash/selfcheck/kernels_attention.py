@@ -33,6 +33,7 @@ import numpy as np
 
 from mimo_kernels.attention_decode import attention_decode
 from mimo_kernels.attention_prefill import BF16, attention_prefill
+from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..kv_cache import LayerKVCache
 from ..layer import AttentionInput
@@ -44,7 +45,7 @@ HEAD_DIM, V_DIM, HEADS = 192, 128, 64
 FULL = dict(hq=HEADS, hkv=4, window=None)
 SWA = dict(hq=HEADS, hkv=8, window=128)
 TOL = 1e-2
-PEAK_BF16, HBM_BYTES_PER_S = 79e12, 2.9e12 / 8
+PEAK_BF16, HBM_BYTES_PER_S = TRN2.peak_flops_bf16, TRN2.hbm_bytes_per_s_core
 DMA_LATENCY_S = 2e-6                      # the cost model's unhidden first-DMA latency
 GOAL = {"prefill": 0.6, "decode": 0.7}
 ENGINES = ("TensorE", "VectorE", "ScalarE", "GpSimd", "DMA")

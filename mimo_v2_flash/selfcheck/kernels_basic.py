@@ -29,7 +29,7 @@ from mimo_kernels.embedding import embed
 from mimo_kernels.linear import linear
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.rope import rope
-from mimo_kernels.simulator.cost import TRN2
+from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from . import CheckResult

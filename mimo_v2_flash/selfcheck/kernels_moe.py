@@ -25,6 +25,7 @@ import numpy as np
 
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn
 from mimo_kernels.router import route
+from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from . import CheckResult
@@ -35,7 +36,7 @@ HIDDEN, INTER, EXPERTS, TOP_K = 4096, 2048, 256, 8
 LOCAL_EXPERTS = 8                        # 256 experts over 32 expert-parallel ranks
 FFN_TOL = {"bf16": 1e-2, "fp8": 2e-2}
 ROUTER_NEAR_TIE, ROUTER_WEIGHT_TOL = 1e-5, 1e-6
-PEAK_FP32, PEAK_BF16, HBM_BYTES_PER_S = 79e12 / 4, 79e12, 2.9e12 / 8
+PEAK_FP32, PEAK_BF16, HBM_BYTES_PER_S = TRN2.peak_flops_fp32, TRN2.peak_flops_bf16, TRN2.hbm_bytes_per_s_core
 GOAL = {"router": 0.7, "expert_ffn": 0.8}
 
 
