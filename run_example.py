@@ -159,9 +159,12 @@ def device_memory_budget(args, world: int, show: bool) -> None:
     """Print the per-rank trn2 memory budget of this run (mimo_v2_flash.memory_budget) before the
     weights load; on a Neuron device a run that does not fit stops here (MemoryBudgetError)."""
     from mimo_kernels.launch import device, runtime_lnc
-    from mimo_v2_flash.checkpoint import PreparedCheckpoint
+    from mimo_v2_flash.checkpoint import PreparedCheckpoint, is_prepared_dir
+    from mimo_v2_flash.config import MiMoV2FlashConfig
     from mimo_v2_flash.memory_budget import memory_budget
-    config = PreparedCheckpoint(args.weights).runnable_config()
+    # --weights is a prepared directory or, in one process, a Hub-layout one (config.json)
+    config = (PreparedCheckpoint(args.weights).runnable_config() if is_prepared_dir(args.weights)
+              else MiMoV2FlashConfig.from_json(args.weights))
     batch = len(args.prompt_ids) if args.prompt_ids is not None else args.batch
     context = 1 << (args.seq_len + args.max_new_tokens - 1).bit_length()      # the decode bucket
     budget = memory_budget(config, world, weight_dtype=args.weight_dtype, batch=batch,
@@ -169,7 +172,9 @@ def device_memory_budget(args, world: int, show: bool) -> None:
                            host_weights="kernel" if args.backend == "nki" else "float32+kernel")
     on_device = args.backend == "nki" and getattr(device(), "type", "cpu") != "cpu"
     if show:
-        print(budget.table() + ("" if on_device else "\n  (trn2 figures; not enforced on this CPU)"))
+        # with --prompt, stdout carries the generated text alone
+        print(budget.table() + ("" if on_device else "\n  (trn2 figures; not enforced on this CPU)"),
+              file=sys.stderr if args.prompt is not None else sys.stdout)
     if on_device:
         budget.check()
 
