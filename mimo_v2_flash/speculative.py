@@ -347,5 +347,6 @@ def generate_speculative(model, input_ids: np.ndarray, max_new_tokens: int, meth
     out, prefill_s, decode_s = speculative_loop(speculator, input_ids, max_new_tokens, stop)
     timing = {"prefill_s": prefill_s, "decode_s": decode_s,
               "kv_cache_bytes": speculator.cache.nbytes + speculator.mtp_cache.nbytes if speculator.cache else 0,
+              "kv_cache_dtype": str(speculator.cache.layers[0].k.dtype) if speculator.cache else "-",
               "speculative": speculator.stats.to_dict()}
     return out, timing

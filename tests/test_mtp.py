@@ -354,3 +354,18 @@ def test_speculative_under_torchrun_equals_single_process_plain_greedy(world, dr
     calls = [r["layer_calls"] for r in ep["ep"]["ranks"]]
     assert calls == [calls[0]] * world             # every rank took part in every MoE layer
     assert "speculative[rank 0]" in output
+
+
+def test_run_example_single_process_speculative_prints_statistics(capsys):
+    import run_example
+    argv = ["--mode", "random", "--config", "tiny", "--batch", "2", "--seq-len", "8", "--max-new-tokens", "6",
+            "--speculative", "mtp", "--draft-tokens", "2", "--no-progress"]
+    assert run_example.main(argv) == 0
+    spec = capsys.readouterr().out
+    assert run_example.main(argv[:-5] + ["--no-progress"]) == 0
+    plain = capsys.readouterr().out
+    assert "tokens per main-model pass" in spec and "KV cache" in spec
+
+    def tokens(out):
+        return [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("generated[")]
+    assert tokens(spec) == tokens(plain) and len(tokens(spec)) == 2
