@@ -42,7 +42,7 @@ INDEX = "model.safetensors.index.json"
 @dataclass
 class Case:
     name: str
-    item: str                        # issue 12 item number
+    kind: str                        # the class of bad input (the docs' table groups by it)
     setup: Callable                  # (case dir, shared fixtures) -> argv, or (argv, cleanup)
     expect: str                      # message fragment of the clear error
 
@@ -220,67 +220,67 @@ KERNEL = ("import numpy as np\nfrom mimo_kernels.rmsnorm import rmsnorm\n"
 HDR = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 CASES = [
-    Case("output: symlinked .partial", "2", planted("replicated.safetensors.partial"), "is a symlink"),
-    Case("output: symlinked manifest partial", "2", planted("manifest.json.partial"), "is a symlink"),
-    Case("output: symlinked write probe", "2", planted(".write-probe.partial"), "is a symlink"),
-    Case("output: symlink at a final name", "2", planted("experts-00001-of-00002.safetensors"), "is a symlink"),
-    Case("verify: a file replaced by a symlink", "2", verify_symlinked_file, "is a symlink (refused"),
-    Case("index: ../ shard name", "3", index_entry("../outside.safetensors"), "not a plain file name"),
-    Case("index: absolute shard name", "3", index_entry("/etc/passwd"), "not a plain file name"),
+    Case("output: symlinked .partial", "symlink in output", planted("replicated.safetensors.partial"), "is a symlink"),
+    Case("output: symlinked manifest partial", "symlink in output", planted("manifest.json.partial"), "is a symlink"),
+    Case("output: symlinked write probe", "symlink in output", planted(".write-probe.partial"), "is a symlink"),
+    Case("output: symlink at a final name", "symlink in output", planted("experts-00001-of-00002.safetensors"), "is a symlink"),
+    Case("verify: a file replaced by a symlink", "symlink in output", verify_symlinked_file, "is a symlink (refused"),
+    Case("index: ../ shard name", "path traversal", index_entry("../outside.safetensors"), "not a plain file name"),
+    Case("index: absolute shard name", "path traversal", index_entry("/etc/passwd"), "not a plain file name"),
     Case("index: '*' shard name (a glob)", "3,11", index_entry("*"), "not a plain file name"),
     Case("index: shard name not a string", "3,11", index_entry(7), "not a plain file name"),
-    Case("manifest: ../ file name (verify)", "3", manifest_edit(
+    Case("manifest: ../ file name (verify)", "path traversal", manifest_edit(
         lambda m: m["files"][0].update(name="../../precious.txt")), "not a plain file name"),
-    Case("manifest: files not a list (verify)", "11", manifest_edit(lambda m: m.update(files={})),
+    Case("manifest: files not a list (verify)", "clear message", manifest_edit(lambda m: m.update(files={})),
          "'files' must be a list"),
-    Case("config: num_hidden_layers 1e9", "4", config_file("num_hidden_layers"), "exceeds the limit"),
-    Case("config: hidden_size 1e9", "4", config_file("hidden_size"), "exceeds the limit"),
-    Case("config: the full model in float32 on this host", "4",
+    Case("config: num_hidden_layers 1e9", "memory bomb", config_file("num_hidden_layers"), "exceeds the limit"),
+    Case("config: hidden_size 1e9", "memory bomb", config_file("hidden_size"), "exceeds the limit"),
+    Case("config: the full model in float32 on this host", "memory bomb",
          lambda d, fx: RUN + ["--mode", "random", "--config", "full"], "float32 weights need"),
-    Case("safetensors: aliasing offsets", "5", shard_header({"a": HDR, "b": HDR}), "overlapping or aliasing"),
-    Case("safetensors: shape not a list", "5", shard_header({"a": {**HDR, "shape": "2"}}),
+    Case("safetensors: aliasing offsets", "aliased offsets", shard_header({"a": HDR, "b": HDR}), "overlapping or aliasing"),
+    Case("safetensors: shape not a list", "aliased offsets", shard_header({"a": {**HDR, "shape": "2"}}),
          "expected a list of non-negative integers"),
-    Case("safetensors: huge shape", "5", shard_header({"a": {**HDR, "shape": [2 ** 62, 2 ** 62]}}), "needs"),
-    Case("source: NaN weight, --dtype bf16", "6", nan_source("bf16"), "non-finite value nan"),
-    Case("source: NaN weight, --dtype fp8", "6", nan_source("fp8"), "non-finite value nan"),
-    Case("prepared: NaN weight at load", "6", nan_prepared, "non-finite value nan"),
-    Case("resume: source shard changed", "7", changed_source_on_resume, "source shard model_1.safetensors changed"),
-    Case("generate: past max_position_embeddings", "8",
+    Case("safetensors: huge shape", "aliased offsets", shard_header({"a": {**HDR, "shape": [2 ** 62, 2 ** 62]}}), "needs"),
+    Case("source: NaN weight, --dtype bf16", "non-finite weights", nan_source("bf16"), "non-finite value nan"),
+    Case("source: NaN weight, --dtype fp8", "non-finite weights", nan_source("fp8"), "non-finite value nan"),
+    Case("prepared: NaN weight at load", "non-finite weights", nan_prepared, "non-finite value nan"),
+    Case("resume: source shard changed", "stale resume", changed_source_on_resume, "source shard model_1.safetensors changed"),
+    Case("generate: past max_position_embeddings", "position limit",
          lambda d, fx: api(MODEL + "m.generate(np.zeros((1, 10), np.int64), max_new_tokens=5000)"),
          "beyond max_position_embeddings=4096"),
-    Case("forward_ragged: slot -1", "9", lambda d, fx: api(
+    Case("forward_ragged: slot -1", "sequence indices", lambda d, fx: api(
         MODEL + "m.forward_ragged([[1], [2]], m.new_cache(2), [0, -1])"), "outside the cache slots"),
-    Case("forward_ragged: duplicate slots", "9", lambda d, fx: api(
+    Case("forward_ragged: duplicate slots", "sequence indices", lambda d, fx: api(
         MODEL + "m.forward_ragged([[1], [2]], m.new_cache(2), [1, 1])"), "names a slot twice"),
-    Case("forward_ragged: short slot list", "9", lambda d, fx: api(
+    Case("forward_ragged: short slot list", "sequence indices", lambda d, fx: api(
         MODEL + "m.forward_ragged([[1], [2]], m.new_cache(2), [0])"), "1 entries for 2 sequences"),
-    Case("run_example: config is a directory", "11", config_file("directory"), "is a directory"),
-    Case("run_example: config symlink loop", "11", config_file("loop"), "symlink loop"),
-    Case("run_example: config binary", "11", config_file("binary"), "not UTF-8 text"),
-    Case("run_example: config nested 100000 deep", "11", config_file("deep"), "nested too deeply"),
-    Case("run_example: config is a FIFO", "11", config_file("fifo"), "is a FIFO"),
-    Case("prepare: shard is a FIFO", "11", fifo_in_source("model_2.safetensors"), "is a FIFO"),
-    Case("prepare: config is a FIFO", "11", fifo_in_source("config.json"), "is a FIFO"),
-    Case("index: not a JSON object", "11", index_text("[1, 2]"), "must be a JSON object"),
-    Case("index: nested 100000 deep", "11", index_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
-    Case("prepare: placement table binary", "11", binary_placement, "not UTF-8 text"),
-    Case("prepare: SOURCE == OUTPUT", "11", source_is_output, "is the source checkpoint"),
-    Case("prepare: concurrent conversion", "11", locked_output, "locked by pid"),
-    Case("run_example: --temperature -1", "11",
+    Case("run_example: config is a directory", "clear message", config_file("directory"), "is a directory"),
+    Case("run_example: config symlink loop", "clear message", config_file("loop"), "symlink loop"),
+    Case("run_example: config binary", "clear message", config_file("binary"), "not UTF-8 text"),
+    Case("run_example: config nested 100000 deep", "clear message", config_file("deep"), "nested too deeply"),
+    Case("run_example: config is a FIFO", "clear message", config_file("fifo"), "is a FIFO"),
+    Case("prepare: shard is a FIFO", "clear message", fifo_in_source("model_2.safetensors"), "is a FIFO"),
+    Case("prepare: config is a FIFO", "clear message", fifo_in_source("config.json"), "is a FIFO"),
+    Case("index: not a JSON object", "clear message", index_text("[1, 2]"), "must be a JSON object"),
+    Case("index: nested 100000 deep", "clear message", index_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    Case("prepare: placement table binary", "clear message", binary_placement, "not UTF-8 text"),
+    Case("prepare: SOURCE == OUTPUT", "clear message", source_is_output, "is the source checkpoint"),
+    Case("prepare: concurrent conversion", "clear message", locked_output, "locked by pid"),
+    Case("run_example: --temperature -1", "clear message",
          lambda d, fx: RUN + ["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    Case("generate: top_p 1.5", "11", lambda d, fx: api(
+    Case("generate: top_p 1.5", "clear message", lambda d, fx: api(
         MODEL + "m.generate(np.zeros((1, 3), np.int64), 2, temperature=1.0, top_p=1.5)"), "top_p must be in"),
-    Case("generate: top_k 0", "11", lambda d, fx: api(
+    Case("generate: top_k 0", "clear message", lambda d, fx: api(
         MODEL + "m.generate(np.zeros((1, 3), np.int64), 2, temperature=1.0, top_k=0)"), "top_k must be an integer"),
-    Case("run_example: --num-layers 0", "11", lambda d, fx: RUN + ["--num-layers", "0"], "--num-layers must be >= 1"),
-    Case("run_example: placement flag in one process", "11",
+    Case("run_example: --num-layers 0", "clear message", lambda d, fx: RUN + ["--num-layers", "0"], "--num-layers must be >= 1"),
+    Case("run_example: placement flag in one process", "clear message",
          lambda d, fx: RUN + ["--ep-placement", "p.json"], "under torchrun only"),
-    Case("run_example: token id outside the vocabulary", "11",
+    Case("run_example: token id outside the vocabulary", "clear message",
          lambda d, fx: RUN + ["--prompt-ids", "1,2,99999"], "outside the model's vocabulary"),
-    Case("run_example: --mode download without network", "11",
+    Case("run_example: --mode download without network", "clear message",
          lambda d, fx: RUN + ["--mode", "download", "--local-dir", os.path.join(d, "dl"),
                               "--output-dir", os.path.join(d, "out")], "cannot reach the Hub"),
-    Case("kernel: bad shape under python -O", "11",
+    Case("kernel: bad shape under python -O", "clear message",
          lambda d, fx: [sys.executable, "-O"] + api(KERNEL)[1:], "KernelInputError: rmsnorm: weight shape"),
 ]
 
@@ -336,7 +336,7 @@ def run_case(case: Case, work: str, fixtures: dict, timeout: float) -> dict:
     damaged = snapshot(d) != before
     message = next((line for line in text.splitlines() if "error" in line.lower() or "ERROR" in line
                     or "refused" in line), text.strip().splitlines()[-1] if text.strip() else "")
-    return {"case": case.name, "item": case.item, "verdict": verdict, "damaged": damaged,
+    return {"case": case.name, "kind": case.kind, "verdict": verdict, "damaged": damaged,
             "exit": None if hung else proc.returncode, "seconds": round(seconds, 2), "message": message[:300]}
 
 
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
         rows.append(row)
         flag = "" if row["verdict"] == "clear" and not row["damaged"] else "  <-- " + row["verdict"] + \
             (" DAMAGED" if row["damaged"] else "")
-        print(f"{row['item']:>5}  {row['case']:<48} {row['verdict']:<9} {row['seconds']:>6.1f} s  "
+        print(f"{row['kind']:>18}  {row['case']:<48} {row['verdict']:<9} {row['seconds']:>6.1f} s  "
               f"{row['message'][:110]}{flag}", flush=True)
     count = {v: sum(r["verdict"] == v for r in rows) for v in ("clear", "traceback", "hang", "accepted", "unclear")}
     damaged = sum(r["damaged"] for r in rows)

@@ -1,4 +1,4 @@
-"""Bad input, careless or hostile (issue 12): each gets a clear error naming what is wrong, and
+"""Bad input, careless or hostile: each gets a clear error naming what is wrong, and
 a refused write leaves nothing behind, inside OUTPUT or outside it."""
 
 from __future__ import annotations

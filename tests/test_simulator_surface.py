@@ -1,4 +1,4 @@
-"""The documented NKI 0.6 surface added to the simulator (issue 11): each API and semantic against
+"""The documented NKI 0.6 surface added to the simulator: each API and semantic against
 an independent NumPy formulation of its documentation (docs/simulator.md, "Surface")."""
 from dataclasses import dataclass
 
