@@ -76,8 +76,8 @@ class ExpertPlacement:
             for e in experts:
                 e = int(e)
                 if e < 0 or (num_experts is not None and e >= num_experts):
-                    limit = f"0..{num_experts - 1}" if num_experts is not None else "0.."
-                    raise PlacementError(f"expert {e} (rank {rank}'s list) is outside the expert range {limit}")
+                    limit = "ids from 0" if num_experts is None else f"range 0..{num_experts - 1}"
+                    raise PlacementError(f"expert {e} (rank {rank}'s list) is outside the expert {limit}")
                 if e in owners:
                     raise PlacementError(f"expert {e} is placed twice (ranks {owners[e]} and {rank})")
                 owners[e] = rank

@@ -529,6 +529,8 @@ def _placement_file(tmp_path, content):
     ([[0, 1], [2, 3]], 4, "placement lists 2 ranks but world size is 4"),
     ([list(range(8)), list(range(8, 15)) + [99]], None, r"expert 99 \(rank 1's list\) is outside the expert "
                                                          r"range 0\.\.15"),
+    ([[-1] + list(range(8)), list(range(8, 16))], None, r"expert -1 \(rank 0's list\) is outside the expert "
+                                                       r"range 0\.\.15"),
     ([list(range(9)), list(range(8, 16))], None, r"expert 8 is placed twice \(ranks 0 and 1\)"),
     ([list(range(7)), list(range(8, 16))], None, "expert 7 is not placed"),
     ([0] * 8 + [5] * 8, 2, "placement puts expert 8 on rank 5, outside 0..1"),
@@ -551,7 +553,7 @@ def test_placement_loader_names_the_file_and_the_problem(tmp_path, content, worl
 
 def test_placement_loader_reads_every_form_alike(tmp_path):
     from mimo_parallel.run import resolve_placement
-    from mimo_v2_flash.placement import ExpertPlacement
+    from mimo_v2_flash.placement import ExpertPlacement, PlacementError
     rank_of = [1, 0, 2, 2, 0, 1]
     forms = [rank_of, [[1, 4], [0, 5], [2, 3]], {"world_size": 3, "rank_of": rank_of},
              {"world_size": 3, "rank_of": [[1, 4], [0, 5], [2, 3]]}]
@@ -564,6 +566,10 @@ def test_placement_loader_reads_every_form_alike(tmp_path):
     os.symlink(tmp_path / "p0.json", tmp_path / "link.json")       # a user-given path: links are followed
     assert ExpertPlacement.load(tmp_path / "link.json").world_size == 3
     assert ExpertPlacement.load(tmp_path / "p0.json", world_size=4).world_size == 4   # a bare table: the run's
+    (tmp_path / "negative.json").write_text("[[0, -2], [1]]")
+    with pytest.raises(PlacementError, match="negative.json: expert -2 \\(rank 0's list\\) is outside the expert "
+                                             "ids from 0"):
+        ExpertPlacement.load(tmp_path / "negative.json")
 
 
 def test_bad_placement_file_stops_prepare_and_download_before_any_work(hub, tmp_path, capsys):
