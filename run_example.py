@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["reference", "nki"], default="reference",
                    help="reference = NumPy; nki = NKI kernels (the bundled CPU simulator unless the Neuron "
                         "SDK's nki is installed; docs/device.md)")
+    p.add_argument("--weight-dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="weight storage: how --backend nki keeps the projections, and the per-rank file "
+                        "dtype in --mode download (fp8 = Trainium e4m3, +-240, 128x128 blocks)")
     p.add_argument("--no-warmup", action="store_true",
                    help="--backend nki: skip compiling every static-shape bucket before generating "
                         "(docs/device.md)")
@@ -74,7 +77,58 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--ep-liveness", type=float, default=None,
                     help="seconds without a heartbeat after which a rank counts as killed (default "
                          "min(timeout, 10)); the others then stop naming it")
+    add_download_arguments(p)
     return p
+
+
+def add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of --mode download (the prepare-weights command line's, under the same names)."""
+    from mimo_prepare_weights.convert import REPLICATED_LAYOUTS, SHARED
+    from mimo_prepare_weights.download import DEFAULT_REPO
+    g = parser.add_argument_group("download / prepare weights (--mode download)")
+    g.add_argument("--repo-id", default=DEFAULT_REPO, help="Hub repository")
+    g.add_argument("--revision", help="branch, tag or commit (default main)")
+    g.add_argument("--local-dir", default="MiMo-V2-Flash", help="where the Hub files go")
+    g.add_argument("--offline", action="store_true",
+                   help="use --local-dir as it is, no network (also HF_HUB_OFFLINE=1)")
+    g.add_argument("--output-dir", default="MiMo-V2-Flash-prepared", help="per-rank weight files")
+    g.add_argument("--world-size", type=int, help="ranks (default 1, or the placement table's)")
+    g.add_argument("--placement", help="JSON placement table (rank_of list, or expert lists per rank)")
+    g.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
+    g.add_argument("--expert-subset", help="experts to keep, e.g. 0-15,40")
+    g.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
+                   help="shared: one replicated file + an experts file per rank; per-rank: "
+                        "self-contained rank files")
+
+
+# option field -> the flag that sets it (the flag's dest is its name without dashes)
+GENERATION_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "seed": "--seed",
+                    "speculative": "--speculative", "draft_tokens": "--draft-tokens", "backend": "--backend",
+                    "weight_dtype": "--weight-dtype"}
+EXPERT_PARALLEL_FLAGS = {"dist_backend": "--dist-backend", "mode": "--ep-mode",
+                         "allgather_max_tokens": "--ep-allgather-max-tokens", "wire_dtype": "--ep-wire-dtype",
+                         "placement": "--ep-placement", "save_placement": "--ep-save-placement",
+                         "timeout": "--timeout", "liveness": "--ep-liveness"}
+
+
+def _from_flags(cls, flags: dict[str, str], args):
+    from mimo_parallel.options import OptionError
+    try:
+        return cls(**{field: getattr(args, flag[2:].replace("-", "_")) for field, flag in flags.items()})
+    except OptionError as err:
+        raise OptionError(flags[err.option], err.problem) from None
+
+
+def generation_options(args):
+    """`mimo_parallel.options.GenerationOptions` of the flags; an OptionError names the flag."""
+    from mimo_parallel.options import GenerationOptions
+    return _from_flags(GenerationOptions, GENERATION_FLAGS, args)
+
+
+def expert_parallel_options(args):
+    """`mimo_parallel.options.ExpertParallelOptions` of the flags; an OptionError names the flag."""
+    from mimo_parallel.options import ExpertParallelOptions
+    return _from_flags(ExpertParallelOptions, EXPERT_PARALLEL_FLAGS, args)
 
 
 def parse_prompt_ids(text: str) -> np.ndarray:
@@ -123,9 +177,11 @@ def mode_random(args) -> int:
         from mimo_parallel.run import random_rank_weights, resolve_placement, run_distributed
 
         def load_weights(world, rank):
-            placement = resolve_placement(args.ep_placement or "contiguous", config.n_routed_experts, world)
-            return random_rank_weights(config, placement, rank, args.seed)
-        return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
+            spec = args.ep_placement or "contiguous"
+            placement = resolve_placement(spec, config.n_routed_experts, world)
+            return random_rank_weights(config, placement, rank, args.seed, spec)
+        return run_distributed(expert_parallel_options(args), generation_options(args), load_weights,
+                               lambda vocab: make_prompts(args, vocab), args.json)
     from mimo_v2_flash import MiMoV2FlashModel
     t0 = time.perf_counter()
     model = MiMoV2FlashModel.random(config, seed=args.seed, backend=args.backend, weight_dtype=args.weight_dtype)
@@ -141,7 +197,8 @@ def mode_generate(args) -> int:
         def load_weights(world, rank):
             device_memory_budget(args, world, show=rank == 0)
             return prepared_rank_weights(args.weights, world, rank, args.ep_placement)
-        return run_distributed(args, load_weights, lambda vocab: make_prompts(args, vocab))
+        return run_distributed(expert_parallel_options(args), generation_options(args), load_weights,
+                               lambda vocab: make_prompts(args, vocab), args.json)
     from mimo_v2_flash import MiMoV2FlashModel
     t0 = time.perf_counter()
     try:
@@ -308,14 +365,39 @@ def mode_test(args) -> int:
 
 
 def mode_download(args) -> int:
-    from mimo_prepare_weights.download import run_download_mode
-    return run_download_mode(args)
+    """Fetch the Hub files the run needs, prepare per-rank files (the prepare-weights steps), then
+    load every rank's files in this process and generate from them."""
+    from mimo_prepare_weights.convert import ConvertOptions, convert, parse_expert_list, parse_layer_range
+    from mimo_prepare_weights.download import copy_tokenizer_files, download
+    from mimo_v2_flash import MiMoV2FlashModel
+    from mimo_v2_flash.config import MiMoV2FlashConfig
+    from mimo_v2_flash.placement import ExpertPlacement
+    num_layers = None
+    if os.path.isfile(os.path.join(args.local_dir, "config.json")):
+        num_layers = MiMoV2FlashConfig.from_json(args.local_dir).num_hidden_layers
+    layers = parse_layer_range(args.layers, num_layers) if args.layers else \
+        (list(range(args.num_layers)) if args.num_layers else None)
+    options = ConvertOptions(   # a bad placement file is refused here, before any download
+        world_size=args.world_size, layers=layers, dtype=args.weight_dtype, replicated=args.replicated,
+        placement=ExpertPlacement.load(args.placement, args.world_size) if args.placement else None,
+        expert_subset=parse_expert_list(args.expert_subset) if args.expert_subset else None)
+    download(args.repo_id, args.local_dir, args.revision, options.layers, options.expert_subset,
+             args.offline or None)
+    result = convert(args.local_dir, args.output_dir, options, progress=not args.no_progress)
+    print(f"prepared {args.output_dir}: wrote {result.written}, resumed {result.skipped}, "
+          f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
+    copied = copy_tokenizer_files(args.local_dir, args.output_dir)
+    if copied:
+        print(f"tokenizer: {', '.join(copied)} -> {args.output_dir} (text: run_example.py --mode generate "
+              f"--weights {args.output_dir} --prompt \"...\")")
+    t0 = time.perf_counter()
+    model = MiMoV2FlashModel.from_pretrained(args.output_dir, backend=args.backend, weight_dtype=args.weight_dtype)
+    return generate_single_process(args, model, f"{args.output_dir}, every rank's files, "
+                                                f"{time.perf_counter() - t0:.2f} s")
 
 
 def main(argv=None) -> int:
-    from mimo_prepare_weights.download import add_download_arguments
     parser = build_parser()
-    add_download_arguments(parser)
     args = parser.parse_args(argv)
     if args.no_progress:
         from mimo_v2_flash.progress import PROGRESS_ENV
@@ -347,18 +429,16 @@ def main(argv=None) -> int:
 
 def argument_problem(args) -> str:
     """The first flag outside its range or used where it does not apply, else ''."""
-    from mimo_v2_flash.model import check_sampling
+    from mimo_parallel.options import OptionError
     for flag, value, low in (("--num-layers", args.num_layers, 1), ("--num-experts", args.num_experts, 1),
-                             ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1),
-                             ("--max-new-tokens", args.max_new_tokens, 0)):
+                             ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1)):
         if value is not None and value < low:
             return f"{flag} must be >= {low}, got {value}"
-    if not 0 < args.timeout < float("inf"):
-        return f"--timeout must be a positive number of seconds, got {args.timeout}"
     try:
-        check_sampling(args.temperature, None, None)
-    except ValueError as err:
-        return f"--{err}"
+        generation_options(args)
+        expert_parallel_options(args)
+    except OptionError as err:
+        return str(err)
     if not distributed():
         used = [flag for flag, value, default in (
             ("--ep-mode", args.ep_mode, "auto"), ("--ep-placement", args.ep_placement, None),

@@ -126,7 +126,7 @@ def nan_source(dtype):
         def edit(t):
             t[name].reshape(-1).view("uint8")[5] = 0x7F          # e4m3fn NaN
         rewrite_shard(src, "model_3_linear_fc2.safetensors", edit)
-        return PREPARE + [src, os.path.join(d, "out"), "--world-size", "2", "--dtype", dtype]
+        return PREPARE + [src, os.path.join(d, "out"), "--world-size", "2", "--weight-dtype", dtype]
     return setup
 
 
@@ -241,8 +241,8 @@ CASES = [
     Case("safetensors: shape not a list", "aliased offsets", shard_header({"a": {**HDR, "shape": "2"}}),
          "expected a list of non-negative integers"),
     Case("safetensors: huge shape", "aliased offsets", shard_header({"a": {**HDR, "shape": [2 ** 62, 2 ** 62]}}), "needs"),
-    Case("source: NaN weight, --dtype bf16", "non-finite weights", nan_source("bf16"), "non-finite value nan"),
-    Case("source: NaN weight, --dtype fp8", "non-finite weights", nan_source("fp8"), "non-finite value nan"),
+    Case("source: NaN weight, --weight-dtype bf16", "non-finite weights", nan_source("bf16"), "non-finite value nan"),
+    Case("source: NaN weight, --weight-dtype fp8", "non-finite weights", nan_source("fp8"), "non-finite value nan"),
     Case("prepared: NaN weight at load", "non-finite weights", nan_prepared, "non-finite value nan"),
     Case("resume: source shard changed", "stale resume", changed_source_on_resume, "source shard model_1.safetensors changed"),
     Case("generate: past max_position_embeddings", "position limit",

@@ -1,7 +1,7 @@
 """Peak RSS of loading a prepared directory for the NKI backend: through the float32 Hub layout
 (what `from_pretrained` did before) against straight into the kernel layout (memory-mapped).
 
-    python benchmarks/bench_prepared_load.py [--work-dir /tmp/mimo_bench_load] [--dtype bf16|fp8] [--keep]
+    python benchmarks/bench_prepared_load.py [--work-dir /tmp/mimo_bench_load] [--weight-dtype bf16|fp8] [--keep]
 
 Writes a synthetic Hub checkpoint (bench_prepare_weights' writer; hidden 2048, 6 layers, 8 experts
 x 1024, vocab 65536), prepares it for one rank, then in a fresh subprocess per case loads it and
@@ -66,7 +66,7 @@ def run_child(prepared: str, case: str, dtype: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="/tmp/mimo_bench_load")
-    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16")
+    p.add_argument("--weight-dtype", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--child", nargs=3, metavar=("PREPARED", "CASE", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -74,15 +74,15 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(*args.child)))
         return 0
     from mimo_prepare_weights.convert import convert
-    hub, prepared = os.path.join(args.work_dir, "hub"), os.path.join(args.work_dir, f"prepared-{args.dtype}")
+    hub, prepared = os.path.join(args.work_dir, "hub"), os.path.join(args.work_dir, f"prepared-{args.weight_dtype}")
     try:
         if not os.path.exists(hub):
             write_synthetic_checkpoint(hub, small_config())
         if not os.path.exists(prepared):
-            convert(hub, prepared, world_size=1, dtype=args.dtype, progress=False, log=lambda *_: None)
+            convert(hub, prepared, world_size=1, dtype=args.weight_dtype, progress=False, log=lambda *_: None)
         rows = []
         for case in CASES:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", prepared, case, args.dtype],
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", prepared, case, args.weight_dtype],
                                   capture_output=True, text=True, check=True)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     finally:
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
         print(f"{r['case']:<15} {r['peak_rss_bytes'] / 1e6:>12.0f} {r['baseline_rss_bytes'] / 1e6:>12.0f} "
               f"{r['kernel_layout_bytes'] / 1e6:>17.0f}")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(ROOT, "benchmarks", "results", f"bench_prepared_load_{args.dtype}.json")
+    out = os.path.join(ROOT, "benchmarks", "results", f"bench_prepared_load_{args.weight_dtype}.json")
     with open(out, "w") as f:
-        json.dump({"config": "bench_prepare_weights.bench_config with 8 experts", "dtype": args.dtype,
+        json.dump({"config": "bench_prepare_weights.bench_config with 8 experts", "dtype": args.weight_dtype,
                    "rows": rows}, f, indent=1)
     print(f"wrote {out}")
     return 0

@@ -270,11 +270,7 @@ class MiMoV2FlashModel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        end = input_ids.shape[1] + max_new_tokens
-        if end > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} "
-                             f"reaches position {end}, beyond max_position_embeddings="
-                             f"{self.config.max_position_embeddings}; nothing was generated")
+        check_position_limit(self.config, input_ids.shape[1], max_new_tokens)
         check_sampling(temperature, top_k, top_p)
         if speculative is not None:
             from .speculative import generate_speculative   # imports this module
@@ -343,6 +339,16 @@ def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choos
 
 def _any_active(step: int, active: list) -> bool:
     return bool(active)
+
+
+def check_position_limit(config, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, before any work, a generation whose last token would sit beyond the model's
+    positions (the rotary tables and the KV cache end there)."""
+    end = prompt_len + max_new_tokens
+    if end > config.max_position_embeddings:
+        raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} reaches position "
+                         f"{end}, beyond max_position_embeddings={config.max_position_embeddings}; nothing "
+                         "was generated")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -24,13 +24,14 @@ import numpy as np
 
 from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.model import MiMoV2FlashModel, generation_loop, sample
+from mimo_v2_flash.model import MiMoV2FlashModel, check_position_limit, generation_loop, sample
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
 
 from .comm import Communicator, failure_guard, report_and_exit_code
 from .dispatcher import Dispatcher, ModePolicy
 from .executor import ExpertParallelExecutor, OpsLocalExperts
+from .options import ExpertParallelOptions, GenerationOptions
 from .placement import load_aware_placement
 from .plan import RowFormat
 from .static_dispatch import StaticDispatcher, StaticExpertParallelExecutor, TorchLocalExperts
@@ -46,6 +47,7 @@ class RankWeights:
     routable: list[int] | None     # experts the router may choose; None = all (a prepared subset limits it)
     source: str                    # where the weights came from, for the report
     identity: dict                 # what every rank must agree on (`check_same_checkpoint`)
+    placement_name: str            # how the placement was chosen, for the report
 
     @property
     def nbytes(self) -> int:
@@ -53,14 +55,14 @@ class RankWeights:
 
 
 def random_rank_weights(config: MiMoV2FlashConfig, placement: ExpertPlacement, rank: int,
-                        seed: int) -> RankWeights:
+                        seed: int, placement_name: str = "contiguous") -> RankWeights:
     """Seeded random weights: each tensor has its own stream, so a rank's experts have exactly the
-    single-process model's values."""
+    single-process model's values. `placement_name`: the --ep-placement spec `placement` came from."""
     identity = {"source": "random weights", "seed": seed, "config": _digest(config.to_hub_dict()),
                 "layers": config.num_hidden_layers, "experts": config.n_routed_experts,
                 "placement": _digest(placement.to_json())}
     return RankWeights(config, placement, random_weights(config, seed, experts=placement.experts_of(rank)),
-                       None, f"random (seed {seed})", identity)
+                       None, f"random (seed {seed})", identity, placement_name)
 
 
 def prepared_rank_weights(path, world_size: int, rank: int, placement_spec: str | None = None) -> RankWeights:
@@ -87,7 +89,8 @@ def prepared_rank_weights(path, world_size: int, rank: int, placement_spec: str 
     manifest_data = prepared.manifest
     return RankWeights(config, prepared.placement, weights, prepared.experts,
                        f"{prepared.path} ({manifest_data['dtype']}, {manifest_data['replicated']} layout, "
-                       f"{len(prepared.rank_files[rank])} file(s) per rank)", checkpoint_identity(manifest_data))
+                       f"{len(prepared.rank_files[rank])} file(s) per rank)", checkpoint_identity(manifest_data),
+                       placement_spec or "as prepared")
 
 
 def _digest(value) -> str:
@@ -128,20 +131,11 @@ def check_same_checkpoint(comm: Communicator, identity: dict) -> None:
 
 
 def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPlacement:
-    """"contiguous" or a JSON file written by `ExpertPlacement.to_json` (or `--ep-save-placement`)."""
+    """"contiguous" or a placement file (`ExpertPlacement.load`: what `to_json` or
+    `--ep-save-placement` writes, or a prepare-weights `--placement` table)."""
     if spec == "contiguous":
         return ExpertPlacement.contiguous(num_experts, world_size)
-    try:
-        with open(spec) as f:
-            data = json.load(f)
-        placement = ExpertPlacement.from_table(data["rank_of"], int(data["world_size"]), num_experts)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise PlacementError(f"{spec}: not a placement file ({type(err).__name__}: {err})") from None
-    except PlacementError as err:
-        raise PlacementError(f"{spec}: {err}") from None
-    if placement.world_size != world_size:
-        raise PlacementError(f"{spec}: placement is for {placement.world_size} ranks, the world size is {world_size}")
-    return placement
+    return ExpertPlacement.load(spec, world_size, num_experts)
 
 
 def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", wire_dtype: str = "float32",
@@ -179,6 +173,7 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     Returns (tokens int64 [b, T + max_new_tokens], timing dict).
     """
     config = model.config
+    check_position_limit(config, prompts.shape[1], max_new_tokens)    # every rank: the same prompt length
     stop = set(config.stop_token_ids)
     rng = np.random.default_rng([seed, comm.rank])
     batch = prompts.shape[0]
@@ -230,21 +225,23 @@ def _speculative_data_parallel(model, executor, prompts, max_new_tokens, tempera
     return out, {"prefill_s": prefill_s, "decode_s": decode_s, "speculative": speculator.stats.to_dict()}
 
 
-def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
-                    make_prompts: Callable[[int], np.ndarray]) -> int:
+def run_distributed(options: ExpertParallelOptions, generation: GenerationOptions,
+                    load_weights: Callable[[int, int], RankWeights], make_prompts: Callable[[int], np.ndarray],
+                    json_path: str | None = None) -> int:
     """Entry from run_example.py when WORLD_SIZE > 1; returns the process exit code.
 
     `load_weights(world_size, rank)` gives the rank's weights; `make_prompts(vocab_size)` the
     whole batch's prompt ids [B, T] (the same on every rank). Both run on every rank inside the
-    failure guard, so a bad input stops every rank with its message.
+    failure guard, so a bad input stops every rank with its message. Rank 0 prints the report
+    and writes it to `json_path` as well, if given.
     """
     try:
-        comm = Communicator.from_env(args.dist_backend, args.timeout, getattr(args, "ep_liveness", None))
+        comm = Communicator.from_env(options.dist_backend, options.timeout, options.liveness)
     except Exception as err:
         return report_and_exit_code(int(os.environ.get("RANK", -1)), err)
     try:
         with failure_guard(comm):
-            _run(comm, args, load_weights, make_prompts)
+            _run(comm, options, generation, load_weights, make_prompts, json_path)
     except Exception as err:
         return report_and_exit_code(comm.rank, err)
     finally:
@@ -252,39 +249,39 @@ def run_distributed(args, load_weights: Callable[[int, int], RankWeights],
     return 0
 
 
-def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
+def _run(comm: Communicator, options: ExpertParallelOptions, generation: GenerationOptions, load_weights,
+         make_prompts, json_path: str | None) -> None:
     world, rank = comm.world_size, comm.rank
     t0 = time.perf_counter()
     held = load_weights(world, rank)
     check_same_checkpoint(comm, held.identity)
     config, placement = held.config, held.placement
     prompts = make_prompts(config.vocab_size)
-    policy = ModePolicy(args.ep_allgather_max_tokens, comm.uneven_splits)
-    model, executor = build_rank_model(held, comm, args.ep_mode, args.ep_wire_dtype, policy, args.backend,
-                                       args.weight_dtype)
+    policy = ModePolicy(options.allgather_max_tokens, comm.uneven_splits)
+    model, executor = build_rank_model(held, comm, options.mode, options.wire_dtype, policy, generation.backend,
+                                       generation.weight_dtype)
     build_s = time.perf_counter() - t0
     batch, prompt_len = prompts.shape
     mine = np.array_split(np.arange(batch), world)[rank]
-    tokens, timing = generate_data_parallel(model, executor, comm, prompts[mine], args.max_new_tokens,
-                                            args.temperature, args.seed, getattr(args, "speculative", None),
-                                            getattr(args, "draft_tokens", 3))
+    tokens, timing = generate_data_parallel(model, executor, comm, prompts[mine], generation.max_new_tokens,
+                                            generation.temperature, generation.seed, generation.speculative,
+                                            generation.draft_tokens)
     shares = comm.all_gather_objects((mine.tolist(), tokens.tolist(), timing, held.nbytes), "gathering results")
     records = [rec for part in comm.all_gather_objects(executor.stats.records, "gathering statistics")
                for rec in part]
     if rank != 0:
         return
     summary = summarize(records, world)
-    full = np.zeros((batch, prompt_len + args.max_new_tokens), np.int64)
+    full = np.zeros((batch, prompt_len + generation.max_new_tokens), np.int64)
     for seqs, toks, _, _ in shares:
         if seqs:
             full[seqs] = toks
     weight_bytes = [nbytes for _, _, _, nbytes in shares]
-    placement_name = args.ep_placement or ("as prepared" if args.weights else "contiguous")
     routable = set(range(config.n_routed_experts) if held.routable is None else held.routable)
     rows = [("config", config.summary()),
             ("weights", held.source),
-            ("expert parallel", f"{world} ranks ({args.dist_backend}), mode {args.ep_mode}, wire "
-                                f"{args.ep_wire_dtype}, placement {placement_name}, experts per rank "
+            ("expert parallel", f"{world} ranks ({options.dist_backend}), mode {options.mode}, wire "
+                                f"{options.wire_dtype}, placement {held.placement_name}, experts per rank "
                                 f"{[len(routable.intersection(placement.experts_of(r))) for r in range(world)]}"),
             ("weights per rank", f"{[round(b / 1e6, 2) for b in weight_bytes]} MB (float32: replicated + "
                                  "own experts)"),
@@ -305,13 +302,13 @@ def _run(comm: Communicator, args, load_weights, make_prompts) -> None:
         print(f"{key:<{width}}  {value}")
     print()
     print(format_table(summary), flush=True)
-    if args.ep_save_placement:
+    if options.save_placement:
         load = np.zeros(config.n_routed_experts)
         for rec in records:
             np.add.at(load, rec.local_experts, rec.expert_rows)
-        _write_json(args.ep_save_placement, load_aware_placement(load, world).to_json())
-    if args.json:
-        _write_json(args.json, {"config": config.to_hub_dict(), "tokens": full.tolist(), "world_size": world,
+        _write_json(options.save_placement, load_aware_placement(load, world).to_json())
+    if json_path:
+        _write_json(json_path, {"config": config.to_hub_dict(), "tokens": full.tolist(), "world_size": world,
                                 "weights": held.source, "weight_bytes": weight_bytes, "ep": summary,
                                 "speculative": [s[2].get("speculative") for s in shares]})
 

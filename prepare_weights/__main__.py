@@ -1,7 +1,7 @@
 """prepare-weights: Hub checkpoint -> per-rank weight files for the expert-parallel runtime.
 
     prepare-weights SOURCE OUTPUT [--world-size 4 | --placement table.json]
-                    [--expert-subset 0-15] [--layers 0:4] [--dtype bf16|fp8]
+                    [--expert-subset 0-15] [--layers 0:4] [--weight-dtype bf16|fp8]
                     [--replicated shared|per-rank]
     prepare-weights --download [--repo-id ...] [--revision ...] [--offline] SOURCE [OUTPUT] [...]
     prepare-weights --verify OUTPUT
@@ -21,13 +21,25 @@ import sys
 
 from mimo_v2_flash.checkpoint import CheckpointError
 from mimo_v2_flash.config import ConfigError
-from mimo_v2_flash.jsonfile import read_json
+from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.safetensors_io import SafetensorsError
 
-from .convert import (REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list,
-                      parse_layer_range)
+from .convert import (OUTPUT_DTYPES, REPLICATED_LAYOUTS, SHARED, ConvertOptions, PrepareError, convert,
+                      parse_expert_list, parse_layer_range)
 from .download import DEFAULT_REPO, download
 from .manifest import verify
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name that still works: stores into the new flag's destination and warns."""
+
+    def __init__(self, *args, replacement: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or {\"world_size\", \"rank_of\"}")
     p.add_argument("--expert-subset", help="routed experts to keep, e.g. 0-15,40")
     p.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
-    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+    p.add_argument("--weight-dtype", choices=OUTPUT_DTYPES, default="bf16",
                    help="bf16 (default) or fp8 = Trainium e4m3 (+-240) with 128x128 block scales")
+    p.add_argument("--dtype", dest="weight_dtype", choices=OUTPUT_DTYPES, action=DeprecatedAlias,
+                   replacement="--weight-dtype", help="deprecated name of --weight-dtype")
     p.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
                    help="shared (default): one replicated file read by every rank + an experts file per "
                         "rank; per-rank: one self-contained file per rank (replicated tensors in each)")
@@ -54,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "and modification time")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def convert_options(args) -> ConvertOptions:
+    """The conversion the flags ask for; a bad placement file is refused here, before any download."""
+    return ConvertOptions(
+        world_size=args.world_size,
+        placement=ExpertPlacement.load(args.placement, args.world_size) if args.placement else None,
+        expert_subset=parse_expert_list(args.expert_subset) if args.expert_subset else None,
+        layers=parse_layer_range(args.layers) if args.layers else None,
+        dtype=args.weight_dtype, replicated=args.replicated, hash_sources=args.hash_sources)
 
 
 def run(args) -> int:
@@ -67,16 +91,13 @@ def run(args) -> int:
     expected = "SOURCE [OUTPUT]" if args.download else "SOURCE OUTPUT"
     if not 1 <= len(args.paths) <= 2 or (not args.download and len(args.paths) != 2):
         raise PrepareError(f"expected {expected}, got {len(args.paths)} path(s)")
-    layers = parse_layer_range(args.layers) if args.layers else None
-    experts = parse_expert_list(args.expert_subset) if args.expert_subset else None
+    options = convert_options(args)
     if args.download:
-        download(args.repo_id, args.paths[0], args.revision, layers, experts, args.offline or None)
+        download(args.repo_id, args.paths[0], args.revision, options.layers, options.expert_subset,
+                 args.offline or None)
         if len(args.paths) == 1:
             return 0
-    placement = read_json(args.placement, PrepareError, "placement table", expect=None) if args.placement else None
-    result = convert(args.paths[0], args.paths[1], args.world_size, placement, experts, layers,
-                     args.dtype, progress=not args.no_progress, replicated=args.replicated,
-                     hash_sources=args.hash_sources)
+    result = convert(args.paths[0], args.paths[1], options, progress=not args.no_progress)
     print(f"{args.paths[1]}: wrote {len(result.written)} file(s), resumed {len(result.skipped)}, "
           f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
     return 0
@@ -86,7 +107,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (PrepareError, CheckpointError, ConfigError, SafetensorsError) as err:
+    except (PrepareError, PlacementError, CheckpointError, ConfigError, SafetensorsError) as err:
         print(f"prepare-weights: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:      # e.g. a disk that fills up while writing

@@ -143,26 +143,55 @@ def parse_expert_list(text: str) -> list[int]:
     return sorted(experts)
 
 
-def resolve_placement(num_experts: int, world_size: int | None, table=None) -> ExpertPlacement:
-    """Contiguous placement over `world_size` ranks, or an explicit table (see ExpertPlacement)."""
-    try:
-        if table is None:
-            if world_size is None:
-                world_size = 1
-            return ExpertPlacement.contiguous(num_experts, world_size)
-        if isinstance(table, dict):
-            if world_size is not None and int(table.get("world_size", world_size)) != world_size:
-                raise PrepareError(f"placement table is for world size {table['world_size']}, "
-                                   f"--world-size is {world_size}")
-            world_size = int(table["world_size"])
-            table = table["rank_of"]
-        if world_size is None:
-            world_size = len(table) if table and isinstance(table[0], (list, tuple)) else max(table) + 1
-        return ExpertPlacement.from_table(table, world_size, num_experts)
-    except (PlacementError, KeyError, TypeError, ValueError) as err:
-        if isinstance(err, PrepareError):
-            raise
-        raise PrepareError(f"expert placement: {err}") from None
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What `convert` produces; the prepare-weights flags of the same names build it.
+
+    world_size: ranks of a contiguous placement (default 1), or None to take `placement`'s.
+    placement: an explicit table (`ExpertPlacement.load` of a `--placement` file).
+    expert_subset / layers: routed experts and layer indices to keep (default all).
+    dtype: `bf16` or `fp8` (`--weight-dtype`). replicated: SHARED (one replicated file for all
+    ranks + experts-only files) or PER_RANK (self-contained rank files). hash_sources: record and
+    compare each source shard's sha256 on resume, not only its size and modification time.
+    """
+    world_size: int | None = None
+    placement: ExpertPlacement | None = None
+    expert_subset: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    dtype: str = "bf16"
+    replicated: str = SHARED
+    hash_sources: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in OUTPUT_DTYPES:
+            raise PrepareError(f"output dtype must be one of {OUTPUT_DTYPES}, got {self.dtype!r}")
+        if self.replicated not in REPLICATED_LAYOUTS:
+            raise PrepareError(f"replicated layout must be one of {REPLICATED_LAYOUTS}, got {self.replicated!r}")
+        if self.world_size is not None and (isinstance(self.world_size, bool) or not isinstance(self.world_size, int)
+                                            or self.world_size < 1):
+            raise PrepareError(f"world_size must be an integer >= 1, got {self.world_size!r}")
+        if self.placement is not None and self.world_size not in (None, self.placement.world_size):
+            raise PrepareError(f"world_size is {self.world_size}, the placement table is for "
+                               f"{self.placement.world_size} ranks")
+        for name in ("expert_subset", "layers"):     # any iterable of ints -> sorted, unique
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, tuple(sorted({int(v) for v in value})))
+                except (TypeError, ValueError):
+                    raise PrepareError(f"{name} must be integers, got {value!r:.80}") from None
+
+    def resolve_placement(self, num_experts: int) -> ExpertPlacement:
+        """The explicit placement (which must cover `num_experts`), else contiguous."""
+        try:
+            if self.placement is None:
+                return ExpertPlacement.contiguous(num_experts, self.world_size or 1)
+        except PlacementError as err:
+            raise PrepareError(f"expert placement: {err}") from None
+        if self.placement.num_experts != num_experts:
+            raise PrepareError(f"expert placement: the placement table has {self.placement.num_experts} "
+                               f"experts, the checkpoint has {num_experts}")
+        return self.placement
 
 
 def plan_files(config, placement: ExpertPlacement, layers: list[int], experts: list[int] | None,
@@ -221,43 +250,40 @@ def check_output_dir(source: str, output: str) -> None:
         raise PrepareError(f"{output}: output directory is not writable ({err.strerror or err})") from None
 
 
-def convert(source, output, world_size: int | None = None, placement_table=None,
-            expert_subset=None, layers=None, dtype: str = "bf16", progress: bool = True,
-            log=print, replicated: str = SHARED, hash_sources: bool = False) -> ConversionResult:
+def convert(source, output, options: ConvertOptions | None = None, *, progress: bool = True, log=print,
+            **settings) -> ConversionResult:
     """Convert the Hub checkpoint in `source` into the files of every rank in `output`.
 
-    world_size / placement_table: contiguous placement, or an explicit table (rank_of list, list
-    of expert lists per rank, or {"world_size", "rank_of"}). expert_subset: routed experts to keep
-    (default all). layers: layer indices to keep (default all). replicated: SHARED (one
-    replicated file for all ranks + experts-only files) or PER_RANK (self-contained rank files).
+    `options` (or its fields as keywords, e.g. `world_size=2, dtype="fp8"`): see ConvertOptions.
     An interrupted run resumes: files recorded in the manifest whose sha256 still matches are
     skipped, if the settings, the source index and every source shard read are unchanged (size
     and modification time; sha256 with `hash_sources`). A refusal found while converting (a
     non-finite weight, an FP8 range error) leaves OUTPUT as it was before the run.
     """
     t0 = time.perf_counter()
+    if options is None:
+        options = ConvertOptions(**settings)
+    elif settings:
+        raise TypeError(f"convert: give ConvertOptions or its fields ({sorted(settings)}), not both")
     source, output = os.fspath(source), os.fspath(output)
-    if dtype not in OUTPUT_DTYPES:
-        raise PrepareError(f"output dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
-    if replicated not in REPLICATED_LAYOUTS:
-        raise PrepareError(f"replicated layout must be one of {REPLICATED_LAYOUTS}, got {replicated!r}")
+    dtype, replicated = options.dtype, options.replicated
     try:
         checkpoint = HubCheckpoint(source)
     except (CheckpointError, ValueError) as err:
         raise PrepareError(str(err)) from None
     config = checkpoint.config
-    layers = list(range(config.num_hidden_layers)) if layers is None else sorted(set(int(i) for i in layers))
+    layers = list(range(config.num_hidden_layers)) if options.layers is None else list(options.layers)
     bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
     if bad or not layers:
         raise PrepareError(f"layer {bad[0] if bad else '(none)'} outside the checkpoint's layers "
                            f"0..{config.num_hidden_layers - 1}")
+    expert_subset = None if options.expert_subset is None else list(options.expert_subset)
     if expert_subset is not None:
-        expert_subset = sorted(set(int(e) for e in expert_subset))
         bad = [e for e in expert_subset if not 0 <= e < config.n_routed_experts]
         if bad or not expert_subset:
             raise PrepareError(f"expert subset: expert {bad[0] if bad else '(none)'} outside "
                                f"0..{config.n_routed_experts - 1}")
-    placement = resolve_placement(config.n_routed_experts, world_size, placement_table)
+    placement = options.resolve_placement(config.n_routed_experts)
     try:   # MTP layers (speculative decoding) go along with a whole model when the source has them
         mtp_specs = stored_mtp_tensors(checkpoint) if layers == list(range(config.num_hidden_layers)) else []
     except CheckpointError as err:
@@ -267,7 +293,7 @@ def convert(source, output, world_size: int | None = None, placement_table=None,
     try:   # every needed header, shape, dtype and scale grid, before any output exists
         checkpoint.validate(specs)
         shards = manifest_io.shard_records(source, manifest_io.source_shards(checkpoint.weight_map, specs),
-                                           hash_sources)
+                                           options.hash_sources)
     except CheckpointError as err:
         raise PrepareError(str(err)) from None
     created = not os.path.exists(output)

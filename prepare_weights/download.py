@@ -1,5 +1,5 @@
-"""Download only what a run needs from the Hub, then (for `run_example.py --mode download`)
-prepare per-rank files and generate a few tokens with them.
+"""Download only what a run needs from the Hub (prepare-weights --download, and the first step of
+`run_example.py --mode download`, which then prepares per-rank files and generates from them).
 
 What is fetched (`allow_patterns` for `huggingface_hub.snapshot_download`): `config.json`, the
 index, tokenizer files, and the shards holding the requested layers' tensors plus
@@ -11,27 +11,21 @@ metadata when online, from the local files when offline.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
 import socket
 import urllib.parse
 
-import numpy as np
-
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import INDEX_FILE, read_index
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.jsonfile import read_json
 from mimo_v2_flash.weights import model_tensors
 
-from .manifest import source_shards
-from .convert import REPLICATED_LAYOUTS, SHARED, PrepareError, convert, parse_expert_list, parse_layer_range
+from .manifest import PrepareError, source_shards
 
 DEFAULT_REPO = "XiaomiMiMo/MiMo-V2-Flash"
 METADATA_FILES = ["config.json", INDEX_FILE]
@@ -129,54 +123,3 @@ def copy_tokenizer_files(source_dir: str, target_dir: str) -> list[str]:
             shutil.copyfile(source, os.path.join(target_dir, name))
             copied.append(name)
     return copied
-
-
-def add_download_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `run_example.py --mode download` (and the prepare-weights CLI's download)."""
-    g = parser.add_argument_group("download / prepare weights")
-    g.add_argument("--repo-id", default=DEFAULT_REPO, help="Hub repository")
-    g.add_argument("--revision", help="branch, tag or commit (default main)")
-    g.add_argument("--local-dir", default="MiMo-V2-Flash", help="where the Hub files go")
-    g.add_argument("--offline", action="store_true",
-                   help="use --local-dir as it is, no network (also HF_HUB_OFFLINE=1)")
-    g.add_argument("--output-dir", default="MiMo-V2-Flash-prepared", help="per-rank weight files")
-    g.add_argument("--world-size", type=int, help="ranks (default 1, or the placement table's)")
-    g.add_argument("--placement", help="JSON placement table (rank_of list, or expert lists per rank)")
-    g.add_argument("--layers", help="layer range A:B (half-open), e.g. 0:4")
-    g.add_argument("--expert-subset", help="experts to keep, e.g. 0-15,40")
-    g.add_argument("--weight-dtype", choices=["bf16", "fp8"], default="bf16",
-                   help="weight storage: per-rank file dtype in download mode, and how --backend nki "
-                        "keeps the Hub's FP8 projections (fp8 = Trainium e4m3, +-240, 128x128 blocks)")
-    g.add_argument("--replicated", choices=REPLICATED_LAYOUTS, default=SHARED,
-                   help="shared: one replicated file + an experts file per rank; per-rank: "
-                        "self-contained rank files")
-
-
-def run_download_mode(args) -> int:
-    """`run_example.py --mode download`: fetch, prepare, load, generate a few tokens."""
-    num_layers = None
-    if os.path.isfile(os.path.join(args.local_dir, "config.json")):
-        num_layers = MiMoV2FlashConfig.from_json(args.local_dir).num_hidden_layers
-    layers = parse_layer_range(args.layers, num_layers) if args.layers else \
-        (list(range(args.num_layers)) if args.num_layers else None)
-    experts = parse_expert_list(args.expert_subset) if args.expert_subset else None
-    placement = read_json(args.placement, PrepareError, "placement table", expect=None) if args.placement else None
-    download(args.repo_id, args.local_dir, args.revision, layers, experts, args.offline or None)
-    result = convert(args.local_dir, args.output_dir, args.world_size, placement, experts, layers,
-                     args.weight_dtype, replicated=args.replicated)
-    print(f"prepared {args.output_dir}: wrote {result.written}, resumed {result.skipped}, "
-          f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s")
-    copied = copy_tokenizer_files(args.local_dir, args.output_dir)
-    if copied:
-        print(f"tokenizer: {', '.join(copied)} -> {args.output_dir} (text: run_example.py --mode generate "
-              f"--weights {args.output_dir} --prompt \"...\")")
-    model = MiMoV2FlashModel.from_pretrained(args.output_dir)
-    config = model.config
-    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq_len))
-    tokens, timing = model.generate(prompt, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, seed=args.seed, return_timing=True)
-    print(f"model: {config.summary()}")
-    print(f"prefill {timing['prefill_s']:.3f} s, decode {timing['decode_s']:.3f} s")
-    for b, row in enumerate(tokens[:, args.seq_len:]):
-        print(f"generated[{b}]  {' '.join(map(str, row))}")
-    return 0

@@ -351,6 +351,16 @@ def test_world_size_must_divide_experts_unless_placement_given(hub, tmp_path, ca
     assert "world size 5 does not divide" in capsys.readouterr().err
 
 
+def test_weight_dtype_flag_and_its_deprecated_alias(hub, tmp_path, capsys):
+    assert cli([hub.path, str(tmp_path / "a"), "--world-size", "2", "--weight-dtype", "fp8", "--no-progress"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert cli([hub.path, str(tmp_path / "b"), "--world-size", "2", "--dtype", "fp8", "--no-progress"]) == 0
+    assert "prepare-weights: warning: --dtype is deprecated; use --weight-dtype" in capsys.readouterr().err
+    manifests = [json.load(open(tmp_path / name / MANIFEST_FILE)) for name in "ab"]
+    assert [m["dtype"] for m in manifests] == ["fp8", "fp8"]
+    assert manifests[0]["files"] == manifests[1]["files"]      # the same bytes, the same hashes
+
+
 def test_unknown_replicated_layout(hub, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(PrepareError, match=r"replicated layout must be one of \('shared', 'per-rank'\), "

@@ -291,6 +291,19 @@ def test_generate_past_the_position_limit_is_refused_before_any_work(model, monk
         model.generate(np.zeros((1, 10), np.int64), max_new_tokens=limit - 9)
 
 
+def test_expert_parallel_generation_past_the_position_limit_is_refused_before_any_collective(model, monkeypatch):
+    """The expert-parallel path checks the limit as `generate` does: no forward, no collective
+    (the communicator and executor are absent here, so touching either would fail differently)."""
+    from mimo_parallel.run import generate_data_parallel
+    monkeypatch.setattr(model, "forward_ragged", lambda *a, **k: pytest.fail("forward ran"))
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"prompt of 10 tokens \\+ max_new_tokens={limit - 9} reaches position "
+                                         f"{limit + 1}, beyond max_position_embeddings={limit}"):
+        generate_data_parallel(model, None, None, np.zeros((2, 10), np.int64), max_new_tokens=limit - 9)
+    with pytest.raises(ValueError, match=f"reaches position {limit + 1}"):     # a rank with no sequences too
+        generate_data_parallel(model, None, None, np.zeros((0, 10), np.int64), max_new_tokens=limit - 9)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
@@ -385,6 +398,52 @@ def test_run_example_flags_out_of_range(argv, message, capsys, monkeypatch):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("make, option, message", [
+    (lambda o: o.GenerationOptions(max_new_tokens=-1), "max_new_tokens", "must be >= 0, got -1"),
+    (lambda o: o.GenerationOptions(max_new_tokens=2.5), "max_new_tokens", "must be >= 0, got 2.5"),
+    (lambda o: o.GenerationOptions(seed=-3), "seed", "must be >= 0, got -3"),
+    (lambda o: o.GenerationOptions(draft_tokens=0), "draft_tokens", "must be >= 1, got 0"),
+    (lambda o: o.GenerationOptions(temperature=float("inf")), "temperature", "must be a finite number >= 0"),
+    (lambda o: o.GenerationOptions(speculative="eagle"), "speculative", "must be one of (None, 'mtp'), got 'eagle'"),
+    (lambda o: o.GenerationOptions(backend="cuda"), "backend", "must be one of ('reference', 'nki'), got 'cuda'"),
+    (lambda o: o.GenerationOptions(weight_dtype="int4"), "weight_dtype", "must be one of ('bf16', 'fp8')"),
+    (lambda o: o.ExpertParallelOptions(mode="ring"), "mode", "must be one of ('auto', 'alltoallv',"),
+    (lambda o: o.ExpertParallelOptions(wire_dtype="float16"), "wire_dtype", "must be one of ('float32', 'bfloat16')"),
+    (lambda o: o.ExpertParallelOptions(allgather_max_tokens=-1), "allgather_max_tokens", "must be >= 0, got -1"),
+    (lambda o: o.ExpertParallelOptions(timeout=float("nan")), "timeout", "must be a positive number of seconds"),
+    (lambda o: o.ExpertParallelOptions(liveness=0), "liveness", "must be a positive number of seconds, got 0"),
+])
+def test_run_options_name_the_option_out_of_range(make, option, message):
+    from mimo_parallel import options
+    with pytest.raises(options.OptionError) as err:
+        make(options)
+    assert err.value.option == option and str(err.value).startswith(f"{option} {message}")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(dtype="fp16"), r"output dtype must be one of \('bf16', 'fp8'\), got 'fp16'"),
+    (dict(world_size=0), "world_size must be an integer >= 1, got 0"),
+    (dict(world_size=2.0), "world_size must be an integer >= 1, got 2.0"),
+    (dict(layers=["a"]), r"layers must be integers, got \['a'\]"),
+    (dict(expert_subset=[None]), r"expert_subset must be integers"),
+])
+def test_convert_options_name_the_option(settings, message):
+    from mimo_prepare_weights.convert import ConvertOptions
+    with pytest.raises(PrepareError, match=message):
+        ConvertOptions(**settings)
+
+
+def test_convert_options_agree_with_the_placement_table(hub, tmp_path):
+    from mimo_prepare_weights.convert import ConvertOptions
+    from mimo_v2_flash.placement import ExpertPlacement
+    assert ConvertOptions(layers=(3, 1, 3), expert_subset=range(4, 0, -1)).layers == (1, 3)    # sorted, unique
+    with pytest.raises(PrepareError, match="world_size is 4, the placement table is for 2 ranks"):
+        ConvertOptions(world_size=4, placement=ExpertPlacement.contiguous(16, 2))
+    with pytest.raises(PrepareError, match="the placement table has 8 experts, the checkpoint has 16"):
+        convert(hub.path, tmp_path / "out", placement=ExpertPlacement.contiguous(8, 2), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_example_random_mode_catches_model_errors(capsys):
     import run_example
     assert run_example.main(["--mode", "random", "--prompt-ids", "1,2,99999"]) == 2
@@ -441,6 +500,88 @@ def test_placement_table_problems_are_messages(hub, tmp_path, capsys):
     table.write_bytes(b"\xff\xfe binary")
     assert cli([hub.path, str(tmp_path / "out"), "--placement", str(table), "--no-progress"]) == 2
     assert "placement table is not UTF-8 text" in capsys.readouterr().err
+
+
+def _placement_file(tmp_path, content):
+    path = tmp_path / "placement.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "fifo":
+        os.mkfifo(path)
+    elif content == "directory":
+        path.mkdir()
+    elif content == "loop":
+        os.symlink(path, path)
+    elif content != "missing":
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize("content, world_size, message", [
+    ("missing", None, "placement table not found"),
+    ("directory", None, "the placement table is a directory, not a regular file"),
+    ("fifo", None, "the placement table is a FIFO, not a regular file"),
+    ("loop", None, "symlink loop"),
+    (b"\xff\xfe", None, "placement table is not UTF-8 text"),
+    ("[0, 1", None, "not valid JSON"),
+    ("[0, NaN]", None, "not valid JSON .*NaN is not a JSON value"),
+    ({"world_size": 2, "rank_of": [0] * 8 + [1] * 8}, 4, "placement is for 2 ranks, the world size is 4"),
+    ([[0, 1], [2, 3]], 4, "placement lists 2 ranks but world size is 4"),
+    ([list(range(8)), list(range(8, 15)) + [99]], None, r"expert 99 \(rank 1's list\) is outside the expert "
+                                                         r"range 0\.\.15"),
+    ([[-1] + list(range(8)), list(range(8, 16))], None, r"expert -1 \(rank 0's list\) is outside the expert "
+                                                       r"range 0\.\.15"),
+    ([list(range(9)), list(range(8, 16))], None, r"expert 8 is placed twice \(ranks 0 and 1\)"),
+    ([list(range(7)), list(range(8, 16))], None, "expert 7 is not placed"),
+    ([0] * 8 + [5] * 8, 2, "placement puts expert 8 on rank 5, outside 0..1"),
+    ([0] * 15 + [-1], None, "placement puts expert 15 on rank -1, ranks start at 0"),
+    ([0] * 15 + [1.5], None, "placement table entry 15 is 1.5, expected an integer rank"),
+    ([True] * 16, None, "placement table entry 0 is True, expected an integer rank"),
+    ([[0, 1], 2], None, r"placement table entry 1 is 2, expected a list of integer expert ids"),
+    ([], None, "placement table must be a non-empty list"),
+    ({"world_size": 2}, None, 'a placement object holds "rank_of"'),
+    ({"world_size": 2, "rank_of": [0, 1] * 8, "layers": 3}, None, 'a placement object holds "rank_of"'),
+    ({"world_size": "2", "rank_of": [0, 1] * 8}, None, '"world_size" must be a positive integer, got \'2\''),
+    ([0, 1] * 4, 2, "placement has 8 experts, the model has 16"),
+])
+def test_placement_loader_names_the_file_and_the_problem(tmp_path, content, world_size, message):
+    from mimo_v2_flash.placement import ExpertPlacement, PlacementError
+    path = _placement_file(tmp_path, content)
+    with no_hang(), pytest.raises(PlacementError, match=f"^{re.escape(str(path))}: .*{message}"):
+        ExpertPlacement.load(path, world_size, num_experts=16)
+
+
+def test_placement_loader_reads_every_form_alike(tmp_path):
+    from mimo_parallel.run import resolve_placement
+    from mimo_v2_flash.placement import ExpertPlacement, PlacementError
+    rank_of = [1, 0, 2, 2, 0, 1]
+    forms = [rank_of, [[1, 4], [0, 5], [2, 3]], {"world_size": 3, "rank_of": rank_of},
+             {"world_size": 3, "rank_of": [[1, 4], [0, 5], [2, 3]]}]
+    for i, form in enumerate(forms):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps(form))
+        assert ExpertPlacement.load(path) == ExpertPlacement(tuple(rank_of), 3)
+        assert ExpertPlacement.load(path, 3, 6).experts_of(2) == [2, 3]
+        assert resolve_placement(str(path), 6, 3).rank_of == tuple(rank_of)     # --ep-placement
+    os.symlink(tmp_path / "p0.json", tmp_path / "link.json")       # a user-given path: links are followed
+    assert ExpertPlacement.load(tmp_path / "link.json").world_size == 3
+    assert ExpertPlacement.load(tmp_path / "p0.json", world_size=4).world_size == 4   # a bare table: the run's
+    (tmp_path / "negative.json").write_text("[[0, -2], [1]]")
+    with pytest.raises(PlacementError, match="negative.json: expert -2 \\(rank 0's list\\) is outside the expert "
+                                             "ids from 0"):
+        ExpertPlacement.load(tmp_path / "negative.json")
+
+
+def test_bad_placement_file_stops_prepare_and_download_before_any_work(hub, tmp_path, capsys):
+    import run_example
+    table = _placement_file(tmp_path, [[0, 1], [1, 2]])
+    assert cli([hub.path, str(tmp_path / "out"), "--placement", str(table), "--no-progress"]) == 2
+    assert f"{table}: expert 1 is placed twice (ranks 0 and 1)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    code = run_example.main(["--mode", "download", "--offline", "--local-dir", str(tmp_path / "nothing-here"),
+                             "--output-dir", str(tmp_path / "out"), "--placement", str(table)])
+    assert code == 2 and f"{table}: expert 1 is placed twice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigkill_mid_file_leaves_a_resumable_directory(hub, tmp_path):
