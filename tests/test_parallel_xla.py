@@ -35,35 +35,42 @@ CHAIN_LAYERS = (1, 2, 3)
 # worker side
 # ------------------------------------------------------------------------------------------------
 def scenario_static(comm):
-    import torch
-
-    import fake_xla_group as fx
-    from mimo_v2_flash import MiMoV2FlashModel
-    from mimo_v2_flash import reference as ref
-    from mimo_v2_flash.layer import ReferenceOps
+    """The static (lazy-device) dispatcher on the fake xla group: a chain of MoE layers per mode,
+    a capacity overflow, the refused split lists, and the model against the single-process one."""
     from mimo_v2_flash.placement import ExpertPlacement
     from mimo_v2_flash.weights import random_weights
-    from mimo_parallel.dispatcher import Dispatcher
-    from mimo_parallel.plan import RowFormat
-    from mimo_parallel.run import build_rank_model, random_rank_weights
-    from mimo_parallel.static_dispatch import StaticDispatcher, StaticShape, TorchLocalExperts
+    from mimo_v2_flash.layer import ReferenceOps
+    from mimo_parallel.static_dispatch import TorchLocalExperts
     config = _config()
-    world, rank, E, k, H = comm.world_size, comm.rank, config.n_routed_experts, config.num_experts_per_tok, \
-        config.hidden_size
-    placement = ExpertPlacement.contiguous(E, world)
+    placement = ExpertPlacement.contiguous(config.n_routed_experts, comm.world_size)
+    mine = ReferenceOps(config, random_weights(config, seed=0, experts=placement.experts_of(comm.rank)))
+    local = TorchLocalExperts(mine, placement.experts_of(comm.rank), comm.to_device)
+    result = {"chain": _static_chain(comm, config, placement, local),
+              "overflow": _static_overflow(comm, config, placement, local)}
+    result.update(_split_list_refusals(comm, config, placement))
+    result["model"] = _static_model(comm, config, placement)
+    return result
+
+
+def _static_chain(comm, config, placement, local):
+    """x <- x + moe_layer(x) over CHAIN_LAYERS on the device, one sync at the end, per mode."""
+    import fake_xla_group as fx
+    from mimo_v2_flash import reference as ref
+    from mimo_v2_flash.layer import ReferenceOps
+    from mimo_v2_flash.weights import random_weights
+    from mimo_parallel.static_dispatch import StaticDispatcher, StaticShape
+    rank, E, k, H = comm.rank, config.n_routed_experts, config.num_experts_per_tok, config.hidden_size
     full = ReferenceOps(config, random_weights(config, seed=0))
-    mine = ReferenceOps(config, random_weights(config, seed=0, experts=placement.experts_of(rank)))
-    local = TorchLocalExperts(mine, placement.experts_of(rank), comm.to_device)
     n = TOKENS_PER_RANK[rank % len(TOKENS_PER_RANK)]
     shape = StaticShape(32)
     rng = np.random.default_rng([3, rank])
     x0 = rng.standard_normal((n, H)).astype(np.float32)
     routing = {layer: _uniform(rng, n, range(E), k) for layer in CHAIN_LAYERS}
     expected = x0
-    for layer in CHAIN_LAYERS:       # x <- x + moe_layer(x)
+    for layer in CHAIN_LAYERS:
         ids, w = routing[layer]
         expected = expected + ref.moe(expected, ids, w, lambda e, l=layer: full.expert_weights(l, e))
-    result = {"chain": {}}
+    chain = {}
     for mode in ("alltoall_padded", "allgather"):
         dispatcher = StaticDispatcher(comm, placement, H, k, mode)
         syncs, collectives = fx.STATE.syncs, fx.STATE.collectives
@@ -81,7 +88,7 @@ def scenario_static(comm):
         comm.sync("chain step")
         routed = dispatcher.finish_step()
         got = comm.to_host(x)[:n]
-        result["chain"][mode] = {
+        chain[mode] = {
             "max_err": float(np.abs(got - expected).max(initial=0.0)),
             "scale": float(np.abs(expected).max(initial=0.0)),
             "syncs": fx.STATE.syncs - syncs, "collectives": fx.STATE.collectives - collectives,
@@ -89,43 +96,68 @@ def scenario_static(comm):
             "rows_routed": sum(sum(r["rows_to_rank"]) for r in routed),
             "expected_rows": int(sum(len(set(placement.as_array()[routing[l][0][t]])) for l in CHAIN_LAYERS
                                      for t in range(n)))}
-    # A capacity below the worst case: rows past it are counted on the device and named after the sync.
+    return chain
+
+
+def _static_overflow(comm, config, placement, local):
+    """A capacity below the worst case: rows past it are counted on the device and named after the sync."""
+    from mimo_parallel.static_dispatch import StaticDispatcher, StaticShape
+    k, H = config.num_experts_per_tok, config.hidden_size
+    n = TOKENS_PER_RANK[comm.rank % len(TOKENS_PER_RANK)]
+    shape = StaticShape(32, capacity=4)
     dispatcher = StaticDispatcher(comm, placement, H, k, "alltoall_padded")
     ids = np.full((shape.tokens, k), -1, np.int32)
     ids[:n] = np.arange(k)[None, :]                  # every token chooses experts 0..7 (rank 0's)
     dispatcher(1, comm.to_device(np.zeros((shape.tokens, H), np.float32)), comm.to_device(ids),
                comm.to_device(np.full((shape.tokens, k), 0.125, np.float32)),
-               lambda a, b, c: local(1, a, b, c), StaticShape(32, capacity=4))
+               lambda a, b, c: local(1, a, b, c), shape)
     comm.sync("capacity step")
     try:
         dispatcher.finish_step()
-        result["overflow"] = "no error"
+        return "no error"
     except RuntimeError as err:
-        result["overflow"] = str(err)
-    # The host-read dispatcher refuses uneven splits on this backend; a split list is rejected by the group.
+        return str(err)
+
+
+def _split_list_refusals(comm, config, placement):
+    """The host-read dispatcher refuses uneven splits on this backend; a split list is rejected by the group."""
+    import torch
+
+    from mimo_parallel.dispatcher import Dispatcher
+    from mimo_parallel.plan import RowFormat
+    result = {}
     try:
-        Dispatcher(comm, placement, RowFormat(H, k), "alltoallv")
+        Dispatcher(comm, placement, RowFormat(config.hidden_size, config.num_experts_per_tok), "alltoallv")
         result["alltoallv"] = "accepted"
     except ValueError as err:
         result["alltoallv"] = str(err)
     try:
+        world = comm.world_size
         t = comm.to_device(np.zeros((world, 2), np.float32))
         torch.distributed.all_to_all_single(torch.empty_like(t), t, [1] * world, [1] * world)
         result["split_lists"] = "accepted"
     except AssertionError as err:
         result["split_lists"] = str(err)
     comm.sync("after the split-list probe")
+    return result
 
-    # The model: prefill and two decode steps, every mode, against the single-process model.
+
+def _static_model(comm, config, placement):
+    """Prefill and two decode steps, every mode, against the single-process model."""
+    from mimo_v2_flash import MiMoV2FlashModel
+    from mimo_parallel.dispatcher import Dispatcher
+    from mimo_parallel.executor import ExpertParallelExecutor, OpsLocalExperts
+    from mimo_parallel.plan import RowFormat
+    from mimo_parallel.run import build_rank_model, random_rank_weights
+    rank, k, H = comm.rank, config.num_experts_per_tok, config.hidden_size
     reference_model = MiMoV2FlashModel.random(config, seed=0)
     n_seq = SEQUENCES_PER_RANK[rank % len(SEQUENCES_PER_RANK)]
     srng = np.random.default_rng([5, rank])
     prompts = [srng.integers(0, config.vocab_size, srng.integers(3, 10)) for _ in range(n_seq)]
     held = random_rank_weights(config, placement, rank, seed=0)
-    result["model"] = {}
+    result = {}
     for mode in ("auto", "alltoall_padded", "allgather", "numpy:alltoall_padded", "numpy:allgather"):
         if mode.startswith("numpy:"):     # the host-read dispatcher: a sync before every read
-            from mimo_parallel.executor import ExpertParallelExecutor, OpsLocalExperts
             model = MiMoV2FlashModel(config, held.weights)
             executor = ExpertParallelExecutor(Dispatcher(comm, placement, RowFormat(H, k), mode[6:]),
                                               OpsLocalExperts(model.ops, placement.experts_of(rank)))
@@ -133,8 +165,7 @@ def scenario_static(comm):
         else:
             model, executor = build_rank_model(held, comm, mode=mode)
         err, scale = model_steps_error(model, executor, reference_model, prompts)
-        result["model"][mode] = {"max_err": err, "scale": scale,
-                                 "modes": sorted(set(getattr(executor, "modes", [])))}
+        result[mode] = {"max_err": err, "scale": scale, "modes": sorted(set(getattr(executor, "modes", [])))}
     return result
 
 
