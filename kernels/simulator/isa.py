@@ -886,6 +886,9 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
     instr = "tensor_scalar_reduce"
     ctx = _current("nisa.tensor_scalar_reduce")
     alu0, red = ops.alu(op0, instr, "op0"), ops.alu(reduce_op, instr, "reduce_op")
+    if alu0.kind == "bitvec":    # the docs: "Bitvec operators are not supported in this API"
+        raise _err.UnsupportedError(f"{instr}: op0 nl.{alu0.name} is a bitvec operator; only arithmetic "
+                                    f"operators are supported")
     if red.name not in ("add", "multiply", "maximum", "minimum"):
         raise _err.UnsupportedError(f"{instr}: reduce_op must be add, multiply, maximum or minimum")
     data = _in(instr, "data", data)
@@ -1144,25 +1147,31 @@ def register_alloc(x=None) -> VirtualRegister:
 
 
 def register_move(dst: VirtualRegister, src) -> None:
+    """Set a register to a compile-time int or another register's value; it touches no memory
+    (SDK isa stub, ``register_move``), so a tensor source raises (use ``register_load``)."""
     _current("nisa.register_move")
+    if isinstance(src, _mem.NkiTensor):
+        raise TypeError(f"register_move: src must be an int or a VirtualRegister, got {src.describe()}; "
+                        f"load a register from memory with nisa.register_load")
     dst._set(_mem.runtime_int(src, "register_move src"))
 
 
 def register_load(dst: VirtualRegister, src) -> None:
-    """Load a register from a 1x1 SBUF tensor."""
+    """Load a register from a one-element HBM or SBUF tensor."""
     _current("nisa.register_load")
-    src = _in("register_load", "src", src, ("sbuf",))
+    src = _in("register_load", "src", src, ("sbuf", "hbm"))
     dst._set(_mem.runtime_int(src, "register_load src"))
 
 
 def register_store(dst, src: VirtualRegister) -> None:
-    """Store a register into a 1x1 SBUF tensor."""
+    """Store a register into a one-element HBM or SBUF tensor."""
     _current("nisa.register_store")
-    dst = _in("register_store", "dst", dst, ("sbuf",))
+    dst = _in("register_store", "dst", dst, ("sbuf", "hbm"))
     if dst.size != 1:
-        raise _err.ShapeMismatchError(f"register_store: dst {dst.describe()} must be 1x1")
+        raise _err.ShapeMismatchError(f"register_store: dst {dst.describe()} must hold exactly one element")
+    if not isinstance(src, VirtualRegister):
+        raise TypeError(f"register_store: src must be a VirtualRegister, got {type(src).__name__}")
     dst.write(np.full(dst.shape, src.value, np.int64), "register_store")
-
 
 
 # --------------------------------------------------------------------------- more instructions

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import sys
+import threading
 
 import numpy as np
 
@@ -167,7 +168,14 @@ def rand(shape, dtype=float32, buffer=None, name="") -> NkiTensor:
 
 
 def random_seed(seed) -> None:
-    _current("nl.random_seed").run.rng = np.random.default_rng(int(seed))
+    """Seed ``nl.rand``: ``seed`` is a [1, 1] SBUF or PSUM tensor holding a 32-bit integer (SDK
+    language stub, ``random_seed``); the same seed gives the same sequence."""
+    ctx = _current("nl.random_seed")
+    if not isinstance(seed, NkiTensor) or not seed.buffer.on_chip or seed.shape != (1, 1) \
+            or seed.dtype not in (int32, uint32):
+        got = seed.describe() if isinstance(seed, NkiTensor) else repr(seed)
+        raise TypeError(f"nl.random_seed: seed must be a [1, 1] int32/uint32 tensor in SBUF or PSUM, got {got}")
+    ctx.run.rng = np.random.default_rng(int(seed.read("random_seed", "seed").reshape(-1)[0]) & 0xFFFFFFFF)
 
 
 SHARED_CONSTANT_DTYPES = (float32, float16, bfloat16, int32, int16, int8, uint32, uint16, uint8,
@@ -223,8 +231,22 @@ sequential_range = range
 static_range = range
 
 
+_no_reorder = threading.local()     # depth of nl.no_reorder blocks in this program's thread
+
+
+def _dynamic_loop(api: str, step) -> None:
+    """Checks shared by the register-based loops (SDK language stub and the dynamic-loops deep dive:
+    the step is a compile-time positive int; dynamic loops are not supported inside no_reorder)."""
+    if getattr(_no_reorder, "depth", 0):
+        raise _err.UnsupportedError(f"nl.{api} inside an nl.no_reorder() block is not supported; put the "
+                                    f"no_reorder block inside the loop body")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step <= 0:
+        raise TypeError(f"nl.{api}: step must be a compile-time positive integer, got {step!r}")
+
+
 def dynamic_range(start, stop=None, step=1):
     """A runtime loop: bounds may be VirtualRegisters; yields read-only registers."""
+    _dynamic_loop("dynamic_range", step)
     if stop is None:
         start, stop = 0, start
     lo, hi = _runtime_int(start, "dynamic_range start"), _runtime_int(stop, "dynamic_range stop")
@@ -234,25 +256,30 @@ def dynamic_range(start, stop=None, step=1):
 
 def fori_loop(lower, upper, body_fun, step=1) -> None:
     """``for i in range(lower, upper, step): body_fun(i)`` with runtime bounds; ``i`` is a register."""
-    if not isinstance(step, (int, np.integer)) or step <= 0:
-        raise TypeError(f"nl.fori_loop: step must be a compile-time positive integer, got {step!r}")
+    _dynamic_loop("fori_loop", step)
     lo, hi = _runtime_int(lower, "fori_loop lower"), _runtime_int(upper, "fori_loop upper")
     for i in range(lo, hi, int(step)):
         body_fun(_VirtualRegister(i, frozen=True))
 
 
 def while_loop(init, body_fun) -> None:
-    """Run ``body_fun()`` while the condition (register, int or 1x1 tensor) is non-zero; the body
-    returns the next condition."""
-    cond = init
-    while _runtime_int(cond, "while_loop condition"):
-        cond = body_fun()
+    """``r = init; while r != 0: r = body_fun(r)``: the body receives the condition value as a
+    read-only register and returns the next condition (SDK language stub, ``while_loop``)."""
+    _dynamic_loop("while_loop", 1)
+    value = _runtime_int(init, "while_loop init")
+    while value:
+        value = _runtime_int(body_fun(_VirtualRegister(value, frozen=True)), "while_loop condition")
 
 
 @contextlib.contextmanager
 def no_reorder():
-    """Instructions in this block keep program order (the simulator always does)."""
-    yield
+    """Instructions in this block keep program order (the simulator always does); register-based
+    loops inside it raise, as documented."""
+    _no_reorder.depth = getattr(_no_reorder, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _no_reorder.depth -= 1
 
 
 # --------------------------------------------------------------------------- SPMD
@@ -270,8 +297,8 @@ def num_programs(axes=0) -> int:
 
 
 def program_ndim() -> int:
-    _current("nl.program_ndim")
-    return 1
+    """Axes of the launch grid: 1 for ``kernel[n]``, 0 for a kernel launched without a grid."""
+    return _current("nl.program_ndim").run.grid_ndim
 
 
 # --------------------------------------------------------------------------- memory movement
@@ -313,14 +340,17 @@ def store(dst, value) -> None:
 
 
 def load_transpose2d(src, dtype=None) -> NkiTensor:
-    """HBM ``[a, b]`` -> SBUF ``[b, a]`` via a DMA transpose."""
+    """HBM ``[a, b]`` -> SBUF ``[b, a]`` via a DMA transpose; ``dtype`` casts the result (a
+    ``tensor_copy`` after the transpose, which keeps the dtype)."""
     if not isinstance(src, NkiTensor) or not src.buffer.is_hbm or src.ndim != 2:
         raise _err.MemoryRegionError("load_transpose2d: src must be a 2-D HBM tensor")
-    if dtype is not None and _dt.as_dtype(dtype) != src.dtype:
-        raise _err.DtypeError("load_transpose2d: dtype conversion is not supported (DMA transpose keeps the dtype)")
     tile = ndarray((src.shape[1], src.shape[0]), src.dtype, sbuf)
     _isa.dma_transpose(tile, src)
-    return tile
+    if dtype is None or _dt.as_dtype(dtype) == src.dtype:
+        return tile
+    cast = ndarray(tile.shape, dtype, sbuf)
+    _isa.tensor_copy(cast, tile)
+    return cast
 
 
 def copy(src, dtype=None) -> NkiTensor:
@@ -649,13 +679,17 @@ def transpose(x, dtype=None) -> NkiTensor:
 
 # --------------------------------------------------------------------------- misc
 
-def device_print(prefix, x) -> None:
-    """Print ``prefix`` and the tile's values (simulation only)."""
-    if isinstance(x, NkiTensor):
-        builtins.print(prefix, x.read("device_print", "x").astype(np.float32) if _dt.is_float(x.dtype)
-                       else x.read("device_print", "x"))
-    else:
-        builtins.print(prefix, x)
+def device_print(print_prefix, tensor) -> None:
+    """Print ``print_prefix`` and the values of ``tensor`` to stdout, as NKI's CPU simulation does.
+    The prefix is a constant string and the tensor is in SBUF or HBM (SDK language stub)."""
+    _current("nl.device_print")
+    if not isinstance(print_prefix, str):
+        raise TypeError(f"nl.device_print: print_prefix must be a constant string, got {print_prefix!r}")
+    if not isinstance(tensor, NkiTensor) or tensor.buffer is psum:
+        got = tensor.describe() if isinstance(tensor, NkiTensor) else type(tensor).__name__
+        raise _err.MemoryRegionError(f"nl.device_print: tensor must be in SBUF or HBM, got {got}")
+    values = tensor.read("device_print", "tensor")
+    builtins.print(print_prefix, values.astype(np.float32) if _dt.is_float(tensor.dtype) else values)
 
 
 _bind_element_wise_api(sys.modules[__name__])   # the tensor operators (+, *, <, ...) call nl.*
