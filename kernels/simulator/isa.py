@@ -113,10 +113,10 @@ def _in(instr: str, operand: str, t, spaces=("psum", "sbuf")) -> _mem.NkiTensor:
             f"but got a tile in '{_space(t)}' instead ({t.describe()})")
     if t.partitions > _mem.PMAX:
         raise _err.PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
-                                  f"maximum {_mem.PMAX} ({t.describe()})")
+                                       f"maximum {_mem.PMAX} ({t.describe()})")
     if t._indirect:
         raise _err.UnsupportedError(f"{instr}: operand '{operand}' is an indirect (dynamic) access pattern; "
-                               f"only DMA instructions accept those")
+                                    f"only DMA instructions accept those")
     _check_start_partition(instr, operand, t)
     _check_free_size(instr, operand, t)
     return t
@@ -128,9 +128,9 @@ def _check_start_partition(instr: str, operand: str, t: _mem.NkiTensor) -> None:
     allowed = _current(instr).config.model.allowed_start_partitions(t.partitions)
     if start not in allowed:
         raise _violation(_err.StartPartitionError, "start-partition",
-                        f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
-                        f"start partition {start}; with {t.partitions} partitions the start must be one "
-                        f"of {list(allowed)}")
+                         f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
+                         f"start partition {start}; with {t.partitions} partitions the start must be one "
+                         f"of {list(allowed)}")
 
 
 def _check_free_size(instr: str, operand: str, t: _mem.NkiTensor) -> None:
@@ -138,8 +138,8 @@ def _check_free_size(instr: str, operand: str, t: _mem.NkiTensor) -> None:
     limit = model.engine_fmax_psum if t.buffer is _mem.MemoryRegion.psum else model.engine_fmax_sbuf
     if t.free_size > limit:
         raise _violation(_err.TileSizeError, "engine-free-size",
-                        f"{instr}: operand '{operand}' {t.describe()} has {t.free_size} elements per "
-                        f"partition; compute instructions take at most {limit} in {t.buffer.value}")
+                         f"{instr}: operand '{operand}' {t.describe()} has {t.free_size} elements per "
+                         f"partition; compute instructions take at most {limit} in {t.buffer.value}")
 
 
 _FAST_DTYPES = (dt.bfloat16, dt.float16)
@@ -228,8 +228,8 @@ def _no_psum_on_gpsimd(instr: str, eng: str, **operands) -> None:
     for name, t in operands.items():
         if isinstance(t, _mem.NkiTensor) and t.buffer is _mem.MemoryRegion.psum:
             raise _err.MemoryRegionError(f"Expected operand '{name}' of '{instr}' to be in address space "
-                                    f"'sbuf' (GpSimd cannot access PSUM), but got a tile in 'psum' "
-                                    f"instead ({t.describe()})")
+                                         f"'sbuf' (GpSimd cannot access PSUM), but got a tile in 'psum' "
+                                         f"instead ({t.describe()})")
 
 
 def _not_both_psum(instr: str, a_name: str, a, b_name: str, b) -> None:
@@ -327,13 +327,13 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
     for operand, t in (("dst", dst), ("src", src)):
         if t.buffer is _mem.MemoryRegion.psum:
             raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead ({t.describe()})")
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead ({t.describe()})")
         if t.buffer.on_chip and t.partitions > _mem.PMAX:
             raise _err.PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
-                                      f"maximum {_mem.PMAX} ({t.describe()})")
+                                           f"maximum {_mem.PMAX} ({t.describe()})")
     if not _compatible_shapes(dst.shape, src.shape):
         raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} and src {src.describe()} shapes are "
-                                 f"not compatible (element counts must match, no implicit transpose)")
+                                      f"not compatible (element counts must match, no implicit transpose)")
     if dge_mode is globals()["dge_mode"].hwdge and dst.dtype != src.dtype:
         raise _err.DtypeError(f"{instr}: dge_mode.hwdge needs equal src/dst dtypes ({src.dtype} vs {dst.dtype})")
     mask = None
@@ -376,29 +376,29 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
     perm = DMA_TRANSPOSE_PERMUTATION.get(src.ndim)
     if src.ndim != dst.ndim or perm is None:
         raise _err.UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-, 3- "
-                               f"or 4-D")
+                                    f"or 4-D")
     if axes is not None and tuple(axes) != perm:
         raise _err.UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: the documented "
-                               f"permutation {perm} of a {src.ndim}-D tile")
+                                    f"permutation {perm} of a {src.ndim}-D tile")
     if src.itemsize not in (2, 4):
         raise _err.DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
     if src.itemsize != 2 and _strict("dma-transpose-2-byte"):
         raise _violation(_err.DtypeError, "dma-transpose-2-byte",
-                        f"{instr}: src {src.describe()} has {src.itemsize}-byte elements; both DGE "
-                        f"lowerings take 2-byte dtypes")
+                         f"{instr}: src {src.describe()} has {src.itemsize}-byte elements; both DGE "
+                         f"lowerings take 2-byte dtypes")
     _check_dma_transpose_shape(instr, src, dge_mode, ctx.config.model)
     if dst.dtype != src.dtype:
         raise _err.DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
     if list(dst.shape) != [src.shape[a] for a in perm]:
         raise _err.ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be src{list(src.shape)} transposed "
-                                 f"by axes {perm}")
+                                      f"by axes {perm}")
     for operand, t in (("dst", dst), ("src", src)):
         if t.buffer is _mem.MemoryRegion.psum:
             raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead")
     if not dst.buffer.on_chip or dst.buffer is _mem.MemoryRegion.psum:
         raise _err.MemoryRegionError(f"Expected operand 'dst' of '{instr}' to be in address space 'sbuf', "
-                                f"but got a tile in '{_space(dst)}' instead")
+                                     f"but got a tile in '{_space(dst)}' instead")
     dst.write(np.transpose(src.read(instr, "src"), perm), instr)
     n = dst.size * dst.itemsize
     hbm = n if src.buffer.is_hbm else 0
@@ -414,9 +414,9 @@ def _check_dma_transpose_shape(instr: str, src: _mem.NkiTensor, mode, model) -> 
             rows in model.dma_transpose_hwdge_src_partitions and (rows * src.shape[-2]) % 16 == 0)
         if not ok:
             raise _violation(_err.TileSizeError, "dma-transpose-shape",
-                            f"{instr}: dge_mode=hwdge with src {src.describe()}: a 2-D source needs "
-                            f"shape[0] == 16, a 3-/4-D one shape[0] in {{1, 2, 4, 8, 16}} and "
-                            f"shape[0] * shape[-2] a multiple of 16")
+                             f"{instr}: dge_mode=hwdge with src {src.describe()}: a 2-D source needs "
+                             f"shape[0] == 16, a 3-/4-D one shape[0] in {{1, 2, 4, 8, 16}} and "
+                             f"shape[0] * shape[-2] a multiple of 16")
 
 
 def _dma_transpose_rate(src: _mem.NkiTensor, dst: _mem.NkiTensor, model) -> float:
@@ -458,9 +458,9 @@ def _check_fresh_bank(instr: str, dst: _mem.NkiTensor) -> None:
     bank_lo, bank_hi = (lo // per_bank) * per_bank, (hi // per_bank + 1) * per_bank
     if (acc[:, bank_lo:bank_hi] != _mem.ACC_NONE).any():
         raise _violation(_err.AccumulationError, "psum-accumulate-per-bank",
-                        f"{instr}: accumulate=None into the fresh region {dst.describe()} of a PSUM bank "
-                        f"that already holds a matmul result; pass accumulate=False to start the group "
-                        f"(or True to add)")
+                         f"{instr}: accumulate=None into the fresh region {dst.describe()} of a PSUM bank "
+                         f"that already holds a matmul result; pass accumulate=False to start the group "
+                         f"(or True to add)")
 
 
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
@@ -481,10 +481,10 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     for operand, t in (("stationary", stationary), ("moving", moving)):
         if t.dtype not in _MATMUL_DTYPES:
             raise _err.DtypeError(f"{instr}: {operand} dtype {t.dtype} is not a matmul input dtype "
-                             f"(fp8, bf16, fp16, fp32)")
+                                  f"(fp8, bf16, fp16, fp32)")
     if (stationary.dtype == dt.float32) != (moving.dtype == dt.float32):
         raise _err.DtypeError(f"{instr}: fp32 operands must be paired with fp32 (stationary {stationary.dtype}, "
-                         f"moving {moving.dtype})")
+                              f"moving {moving.dtype})")
     if dst.dtype != dt.float32 and not (is_transpose and dst.dtype in (dt.bfloat16, dt.float16)):
         raise _err.DtypeError(f"{instr}: dst {dst.describe()} must be float32 on Trainium2 (PSUM accumulates fp32)")
     if perf_mode not in (matmul_perf_mode.none, matmul_perf_mode.double_row, None):
@@ -501,10 +501,10 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     if double_row:
         if stationary.dtype not in dt.FP8 or moving.dtype not in dt.FP8:
             raise _err.DtypeError(f"{instr}: perf_mode=double_row needs fp8 operands, got {stationary.dtype} "
-                             f"and {moving.dtype}")
+                                  f"and {moving.dtype}")
         if stationary.ndim != 3 or moving.ndim != 3 or stationary.shape[1] != 2 or moving.shape[1] != 2:
             raise _err.ShapeMismatchError(f"{instr}: double_row operands must be [K, 2, M] and [K, 2, N], got "
-                                     f"{list(stationary.shape)} and {list(moving.shape)}")
+                                          f"{list(stationary.shape)} and {list(moving.shape)}")
         s_vals = s_vals.reshape(k * 2, -1)
         m_vals = m_vals.reshape(k * 2, -1)
     kk, m = s_vals.shape
@@ -512,18 +512,18 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     model = ctx.config.model
     if m > model.gemm_stationary_fmax:
         raise _err.TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
-                            f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
+                                 f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
     if n > model.gemm_moving_fmax:
         raise _err.TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
-                            f"gemm_moving_fmax {model.gemm_moving_fmax}")
+                                 f"gemm_moving_fmax {model.gemm_moving_fmax}")
     if tile_size:
         rows, cols = (int(v) for v in tile_size)
         if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
             raise _err.TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {tuple(tile_size)} "
-                                f"(multiples of 32)")
+                                     f"(multiples of 32)")
     if dst.partitions != m or dst.free_size != n:
         raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{m}, {n}] for stationary "
-                                 f"{list(stationary.shape)} and moving {list(moving.shape)}")
+                                      f"{list(stationary.shape)} and moving {list(moving.shape)}")
     _check_one_bank(instr, dst)
     result = s_vals.T @ m_vals                       # fp32 accumulation
     state = dst.acc_state()
@@ -583,8 +583,8 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     p, f = data.partitions, data.free_size
     if p > limit or f > limit:
         raise _err.TileSizeError(f"{instr}: data {data.describe()} is [{p}, {f}]; the "
-                            f"{'TensorE' if use_tensor else 'VectorE'} transpose supports at most "
-                            f"[{limit}, {limit}]")
+                                 f"{'TensorE' if use_tensor else 'VectorE'} transpose supports at most "
+                                 f"[{limit}, {limit}]")
     if dst.dtype != data.dtype:
         raise _err.DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
     if dst.partitions != f or dst.free_size != p:
@@ -620,8 +620,8 @@ def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None
     documented, valid = model.activation_range(name)
     if not documented:
         raise _violation(_err.ActivationRangeError, "activation-table",
-                        f"{instr}: nl.{name} is not a ScalarE activation function (the table lists "
-                        f"{', '.join(n for n, _ in model.activation_ranges)})")
+                         f"{instr}: nl.{name} is not a ScalarE activation function (the table lists "
+                         f"{', '.join(n for n, _ in model.activation_ranges)})")
     if valid is None:
         return
     lo, hi = valid
@@ -633,8 +633,8 @@ def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None
         extra = (" (the hardware evaluates sin's polynomial without range reduction; use nl.sin, "
                  "which range-reduces first)" if name == "sin" else "")
         raise _violation(_err.ActivationRangeError, "activation-range",
-                        f"{instr}: nl.{name} input {bad!r} is outside its valid range "
-                        f"{'±' if name == 'reciprocal' else ''}[{lo:g}, {hi:g}]{extra}")
+                         f"{instr}: nl.{name} input {bad!r} is outside its valid range "
+                         f"{'±' if name == 'reciprocal' else ''}[{lo:g}, {hi:g}]{extra}")
 
 def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None,
                reduce_cmd=reduce_cmd.idle, name=None):
@@ -710,7 +710,7 @@ def _reduce_axes(instr: str, data: _mem.NkiTensor, axis) -> tuple:
             f"along free axes only (transpose first, or matmul with a ones vector)")
     if axes != tuple(range(data.ndim - len(axes), data.ndim)):
         raise _err.ReductionAxisError(f"{instr}: axis={axis} of {data.describe()} must be the last contiguous "
-                                 f"free axes (e.g. [{data.ndim - 1}] or [1, ..., {data.ndim - 1}])")
+                                      f"free axes (e.g. [{data.ndim - 1}] or [1, ..., {data.ndim - 1}])")
     return axes
 
 
@@ -728,7 +728,7 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
     kept = int(np.prod([s for i, s in enumerate(data.shape) if i not in axes][1:], dtype=np.int64))
     if dst.free_size != kept:
         raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold {kept} element(s) per partition "
-                                 f"(data {list(data.shape)} reduced over axes {list(axes)})")
+                                      f"(data {list(data.shape)} reduced over axes {list(axes)})")
     if alu.kind == "bitvec":
         _require_int(instr, alu, data, dst)
         values = _from_bits(alu.reduce(_bits(data, instr, "data").reshape(data.shape), axis=axes), dst.dtype)
@@ -811,7 +811,7 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
         raise TypeError(f"{instr}: op1 and operand1 must be given together")
     if alu1 is not None and (alu0.kind == "bitvec") != (alu1.kind == "bitvec"):
         raise _err.UnsupportedError(f"{instr}: op0 nl.{alu0.name} and op1 nl.{alu1.name} must both be bitvec "
-                               f"or both arithmetic")
+                                    f"or both arithmetic")
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
@@ -820,11 +820,11 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     if eng == "ScalarE" and (alu0.name, alu1.name if alu1 else None) not in (
             ("multiply", "add"), ("multiply", None), ("add", None)):
         raise _err.UnsupportedError(f"{instr}: ScalarE supports only (multiply, add), (multiply, None), "
-                               f"(add, None) on Trainium2")
+                                    f"(add, None) on Trainium2")
     if eng == "GpSimd" and (alu0.name != "rsqrt" or alu1 is not None) and _strict("gpsimd-tensor-scalar"):
         raise _violation(_err.EngineRuleError, "gpsimd-tensor-scalar",
-                        f"{instr}: op0=nl.{alu0.name}, op1={'nl.' + alu1.name if alu1 else None} on GpSimd; "
-                        f"GpSimd runs tensor_scalar only for op0=nl.rsqrt")
+                         f"{instr}: op0=nl.{alu0.name}, op1={'nl.' + alu1.name if alu1 else None} on GpSimd; "
+                         f"GpSimd runs tensor_scalar only for op0=nl.rsqrt")
     _no_psum_on_gpsimd(instr, eng, data=data, dst=dst, operand0=operand0, operand1=operand1)
     if alu0.kind == "bitvec":
         _require_int(instr, alu0, data, dst)
@@ -964,7 +964,7 @@ def _pattern_values(instr: str, dst: _mem.NkiTensor, pattern, offset, channel_mu
     counts = [c for _, c in pairs]
     if int(np.prod(counts)) != dst.free_size:
         raise _err.ShapeMismatchError(f"{instr}: pattern {pattern} covers {int(np.prod(counts))} elements per "
-                                 f"partition but dst {dst.describe()} has {dst.free_size}")
+                                      f"partition but dst {dst.describe()} has {dst.free_size}")
     free = np.zeros(counts, np.int64)
     for k, (step, count) in enumerate(pairs):
         shape = [1] * len(pairs)
@@ -1018,7 +1018,7 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
 def _check_top8_data(instr: str, data: _mem.NkiTensor) -> None:
     if not 8 <= data.free_size <= 16384:
         raise _err.TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
-                            f"supported range is 8 to 16384")
+                                 f"supported range is 8 to 16384")
 
 
 def _check_eight(instr: str, operand: str, t: _mem.NkiTensor) -> None:
@@ -1133,7 +1133,7 @@ def nc_n_gather(dst, data, indices, name=None):
     idx = _raw(indices, instr, "indices").astype(np.int64)
     if (idx >= data.free_size).any():
         raise _err.OutOfBoundsError(f"{instr}: index {int(idx.max())} outside [0, {data.free_size}) of "
-                               f"{data.describe()}")
+                                    f"{data.describe()}")
     _store(dst, np.take_along_axis(_raw(data, instr, "data"), idx, axis=1), instr)
     ctx.cost.compute("GpSimd", instr, p, dst.free_size, _bytes(dst, data, indices))
 
@@ -1199,12 +1199,12 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, name=Non
     for operand, t in tensors:
         if t.buffer is _mem.MemoryRegion.psum:
             raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead")
         if t.size != dst.size:
             raise _err.ShapeMismatchError(f"{instr}: {operand} {t.describe()} has {t.size} elements, dst {dst.size}")
         if t._valid is not None:
             raise _err.OutOfBoundsError(f"{instr}: indirect {operand} {t.describe()} addresses elements outside "
-                                   f"the tensor")
+                                        f"the tensor")
         if t._addr is not None and t._indirect and np.unique(t._addr).size != t._addr.size:
             raise _err.UnsupportedError(f"{instr}: {operand} has duplicate indirect addresses (unique_indices)")
     total = np.zeros(dst.size, np.float32)
@@ -1274,7 +1274,7 @@ def bn_stats(dst, data, name=None):
     p = _same_partitions(instr, dst=dst, data=data)
     if data.free_size > _current(instr).config.model.bn_stats_fmax:
         raise _err.TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
-                            f"bn_stats_fmax is 512")
+                                 f"bn_stats_fmax is 512")
     if dst.free_size != 6:
         raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold 6 values per partition")
     x = _vals(data, instr, "data")

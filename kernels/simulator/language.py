@@ -130,8 +130,8 @@ def _filled(shape, dtype, value, buffer, name, api):
     buffer = sbuf if buffer is None else buffer
     if isinstance(buffer, MemoryRegion) and buffer.is_hbm:
         raise _err.UnsupportedError(f"nl.{api}: HBM tensors cannot be created with an initial value "
-                               f"(err_hbm_tensor_with_init_value_not_supported); use nl.ndarray and "
-                               f"write it")
+                                    f"(err_hbm_tensor_with_init_value_not_supported); use nl.ndarray and "
+                                    f"write it")
     t = _allocate(shape, dtype, buffer, name)
     _isa.memset(t, int(value) if _dt.is_int(t.dtype) or t.dtype == _dt.bool_ else float(value))
     return t
@@ -192,7 +192,7 @@ def shared_constant(constant) -> NkiTensor:
     dtype = _dt.as_dtype(values.dtype, "nl.shared_constant")
     if dtype not in SHARED_CONSTANT_DTYPES:
         raise _err.DtypeError(f"nl.shared_constant: dtype {_dt.dtype_name(dtype)} is not supported (supported: "
-                         + ", ".join(_dt.dtype_name(d) for d in SHARED_CONSTANT_DTYPES) + ")")
+                              + ", ".join(_dt.dtype_name(d) for d in SHARED_CONSTANT_DTYPES) + ")")
     from .memory import wrap_input
     tensor = wrap_input(values, "shared_constant", shared_hbm, ctx.fp32_storage)
     tensor.storage.is_input = False
@@ -208,7 +208,7 @@ def shared_identity_matrix(n, dtype=uint8, dst=None) -> NkiTensor:
         dst = ndarray((n, n), dtype, sbuf, name="identity")
     elif not isinstance(dst, NkiTensor) or dst.buffer is not sbuf or dst.partitions != n or dst.free_size != n:
         raise _err.ShapeMismatchError(f"nl.shared_identity_matrix: dst must be an [{n}, {n}] SBUF tile, got "
-                                 f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
+                                      f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
     dst.write(np.eye(n, dtype=np.float32).reshape(dst.shape), "shared_identity_matrix")
     _current("nl.shared_identity_matrix").cost.dma("shared_identity_matrix", dst.size,
                                                    dst.size * dst.itemsize, dst.size * dst.itemsize,
@@ -315,11 +315,11 @@ def load(src, dtype=None) -> NkiTensor:
     if not isinstance(src, NkiTensor) or not src.buffer.is_hbm:
         where = src.buffer.value if isinstance(src, NkiTensor) else type(src).__name__
         raise _err.MemoryRegionError(f"Expected operand 'src' of 'load' to be in address space 'hbm', but got "
-                                f"a tile in '{where}' instead.")
+                                     f"a tile in '{where}' instead.")
     shape = _tile_shape(src.shape)
     if shape[0] > _PMAX:
         raise _err.PartitionLimitError(f"load: partition dimension {shape[0]} of src {src.describe()} exceeds "
-                                  f"maximum {_PMAX}; load it in tiles of {_PMAX} rows")
+                                       f"maximum {_PMAX}; load it in tiles of {_PMAX} rows")
     tile = ndarray(shape, src.dtype if dtype is None else dtype, sbuf)
     _isa.dma_copy(tile, src)
     return tile
@@ -330,12 +330,12 @@ def store(dst, value) -> None:
     if not isinstance(dst, NkiTensor) or not dst.buffer.is_hbm:
         where = dst.buffer.value if isinstance(dst, NkiTensor) else type(dst).__name__
         raise _err.MemoryRegionError(f"Expected operand 'dst' of 'store' to be in address space 'hbm', but got "
-                                f"a tile in '{where}' instead.")
+                                     f"a tile in '{where}' instead.")
     if not isinstance(value, NkiTensor):
         value = full(_tile_shape(dst.shape), value, dst.dtype)
     if value.buffer is MemoryRegion.psum:
         raise _err.MemoryRegionError("Expected operand 'value' of 'store' to be in address space 'sbuf', but got "
-                                "a tile in 'psum' instead (copy PSUM to SBUF first with nisa.tensor_copy)")
+                                     "a tile in 'psum' instead (copy PSUM to SBUF first with nisa.tensor_copy)")
     _isa.dma_copy(dst, value)
 
 
@@ -396,7 +396,7 @@ def _check_tile(api: str, operand: str, x) -> NkiTensor:
         raise TypeError(f"nl.{api}: {operand} must be a tile, got {type(x).__name__}")
     if x.buffer.is_hbm:
         raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{api}' to be in address space 'psum|sbuf', "
-                                f"but got a tile in 'hbm' instead ({x.describe()}); nl.load it first")
+                                     f"but got a tile in 'hbm' instead ({x.describe()}); nl.load it first")
     return x
 
 
@@ -530,7 +530,7 @@ def _elementwise(op, name, x, y, dtype):
             _isa.tensor_scalar(out, tile, op, _as_fp32_column(name, col), reverse0=reverse)
             return out
         raise _err.ShapeMismatchError(f"nl.{name}: operand shapes {list(x.shape)} and {list(y.shape)} differ "
-                                 f"(only equal shapes or a [P, 1] column broadcast are supported)")
+                                      f"(only equal shapes or a [P, 1] column broadcast are supported)")
     tile, scalar, reverse = (x, y, False) if xt else (y, x, True)
     _check_tile(name, "x" if xt else "y", tile)
     if not _is_number(scalar):
@@ -569,7 +569,7 @@ def divide(x, y, dtype=None) -> NkiTensor:
     ``nl.multiply(x, nl.reciprocal(y))``)."""
     if isinstance(y, NkiTensor):
         raise _err.UnsupportedError("nl.divide by a tile is not supported on hardware in NKI 0.6; use "
-                               "nl.multiply(x, nl.reciprocal(y))")
+                                    "nl.multiply(x, nl.reciprocal(y))")
     if not _is_number(y):
         raise TypeError(f"nl.divide: divisor must be a number, got {type(y).__name__}")
     out = multiply(x, float(np.float32(1.0) / np.float32(y)), dtype=dtype)
@@ -656,12 +656,12 @@ def matmul(x, y, transpose_x=False) -> NkiTensor:
     NKI 0.3+ supports only ``transpose_x=True`` (contraction on the partition dim of both)."""
     if not transpose_x:
         raise _err.UnsupportedError("nl.matmul(x, y) without transpose_x=True is not supported in NKI 0.3+; pass "
-                               "x as [K, M] with transpose_x=True")
+                                    "x as [K, M] with transpose_x=True")
     _check_tile("matmul", "x", x)
     _check_tile("matmul", "y", y)
     if x.free_size > 128 or y.free_size > 512:
         raise _err.TileSizeError(f"nl.matmul: x {x.describe()} free size must be <= 128 and y {y.describe()} "
-                            f"free size <= 512")
+                                 f"free size <= 512")
     out = ndarray((x.free_size, y.free_size), float32, psum)
     _isa.nc_matmul(out, x, y)
     return out
