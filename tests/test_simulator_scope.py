@@ -17,6 +17,7 @@ import pytest
 
 import mimo_kernels.simulator as sim
 from mimo_kernels.simulator import errors as E
+from test_simulator_surface import load, store     # HBM -> SBUF tile, tile -> shared_hbm output
 
 nki, nl, nisa = sim, sim.language, sim.isa
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,20 +25,9 @@ RNG = np.random.default_rng(23)
 
 
 def run(body, *arrays, lnc=None):
+    """Simulate ``body`` as a kernel: without a launch grid, or as ``kernel[lnc]``."""
     kernel = nki.jit(body)
     return nki.simulate(kernel if lnc is None else kernel[lnc])(*arrays)
-
-
-def load(x):
-    t = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(t, x)
-    return t
-
-
-def store(t):
-    out = nl.ndarray(t.shape, dtype=t.dtype, buffer=nl.shared_hbm)
-    nisa.dma_copy(out, t)
-    return out
 
 
 def f32(*shape, lo=-2.0, hi=2.0):
