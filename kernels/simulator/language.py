@@ -234,7 +234,7 @@ static_range = range
 _no_reorder = threading.local()     # depth of nl.no_reorder blocks in this program's thread
 
 
-def _dynamic_loop(api: str, step) -> None:
+def _dynamic_loop(api: str, step=1) -> None:
     """Checks shared by the register-based loops (SDK language stub and the dynamic-loops deep dive:
     the step is a compile-time positive int; dynamic loops are not supported inside no_reorder)."""
     if getattr(_no_reorder, "depth", 0):
@@ -265,7 +265,7 @@ def fori_loop(lower, upper, body_fun, step=1) -> None:
 def while_loop(init, body_fun) -> None:
     """``r = init; while r != 0: r = body_fun(r)``: the body receives the condition value as a
     read-only register and returns the next condition (SDK language stub, ``while_loop``)."""
-    _dynamic_loop("while_loop", 1)
+    _dynamic_loop("while_loop")
     value = _runtime_int(init, "while_loop init")
     while value:
         value = _runtime_int(body_fun(_VirtualRegister(value, frozen=True)), "while_loop condition")
