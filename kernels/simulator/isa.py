@@ -14,14 +14,11 @@ import numpy as np
 
 from . import dtypes as dt
 from . import ops
-from .context import current
-from .rules import strict, violation
-from .errors import (ActivationRangeError, EngineRuleError, StartPartitionError,
-                     AccumulationError, DtypeError, MemoryRegionError,
-                     OutOfBoundsError, PartitionLimitError, PartitionMismatchError, ReductionAxisError,
-                     ShapeMismatchError, TileSizeError, UninitializedReadError, UnsupportedError)
-from .memory import (ACC_NONE, ACC_OPEN, ACC_READ, PMAX, MemoryRegion, NkiTensor, VirtualRegister,
-                     runtime_int)
+from . import errors as _err
+from . import memory as _mem
+from .context import current as _current
+from .memory import VirtualRegister   # nisa.VirtualRegister is an NKI class
+from .rules import strict as _strict, violation as _violation
 
 # --------------------------------------------------------------------------- enumerations
 
@@ -97,73 +94,73 @@ _ENGINE_NAMES = {engine.tensor: "TensorE", engine.vector: "VectorE", engine.scal
                  engine.gpsimd: "GpSimd"}
 
 
-def _space(t: NkiTensor) -> str:
+def _space(t: _mem.NkiTensor) -> str:
     return "hbm" if t.buffer.is_hbm else t.buffer.value
 
 
-def _tensor(instr: str, operand: str, t) -> NkiTensor:
-    if not isinstance(t, NkiTensor):
+def _tensor(instr: str, operand: str, t) -> _mem.NkiTensor:
+    if not isinstance(t, _mem.NkiTensor):
         raise TypeError(f"{instr}: operand '{operand}' must be an NkiTensor, got {type(t).__name__}")
     return t
 
 
-def _in(instr: str, operand: str, t, spaces=("psum", "sbuf")) -> NkiTensor:
+def _in(instr: str, operand: str, t, spaces=("psum", "sbuf")) -> _mem.NkiTensor:
     """Check an on-chip operand: tensor, allowed buffer, partitions <= 128, not indirect."""
     t = _tensor(instr, operand, t)
     if _space(t) not in spaces:
-        raise MemoryRegionError(
+        raise _err.MemoryRegionError(
             f"Expected operand '{operand}' of '{instr}' to be in address space '{'|'.join(spaces)}', "
             f"but got a tile in '{_space(t)}' instead ({t.describe()})")
-    if t.partitions > PMAX:
-        raise PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
-                                  f"maximum {PMAX} ({t.describe()})")
+    if t.partitions > _mem.PMAX:
+        raise _err.PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
+                                       f"maximum {_mem.PMAX} ({t.describe()})")
     if t._indirect:
-        raise UnsupportedError(f"{instr}: operand '{operand}' is an indirect (dynamic) access pattern; "
-                               f"only DMA instructions accept those")
+        raise _err.UnsupportedError(f"{instr}: operand '{operand}' is an indirect (dynamic) access pattern; "
+                                    f"only DMA instructions accept those")
     _check_start_partition(instr, operand, t)
     _check_free_size(instr, operand, t)
     return t
 
 
-def _check_start_partition(instr: str, operand: str, t: NkiTensor) -> None:
+def _check_start_partition(instr: str, operand: str, t: _mem.NkiTensor) -> None:
     """64 < P <= 128 starts at 0; 32 < P <= 64 at 0 or 64; P <= 32 at 0, 32, 64 or 96."""
     start = t.start_partition
-    allowed = current(instr).config.model.allowed_start_partitions(t.partitions)
+    allowed = _current(instr).config.model.allowed_start_partitions(t.partitions)
     if start not in allowed:
-        raise violation(StartPartitionError, "start-partition",
-                        f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
-                        f"start partition {start}; with {t.partitions} partitions the start must be one "
-                        f"of {list(allowed)}")
+        raise _violation(_err.StartPartitionError, "start-partition",
+                         f"{instr}: operand '{operand}' {t.describe()} spans {t.partitions} partitions from "
+                         f"start partition {start}; with {t.partitions} partitions the start must be one "
+                         f"of {list(allowed)}")
 
 
-def _check_free_size(instr: str, operand: str, t: NkiTensor) -> None:
-    model = current(instr).config.model
-    limit = model.engine_fmax_psum if t.buffer is MemoryRegion.psum else model.engine_fmax_sbuf
+def _check_free_size(instr: str, operand: str, t: _mem.NkiTensor) -> None:
+    model = _current(instr).config.model
+    limit = model.engine_fmax_psum if t.buffer is _mem.MemoryRegion.psum else model.engine_fmax_sbuf
     if t.free_size > limit:
-        raise violation(TileSizeError, "engine-free-size",
-                        f"{instr}: operand '{operand}' {t.describe()} has {t.free_size} elements per "
-                        f"partition; compute instructions take at most {limit} in {t.buffer.value}")
+        raise _violation(_err.TileSizeError, "engine-free-size",
+                         f"{instr}: operand '{operand}' {t.describe()} has {t.free_size} elements per "
+                         f"partition; compute instructions take at most {limit} in {t.buffer.value}")
 
 
 _FAST_DTYPES = (dt.bfloat16, dt.float16)
 
 
-def _inner_contiguous(t: NkiTensor) -> bool:
+def _inner_contiguous(t: _mem.NkiTensor) -> bool:
     if t._arr is None:
         return False
     return t.shape[-1] == 1 or t._arr.strides[-1] == t.itemsize
 
 
-def _vector_cycles_per_element(instr: str, dst: NkiTensor, *inputs: NkiTensor) -> float:
+def _vector_cycles_per_element(instr: str, dst: _mem.NkiTensor, *inputs: _mem.NkiTensor) -> float:
     """VectorE cycles per element: 2 for two input tiles, 1 for one; the trn2 performance mode
     (bf16/fp16 operands) only under its documented conditions (mimo_kernels.trn2)."""
-    model = current(instr).config.model
+    model = _current(instr).config.model
     tensors = (dst,) + inputs
     fast_dtypes = all(t.dtype in _FAST_DTYPES for t in tensors)
-    in_sbuf = [t.buffer is MemoryRegion.sbuf for t in tensors]
+    in_sbuf = [t.buffer is _mem.MemoryRegion.sbuf for t in tensors]
     if len(inputs) >= 2:
         two = model.vector_two_input_cycles_per_elem
-        if fast_dtypes and all(t.buffer is MemoryRegion.sbuf for t in inputs):
+        if fast_dtypes and all(t.buffer is _mem.MemoryRegion.sbuf for t in inputs):
             return two / model.vector_fast_mode_half
         return two
     if instr not in ("tensor_copy", "tensor_scalar") or not fast_dtypes:
@@ -177,38 +174,38 @@ def _vector_cycles_per_element(instr: str, dst: NkiTensor, *inputs: NkiTensor) -
 
 
 def _same_partitions(instr: str, **operands) -> int:
-    items = [(k, v) for k, v in operands.items() if isinstance(v, NkiTensor)]
+    items = [(k, v) for k, v in operands.items() if isinstance(v, _mem.NkiTensor)]
     first = items[0][1].partitions
     if any(v.partitions != first for _, v in items):
         desc = ", ".join(f"{k}{list(v.shape)}" for k, v in items)
-        raise PartitionMismatchError(
+        raise _err.PartitionMismatchError(
             f"number of partitions (dimension 0 size of a tile) mismatch in parameters ({desc}) of "
             f"'{instr}'")
     return first
 
 
-def _same_free(instr: str, a_name: str, a: NkiTensor, b_name: str, b: NkiTensor) -> None:
+def _same_free(instr: str, a_name: str, a: _mem.NkiTensor, b_name: str, b: _mem.NkiTensor) -> None:
     if a.free_size != b.free_size:
-        raise ShapeMismatchError(
+        raise _err.ShapeMismatchError(
             f"{instr}: {a_name}{list(a.shape)} and {b_name}{list(b.shape)} must have the same number "
             f"of elements per partition ({a.free_size} vs {b.free_size})")
 
 
-def _vals(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+def _vals(t: _mem.NkiTensor, instr: str, operand: str) -> np.ndarray:
     """fp32 values flattened to [partitions, free]."""
     return t.read_f32(instr, operand).reshape(t.partitions, -1)
 
 
-def _raw(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+def _raw(t: _mem.NkiTensor, instr: str, operand: str) -> np.ndarray:
     return t.read(instr, operand).reshape(t.partitions, -1)
 
 
-def _store(dst: NkiTensor, values: np.ndarray, instr: str, **kw) -> None:
+def _store(dst: _mem.NkiTensor, values: np.ndarray, instr: str, **kw) -> None:
     dst.write(np.asarray(values).reshape(dst.shape), instr, **kw)
 
 
 def _bytes(*tensors) -> int:
-    return sum(t.size * t.itemsize for t in tensors if isinstance(t, NkiTensor))
+    return sum(t.size * t.itemsize for t in tensors if isinstance(t, _mem.NkiTensor))
 
 
 def _choose_engine(instr: str, requested, default: str, allowed, rule: str | None = None) -> str:
@@ -220,8 +217,8 @@ def _choose_engine(instr: str, requested, default: str, allowed, rule: str | Non
     if name not in allowed:
         message = f"{instr} cannot run on {requested.name} engine (allowed: {', '.join(allowed)})"
         if rule:
-            raise violation(EngineRuleError, rule, message)
-        raise UnsupportedError(message)
+            raise _violation(_err.EngineRuleError, rule, message)
+        raise _err.UnsupportedError(message)
     return name
 
 
@@ -229,28 +226,28 @@ def _no_psum_on_gpsimd(instr: str, eng: str, **operands) -> None:
     if eng != "GpSimd":
         return
     for name, t in operands.items():
-        if isinstance(t, NkiTensor) and t.buffer is MemoryRegion.psum:
-            raise MemoryRegionError(f"Expected operand '{name}' of '{instr}' to be in address space "
-                                    f"'sbuf' (GpSimd cannot access PSUM), but got a tile in 'psum' "
-                                    f"instead ({t.describe()})")
+        if isinstance(t, _mem.NkiTensor) and t.buffer is _mem.MemoryRegion.psum:
+            raise _err.MemoryRegionError(f"Expected operand '{name}' of '{instr}' to be in address space "
+                                         f"'sbuf' (GpSimd cannot access PSUM), but got a tile in 'psum' "
+                                         f"instead ({t.describe()})")
 
 
 def _not_both_psum(instr: str, a_name: str, a, b_name: str, b) -> None:
-    if isinstance(a, NkiTensor) and isinstance(b, NkiTensor) and \
-            a.buffer is MemoryRegion.psum and b.buffer is MemoryRegion.psum:
-        raise MemoryRegionError(f"{instr}: operands '{a_name}' and '{b_name}' may not both be in PSUM")
+    if isinstance(a, _mem.NkiTensor) and isinstance(b, _mem.NkiTensor) and \
+            a.buffer is _mem.MemoryRegion.psum and b.buffer is _mem.MemoryRegion.psum:
+        raise _err.MemoryRegionError(f"{instr}: operands '{a_name}' and '{b_name}' may not both be in PSUM")
 
 
 def _scalar_operand(instr: str, operand: str, value, partitions: int, require_fp32: bool = True):
     """A compile-time scalar or a [P, 1] vector; returns something broadcastable over [P, F]."""
-    if isinstance(value, NkiTensor):
+    if isinstance(value, _mem.NkiTensor):
         _in(instr, operand, value)
         if value.partitions != partitions or value.free_size != 1:
-            raise PartitionMismatchError(
+            raise _err.PartitionMismatchError(
                 f"{instr}: {operand}{list(value.shape)} must be a scalar or a [{partitions}, 1] vector "
                 f"(one value per partition)")
         if require_fp32 and value.dtype != dt.float32:
-            raise DtypeError(f"{instr}: vector {operand} {value.describe()} must be float32")
+            raise _err.DtypeError(f"{instr}: vector {operand} {value.describe()} must be float32")
         return _vals(value, instr, operand)
     if isinstance(value, VirtualRegister):
         return np.float32(value.value)
@@ -276,7 +273,7 @@ def _compatible_shapes(a, b) -> bool:
     return sa[0] == sb[0]
 
 
-def _run_elements(t: NkiTensor) -> int:
+def _run_elements(t: _mem.NkiTensor) -> int:
     """Elements of the longest contiguous run per partition row of a DMA operand."""
     if t._addr is not None:
         addr = t._addr.reshape(t.shape) if t._addr.size == t.size else t._addr
@@ -297,14 +294,14 @@ def _run_elements(t: NkiTensor) -> int:
     return run
 
 
-def _record_dma(ctx, instr: str, dst: NkiTensor, src: NkiTensor, nbytes: int, hbm: int,
+def _record_dma(ctx, instr: str, dst: _mem.NkiTensor, src: _mem.NkiTensor, nbytes: int, hbm: int,
                 rate: float = None) -> None:
     """Cost of one DMA: partitions (the on-chip side's, else the leading dim), contiguous run per
     partition, software-DGE descriptors for indirect operands.  A transpose (``rate`` given)
     writes whole partitions; its shape-dependent rate stands for the access pattern."""
     chip = [t for t in (dst, src) if t.buffer.on_chip]
     partitions = chip[0].partitions if chip else (dst.shape[0] if dst.ndim > 1 else 1)
-    partitions = max(1, min(PMAX, partitions))
+    partitions = max(1, min(_mem.PMAX, partitions))
     per_partition = nbytes / partitions
     run_elements = min(_run_elements(dst), _run_elements(src))
     run_bytes = min(per_partition, run_elements * max(dst.itemsize, src.itemsize))
@@ -324,27 +321,27 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engin
     unless ``oob_mode=nisa.oob_mode.skip``, which skips those elements.
     """
     instr = "dma_copy"
-    ctx = current("nisa.dma_copy")
+    ctx = _current("nisa.dma_copy")
     dst = _tensor(instr, "dst", dst)
     src = _tensor(instr, "src", src)
     for operand, t in (("dst", dst), ("src", src)):
-        if t.buffer is MemoryRegion.psum:
-            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead ({t.describe()})")
-        if t.buffer.on_chip and t.partitions > PMAX:
-            raise PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
-                                      f"maximum {PMAX} ({t.describe()})")
+        if t.buffer is _mem.MemoryRegion.psum:
+            raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead ({t.describe()})")
+        if t.buffer.on_chip and t.partitions > _mem.PMAX:
+            raise _err.PartitionLimitError(f"{instr} {operand} partition dimension {t.partitions} exceeds "
+                                           f"maximum {_mem.PMAX} ({t.describe()})")
     if not _compatible_shapes(dst.shape, src.shape):
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} and src {src.describe()} shapes are "
-                                 f"not compatible (element counts must match, no implicit transpose)")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} and src {src.describe()} shapes are "
+                                      f"not compatible (element counts must match, no implicit transpose)")
     if dge_mode is globals()["dge_mode"].hwdge and dst.dtype != src.dtype:
-        raise DtypeError(f"{instr}: dge_mode.hwdge needs equal src/dst dtypes ({src.dtype} vs {dst.dtype})")
+        raise _err.DtypeError(f"{instr}: dge_mode.hwdge needs equal src/dst dtypes ({src.dtype} vs {dst.dtype})")
     mask = None
     for operand, t in (("src", src), ("dst", dst)):
         if t._valid is not None:
             if oob_mode is globals()["oob_mode"].error:
                 bad = int(np.argwhere(~t._valid.reshape(-1))[0][0])
-                raise OutOfBoundsError(
+                raise _err.OutOfBoundsError(
                     f"{instr}: indirect {operand} {t.describe()} addresses element(s) outside the tensor "
                     f"(first at flat position {bad} of the access pattern); pass "
                     f"oob_mode=nisa.oob_mode.skip to skip them")
@@ -374,41 +371,41 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
     """DMA with a transpose, by rank as documented: 2-D permutes (1, 0), 3-D (2, 1, 0), 4-D
     (3, 1, 2, 0); ``axes`` may be omitted or must name that permutation."""
     instr = "dma_transpose"
-    ctx = current("nisa.dma_transpose")
+    ctx = _current("nisa.dma_transpose")
     dst, src = _tensor(instr, "dst", dst), _tensor(instr, "src", src)
     perm = DMA_TRANSPOSE_PERMUTATION.get(src.ndim)
     if src.ndim != dst.ndim or perm is None:
-        raise UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-, 3- "
-                               f"or 4-D")
+        raise _err.UnsupportedError(f"{instr}: src{list(src.shape)} and dst{list(dst.shape)} must both be 2-, 3- "
+                                    f"or 4-D")
     if axes is not None and tuple(axes) != perm:
-        raise UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: the documented "
-                               f"permutation {perm} of a {src.ndim}-D tile")
+        raise _err.UnsupportedError(f"{instr}: axes={axes!r} for {src.ndim}-D; supported: the documented "
+                                    f"permutation {perm} of a {src.ndim}-D tile")
     if src.itemsize not in (2, 4):
-        raise DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
-    if src.itemsize != 2 and strict("dma-transpose-2-byte"):
-        raise violation(DtypeError, "dma-transpose-2-byte",
-                        f"{instr}: src {src.describe()} has {src.itemsize}-byte elements; both DGE "
-                        f"lowerings take 2-byte dtypes")
+        raise _err.DtypeError(f"{instr}: DMA transpose supports 2- and 4-byte dtypes, got {src.dtype}")
+    if src.itemsize != 2 and _strict("dma-transpose-2-byte"):
+        raise _violation(_err.DtypeError, "dma-transpose-2-byte",
+                         f"{instr}: src {src.describe()} has {src.itemsize}-byte elements; both DGE "
+                         f"lowerings take 2-byte dtypes")
     _check_dma_transpose_shape(instr, src, dge_mode, ctx.config.model)
     if dst.dtype != src.dtype:
-        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
+        raise _err.DtypeError(f"{instr}: dst dtype {dst.dtype} must equal src dtype {src.dtype}")
     if list(dst.shape) != [src.shape[a] for a in perm]:
-        raise ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be src{list(src.shape)} transposed "
-                                 f"by axes {perm}")
+        raise _err.ShapeMismatchError(f"{instr}: dst{list(dst.shape)} must be src{list(src.shape)} transposed "
+                                      f"by axes {perm}")
     for operand, t in (("dst", dst), ("src", src)):
-        if t.buffer is MemoryRegion.psum:
-            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
-    if not dst.buffer.on_chip or dst.buffer is MemoryRegion.psum:
-        raise MemoryRegionError(f"Expected operand 'dst' of '{instr}' to be in address space 'sbuf', "
-                                f"but got a tile in '{_space(dst)}' instead")
+        if t.buffer is _mem.MemoryRegion.psum:
+            raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead")
+    if not dst.buffer.on_chip or dst.buffer is _mem.MemoryRegion.psum:
+        raise _err.MemoryRegionError(f"Expected operand 'dst' of '{instr}' to be in address space 'sbuf', "
+                                     f"but got a tile in '{_space(dst)}' instead")
     dst.write(np.transpose(src.read(instr, "src"), perm), instr)
     n = dst.size * dst.itemsize
     hbm = n if src.buffer.is_hbm else 0
     _record_dma(ctx, instr, dst, src, n, hbm, _dma_transpose_rate(src, dst, ctx.config.model))
 
 
-def _check_dma_transpose_shape(instr: str, src: NkiTensor, mode, model) -> None:
+def _check_dma_transpose_shape(instr: str, src: _mem.NkiTensor, mode, model) -> None:
     """Source limits of the hwdge lowering: 16 source partitions (2-D) or {1, 2, 4, 8, 16} with
     (partitions * shape[-2]) % 16 == 0 (3-/4-D).  (src.shape[-1] <= 128 is the dst partition limit.)"""
     if mode is dge_mode.hwdge:
@@ -416,13 +413,13 @@ def _check_dma_transpose_shape(instr: str, src: NkiTensor, mode, model) -> None:
         ok = rows == 16 if src.ndim == 2 else (
             rows in model.dma_transpose_hwdge_src_partitions and (rows * src.shape[-2]) % 16 == 0)
         if not ok:
-            raise violation(TileSizeError, "dma-transpose-shape",
-                            f"{instr}: dge_mode=hwdge with src {src.describe()}: a 2-D source needs "
-                            f"shape[0] == 16, a 3-/4-D one shape[0] in {{1, 2, 4, 8, 16}} and "
-                            f"shape[0] * shape[-2] a multiple of 16")
+            raise _violation(_err.TileSizeError, "dma-transpose-shape",
+                             f"{instr}: dge_mode=hwdge with src {src.describe()}: a 2-D source needs "
+                             f"shape[0] == 16, a 3-/4-D one shape[0] in {{1, 2, 4, 8, 16}} and "
+                             f"shape[0] * shape[-2] a multiple of 16")
 
 
-def _dma_transpose_rate(src: NkiTensor, dst: NkiTensor, model) -> float:
+def _dma_transpose_rate(src: _mem.NkiTensor, dst: _mem.NkiTensor, model) -> float:
     """The documented "up to" rate, pro-rated when the output is not made of whole
     [128 partitions, 16 contiguous elements] blocks (what the 16 engines write together)."""
     peak = model.dma_transpose_rate_from_hbm if src.buffer.is_hbm else model.dma_transpose_rate_on_chip
@@ -437,33 +434,33 @@ def _dma_transpose_rate(src: NkiTensor, dst: NkiTensor, model) -> float:
 _MATMUL_DTYPES = (dt.float8_e4m3, dt.float8_e5m2, dt.float8_e4m3fn, dt.bfloat16, dt.float16, dt.float32)
 
 
-def _check_one_bank(instr: str, dst: NkiTensor) -> None:
-    bank = current(instr).config.model.psum_bank_bytes
+def _check_one_bank(instr: str, dst: _mem.NkiTensor) -> None:
+    bank = _current(instr).config.model.psum_bank_bytes
     lo, hi = dst.free_range()
     item = 4 if dst.dtype == dt.float32 else dst.itemsize
     if (lo * item) // bank != (hi * item + item - 1) // bank:
-        raise TileSizeError(
+        raise _err.TileSizeError(
             f"{instr}: dst {dst.describe()} covers bytes [{lo * item}, {hi * item + item}) of each "
             f"partition, crossing a 2 KiB PSUM bank boundary; a TensorE output must fit in one bank "
             f"(512 fp32 per partition)")
 
 
-def _check_fresh_bank(instr: str, dst: NkiTensor) -> None:
+def _check_fresh_bank(instr: str, dst: _mem.NkiTensor) -> None:
     """Strict per-bank reading of accumulate=None: the compiler decides "first write" per PSUM
     bank, so a fresh region of a bank that already holds a matmul result is ambiguous."""
-    if not strict("psum-accumulate-per-bank"):
+    if not _strict("psum-accumulate-per-bank"):
         return
     storage = dst.storage
     item = 4 if dst.dtype == dt.float32 else dst.itemsize
-    per_bank = current(instr).config.model.psum_bank_bytes // item
+    per_bank = _current(instr).config.model.psum_bank_bytes // item
     p0, p1, lo, hi = dst.region()
     acc = storage.acc.reshape(storage.shape[0], -1)[p0:p1 + 1]
     bank_lo, bank_hi = (lo // per_bank) * per_bank, (hi // per_bank + 1) * per_bank
-    if (acc[:, bank_lo:bank_hi] != ACC_NONE).any():
-        raise violation(AccumulationError, "psum-accumulate-per-bank",
-                        f"{instr}: accumulate=None into the fresh region {dst.describe()} of a PSUM bank "
-                        f"that already holds a matmul result; pass accumulate=False to start the group "
-                        f"(or True to add)")
+    if (acc[:, bank_lo:bank_hi] != _mem.ACC_NONE).any():
+        raise _violation(_err.AccumulationError, "psum-accumulate-per-bank",
+                         f"{instr}: accumulate=None into the fresh region {dst.describe()} of a PSUM bank "
+                         f"that already holds a matmul result; pass accumulate=False to start the group "
+                         f"(or True to add)")
 
 
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False,
@@ -477,72 +474,73 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     matmul.  ``perf_mode=double_row`` (fp8 only) takes ``[K, 2, M]`` / ``[K, 2, N]`` operands.
     """
     instr = "nc_matmul"
-    ctx = current("nisa.nc_matmul")
+    ctx = _current("nisa.nc_matmul")
     stationary = _in(instr, "stationary", stationary, ("sbuf",))
     moving = _in(instr, "moving", moving, ("sbuf",))
     dst = _in(instr, "dst", dst, ("psum",))
     for operand, t in (("stationary", stationary), ("moving", moving)):
         if t.dtype not in _MATMUL_DTYPES:
-            raise DtypeError(f"{instr}: {operand} dtype {t.dtype} is not a matmul input dtype "
-                             f"(fp8, bf16, fp16, fp32)")
+            raise _err.DtypeError(f"{instr}: {operand} dtype {t.dtype} is not a matmul input dtype "
+                                  f"(fp8, bf16, fp16, fp32)")
     if (stationary.dtype == dt.float32) != (moving.dtype == dt.float32):
-        raise DtypeError(f"{instr}: fp32 operands must be paired with fp32 (stationary {stationary.dtype}, "
-                         f"moving {moving.dtype})")
+        raise _err.DtypeError(f"{instr}: fp32 operands must be paired with fp32 (stationary {stationary.dtype}, "
+                              f"moving {moving.dtype})")
     if dst.dtype != dt.float32 and not (is_transpose and dst.dtype in (dt.bfloat16, dt.float16)):
-        raise DtypeError(f"{instr}: dst {dst.describe()} must be float32 on Trainium2 (PSUM accumulates fp32)")
+        raise _err.DtypeError(f"{instr}: dst {dst.describe()} must be float32 on Trainium2 (PSUM accumulates fp32)")
     if perf_mode not in (matmul_perf_mode.none, matmul_perf_mode.double_row, None):
         raise TypeError(f"{instr}: perf_mode must be a nisa.matmul_perf_mode member")
     double_row = perf_mode is matmul_perf_mode.double_row
     if bool(tile_position) != bool(tile_size):
-        raise UnsupportedError(f"{instr}: tile_position and tile_size must be given together")
+        raise _err.UnsupportedError(f"{instr}: tile_position and tile_size must be given together")
     k = _same_partitions(instr, stationary=stationary, moving=moving)
-    if k > PMAX:
-        raise PartitionLimitError(f"{instr} stationary partition dimension (contraction K) {k} exceeds maximum {PMAX}")
+    if k > _mem.PMAX:
+        raise _err.PartitionLimitError(f"{instr} stationary partition dimension (contraction K) {k} exceeds "
+                                       f"maximum {_mem.PMAX}")
     s_vals = _vals(stationary, instr, "stationary")
     m_vals = _vals(moving, instr, "moving")
     if double_row:
         if stationary.dtype not in dt.FP8 or moving.dtype not in dt.FP8:
-            raise DtypeError(f"{instr}: perf_mode=double_row needs fp8 operands, got {stationary.dtype} "
-                             f"and {moving.dtype}")
+            raise _err.DtypeError(f"{instr}: perf_mode=double_row needs fp8 operands, got {stationary.dtype} "
+                                  f"and {moving.dtype}")
         if stationary.ndim != 3 or moving.ndim != 3 or stationary.shape[1] != 2 or moving.shape[1] != 2:
-            raise ShapeMismatchError(f"{instr}: double_row operands must be [K, 2, M] and [K, 2, N], got "
-                                     f"{list(stationary.shape)} and {list(moving.shape)}")
+            raise _err.ShapeMismatchError(f"{instr}: double_row operands must be [K, 2, M] and [K, 2, N], got "
+                                          f"{list(stationary.shape)} and {list(moving.shape)}")
         s_vals = s_vals.reshape(k * 2, -1)
         m_vals = m_vals.reshape(k * 2, -1)
     kk, m = s_vals.shape
     n = m_vals.shape[1]
     model = ctx.config.model
     if m > model.gemm_stationary_fmax:
-        raise TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
-                            f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
+        raise _err.TileSizeError(f"{instr}: stationary free size M={m} ({stationary.describe()}) exceeds "
+                                 f"gemm_stationary_fmax {model.gemm_stationary_fmax}")
     if n > model.gemm_moving_fmax:
-        raise TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
-                            f"gemm_moving_fmax {model.gemm_moving_fmax}")
+        raise _err.TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
+                                 f"gemm_moving_fmax {model.gemm_moving_fmax}")
     if tile_size:
         rows, cols = (int(v) for v in tile_size)
         if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
-            raise TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {tuple(tile_size)} "
-                                f"(multiples of 32)")
+            raise _err.TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {tuple(tile_size)} "
+                                     f"(multiples of 32)")
     if dst.partitions != m or dst.free_size != n:
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{m}, {n}] for stationary "
-                                 f"{list(stationary.shape)} and moving {list(moving.shape)}")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{m}, {n}] for stationary "
+                                      f"{list(stationary.shape)} and moving {list(moving.shape)}")
     _check_one_bank(instr, dst)
     result = s_vals.T @ m_vals                       # fp32 accumulation
     state = dst.acc_state()
     if accumulate is None:
-        if (state == ACC_NONE).all():
+        if (state == _mem.ACC_NONE).all():
             _check_fresh_bank(instr, dst)
             add = False
-        elif (state == ACC_OPEN).all():
+        elif (state == _mem.ACC_OPEN).all():
             add = True
         else:
-            raise AccumulationError(
+            raise _err.AccumulationError(
                 f"{instr}: accumulate=None into {dst.describe()} is ambiguous: its matmul result was "
                 f"already read (or only part of it is accumulating). Start a new accumulation group "
                 f"with accumulate=False, or allocate the PSUM tile inside the loop")
     elif accumulate:
-        if not np.isin(state, (ACC_OPEN, ACC_READ)).all():
-            raise AccumulationError(
+        if not np.isin(state, (_mem.ACC_OPEN, _mem.ACC_READ)).all():
+            raise _err.AccumulationError(
                 f"{instr}: accumulate=True into {dst.describe()} whose elements were not written by a "
                 f"matmul (memset / copy-initialised PSUM accumulation is undefined on Trainium2)")
         add = True
@@ -563,34 +561,34 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     engine is chosen by the buffers when not given.  Bit-exact; ``dst.dtype`` must equal ``data.dtype``.
     """
     instr = "nc_transpose"
-    ctx = current("nisa.nc_transpose")
+    ctx = _current("nisa.nc_transpose")
     data = _tensor(instr, "data", data)
     dst = _tensor(instr, "dst", dst)
     if engine in (None, globals()["engine"].unknown):
-        use_tensor = dst.buffer is MemoryRegion.psum and data.buffer is MemoryRegion.sbuf
+        use_tensor = dst.buffer is _mem.MemoryRegion.psum and data.buffer is _mem.MemoryRegion.sbuf
     elif engine is globals()["engine"].tensor:
         use_tensor = True
     elif engine is globals()["engine"].vector:
         use_tensor = False
     else:
-        raise UnsupportedError(f"{instr}: engine must be tensor or vector, got {engine!r}")
+        raise _err.UnsupportedError(f"{instr}: engine must be tensor or vector, got {engine!r}")
     if use_tensor:
         _in(instr, "data", data, ("sbuf",))
         _in(instr, "dst", dst, ("psum",))
-        limit = PMAX
+        limit = _mem.PMAX
     else:
         _in(instr, "data", data)
         _in(instr, "dst", dst)
         limit = 32
     p, f = data.partitions, data.free_size
     if p > limit or f > limit:
-        raise TileSizeError(f"{instr}: data {data.describe()} is [{p}, {f}]; the "
-                            f"{'TensorE' if use_tensor else 'VectorE'} transpose supports at most "
-                            f"[{limit}, {limit}]")
+        raise _err.TileSizeError(f"{instr}: data {data.describe()} is [{p}, {f}]; the "
+                                 f"{'TensorE' if use_tensor else 'VectorE'} transpose supports at most "
+                                 f"[{limit}, {limit}]")
     if dst.dtype != data.dtype:
-        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
+        raise _err.DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
     if dst.partitions != f or dst.free_size != p:
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{f}, {p}] for data {data.describe()}")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{f}, {p}] for data {data.describe()}")
     if use_tensor:
         _check_one_bank(instr, dst)
     _store(dst, _raw(data, instr, "data").T, instr)
@@ -607,7 +605,7 @@ _lowering = threading.local()     # set while an nl.* function lowers itself (e.
 
 
 @contextlib.contextmanager
-def lowered_activations():
+def _lowered_activations():
     """nl.* functions built from several instructions (nl.sin range-reduces first, nl.cos / nl.tan
     / rounding use other instructions) run their activation without the table check."""
     previous = getattr(_lowering, "active", False)
@@ -621,9 +619,9 @@ def lowered_activations():
 def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None:
     documented, valid = model.activation_range(name)
     if not documented:
-        raise violation(ActivationRangeError, "activation-table",
-                        f"{instr}: nl.{name} is not a ScalarE activation function (the table lists "
-                        f"{', '.join(n for n, _ in model.activation_ranges)})")
+        raise _violation(_err.ActivationRangeError, "activation-table",
+                         f"{instr}: nl.{name} is not a ScalarE activation function (the table lists "
+                         f"{', '.join(n for n, _ in model.activation_ranges)})")
     if valid is None:
         return
     lo, hi = valid
@@ -634,9 +632,9 @@ def _check_activation_input(instr: str, name: str, x: np.ndarray, model) -> None
         bad = float(finite[outside].reshape(-1)[0])
         extra = (" (the hardware evaluates sin's polynomial without range reduction; use nl.sin, "
                  "which range-reduces first)" if name == "sin" else "")
-        raise violation(ActivationRangeError, "activation-range",
-                        f"{instr}: nl.{name} input {bad!r} is outside its valid range "
-                        f"{'±' if name == 'reciprocal' else ''}[{lo:g}, {hi:g}]{extra}")
+        raise _violation(_err.ActivationRangeError, "activation-range",
+                         f"{instr}: nl.{name} input {bad!r} is outside its valid range "
+                         f"{'±' if name == 'reciprocal' else ''}[{lo:g}, {hi:g}]{extra}")
 
 def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None,
                reduce_cmd=reduce_cmd.idle, name=None):
@@ -648,7 +646,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     registers; ``reduce_res`` [P, 1] receives it.  Registers read before any reset raise.
     """
     instr = "activation"
-    ctx = current("nisa.activation")
+    ctx = _current("nisa.activation")
     fn = ops.activation(op, instr)
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
@@ -668,7 +666,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     rc = globals()["reduce_cmd"]
     if reduce_res is not None or reduce_cmd is not rc.idle:
         if reduce_op is not None and ops.alu(reduce_op, instr, "reduce_op").name != "add":
-            raise UnsupportedError(f"{instr}: reduce_op must be nl.add on Trainium2, got {reduce_op!r}")
+            raise _err.UnsupportedError(f"{instr}: reduce_op must be nl.add on Trainium2, got {reduce_op!r}")
         if reduce_res is not None and reduce_op is None:
             raise TypeError(f"{instr}: reduce_res needs reduce_op=nl.add")
         regs = ctx.scalar_acc[:p]
@@ -677,7 +675,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
             regs[...] = 0.0
             valid[...] = True
         elif not valid.all():
-            raise UninitializedReadError(
+            raise _err.UninitializedReadError(
                 f"{instr}: reduce_cmd={reduce_cmd.name} reads ScalarE accumulator registers 0..{p - 1} "
                 f"that were never reset; use reduce_cmd=nisa.reduce_cmd.reset_reduce for the first "
                 f"activation of a reduction")
@@ -687,7 +685,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         if reduce_res is not None:
             reduce_res = _in(instr, "reduce_res", reduce_res)
             if reduce_res.partitions != p or reduce_res.free_size != 1:
-                raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+                raise _err.ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
             _store(reduce_res, result, instr)
         extra = ctx.config.model.min_ii_cycles
     ctx.cost.compute("ScalarE", instr, p, data.free_size, _bytes(data, dst, reduce_res), extra)
@@ -701,36 +699,36 @@ def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0
 
 # --------------------------------------------------------------------------- VectorE / GpSimd
 
-def _reduce_axes(instr: str, data: NkiTensor, axis) -> tuple:
+def _reduce_axes(instr: str, data: _mem.NkiTensor, axis) -> tuple:
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     axes = tuple(sorted(int(a) + data.ndim if int(a) < 0 else int(a) for a in axes))
     if not axes:
-        raise ReductionAxisError(f"{instr}: axis must name at least one free axis")
+        raise _err.ReductionAxisError(f"{instr}: axis must name at least one free axis")
     if 0 in axes:
-        raise ReductionAxisError(
+        raise _err.ReductionAxisError(
             f"{instr}: axis={axis} of {data.describe()} includes the partition axis 0; reductions run "
             f"along free axes only (transpose first, or matmul with a ones vector)")
     if axes != tuple(range(data.ndim - len(axes), data.ndim)):
-        raise ReductionAxisError(f"{instr}: axis={axis} of {data.describe()} must be the last contiguous "
-                                 f"free axes (e.g. [{data.ndim - 1}] or [1, ..., {data.ndim - 1}])")
+        raise _err.ReductionAxisError(f"{instr}: axis={axis} of {data.describe()} must be the last contiguous "
+                                      f"free axes (e.g. [{data.ndim - 1}] or [1, ..., {data.ndim - 1}])")
     return axes
 
 
 def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
     """Reduce ``data`` along trailing free ``axis`` with ``op`` (add, maximum, minimum, ...) on VectorE."""
     instr = "tensor_reduce"
-    ctx = current("nisa.tensor_reduce")
+    ctx = _current("nisa.tensor_reduce")
     alu = ops.alu(op, instr)
     if alu.reduce is None:
-        raise UnsupportedError(f"{instr}: op nl.{alu.name} is not a reduction operator")
+        raise _err.UnsupportedError(f"{instr}: op nl.{alu.name} is not a reduction operator")
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
     axes = _reduce_axes(instr, data, axis)
     p = _same_partitions(instr, dst=dst, data=data)
     kept = int(np.prod([s for i, s in enumerate(data.shape) if i not in axes][1:], dtype=np.int64))
     if dst.free_size != kept:
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold {kept} element(s) per partition "
-                                 f"(data {list(data.shape)} reduced over axes {list(axes)})")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold {kept} element(s) per partition "
+                                      f"(data {list(data.shape)} reduced over axes {list(axes)})")
     if alu.kind == "bitvec":
         _require_int(instr, alu, data, dst)
         values = _from_bits(alu.reduce(_bits(data, instr, "data").reshape(data.shape), axis=axes), dst.dtype)
@@ -744,14 +742,14 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
 
 
 def _is_int32_arith(alu, *tensors) -> bool:
-    return alu.kind == "arith" and all(isinstance(t, NkiTensor) and t.dtype in (dt.int32, dt.uint32)
+    return alu.kind == "arith" and all(isinstance(t, _mem.NkiTensor) and t.dtype in (dt.int32, dt.uint32)
                                        for t in tensors)
 
 
 def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     """``dst = data1 op data2`` element-wise (same partitions and elements per partition)."""
     instr = "tensor_tensor"
-    ctx = current("nisa.tensor_tensor")
+    ctx = _current("nisa.tensor_tensor")
     alu = ops.alu(op, instr)
     data1, data2 = _in(instr, "data1", data1), _in(instr, "data2", data2)
     dst = _in(instr, "dst", dst)
@@ -767,7 +765,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
         values = _from_bits(ops.apply_alu(alu, _bits(data1, instr, "data1"), _bits(data2, instr, "data2")),
                             dst.dtype)
     elif alu.kind == "unary":
-        raise UnsupportedError(f"{instr}: nl.{alu.name} is unary; use tensor_scalar or activation")
+        raise _err.UnsupportedError(f"{instr}: nl.{alu.name} is unary; use tensor_scalar or activation")
     else:
         values = ops.apply_alu(alu, _vals(data1, instr, "data1"), _vals(data2, instr, "data2"))
     _store(dst, values, instr)
@@ -775,7 +773,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     ctx.cost.compute(eng, instr, p, data1.free_size, _bytes(data1, data2, dst), cycles_per_element=rate)
 
 
-def _bits(t: NkiTensor, instr: str, operand: str) -> np.ndarray:
+def _bits(t: _mem.NkiTensor, instr: str, operand: str) -> np.ndarray:
     """Integer bit patterns of a tile as int64 (signed types viewed as unsigned, so right shifts
     are logical)."""
     raw = _raw(t, instr, operand)
@@ -792,8 +790,8 @@ def _from_bits(values: np.ndarray, dtype) -> np.ndarray:
 
 def _require_int(instr, alu, *tensors):
     for t in tensors:
-        if isinstance(t, NkiTensor) and not dt.is_int(t.dtype):
-            raise DtypeError(f"{instr}: bitvec operator nl.{alu.name} needs integer tensors, got {t.describe()}")
+        if isinstance(t, _mem.NkiTensor) and not dt.is_int(t.dtype):
+            raise _err.DtypeError(f"{instr}: bitvec operator nl.{alu.name} needs integer tensors, got {t.describe()}")
 
 
 def _apply_scalar_op(alu, values, operand, reverse):
@@ -806,14 +804,14 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
                   engine=engine.unknown, name=None):
     """``dst = (data op0 operand0) op1 operand1``; operands are numbers or [P, 1] fp32 vectors."""
     instr = "tensor_scalar"
-    ctx = current("nisa.tensor_scalar")
+    ctx = _current("nisa.tensor_scalar")
     alu0 = ops.alu(op0, instr, "op0")
     alu1 = None if op1 is None else ops.alu(op1, instr, "op1")
     if (op1 is None) != (operand1 is None):
         raise TypeError(f"{instr}: op1 and operand1 must be given together")
     if alu1 is not None and (alu0.kind == "bitvec") != (alu1.kind == "bitvec"):
-        raise UnsupportedError(f"{instr}: op0 nl.{alu0.name} and op1 nl.{alu1.name} must both be bitvec "
-                               f"or both arithmetic")
+        raise _err.UnsupportedError(f"{instr}: op0 nl.{alu0.name} and op1 nl.{alu1.name} must both be bitvec "
+                                    f"or both arithmetic")
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
@@ -821,12 +819,12 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd", "ScalarE"))
     if eng == "ScalarE" and (alu0.name, alu1.name if alu1 else None) not in (
             ("multiply", "add"), ("multiply", None), ("add", None)):
-        raise UnsupportedError(f"{instr}: ScalarE supports only (multiply, add), (multiply, None), "
-                               f"(add, None) on Trainium2")
-    if eng == "GpSimd" and (alu0.name != "rsqrt" or alu1 is not None) and strict("gpsimd-tensor-scalar"):
-        raise violation(EngineRuleError, "gpsimd-tensor-scalar",
-                        f"{instr}: op0=nl.{alu0.name}, op1={'nl.' + alu1.name if alu1 else None} on GpSimd; "
-                        f"GpSimd runs tensor_scalar only for op0=nl.rsqrt")
+        raise _err.UnsupportedError(f"{instr}: ScalarE supports only (multiply, add), (multiply, None), "
+                                    f"(add, None) on Trainium2")
+    if eng == "GpSimd" and (alu0.name != "rsqrt" or alu1 is not None) and _strict("gpsimd-tensor-scalar"):
+        raise _violation(_err.EngineRuleError, "gpsimd-tensor-scalar",
+                         f"{instr}: op0=nl.{alu0.name}, op1={'nl.' + alu1.name if alu1 else None} on GpSimd; "
+                         f"GpSimd runs tensor_scalar only for op0=nl.rsqrt")
     _no_psum_on_gpsimd(instr, eng, data=data, dst=dst, operand0=operand0, operand1=operand1)
     if alu0.kind == "bitvec":
         _require_int(instr, alu0, data, dst)
@@ -850,22 +848,22 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
 
 
 def _int_operand(instr, operand, value, p):
-    if isinstance(value, NkiTensor):
+    if isinstance(value, _mem.NkiTensor):
         _in(instr, operand, value)
         if value.partitions != p or value.free_size != 1:
-            raise PartitionMismatchError(f"{instr}: {operand}{list(value.shape)} must be a scalar or [{p}, 1]")
+            raise _err.PartitionMismatchError(f"{instr}: {operand}{list(value.shape)} must be a scalar or [{p}, 1]")
         return _raw(value, instr, operand).astype(np.int64)
-    return np.int64(runtime_int(value, f"{instr} {operand}"))
+    return np.int64(_mem.runtime_int(value, f"{instr} {operand}"))
 
 
 def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False,
                          name=None):
     """``dst = (data op0 operand0) op1 operand1`` with ``operand0`` scalar/[P, 1], ``operand1`` a tile."""
     instr = "scalar_tensor_tensor"
-    ctx = current("nisa.scalar_tensor_tensor")
+    ctx = _current("nisa.scalar_tensor_tensor")
     alu0, alu1 = ops.alu(op0, instr, "op0"), ops.alu(op1, instr, "op1")
     if "bitvec" in (alu0.kind, alu1.kind):
-        raise UnsupportedError(f"{instr}: only arithmetic operators are supported")
+        raise _err.UnsupportedError(f"{instr}: only arithmetic operators are supported")
     data = _in(instr, "data", data)
     operand1 = _in(instr, "operand1", operand1)
     dst = _in(instr, "dst", dst)
@@ -886,10 +884,13 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
                          name=None):
     """``dst = data op0 operand0`` and ``reduce_res[P, 1] = reduce_op`` over all free elements."""
     instr = "tensor_scalar_reduce"
-    ctx = current("nisa.tensor_scalar_reduce")
+    ctx = _current("nisa.tensor_scalar_reduce")
     alu0, red = ops.alu(op0, instr, "op0"), ops.alu(reduce_op, instr, "reduce_op")
+    if alu0.kind == "bitvec":    # the docs: "Bitvec operators are not supported in this API"
+        raise _err.UnsupportedError(f"{instr}: op0 nl.{alu0.name} is a bitvec operator; only arithmetic "
+                                    f"operators are supported")
     if red.name not in ("add", "multiply", "maximum", "minimum"):
-        raise UnsupportedError(f"{instr}: reduce_op must be add, multiply, maximum or minimum")
+        raise _err.UnsupportedError(f"{instr}: reduce_op must be add, multiply, maximum or minimum")
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
@@ -900,7 +901,7 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
     if reduce_res is not None:
         reduce_res = _in(instr, "reduce_res", reduce_res)
         if reduce_res.partitions != p or reduce_res.free_size != 1:
-            raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+            raise _err.ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
         _store(reduce_res, red.reduce(values, axis=1).astype(np.float32), instr)
     ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst, reduce_res))
 
@@ -908,7 +909,7 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
 def tensor_copy(dst, src, engine=engine.unknown, name=None):
     """Copy ``src`` to ``dst`` (bit-exact for equal dtypes, else through fp32)."""
     instr = "tensor_copy"
-    ctx = current("nisa.tensor_copy")
+    ctx = _current("nisa.tensor_copy")
     src, dst = _in(instr, "src", src), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, src=src)
     _same_free(instr, "dst", dst, "src", src)
@@ -925,7 +926,7 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
 def reciprocal(dst, data, name=None):
     """``dst = 1 / data`` on VectorE (the precise reciprocal)."""
     instr = "reciprocal"
-    ctx = current("nisa.reciprocal")
+    ctx = _current("nisa.reciprocal")
     data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
     _same_free(instr, "dst", dst, "data", data)
@@ -938,10 +939,10 @@ def reciprocal(dst, data, name=None):
 def memset(dst, value, engine=engine.unknown, name=None):
     """Fill ``dst`` with ``value`` (an int for integer tensors)."""
     instr = "memset"
-    ctx = current("nisa.memset")
+    ctx = _current("nisa.memset")
     dst = _in(instr, "dst", dst)
     if dt.is_int(dst.dtype) and not isinstance(value, (int, np.integer, bool, np.bool_)):
-        raise DtypeError(f"{instr}: value {value!r} must be an integer literal for {dst.describe()}")
+        raise _err.DtypeError(f"{instr}: value {value!r} must be an integer literal for {dst.describe()}")
     if not isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_)):
         raise TypeError(f"{instr}: value must be a number, got {type(value).__name__}")
     eng = _choose_engine(instr, engine, "VectorE", ("VectorE", "GpSimd"), rule="engine-memset")
@@ -954,7 +955,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
     ctx.cost.compute(eng, instr, dst.partitions, dst.free_size, _bytes(dst))
 
 
-def _pattern_values(instr: str, dst: NkiTensor, pattern, offset, channel_multiplier) -> np.ndarray:
+def _pattern_values(instr: str, dst: _mem.NkiTensor, pattern, offset, channel_multiplier) -> np.ndarray:
     """``offset + p * channel_multiplier + sum(step_d * idx_d)`` as int64 [P, free]."""
     try:
         pairs = [(int(s), int(c)) for s, c in pattern]
@@ -962,21 +963,21 @@ def _pattern_values(instr: str, dst: NkiTensor, pattern, offset, channel_multipl
         raise TypeError(f"{instr}: pattern must be [[step, num], ...], got {pattern!r}") from exc
     counts = [c for _, c in pairs]
     if int(np.prod(counts)) != dst.free_size:
-        raise ShapeMismatchError(f"{instr}: pattern {pattern} covers {int(np.prod(counts))} elements per "
-                                 f"partition but dst {dst.describe()} has {dst.free_size}")
+        raise _err.ShapeMismatchError(f"{instr}: pattern {pattern} covers {int(np.prod(counts))} elements per "
+                                      f"partition but dst {dst.describe()} has {dst.free_size}")
     free = np.zeros(counts, np.int64)
     for k, (step, count) in enumerate(pairs):
         shape = [1] * len(pairs)
         shape[k] = count
         free = free + step * np.arange(count, dtype=np.int64).reshape(shape)
     part = np.arange(dst.partitions, dtype=np.int64)[:, None] * int(channel_multiplier)
-    return runtime_int(offset, f"{instr} offset") + part + free.reshape(1, -1)
+    return _mem.runtime_int(offset, f"{instr} offset") + part + free.reshape(1, -1)
 
 
 def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
     """``dst[p, ...] = offset + p * channel_multiplier + sum(step_d * idx_d)`` on GpSimd (SBUF)."""
     instr = "iota"
-    ctx = current("nisa.iota")
+    ctx = _current("nisa.iota")
     dst = _in(instr, "dst", dst, ("sbuf",))
     values = _pattern_values(instr, dst, pattern, offset, channel_multiplier)
     if not dt.is_int(dst.dtype):
@@ -990,14 +991,14 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
     """``dst = on_true_tile where cmp_op(offset + p*channel_multiplier + sum(step*idx), 0) else
     on_false_value`` on GpSimd (SBUF only).  ``cmp_op`` defaults to ``nl.equal``."""
     instr = "affine_select"
-    ctx = current("nisa.affine_select")
+    ctx = _current("nisa.affine_select")
     dst = _in(instr, "dst", dst, ("sbuf",))
     on_true_tile = _in(instr, "on_true_tile", on_true_tile, ("sbuf",))
     p = _same_partitions(instr, dst=dst, on_true_tile=on_true_tile)
     _same_free(instr, "dst", dst, "on_true_tile", on_true_tile)
     alu = ops.ALU_BY_NAME["equal"] if cmp_op is None else ops.alu(cmp_op, instr, "cmp_op")
     if alu.kind != "compare":
-        raise UnsupportedError(f"{instr}: cmp_op must be a comparison (nl.equal, nl.greater_equal, ...)")
+        raise _err.UnsupportedError(f"{instr}: cmp_op must be a comparison (nl.equal, nl.greater_equal, ...)")
     if not isinstance(on_false_value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{instr}: on_false_value must be a number (typically nl.fp32.min)")
     cond = ops.apply_alu(alu, _pattern_values(instr, dst, pattern, offset, channel_multiplier), 0) != 0
@@ -1014,21 +1015,21 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
 
 # --------------------------------------------------------------------------- top-8 family
 
-def _check_top8_data(instr: str, data: NkiTensor) -> None:
+def _check_top8_data(instr: str, data: _mem.NkiTensor) -> None:
     if not 8 <= data.free_size <= 16384:
-        raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
-                            f"supported range is 8 to 16384")
+        raise _err.TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
+                                 f"supported range is 8 to 16384")
 
 
-def _check_eight(instr: str, operand: str, t: NkiTensor) -> None:
+def _check_eight(instr: str, operand: str, t: _mem.NkiTensor) -> None:
     if t.free_size != 8:
-        raise ShapeMismatchError(f"{instr}: {operand} {t.describe()} must hold exactly 8 elements per partition")
+        raise _err.ShapeMismatchError(f"{instr}: {operand} {t.describe()} must hold exactly 8 elements per partition")
 
 
 def max8(dst, src, name=None):
     """The 8 largest values of each partition, in descending order, on VectorE."""
     instr = "max8"
-    ctx = current("nisa.max8")
+    ctx = _current("nisa.max8")
     src, dst = _in(instr, "src", src), _in(instr, "dst", dst)
     _check_top8_data(instr, src)
     _check_eight(instr, "dst", dst)
@@ -1055,9 +1056,9 @@ def _duplicate_rank(vals: np.ndarray, reverse: bool) -> np.ndarray:
     return (same & order[None]).sum(axis=2)
 
 
-def _index_dtype_check(instr: str, operand: str, t: NkiTensor) -> None:
+def _index_dtype_check(instr: str, operand: str, t: _mem.NkiTensor) -> None:
     if t.dtype not in (dt.uint32, dt.uint16):
-        raise DtypeError(f"{instr}: {operand} {t.describe()} must be uint32 or uint16")
+        raise _err.DtypeError(f"{instr}: {operand} {t.describe()} must be uint32 or uint16")
 
 
 def nc_find_index8(dst, data, vals, name=None):
@@ -1067,7 +1068,7 @@ def nc_find_index8(dst, data, vals, name=None):
     occurrences, left to right (NKI 0.6 simulator semantics).
     """
     instr = "nc_find_index8"
-    ctx = current("nisa.nc_find_index8")
+    ctx = _current("nisa.nc_find_index8")
     data, vals, dst = _in(instr, "data", data), _in(instr, "vals", vals), _in(instr, "dst", dst)
     _check_top8_data(instr, data)
     _check_eight(instr, "vals", vals)
@@ -1088,7 +1089,7 @@ def nc_match_replace8(dst, data, vals, imm, dst_idx=None, name=None):
     highest duplicate slot).  ``dst_idx`` (uint32/uint16, 8 per partition) receives the positions.
     """
     instr = "nc_match_replace8"
-    ctx = current("nisa.nc_match_replace8")
+    ctx = _current("nisa.nc_match_replace8")
     data, vals, dst = _in(instr, "data", data), _in(instr, "vals", vals), _in(instr, "dst", dst)
     _check_top8_data(instr, data)
     _check_eight(instr, "vals", vals)
@@ -1119,20 +1120,20 @@ def nc_match_replace8(dst, data, vals, imm, dst_idx=None, name=None):
 def nc_n_gather(dst, data, indices, name=None):
     """Per-partition gather over the flattened free dims on GpSimd (SBUF only, uint32 indices)."""
     instr = "nc_n_gather"
-    ctx = current("nisa.nc_n_gather")
+    ctx = _current("nisa.nc_n_gather")
     dst = _in(instr, "dst", dst, ("sbuf",))
     data = _in(instr, "data", data, ("sbuf",))
     indices = _in(instr, "indices", indices, ("sbuf",))
     p = _same_partitions(instr, dst=dst, data=data, indices=indices)
     _same_free(instr, "dst", dst, "indices", indices)
     if indices.dtype != dt.uint32:
-        raise DtypeError(f"{instr}: indices {indices.describe()} must be uint32")
+        raise _err.DtypeError(f"{instr}: indices {indices.describe()} must be uint32")
     if dst.dtype != data.dtype:
-        raise DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
+        raise _err.DtypeError(f"{instr}: dst dtype {dst.dtype} must equal data dtype {data.dtype}")
     idx = _raw(indices, instr, "indices").astype(np.int64)
     if (idx >= data.free_size).any():
-        raise OutOfBoundsError(f"{instr}: index {int(idx.max())} outside [0, {data.free_size}) of "
-                               f"{data.describe()}")
+        raise _err.OutOfBoundsError(f"{instr}: index {int(idx.max())} outside [0, {data.free_size}) of "
+                                    f"{data.describe()}")
     _store(dst, np.take_along_axis(_raw(data, instr, "data"), idx, axis=1), instr)
     ctx.cost.compute("GpSimd", instr, p, dst.free_size, _bytes(dst, data, indices))
 
@@ -1141,30 +1142,36 @@ def nc_n_gather(dst, data, indices, name=None):
 
 def register_alloc(x=None) -> VirtualRegister:
     """A new register, holding ``x`` (an int) if given."""
-    current("nisa.register_alloc")
-    return VirtualRegister(None if x is None else runtime_int(x, "register_alloc"))
+    _current("nisa.register_alloc")
+    return VirtualRegister(None if x is None else _mem.runtime_int(x, "register_alloc"))
 
 
 def register_move(dst: VirtualRegister, src) -> None:
-    current("nisa.register_move")
-    dst._set(runtime_int(src, "register_move src"))
+    """Set a register to a compile-time int or another register's value; it touches no memory
+    (SDK isa stub, ``register_move``), so a tensor source raises (use ``register_load``)."""
+    _current("nisa.register_move")
+    if isinstance(src, _mem.NkiTensor):
+        raise TypeError(f"register_move: src must be an int or a VirtualRegister, got {src.describe()}; "
+                        f"load a register from memory with nisa.register_load")
+    dst._set(_mem.runtime_int(src, "register_move src"))
 
 
 def register_load(dst: VirtualRegister, src) -> None:
-    """Load a register from a 1x1 SBUF tensor."""
-    current("nisa.register_load")
-    src = _in("register_load", "src", src, ("sbuf",))
-    dst._set(runtime_int(src, "register_load src"))
+    """Load a register from a one-element HBM or SBUF tensor."""
+    _current("nisa.register_load")
+    src = _in("register_load", "src", src, ("sbuf", "hbm"))
+    dst._set(_mem.runtime_int(src, "register_load src"))
 
 
 def register_store(dst, src: VirtualRegister) -> None:
-    """Store a register into a 1x1 SBUF tensor."""
-    current("nisa.register_store")
-    dst = _in("register_store", "dst", dst, ("sbuf",))
+    """Store a register into a one-element HBM or SBUF tensor."""
+    _current("nisa.register_store")
+    dst = _in("register_store", "dst", dst, ("sbuf", "hbm"))
     if dst.size != 1:
-        raise ShapeMismatchError(f"register_store: dst {dst.describe()} must be 1x1")
+        raise _err.ShapeMismatchError(f"register_store: dst {dst.describe()} must hold exactly one element")
+    if not isinstance(src, VirtualRegister):
+        raise TypeError(f"register_store: src must be a VirtualRegister, got {type(src).__name__}")
     dst.write(np.full(dst.shape, src.value, np.int64), "register_store")
-
 
 
 # --------------------------------------------------------------------------- more instructions
@@ -1177,29 +1184,29 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, name=Non
     gather-add ``dst(SBUF) += src(HBM)[idx]``.  Indices must be unique.
     """
     instr = "dma_compute"
-    ctx = current("nisa.dma_compute")
+    ctx = _current("nisa.dma_compute")
     if ops.alu(reduce_op, instr, "reduce_op").name != "add":
-        raise UnsupportedError(f"{instr}: only reduce_op=nl.add is supported")
+        raise _err.UnsupportedError(f"{instr}: only reduce_op=nl.add is supported")
     srcs = list(srcs)
     if not srcs:
         raise TypeError(f"{instr}: srcs must hold at least one tensor")
     if scales is not None and any(float(s) != 1.0 for s in scales):
-        raise UnsupportedError(f"{instr}: all scales must be 1.0")
+        raise _err.UnsupportedError(f"{instr}: all scales must be 1.0")
     if not unique_indices:
-        raise UnsupportedError(f"{instr}: unique_indices=False is not supported")
+        raise _err.UnsupportedError(f"{instr}: unique_indices=False is not supported")
     dst = _tensor(instr, "dst", dst)
     tensors = [("dst", dst)] + [(f"srcs[{i}]", _tensor(instr, f"srcs[{i}]", s)) for i, s in enumerate(srcs)]
     for operand, t in tensors:
-        if t.buffer is MemoryRegion.psum:
-            raise MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
-                                    f"'hbm|sbuf', but got a tile in 'psum' instead")
+        if t.buffer is _mem.MemoryRegion.psum:
+            raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{instr}' to be in address space "
+                                         f"'hbm|sbuf', but got a tile in 'psum' instead")
         if t.size != dst.size:
-            raise ShapeMismatchError(f"{instr}: {operand} {t.describe()} has {t.size} elements, dst {dst.size}")
+            raise _err.ShapeMismatchError(f"{instr}: {operand} {t.describe()} has {t.size} elements, dst {dst.size}")
         if t._valid is not None:
-            raise OutOfBoundsError(f"{instr}: indirect {operand} {t.describe()} addresses elements outside "
-                                   f"the tensor")
+            raise _err.OutOfBoundsError(f"{instr}: indirect {operand} {t.describe()} addresses elements outside "
+                                        f"the tensor")
         if t._addr is not None and t._indirect and np.unique(t._addr).size != t._addr.size:
-            raise UnsupportedError(f"{instr}: {operand} has duplicate indirect addresses (unique_indices)")
+            raise _err.UnsupportedError(f"{instr}: {operand} has duplicate indirect addresses (unique_indices)")
     total = np.zeros(dst.size, np.float32)
     for operand, t in tensors[1:]:
         total += t.read_f32(instr, operand).reshape(-1)
@@ -1212,16 +1219,16 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, name=Non
 def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
     """``dst = src`` where ``predicate`` is non-zero (zero with ``reverse_pred``), else unchanged."""
     instr = "tensor_copy_predicated"
-    ctx = current("nisa.tensor_copy_predicated")
+    ctx = _current("nisa.tensor_copy_predicated")
     dst, src = _in(instr, "dst", dst), _in(instr, "src", src)
     predicate = _in(instr, "predicate", predicate)
     p = _same_partitions(instr, dst=dst, src=src, predicate=predicate)
     _same_free(instr, "dst", dst, "src", src)
     _same_free(instr, "dst", dst, "predicate", predicate)
     if dst.dtype != src.dtype:
-        raise DtypeError(f"{instr}: src dtype {src.dtype} must equal dst dtype {dst.dtype}")
+        raise _err.DtypeError(f"{instr}: src dtype {src.dtype} must equal dst dtype {dst.dtype}")
     if not (dt.is_int(predicate.dtype) or predicate.dtype == dt.bool_):
-        raise DtypeError(f"{instr}: predicate {predicate.describe()} must be an integer (uint8/16/32) tile")
+        raise _err.DtypeError(f"{instr}: predicate {predicate.describe()} must be an integer (uint8/16/32) tile")
     mask = _raw(predicate, instr, "predicate") != 0
     if reverse_pred:
         mask = ~mask
@@ -1235,14 +1242,14 @@ def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd
     """``dst = on_true where predicate else on_false`` (number or [P, 1]); optional per-partition
     max of ``dst`` into ``reduce_res`` [P, 1] (the only reduce_op, ``nl.maximum``)."""
     instr = "select_reduce"
-    ctx = current("nisa.select_reduce")
+    ctx = _current("nisa.select_reduce")
     dst, on_true = _in(instr, "dst", dst), _in(instr, "on_true", on_true)
     predicate = _in(instr, "predicate", predicate)
     p = _same_partitions(instr, dst=dst, on_true=on_true, predicate=predicate)
     _same_free(instr, "dst", dst, "on_true", on_true)
     _same_free(instr, "dst", dst, "predicate", predicate)
     if reduce_op is not None and ops.alu(reduce_op, instr, "reduce_op").name != "maximum":
-        raise UnsupportedError(f"{instr}: reduce_op must be nl.maximum")
+        raise _err.UnsupportedError(f"{instr}: reduce_op must be nl.maximum")
     mask = _raw(predicate, instr, "predicate") != 0
     if reverse_pred:
         mask = ~mask
@@ -1252,7 +1259,7 @@ def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd
     if reduce_res is not None:
         reduce_res = _in(instr, "reduce_res", reduce_res)
         if reduce_res.partitions != p or reduce_res.free_size != 1:
-            raise ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
+            raise _err.ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
         _store(reduce_res, values.max(axis=1, keepdims=True), instr)
     ctx.cost.compute("VectorE", instr, p, dst.free_size, _bytes(dst, on_true, predicate, reduce_res),
                      cycles_per_element=ctx.config.model.vector_two_input_cycles_per_elem)
@@ -1262,14 +1269,14 @@ def bn_stats(dst, data, name=None):
     """Per partition ``[count, mean, var * count]`` of the even- and of the odd-indexed elements
     (6 values; the simulator's layout, consumed by ``bn_aggr``); at most 512 elements."""
     instr = "bn_stats"
-    ctx = current("nisa.bn_stats")
+    ctx = _current("nisa.bn_stats")
     data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
-    if data.free_size > current(instr).config.model.bn_stats_fmax:
-        raise TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
-                            f"bn_stats_fmax is 512")
+    if data.free_size > _current(instr).config.model.bn_stats_fmax:
+        raise _err.TileSizeError(f"{instr}: data {data.describe()} has {data.free_size} elements per partition; "
+                                 f"bn_stats_fmax is 512")
     if dst.free_size != 6:
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold 6 values per partition")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold 6 values per partition")
     x = _vals(data, instr, "data")
     parts = []
     for half in (x[:, 0::2], x[:, 1::2]):
@@ -1285,13 +1292,13 @@ def bn_aggr(dst, data, name=None):
     """Combine ``bn_stats`` triples ``[count, mean, var*count] x k`` into ``[mean, variance]``
     (population variance) per partition."""
     instr = "bn_aggr"
-    ctx = current("nisa.bn_aggr")
+    ctx = _current("nisa.bn_aggr")
     data, dst = _in(instr, "data", data), _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
     if data.free_size % 3:
-        raise ShapeMismatchError(f"{instr}: data {data.describe()} must hold [count, mean, m2] triples")
+        raise _err.ShapeMismatchError(f"{instr}: data {data.describe()} must hold [count, mean, m2] triples")
     if dst.free_size != 2:
-        raise ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold [mean, variance] per partition")
+        raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must hold [mean, variance] per partition")
     s = _vals(data, instr, "data").reshape(p, -1, 3).astype(np.float64)
     count, mean, m2 = s[..., 0], s[..., 1], s[..., 2]
     total = count.sum(axis=1, keepdims=True)

@@ -12,21 +12,11 @@ import numpy as np
 from . import dtypes as dt
 from . import ops
 from .context import current
-from .errors import DtypeError, MemoryRegionError, PartitionMismatchError, ShapeMismatchError, \
-    UninitializedReadError, UnsupportedError
+from .errors import DtypeError, PartitionMismatchError, ShapeMismatchError, UninitializedReadError, \
+    UnsupportedError
 from .isa import (_bytes, _in, _not_both_psum, _raw, _same_free, _same_partitions, _scalar_operand,
                   _store, _vals, fp32, reduce_cmd)
-from .memory import MemoryRegion, NkiTensor, runtime_int
-
-
-def start_partition(t: NkiTensor) -> int:
-    """Physical partition of the first element of an on-chip view."""
-    storage = t.storage
-    if t._addr is not None:
-        return int(t._addr.reshape(-1)[0]) // storage.partition_stride
-    first = (t._arr.__array_interface__["data"][0] - storage.data.__array_interface__["data"][0]) \
-        // t._arr.itemsize
-    return int(first) // storage.partition_stride
+from .memory import runtime_int
 
 
 def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None):
@@ -85,7 +75,7 @@ def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
     active = -(-max(src.partitions, dst.partitions) // QUADRANT) * QUADRANT
     allowed = {32: (0, 32, 64, 96), 64: (0, 64)}.get(active, (0,))
     for operand, t in (("src", src), ("dst", dst)):
-        start = start_partition(t)
+        start = t.start_partition
         if start not in allowed:
             raise PartitionMismatchError(
                 f"{instr}: {operand} {t.describe()} starts at partition {start}; with {active} active "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import sys
+import threading
 
 import numpy as np
 
@@ -19,10 +20,11 @@ from . import dtypes as _dt
 from . import isa as _isa
 from . import ops as _ops
 from .context import current as _current
-from .errors import (DtypeError, MemoryRegionError, PartitionLimitError, PartitionMismatchError,
-                     ShapeMismatchError, TileSizeError, UnsupportedError)
-from .memory import (PMAX, DynamicSlice, MemoryRegion, NkiTensor, VirtualRegister, allocate,
-                     bind_element_wise_api, runtime_int)
+from . import errors as _err
+from .memory import MemoryRegion, NkiTensor   # nl.MemoryRegion / nl.NkiTensor are NKI classes
+from .memory import PMAX as _PMAX, DynamicSlice as _DynamicSlice, VirtualRegister as _VirtualRegister
+from .memory import allocate as _allocate, bind_element_wise_api as _bind_element_wise_api
+from .memory import runtime_int as _runtime_int
 
 # --------------------------------------------------------------------------- dtypes and buffers
 float32 = _dt.float32
@@ -50,8 +52,6 @@ private_hbm = MemoryRegion.private_hbm
 shared_hbm = MemoryRegion.shared_hbm
 
 fp32 = _isa.fp32          # nl.fp32.min == -3.4028235e38 (the usual masking fill value)
-
-ndarray_type = NkiTensor
 
 
 class tile_size:
@@ -123,16 +123,16 @@ def _generated_init(cls):
 def ndarray(shape, dtype, buffer=None, name="", address=None) -> NkiTensor:
     """An uninitialised tensor (NaN / 4 filled; reads before writes raise).  ``address=
     (partition_offset, free_offset)`` places an on-chip tile: tiles at one address share it."""
-    return allocate(shape, dtype, sbuf if buffer is None else buffer, name, address)
+    return _allocate(shape, dtype, sbuf if buffer is None else buffer, name, address)
 
 
 def _filled(shape, dtype, value, buffer, name, api):
     buffer = sbuf if buffer is None else buffer
     if isinstance(buffer, MemoryRegion) and buffer.is_hbm:
-        raise UnsupportedError(f"nl.{api}: HBM tensors cannot be created with an initial value "
-                               f"(err_hbm_tensor_with_init_value_not_supported); use nl.ndarray and "
-                               f"write it")
-    t = allocate(shape, dtype, buffer, name)
+        raise _err.UnsupportedError(f"nl.{api}: HBM tensors cannot be created with an initial value "
+                                    f"(err_hbm_tensor_with_init_value_not_supported); use nl.ndarray and "
+                                    f"write it")
+    t = _allocate(shape, dtype, buffer, name)
     _isa.memset(t, int(value) if _dt.is_int(t.dtype) or t.dtype == _dt.bool_ else float(value))
     return t
 
@@ -168,7 +168,14 @@ def rand(shape, dtype=float32, buffer=None, name="") -> NkiTensor:
 
 
 def random_seed(seed) -> None:
-    _current("nl.random_seed").run.rng = np.random.default_rng(int(seed))
+    """Seed ``nl.rand``: ``seed`` is a [1, 1] SBUF or PSUM tensor holding a 32-bit integer (SDK
+    language stub, ``random_seed``); the same seed gives the same sequence."""
+    ctx = _current("nl.random_seed")
+    if not isinstance(seed, NkiTensor) or not seed.buffer.on_chip or seed.shape != (1, 1) \
+            or seed.dtype not in (int32, uint32):
+        got = seed.describe() if isinstance(seed, NkiTensor) else repr(seed)
+        raise TypeError(f"nl.random_seed: seed must be a [1, 1] int32/uint32 tensor in SBUF or PSUM, got {got}")
+    ctx.run.rng = np.random.default_rng(int(seed.read("random_seed", "seed").reshape(-1)[0]) & 0xFFFFFFFF)
 
 
 SHARED_CONSTANT_DTYPES = (float32, float16, bfloat16, int32, int16, int8, uint32, uint16, uint8,
@@ -184,8 +191,8 @@ def shared_constant(constant) -> NkiTensor:
     values = np.asarray(constant)
     dtype = _dt.as_dtype(values.dtype, "nl.shared_constant")
     if dtype not in SHARED_CONSTANT_DTYPES:
-        raise DtypeError(f"nl.shared_constant: dtype {_dt.dtype_name(dtype)} is not supported (supported: "
-                         + ", ".join(_dt.dtype_name(d) for d in SHARED_CONSTANT_DTYPES) + ")")
+        raise _err.DtypeError(f"nl.shared_constant: dtype {_dt.dtype_name(dtype)} is not supported (supported: "
+                              + ", ".join(_dt.dtype_name(d) for d in SHARED_CONSTANT_DTYPES) + ")")
     from .memory import wrap_input
     tensor = wrap_input(values, "shared_constant", shared_hbm, ctx.fp32_storage)
     tensor.storage.is_input = False
@@ -200,8 +207,8 @@ def shared_identity_matrix(n, dtype=uint8, dst=None) -> NkiTensor:
     if dst is None:
         dst = ndarray((n, n), dtype, sbuf, name="identity")
     elif not isinstance(dst, NkiTensor) or dst.buffer is not sbuf or dst.partitions != n or dst.free_size != n:
-        raise ShapeMismatchError(f"nl.shared_identity_matrix: dst must be an [{n}, {n}] SBUF tile, got "
-                                 f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
+        raise _err.ShapeMismatchError(f"nl.shared_identity_matrix: dst must be an [{n}, {n}] SBUF tile, got "
+                                      f"{dst.describe() if isinstance(dst, NkiTensor) else dst!r}")
     dst.write(np.eye(n, dtype=np.float32).reshape(dst.shape), "shared_identity_matrix")
     _current("nl.shared_identity_matrix").cost.dma("shared_identity_matrix", dst.size,
                                                    dst.size * dst.itemsize, dst.size * dst.itemsize,
@@ -213,8 +220,8 @@ def shared_identity_matrix(n, dtype=uint8, dst=None) -> NkiTensor:
 
 def ds(start, size):
     """``start : start + size``; a VirtualRegister start gives a dynamic (HBM / DMA only) slice."""
-    if isinstance(start, (VirtualRegister, NkiTensor)):
-        return DynamicSlice(start, size)
+    if isinstance(start, (_VirtualRegister, NkiTensor)):
+        return _DynamicSlice(start, size)
     return slice(int(start), int(start) + int(size))
 
 
@@ -224,36 +231,55 @@ sequential_range = range
 static_range = range
 
 
+_no_reorder = threading.local()     # depth of nl.no_reorder blocks in this program's thread
+
+
+def _dynamic_loop(api: str, step=1) -> None:
+    """Checks shared by the register-based loops (SDK language stub and the dynamic-loops deep dive:
+    the step is a compile-time positive int; dynamic loops are not supported inside no_reorder)."""
+    if getattr(_no_reorder, "depth", 0):
+        raise _err.UnsupportedError(f"nl.{api} inside an nl.no_reorder() block is not supported; put the "
+                                    f"no_reorder block inside the loop body")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step <= 0:
+        raise TypeError(f"nl.{api}: step must be a compile-time positive integer, got {step!r}")
+
+
 def dynamic_range(start, stop=None, step=1):
     """A runtime loop: bounds may be VirtualRegisters; yields read-only registers."""
+    _dynamic_loop("dynamic_range", step)
     if stop is None:
         start, stop = 0, start
-    lo, hi = runtime_int(start, "dynamic_range start"), runtime_int(stop, "dynamic_range stop")
+    lo, hi = _runtime_int(start, "dynamic_range start"), _runtime_int(stop, "dynamic_range stop")
     for i in range(lo, hi, int(step)):
-        yield VirtualRegister(i, frozen=True)
+        yield _VirtualRegister(i, frozen=True)
 
 
 def fori_loop(lower, upper, body_fun, step=1) -> None:
     """``for i in range(lower, upper, step): body_fun(i)`` with runtime bounds; ``i`` is a register."""
-    if not isinstance(step, (int, np.integer)) or step <= 0:
-        raise TypeError(f"nl.fori_loop: step must be a compile-time positive integer, got {step!r}")
-    lo, hi = runtime_int(lower, "fori_loop lower"), runtime_int(upper, "fori_loop upper")
+    _dynamic_loop("fori_loop", step)
+    lo, hi = _runtime_int(lower, "fori_loop lower"), _runtime_int(upper, "fori_loop upper")
     for i in range(lo, hi, int(step)):
-        body_fun(VirtualRegister(i, frozen=True))
+        body_fun(_VirtualRegister(i, frozen=True))
 
 
 def while_loop(init, body_fun) -> None:
-    """Run ``body_fun()`` while the condition (register, int or 1x1 tensor) is non-zero; the body
-    returns the next condition."""
-    cond = init
-    while runtime_int(cond, "while_loop condition"):
-        cond = body_fun()
+    """``r = init; while r != 0: r = body_fun(r)``: the body receives the condition value as a
+    read-only register and returns the next condition (SDK language stub, ``while_loop``)."""
+    _dynamic_loop("while_loop")
+    value = _runtime_int(init, "while_loop init")
+    while value:
+        value = _runtime_int(body_fun(_VirtualRegister(value, frozen=True)), "while_loop condition")
 
 
 @contextlib.contextmanager
 def no_reorder():
-    """Instructions in this block keep program order (the simulator always does)."""
-    yield
+    """Instructions in this block keep program order (the simulator always does); register-based
+    loops inside it raise, as documented."""
+    _no_reorder.depth = getattr(_no_reorder, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _no_reorder.depth -= 1
 
 
 # --------------------------------------------------------------------------- SPMD
@@ -271,8 +297,8 @@ def num_programs(axes=0) -> int:
 
 
 def program_ndim() -> int:
-    _current("nl.program_ndim")
-    return 1
+    """Axes of the launch grid: 1 for ``kernel[n]``, 0 for a kernel launched without a grid."""
+    return _current("nl.program_ndim").run.grid_ndim
 
 
 # --------------------------------------------------------------------------- memory movement
@@ -288,12 +314,12 @@ def load(src, dtype=None) -> NkiTensor:
     """HBM -> new SBUF tile (``nisa.dma_copy``); the partition dim is ``src``'s first dim."""
     if not isinstance(src, NkiTensor) or not src.buffer.is_hbm:
         where = src.buffer.value if isinstance(src, NkiTensor) else type(src).__name__
-        raise MemoryRegionError(f"Expected operand 'src' of 'load' to be in address space 'hbm', but got "
-                                f"a tile in '{where}' instead.")
+        raise _err.MemoryRegionError(f"Expected operand 'src' of 'load' to be in address space 'hbm', but got "
+                                     f"a tile in '{where}' instead.")
     shape = _tile_shape(src.shape)
-    if shape[0] > PMAX:
-        raise PartitionLimitError(f"load: partition dimension {shape[0]} of src {src.describe()} exceeds "
-                                  f"maximum {PMAX}; load it in tiles of {PMAX} rows")
+    if shape[0] > _PMAX:
+        raise _err.PartitionLimitError(f"load: partition dimension {shape[0]} of src {src.describe()} exceeds "
+                                       f"maximum {_PMAX}; load it in tiles of {_PMAX} rows")
     tile = ndarray(shape, src.dtype if dtype is None else dtype, sbuf)
     _isa.dma_copy(tile, src)
     return tile
@@ -303,25 +329,28 @@ def store(dst, value) -> None:
     """SBUF tile (or a number) -> HBM ``dst`` (``nisa.dma_copy``)."""
     if not isinstance(dst, NkiTensor) or not dst.buffer.is_hbm:
         where = dst.buffer.value if isinstance(dst, NkiTensor) else type(dst).__name__
-        raise MemoryRegionError(f"Expected operand 'dst' of 'store' to be in address space 'hbm', but got "
-                                f"a tile in '{where}' instead.")
+        raise _err.MemoryRegionError(f"Expected operand 'dst' of 'store' to be in address space 'hbm', but got "
+                                     f"a tile in '{where}' instead.")
     if not isinstance(value, NkiTensor):
         value = full(_tile_shape(dst.shape), value, dst.dtype)
     if value.buffer is MemoryRegion.psum:
-        raise MemoryRegionError("Expected operand 'value' of 'store' to be in address space 'sbuf', but got "
-                                "a tile in 'psum' instead (copy PSUM to SBUF first with nisa.tensor_copy)")
+        raise _err.MemoryRegionError("Expected operand 'value' of 'store' to be in address space 'sbuf', but got "
+                                     "a tile in 'psum' instead (copy PSUM to SBUF first with nisa.tensor_copy)")
     _isa.dma_copy(dst, value)
 
 
 def load_transpose2d(src, dtype=None) -> NkiTensor:
-    """HBM ``[a, b]`` -> SBUF ``[b, a]`` via a DMA transpose."""
+    """HBM ``[a, b]`` -> SBUF ``[b, a]`` via a DMA transpose; ``dtype`` casts the result (a
+    ``tensor_copy`` after the transpose, which keeps the dtype)."""
     if not isinstance(src, NkiTensor) or not src.buffer.is_hbm or src.ndim != 2:
-        raise MemoryRegionError("load_transpose2d: src must be a 2-D HBM tensor")
-    if dtype is not None and _dt.as_dtype(dtype) != src.dtype:
-        raise DtypeError("load_transpose2d: dtype conversion is not supported (DMA transpose keeps the dtype)")
+        raise _err.MemoryRegionError("load_transpose2d: src must be a 2-D HBM tensor")
     tile = ndarray((src.shape[1], src.shape[0]), src.dtype, sbuf)
     _isa.dma_transpose(tile, src)
-    return tile
+    if dtype is None or _dt.as_dtype(dtype) == src.dtype:
+        return tile
+    cast = ndarray(tile.shape, dtype, sbuf)
+    _isa.tensor_copy(cast, tile)
+    return cast
 
 
 def copy(src, dtype=None) -> NkiTensor:
@@ -338,11 +367,11 @@ def broadcast_to(src, shape, dtype=None) -> NkiTensor:
     _check_tile("broadcast_to", "src", src)
     shape = tuple(int(s) for s in shape)
     if len(shape) != src.ndim:
-        raise ShapeMismatchError(f"broadcast_to: shape {list(shape)} must have the rank of src {list(src.shape)}")
+        raise _err.ShapeMismatchError(f"broadcast_to: shape {list(shape)} must have the rank of src {list(src.shape)}")
     try:
         values = np.broadcast_to(src.read_f32("broadcast_to", "src"), shape)
     except ValueError as exc:
-        raise ShapeMismatchError(f"broadcast_to: cannot broadcast {src.describe()} to {list(shape)}") from exc
+        raise _err.ShapeMismatchError(f"broadcast_to: cannot broadcast {src.describe()} to {list(shape)}") from exc
     out = ndarray(shape, src.dtype if dtype is None else dtype, sbuf)
     out.write(values if (dtype is not None and out.dtype != src.dtype) else
               np.broadcast_to(src.read("broadcast_to", "src"), shape), "broadcast_to")
@@ -366,8 +395,8 @@ def _check_tile(api: str, operand: str, x) -> NkiTensor:
     if not isinstance(x, NkiTensor):
         raise TypeError(f"nl.{api}: {operand} must be a tile, got {type(x).__name__}")
     if x.buffer.is_hbm:
-        raise MemoryRegionError(f"Expected operand '{operand}' of '{api}' to be in address space 'psum|sbuf', "
-                                f"but got a tile in 'hbm' instead ({x.describe()}); nl.load it first")
+        raise _err.MemoryRegionError(f"Expected operand '{operand}' of '{api}' to be in address space 'psum|sbuf', "
+                                     f"but got a tile in 'hbm' instead ({x.describe()}); nl.load it first")
     return x
 
 
@@ -406,7 +435,7 @@ def _unary_activation(name: str):
         x = _check_tile(name, "x", x)
         out = ndarray(x.shape, x.dtype if dtype is None else dtype, sbuf)
         if name in _LOWERED:
-            with _isa.lowered_activations():
+            with _isa._lowered_activations():
                 _isa.activation(out, fn, x)
         else:
             _isa.activation(out, fn, x)
@@ -491,7 +520,7 @@ def _elementwise(op, name, x, y, dtype):
             return out
         if x.partitions != y.partitions:
             big, small = (x, y) if x.partitions > y.partitions else (y, x)
-            raise PartitionMismatchError(
+            raise _err.PartitionMismatchError(
                 f"nl.{name}: operands {list(x.shape)} and {list(y.shape)} differ in partitions; a partition "
                 f"broadcast {list(small.shape)} -> {list(big.shape)} is not supported by NKI 0.6 element-wise "
                 f"ops: use nl.broadcast_to(x, shape) (a TensorE ones-matmul) first")
@@ -500,8 +529,8 @@ def _elementwise(op, name, x, y, dtype):
             out = ndarray(tile.shape, out_dtype, sbuf)
             _isa.tensor_scalar(out, tile, op, _as_fp32_column(name, col), reverse0=reverse)
             return out
-        raise ShapeMismatchError(f"nl.{name}: operand shapes {list(x.shape)} and {list(y.shape)} differ "
-                                 f"(only equal shapes or a [P, 1] column broadcast are supported)")
+        raise _err.ShapeMismatchError(f"nl.{name}: operand shapes {list(x.shape)} and {list(y.shape)} differ "
+                                      f"(only equal shapes or a [P, 1] column broadcast are supported)")
     tile, scalar, reverse = (x, y, False) if xt else (y, x, True)
     _check_tile(name, "x" if xt else "y", tile)
     if not _is_number(scalar):
@@ -539,8 +568,8 @@ def divide(x, y, dtype=None) -> NkiTensor:
     Tile / tile division is not supported on Trainium2 in NKI 0.6 (use
     ``nl.multiply(x, nl.reciprocal(y))``)."""
     if isinstance(y, NkiTensor):
-        raise UnsupportedError("nl.divide by a tile is not supported on hardware in NKI 0.6; use "
-                               "nl.multiply(x, nl.reciprocal(y))")
+        raise _err.UnsupportedError("nl.divide by a tile is not supported on hardware in NKI 0.6; use "
+                                    "nl.multiply(x, nl.reciprocal(y))")
     if not _is_number(y):
         raise TypeError(f"nl.divide: divisor must be a number, got {type(y).__name__}")
     out = multiply(x, float(np.float32(1.0) / np.float32(y)), dtype=dtype)
@@ -557,7 +586,8 @@ def where(condition, x, y, dtype=None) -> NkiTensor:
     for t in tiles:
         _check_tile("where", "x/y", t)
         if t.shape != condition.shape:
-            raise ShapeMismatchError(f"nl.where: {t.describe()} must have the condition's shape {list(condition.shape)}")
+            raise _err.ShapeMismatchError(f"nl.where: {t.describe()} must have the condition's shape "
+                                          f"{list(condition.shape)}")
     out_dtype = _result_dtype("where", dtype, *[t.dtype if isinstance(t, NkiTensor) else _dt.scalar_dtype(t)
                                                 for t in (x, y)])
     out = ndarray(condition.shape, out_dtype, sbuf)
@@ -625,13 +655,13 @@ def matmul(x, y, transpose_x=False) -> NkiTensor:
 
     NKI 0.3+ supports only ``transpose_x=True`` (contraction on the partition dim of both)."""
     if not transpose_x:
-        raise UnsupportedError("nl.matmul(x, y) without transpose_x=True is not supported in NKI 0.3+; pass "
-                               "x as [K, M] with transpose_x=True")
+        raise _err.UnsupportedError("nl.matmul(x, y) without transpose_x=True is not supported in NKI 0.3+; pass "
+                                    "x as [K, M] with transpose_x=True")
     _check_tile("matmul", "x", x)
     _check_tile("matmul", "y", y)
     if x.free_size > 128 or y.free_size > 512:
-        raise TileSizeError(f"nl.matmul: x {x.describe()} free size must be <= 128 and y {y.describe()} "
-                            f"free size <= 512")
+        raise _err.TileSizeError(f"nl.matmul: x {x.describe()} free size must be <= 128 and y {y.describe()} "
+                                 f"free size <= 512")
     out = ndarray((x.free_size, y.free_size), float32, psum)
     _isa.nc_matmul(out, x, y)
     return out
@@ -641,7 +671,7 @@ def transpose(x, dtype=None) -> NkiTensor:
     """``[P, F] -> [F, P]`` into a new PSUM tile on TensorE (same dtype)."""
     _check_tile("transpose", "x", x)
     if dtype is not None and _dt.as_dtype(dtype) != x.dtype:
-        raise DtypeError("nl.transpose: the TensorE transpose keeps the dtype; cast with nl.copy afterwards")
+        raise _err.DtypeError("nl.transpose: the TensorE transpose keeps the dtype; cast with nl.copy afterwards")
     out = ndarray((x.free_size, x.partitions), x.dtype, psum)
     _isa.nc_transpose(out, x, engine=_isa.engine.tensor)
     return out
@@ -649,22 +679,17 @@ def transpose(x, dtype=None) -> NkiTensor:
 
 # --------------------------------------------------------------------------- misc
 
-def device_print(prefix, x) -> None:
-    """Print ``prefix`` and the tile's values (simulation only)."""
-    if isinstance(x, NkiTensor):
-        builtins.print(prefix, x.read("device_print", "x").astype(np.float32) if _dt.is_float(x.dtype)
-                       else x.read("device_print", "x"))
-    else:
-        builtins.print(prefix, x)
+def device_print(print_prefix, tensor) -> None:
+    """Print ``print_prefix`` and the values of ``tensor`` to stdout, as NKI's CPU simulation does.
+    The prefix is a constant string and the tensor is in SBUF or HBM (SDK language stub)."""
+    _current("nl.device_print")
+    if not isinstance(print_prefix, str):
+        raise TypeError(f"nl.device_print: print_prefix must be a constant string, got {print_prefix!r}")
+    if not isinstance(tensor, NkiTensor) or tensor.buffer is psum:
+        got = tensor.describe() if isinstance(tensor, NkiTensor) else type(tensor).__name__
+        raise _err.MemoryRegionError(f"nl.device_print: tensor must be in SBUF or HBM, got {got}")
+    values = tensor.read("device_print", "tensor")
+    builtins.print(print_prefix, values.astype(np.float32) if _dt.is_float(tensor.dtype) else values)
 
 
-def static_cast(array, dtype) -> np.ndarray:
-    """Host-side cast of a NumPy array (round to nearest even; ints saturate)."""
-    dtype = _dt.as_dtype(dtype)
-    values = np.asarray(array)
-    if values.dtype.kind == "f" and values.dtype != np.float32 and not _dt.is_int(dtype):
-        values = values.astype(np.float32)
-    return _dt.round_to(values, dtype, False)
-
-
-bind_element_wise_api(sys.modules[__name__])   # the tensor operators (+, *, <, ...) call nl.*
+_bind_element_wise_api(sys.modules[__name__])   # the tensor operators (+, *, <, ...) call nl.*

@@ -29,9 +29,10 @@ from .memory import MemoryRegion, NkiTensor, wrap_input
 class KernelRun:
     """State shared by the program instances of one launch."""
 
-    def __init__(self, config: SimConfig, num_programs: int):
+    def __init__(self, config: SimConfig, num_programs: int, grid_ndim: int):
         self.config = config
         self.num_programs = num_programs
+        self.grid_ndim = grid_ndim          # nl.program_ndim(): 0 without a launch grid
         self.shared: list[NkiTensor] = []
         self.rng = np.random.default_rng(0)
         self.sync = ProgramSync(num_programs)
@@ -84,11 +85,12 @@ def _to_torch(a: np.ndarray):
 class Kernel:
     """A kernel function plus its launch grid (``kernel[2]`` = two program instances, LNC=2)."""
 
-    def __init__(self, fn, num_programs: int = 1):
+    def __init__(self, fn, num_programs: int = 1, grid_ndim: int = 0):
         if isinstance(fn, Kernel):
             fn = fn.fn
         self.fn = fn
         self.num_programs = num_programs
+        self.grid_ndim = grid_ndim
         self.last_report: Report | None = None
         functools.update_wrapper(self, fn)
 
@@ -102,7 +104,7 @@ class Kernel:
             raise UnsupportedError(
                 f"kernel[{grid!r}]: the NKI 0.6 launch grid is the logical-core degree, 1 or 2 "
                 f"(kernel[2] = LNC=2); loop over other work inside the kernel")
-        return Kernel(self.fn, int(dims[0]))
+        return Kernel(self.fn, int(dims[0]), grid_ndim=1)
 
     def __call__(self, *args, **kwargs):
         if active() is not None:
@@ -248,7 +250,7 @@ def _execute(kernel: Kernel, config: SimConfig, args, kwargs):
     torch_out = any(_is_torch(a) for a in list(args) + list(kwargs.values()))
     check_kernel(kernel.fn, args, kwargs)
     wrapped, wrapped_kw, inputs = _wrap_args(kernel.fn, args, kwargs, buffer, config)
-    run = KernelRun(config, n)
+    run = KernelRun(config, n, kernel.grid_ndim)
     contexts = [ProgramContext(config, pid, n, run) for pid in range(n)]
     returns, errors = [None] * n, [None] * n
 
