@@ -404,12 +404,11 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating, bool, np.bool_))
 
 
-def _result_dtype(op_name: str, dtype, *types):
+def _result_dtype(dtype, *types):
     if dtype is not None:
         return _dt.as_dtype(dtype)
-    alu = _ops.ALU_BY_NAME.get(op_name)
-    if alu is not None and alu.kind in ("compare", "logical"):
-        return bool_
+    # Comparisons and logical ops too: the NKI 0.6 stubs give them the inputs' dtype by default
+    # (1 / 0 in that dtype) and suggest dtype=nl.uint8 for a boolean-like tile.
     out = types[0]
     for t in types[1:]:
         out = _dt.promote(out, t)
@@ -513,7 +512,7 @@ def _elementwise(op, name, x, y, dtype):
     if xt and yt:
         _check_tile(name, "x", x)
         _check_tile(name, "y", y)
-        out_dtype = _result_dtype(name, dtype, x.dtype, y.dtype)
+        out_dtype = _result_dtype(dtype, x.dtype, y.dtype)
         if x.shape == y.shape:
             out = ndarray(x.shape, out_dtype, sbuf)
             _isa.tensor_tensor(out, x, y, op)
@@ -535,7 +534,7 @@ def _elementwise(op, name, x, y, dtype):
     _check_tile(name, "x" if xt else "y", tile)
     if not _is_number(scalar):
         raise TypeError(f"nl.{name}: operand must be a tile or a number, got {type(scalar).__name__}")
-    out = ndarray(tile.shape, _result_dtype(name, dtype, tile.dtype, _dt.scalar_dtype(scalar)), sbuf)
+    out = ndarray(tile.shape, _result_dtype(dtype, tile.dtype, _dt.scalar_dtype(scalar)), sbuf)
     _isa.tensor_scalar(out, tile, op, scalar, reverse0=reverse)
     return out
 
@@ -588,7 +587,7 @@ def where(condition, x, y, dtype=None) -> NkiTensor:
         if t.shape != condition.shape:
             raise _err.ShapeMismatchError(f"nl.where: {t.describe()} must have the condition's shape "
                                           f"{list(condition.shape)}")
-    out_dtype = _result_dtype("where", dtype, *[t.dtype if isinstance(t, NkiTensor) else _dt.scalar_dtype(t)
+    out_dtype = _result_dtype(dtype, *[t.dtype if isinstance(t, NkiTensor) else _dt.scalar_dtype(t)
                                                 for t in (x, y)])
     out = ndarray(condition.shape, out_dtype, sbuf)
     cond = condition.read_f32("where", "condition") != 0
