@@ -7,7 +7,7 @@ module which tensors exist; nothing else spells a weight name.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,13 +98,6 @@ def layer_and_role(name: str) -> tuple[int, str] | None:
     return None if role is None else (int(parts[2]), role)
 
 
-def mtp_block_names(config: MiMoV2FlashConfig) -> dict[str, str]:
-    """MTP tensor name -> the name it has in the MTP block (mtp.py): MTP layer k's tensors under
-    decoder layer k's names, so `layer_weight(k, role)` finds them for every MTP role."""
-    return {mtp_weight(index, role): layer_weight(index, role)
-            for index in range(config.mtp_num_layers) for role in _MTP_ROLES}
-
-
 def is_expert(spec: TensorSpec) -> bool:
     """A routed expert's tensor."""
     return ".mlp.experts." in spec.name
@@ -174,6 +167,19 @@ def mtp_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
               ("down_proj", (h, i), FP8), ("final", (h,), BF16)]
     return [TensorSpec(mtp_weight(index, role), shape, dtype, MTP_SHARD)
             for index in range(config.mtp_num_layers) for role, shape, dtype in roles]
+
+
+def mtp_block_names(config: MiMoV2FlashConfig) -> dict[str, str]:
+    """MTP tensor name -> its name in the MTP block (mtp.py): MTP layer k's tensors under decoder
+    layer k's names, so `layer_weight(k, role)` finds every MTP role."""
+    return {mtp_weight(index, role): layer_weight(index, role)
+            for index in range(config.mtp_num_layers) for role in _MTP_ROLES}
+
+
+def mtp_block_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
+    """`mtp_tensors` under their MTP-block names (`mtp_block_names`)."""
+    names = mtp_block_names(config)
+    return [replace(spec, name=names[spec.name]) for spec in mtp_tensors(config)]
 
 
 def scale_name(weight_name: str) -> str:
