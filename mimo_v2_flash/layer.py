@@ -145,8 +145,8 @@ class ReferenceOps:
                               self.config.softmax_scale, window, sink) for p in problems]
 
     def router(self, x, layer):
-        return ref.router(x, self.w(layer_weight(layer, "router")), self.w(layer_weight(layer, "router_bias")),
-                          self.config.num_experts_per_tok, self.config.routed_scaling_factor,
+        gate, bias = self.w(layer_weight(layer, "router")), self.w(layer_weight(layer, "router_bias"))
+        return ref.router(x, gate, bias, self.config.num_experts_per_tok, self.config.routed_scaling_factor,
                           self.allowed_experts)
 
     def expert_weights(self, layer, expert):
