@@ -64,7 +64,6 @@ _MTP_ROLES = {**{role: path for role, path in _LAYER_ROLES.items() if not role.s
               "final": "final_layernorm.weight"}
 LAYER_ROLES = tuple(_LAYER_ROLES)
 MTP_ROLES = tuple(_MTP_ROLES)
-NORM_ROLES = ("input", "post_attention", "enorm", "hnorm", "final")
 
 
 def layer_weight(layer: int, role: str) -> str:
@@ -92,7 +91,7 @@ def expert_weight(layer: int, expert: int, proj: str) -> str:
 def layer_and_role(name: str) -> tuple[int, str] | None:
     """(layer, role) of a decoder-layer tensor name (the inverse of `layer_weight`), else None."""
     parts = name.split(".", 3)
-    if len(parts) < 4 or f"{parts[0]}.{parts[1]}." != "model.layers." or not parts[2].isdigit():
+    if len(parts) < 4 or not parts[2].isdigit() or not name.startswith(layer_prefix(int(parts[2]))):
         return None
     role = next((r for r, path in _LAYER_ROLES.items() if path == parts[3]), None)
     return None if role is None else (int(parts[2]), role)

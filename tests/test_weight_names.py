@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mimo_v2_flash.config import load_config
-from mimo_v2_flash.weights import (FP8, MTP_ROLES, layer_and_role, layer_weight, model_tensors,
+from mimo_v2_flash.weights import (FP8, LAYER_ROLES, MTP_ROLES, layer_and_role, layer_weight, model_tensors,
                                    mtp_block_names, mtp_tensors, mtp_weight, scale_name)
 
 LISTING = Path(__file__).parent / "data" / "mimo_v2_flash_tensor_names.txt.gz"
@@ -58,9 +58,12 @@ def test_every_decoder_layer_tensor_has_a_role_and_round_trips():
     layer_names = [n for n in hub if n.startswith("model.layers.") and ".mlp.experts." not in n
                    and not n.endswith("_scale_inv")]
     assert len(layer_names) == 48 * 6 + 39 + 3 + 47 * 2     # norms, q/k/v/o; SWA sinks; dense MLP; routers
+    roles = set()
     for name in layer_names:
         layer, role = layer_and_role(name)
         assert layer_weight(layer, role) == name
+        roles.add(role)
+    assert roles == set(LAYER_ROLES)
     assert layer_and_role("model.layers.1.mlp.experts.0.gate_proj.weight") is None
     assert layer_and_role("model.mtp.layers.0.enorm.weight") is None
 
