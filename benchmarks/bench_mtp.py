@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mimo_v2_flash import load_config  # noqa: E402
-from mimo_v2_flash.weights import (BF16, EMBED, F32, FP8, layer_tensors, model_tensors,  # noqa: E402
-                                   mtp_tensors)
+from mimo_v2_flash.weights import (BF16, EMBED, F32, FP8, LM_HEAD, layer_tensors, model_tensors,  # noqa: E402
+                                   mtp_prefix, mtp_tensors)
 
 BYTES = {FP8: 1.0 + 4.0 / (128 * 128), BF16: 2.0, F32: 4.0}     # FP8 with its fp32 block scale
 
@@ -72,8 +72,8 @@ class DecodeModel:
         self.expert_bytes = tensor_bytes(expert)
         self.expert_macs = tensor_macs(expert)
         self.moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
-        head = [s for s in model_tensors(config, layers=[]) if s.name == "lm_head.weight"]
-        one_mtp = [s for s in mtp_tensors(config) if s.name.startswith("model.mtp.layers.0.")]
+        head = [s for s in model_tensors(config, layers=[]) if s.name == LM_HEAD]
+        one_mtp = [s for s in mtp_tensors(config) if s.name.startswith(mtp_prefix(0))]
         self.mtp_bytes = tensor_bytes(one_mtp) + tensor_bytes(head)
         self.mtp_macs = tensor_macs(one_mtp) + tensor_macs(head)
 

@@ -32,7 +32,8 @@ sys.path.insert(0, ROOT)
 from mimo_v2_flash.checkpoint import INDEX_FILE, PER_KV_HEAD, kv_scale_rows  # noqa: E402
 from mimo_v2_flash.config import MiMoV2FlashConfig  # noqa: E402
 from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry  # noqa: E402
-from mimo_v2_flash.weights import F32, FP8, fp8_scale_shape, model_tensors, scale_name  # noqa: E402
+from mimo_v2_flash.weights import (F32, FP8, fp8_scale_shape, layer_and_role, model_tensors,  # noqa: E402
+                                   scale_name)
 
 CASES = [("bf16", 4, "shared"), ("bf16", 4, "per-rank"), ("fp8", 4, "shared"), ("fp8", 4, "per-rank"),
          ("bf16", 1, "shared")]     # (dtype, world size, replicated layout)
@@ -59,11 +60,11 @@ def hub_entries(config: MiMoV2FlashConfig) -> dict[str, list[TensorEntry]]:
             continue
         entries.append(TensorEntry(spec.name, "F8_E4M3", spec.shape))
         grid = fp8_scale_shape(spec.shape)
-        layer = int(spec.name.split(".")[2])        # every FP8 tensor belongs to a layer
-        if not config.is_swa(layer) and spec.name.endswith(("k_proj.weight", "v_proj.weight")):
+        layer, role = layer_and_role(spec.name) or (None, None)
+        if role in ("k_proj", "v_proj") and not config.is_swa(layer):
             _, kv, d, dv = config.attention_shape(layer)
             k_rows, v_rows = kv_scale_rows(kv, d, dv, PER_KV_HEAD)
-            grid = (k_rows if ".k_proj." in spec.name else v_rows, grid[1])
+            grid = (k_rows if role == "k_proj" else v_rows, grid[1])
         entries.append(TensorEntry(scale_name(spec.name), "F32", grid))
     return shards
 

@@ -39,7 +39,7 @@ def run_child(prepared: str, case: str, dtype: str) -> dict:
     import numpy as np
     from mimo_v2_flash import MiMoV2FlashModel
     from mimo_v2_flash.checkpoint import PreparedCheckpoint
-    from mimo_v2_flash.weights import layer_prefix, model_tensors
+    from mimo_v2_flash.weights import layer_weight, model_tensors
     baseline = peak_rss_bytes()
     if case == "hub_float32":
         config, weights = PreparedCheckpoint(prepared).load(0)
@@ -51,8 +51,8 @@ def run_child(prepared: str, case: str, dtype: str) -> dict:
         ops._fused_qkv_weight(layer)
         if config.is_moe(layer):
             ops._expert_stack(layer)
-    qkv = {layer_prefix(layer) + f"self_attn.{n}_proj.weight" for layer in range(config.num_hidden_layers)
-           for n in "qkv"}
+    qkv = {layer_weight(layer, proj) for layer in range(config.num_hidden_layers)
+           for proj in ("q_proj", "k_proj", "v_proj")}
     for spec in model_tensors(config, experts=[]):
         if spec.name not in qkv:
             ops.kernel_weight(spec.name)

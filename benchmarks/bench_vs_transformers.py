@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from mimo_v2_flash import MiMoV2FlashModel, MiMoV2FlashConfig
-from mimo_v2_flash.weights import model_tensors, random_weights
+from mimo_v2_flash.weights import EMBED, is_expert, model_tensors, random_weights
 
 PROMPT = 128          # decode cases: prompt tokens before the timed steps
 DECODE_STEPS = 16
@@ -98,7 +98,7 @@ class Project:
         and the routed experts, plus the distinct experts each MoE layer's tokens chose."""
         config, weights = self.model.config, self.model.weights
         fixed = sum(weights[s.name].nbytes for s in model_tensors(config)
-                    if ".mlp.experts." not in s.name and s.name != "model.embed_tokens.weight")
+                    if not is_expert(s) and s.name != EMBED)
         per_expert = 3 * config.moe_intermediate_size * config.hidden_size * 4
         return fixed + per_expert * sum(self.experts_hit) / DECODE_STEPS
 

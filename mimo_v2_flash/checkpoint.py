@@ -39,8 +39,8 @@ from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile, check_finite
-from .weights import (BF16, EMBED, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_prefix,
-                      layer_tensors, model_tensors, mtp_tensors, scale_name)
+from .weights import (BF16, EMBED, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_and_role,
+                      layer_tensors, layer_weight, model_tensors, mtp_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
 FINITE_CHECK_ROWS = 1024          # rows of a stored tensor checked for NaN / Inf at a time
@@ -190,9 +190,8 @@ class HubCheckpoint:
         return grouping
 
     def _kv_specs(self, layer: int) -> tuple[TensorSpec, TensorSpec]:
-        p = layer_prefix(layer) + "self_attn."
         specs = {s.name: s for s in layer_tensors(self.config, layer, experts=[])}
-        return specs[p + "k_proj.weight"], specs[p + "v_proj.weight"]
+        return specs[layer_weight(layer, "k_proj")], specs[layer_weight(layer, "v_proj")]
 
     def validate(self, specs: list[TensorSpec]) -> None:
         """Check every listed tensor (headers only): present, shape, dtype, scale grid."""
@@ -286,9 +285,8 @@ class HubCheckpoint:
 
 def _kv_layer(name: str) -> int | None:
     """The layer of a `k_proj`/`v_proj` weight (whose scales may be fused), else None."""
-    if name.startswith("model.layers.") and name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-        return int(name.split(".")[2])
-    return None
+    layer_role = layer_and_role(name)
+    return layer_role[0] if layer_role is not None and layer_role[1] in ("k_proj", "v_proj") else None
 
 
 def stored_mtp_tensors(checkpoint: HubCheckpoint) -> list[TensorSpec]:

@@ -1,8 +1,10 @@
-"""The decoder layer, written once over an `ops` object, so the NumPy reference and the NKI
-kernels run the same block (a backend supplies the ops; `ReferenceOps` is the oracle).
+"""The decoder layer, written once over an `ops` backend (`ops.DecoderOps`), so the NumPy
+reference and the NKI kernels run the same block (`ReferenceOps` is the oracle).
 
-Tokens of a batch are flat, `x [N, H]`, grouped by sequence (`TokenBatch`); everything but
-attention is per token, and attention runs per sequence against that sequence's cache.
+Read top-down: `decoder_layer` (token rows in, token rows out), `attention_block`, then the
+token-batch types and the backends. Tokens of a batch are flat, `x [N, H]`, grouped by sequence
+(`TokenBatch`); everything but attention is per token, and attention runs per sequence against
+that sequence's cache. Ops are addressed by (layer, role); only weights.py spells tensor names.
 """
 
 from __future__ import annotations
@@ -14,7 +16,40 @@ import numpy as np
 from . import reference as ref
 from .config import MiMoV2FlashConfig
 from .kv_cache import KVCache
-from .weights import EMBED, FINAL_NORM, LM_HEAD, expert_prefix, layer_prefix
+from .ops import DecoderOps
+from .weights import EMBED, EXPERT_PROJS, FINAL_NORM, LM_HEAD, expert_weight, layer_weight
+
+
+def decoder_layer(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.ndarray, batch: TokenBatch,
+                  cache: KVCache | None, expert_executor) -> np.ndarray:
+    """h = x + attn(norm(x)); out = h + ffn(norm(h)), with dense SwiGLU or the routed MoE."""
+    attn = attention_block(ops, config, layer, ops.rmsnorm(x, layer, "input"), batch, cache)
+    h, hn = ops.add_rmsnorm(x, attn, layer, "post_attention")
+    if not config.is_moe(layer):
+        return h + ops.dense_mlp(hn, layer)
+    ids, weights = ops.router(hn, layer)
+    return h + expert_executor(layer, hn, ids, weights)
+
+
+def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
+                    batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
+    """Projections, partial RoPE, value scale, per-sequence attention with the cache, o_proj."""
+    heads, kv_heads, d, dv = config.attention_shape(layer)
+    n = xn.shape[0]
+    theta = config.rope_theta_of(layer)
+    q, k, v = ops.qkv(xn, layer)
+    q, k = ops.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), batch.positions, theta)
+    v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
+    problems = []
+    for seq, start, stop in batch.segments():
+        pos = batch.positions[start:stop]
+        if cache is None:
+            keys, values, key_pos = k[start:stop], v[start:stop], pos
+        else:
+            keys, values, key_pos = cache.layers[layer].update(seq, pos, k[start:stop], v[start:stop])
+        problems.append(AttentionInput(q[start:stop], keys, values, pos, key_pos))
+    attn = np.concatenate(ops.attention(problems, layer)).reshape(n, heads * dv)
+    return ops.linear(attn, layer, "o_proj")
 
 
 @dataclass
@@ -39,8 +74,30 @@ class AttentionInput:
     k_positions: np.ndarray    # [S]
 
 
+class LocalExperts:
+    """Runs a layer's routed experts in this process (the default expert executor).
+
+    An expert executor is any callable `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]`;
+    `parallel` provides one that dispatches tokens to the ranks owning the experts.
+    """
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, layer, x, ids, weights):
+        return self.ops.experts(x, layer, ids, weights)
+
+
+def attention_sink(ops, layer: int) -> np.ndarray | None:
+    """Layer `layer`'s attention sink bias [Hq] as float32 (None for a layer without one), from a
+    backend's `config` and Hub-named `weights`."""
+    if not ops.config.has_sink(layer):
+        return None
+    return np.asarray(ops.weights[layer_weight(layer, "sink")]).astype(np.float32)
+
+
 class ReferenceOps:
-    """The NumPy reference path; a kernel backend implements the same methods."""
+    """The NumPy reference backend (`ops.DecoderOps`, whose docstrings give every op's shapes)."""
 
     name = "reference"
 
@@ -63,44 +120,39 @@ class ReferenceOps:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.w(EMBED)[ids].astype(np.float32)
 
-    def rmsnorm(self, x, weight_name):
-        return ref.rmsnorm(x, self.w(weight_name), self.config.layernorm_epsilon)
+    def rmsnorm(self, x, layer, norm):
+        return ref.rmsnorm(x, self.w(layer_weight(layer, norm)), self.config.layernorm_epsilon)
 
-    def add_rmsnorm(self, x, delta, weight_name):
-        """The residual add fused with the next norm: (x + delta, rmsnorm(x + delta))."""
+    def add_rmsnorm(self, x, delta, layer, norm):
         total = x + delta
-        return total, self.rmsnorm(total, weight_name)
+        return total, self.rmsnorm(total, layer, norm)
 
-    def linear(self, x, weight_name):
-        return ref.linear(x, self.w(weight_name))
+    def linear(self, x, layer, proj):
+        return ref.linear(x, self.w(layer_weight(layer, proj)))
 
     def rope(self, x, positions, theta):
         return ref.apply_partial_rope(x, positions, self.config.rotary_dim, theta)
 
     def qkv(self, x, layer):
-        """The q, k and v projections of one layer: [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]
-        (one op so a kernel backend can run them as one launch over concatenated weights)."""
-        p = layer_prefix(layer) + "self_attn."
-        return tuple(self.linear(x, p + f"{name}_proj.weight") for name in "qkv")
+        return tuple(self.linear(x, layer, proj) for proj in ("q_proj", "k_proj", "v_proj"))
 
     def rope_qk(self, q, k, positions, theta):
-        """RoPE of q [N, Hq, D] and k [N, Hkv, D] at the same positions (one launch on kernels)."""
         return self.rope(q, positions, theta), self.rope(k, positions, theta)
 
-    def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
+    def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
+        window, sink = self.config.window_of(layer), attention_sink(self, layer)
         return [ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
                               self.config.softmax_scale, window, sink) for p in problems]
 
     def router(self, x, layer):
-        p = layer_prefix(layer) + "mlp.gate."
-        return ref.router(x, self.w(p + "weight"), self.w(p + "e_score_correction_bias"),
-                          self.config.num_experts_per_tok, self.config.routed_scaling_factor,
+        gate, bias = self.w(layer_weight(layer, "router")), self.w(layer_weight(layer, "router_bias"))
+        return ref.router(x, gate, bias, self.config.num_experts_per_tok, self.config.routed_scaling_factor,
                           self.allowed_experts)
 
     def expert_weights(self, layer, expert):
-        p = expert_prefix(layer, expert)
+        """(gate_proj, up_proj, down_proj) of one routed expert, Hub layout float32."""
         try:
-            return tuple(self.w(p + f"{proj}.weight") for proj in ("gate_proj", "up_proj", "down_proj"))
+            return tuple(self.w(expert_weight(layer, expert, proj)) for proj in EXPERT_PROJS)
         except KeyError:
             raise KeyError(f"layer {layer}: expert {expert} is not loaded in this model") from None
 
@@ -108,24 +160,23 @@ class ReferenceOps:
         return ref.moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
 
     def dense_mlp(self, x, layer):
-        p = layer_prefix(layer) + "mlp."
-        return ref.swiglu(x, self.w(p + "gate_proj.weight"), self.w(p + "up_proj.weight"),
-                          self.w(p + "down_proj.weight"))
+        return ref.swiglu(x, *(self.w(layer_weight(layer, proj)) for proj in EXPERT_PROJS))
 
-    def logits(self, x):
-        return ref.linear(self.rmsnorm(x, FINAL_NORM), self.w(LM_HEAD))
+    def logits(self, x, layer=None):
+        norm = FINAL_NORM if layer is None else layer_weight(layer, "final")
+        return ref.linear(ref.rmsnorm(x, self.w(norm), self.config.layernorm_epsilon), self.w(LM_HEAD))
 
 
 class CheckedOps:
-    """Runs every op on a backend and on the reference, returns the backend's result and records
-    the largest relative difference per op ("numpy-reference-checked").
+    """A `DecoderOps` that runs every op on a backend and on the reference, returns the backend's
+    result and records the largest relative difference per op ("numpy-reference-checked").
 
     Both backends see the same inputs, so each recorded number is that op's own error, not the
     error accumulated through the layer. `differences[op] = max |a - b| / max |b|`. Routing is
     compared as the fraction of (token, slot) expert ids that differ.
     """
 
-    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention",
+    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope_qk", "attention",
                  "router", "experts", "dense_mlp", "logits")
 
     def __init__(self, backend, reference):
@@ -149,53 +200,3 @@ class CheckedOps:
             self.differences[name] = max(self.differences.get(name, 0.0), diff)
             return got
         return checked
-
-
-class LocalExperts:
-    """Runs a layer's routed experts in this process (the default expert executor).
-
-    An expert executor is any callable `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]`;
-    `parallel` provides one that dispatches tokens to the ranks owning the experts.
-    """
-
-    def __init__(self, ops):
-        self.ops = ops
-
-    def __call__(self, layer, x, ids, weights):
-        return self.ops.experts(x, layer, ids, weights)
-
-
-def attention_block(ops, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
-                    batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
-    """Projections, partial RoPE, value scale, per-sequence attention with the cache, o_proj."""
-    heads, kv_heads, d, dv = config.attention_shape(layer)
-    p = layer_prefix(layer) + "self_attn."
-    n = xn.shape[0]
-    theta = config.rope_theta_of(layer)
-    q, k, v = ops.qkv(xn, layer)
-    q, k = ops.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), batch.positions, theta)
-    v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
-    problems = []
-    for seq, start, stop in batch.segments():
-        pos = batch.positions[start:stop]
-        if cache is None:
-            keys, values, key_pos = k[start:stop], v[start:stop], pos
-        else:
-            keys, values, key_pos = cache.layers[layer].update(seq, pos, k[start:stop], v[start:stop])
-        problems.append(AttentionInput(q[start:stop], keys, values, pos, key_pos))
-    sink = ops.w(p + "attention_sink_bias").astype(np.float32) if config.has_sink(layer) else None
-    outs = ops.attention(problems, config.window_of(layer), sink)
-    attn = np.concatenate(outs).reshape(n, heads * dv)
-    return ops.linear(attn, p + "o_proj.weight")
-
-
-def decoder_layer(ops, config: MiMoV2FlashConfig, layer: int, x: np.ndarray, batch: TokenBatch,
-                  cache: KVCache | None, expert_executor) -> np.ndarray:
-    """h = x + attn(norm(x)); out = h + ffn(norm(h)), with dense SwiGLU or the routed MoE."""
-    p = layer_prefix(layer)
-    attn = attention_block(ops, config, layer, ops.rmsnorm(x, p + "input_layernorm.weight"), batch, cache)
-    h, hn = ops.add_rmsnorm(x, attn, p + "post_attention_layernorm.weight")
-    if not config.is_moe(layer):
-        return h + ops.dense_mlp(hn, layer)
-    ids, weights = ops.router(hn, layer)
-    return h + expert_executor(layer, hn, ids, weights)

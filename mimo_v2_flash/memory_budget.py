@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import MiMoV2FlashConfig
-from .weights import F32, FP8, FP8_BLOCK, layer_tensors, model_tensors
+from .weights import F32, FP8, FP8_BLOCK, is_expert, layer_tensors, model_tensors
 
 GIB = 1 << 30
 DEVICE_RESERVE = 2 * GIB          # per rank: runtime, compiled graphs, scratch (assumption)
@@ -191,7 +191,7 @@ def memory_budget(config: MiMoV2FlashConfig, world_size: int = 1, *, weight_dtyp
 
     replicated_specs = model_tensors(config, experts=[])
     expert_specs = [s for layer in range(config.num_hidden_layers) if config.is_moe(layer)
-                    for s in layer_tensors(config, layer, experts=[0]) if ".mlp.experts." in s.name]
+                    for s in layer_tensors(config, layer, experts=[0]) if is_expert(s)]
     replicated = weight_bytes(config, replicated_specs, weight_dtype)
     routed = experts * weight_bytes(config, expert_specs, weight_dtype)
     kv = kv_cache_bytes(config, batch, context, kv_dtype)
@@ -229,7 +229,7 @@ def check_reference_weights_fit(config: MiMoV2FlashConfig, experts=None, what: s
     count = len(experts) if experts is not None else config.n_routed_experts
     replicated = sum(math.prod(s.shape) for s in model_tensors(config, experts=[]))
     per_expert = sum(math.prod(s.shape) for layer in range(config.num_hidden_layers) if config.is_moe(layer)
-                     for s in layer_tensors(config, layer, experts=[0]) if ".mlp.experts." in s.name)
+                     for s in layer_tensors(config, layer, experts=[0]) if is_expert(s))
     need = 4 * (replicated + count * per_expert)
     have = available_host_memory()
     if need > have:

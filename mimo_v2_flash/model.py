@@ -24,11 +24,12 @@ from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
 from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
 from .memory_budget import check_reference_weights_fit
+from .ops import DecoderOps
 from .progress import progress_bar
 from .weights import random_weights
 
 
-def _make_ops(backend: str, config, weights, allowed, weight_dtype: str):
+def _make_ops(backend: str, config, weights, allowed, weight_dtype: str) -> DecoderOps:
     if backend == "reference":
         if weight_dtype != "bf16":
             raise ValueError(f"weight_dtype={weight_dtype!r} applies to backend='nki' only")
@@ -67,7 +68,7 @@ class MiMoV2FlashModel:
             allowed = np.zeros(config.n_routed_experts, bool)
             allowed[self.expert_subset] = True
         self.backend = backend
-        self.ops = _make_ops(backend, config, weights, allowed, weight_dtype)
+        self.ops: DecoderOps = _make_ops(backend, config, weights, allowed, weight_dtype)
         if check_reference:
             self.ops = CheckedOps(self.ops, ReferenceOps(config, weights, allowed))
         self.expert_executor = expert_executor or LocalExperts(self.ops)

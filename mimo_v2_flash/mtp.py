@@ -9,7 +9,8 @@ model's last hidden state (before `model.norm`) one position earlier:
 
 The block in the middle is exactly a sliding-window decoder layer with a dense MLP. So the MTP
 layers run through the ordinary `layer.decoder_layer` on their own ops backend, built over a
-"block config" (n SWA layers, all dense) and the MTP tensors renamed to `model.layers.k.*`; the
+"block config" (n SWA layers, all dense) and the MTP tensors renamed to `model.layers.k.*`
+(`weights.mtp_block_names`: pre_mlp_layernorm plays post_attention_layernorm); the
 same code then serves the reference and the NKI kernels, and each MTP layer has its own
 sliding-window KV cache (a `KVCache` of the block config).
 """
@@ -21,21 +22,7 @@ import numpy as np
 from .config import MiMoV2FlashConfig
 from .kv_cache import KVCache
 from .layer import TokenBatch, decoder_layer
-from .weights import EMBED, FINAL_NORM, LM_HEAD, layer_prefix, mtp_prefix, mtp_tensors
-
-# MTP tensor (after the layer prefix) -> the decoder-layer tensor it plays.
-_BLOCK_NAMES = {
-    "input_layernorm.weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight": "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight": "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight": "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight": "self_attn.o_proj.weight",
-    "self_attn.attention_sink_bias": "self_attn.attention_sink_bias",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-}
+from .weights import EMBED, FINAL_NORM, LM_HEAD, mtp_block_names, mtp_tensors
 
 
 class MtpUnavailable(ValueError):
@@ -61,16 +48,12 @@ def block_config(config: MiMoV2FlashConfig) -> MiMoV2FlashConfig:
 
 
 def block_weights(config: MiMoV2FlashConfig, weights) -> dict[str, np.ndarray]:
-    """The MTP tensors under the decoder-layer names of `block_config` (the same arrays, not
-    copies), plus the MTP-only tensors under their own names and the shared embedding/lm_head."""
+    """The MTP tensors under their names in the block (`weights.mtp_block_names`: MTP layer k's
+    under decoder layer k's; the same arrays, not copies), plus the shared embedding and lm_head."""
     out = {name: weights[name] for name in (EMBED, LM_HEAD, FINAL_NORM)}
+    names = mtp_block_names(config)
     for spec in mtp_tensors(config):
-        index = int(spec.name.split(".")[3])
-        suffix = spec.name[len(mtp_prefix(index)):]
-        if suffix in _BLOCK_NAMES:
-            out[layer_prefix(index) + _BLOCK_NAMES[suffix]] = weights[spec.name]
-        else:
-            out[spec.name] = weights[spec.name]
+        out[names[spec.name]] = weights[spec.name]
     return out
 
 
@@ -97,10 +80,9 @@ class MtpLayers:
 
     def combine(self, index: int, tokens: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """`eh_proj(concat(enorm(embed(tokens)), hnorm(hidden)))` through the ops."""
-        p = mtp_prefix(index)
-        both = np.concatenate([self.ops.rmsnorm(self.ops.embed(tokens), p + "enorm.weight"),
-                               self.ops.rmsnorm(hidden, p + "hnorm.weight")], axis=-1)
-        return self.ops.linear(both, p + "eh_proj.weight")
+        both = np.concatenate([self.ops.rmsnorm(self.ops.embed(tokens), index, "enorm"),
+                               self.ops.rmsnorm(hidden, index, "hnorm")], axis=-1)
+        return self.ops.linear(both, index, "eh_proj")
 
     def forward(self, index: int, tokens: np.ndarray, hidden: np.ndarray, batch: TokenBatch,
                 cache: KVCache | None):
@@ -109,5 +91,5 @@ class MtpLayers:
         the layer's output [N, H] before its final_layernorm)."""
         x = self.combine(index, np.asarray(tokens, np.int64), hidden)
         h = decoder_layer(self.ops, self.config, index, x, batch, cache, expert_executor=None)
-        logits = self.ops.linear(self.ops.rmsnorm(h, mtp_prefix(index) + "final_layernorm.weight"), LM_HEAD)
+        logits = self.ops.logits(h, index)
         return logits, h

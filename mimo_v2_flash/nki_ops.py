@@ -46,13 +46,13 @@ from mimo_kernels.rope import rope
 from mimo_kernels.router import route
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
-from .layer import AttentionInput
-from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_prefix,
-                      is_projection, layer_prefix, layer_tensors, model_tensors, mtp_tensors)
+from .layer import AttentionInput, attention_sink
+from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_weight,
+                      is_projection, layer_tensors, layer_weight, model_tensors, mtp_block_tensors)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
-LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention", "router", "experts",
+LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope_qk", "attention", "router", "experts",
              "dense_mlp")
 
 
@@ -97,7 +97,7 @@ class PassCost:
 
 
 class NkiOps:
-    """The `ops` backend of `layer.decoder_layer` built from the NKI kernels (see module doc)."""
+    """The `ops.DecoderOps` backend built from the NKI kernels (see module doc)."""
 
     name = "nki"
 
@@ -110,8 +110,11 @@ class NkiOps:
         self.allowed_experts = allowed_experts
         self.weight_dtype = weight_dtype
         # The weight table for the non-expert tensors (stored dtype decides FP8); experts are
-        # looked up per layer when their stack is built.
-        self._specs = {spec.name: spec for spec in model_tensors(config, experts=[]) + mtp_tensors(config)}
+        # looked up per layer when their stack is built. The MTP block's tensors (mtp.py) fill
+        # only names the decoder layers do not have.
+        self._specs = {spec.name: spec for spec in model_tensors(config, experts=[])}
+        for spec in mtp_block_tensors(config):
+            self._specs.setdefault(spec.name, spec)
         self._prepared: dict[str, tuple] = {}
         self._expert_stacks: dict[int, tuple[ExpertWeights, np.ndarray]] = {}
         self.passes: list[PassCost] = []
@@ -176,14 +179,13 @@ class NkiOps:
         grouped kernel, and global id -> local index (-1 for experts not loaded)."""
         if layer not in self._expert_stacks:
             experts = [e for e in range(self.config.n_routed_experts)
-                       if expert_prefix(layer, e) + "gate_proj.weight" in self.weights]
+                       if expert_weight(layer, e, "gate_proj") in self.weights]
             by_name = {spec.name: spec for spec in layer_tensors(self.config, layer, experts=experts)}
             mats = {proj: [] for proj in EXPERT_PROJS}
             scales = {proj: [] for proj in EXPERT_PROJS}
             for e in experts:
                 for proj in EXPERT_PROJS:
-                    name = expert_prefix(layer, e) + f"{proj}.weight"
-                    weight, scale = self._kernel_layout(by_name[name])
+                    weight, scale = self._kernel_layout(by_name[expert_weight(layer, e, proj)])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
             stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]
@@ -255,14 +257,14 @@ class NkiOps:
         y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
         return y[:len(x)], report
 
-    def rmsnorm(self, x, weight_name):
-        y, report = self._rmsnorm(x, weight_name)
+    def rmsnorm(self, x, layer, norm):
+        y, report = self._rmsnorm(x, layer_weight(layer, norm))
         self._record("rmsnorm", report)
         return y.astype(np.float32)
 
-    def add_rmsnorm(self, x, delta, weight_name):
+    def add_rmsnorm(self, x, delta, layer, norm):
         """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
-        weight, _ = self.kernel_weight(weight_name)
+        weight, _ = self.kernel_weight(layer_weight(layer, norm))
         (total, y), report = add_rmsnorm(self.padded(x), self.padded(delta), weight, self.config.layernorm_epsilon,
                                          report=True)
         self._record("add_rmsnorm", report)
@@ -273,21 +275,22 @@ class NkiOps:
         y, report = linear(self.padded(x), weight, scale, report=True)
         return y[:len(x)], report
 
-    def linear(self, x, weight_name):
-        y, report = self._linear(x, weight_name)
+    def linear(self, x, layer, proj):
+        y, report = self._linear(x, layer_weight(layer, proj))
         self._record("linear", report)
         return y.astype(np.float32)
 
     def _fused_qkv_weight(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """q | k | v kernel weights side by side, [in, Hq*D + Hkv*D + Hkv*Dv] (and their block
         scales): every width is a multiple of 128, so the FP8 block grids line up as well."""
-        key = layer_prefix(layer) + "self_attn.qkv"
+        names = [layer_weight(layer, proj) for proj in ("q_proj", "k_proj", "v_proj")]
+        key = "|".join(names)
         if key not in self._prepared:
-            parts = [self.kernel_weight(layer_prefix(layer) + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            parts = [self.kernel_weight(name) for name in names]
             weight = np.concatenate([w for w, _ in parts], axis=1)
             scale = None if parts[0][1] is None else np.concatenate([sc for _, sc in parts], axis=1)
-            for name in "qkv":      # the fused copy replaces the separate ones
-                self._prepared.pop(layer_prefix(layer) + f"self_attn.{name}_proj.weight")
+            for name in names:      # the fused copy replaces the separate ones
+                self._prepared.pop(name)
             self._prepared[key] = (weight, scale)
         return self._prepared[key]
 
@@ -309,15 +312,10 @@ class NkiOps:
         both = both[:len(q)].astype(np.float32)
         return both[:, :q.shape[1]], both[:, q.shape[1]:]
 
-    def rope(self, x, positions, theta):
-        y, report = rope(self.padded(x), self.padded(positions), theta, rotary_dim=self.config.rotary_dim,
-                         report=True, max_position=self._max_position())
-        self._record("rope", report)
-        return y[:len(x)].astype(np.float32)
-
-    def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
+    def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
         """Fresh prompts of 128+ tokens through the flash prefill kernel (one launch each); decode
         steps, prefill on a history and short prompts share one ragged cached-attention launch."""
+        window, sink = self.config.window_of(layer), attention_sink(self, layer)
         shape = None if self.bucket is None else (self.bucket.batch, self.bucket.tokens,
                                                   self.bucket.attention_keys(window))
         outs, reports = attention_batch(problems, self.config.softmax_scale, window, sink, shape=shape)
@@ -325,9 +323,8 @@ class NkiOps:
         return outs
 
     def router(self, x, layer):
-        p = layer_prefix(layer) + "mlp.gate."
-        gate_t, _ = self.kernel_weight(p + "weight")
-        ids, weights, report = route(self.padded(x), gate_t, self.w(p + "e_score_correction_bias"),
+        gate_t, _ = self.kernel_weight(layer_weight(layer, "router"))
+        ids, weights, report = route(self.padded(x), gate_t, self.w(layer_weight(layer, "router_bias")),
                                      self.config.num_experts_per_tok, self.config.routed_scaling_factor,
                                      self.allowed_experts, report=True)
         self._record("router", report)
@@ -351,16 +348,16 @@ class NkiOps:
         return out[:len(x)].astype(np.float32)
 
     def dense_mlp(self, x, layer):
-        p = layer_prefix(layer) + "mlp."
-        prepared = [self.kernel_weight(p + f"{proj}.weight") for proj in EXPERT_PROJS]
+        prepared = [self.kernel_weight(layer_weight(layer, proj)) for proj in EXPERT_PROJS]
         scales = None if prepared[0][1] is None else [s for _, s in prepared]
         y, report = dense_mlp(self.padded(x), *(w for w, _ in prepared), scales=scales, report=True)
         self._record("dense_mlp", report)
         return y[:len(x)].astype(np.float32)
 
-    def logits(self, x):
-        """Final norm and lm_head: two launches, counted together."""
-        xn, norm_report = self._rmsnorm(x, FINAL_NORM)
+    def logits(self, x, layer=None):
+        """Final norm (`model.norm`, or an MTP layer's final_layernorm) and lm_head: two launches,
+        counted together."""
+        xn, norm_report = self._rmsnorm(x, FINAL_NORM if layer is None else layer_weight(layer, "final"))
         y, head_report = self._linear(xn, LM_HEAD)
         self._record("logits", norm_report, head_report)
         return y.astype(np.float32)

@@ -7,7 +7,7 @@ module which tensors exist; nothing else spells a weight name.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,39 +43,91 @@ def mtp_prefix(index: int) -> str:
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")     # a routed expert's, and the dense MLP's
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# A layer's tensors by role (the names the ops take): decoder layers and MTP layers share roles;
+# an MTP layer calls its post-attention norm `pre_mlp_layernorm` and adds enorm, hnorm, eh_proj
+# and its own final norm.
+_LAYER_ROLES = {
+    "input": "input_layernorm.weight",
+    "post_attention": "post_attention_layernorm.weight",
+    **{proj: f"self_attn.{proj}.weight" for proj in ATTENTION_PROJS},
+    "sink": "self_attn.attention_sink_bias",
+    **{proj: f"mlp.{proj}.weight" for proj in EXPERT_PROJS},      # the dense MLP
+    "router": "mlp.gate.weight",
+    "router_bias": "mlp.gate.e_score_correction_bias",
+}
+_MTP_ROLES = {**{role: path for role, path in _LAYER_ROLES.items() if not role.startswith("router")},
+              "post_attention": "pre_mlp_layernorm.weight",
+              "enorm": "enorm.weight", "hnorm": "hnorm.weight", "eh_proj": "eh_proj.weight",
+              "final": "final_layernorm.weight"}
+LAYER_ROLES = tuple(_LAYER_ROLES)
+MTP_ROLES = tuple(_MTP_ROLES)
+
+
+def layer_weight(layer: int, role: str) -> str:
+    """Hub name of decoder layer `layer`'s tensor `role` (one of LAYER_ROLES), e.g.
+    `layer_weight(3, "q_proj")` = "model.layers.3.self_attn.q_proj.weight". The MTP block
+    (`mtp_block_names`) also holds MTP_ROLES under this prefix."""
+    roles = _LAYER_ROLES if role in _LAYER_ROLES else _MTP_ROLES
+    if role not in roles:
+        raise KeyError(f"no layer tensor role {role!r}; roles: {sorted(set(_LAYER_ROLES) | set(_MTP_ROLES))}")
+    return layer_prefix(layer) + roles[role]
+
+
+def mtp_weight(index: int, role: str) -> str:
+    """Hub name of MTP layer `index`'s tensor `role` (one of MTP_ROLES)."""
+    if role not in _MTP_ROLES:
+        raise KeyError(f"no MTP layer tensor role {role!r}; roles: {sorted(_MTP_ROLES)}")
+    return mtp_prefix(index) + _MTP_ROLES[role]
+
+
+def expert_weight(layer: int, expert: int, proj: str) -> str:
+    """Hub name of routed expert `expert`'s `proj` (one of EXPERT_PROJS) in layer `layer`."""
+    return f"{expert_prefix(layer, expert)}{proj}.weight"
+
+
+def layer_and_role(name: str) -> tuple[int, str] | None:
+    """(layer, role) of a decoder-layer tensor name (the inverse of `layer_weight`), else None."""
+    parts = name.split(".", 3)
+    if len(parts) < 4 or not parts[2].isdigit() or not name.startswith(layer_prefix(int(parts[2]))):
+        return None
+    role = next((r for r, path in _LAYER_ROLES.items() if path == parts[3]), None)
+    return None if role is None else (int(parts[2]), role)
+
+
+def is_expert(spec: TensorSpec) -> bool:
+    """A routed expert's tensor."""
+    return ".mlp.experts." in spec.name
 
 
 def layer_tensors(config: MiMoV2FlashConfig, layer: int, experts=None) -> list[TensorSpec]:
     """Tensors of one decoder layer; `experts` limits the routed experts listed (default all)."""
     h = config.hidden_size
     heads, kv, d, dv = config.attention_shape(layer)
-    p = layer_prefix(layer)
     shard = f"model_{layer}.safetensors"
-    specs = [
-        TensorSpec(p + "input_layernorm.weight", (h,), BF16, shard),
-        TensorSpec(p + "post_attention_layernorm.weight", (h,), BF16, shard),
-        TensorSpec(p + "self_attn.q_proj.weight", (heads * d, h), FP8, shard),
-        TensorSpec(p + "self_attn.k_proj.weight", (kv * d, h), FP8, shard),
-        TensorSpec(p + "self_attn.v_proj.weight", (kv * dv, h), FP8, shard),
-        TensorSpec(p + "self_attn.o_proj.weight", (h, heads * dv), BF16, shard),
-    ]
+
+    def spec(role, shape, dtype):
+        return TensorSpec(layer_weight(layer, role), shape, dtype, shard)
+
+    specs = [spec("input", (h,), BF16), spec("post_attention", (h,), BF16),
+             spec("q_proj", (heads * d, h), FP8), spec("k_proj", (kv * d, h), FP8),
+             spec("v_proj", (kv * dv, h), FP8), spec("o_proj", (h, heads * dv), BF16)]
     if config.has_sink(layer):
-        specs.append(TensorSpec(p + "self_attn.attention_sink_bias", (heads,), BF16, shard))
+        specs.append(spec("sink", (heads,), BF16))
     if not config.is_moe(layer):
         i = config.intermediate_size
-        specs += [TensorSpec(p + "mlp.gate_proj.weight", (i, h), FP8, shard),
-                  TensorSpec(p + "mlp.up_proj.weight", (i, h), FP8, shard),
-                  TensorSpec(p + "mlp.down_proj.weight", (h, i), FP8, shard)]
-        return specs
-    specs += [TensorSpec(p + "mlp.gate.weight", (config.n_routed_experts, h), F32, shard),
-              TensorSpec(p + "mlp.gate.e_score_correction_bias", (config.n_routed_experts,), F32, shard)]
+        return specs + [spec("gate_proj", (i, h), FP8), spec("up_proj", (i, h), FP8),
+                        spec("down_proj", (h, i), FP8)]
+    specs += [spec("router", (config.n_routed_experts, h), F32),
+              spec("router_bias", (config.n_routed_experts,), F32)]
     i = config.moe_intermediate_size
+    shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    files = {"gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
     for e in (range(config.n_routed_experts) if experts is None else experts):
-        q = expert_prefix(layer, e)
-        specs += [TensorSpec(q + "gate_proj.weight", (i, h), FP8, f"model_{layer}_linear_fc1.safetensors"),
-                  TensorSpec(q + "up_proj.weight", (i, h), FP8, f"model_{layer}_linear_fc1.safetensors"),
-                  TensorSpec(q + "down_proj.weight", (h, i), FP8, f"model_{layer}_linear_fc2.safetensors")]
+        specs += [TensorSpec(expert_weight(layer, e, proj), shapes[proj], FP8,
+                             f"model_{layer}_{files[proj]}.safetensors") for proj in EXPERT_PROJS]
     return specs
 
 
@@ -105,25 +157,28 @@ def mtp_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
     h, i = config.hidden_size, config.intermediate_size
     heads, kv = config.swa_num_attention_heads, config.swa_num_key_value_heads
     d, dv = config.swa_head_dim, config.swa_v_head_dim
-    specs = []
-    for index in range(config.mtp_num_layers):
-        p = mtp_prefix(index)
-        specs += [TensorSpec(p + "enorm.weight", (h,), BF16, MTP_SHARD),
-                  TensorSpec(p + "hnorm.weight", (h,), BF16, MTP_SHARD),
-                  TensorSpec(p + "eh_proj.weight", (h, 2 * h), BF16, MTP_SHARD),
-                  TensorSpec(p + "input_layernorm.weight", (h,), BF16, MTP_SHARD),
-                  TensorSpec(p + "self_attn.q_proj.weight", (heads * d, h), FP8, MTP_SHARD),
-                  TensorSpec(p + "self_attn.k_proj.weight", (kv * d, h), FP8, MTP_SHARD),
-                  TensorSpec(p + "self_attn.v_proj.weight", (kv * dv, h), FP8, MTP_SHARD),
-                  TensorSpec(p + "self_attn.o_proj.weight", (h, heads * dv), BF16, MTP_SHARD)]
-        if config.add_swa_attention_sink_bias:
-            specs.append(TensorSpec(p + "self_attn.attention_sink_bias", (heads,), BF16, MTP_SHARD))
-        specs += [TensorSpec(p + "pre_mlp_layernorm.weight", (h,), BF16, MTP_SHARD),
-                  TensorSpec(p + "mlp.gate_proj.weight", (i, h), FP8, MTP_SHARD),
-                  TensorSpec(p + "mlp.up_proj.weight", (i, h), FP8, MTP_SHARD),
-                  TensorSpec(p + "mlp.down_proj.weight", (h, i), FP8, MTP_SHARD),
-                  TensorSpec(p + "final_layernorm.weight", (h,), BF16, MTP_SHARD)]
-    return specs
+    roles = [("enorm", (h,), BF16), ("hnorm", (h,), BF16), ("eh_proj", (h, 2 * h), BF16),
+             ("input", (h,), BF16), ("q_proj", (heads * d, h), FP8), ("k_proj", (kv * d, h), FP8),
+             ("v_proj", (kv * dv, h), FP8), ("o_proj", (h, heads * dv), BF16)]
+    if config.add_swa_attention_sink_bias:
+        roles.append(("sink", (heads,), BF16))
+    roles += [("post_attention", (h,), BF16), ("gate_proj", (i, h), FP8), ("up_proj", (i, h), FP8),
+              ("down_proj", (h, i), FP8), ("final", (h,), BF16)]
+    return [TensorSpec(mtp_weight(index, role), shape, dtype, MTP_SHARD)
+            for index in range(config.mtp_num_layers) for role, shape, dtype in roles]
+
+
+def mtp_block_names(config: MiMoV2FlashConfig) -> dict[str, str]:
+    """MTP tensor name -> its name in the MTP block (mtp.py): MTP layer k's tensors under decoder
+    layer k's names, so `layer_weight(k, role)` finds every MTP role."""
+    return {mtp_weight(index, role): layer_weight(index, role)
+            for index in range(config.mtp_num_layers) for role in _MTP_ROLES}
+
+
+def mtp_block_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
+    """`mtp_tensors` under their MTP-block names (`mtp_block_names`)."""
+    names = mtp_block_names(config)
+    return [replace(spec, name=names[spec.name]) for spec in mtp_tensors(config)]
 
 
 def scale_name(weight_name: str) -> str:

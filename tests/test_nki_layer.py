@@ -7,13 +7,17 @@ and routing choosing exactly the reference's experts. The full-shape layer tests
 of CPU each (weights ~8 s, simulation ~20 s); the rest use the 4-layer "tiny" preset.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 
 import run_example
 from mimo_v2_flash import MiMoV2FlashModel, load_config
-from mimo_v2_flash.layer import ReferenceOps
+from mimo_v2_flash.layer import CheckedOps, ReferenceOps
+from mimo_v2_flash.mtp import MtpLayers
 from mimo_v2_flash.nki_ops import NkiOps
+from mimo_v2_flash.ops import DecoderOps
 from mimo_v2_flash.selfcheck.decoder_layer import (
     LAYER_STEPS, LAYER_TOL, OP_TOL, compare_fp8_layers, compare_layer, compare_tiny_model, relative_error)
 from mimo_v2_flash.weights import random_weights
@@ -88,6 +92,46 @@ def test_fp8_weights_match_reference_on_the_same_quantised_weights():
     errors = compare_fp8_layers()
     assert len(errors) == load_config("tiny").num_hidden_layers + 1
     assert max(errors) <= LAYER_TOL, errors
+
+
+def interface_mismatches(backend: type) -> list[str]:
+    """Methods of `DecoderOps` that `backend` lacks or declares with other parameters (names,
+    order, defaults)."""
+    out = []
+    for name, want in inspect.getmembers(DecoderOps, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        got = getattr(backend, name, None)
+        if got is None:
+            out.append(f"{name}: missing")
+            continue
+        params = [(p.name, p.default) for p in inspect.signature(got).parameters.values()]
+        expected = [(p.name, p.default) for p in inspect.signature(want).parameters.values()]
+        if params != expected:
+            out.append(f"{name}{inspect.signature(got)} != {name}{inspect.signature(want)}")
+    return out
+
+
+def test_both_backends_implement_the_decoder_ops_interface():
+    """ReferenceOps and NkiOps have every DecoderOps method with its exact parameters; CheckedOps
+    (which forwards them) and the MTP block's backend pass the runtime protocol check."""
+    config = load_config("tiny")
+    weights = random_weights(config, seed=1)
+    assert {"embed", "rmsnorm", "linear", "attention", "logits"} <= {
+        name for name, _ in inspect.getmembers(DecoderOps, inspect.isfunction)}
+    for backend in (ReferenceOps, NkiOps):
+        assert interface_mismatches(backend) == [], backend.__name__
+    reference, kernels = ReferenceOps(config, weights), NkiOps(config, weights)
+    mtp = MtpLayers(MiMoV2FlashModel(config, weights))
+    for ops in (reference, kernels, CheckedOps(kernels, reference), mtp.ops):
+        assert isinstance(ops, DecoderOps)
+
+    class OldLinear(ReferenceOps):       # the interface before (layer, role): a weight name
+        def linear(self, x, weight_name):
+            ...
+    [mismatch] = interface_mismatches(OldLinear)
+    assert mismatch.startswith("linear(self, x, weight_name) != linear(self, x")
+    assert not isinstance(object(), DecoderOps)
 
 
 def test_weights_are_converted_once_into_the_kernel_layout():

@@ -14,7 +14,8 @@ import pytest
 
 from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash import reference as ref
-from mimo_v2_flash.layer import ReferenceOps
+from mimo_v2_flash.layer import ReferenceOps, attention_sink
+from mimo_v2_flash.weights import EXPERT_PROJS, FINAL_NORM, LM_HEAD, layer_weight
 
 RNG = np.random.default_rng(2024)
 
@@ -133,22 +134,23 @@ def test_moe_equals_add_at_accumulation(dtype, tokens):
 class PlainOps(ReferenceOps):
     """The reference layer with the straightforward attention, experts and products."""
 
-    def attention(self, problems, window, sink):
+    def attention(self, problems, layer):
+        window, sink = self.config.window_of(layer), attention_sink(self, layer)
         return [plain_attention(p.q, p.k, p.v, p.q_positions, p.k_positions, self.config.softmax_scale,
                                 window, sink) for p in problems]
 
     def experts(self, x, layer, ids, weights):
         return plain_moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
 
-    def linear(self, x, weight_name):
-        return x @ self.w(weight_name).T
+    def linear(self, x, layer, proj):
+        return x @ self.w(layer_weight(layer, proj)).T
 
     def dense_mlp(self, x, layer):
-        p = f"model.layers.{layer}.mlp."
-        return plain_swiglu(x, *(self.w(p + f"{name}_proj.weight") for name in ("gate", "up", "down")))
+        return plain_swiglu(x, *(self.w(layer_weight(layer, proj)) for proj in EXPERT_PROJS))
 
-    def logits(self, x):
-        return self.rmsnorm(x, "model.norm.weight") @ self.w("lm_head.weight").T
+    def logits(self, x, layer=None):
+        norm = FINAL_NORM if layer is None else layer_weight(layer, "final")
+        return ref.rmsnorm(x, self.w(norm), self.config.layernorm_epsilon) @ self.w(LM_HEAD).T
 
 
 def _run_cases(model, vocab):

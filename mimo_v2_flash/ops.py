@@ -1,0 +1,82 @@
+"""`DecoderOps`: the interface `layer.decoder_layer`, the model and the MTP layers run on.
+
+A backend holds the weights by Hub name and is addressed by (layer, role) only: `layer` is a
+decoder layer index (an MTP layer index on the MTP block's backend, see mtp.py) and `role` one of
+`weights.LAYER_ROLES` / `weights.MTP_ROLES` ("input", "o_proj", "eh_proj", ...), so the backend,
+through `weights.layer_weight`, is the only place that turns them into tensor names.
+`layer.ReferenceOps` (NumPy float32) and `nki_ops.NkiOps` (the NKI kernels) implement it;
+`layer.CheckedOps` forwards it to a backend and to the reference.
+
+Activations are float32 NumPy arrays of flat token rows `[N, ...]` (a kernel backend rounds them
+to bf16 inside each op and hands float32 back). H = hidden size, Hq / Hkv = query / KV heads,
+D / Dv = query-key / value head dims, k = experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .config import MiMoV2FlashConfig
+    from .layer import AttentionInput
+
+
+@runtime_checkable
+class DecoderOps(Protocol):
+    config: MiMoV2FlashConfig
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows of token ids (int, any shape): float32 [*ids.shape, H]."""
+        ...
+
+    def rmsnorm(self, x: np.ndarray, layer: int, norm: str) -> np.ndarray:
+        """RMSNorm of x [N, H] with layer `layer`'s norm weight `norm` ("input", "post_attention";
+        MTP "enorm", "hnorm"): float32 [N, H]."""
+        ...
+
+    def add_rmsnorm(self, x: np.ndarray, delta: np.ndarray, layer: int,
+                    norm: str) -> tuple[np.ndarray, np.ndarray]:
+        """The residual add fused with the next norm: (x + delta, rmsnorm(x + delta, layer, norm)),
+        both float32 [N, H]."""
+        ...
+
+    def linear(self, x: np.ndarray, layer: int, proj: str) -> np.ndarray:
+        """x [N, in] @ W.T for layer `layer`'s projection `proj` (Hub layout W [out, in];
+        "o_proj", MTP "eh_proj"): float32 [N, out]."""
+        ...
+
+    def qkv(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The q, k and v projections of xn [N, H]: [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv] float32
+        (one op so a kernel backend runs them as one launch over concatenated weights)."""
+        ...
+
+    def rope_qk(self, q: np.ndarray, k: np.ndarray, positions: np.ndarray,
+                theta: float) -> tuple[np.ndarray, np.ndarray]:
+        """Partial RoPE of q [N, Hq, D] and k [N, Hkv, D] at positions [N] (int), same shapes back."""
+        ...
+
+    def attention(self, problems: list[AttentionInput], layer: int) -> list[np.ndarray]:
+        """Per-sequence attention with layer `layer`'s window and sink (read by the backend):
+        for each problem (q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv]) the output [T, Hq, Dv]."""
+        ...
+
+    def router(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sigmoid top-k routing of x [N, H] among the loaded experts: (expert ids int [N, k],
+        weights float32 [N, k])."""
+        ...
+
+    def experts(self, x: np.ndarray, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Weighted sum of the routed experts' SwiGLU outputs: x [N, H], ids [N, k] (global ids,
+        -1 = a slot computed elsewhere), weights [N, k] -> float32 [N, H]."""
+        ...
+
+    def dense_mlp(self, x: np.ndarray, layer: int) -> np.ndarray:
+        """The dense SwiGLU MLP of layer `layer` (layer 0, MTP layers): x [N, H] -> float32 [N, H]."""
+        ...
+
+    def logits(self, x: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """Final norm and lm_head: x [N, H] -> float32 [N, vocab]; the norm is `model.norm`, or
+        with `layer` that MTP layer's own final_layernorm (the lm_head is shared)."""
+        ...
