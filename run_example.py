@@ -264,27 +264,22 @@ def speculative_rows(stats: dict) -> list[tuple[str, str]]:
 
 def kernel_buckets(args, model, batch: int, prompt_len: int):
     """Kernel backend: static-shape buckets for this generation, compiled ahead of time unless
-    --no-warmup. Returns a function giving the `kernel variants:` line after generation (None on
-    the reference backend)."""
+    --no-warmup. Returns a function giving the `kernel variants:` and `host->device:` lines after
+    generation (None on the reference backend)."""
     if args.backend != "nki":
         return None
     try:
         import torch  # noqa: F401  (the static-shape path builds its tables with torch operations)
     except ImportError:
         return lambda: "kernel variants: not counted; static-shape buckets need torch (pip install '.[torch]')"
-    from mimo_kernels.launch import VARIANTS
     from mimo_v2_flash.buckets import BucketTable
+    from mimo_v2_flash.device_report import DeviceReport
     model.buckets = BucketTable.for_generation(batch, prompt_len, args.max_new_tokens)
-    start = len(VARIANTS)
+    report = DeviceReport()
     if not args.no_warmup:
         model.warmup()
-    mark = len(VARIANTS)
-
-    def line() -> str:
-        if args.no_warmup:
-            return f"kernel variants: {len(VARIANTS) - start} compiled during generation (no warmup)"
-        return f"kernel variants: {mark - start} compiled at warmup, {len(VARIANTS) - mark} new after warmup"
-    return line
+        report.warmed()
+    return lambda: report.lines(model.ops.passes)
 
 
 def input_error(err: Exception) -> int:

@@ -12,6 +12,9 @@ kernel reads and kept: projections `[in, out]` in bf16, or with
 Trainium float8_e4m3 with 128x128 block scales (`fp8.quantize_blocks`); o_proj and lm_head stay
 bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked once into the
 grouped expert kernel's `ExpertWeights` (local index = position among the loaded experts).
+Every kernel-layout array is registered with `mimo_kernels.launch.RESIDENT` when it is made: its
+device copy is uploaded once, and every later launch passes that copy (no weight bytes move after
+a model's first pass; `launch.UPLOADS` counts the traffic).
 
 Activations travel in bf16 between kernels, as on the device: every launcher takes its input
 rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
@@ -40,6 +43,7 @@ from mimo_kernels.attention_decode import attention_batch
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
+from mimo_kernels.launch import RESIDENT, UPLOADS
 from mimo_kernels.linear import linear
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.rope import rope
@@ -54,6 +58,13 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
 LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention", "router", "experts",
              "dense_mlp")
+
+
+def _resident(weight: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A kernel-layout (weight, scale) registered on the device (module docstring). Plain ndarrays
+    (not memory-map subclasses), so the launchers' np.asarray hands back the registered object."""
+    return (RESIDENT.resident(np.asarray(weight)),
+            None if scale is None else RESIDENT.resident(np.asarray(scale)))
 
 
 @dataclass
@@ -91,9 +102,11 @@ class OpCost:
 
 @dataclass
 class PassCost:
-    """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own)."""
+    """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own);
+    `upload_mark`: `launch.UPLOADS.mark()` when the pass started (host -> device bytes since)."""
     tokens: int
     ops: dict[str, OpCost] = field(default_factory=dict)
+    upload_mark: dict[str, int] = field(default_factory=dict)
 
 
 class NkiOps:
@@ -140,7 +153,7 @@ class NkiOps:
         weight_dtype="fp8"), the router weight [in, out] fp32, vectors and the embedding bf16."""
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = self._kernel_layout(self._specs[name])
+            prepared = self._prepared[name] = _resident(*self._kernel_layout(self._specs[name]))
         return prepared
 
     def _kernel_layout(self, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray | None]:
@@ -186,9 +199,9 @@ class NkiOps:
                     weight, scale = self._kernel_layout(by_name[name])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
-            stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]
+            stacked = [RESIDENT.resident(np.stack(mats[proj])) for proj in EXPERT_PROJS]
             if scales["gate_proj"][0] is not None:
-                stacked += [np.stack(scales[proj]) for proj in EXPERT_PROJS]
+                stacked += [RESIDENT.resident(np.stack(scales[proj])) for proj in EXPERT_PROJS]
             local_of = np.full(self.config.n_routed_experts, -1, np.int64)
             local_of[experts] = np.arange(len(experts))
             self._expert_stacks[layer] = (ExpertWeights(*stacked), local_of)
@@ -244,7 +257,7 @@ class NkiOps:
     # ---- the ops (ReferenceOps semantics) ----------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token rows of the embedding table; starts a new forward pass in the cost ledger."""
-        self.passes.append(PassCost(tokens=int(np.size(ids))))
+        self.passes.append(PassCost(tokens=int(np.size(ids)), upload_mark=UPLOADS.mark()))
         table, _ = self.kernel_weight(EMBED)
         out, report = embed(self.padded(np.reshape(ids, -1)), table, report=True)
         self._record("embed", report)
@@ -283,12 +296,13 @@ class NkiOps:
         scales): every width is a multiple of 128, so the FP8 block grids line up as well."""
         key = layer_prefix(layer) + "self_attn.qkv"
         if key not in self._prepared:
-            parts = [self.kernel_weight(layer_prefix(layer) + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            names = [layer_prefix(layer) + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            parts = [self._kernel_layout(self._specs[name]) for name in names]    # host only: not uploaded
             weight = np.concatenate([w for w, _ in parts], axis=1)
             scale = None if parts[0][1] is None else np.concatenate([sc for _, sc in parts], axis=1)
-            for name in "qkv":      # the fused copy replaces the separate ones
-                self._prepared.pop(layer_prefix(layer) + f"self_attn.{name}_proj.weight")
-            self._prepared[key] = (weight, scale)
+            for name in names:      # the fused copy replaces any separate ones
+                self._prepared.pop(name, None)
+            self._prepared[key] = _resident(weight, scale)
         return self._prepared[key]
 
     def qkv(self, x, layer):

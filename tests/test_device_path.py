@@ -92,6 +92,65 @@ def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
     np.testing.assert_array_equal(launch_module.to_host(t), a)
 
 
+# ---------------------------------------------------------------- host -> device traffic
+
+def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatch):
+    seen = []
+    real_call = type(rmsnorm_kernel).__call__
+
+    def spy(kernel, *args, **kwargs):
+        seen.append(args)
+        return real_call(kernel, *args, **kwargs)
+    monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(BF16)
+    w = launch_module.RESIDENT.resident((1 + np.arange(256) / 256).astype(BF16))
+    start = launch_module.UPLOADS.mark()
+    want = launch(rmsnorm_kernel, x, w, eps=1e-6)           # registered before `start`: no weight bytes
+    launch(rmsnorm_kernel, x, w, eps=1e-6)
+    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 2 * x.nbytes}
+    x_dev = launch_module.to_device(x)
+    start = launch_module.UPLOADS.mark()
+    np.testing.assert_array_equal(launch(rmsnorm_kernel, x_dev, w, eps=1e-6), want)
+    assert seen[-1][0] is x_dev                              # a device tensor reaches the kernel as is
+    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 0}
+    fresh = np.ones(512, np.float32)
+    start = launch_module.UPLOADS.mark()
+    launch_module.RESIDENT.resident(fresh)
+    launch_module.RESIDENT.resident(fresh)                  # a second registration uploads nothing
+    assert launch_module.UPLOADS.since(start) == {"weights": fresh.nbytes, "activations": 0}
+    held = len(launch_module.RESIDENT)
+    del fresh                                                # the entry goes with its host array
+    assert len(launch_module.RESIDENT) == held - 1
+
+
+def _kernel_layout_bytes(ops) -> int:
+    arrays = [a for pair in ops._prepared.values() for a in pair if a is not None]
+    for stack, _ in ops._expert_stacks.values():
+        arrays += [a for a in stack.kernel_args() if a is not None]
+    return sum(a.nbytes for a in arrays)
+
+
+def test_weights_upload_once_at_warmup_and_decode_steps_move_only_activations():
+    from mimo_kernels.rope import _tables as rope_tables
+    model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    start = launch_module.UPLOADS.mark()
+    tables_before = {key: id(t) for key, t in rope_tables.items()}
+    model.warmup(BucketTable.for_generation(2, 9, 6))
+    uploaded = launch_module.UPLOADS.since(start)["weights"]
+    new_tables = sum(t.nbytes for key, t in rope_tables.items() if tables_before.get(key) != id(t))
+    assert uploaded == _kernel_layout_bytes(model.ops) + new_tables     # every weight once, nothing else
+    mark = launch_module.UPLOADS.mark()
+    prompt = np.random.default_rng(4).integers(0, 512, (2, 9))
+    model.generate(prompt, max_new_tokens=6)
+    after = launch_module.UPLOADS.since(mark)
+    assert after["weights"] == 0
+    decode = launch_module.UPLOADS.since(model.ops.passes[1].upload_mark)["activations"] / 5
+    # A decode step moves its activations and the KV cache the attention reads (the cache is not
+    # device-resident yet): 2 sequences x 16 slots x 4 layers of bf16 keys and values, a few
+    # hundred KB, against 20 MB of weights.
+    assert 0 < decode < uploaded / 20
+
+
 # ---------------------------------------------------------------- the variant counter
 
 def test_variant_key_is_shapes_dtypes_and_constants():
