@@ -134,14 +134,16 @@ class NkiOps:
         """The largest position of the bucket (sizes the RoPE table), None without a bucket."""
         return None if self.bucket is None else self.bucket.context - 1
 
-    def padded(self, a: np.ndarray, fill=0) -> np.ndarray:
-        """`a` [N, ...] with rows of `fill` up to the bucket's rows (unchanged without a bucket)."""
+    def padded(self, a: np.ndarray, fill=0, rows: int | None = None) -> np.ndarray:
+        """`a` [N, ...] with rows of `fill` up to `rows` (default the bucket's rows; unchanged
+        without either)."""
         a = np.asarray(a)
-        if self.bucket is None or a.shape[0] == self.bucket.rows:
+        rows = rows if rows is not None else None if self.bucket is None else self.bucket.rows
+        if rows is None or a.shape[0] == rows:
             return a
-        if a.shape[0] > self.bucket.rows:
-            raise ValueError(f"{a.shape[0]} token rows exceed the bucket {self.bucket} ({self.bucket.rows} rows)")
-        return np.concatenate([a, np.full((self.bucket.rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
+        if a.shape[0] > rows:
+            raise ValueError(f"{a.shape[0]} token rows exceed the static shape of {rows} rows (bucket {self.bucket})")
+        return np.concatenate([a, np.full((rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
 
     # ---- weights: Hub layout in, kernel layout out (once) ------------------------------------
     def w(self, name: str) -> np.ndarray:
@@ -347,20 +349,21 @@ class NkiOps:
         self._record("router", report)
         return ids[:len(x)], weights[:len(x)]
 
-    def experts(self, x, layer, ids, weights):
+    def experts(self, x, layer, ids, weights, static_rows: int | None = None):
         """Routed experts (global ids; -1 = a slot computed elsewhere) through the grouped expert
         FFN kernel over the layer's loaded experts; a routed expert that is not loaded is an
-        error, as in ReferenceOps."""
+        error, as in ReferenceOps. `static_rows`: run at the fixed block shape of that many rows
+        (default: the bucket's rows; the expert-parallel receive side passes its slot rows)."""
         stack, local_of = self._expert_stack(layer)
         ids = np.asarray(ids)
         local = np.where(ids >= 0, local_of[np.maximum(ids, 0)], -1)    # -1: a slot computed elsewhere
         missing = (ids >= 0) & (local < 0)
         if missing.any():
             raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
-        shape = None if self.bucket is None else static_block_shape(
-            self.bucket.rows, local.shape[1], stack.num_experts)
-        out, report = expert_ffn(self.padded(x), self.padded(local, fill=-1), self.padded(weights), stack,
-                                 report=True, shape=shape)
+        rows = static_rows if static_rows is not None else None if self.bucket is None else self.bucket.rows
+        shape = None if rows is None else static_block_shape(rows, local.shape[1], stack.num_experts)
+        out, report = expert_ffn(self.padded(x, rows=rows), self.padded(local, fill=-1, rows=rows),
+                                 self.padded(weights, rows=rows), stack, report=True, shape=shape)
         self._record("experts", report)
         return out[:len(x)].astype(np.float32)
 
