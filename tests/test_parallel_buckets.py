@@ -17,7 +17,6 @@ import pytest
 from test_parallel_torchrun import REPO, launch
 
 
-
 @pytest.mark.parametrize("batch", [3, 1])      # shares of 2 and 1 sequences; rank 1 idle (only MoE layers)
 def test_bucketed_generation_under_torchrun_compiles_nothing_after_warmup(batch, tmp_path):
     common = ["run_example.py", "--mode", "random", "--backend", "nki", "--num-layers", "2", "--batch", str(batch),
