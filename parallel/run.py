@@ -8,7 +8,9 @@ the run). Both then take the same path: attention is data-parallel (rank r takes
 share of the batch's sequences, possibly none) and runs prefill and decode on them; every MoE
 layer goes through the dispatcher. Ranks agree before each decode step whether anyone still
 decodes, and a rank with no tokens still takes part in every MoE layer's collectives. Rank 0
-prints the generated tokens and a per-rank statistics table.
+prints the generated tokens and a per-rank statistics table. On the kernel backend the ranks
+generate inside static-shape buckets warmed up on every rank, with the static expert exchange, and
+rank 0 prints the kernel-variant count of every rank (docs/device.md).
 """
 
 from __future__ import annotations

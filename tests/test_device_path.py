@@ -114,10 +114,11 @@ def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatc
     assert seen[-1][0] is x_dev                              # a device tensor reaches the kernel as is
     assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 0}
     fresh = np.ones(512, np.float32)
-    start = launch_module.UPLOADS.mark()
+    start, tensors = launch_module.UPLOADS.mark(), launch_module.UPLOADS.tensors.get("weights", 0)
     launch_module.RESIDENT.resident(fresh)
     launch_module.RESIDENT.resident(fresh)                  # a second registration uploads nothing
     assert launch_module.UPLOADS.since(start) == {"weights": fresh.nbytes, "activations": 0}
+    assert launch_module.UPLOADS.tensors["weights"] == tensors + 1
     held = len(launch_module.RESIDENT)
     del fresh                                                # the entry goes with its host array
     assert len(launch_module.RESIDENT) == held - 1
