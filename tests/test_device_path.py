@@ -270,6 +270,31 @@ def test_static_shape_experts_equal_the_exact_launch_bit_for_bit():
     np.testing.assert_array_equal(got, want)
 
 
+def test_expert_parallel_slots_run_the_kernel_at_a_fixed_shape_with_the_exact_results():
+    """The receive side of the static exchange: R slots of rows (padding rows: ids -1) through
+    `OpsLocalExperts(static=True)` give the exact launch's rows bit for bit, and other routings
+    of the same slot count launch no new specialization."""
+    from mimo_parallel.executor import OpsLocalExperts
+    model = MiMoV2FlashModel.random("tiny", seed=3, backend="nki")
+    config, layer, rng = model.config, 1, np.random.default_rng(6)
+    mine = list(range(config.n_routed_experts // 2))             # rank 0 of 2
+    rows, k = 16, config.num_experts_per_tok
+    exact, static = OpsLocalExperts(model.ops, mine), OpsLocalExperts(model.ops, mine, static=True)
+    new_keys = []
+    for real in (5, 11):
+        x = np.zeros((rows, config.hidden_size), np.float32)
+        x[:real] = rng.standard_normal((real, config.hidden_size))
+        ids = np.full((rows, k), -1)
+        ids[:real] = [np.where(rng.random(k) < 0.5, rng.choice(len(mine), k, replace=False), -1) for _ in range(real)]
+        w = np.where(ids >= 0, rng.random((rows, k)), 0).astype(np.float32)
+        mark = len(VARIANTS)
+        got = static(layer, x, ids, w)
+        new_keys.append([key for key in VARIANTS.since(mark) if key[0] == "expert_ffn_kernel"])
+        np.testing.assert_array_equal(got[:real], exact(layer, x[:real], ids[:real], w[:real]))
+        assert not got[real:].any()                                 # padding slots contribute nothing
+    assert new_keys[1] == []                                        # another routing: no new variant
+
+
 # ---------------------------------------------------------------- static KV cache
 
 def test_static_cache_gives_the_ragged_cache_logits():
