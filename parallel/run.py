@@ -207,7 +207,8 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
         choose = lambda logits: sample(logits, temperature, None, None, rng)   # noqa: E731
     else:                        # the static-shape (device) path samples on the device
         from mimo_v2_flash.device_sampling import DeviceSampler
-        choose = DeviceSampler(temperature, None, None, int(np.random.SeedSequence([seed, comm.rank]).generate_state(1)[0]))
+        rank_seed = int(np.random.SeedSequence([seed, comm.rank]).generate_state(1)[0])
+        choose = DeviceSampler(temperature, None, None, rank_seed)
     batch = prompts.shape[0]
     cache = model.new_cache(batch) if batch else None
 
