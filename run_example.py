@@ -104,7 +104,7 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
 # option field -> the flag that sets it (the flag's dest is its name without dashes)
 GENERATION_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "seed": "--seed",
                     "speculative": "--speculative", "draft_tokens": "--draft-tokens", "backend": "--backend",
-                    "weight_dtype": "--weight-dtype"}
+                    "weight_dtype": "--weight-dtype", "no_warmup": "--no-warmup"}
 EXPERT_PARALLEL_FLAGS = {"dist_backend": "--dist-backend", "mode": "--ep-mode",
                          "allgather_max_tokens": "--ep-allgather-max-tokens", "wire_dtype": "--ep-wire-dtype",
                          "placement": "--ep-placement", "save_placement": "--ep-save-placement",
@@ -321,27 +321,22 @@ def speculative_rows(stats: dict) -> list[tuple[str, str]]:
 
 def kernel_buckets(args, model, batch: int, prompt_len: int):
     """Kernel backend: static-shape buckets for this generation, compiled ahead of time unless
-    --no-warmup. Returns a function giving the `kernel variants:` line after generation (None on
-    the reference backend)."""
+    --no-warmup. Returns a function giving the `kernel variants:` and `host->device:` lines after
+    generation (None on the reference backend)."""
     if args.backend != "nki":
         return None
     try:
         import torch  # noqa: F401  (the static-shape path builds its tables with torch operations)
     except ImportError:
         return lambda: "kernel variants: not counted; static-shape buckets need torch (pip install '.[torch]')"
-    from mimo_kernels.launch import VARIANTS
     from mimo_v2_flash.buckets import BucketTable
+    from mimo_v2_flash.device_report import DeviceReport
     model.buckets = BucketTable.for_generation(batch, prompt_len, args.max_new_tokens)
-    start = len(VARIANTS)
+    report = DeviceReport()
     if not args.no_warmup:
         model.warmup()
-    mark = len(VARIANTS)
-
-    def line() -> str:
-        if args.no_warmup:
-            return f"kernel variants: {len(VARIANTS) - start} compiled during generation (no warmup)"
-        return f"kernel variants: {mark - start} compiled at warmup, {len(VARIANTS) - mark} new after warmup"
-    return line
+        report.warmed()
+    return lambda: report.lines(model.ops.passes)
 
 
 def input_error(err: Exception) -> int:

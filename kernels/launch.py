@@ -25,11 +25,19 @@ reports come from the bundled simulator (``report=True``); they are a test and b
 Specializations: a jit kernel compiles once per distinct (kernel, LNC degree, argument shapes and
 dtypes, compile-time arguments). ``VARIANTS`` counts those keys on every backend, so the count
 measured on the simulator is the number of compilations a device would do for the same launches.
+
+Host -> device traffic: a host array registered with ``RESIDENT`` (the kernel-layout weights, the
+RoPE table) gets its device copy once, and every launch that receives that array passes the copy;
+a torch tensor passes through untouched; any other array is converted at the launch. ``UPLOADS``
+counts the bytes and tensors converted, as "weights" (registered, once) or "activations" (at a
+launch: activations, KV cache, block plans, small runtime tensors). On the CPU a conversion is a
+zero-copy view, so the count is what a NeuronCore would upload for the same launches.
 """
 from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import numpy as np
 
@@ -123,20 +131,90 @@ class VariantCounter:
 VARIANTS = VariantCounter()
 
 
+# ---------------------------------------------------------------------------------- uploads
+
+class UploadCounter:
+    """Bytes and tensors converted host -> device, by kind ("weights", "activations"), with marks
+    to take the traffic after a point (e.g. after warmup)."""
+
+    def __init__(self):
+        self.bytes: dict[str, int] = {}
+        self.tensors: dict[str, int] = {}
+
+    def record(self, kind: str, nbytes: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
+        self.tensors[kind] = self.tensors.get(kind, 0) + 1
+
+    def mark(self) -> dict[str, int]:
+        """The bytes so far, per kind (give it to `since`)."""
+        return dict(self.bytes)
+
+    def since(self, mark: dict[str, int]) -> dict[str, int]:
+        """Bytes per kind uploaded after `mark` (every kind, 0 when none)."""
+        return {kind: self.bytes.get(kind, 0) - mark.get(kind, 0) for kind in ("weights", "activations")}
+
+    def clear(self) -> None:
+        self.bytes.clear()
+        self.tensors.clear()
+
+
+UPLOADS = UploadCounter()
+
+
+class DeviceWeights:
+    """Device copies of host arrays that stay on the device (weights): `resident(array)` uploads
+    once and returns the array itself, which stays the handle the host launchers check and pass
+    (their layout checks are NumPy); `launch` then hands the kernel the device copy. An entry
+    lives as long as its host array (a weak reference; on the CPU the copy is a view made at
+    each launch, so nothing here keeps the array alive)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, object]] = {}
+
+    def resident(self, array):
+        """Register `array` (a NumPy array; anything else is returned as is) and upload it once."""
+        if not isinstance(array, np.ndarray) or self.lookup(array) is not None:
+            return array
+        where = device()
+        if where is None:
+            return array
+        tensor = to_device(array, where, kind="weights")
+        key = id(array)
+        self._entries[key] = (weakref.ref(array, lambda _, key=key: self._entries.pop(key, None)),
+                              None if where.type == "cpu" else tensor)
+        return array
+
+    def lookup(self, array):
+        """The device copy of a registered array (on the CPU a fresh zero-copy view), else None."""
+        entry = self._entries.get(id(array))
+        if entry is None or entry[0]() is not array:
+            return None
+        return entry[1] if entry[1] is not None else to_device(array, kind=None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+RESIDENT = DeviceWeights()
+
+
 # ---------------------------------------------------------------------------------- tensors
 
-def to_device(value, where=None):
+def to_device(value, where=None, kind: str | None = "activations"):
     """A host array as a torch tensor on `where` (default `device()`); torch tensors and
     constants pass through. On the CPU a NumPy array becomes a zero-copy view (bf16 through its
-    16-bit pattern). Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: the
+    16-bit pattern). A converted array counts in `UPLOADS` under `kind` (None: not counted).
+    Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: the
     simulator takes it as a NumPy array, and the device path raises (see docs/device.md)."""
     if isinstance(value, tuple):
-        return tuple(to_device(v, where) for v in value)
+        return tuple(to_device(v, where, kind) for v in value)
     if not isinstance(value, np.ndarray):
         return value
     where = device() if where is None else where
     if where is None:
         return value
+    if kind is not None:
+        UPLOADS.record(kind, value.nbytes)
     import torch
     import ml_dtypes
     if value.dtype == ml_dtypes.bfloat16:
@@ -176,6 +254,14 @@ def to_host(value):
 
 # ---------------------------------------------------------------------------------- launch
 
+def _argument(value, where):
+    """A launch argument on the device: the resident copy of a registered array, else converted."""
+    if isinstance(value, tuple):
+        return tuple(_argument(v, where) for v in value)
+    resident = RESIDENT.lookup(value) if isinstance(value, np.ndarray) else None
+    return resident if resident is not None else to_device(value, where)
+
+
 class LncError(RuntimeError):
     """A kernel launched at LNC=2 that does not split its work between the two cores."""
 
@@ -185,9 +271,10 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     NumPy arrays (plus the simulator's cost report, None on the device, when `report=True`).
 
     `lnc` defaults to `runtime_lnc()`; `splits_lnc`: the kernel divides its work by
-    ``nl.program_id``, so it may run at LNC=2 (module docstring). Array arguments go to
-    `device()` (a zero-copy view on the CPU); everything else is a compile-time constant. Every
-    launch is counted in `VARIANTS`."""
+    ``nl.program_id``, so it may run at LNC=2 (module docstring). An array registered with
+    `RESIDENT` is replaced by its device copy, torch tensors pass untouched, other arrays go to
+    `device()` (a zero-copy view on the CPU, counted in `UPLOADS`); everything else is a
+    compile-time constant. Every launch is counted in `VARIANTS`."""
     lnc = runtime_lnc() if lnc is None else int(lnc)
     if lnc == 2 and not splits_lnc:
         name = getattr(kernel, "__name__", None) or getattr(kernel, "name", repr(kernel))
@@ -196,12 +283,12 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     VARIANTS.record(variant_key(kernel, lnc, args, kwargs))
     where = device()
     grid = kernel[lnc]
-    outputs = grid(*(to_device(a, where) for a in args), **{k: to_device(v, where) for k, v in kwargs.items()})
+    outputs = grid(*(_argument(a, where) for a in args), **{k: _argument(v, where) for k, v in kwargs.items()})
     outputs = to_host(outputs)
     if report:
         return outputs, getattr(grid, "last_report", None)
     return outputs
 
 
-__all__ = ["LNC_ENV", "LncError", "VARIANTS", "VariantCounter", "device", "launch", "runtime_lnc", "to_device", "to_host",
-           "variant_key"]
+__all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "UPLOADS", "UploadCounter", "VARIANTS", "VariantCounter",
+           "device", "launch", "runtime_lnc", "to_device", "to_host", "variant_key"]

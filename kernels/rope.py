@@ -26,7 +26,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import RESIDENT, launch
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -151,7 +151,7 @@ def cached_rope_table(theta: float, rotary_dim: int, max_position: int) -> np.nd
     key = (float(theta), int(rotary_dim))
     table = _tables.get(key)
     if table is None or table.shape[0] < n:
-        table = _tables[key] = rope_table(theta, rotary_dim, n)
+        table = _tables[key] = RESIDENT.resident(rope_table(theta, rotary_dim, n))   # a constant: uploaded once
     return table
 
 

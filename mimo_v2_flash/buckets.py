@@ -78,6 +78,10 @@ class BucketTable:
         return cls(powers_of_two(batch, batch), powers_of_two(prompt_len, prompt_len),
                    powers_of_two(prompt_len + max(max_new_tokens, 1), prompt_len + max(max_new_tokens, 1)))
 
+    def row_counts(self) -> tuple[int, ...]:
+        """The token rows of every bucket (the static shapes of an expert-parallel exchange)."""
+        return tuple(sorted({bucket.rows for bucket in self.buckets()}))
+
     def buckets(self) -> list[Bucket]:
         """Every bucket of the table (what a warmup compiles)."""
         return ([Bucket("prefill", b, t, t) for b in self.batches for t in self.prefill_tokens] +

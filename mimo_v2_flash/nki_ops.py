@@ -12,6 +12,9 @@ kernel reads and kept: projections `[in, out]` in bf16, or with
 Trainium float8_e4m3 with 128x128 block scales (`fp8.quantize_blocks`); o_proj and lm_head stay
 bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked once into the
 grouped expert kernel's `ExpertWeights` (local index = position among the loaded experts).
+Every kernel-layout array is registered with `mimo_kernels.launch.RESIDENT` when it is made: its
+device copy is uploaded once, and every later launch passes that copy (no weight bytes move after
+a model's first pass; `launch.UPLOADS` counts the traffic).
 
 Activations travel in bf16 between kernels, as on the device: every launcher takes its input
 rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
@@ -40,6 +43,7 @@ from mimo_kernels.attention_decode import attention_batch
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
+from mimo_kernels.launch import RESIDENT, UPLOADS
 from mimo_kernels.linear import linear
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.rope import rope
@@ -54,6 +58,13 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
 LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope_qk", "attention", "router", "experts",
              "dense_mlp")
+
+
+def _resident(weight: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A kernel-layout (weight, scale) registered on the device (module docstring). Plain ndarrays
+    (not memory-map subclasses), so the launchers' np.asarray hands back the registered object."""
+    return (RESIDENT.resident(np.asarray(weight)),
+            None if scale is None else RESIDENT.resident(np.asarray(scale)))
 
 
 @dataclass
@@ -91,9 +102,11 @@ class OpCost:
 
 @dataclass
 class PassCost:
-    """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own)."""
+    """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own);
+    `upload_mark`: `launch.UPLOADS.mark()` when the pass started (host -> device bytes since)."""
     tokens: int
     ops: dict[str, OpCost] = field(default_factory=dict)
+    upload_mark: dict[str, int] = field(default_factory=dict)
 
 
 class NkiOps:
@@ -124,14 +137,16 @@ class NkiOps:
         """The largest position of the bucket (sizes the RoPE table), None without a bucket."""
         return None if self.bucket is None else self.bucket.context - 1
 
-    def padded(self, a: np.ndarray, fill=0) -> np.ndarray:
-        """`a` [N, ...] with rows of `fill` up to the bucket's rows (unchanged without a bucket)."""
+    def padded(self, a: np.ndarray, fill=0, rows: int | None = None) -> np.ndarray:
+        """`a` [N, ...] with rows of `fill` up to `rows` (default the bucket's rows; unchanged
+        without either)."""
         a = np.asarray(a)
-        if self.bucket is None or a.shape[0] == self.bucket.rows:
+        rows = rows if rows is not None else None if self.bucket is None else self.bucket.rows
+        if rows is None or a.shape[0] == rows:
             return a
-        if a.shape[0] > self.bucket.rows:
-            raise ValueError(f"{a.shape[0]} token rows exceed the bucket {self.bucket} ({self.bucket.rows} rows)")
-        return np.concatenate([a, np.full((self.bucket.rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
+        if a.shape[0] > rows:
+            raise ValueError(f"{a.shape[0]} token rows exceed the static shape of {rows} rows (bucket {self.bucket})")
+        return np.concatenate([a, np.full((rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
 
     # ---- weights: Hub layout in, kernel layout out (once) ------------------------------------
     def w(self, name: str) -> np.ndarray:
@@ -143,7 +158,7 @@ class NkiOps:
         weight_dtype="fp8"), the router weight [in, out] fp32, vectors and the embedding bf16."""
         prepared = self._prepared.get(name)
         if prepared is None:
-            prepared = self._prepared[name] = self._kernel_layout(self._specs[name])
+            prepared = self._prepared[name] = _resident(*self._kernel_layout(self._specs[name]))
         return prepared
 
     def _kernel_layout(self, spec: TensorSpec) -> tuple[np.ndarray, np.ndarray | None]:
@@ -188,9 +203,9 @@ class NkiOps:
                     weight, scale = self._kernel_layout(by_name[expert_weight(layer, e, proj)])
                     mats[proj].append(weight)
                     scales[proj].append(scale)
-            stacked = [np.stack(mats[proj]) for proj in EXPERT_PROJS]
+            stacked = [RESIDENT.resident(np.stack(mats[proj])) for proj in EXPERT_PROJS]
             if scales["gate_proj"][0] is not None:
-                stacked += [np.stack(scales[proj]) for proj in EXPERT_PROJS]
+                stacked += [RESIDENT.resident(np.stack(scales[proj])) for proj in EXPERT_PROJS]
             local_of = np.full(self.config.n_routed_experts, -1, np.int64)
             local_of[experts] = np.arange(len(experts))
             self._expert_stacks[layer] = (ExpertWeights(*stacked), local_of)
@@ -246,7 +261,7 @@ class NkiOps:
     # ---- the ops (ReferenceOps semantics) ----------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token rows of the embedding table; starts a new forward pass in the cost ledger."""
-        self.passes.append(PassCost(tokens=int(np.size(ids))))
+        self.passes.append(PassCost(tokens=int(np.size(ids)), upload_mark=UPLOADS.mark()))
         table, _ = self.kernel_weight(EMBED)
         out, report = embed(self.padded(np.reshape(ids, -1)), table, report=True)
         self._record("embed", report)
@@ -286,12 +301,12 @@ class NkiOps:
         names = [layer_weight(layer, proj) for proj in ("q_proj", "k_proj", "v_proj")]
         key = "|".join(names)
         if key not in self._prepared:
-            parts = [self.kernel_weight(name) for name in names]
+            parts = [self._kernel_layout(self._specs[name]) for name in names]    # host only: not uploaded
             weight = np.concatenate([w for w, _ in parts], axis=1)
             scale = None if parts[0][1] is None else np.concatenate([sc for _, sc in parts], axis=1)
-            for name in names:      # the fused copy replaces the separate ones
-                self._prepared.pop(name)
-            self._prepared[key] = (weight, scale)
+            for name in names:      # the fused copy replaces any separate ones
+                self._prepared.pop(name, None)
+            self._prepared[key] = _resident(weight, scale)
         return self._prepared[key]
 
     def qkv(self, x, layer):
@@ -330,20 +345,21 @@ class NkiOps:
         self._record("router", report)
         return ids[:len(x)], weights[:len(x)]
 
-    def experts(self, x, layer, ids, weights):
+    def experts(self, x, layer, ids, weights, static_rows: int | None = None):
         """Routed experts (global ids; -1 = a slot computed elsewhere) through the grouped expert
         FFN kernel over the layer's loaded experts; a routed expert that is not loaded is an
-        error, as in ReferenceOps."""
+        error, as in ReferenceOps. `static_rows`: run at the fixed block shape of that many rows
+        (default: the bucket's rows; the expert-parallel receive side passes its slot rows)."""
         stack, local_of = self._expert_stack(layer)
         ids = np.asarray(ids)
         local = np.where(ids >= 0, local_of[np.maximum(ids, 0)], -1)    # -1: a slot computed elsewhere
         missing = (ids >= 0) & (local < 0)
         if missing.any():
             raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
-        shape = None if self.bucket is None else static_block_shape(
-            self.bucket.rows, local.shape[1], stack.num_experts)
-        out, report = expert_ffn(self.padded(x), self.padded(local, fill=-1), self.padded(weights), stack,
-                                 report=True, shape=shape)
+        rows = static_rows if static_rows is not None else None if self.bucket is None else self.bucket.rows
+        shape = None if rows is None else static_block_shape(rows, local.shape[1], stack.num_experts)
+        out, report = expert_ffn(self.padded(x, rows=rows), self.padded(local, fill=-1, rows=rows),
+                                 self.padded(weights, rows=rows), stack, report=True, shape=shape)
         self._record("experts", report)
         return out[:len(x)].astype(np.float32)
 

@@ -26,15 +26,19 @@ from .stats import EPStats
 class OpsLocalExperts:
     """This rank's experts through the model's ops backend: `ReferenceOps.experts` (NumPy) or
     `NkiOps.experts` (the grouped expert FFN kernel, bf16 or FP8 weights). Local ids are mapped
-    back to global expert ids; -1 slots stay -1 and are skipped by both backends."""
+    back to global expert ids; -1 slots stay -1 and are skipped by both backends. `static`: the
+    rows arrive at a fixed count per bucket (the static dispatcher's slots), and the kernel runs
+    at the fixed block shape of that count (`NkiOps.experts(static_rows=...)`)."""
 
-    def __init__(self, ops, local_experts: list[int]):
+    def __init__(self, ops, local_experts: list[int], static: bool = False):
         self.ops = ops
         self.global_of = np.asarray(local_experts, np.int64)
+        self.static = static
 
     def __call__(self, layer: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         ids = np.where(local_ids >= 0, self.global_of[np.maximum(local_ids, 0)], -1)
-        return np.asarray(self.ops.experts(x, layer, ids, weights), np.float32)
+        extra = {"static_rows": len(x)} if self.static else {}
+        return np.asarray(self.ops.experts(x, layer, ids, weights, **extra), np.float32)
 
 
 class ExpertParallelExecutor:

@@ -53,6 +53,7 @@ class GenerationOptions:
     draft_tokens: int = 3
     backend: str = "reference"          # reference = NumPy; nki = the NKI kernels
     weight_dtype: str = "bf16"          # how --backend nki keeps the projections
+    no_warmup: bool = False             # skip compiling every bucket before the generation
 
     def __post_init__(self):
         for option, low in (("max_new_tokens", 0), ("seed", 0), ("draft_tokens", 1)):

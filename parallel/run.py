@@ -8,7 +8,9 @@ the run). Both then take the same path: attention is data-parallel (rank r takes
 share of the batch's sequences, possibly none) and runs prefill and decode on them; every MoE
 layer goes through the dispatcher. Ranks agree before each decode step whether anyone still
 decodes, and a rank with no tokens still takes part in every MoE layer's collectives. Rank 0
-prints the generated tokens and a per-rank statistics table.
+prints the generated tokens and a per-rank statistics table. On the kernel backend the ranks
+generate inside static-shape buckets warmed up on every rank, with the static expert exchange, and
+rank 0 prints the kernel-variant count of every rank (docs/device.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from mimo_v2_flash.buckets import BucketTable
 from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.model import MiMoV2FlashModel, check_position_limit, generation_loop, sample
@@ -34,7 +37,8 @@ from .executor import ExpertParallelExecutor, OpsLocalExperts
 from .options import ExpertParallelOptions, GenerationOptions
 from .placement import load_aware_placement
 from .plan import RowFormat
-from .static_dispatch import StaticDispatcher, StaticExpertParallelExecutor, TorchLocalExperts
+from .static_dispatch import (STATIC_MODES, HostLocalExperts, StaticDispatcher, StaticExpertParallelExecutor,
+                              TorchLocalExperts)
 from .stats import format_table, summarize
 
 
@@ -138,20 +142,37 @@ def resolve_placement(spec: str, num_experts: int, world_size: int) -> ExpertPla
     return ExpertPlacement.load(spec, world_size, num_experts)
 
 
+def rank_buckets(backend: str, mode: str, speculative: str | None, world: int, batch: int, prompt_len: int,
+                 max_new_tokens: int) -> BucketTable | None:
+    """The static-shape buckets of a rank's generation, as in one process (backend "nki"): a rank's
+    batch is its largest share of the sequences. None (ragged shapes) on the reference backend,
+    for alltoallv (its splits follow the routing) and for speculative passes (draft lengths)."""
+    if backend != "nki" or speculative or (mode != "auto" and mode not in STATIC_MODES):
+        return None
+    return BucketTable.for_generation(max(-(-batch // world), 1), prompt_len, max_new_tokens)
+
+
 def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", wire_dtype: str = "float32",
-                     policy: ModePolicy | None = None, backend: str = "reference", weight_dtype: str = "bf16"):
+                     policy: ModePolicy | None = None, backend: str = "reference", weight_dtype: str = "bf16",
+                     buckets: BucketTable | None = None):
     """This rank's model over `held` and its expert-parallel executor; the rank's experts run on
-    the model's ops backend (backend "nki": the grouped expert FFN kernel, `weight_dtype`)."""
+    the model's ops backend (backend "nki": the grouped expert FFN kernel, `weight_dtype`).
+    `buckets` (static shapes, `rank_buckets`): the model runs inside them, and the exchange is the
+    static dispatcher's, so the expert kernel gets a fixed row count (R slots of the bucket's rows)."""
     config, placement = held.config, held.placement
     # The router chooses among all (routable) experts, wherever they live.
     model = MiMoV2FlashModel(config, held.weights, expert_subset=held.routable, backend=backend,
                              weight_dtype=weight_dtype)
+    model.buckets = buckets
     mine = placement.experts_of(comm.rank)
-    if comm.transport.lazy:     # xla: static shapes, equal splits, no host reads inside a layer
+    if comm.transport.lazy or buckets is not None:   # static shapes, equal splits
         dispatcher = StaticDispatcher(comm, placement, config.hidden_size, config.num_experts_per_tok,
                                       wire_dtype=wire_dtype)
+        # xla: no host reads inside a layer; gloo: the kernel backend at its static block shape
+        local = (TorchLocalExperts(model.ops, mine, comm.to_device) if comm.transport.lazy
+                 else HostLocalExperts(OpsLocalExperts(model.ops, mine, static=True), comm))
         executor = StaticExpertParallelExecutor(
-            dispatcher, TorchLocalExperts(model.ops, mine, comm.to_device), config, mode,
+            dispatcher, local, config, mode, sizes=None if buckets is None else buckets.row_counts(),
             allgather_max_tokens=(policy or ModePolicy()).allgather_max_tokens)
     else:
         fmt = RowFormat(config.hidden_size, config.num_experts_per_tok, wire_dtype)
@@ -167,7 +188,8 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     """`model.generate` for this rank's share of the batch (prompts [b, T], b may be 0).
 
     Greedy decoding gives exactly the single-process tokens; sampling draws from a per-rank
-    stream (seed, rank), so sampled tokens differ from a single-process run. `speculative="mtp"`:
+    stream (seed, rank), so sampled tokens differ from a single-process run; with `model.buckets`
+    (static shapes) the token is chosen on the device (`DeviceSampler`). `speculative="mtp"`:
     the MTP layers (dense, replicated) draft on this rank, and each verify pass is one MoE
     dispatch per layer for all draft tokens (docs/mtp.md).
     Returns (tokens int64 [b, T + max_new_tokens], timing dict).
@@ -176,6 +198,12 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     check_position_limit(config, prompts.shape[1], max_new_tokens)    # every rank: the same prompt length
     stop = set(config.stop_token_ids)
     rng = np.random.default_rng([seed, comm.rank])
+    if model.buckets is None:
+        choose = lambda logits: sample(logits, temperature, None, None, rng)   # noqa: E731
+    else:                        # the static-shape (device) path samples on the device
+        from mimo_v2_flash.device_sampling import DeviceSampler
+        rank_seed = int(np.random.SeedSequence([seed, comm.rank]).generate_state(1)[0])
+        choose = DeviceSampler(temperature, None, None, rank_seed)
     batch = prompts.shape[0]
     cache = model.new_cache(batch) if batch else None
 
@@ -197,9 +225,7 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     if speculative:
         return _speculative_data_parallel(model, executor, prompts, max_new_tokens, temperature, rng, stop,
                                           keep_decoding, speculative, draft_tokens)
-    out, prefill_s, decode_s = generation_loop(
-        prompts, max_new_tokens, last_logits, lambda logits: sample(logits, temperature, None, None, rng),
-        stop, keep_decoding)
+    out, prefill_s, decode_s = generation_loop(prompts, max_new_tokens, last_logits, choose, stop, keep_decoding)
     return out, {"prefill_s": prefill_s, "decode_s": decode_s}
 
 
@@ -249,6 +275,34 @@ def run_distributed(options: ExpertParallelOptions, generation: GenerationOption
     return 0
 
 
+def warm_up_rank(model: MiMoV2FlashModel, skip: bool):
+    """Every rank compiles every bucket (the warmup passes take part in each other's MoE layers, so
+    all ranks run it, in the same bucket order). Returns the `DeviceReport` marks (None without
+    buckets)."""
+    if model.buckets is None:
+        return None
+    from mimo_v2_flash.device_report import DeviceReport
+    report = DeviceReport()
+    if not skip:
+        model.warmup()
+        report.warmed()
+    return report
+
+
+def kernel_report(comm: Communicator, model: MiMoV2FlashModel, report) -> str | None:
+    """The `kernel variants:` line of every rank (one line when they agree) and rank 0's
+    `host->device:` line (None on the reference backend); only rank 0 prints it."""
+    counts = comm.all_gather_objects(None if report is None else report.variants_line(), "gathering kernel variants")
+    if report is None:
+        return None if model.backend != "nki" else \
+            "kernel variants: not counted (ragged shapes without buckets: alltoallv or speculative)"
+    if len(set(counts)) == 1:
+        lines = f"{counts[0]} (every rank)"
+    else:
+        lines = "\n".join(f"{line} (rank {r})" for r, line in enumerate(counts))
+    return lines + "\n" + report.uploads_line(model.ops.passes) + " (rank 0)"
+
+
 def _run(comm: Communicator, options: ExpertParallelOptions, generation: GenerationOptions, load_weights,
          make_prompts, json_path: str | None) -> None:
     world, rank = comm.world_size, comm.rank
@@ -258,14 +312,18 @@ def _run(comm: Communicator, options: ExpertParallelOptions, generation: Generat
     config, placement = held.config, held.placement
     prompts = make_prompts(config.vocab_size)
     policy = ModePolicy(options.allgather_max_tokens, comm.uneven_splits)
-    model, executor = build_rank_model(held, comm, options.mode, options.wire_dtype, policy, generation.backend,
-                                       generation.weight_dtype)
-    build_s = time.perf_counter() - t0
     batch, prompt_len = prompts.shape
+    buckets = rank_buckets(generation.backend, options.mode, generation.speculative, world, batch, prompt_len,
+                           generation.max_new_tokens)
+    model, executor = build_rank_model(held, comm, options.mode, options.wire_dtype, policy, generation.backend,
+                                       generation.weight_dtype, buckets)
+    build_s = time.perf_counter() - t0
+    device = warm_up_rank(model, generation.no_warmup)
     mine = np.array_split(np.arange(batch), world)[rank]
     tokens, timing = generate_data_parallel(model, executor, comm, prompts[mine], generation.max_new_tokens,
                                             generation.temperature, generation.seed, generation.speculative,
                                             generation.draft_tokens)
+    device_lines = kernel_report(comm, model, device)
     shares = comm.all_gather_objects((mine.tolist(), tokens.tolist(), timing, held.nbytes), "gathering results")
     records = [rec for part in comm.all_gather_objects(executor.stats.records, "gathering statistics")
                for rec in part]
@@ -300,8 +358,11 @@ def _run(comm: Communicator, options: ExpertParallelOptions, generation: Generat
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if device_lines:
+        print(device_lines)
     print()
-    print(format_table(summary), flush=True)
+    print(format_table(summary) if records else "expert-parallel statistics: not recorded by the static-shape "
+          "executor (one exchange shape per bucket)", flush=True)
     if options.save_placement:
         load = np.zeros(config.n_routed_experts)
         for rec in records:

@@ -205,6 +205,20 @@ class TorchLocalExperts:
         return out
 
 
+class HostLocalExperts:
+    """A host-array expert backend (`OpsLocalExperts`, e.g. the NKI expert kernel at its static
+    block shape) behind the dispatcher's torch contract: the received slots are read back, run,
+    and the result goes back to the communicator's device. The read is a host round trip per
+    layer, so this is for eager transports (gloo); a lazy one keeps the experts on the device."""
+
+    def __init__(self, local_experts, comm: Communicator):
+        self.local_experts, self.comm = local_experts, comm
+
+    def __call__(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        host = self.comm.to_host
+        return self.comm.to_device(self.local_experts(layer, host(x), host(local_ids), host(weights)))
+
+
 class StaticExpertParallelExecutor:
     """The model's expert executor `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]` (host
     arrays) over a `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the

@@ -92,6 +92,66 @@ def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
     np.testing.assert_array_equal(launch_module.to_host(t), a)
 
 
+# ---------------------------------------------------------------- host -> device traffic
+
+def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatch):
+    seen = []
+    real_call = type(rmsnorm_kernel).__call__
+
+    def spy(kernel, *args, **kwargs):
+        seen.append(args)
+        return real_call(kernel, *args, **kwargs)
+    monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(BF16)
+    w = launch_module.RESIDENT.resident((1 + np.arange(256) / 256).astype(BF16))
+    start = launch_module.UPLOADS.mark()
+    want = launch(rmsnorm_kernel, x, w, eps=1e-6)           # registered before `start`: no weight bytes
+    launch(rmsnorm_kernel, x, w, eps=1e-6)
+    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 2 * x.nbytes}
+    x_dev = launch_module.to_device(x)
+    start = launch_module.UPLOADS.mark()
+    np.testing.assert_array_equal(launch(rmsnorm_kernel, x_dev, w, eps=1e-6), want)
+    assert seen[-1][0] is x_dev                              # a device tensor reaches the kernel as is
+    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 0}
+    fresh = np.ones(512, np.float32)
+    start, tensors = launch_module.UPLOADS.mark(), launch_module.UPLOADS.tensors.get("weights", 0)
+    launch_module.RESIDENT.resident(fresh)
+    launch_module.RESIDENT.resident(fresh)                  # a second registration uploads nothing
+    assert launch_module.UPLOADS.since(start) == {"weights": fresh.nbytes, "activations": 0}
+    assert launch_module.UPLOADS.tensors["weights"] == tensors + 1
+    held = len(launch_module.RESIDENT)
+    del fresh                                                # the entry goes with its host array
+    assert len(launch_module.RESIDENT) == held - 1
+
+
+def _kernel_layout_bytes(ops) -> int:
+    arrays = [a for pair in ops._prepared.values() for a in pair if a is not None]
+    for stack, _ in ops._expert_stacks.values():
+        arrays += [a for a in stack.kernel_args() if a is not None]
+    return sum(a.nbytes for a in arrays)
+
+
+def test_weights_upload_once_at_warmup_and_decode_steps_move_only_activations():
+    from mimo_kernels.rope import _tables as rope_tables
+    model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    start = launch_module.UPLOADS.mark()
+    tables_before = {key: id(t) for key, t in rope_tables.items()}
+    model.warmup(BucketTable.for_generation(2, 9, 6))
+    uploaded = launch_module.UPLOADS.since(start)["weights"]
+    new_tables = sum(t.nbytes for key, t in rope_tables.items() if tables_before.get(key) != id(t))
+    assert uploaded == _kernel_layout_bytes(model.ops) + new_tables     # every weight once, nothing else
+    mark = launch_module.UPLOADS.mark()
+    prompt = np.random.default_rng(4).integers(0, 512, (2, 9))
+    model.generate(prompt, max_new_tokens=6)
+    after = launch_module.UPLOADS.since(mark)
+    assert after["weights"] == 0
+    decode = launch_module.UPLOADS.since(model.ops.passes[1].upload_mark)["activations"] / 5
+    # A decode step moves its activations and the KV cache the attention reads (the cache is not
+    # device-resident yet): 2 sequences x 16 slots x 4 layers of bf16 keys and values, a few
+    # hundred KB, against 20 MB of weights.
+    assert 0 < decode < uploaded / 20
+
+
 # ---------------------------------------------------------------- the variant counter
 
 def test_variant_key_is_shapes_dtypes_and_constants():
@@ -208,6 +268,31 @@ def test_static_shape_experts_equal_the_exact_launch_bit_for_bit():
     want = expert_ffn(x, ids, w, stack)
     got = expert_ffn(x, ids, w, stack, shape=static_block_shape(8, k, experts))
     np.testing.assert_array_equal(got, want)
+
+
+def test_expert_parallel_slots_run_the_kernel_at_a_fixed_shape_with_the_exact_results():
+    """The receive side of the static exchange: R slots of rows (padding rows: ids -1) through
+    `OpsLocalExperts(static=True)` give the exact launch's rows bit for bit, and other routings
+    of the same slot count launch no new specialization."""
+    from mimo_parallel.executor import OpsLocalExperts
+    model = MiMoV2FlashModel.random("tiny", seed=3, backend="nki")
+    config, layer, rng = model.config, 1, np.random.default_rng(6)
+    mine = list(range(config.n_routed_experts // 2))             # rank 0 of 2
+    rows, k = 16, config.num_experts_per_tok
+    exact, static = OpsLocalExperts(model.ops, mine), OpsLocalExperts(model.ops, mine, static=True)
+    new_keys = []
+    for real in (5, 11):
+        x = np.zeros((rows, config.hidden_size), np.float32)
+        x[:real] = rng.standard_normal((real, config.hidden_size))
+        ids = np.full((rows, k), -1)
+        ids[:real] = [np.where(rng.random(k) < 0.5, rng.choice(len(mine), k, replace=False), -1) for _ in range(real)]
+        w = np.where(ids >= 0, rng.random((rows, k)), 0).astype(np.float32)
+        mark = len(VARIANTS)
+        got = static(layer, x, ids, w)
+        new_keys.append([key for key in VARIANTS.since(mark) if key[0] == "expert_ffn_kernel"])
+        np.testing.assert_array_equal(got[:real], exact(layer, x[:real], ids[:real], w[:real]))
+        assert not got[real:].any()                                 # padding slots contribute nothing
+    assert new_keys[1] == []                                        # another routing: no new variant
 
 
 # ---------------------------------------------------------------- static KV cache
