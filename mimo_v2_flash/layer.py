@@ -156,7 +156,7 @@ class ReferenceOps:
         except KeyError:
             raise KeyError(f"layer {layer}: expert {expert} is not loaded in this model") from None
 
-    def experts(self, x, layer, ids, weights):
+    def experts(self, x, layer, ids, weights, static_rows=None):
         return ref.moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
 
     def dense_mlp(self, x, layer):

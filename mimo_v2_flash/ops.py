@@ -67,9 +67,12 @@ class DecoderOps(Protocol):
         weights float32 [N, k])."""
         ...
 
-    def experts(self, x: np.ndarray, layer: int, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def experts(self, x: np.ndarray, layer: int, ids: np.ndarray, weights: np.ndarray,
+                static_rows: int | None = None) -> np.ndarray:
         """Weighted sum of the routed experts' SwiGLU outputs: x [N, H], ids [N, k] (global ids,
-        -1 = a slot computed elsewhere), weights [N, k] -> float32 [N, H]."""
+        -1 = a slot computed elsewhere), weights [N, k] -> float32 [N, H]. `static_rows`: a
+        static-shape backend runs at the fixed shape of that many rows (the expert-parallel
+        receive side); a backend without static shapes ignores it."""
         ...
 
     def dense_mlp(self, x: np.ndarray, layer: int) -> np.ndarray:

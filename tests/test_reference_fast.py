@@ -139,7 +139,7 @@ class PlainOps(ReferenceOps):
         return [plain_attention(p.q, p.k, p.v, p.q_positions, p.k_positions, self.config.softmax_scale,
                                 window, sink) for p in problems]
 
-    def experts(self, x, layer, ids, weights):
+    def experts(self, x, layer, ids, weights, static_rows=None):
         return plain_moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
 
     def linear(self, x, layer, proj):
