@@ -12,7 +12,7 @@ import numpy as np
 import torch.distributed as dist
 
 
-def main(modes: list[str], stagger_s: float) -> None:
+def main(modes: list[str]) -> None:
     import torch_xla.runtime as xr
     from torch_xla._internal import pjrt
 
@@ -29,7 +29,7 @@ def main(modes: list[str], stagger_s: float) -> None:
 
     def rank_fn(*_):
         rank, world = xr.global_ordinal(), xr.global_runtime_device_count()
-        comm = Communicator(rank, world, store, xla_threads_transport(world, rank, stagger_s), timeout_s=600)
+        comm = Communicator(rank, world, store, xla_threads_transport(world, rank), timeout_s=600)
         placement = ExpertPlacement.contiguous(config.n_routed_experts, world)
         held = random_rank_weights(config, placement, rank, seed=0)
         n_seq = SEQUENCES_PER_RANK[rank]
@@ -49,4 +49,4 @@ def main(modes: list[str], stagger_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(","), float(sys.argv[2]) if len(sys.argv) > 2 else 2.0)
+    main(sys.argv[1].split(","))
