@@ -94,7 +94,7 @@ def xla_transport() -> Transport:
                      all_to_all=_dist_all_to_all, all_gather=_dist_all_gather)
 
 
-def xla_threads_transport(world_size: int, rank: int) -> Transport:
+def xla_threads_transport(world_size: int, rank: int, barrier: threading.Barrier) -> Transport:
     """torch-xla's collectives called directly (thread-per-device mode: no torch.distributed group;
     `xr.world_size()` is 1 there, so the replica group is explicit).
 
@@ -104,7 +104,11 @@ def xla_threads_transport(world_size: int, rank: int) -> Transport:
     channel id: its position in the step graph (from 1, reset at each sync), the same on every
     rank because all ranks issue the same collectives in the same order. torch-xla 2.9's
     `all_to_all` takes no channel id, so the all-to-all is an all-gather keeping this rank's block
-    from every source (R times the bytes on the wire; the result is the same)."""
+    from every source (R times the bytes on the wire; the result is the same).
+
+    XLA:CPU also ends the process when a thread waits more than 10 s for the others at a
+    collective, so every sync first waits at `barrier` (shared by the R threads): a rank's host
+    work before its step (the threads share one interpreter lock) does not count against it."""
     import torch_xla
     import torch_xla.core.xla_model as xm
     groups = [list(range(world_size))]
@@ -123,6 +127,7 @@ def xla_threads_transport(world_size: int, rank: int) -> Transport:
         out.copy_(gather(src))
 
     def sync():
+        barrier.wait()
         torch_xla.sync()
         position[0] = 0
 
