@@ -10,9 +10,9 @@ Transports (`Transport`): how a collective reaches the wire.
   tensors on the XLA device: nothing runs until the step's graph is synced (`sync`), and a host
   read before that would compile and run a graph of its own. `ProcessGroupXla` also ignores its
   timeout (torch-xla 2.9 leaves it a TODO), so the deadline below is this module's own.
-* "xla_threads": `xm.all_to_all` / `xm.all_gather` called directly, for torch-xla's
-  thread-per-device mode (one process, `CPU_NUM_DEVICES=R`), where torch.distributed's single
-  default group cannot hold R ranks.
+* "xla_threads": `xm.all_gather` with explicit channel ids called directly (the all-to-all built
+  on it), for torch-xla's thread-per-device mode (one process, `CPU_NUM_DEVICES=R`), where
+  torch.distributed's single default group cannot hold R ranks.
 * Further xla-like transports can be registered (`register_transport`); the tests register a fake
   `xla` group that enforces the rules above on CPU.
 
@@ -94,25 +94,42 @@ def xla_transport() -> Transport:
                      all_to_all=_dist_all_to_all, all_gather=_dist_all_gather)
 
 
-def xla_threads_transport(world_size: int, rank: int, stagger_s: float = 0.0) -> Transport:
+def xla_threads_transport(world_size: int, rank: int, barrier: threading.Barrier) -> Transport:
     """torch-xla's collectives called directly (thread-per-device mode: no torch.distributed group;
-    `xr.world_size()` is 1 there, so the replica group is explicit). `stagger_s`: rank r enters
-    each sync r * stagger_s late, so rank 0 compiles a new graph before the others look it up
-    (torch-xla 2.9 on CPU: threads compiling the same graph at once assign its collectives
-    different op ids and the rendezvous never completes)."""
+    `xr.world_size()` is 1 there, so the replica group is explicit).
+
+    XLA:CPU pairs the threads of a collective by its channel id, or without one by the unique id of
+    the compiled module; each thread compiles its own step graph (the ranks' shapes differ), so the
+    module ids differ and the rendezvous never completes. Every collective here therefore carries a
+    channel id: its position in the step graph (from 1, reset at each sync), the same on every
+    rank because all ranks issue the same collectives in the same order. torch-xla 2.9's
+    `all_to_all` takes no channel id, so the all-to-all is an all-gather keeping this rank's block
+    from every source (R times the bytes on the wire; the result is the same).
+
+    XLA:CPU also ends the process when a thread waits more than 10 s for the others at a
+    collective, so every sync first waits at `barrier` (shared by the R threads): a rank's host
+    work before its step (the threads share one interpreter lock) does not count against it."""
     import torch_xla
     import torch_xla.core.xla_model as xm
     groups = [list(range(world_size))]
+    position = [0]                        # collectives issued into the pending step graph
+
+    def gather(src):
+        position[0] += 1
+        return xm.all_gather(src, dim=0, groups=groups, pin_layout=False, channel_id=position[0])
 
     def all_to_all(out, src, recv_counts, send_counts):
-        out.copy_(xm.all_to_all(src, 0, 0, world_size, groups=groups, pin_layout=False))
+        block = src.shape[0] // world_size
+        blocks = gather(src).reshape((world_size, world_size, block) + tuple(src.shape[1:]))
+        out.copy_(blocks[:, rank].reshape(src.shape))
 
     def all_gather(out, src):
-        out.copy_(xm.all_gather(src, dim=0, groups=groups, pin_layout=False))
+        out.copy_(gather(src))
 
     def sync():
-        time.sleep(rank * stagger_s)
+        barrier.wait()
         torch_xla.sync()
+        position[0] = 0
 
     return Transport("xla_threads", torch_xla.device(), lazy=True, uneven_splits=False, sync=sync,
                      all_to_all=all_to_all, all_gather=all_gather)

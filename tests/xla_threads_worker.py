@@ -6,13 +6,20 @@ the single-process model. Run by `test_parallel_xla.py::test_torch_xla_cpu_tier`
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 
 import numpy as np
 import torch.distributed as dist
 
 
-def main(modes: list[str], stagger_s: float) -> None:
+def main(modes: list[str]) -> None:
+    # torch-xla runs each sync's execution on a pool of (by default) one thread per core, and a
+    # thread waiting at a collective holds its pool thread: with fewer pool threads than ranks the
+    # ranks that are not yet running never arrive. Read once, at the first execution.
+    world = int(os.environ["CPU_NUM_DEVICES"])
+    os.environ.setdefault("XLA_THREAD_POOL_SIZE", str(2 * world))
     import torch_xla.runtime as xr
     from torch_xla._internal import pjrt
 
@@ -23,13 +30,14 @@ def main(modes: list[str], stagger_s: float) -> None:
     from test_parallel_torchrun import SEQUENCES_PER_RANK, _config, model_steps_error
 
     store = dist.HashStore()
+    barrier = threading.Barrier(world)
     config = _config()
     reference = MiMoV2FlashModel.random(config, seed=0)
     results = {}
 
     def rank_fn(*_):
-        rank, world = xr.global_ordinal(), xr.global_runtime_device_count()
-        comm = Communicator(rank, world, store, xla_threads_transport(world, rank, stagger_s), timeout_s=600)
+        rank = xr.global_ordinal()
+        comm = Communicator(rank, world, store, xla_threads_transport(world, rank, barrier), timeout_s=600)
         placement = ExpertPlacement.contiguous(config.n_routed_experts, world)
         held = random_rank_weights(config, placement, rank, seed=0)
         n_seq = SEQUENCES_PER_RANK[rank]
@@ -49,4 +57,4 @@ def main(modes: list[str], stagger_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(","), float(sys.argv[2]) if len(sys.argv) > 2 else 2.0)
+    main(sys.argv[1].split(","))
