@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mimo_kernels import launch as launch_module
-from mimo_kernels.attention_decode import attention_decode
+from mimo_kernels.attention import attention_decode
 from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
 from mimo_kernels.launch import VARIANTS, VariantCounter, launch, runtime_lnc, variant_key

@@ -1,4 +1,4 @@
-"""Cached attention kernel (kernels/attention_decode.py: decode and prefill on a history, ragged
+"""Cached attention kernel (kernels/attention/decode.py: decode and prefill on a history, ragged
 batches, full layers and sliding-window ring buffers) against the NumPy reference
 (mimo_v2_flash.reference.attention), on the CPU simulator.
 
@@ -14,9 +14,8 @@ heads for full layers; over 8 KV heads, 128-key window and sinks for SWA layers;
 import numpy as np
 import pytest
 
-from mimo_kernels.attention_decode import (EMPTY_POSITION, attention_batch, attention_decode,
-                                      attention_decode_kernel)
-from mimo_kernels.attention_prefill import BF16
+from mimo_kernels.attention import EMPTY_POSITION, attention_batch, attention_decode, attention_decode_kernel
+from mimo_kernels.attention.host import BF16
 from mimo_kernels.backend import simulate
 from mimo_v2_flash.layer import AttentionInput
 from mimo_v2_flash.selfcheck.kernels_attention import (FULL, SCALE, SWA, TOL, cached_error,
@@ -141,7 +140,7 @@ def test_misuse_is_rejected_with_clear_errors():
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
     packed_run = ((0, 1, 0, 4, 0, 1),)                  # 1 sequence x 4 KV heads x 16 heads = 64 rows
-    bad_plan = (16, ((packed_run, ((32, 0, 1, 0, 8, (False,)),)),))   # a tile of 32 rows
+    bad_plan = (16, ((packed_run, ((32, 0, 1, 0, 8, ((),)),)),))   # a tile of 32 rows
     with pytest.raises(AssertionError, match="different row count than 32"):
         simulate(attention_decode_kernel)(q_t, k_t, v, kpos, qpos, np.zeros((1, 1, 128), BF16), None,
                                           bad_plan, None)
