@@ -314,8 +314,8 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
             if any(tile.masks):
                 qpos_col = load_packed_query_positions(setup, grp, u, tile)
         else:
-            cols = (tile.token_start * setup.group, tile.token_end * setup.group)
-            stationaries = [[grp.q_buf[:, h, cols[0]:cols[1]]] for h in range(setup.n_dp)]
+            col0, col1 = tile.token_start * setup.group, tile.token_end * setup.group
+            stationaries = [[grp.q_buf[:, h, col0:col1]] for h in range(setup.n_dp)]
             if any(tile.masks):
                 qpos_col = qpos_cols[0:tile.tokens, j:j + 1]
         n_chunks = sum([1 for c0, c1 in grp.chunks if max(c0, tile.key_start) < min(c1, tile.key_end)])
@@ -425,7 +425,7 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
     line up with V tiles): QK per piece, MASK_BIAS on the tile's masked key ranges (indicators from
     the positions) and on the batch's columns past the tile's own keys."""
     tiles = setup.units[grp.first + u].tiles
-    c0 = grp.chunks[ci][0]
+    c0, _ = grp.chunks[ci]
     lead, width = batch.lead, batch.width
     scores = score_tile(batch.rows, batch.count, width)
     for i, j in enumerate(batch.tiles()):
