@@ -74,17 +74,18 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     qpos        [B, Tq]           fp32  positions of the new tokens.
     tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
     sink_rows   [tiles, 128, 1]   fp32  or None: each tile row's sink logit.
-    plan        (group, units) from `plan_decode_units`. A unit shares its Q, K, V and position
-                loads between its row tiles, and consecutive packed units of the same shape share
-                their Q, K, V and output DMAs (`unit_groups`): `PlanUnit(runs, tiles)`; a Run (first_seq, seqs, kv_start, kv_end, token_start, token_end)
-                is sequences b0 .. b0+count-1, KV heads [kv0, kv1), new tokens [t0, t1), rows
-                ordered (sequence, KV head, token, query head). Either one tile holds all the
-                runs' rows (short sequences packed), or the unit has one run of one sequence and
-                KV head and its tiles split the tokens. A tile (PlanTile: rows, token_start, token_end, key_start, key_end, masks):
-                tokens [ta, tb) of the unit's run (all rows when packed), cache keys [k_lo, k_hi)
-                (the others are invisible to its queries), masked[c] the key ranges of the unit's
-                key chunk c (2048 keys from the smallest k_lo of the unit) that need the position
-                mask, KeyMasks from `mask_regions` (empty: no mask).
+    plan        (group, units) from `plan_decode_units` (`plan.py`): units `PlanUnit(runs, tiles)`.
+                A unit shares its Q, K, V and position loads between its row tiles, and
+                consecutive packed units of the same shape share their Q, K, V and output DMAs
+                (`unit_groups`). A Run is sequences first_seq .. first_seq + seqs - 1, KV heads
+                [kv_start, kv_end), new tokens [token_start, token_end), rows ordered (sequence,
+                KV head, token, query head). Either one tile holds all the runs' rows (short
+                sequences packed), or the unit has one run of one sequence and KV head and its
+                tiles split the tokens. A PlanTile: its rows, tokens [token_start, token_end) of
+                the unit's run (all of them when packed), cache keys [key_start, key_end) (the
+                others are invisible to its queries), masks[c] the KeyMasks of the unit's key chunk
+                c (2048 keys from the unit's smallest key_start) that need the position mask (from
+                `mask_regions`; empty: no mask). Plain nested tuples are accepted (`typed_units`).
     window      int or None             keys a query sees, itself included.
     mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
                                         the rest (None: MASK_VECTOR_SHARE of the layer type).
@@ -96,9 +97,6 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2 splits the unit
     groups between the two cores.
     """
-    n_seqs, kv_heads, d_head, q_cols = q_t.shape
-    s_max = k_t.shape[3]
-    dv = v.shape[3]
     group, plain_units = plan
     units = typed_units(plain_units)
     check_decode_inputs(q_t, k_t, v, kpos, qpos, group)
