@@ -202,13 +202,13 @@ class UnitGroup(nl.NKIObject):
         self.seqs = sum([r.seqs for r in self.runs])
         run0 = self.runs[0]
         self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
-        self.pieces = unit_pieces(self.runs, setup.group)
         if self.packed:
+            self.pieces = unit_pieces(self.runs, setup.group)
             if not (self.pieces[-1].row0 + self.pieces[-1].rows == self.tiles[0].rows):
                 raise KernelInputError(f"unit {first}: runs give a different row count than {self.tiles[0].rows}")
             self.layout = (self.tiles[0].rows, tuple([(p.row0, p.rows) for p in self.pieces]),
                            tuple([(r.kv_start, r.kv_end) for r in self.runs]))
-        else:
+        else:            # one sequence and KV head: a single piece spanning the tile
             self.pieces = [Piece(0, 0, 0, 0, self.tiles[0].rows)]
             self.layout = (self.tiles[0].rows, run0.kv_start)
         self.split_tokens = max([t.tokens for t in self.tiles])

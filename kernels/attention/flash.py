@@ -396,6 +396,7 @@ class BatchCandidate(nl.NKIObject):
 
 
 class GrownBatch(nl.NKIObject):
+    """What `grow_batch` found: the tile step, the number of tiles and their widest logit range."""
     step: int
     count: int
     width: int
