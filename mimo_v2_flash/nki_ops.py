@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, fields
 import ml_dtypes
 import numpy as np
 
-from mimo_kernels.attention_decode import attention_batch
+from mimo_kernels.attention import attention_batch
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape

@@ -60,8 +60,7 @@ class CacheRollback:
                 raise ValueError(f"a rollback covers at most a window ({cache.window}) of positions, "
                                  f"got {len(self.positions)}")
             slots = self.positions % cache.window
-            self.saved.append((slots, cache.k[seq, slots].copy(), cache.v[seq, slots].copy(),
-                               cache.pos[seq, slots].copy()))
+            self.saved.append((slots, cache.saved_slots(seq, slots)))
 
     def drop_from(self, position: int) -> None:
         """Forget the written positions >= `position`."""
@@ -71,14 +70,10 @@ class CacheRollback:
         kept = int((~drop).sum())
         for cache, saved in zip(self.layers, self.saved):
             if cache.window is None:
-                start = saved
-                cache.pos[self.seq, start + kept:start + len(self.positions)] = -1
-                cache.length[self.seq] = start + kept
+                cache.truncate(self.seq, saved + kept)
             else:
-                slots, k, v, pos = saved
-                cache.k[self.seq, slots[drop]] = k[drop]
-                cache.v[self.seq, slots[drop]] = v[drop]
-                cache.pos[self.seq, slots[drop]] = pos[drop]
+                slots, (k, v, pos) = saved
+                cache.restore_slots(self.seq, slots[drop], (k[drop], v[drop], pos[drop]))
 
 
 @dataclass

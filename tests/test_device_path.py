@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mimo_kernels import launch as launch_module
-from mimo_kernels.attention_decode import attention_decode
+from mimo_kernels.attention import attention_decode
 from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
 from mimo_kernels.launch import VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
@@ -309,7 +309,7 @@ def test_static_cache_gives_the_ragged_cache_logits():
         want = model.forward(ids[:, t:t + 1], ragged)
         got = model.forward(ids[:, t:t + 1], static)
         assert rel(got, want) < 1e-6, t
-    assert static.layers[1].k.shape[1] == window and static.layers[0].k.shape[1] == 64
+    assert static.layers[1].k.shape[3] == window and static.layers[0].k.shape[3] == 64     # [B, Hkv, D, slots]
     assert static.nbytes == sum(c.k.nbytes + c.v.nbytes for c in static.layers)
     with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
         model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])

@@ -1,4 +1,4 @@
-"""Cached attention kernel (kernels/attention_decode.py: decode and prefill on a history, ragged
+"""Cached attention kernel (kernels/attention/decode.py: decode and prefill on a history, ragged
 batches, full layers and sliding-window ring buffers) against the NumPy reference
 (mimo_v2_flash.reference.attention), on the CPU simulator.
 
@@ -14,13 +14,14 @@ heads for full layers; over 8 KV heads, 128-key window and sinks for SWA layers;
 import numpy as np
 import pytest
 
-from mimo_kernels.attention_decode import (EMPTY_POSITION, attention_batch, attention_decode,
-                                      attention_decode_kernel)
-from mimo_kernels.attention_prefill import BF16
+from mimo_kernels.attention import (EMPTY_POSITION, attention_batch, attention_decode, attention_decode_cache,
+                                   attention_decode_kernel)
+from mimo_kernels.attention.host import BF16
 from mimo_kernels.backend import simulate
 from mimo_v2_flash.layer import AttentionInput
-from mimo_v2_flash.selfcheck.kernels_attention import (FULL, SCALE, SWA, TOL, cached_error,
+from mimo_v2_flash.selfcheck.kernels_attention import (FULL, HEAD_DIM, HEADS, SCALE, SWA, TOL, V_DIM, cached_error,
                                                        cached_problem, random_sink)
+from mimo_v2_flash.static_kv_cache import StaticLayerKVCache
 
 
 def check(problems, window, sink, outs):
@@ -141,7 +142,7 @@ def test_misuse_is_rejected_with_clear_errors():
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
     packed_run = ((0, 1, 0, 4, 0, 1),)                  # 1 sequence x 4 KV heads x 16 heads = 64 rows
-    bad_plan = (16, ((packed_run, ((32, 0, 1, 0, 8, (False,)),)),))   # a tile of 32 rows
+    bad_plan = (16, ((packed_run, ((32, 0, 1, 0, 8, ((),)),)),))   # a tile of 32 rows
     with pytest.raises(AssertionError, match="different row count than 32"):
         simulate(attention_decode_kernel)(q_t, k_t, v, kpos, qpos, np.zeros((1, 1, 128), BF16), None,
                                           bad_plan, None)
@@ -160,3 +161,42 @@ def test_units_of_a_decode_batch_share_their_dma():
     for a, b in zip(out1, out2):
         np.testing.assert_array_equal(a, b)
     assert rep2.estimated_time_s < 0.8 * rep1.estimated_time_s     # groups of 2, 2 and 1 units
+
+
+def filled_static_layer(rng, lengths, hkv, window, context):
+    """A StaticLayerKVCache (kernel layout, bf16) after each sequence's prompt and one decode step;
+    returns the cache, the decode step's queries [B, 1, Hq, D], positions [B, 1] and the problems
+    the layer code would build from `update`."""
+    cache = StaticLayerKVCache(len(lengths), hkv, HEAD_DIM, V_DIM, window, context)
+    q = rng.standard_normal((len(lengths), 1, HEADS, HEAD_DIM)).astype(np.float32)
+    problems = []
+    for b, n in enumerate(lengths):
+        k = rng.standard_normal((n + 1, hkv, HEAD_DIM)).astype(np.float32)
+        v = (0.707 * rng.standard_normal((n + 1, hkv, V_DIM))).astype(np.float32)
+        cache.update(b, np.arange(n), k[:n], v[:n])
+        keys, values, key_pos = cache.update(b, np.array([n]), k[n:], v[n:])
+        problems.append(AttentionInput(q[b], keys, values, np.array([n]), key_pos))
+    return cache, q, np.array([[n] for n in lengths], np.float32), problems
+
+
+def test_decode_reads_the_static_cache_buffers_in_place():
+    """attention_decode_cache launches on StaticKVCache's own buffers (kernel layout, no copy). Full
+    layer, cache sized for 512 positions, a bucket of 256 keys: the same kernel launch as the
+    bucketed `attention_decode(shape=...)` on the keys `update` returned (bit for bit) and the
+    reference within TOL. SWA layer with sinks: the ring after the write (every key a decode query
+    sees) against the reference within TOL."""
+    rng = np.random.default_rng(11)
+    cache, q, qpos, problems = filled_static_layer(rng, [200, 37], FULL["hkv"], None, 512)
+    assert cache.k.shape == (2, 4, HEAD_DIM, 512) and cache.k.dtype == BF16
+    out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=256)
+    bucketed, _ = attention_decode(problems, SCALE, shape=(2, 1, 256))
+    for b in range(2):
+        np.testing.assert_array_equal(out[b], bucketed[b])
+    check(problems, None, None, list(out))
+    sink = random_sink(64)
+    cache, q, qpos, problems = filled_static_layer(rng, [300, 5], SWA["hkv"], SWA["window"], 512)
+    assert cache.k.shape == (2, 8, HEAD_DIM, SWA["window"])
+    out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink)
+    check(problems, SWA["window"], sink, list(out))
+    with pytest.raises(ValueError, match="S >= keys = 600"):
+        attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink, keys=600)

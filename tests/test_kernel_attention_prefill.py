@@ -1,4 +1,4 @@
-"""Prefill attention kernel (kernels/attention_prefill.py) against the NumPy reference
+"""Prefill attention kernel (kernels/attention/prefill.py) against the NumPy reference
 (mimo_v2_flash.reference.attention), on the CPU simulator.
 
 Error measure: max |kernel - reference| / max |reference| over the output, the reference
@@ -15,7 +15,8 @@ Shapes: the full MiMo attention (64 query heads over 4 KV heads without sink for
 import numpy as np
 import pytest
 
-from mimo_kernels.attention_prefill import attention_prefill, attention_prefill_kernel, to_rows_t
+from mimo_kernels.attention import attention_prefill, attention_prefill_kernel
+from mimo_kernels.attention.host import to_rows_t
 from mimo_kernels.backend import nki, nl, nisa, simulate
 from mimo_v2_flash.selfcheck.kernels_attention import (SCALE, TOL, prefill_error, random_prefill,
                                                        random_sink)

@@ -1,6 +1,6 @@
 """Self-checks and benchmark hooks of the attention kernels: flash-style prefill
-(kernels/attention_prefill.py) and cached attention for ragged decode / prefill-on-history
-batches (kernels/attention_decode.py), at the full MiMo shapes: 64 query heads over 4 KV heads
+(kernels/attention/prefill.py) and cached attention for ragged decode / prefill-on-history
+batches (kernels/attention/decode.py), at the full MiMo shapes: 64 query heads over 4 KV heads
 (full layers, no sink) or 8 (SWA layers: 128-key window, sinks), head dims 192 / 128.
 
 Error measure: max |kernel - reference| / max |reference| per sequence, the reference
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mimo_kernels.attention_decode import attention_decode
-from mimo_kernels.attention_prefill import BF16, attention_prefill
+from mimo_kernels.attention import attention_decode, attention_prefill
+from mimo_kernels.attention.host import BF16
 from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..kv_cache import LayerKVCache

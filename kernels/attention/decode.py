@@ -1,0 +1,708 @@
+"""Attention of new tokens against a KV cache, for ragged batches: decode (one new token per
+sequence) and prefill on a history (several new tokens on top of cached keys), full layers
+(every cached key) and sliding-window layers (the ring buffer of the window).
+
+Device layout of the cache (what the kernel reads; the model's `LayerKVCache` arrays
+`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose, slot order kept):
+
+    k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous (one DMA
+                                 brings a whole key chunk of all KV heads of a sequence)
+    v     [B, Hkv, S, Dv]  bf16  values, keys on partitions when loaded
+    kpos  [B, S]           fp32  absolute position of every key slot; EMPTY_POSITION (2^30) for
+                                 empty or padding slots, which the causal test then masks
+
+Keys may sit in any order (a ring buffer): masks come from positions at run time. New keys are
+written into the cache (or appended to the history) before the kernel runs, so a query sees
+exactly the keys with `q_pos - window < k_pos <= q_pos`.
+
+Rows. Like the prefill kernel, a score tile holds up to 128 rows of (token, query head) of one
+sequence; here a tile also packs several KV heads and several short sequences ("pieces": one
+sequence and KV head each), so a decode tile of full attention holds 2 sequences x 4 KV heads x 16
+heads. Each piece has its own keys: its QK matmul uses a stationary Q^T that is zero outside the
+piece's columns and accumulates into the shared score tile; its PV matmul is `O^T[dv, piece rows]
+= V_piece^T P^T[:, piece rows]` (moving = the piece's P^T columns), and the tile's O^T is transposed
+back once per chunk for the online-softmax rescale. Pieces of one tile cover the same key range
+(sequences of similar length are packed together).
+
+Masks (only over the key ranges the host plan flags: keys newer than some query or padding, and
+keys outside some query's window): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) and/or
+(k_pos <= q_pos - W) is computed on GpSimd or VectorE from the positions over those columns only,
+and added as MASK_BIAS through the one-hot matmul of the prefill kernel.
+
+Batches. The single-chunk tiles of a split unit go through the softmax in batches (the prefill
+kernel's `tile_batches`: same lead, constant tile step, PSUM budget), so the row max, the [rows, n]
+bookkeeping, the P^T evictions and the final 1/l scaling are one instruction per batch. A batch
+shares its widest logit range; a tile's columns past its own keys get MASK_BIAS through the same
+one-hot matmul with an all-ones indicator, and its exp() and P V skip them. The softmax machinery
+is shared with the prefill kernel (`flash.py`); the plan is built on the host (`plan.py`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
+from mimo_kernels.checks import KernelInputError
+from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
+                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
+                    softmax_transposed, store_rows, tile_batches, update_output)
+from .host import BF16, check_attention_shapes, scaled_rows_t
+from .plan import DecodePlan, limit_keys, plan_decode_units, plan_tensors, static_key_ranges, typed_units
+
+EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
+EVICT_VECTOR_SHARE = 0.2
+MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.6}   # mask indicators on VectorE (GpSimd the rest)
+# share of P^T blocks of split tiles transposed by SBUF -> SBUF DMA (packed decode tiles: none;
+# the DMA queues carry their K / V)
+SPLIT_DMA_TRANSPOSE_SHARE = {"full": 0.3, "swa": 0.0}
+GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
+
+
+# --------------------------------------------------------------------------- the kernel
+
+@nki.jit
+def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, plan, window,
+                            evict_vector_share=EVICT_VECTOR_SHARE, mask_vector_share=None,
+                            split_dma_transpose_share=None):
+    """New tokens of a ragged batch against their sequences' cached keys.
+
+    q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
+                                        t, query head g*G + i of sequence b.
+    k_t         [B, Hkv, D, S]    bf16  cache keys transposed (module docstring).
+    v           [B, Hkv, S, Dv]   bf16  cache values.
+    kpos        [B, S]            fp32  key positions (EMPTY_POSITION for empty slots).
+    qpos        [B, Tq]           fp32  positions of the new tokens.
+    tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
+    sink_rows   [tiles, 128, 1]   fp32  or None: each tile row's sink logit.
+    plan        (group, units) from `plan_decode_units` (`plan.py`): units `PlanUnit(runs, tiles)`.
+                A unit shares its Q, K, V and position loads between its row tiles, and
+                consecutive packed units of the same shape share their Q, K, V and output DMAs
+                (`unit_groups`). A Run is sequences first_seq .. first_seq + seqs - 1, KV heads
+                [kv_start, kv_end), new tokens [token_start, token_end), rows ordered (sequence,
+                KV head, token, query head). Either one tile holds all the runs' rows (short
+                sequences packed), or the unit has one run of one sequence and KV head and its
+                tiles split the tokens. A PlanTile: its rows, tokens [token_start, token_end) of
+                the unit's run (all of them when packed), cache keys [key_start, key_end) (the
+                others are invisible to its queries), masks[c] the KeyMasks of the unit's key chunk
+                c (2048 keys from the unit's smallest key_start) that need the position mask (from
+                `mask_regions`; empty: no mask). Plain nested tuples are accepted (`typed_units`).
+    window      int or None             keys a query sees, itself included.
+    mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
+                                        the rest (None: MASK_VECTOR_SHARE of the layer type).
+    split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
+                                        (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
+    Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
+
+    The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
+    on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2 splits the unit
+    groups between the two cores.
+    """
+    group, plain_units = plan
+    units = typed_units(plain_units)
+    check_decode_inputs(q_t, k_t, v, kpos, qpos, group)
+    out = nl.ndarray((sum([t.rows for unit in units for t in unit.tiles]), v.shape[3]), dtype=q_t.dtype,
+                     buffer=nl.shared_hbm)
+    setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
+    setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
+    groups = unit_groups(units, k_t.shape[1], q_t.shape[2], v.shape[3], nl.num_programs(0))
+    for gi, (u_first, n_units) in enumerate(groups):
+        if gi % nl.num_programs(0) == nl.program_id(0):
+            decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
+    return out
+
+
+def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
+    """KernelInputError naming the tensor unless the shapes fit the kernel."""
+    n_seqs, kv_heads, d_head, q_cols = q_t.shape
+    s_max = k_t.shape[3]
+    dv = v.shape[3]
+    if not (k_t.shape[:3] == (n_seqs, kv_heads, d_head)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]")
+    if not (v.shape[:3] == (n_seqs, kv_heads, s_max)):
+        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]")
+    if not (kpos.shape == (n_seqs, s_max)):
+        raise KernelInputError(f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]")
+    if not (dv <= P_MAX):
+        raise KernelInputError(f"V head dim {dv} exceeds {P_MAX} (V is a matmul stationary in packed tiles)")
+    if not (q_cols % group == 0 and qpos.shape == (n_seqs, q_cols // group)):
+        raise KernelInputError(
+            f"qpos {qpos.shape} must be [{n_seqs}, {q_cols // group}] for q_t {q_t.shape} and G = {group}")
+
+
+class DecodeSetup(nl.NKIObject):
+    """What every unit group of a launch shares: the inputs and output, the plan, the head-dim split,
+    the engine shares, and the SBUF constants set up once (zero-padded Q^T buffers per packed
+    layout, -sink rows and mask one-hots per tile layout, the all-ones mask)."""
+
+    def __init__(self, q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group: int, units, window):
+        self.q_t, self.k_t, self.v, self.kpos, self.qpos = q_t, k_t, v, kpos, qpos
+        self.tile_onehot, self.sink_rows, self.out = tile_onehot, sink_rows, out
+        self.group, self.units, self.window = group, units, window
+        self.dv = v.shape[3]
+        self.dp, self.n_dp = equal_contraction_split(q_t.shape[2])    # 192 -> 96 + 96: Q^T, K^T in one DMA
+        self.padded_q = {}       # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece
+        self.per_layout = {}     # (rows, tile layout) -> LayoutConstants, loaded once
+        self.unit_row0, self.unit_tile0 = [0], [0]
+        for unit in units:
+            self.unit_row0.append(self.unit_row0[-1] + sum([t.rows for t in unit.tiles]))
+            self.unit_tile0.append(self.unit_tile0[-1] + len(unit.tiles))
+
+    def set_engines(self, evict_vector_share, mask_vector_share, split_dma_transpose_share):
+        """Engine shares (None: the layer type's default) and the all-ones mask of a batch's columns
+        past a tile's own keys."""
+        kind = "full" if self.window is None else "swa"
+        self.evict = EvictEngines(evict_vector_share)
+        self.no_dma = Share(0.0)
+        if split_dma_transpose_share is None:
+            split_dma_transpose_share = SPLIT_DMA_TRANSPOSE_SHARE[kind]
+        self.split_dma = Share(split_dma_transpose_share)
+        if mask_vector_share is None:
+            mask_vector_share = MASK_VECTOR_SHARE[kind]
+        self.mask_vector = Share(mask_vector_share)
+        self.memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
+        self.ones = None
+        if any([len(unit.tiles) > 1 for unit in self.units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
+            self.ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
+            nisa.memset(self.ones, 1.0, engine=nisa.gpsimd_engine)
+
+
+class Piece(nl.NKIObject):
+    """One sequence and KV head of a packed tile: run index, sequence and KV head within the run,
+    first row in the tile and row count."""
+    run: int
+    seq: int
+    kv: int
+    row0: int
+    rows: int
+
+
+class LayoutConstants(nl.NKIObject):
+    """Per tile layout: the -sink rows [rows, 1] (None without sinks) and the mask one-hot
+    [tokens, rows] (None until a tile of the layout needs a mask)."""
+    neg_sink: object = None
+    onehot: object = None
+
+
+class TileSetup(nl.NKIObject):
+    """Per tile of a unit: its Q^T stationaries (per partition tile, per piece), its query positions
+    column (for masks; None without) and its RowState when it spans several key chunks."""
+    stationaries: list
+    qpos_col: object = None
+    state: RowState = None
+
+
+class UnitGroup(nl.NKIObject):
+    """Consecutive units sharing their Q, K, V and output DMAs (`unit_groups`): unit u of the group
+    holds the sequences of the first unit's runs shifted by u * seqs."""
+
+    def __init__(self, setup: DecodeSetup, first: int, count: int):
+        self.first, self.count = first, count
+        unit = setup.units[first]
+        self.runs, self.tiles = unit.runs, unit.tiles
+        self.seqs = sum([r.seqs for r in self.runs])
+        run0 = self.runs[0]
+        self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
+        if self.packed:
+            self.pieces = unit_pieces(self.runs, setup.group)
+            if not (self.pieces[-1].row0 + self.pieces[-1].rows == self.tiles[0].rows):
+                raise KernelInputError(f"unit {first}: runs give a different row count than {self.tiles[0].rows}")
+            self.layout = (self.tiles[0].rows, tuple([(p.row0, p.rows) for p in self.pieces]),
+                           tuple([(r.kv_start, r.kv_end) for r in self.runs]))
+        else:            # one sequence and KV head: a single piece spanning the tile
+            self.pieces = [Piece(0, 0, 0, 0, self.tiles[0].rows)]
+            self.layout = (self.tiles[0].rows, run0.kv_start)
+        self.split_tokens = max([t.tokens for t in self.tiles])
+        unit_lo, unit_hi = min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles])
+        self.chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
+        self.q_buf = None
+        self.tile_setup = []     # per unit: [TileSetup]
+
+    def unit_sequences(self, u: int):
+        """(sequence, run) of unit u of the group, in row order."""
+        return [(self.runs[ri].first_seq + u * self.seqs + i, self.runs[ri])
+                for ri in range(len(self.runs)) for i in range(self.runs[ri].seqs)]
+
+
+def unit_pieces(runs, group: int):
+    """The pieces (Piece) of a packed tile's runs, in row order: sequence, then KV head."""
+    pieces = []
+    row = 0
+    for ri, run in enumerate(runs):
+        for seq in range(run.seqs):
+            for kv in range(run.kv_end - run.kv_start):
+                pieces.append(Piece(ri, seq, kv, row, (run.token_end - run.token_start) * group))
+                row += (run.token_end - run.token_start) * group
+    return pieces
+
+
+def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
+    """Queries, per-tile setup, then the key chunks of a unit group; its rows go out in one store."""
+    if grp.packed:
+        load_packed_queries(setup, grp)
+    else:
+        load_split_queries(setup, grp)
+    for u in range(grp.count):
+        grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
+    result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
+                        dtype=setup.out.dtype, buffer=nl.sbuf)
+    for ci, (c0, c1) in enumerate(grp.chunks):
+        k_sb, v_sb = load_chunk_kv(setup, grp, c0, c1)
+        for u in range(grp.count):
+            tiles = setup.units[grp.first + u].tiles
+            kpos_rows = None
+            if any([t.masks[ci] for t in tiles]):
+                kpos_rows = load_key_positions(setup, grp, u, c0, c1)
+            for batch in unit_batches(tiles, grp.tile_setup[u], c0, c1, setup.group, grp.packed):
+                decode_batch(setup, grp, u, ci, batch, k_sb, v_sb, kpos_rows, result)
+        del k_sb, v_sb
+    store_rows(setup.out, setup.unit_row0[grp.first], result,                          # SBUF -> HBM
+               [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles])
+
+
+def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run, into a buffer zeroed outside
+    each piece's columns (set up once per layout): piece p of unit u is the stationary
+    q_buf[:, h, u, p, :]."""
+    rows0, n_units, dp, n_dp = grp.tiles[0].rows, grp.count, setup.dp, setup.n_dp
+    key = (grp.layout, n_units)
+    if key not in setup.padded_q:
+        buf = nl.ndarray((dp, n_dp, n_units, len(grp.pieces), rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        for u in range(n_units):
+            nisa.memset(buf[:, :, u], 0.0, engine=setup.memset_engines[(len(setup.padded_q) + u) % 2])
+        setup.padded_q[key] = buf
+    buf = setup.padded_q[key]
+    unit_size = len(grp.pieces) * rows0
+    p = 0
+    for run in grp.runs:
+        n = (run.token_end - run.token_start) * setup.group
+        heads = run.kv_end - run.kv_start
+        # piece p + m of unit u -> buf[:, h, u, p + m, r0 + m n : r0 + (m + 1) n]
+        dst = buf.ap([[n_dp * n_units * unit_size, dp], [n_units * unit_size, n_dp], [unit_size, n_units],
+                      [rows0 + n, run.seqs * heads], [1, n]], offset=p * rows0 + grp.pieces[p].row0)
+        src = setup.q_t[run.first_seq:run.first_seq + n_units * run.seqs, run.kv_start:run.kv_end, :,
+                        run.token_start * setup.group:run.token_end * setup.group]
+        nisa.dma_copy(dst, src.reshape((n_units * run.seqs, heads, n_dp, dp, n)).permute((3, 2, 0, 1, 4)))
+        p += run.seqs * heads
+    grp.q_buf = buf
+
+
+def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """HBM -> SBUF: Q^T [dp, n_dp, tokens * G] of a split unit's sequence and KV head, one DMA."""
+    run = grp.runs[0]
+    cols = (run.token_end - run.token_start) * setup.group
+    q_unit = nl.ndarray((setup.dp, setup.n_dp, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    src = setup.q_t[run.first_seq, run.kv_start, :, run.token_start * setup.group:run.token_end * setup.group]
+    nisa.dma_copy(q_unit, src.reshape((setup.n_dp, setup.dp, cols)).permute((1, 0, 2)))
+    grp.q_buf = q_unit
+
+
+def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
+    """Per tile of unit u of the group: its stationaries, -sink rows, one-hot and query positions
+    (for masks), and a RowState when it spans several key chunks. Returns [TileSetup]."""
+    tiles = setup.units[grp.first + u].tiles
+    qpos_cols = None
+    if any([any(t.masks) for t in tiles]) and not grp.packed:
+        qpos_cols = load_split_query_positions(setup, grp, tiles)
+    unit_setup = []
+    for j, tile in enumerate(tiles):
+        load_layout_constants(setup, grp, tile, setup.unit_tile0[grp.first + u] + j, len(tiles) > 1)
+        qpos_col = None
+        if grp.packed:
+            stationaries = [[grp.q_buf[:, h, u, p, :] for p in range(len(grp.pieces))] for h in range(setup.n_dp)]
+            if any(tile.masks):
+                qpos_col = load_packed_query_positions(setup, grp, u, tile)
+        else:
+            col0, col1 = tile.token_start * setup.group, tile.token_end * setup.group
+            stationaries = [[grp.q_buf[:, h, col0:col1]] for h in range(setup.n_dp)]
+            if any(tile.masks):
+                qpos_col = qpos_cols[0:tile.tokens, j:j + 1]
+        n_chunks = sum([1 for c0, c1 in grp.chunks if max(c0, tile.key_start) < min(c1, tile.key_end)])
+        unit_setup.append(TileSetup(stationaries, qpos_col, RowState(tile.rows, n_chunks) if n_chunks > 1 else None))
+    return unit_setup
+
+
+def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: int, batched: bool) -> None:
+    """The -sink rows of the tile's layout on first sight, its mask one-hot once a tile of the layout
+    needs masks (or shares batches with other tiles)."""
+    key = (tile.rows, grp.layout)
+    if key not in setup.per_layout:
+        consts = LayoutConstants()
+        if setup.sink_rows is not None:
+            consts.neg_sink = load_neg_sink(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
+        setup.per_layout[key] = consts
+    consts = setup.per_layout[key]
+    if (any(tile.masks) or batched) and consts.onehot is None:
+        consts.onehot = nl.ndarray((tile.tokens, tile.rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.dma_copy(consts.onehot, setup.tile_onehot[tile_index, 0:tile.tokens, 0:tile.rows])
+
+
+def load_split_query_positions(setup: DecodeSetup, grp: UnitGroup, tiles):
+    """HBM -> SBUF: query positions of a split unit's tokens as columns [tokens per tile, tile]."""
+    run, per_tile = grp.runs[0], grp.split_tokens
+    b, t0 = run.first_seq, run.token_start
+    qpos_cols = nl.ndarray((per_tile, len(tiles)), dtype=nl.float32, buffer=nl.sbuf)
+    full = sum([1 for t in tiles if t.tokens == per_tile])
+    nisa.dma_copy(qpos_cols[:, 0:full], setup.qpos[b, t0:t0 + full * per_tile].reshape((full, per_tile))
+                  .permute((1, 0)))
+    if full < len(tiles):
+        last = tiles[full]
+        nisa.dma_copy(qpos_cols[0:last.tokens, full:full + 1],
+                      setup.qpos[b:b + 1, t0 + last.token_start:t0 + last.token_end])
+    return qpos_cols
+
+
+def load_packed_query_positions(setup: DecodeSetup, grp: UnitGroup, u: int, tile):
+    """HBM -> SBUF: query positions [tokens, 1] of a packed tile of unit u, one DMA per sequence."""
+    qpos_col = nl.ndarray((tile.tokens, 1), dtype=nl.float32, buffer=nl.sbuf)
+    tok = 0
+    for s, run in grp.unit_sequences(u):
+        n = run.token_end - run.token_start
+        nisa.dma_copy(qpos_col[tok:tok + n, :], setup.qpos[s:s + 1, run.token_start:run.token_end])
+        tok += n
+    return qpos_col
+
+
+def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: int):
+    """HBM -> SBUF: key positions [c0, c1) of unit u's sequences, one row per new token of its tiles."""
+    tokens = grp.tiles[0].token_end if grp.packed else grp.split_tokens
+    kpos_rows = nl.ndarray((tokens, c1 - c0), dtype=nl.float32, buffer=nl.sbuf)
+    tok = 0
+    for s, run in grp.unit_sequences(u):
+        n = (run.token_end - run.token_start) if grp.packed else grp.split_tokens
+        nisa.dma_copy(kpos_rows[tok:tok + n, :], setup.kpos[s:s + 1, c0:c1].broadcast(0, n))
+        tok += n
+    return kpos_rows
+
+
+def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [dp, n_dp, seq, kv, keys] and of V
+    [128, seq, kv, key tile, Dv] for all the group's units. Returns (K^T parts, V parts)."""
+    k_sb, v_sb = [], []
+    for run in grp.runs:
+        n_seq, heads = grp.count * run.seqs, run.kv_end - run.kv_start
+        k_part = nl.ndarray((setup.dp, setup.n_dp, n_seq, heads, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
+        src = setup.k_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :, c0:c1]
+        nisa.dma_copy(k_part, src.reshape((n_seq, heads, setup.n_dp, setup.dp, c1 - c0)).permute((3, 2, 0, 1, 4)))
+        k_sb.append(k_part)
+        v_sb.append(load_key_tiles(setup.v[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end], c0, c1))
+    return k_sb, v_sb
+
+
+def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, v_sb, kpos_rows,
+                 result) -> None:
+    """One TileBatch of unit u against key chunk ci: scores, online softmax, P V, output update."""
+    tiles = setup.units[grp.first + u].tiles
+    c0, c1 = grp.chunks[ci]
+    state = grp.tile_setup[u][batch.first].state
+    if state is None:
+        state = RowState(batch.rows, 1, batch.count)
+    consts = setup.per_layout[(batch.rows, grp.layout)]
+    ends = []           # end of each tile's own logit columns
+    for j in batch.tiles():
+        a, b = max(c0, tiles[j].key_start), min(c1, tiles[j].key_end)
+        ends.append(b - a + batch.lead)
+    # the scores go straight into the softmax, which releases their PSUM before the transposes
+    alpha, probs_t = softmax_transposed(decode_scores(setup, grp, u, ci, batch, k_sb, kpos_rows, consts.onehot, ends),
+                                        batch, state, consts.neg_sink, ends, setup.evict,
+                                        setup.no_dma if grp.packed else setup.split_dma)
+    o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
+    if grp.packed:
+        packed_pv(setup, grp, u, batch, probs_t, v_sb, c0, o_psum)
+    else:
+        for i, j in enumerate(batch.tiles()):
+            # key tiles past the tile's own columns hold only zeros: skipped
+            v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
+            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, 0], v_tile0, ends[i])
+    del probs_t
+    update_output(state, o_psum, alpha, result[0:batch.rows, batch.tile_slice(u * len(tiles)), :], setup.evict)
+
+
+def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, kpos_rows, onehot,
+                  ends):
+    """The batch's logits [rows, n, slot] in PSUM (columns start at a 128-aligned key so P^T tiles
+    line up with V tiles): QK per piece, MASK_BIAS on the tile's masked key ranges (indicators from
+    the positions) and on the batch's columns past the tile's own keys."""
+    tiles = setup.units[grp.first + u].tiles
+    c0, _ = grp.chunks[ci]
+    lead, width = batch.lead, batch.width
+    scores = score_tile(batch.rows, batch.count, width)
+    for i, j in enumerate(batch.tiles()):
+        tile, tile_setup = tiles[j], grp.tile_setup[u][j]
+        a = max(c0, tile.key_start)
+        for p, piece in enumerate(grp.pieces):
+            seq = u * grp.runs[piece.run].seqs + piece.seq
+            qk_matmuls(scores[:, i, :], [s[p] for s in tile_setup.stationaries],
+                       [k_sb[piece.run][:, h, seq, piece.kv, :] for h in range(setup.n_dp)],
+                       lead, width, a - c0, first=p == 0)
+        for mask in tile.masks[ci]:
+            engine = nisa.vector_engine if setup.mask_vector.take() else nisa.gpsimd_engine
+            indicator = masked_indicator(kpos_rows[0:tile.tokens, mask.first - c0:mask.end - c0], tile_setup.qpos_col,
+                                         mask.end - mask.first, mask.late, setup.window if mask.early else None,
+                                         engine)
+            mask_matmuls(scores[:, i, :], onehot, indicator, mask.first - a + lead, mask.end - a + lead)
+        if ends[i] < width:
+            # the batch's later columns: keys no query of this tile sees
+            mask_matmuls(scores[:, i, :], onehot, setup.ones[0:tile.tokens, 0:width - ends[i]], ends[i], width)
+    return scores
+
+
+def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int, o_psum) -> None:
+    """P V of a packed tile: O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows] per piece, then
+    one transpose back into o_psum [rows, 1, Dv]."""
+    v_tile0 = (max(c0, setup.units[grp.first + u].tiles[0].key_start) - batch.lead - c0) // P_MAX
+    n_kt = (batch.width + P_MAX - 1) // P_MAX
+    o_t_psum = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.psum)
+    for piece in grp.pieces:
+        seq = u * grp.runs[piece.run].seqs + piece.seq
+        rows = slice(piece.row0, piece.row0 + piece.rows)
+        for kt in range(n_kt):
+            kw = min(P_MAX, batch.width - kt * P_MAX)
+            nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, piece.kv, v_tile0 + kt, :],
+                           probs_t[0:kw, 0, kt, rows], accumulate=kt > 0)
+    o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
+    setup.evict.copy(o_t, o_t_psum)
+    nisa.nc_transpose(o_psum[:, 0, :], o_t)
+
+
+def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engine):
+    """[tokens, width] bf16: 1.0 where key j is masked for token t: k > q (when `late`), or
+    k <= q - window (when `early_window` is the window, else None).
+
+    `kpos` [tokens, width] fp32 (each token's row of key positions), `qpos_col` [tokens, 1].
+    On VectorE one tensor_scalar per test; GpSimd (whose tensor_scalar is rsqrt only) compares
+    against the query column broadcast, shifted by the window first."""
+    tokens = kpos.shape[0]
+    tests = []
+    if late:
+        tests.append((nl.greater, 0.0))
+    if early_window is not None:
+        tests.append((nl.less_equal, -float(early_window)))
+    parts = []
+    for op, bound in tests:
+        part = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+        if engine == nisa.vector_engine:
+            nisa.tensor_scalar(part, kpos, nl.subtract, qpos_col, op1=op, operand1=bound)
+        else:
+            limit = qpos_col
+            if bound != 0.0:
+                limit = nl.ndarray((tokens, 1), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.tensor_scalar(limit, qpos_col, nl.add, bound)
+            nisa.tensor_tensor(part, kpos, limit.broadcast(1, width), op, engine=engine)
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
+    both = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_tensor(both, parts[0], parts[1], nl.add, engine=engine)
+    return both
+
+
+def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
+    """A unit's row tiles that meet key chunk [c0, c1), in batches processed together: the
+    prefill kernel's `tile_batches` over the split tiles (visible keys [key_start, key_end) in
+    place of the prefill's [lo, q1)); a packed tile goes alone. Returns [TileBatch]."""
+    if packed:
+        tile = tiles[0]
+        a, b = max(c0, tile.key_start), min(c1, tile.key_end)
+        lead = (a - c0) % P_MAX
+        return [TileBatch(0, 1, 1, lead, b - a + lead, tile.rows)] if a < b else []
+    return tile_batches([RowTile(t.key_end - t.tokens, t.key_end, t.key_start, s.state) for t, s in zip(tiles, setup)],
+                        c0, c1, group)
+
+
+def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
+    """Consecutive units that share their Q^T, K^T, V and output DMAs: [(first unit, count)].
+
+    A group's units are packed tiles of one run each, unit u + 1 holding the same tokens and KV
+    heads of the sequences right after unit u's, with the same keys; a group holds at most
+    ceil(units / programs) units (so LNC=2 still splits the work) and GROUP_SBUF_BYTES per
+    partition of Q^T (zero-padded per piece), K^T and V chunks."""
+    cap = (len(units) + programs - 1) // programs
+    groups = []
+    for ui, unit in enumerate(units):
+        single = len(unit.runs) == 1 and len(unit.tiles) == 1
+        run, tile = unit.runs[0], unit.tiles[0]
+        heads = run.seqs * (run.kv_end - run.kv_start)
+        keys = min(CHUNK_KEYS, tile.key_end - tile.key_start)
+        n_dp = (d_head + P_MAX - 1) // P_MAX
+        unit_bytes = 2 * (n_dp * heads * tile.rows + n_dp * heads * keys + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
+        if groups and single and heads > 1:
+            first, n = groups[-1]
+            prev = units[ui - 1]
+            joins = (len(prev.runs) == 1 and len(prev.tiles) == 1 and n < cap
+                     and (n + 1) * unit_bytes <= GROUP_SBUF_BYTES
+                     and prev.runs[0] == run._replace(first_seq=run.first_seq - run.seqs)
+                     and same_keys(prev.tiles[0], tile) and first + n == ui)
+            if joins:
+                groups[-1] = (first, n + 1)
+                continue
+        groups.append((ui, 1))
+    return groups
+
+
+def same_keys(a, b) -> bool:
+    """Two plan tiles with the same rows, tokens and key range (their masks may differ)."""
+    return (a.rows, a.token_start, a.token_end, a.key_start, a.key_end) == \
+        (b.rows, b.token_start, b.token_end, b.key_start, b.key_end)
+
+
+# --------------------------------------------------------------------------- host launchers
+
+def visible_keys(k_positions, q_positions, window):
+    """Indices of the keys some query can see (older keys left the window), in cache order."""
+    k_positions = np.asarray(k_positions)
+    keep = k_positions <= np.max(q_positions)
+    if window is not None:
+        keep &= k_positions > np.min(q_positions) - window
+    return np.flatnonzero(keep)
+
+
+def checked_visible_keys(problems, window, sink):
+    """Validate the problems (ValueError naming the problem and the limit); per problem the indices
+    of its keys some query sees."""
+    hq, d = problems[0].q.shape[1:]
+    kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
+    kept = []
+    for i, p in enumerate(problems):
+        check_attention_shapes(p.q, p.k, p.v, sink, window)
+        if p.q.shape[1:] != (hq, d) or p.k.shape[1] != kv_heads or p.v.shape[2] != dv:
+            raise ValueError(f"attention_decode: problem {i} has heads/dims q {p.q.shape}, k {p.k.shape}, "
+                             f"v {p.v.shape}, unlike problem 0 (q {problems[0].q.shape}, k {problems[0].k.shape})")
+        if len(p.q_positions) != p.q.shape[0] or len(p.k_positions) != p.k.shape[0]:
+            raise ValueError(f"attention_decode: problem {i}: {len(p.q_positions)} query positions for "
+                             f"{p.q.shape[0]} queries, {len(p.k_positions)} key positions for {p.k.shape[0]} keys")
+        if p.q.shape[0] == 0:
+            raise ValueError(f"attention_decode: problem {i} has no query tokens")
+        idx = visible_keys(p.k_positions, p.q_positions, window)
+        kp, qp = np.asarray(p.k_positions)[idx][None, :], np.asarray(p.q_positions)[:, None]
+        sees = (kp <= qp) & ((kp > qp - window) if window is not None else True)
+        if not sees.any(axis=1).all():
+            t = int(np.flatnonzero(~sees.any(axis=1))[0])
+            raise ValueError(f"attention_decode: problem {i}, query {t} (position {qp[t, 0]}) sees no key; "
+                             f"a query must see at least itself")
+        kept.append(idx)
+    return kept
+
+
+def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, scale: float):
+    """The kernel's q_t, k_t, v, kpos, qpos for the problems (problem order[slot] in slot `slot`,
+    keys `kept` of each); unused sequence slots are dummies with one key at position 0."""
+    hq, d = problems[0].q.shape[1:]
+    kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
+    group = hq // max(1, kv_heads)
+    q_t = np.zeros((slots, kv_heads, d, t_max * group), BF16)
+    k_t = np.zeros((slots, kv_heads, d, s_max), BF16)
+    v_dev = np.zeros((slots, kv_heads, s_max, dv), BF16)
+    kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
+    kpos[len(problems):, 0] = 0.0     # dummy sequences: one zero key at position 0, their query's own
+    qpos = np.zeros((slots, t_max), np.float32)
+    for slot, b in enumerate(order):
+        p, idx = problems[b], kept[b]
+        t_len, s_len = p.q.shape[0], len(idx)
+        q_t[slot, :, :, :t_len * group] = scaled_rows_t(p.q, kv_heads, scale)
+        k_t[slot, :, :, :s_len] = np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0)
+        v_dev[slot, :, :s_len] = np.asarray(p.v, np.float32)[idx].transpose(1, 0, 2)
+        kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
+        qpos[slot, :t_len] = np.asarray(p.q_positions)
+        qpos[slot, t_len:] = qpos[slot, t_len - 1]      # padding tokens see what the last one sees
+    return q_t, k_t, v_dev, kpos, qpos
+
+
+def launch_plan(plan: DecodePlan, q_t, k_t, v, kpos, qpos, sink, window, lnc, tuning):
+    """One launch of the kernel on a finished plan: (rows [plan rows, Dv] float32, cost report)."""
+    onehot, sink_rows = plan_tensors(plan, sink)
+    o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v, kpos, qpos, onehot, sink_rows, plan.kernel_plan,
+                         None if window is None else int(window), report=True, lnc=lnc, splits_lnc=True, **tuning)
+    return np.asarray(o_rows, np.float32), rep
+
+
+def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
+                     **tuning):
+    """Host launcher with the semantics of `ReferenceOps.attention`: each problem has q [T, Hq, D],
+    k [S, Hkv, D], v [S, Hkv, Dv] (cached keys in cache order, then the new ones), q_positions
+    [T], k_positions [S]. All problems go into one kernel launch.
+
+    `shape` None (ragged): keys no query can see (older than every query's window) are dropped on
+    the host, the rest keep their order (a ring buffer stays wrapped), and the plan follows the
+    key counts and positions. `shape=(batch, tokens, keys)` (a static bucket): every launch has
+    exactly that many sequences, new tokens and key slots (problems padded, extra sequences
+    dummies), and the plan depends on the shape only: every tile reads all key slots and masks
+    them from the positions at run time (`static_key_ranges`), so any lengths and positions
+    inside the bucket reuse one compiled kernel. Returns (list of out [T, Hq, Dv] float32, cost
+    report or None)."""
+    if not problems:
+        return [], None
+    hq = problems[0].q.shape[1]
+    kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
+    group = hq // max(1, kv_heads)
+    kept = checked_visible_keys(problems, window, sink)
+    n = len(problems)
+    q_lens = [p.q.shape[0] for p in problems]
+    if shape is None:
+        k_lens = [len(idx) for idx in kept]
+        order = sorted(range(n), key=lambda b: -k_lens[b])   # similar key counts share tiles
+        plan = plan_decode_units([q_lens[b] for b in order], [k_lens[b] for b in order], kv_heads, group)
+        slots, t_max, s_max = n, max(q_lens), max(k_lens)
+    else:
+        slots, t_max, s_max = (int(v) for v in shape)
+        kept = [np.arange(p.k.shape[0]) for p in problems]
+        check_static_shape(problems, slots, t_max, s_max)
+        order = list(range(n))
+        plan = plan_decode_units([t_max] * slots, [s_max] * slots, kv_heads, group)
+    q_t, k_t, v_dev, kpos, qpos = kernel_inputs(problems, kept, order, slots, t_max, s_max, scale)
+    if shape is None:
+        limit_keys(plan, kpos, qpos, window)
+    else:
+        static_key_ranges(plan, s_max, window)
+    o_rows, rep = launch_plan(plan, q_t, k_t, v_dev, kpos, qpos, sink, window, lnc, tuning)
+    outs = []
+    for b in range(n):
+        mine = (plan.row_seq == order.index(b)) & (plan.row_token < q_lens[b])
+        out = np.zeros((q_lens[b], hq, dv), np.float32)
+        out[plan.row_token[mine], plan.row_head[mine]] = o_rows[mine]
+        outs.append(out)
+    return outs, rep
+
+
+def check_static_shape(problems, batch: int, tokens: int, keys: int) -> None:
+    """A ValueError naming the limit when the problems do not fit the static shape."""
+    if len(problems) > batch:
+        raise ValueError(f"attention: {len(problems)} sequences exceed the bucket's batch {batch}")
+    for i, p in enumerate(problems):
+        if p.q.shape[0] > tokens or p.k.shape[0] > keys:
+            raise ValueError(f"attention: problem {i} has {p.q.shape[0]} new tokens and {p.k.shape[0]} keys; "
+                             f"the bucket holds {tokens} tokens and {keys} key slots per sequence")
+
+
+def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, scale: float, window=None,
+                           sink=None, keys: int | None = None, lnc: int | None = None, **tuning):
+    """Host launcher over a static KV cache held in the kernel's layout (`StaticKVCache`): the
+    cache buffers go to the kernel as they are, no relayout copy.
+
+    q              [B, T, Hq, D]     the new tokens' queries (any float dtype; cast to bf16 after
+                                     multiplying by `scale`).
+    k_cache_t      [B, Hkv, D, S]    bf16 keys, the new tokens' keys already written.
+    v_cache        [B, Hkv, S, Dv]   bf16 values.
+    key_positions  [B, S]            fp32 slot positions, EMPTY_POSITION for empty slots.
+    q_positions    [B, T]            fp32 positions of the new tokens.
+    keys           the slots [0, keys) every tile reads (None: all S), e.g. a decode bucket's
+                   context on a full layer whose cache is sized for the largest bucket.
+    The plan depends on (B, T, keys) only, like `attention_decode(..., shape=...)`: lengths and
+    positions are runtime tensors. Returns (out [B, T, Hq, Dv] float32, cost report or None)."""
+    batch, t_len, hq, d = q.shape
+    kv_heads, s_max = k_cache_t.shape[1], k_cache_t.shape[3]
+    keys = s_max if keys is None else int(keys)
+    if k_cache_t.shape[:3] != (batch, kv_heads, d) or not 1 <= keys <= s_max:
+        raise ValueError(f"attention_decode_cache: k_cache_t {k_cache_t.shape} must be [{batch}, Hkv, {d}, S] "
+                         f"with S >= keys = {keys} (q {q.shape})")
+    if hq % kv_heads or np.shape(q_positions) != (batch, t_len) or np.shape(key_positions) != (batch, s_max):
+        raise ValueError(f"attention_decode_cache: q {q.shape}, q_positions {np.shape(q_positions)} (must be "
+                         f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
+                         f"and {kv_heads} KV heads do not fit together")
+    group = hq // kv_heads
+    plan = plan_decode_units([t_len] * batch, [keys] * batch, kv_heads, group)
+    static_key_ranges(plan, keys, window)
+    q_t = np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]).astype(BF16)
+    o_rows, rep = launch_plan(plan, q_t, k_cache_t, v_cache, key_positions, q_positions, sink, window, lnc, tuning)
+    out = np.zeros((batch, t_len, hq, v_cache.shape[3]), np.float32)
+    out[plan.row_seq, plan.row_token, plan.row_head] = o_rows
+    return out, rep

@@ -1,0 +1,223 @@
+"""Host-side plan of a cached-attention launch (`decode.py`): which rows of which sequences, KV
+heads and new tokens share a score tile, which keys each tile reads, which key ranges need the
+position mask, and the plan tensors (per-tile mask one-hot, sink rows). All of it is computed on
+the host before the launch; the kernel receives the plan as a compile-time argument (nested
+tuples; `typed_units` gives the records their field names back at trace time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .flash import CHUNK_KEYS, MASK_BIAS, P_MAX
+from .host import BF16
+
+
+class KeyMask(NamedTuple):
+    """Keys [first, end) of a chunk holding masked (query, key) pairs of a tile: `late` keys later
+    than some query (or padding), `early` keys outside some query's window."""
+    first: int
+    end: int
+    late: bool
+    early: bool
+
+
+class Run(NamedTuple):
+    """Sequences first_seq .. first_seq + seqs - 1, KV heads [kv_start, kv_end), new tokens
+    [token_start, token_end) of a unit; rows ordered (sequence, KV head, token, query head)."""
+    first_seq: int
+    seqs: int
+    kv_start: int
+    kv_end: int
+    token_start: int
+    token_end: int
+
+
+class PlanTile(NamedTuple):
+    """A row tile: `rows` rows, tokens [token_start, token_end) of its unit's run (all of them when
+    packed), cache keys [key_start, key_end) (the others are invisible to its queries), and per key
+    chunk of the unit (CHUNK_KEYS keys from the unit's smallest key_start) the KeyMasks to apply
+    (empty: no mask)."""
+    rows: int
+    token_start: int
+    token_end: int
+    key_start: int
+    key_end: int
+    masks: tuple
+
+    @property
+    def tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+class PlanUnit(NamedTuple):
+    """Row tiles sharing their Q, K, V and position loads: either one tile holding all the runs'
+    rows (short sequences packed), or one run of one sequence and KV head whose tiles split the
+    tokens."""
+    runs: tuple
+    tiles: tuple
+
+
+def typed_units(units):
+    """The kernel's plan units (plain nested tuples once they are kernel arguments) as records."""
+    typed = []
+    for runs, tiles in units:
+        plan_tiles = []
+        for rows, ta, tb, k_lo, k_hi, masks in tiles:
+            chunks = tuple([tuple([KeyMask(*m) for m in chunk]) for chunk in masks])
+            plan_tiles.append(PlanTile(rows, ta, tb, k_lo, k_hi, chunks))
+        typed.append(PlanUnit(tuple([Run(*r) for r in runs]), tuple(plan_tiles)))
+    return typed
+
+
+@dataclass
+class DecodePlan:
+    """Static structure of one launch: `units` for the kernel (see `attention_decode_kernel`), and
+    for every output row its sequence, token and query head; per tile its tokens (sequence, token)."""
+    group: int
+    units: list          # [PlanUnit] whose tiles are lists until the key ranges are set
+    row_seq: np.ndarray
+    row_token: np.ndarray
+    row_head: np.ndarray
+    tile_tokens: list
+
+    @property
+    def kernel_plan(self):
+        return self.group, tuple(PlanUnit(unit.runs, tuple(unit.tiles)) for unit in self.units)
+
+    @property
+    def tiles(self) -> list:
+        return [tile for unit in self.units for tile in unit.tiles]
+
+
+class PlanRows:
+    """The rows of a plan under construction: per row its sequence, token and query head."""
+
+    def __init__(self, group: int):
+        self.group = group
+        self.seq, self.token, self.head = [], [], []
+
+    def add(self, b: int, g: int, tokens) -> None:
+        for t in tokens:
+            self.seq.extend([b] * self.group)
+            self.token.extend([t] * self.group)
+            self.head.extend(range(g * self.group, (g + 1) * self.group))
+
+
+def plan_decode_units(q_lens, k_lens, kv_heads: int, group: int) -> DecodePlan:
+    """Pack the sequences of a batch (in this order; put similar key counts next to each other)
+    into row tiles of at most 128 rows.
+
+    A sequence whose rows (Hkv * T * G) fit in 128 is packed whole with its neighbours into one
+    tile (consecutive sequences with the same token count form one run); a longer one gets one
+    unit per KV head whose tiles take `128 // G` tokens each. Tiles read keys [0, S) of their
+    sequences; `limit_keys` narrows that to the visible ones and marks the chunks needing masks."""
+    rows, tile_tokens, units = PlanRows(group), [], []
+
+    def add_packed(runs):
+        n_rows, tokens = 0, []
+        for run in runs:
+            for b in range(run.first_seq, run.first_seq + run.seqs):
+                tokens += [(b, t) for t in range(run.token_start, run.token_end)]
+                for g in range(run.kv_start, run.kv_end):
+                    rows.add(b, g, range(run.token_start, run.token_end))
+                    n_rows += (run.token_end - run.token_start) * group
+        keys = max(k_lens[b] for run in runs for b in range(run.first_seq, run.first_seq + run.seqs))
+        units.append(PlanUnit(tuple(runs), [PlanTile(n_rows, 0, len(tokens), 0, keys, ())]))
+        tile_tokens.append(tokens)
+
+    per_tile = max(1, P_MAX // group)
+    pending, pending_rows = [], 0
+    for b in range(len(q_lens)):
+        rows_b = kv_heads * q_lens[b] * group
+        if rows_b > P_MAX:
+            for g in range(kv_heads):
+                tiles = []
+                for ta in range(0, q_lens[b], per_tile):
+                    tb = min(q_lens[b], ta + per_tile)
+                    tiles.append(PlanTile((tb - ta) * group, ta, tb, 0, k_lens[b], ()))
+                    rows.add(b, g, range(ta, tb))
+                    tile_tokens.append([(b, t) for t in range(ta, tb)])
+                units.append(PlanUnit((Run(b, 1, g, g + 1, 0, q_lens[b]),), tiles))
+            continue
+        if pending_rows + rows_b > P_MAX:
+            add_packed(pending)
+            pending, pending_rows = [], 0
+        last = pending[-1] if pending else None
+        if last and last.first_seq + last.seqs == b and last.token_end == q_lens[b]:
+            pending[-1] = last._replace(seqs=last.seqs + 1)
+        else:
+            pending.append(Run(b, 1, 0, kv_heads, 0, q_lens[b]))
+        pending_rows += rows_b
+    if pending:
+        add_packed(pending)
+    return DecodePlan(group, units, np.array(rows.seq), np.array(rows.token), np.array(rows.head), tile_tokens)
+
+
+def limit_keys(plan: DecodePlan, kpos, qpos, window) -> None:
+    """Per tile: the keys to read, [first, 1 + last) index of a key any of its queries sees, and
+    per key chunk of its unit the ranges holding masked (query, key) pairs (a later key or
+    padding, one outside the window)."""
+    tile_tokens = iter(plan.tile_tokens)
+    for unit in plan.units:
+        seen = []
+        for i, tokens in zip(range(len(unit.tiles)), tile_tokens):
+            seqs = np.array([b for b, _ in tokens])
+            q = qpos[seqs, [t for _, t in tokens]][:, None]
+            late = kpos[seqs] > q
+            early = kpos[seqs] <= q - window if window is not None else np.zeros_like(late)
+            visible = np.flatnonzero((~late & ~early).any(axis=0))
+            unit.tiles[i] = unit.tiles[i]._replace(key_start=int(visible.min()), key_end=int(visible.max()) + 1)
+            seen.append((late.any(axis=0), early.any(axis=0)))
+        unit_lo, unit_hi = min(t.key_start for t in unit.tiles), max(t.key_end for t in unit.tiles)
+        for i, (late, early) in enumerate(seen):
+            tile = unit.tiles[i]
+            unit.tiles[i] = tile._replace(masks=tuple(
+                mask_regions(late, early, max(c0, tile.key_start), min(c0 + CHUNK_KEYS, tile.key_end))
+                for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)))
+
+
+def mask_regions(late, early, a: int, b: int):
+    """Key ranges of [a, b) holding the masked (query, key) pairs of a tile: `late` / `early`
+    [keys] flag keys later than some query (or padding) / outside some query's window. One
+    range spans each kind's masked keys (both kinds merged when the ranges overlap): a tuple of
+    KeyMask."""
+    regions = []
+    for flags, is_late in ((late, True), (early, False)):
+        cols = a + np.flatnonzero(flags[a:b])
+        if len(cols):
+            regions.append(KeyMask(int(cols[0]), int(cols[-1]) + 1, is_late, not is_late))
+    if len(regions) == 2 and regions[0].first < regions[1].end and regions[1].first < regions[0].end:
+        regions = [KeyMask(min(r.first for r in regions), max(r.end for r in regions), True, True)]
+    return tuple(regions)
+
+
+def static_key_ranges(plan: DecodePlan, keys: int, window) -> None:
+    """The shape-only counterpart of `limit_keys`: every tile reads key slots [0, keys) and every
+    chunk is masked from the positions at run time (late keys and padding; with a window also
+    keys outside it)."""
+    masks = tuple((KeyMask(c0, min(c0 + CHUNK_KEYS, keys), True, window is not None),)
+                  for c0 in range(0, keys, CHUNK_KEYS))
+    for unit in plan.units:
+        for i, tile in enumerate(unit.tiles):
+            unit.tiles[i] = tile._replace(key_start=0, key_end=keys, masks=masks)
+
+
+def plan_tensors(plan: DecodePlan, sink):
+    """The plan's tensors: per tile the mask one-hot [tiles, NT, 128] bf16 (MASK_BIAS where tile
+    row r belongs to tile token t) and the sink rows [tiles, 128, 1] fp32 (None without sinks)."""
+    tiles = plan.tiles
+    onehot = np.zeros((len(tiles), max(len(tok) for tok in plan.tile_tokens), P_MAX), BF16)
+    sink_rows = None if sink is None else np.zeros((len(tiles), P_MAX, 1), np.float32)
+    row0 = 0
+    for ti, (tile, tokens) in enumerate(zip(tiles, plan.tile_tokens)):
+        rows = np.arange(tile.rows)
+        where = {tok: i for i, tok in enumerate(tokens)}
+        token_of_row = [where[(s, t)] for s, t in zip(plan.row_seq[row0 + rows], plan.row_token[row0 + rows])]
+        onehot[ti, token_of_row, rows] = MASK_BIAS
+        if sink is not None:
+            sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
+        row0 += tile.rows
+    return onehot, sink_rows

@@ -1,0 +1,318 @@
+"""Flash-style prefill attention for MiMo-V2-Flash: causal full and sliding-window GQA with sinks.
+
+Q/K head dim 192 (the QK contraction is split over partition tiles 128 + 64 and accumulated in
+PSUM), V head dim 128, grouped-query attention without copying K/V per query head: the query
+heads of one KV head are packed into the rows of one score tile.
+
+Rows. A score tile holds 128 rows = `128 // G` consecutive tokens x the G query heads of one KV
+head (row `t * G + i` is token t, head `g * G + i`). All rows share the KV head's keys, so one
+matmul computes the scores of every head of the group, and a window of W keys costs about
+`W + 128 / G` key columns per tile instead of the `W + 127` of a 128-token query block.
+
+Q arrives multiplied by the softmax scale (on the device the scale folds into W_q), so the PSUM
+scores are the logits. Per row tile and key chunk (up to 2048 keys = 4 PSUM banks of fp32):
+
+    S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM
+    S     += onehot^T @ masked   TensorE, only on boundary columns (causal diagonal, window edge)
+    m      = max(m, rowmax(S))                                          VectorE reduce, GpSimd max
+    P      = exp(S - m), rowsum  ScalarE (P in bf16), per tile only up to its last unmasked key
+    P^T    = transpose(P)        TensorE 128 x 128 blocks evicted PSUM -> SBUF, or DMA transposes
+    O      = O * exp(m_old - m) + P^T^T @ V                             TensorE + VectorE (fp32)
+    l      = l * exp(m_old - m) + rowsum                                GpSimd
+
+and at the end `out = O / l` in bf16. Key chunks entirely outside a tile's causal window are
+never visited. A sink logit starts the running state as an extra key with no value: m = sink,
+l = 1, O = 0, which puts `exp(sink - m)` into the softmax denominator exactly.
+
+Masking without touching the score tile: boundary columns get `-1e30` added through an extra
+PSUM-accumulating matmul of a one-hot [tokens, rows] stationary (`-1e30` where the row belongs to
+the token) against a 0/1 "masked" indicator [tokens, columns]; this costs a 64-cycle matmul per
+boundary region instead of a VectorE pass over the scores.
+
+Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
+64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
+PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -> SBUF eviction
+of P^T is split between them (`evict_vector_share`). Row tiles whose keys fit one chunk are
+processed up to BATCH_TILES at a time, so the row max, the P^T eviction and the final 1/l scaling
+are one instruction per batch (a window of 128 keys gives ~143-key tiles, where per-instruction
+costs would otherwise dominate); `output_scalar_share` of the tiles instead get their 1/l scaling
+one by one on ScalarE (0.4 for full attention, whose VectorE carries the long row maxes; 0 for
+sliding windows). A batch shares its widest tile's logit columns for QK and the row max; the exp
+and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
+memset per batch). `dma_transpose_share`
+moves that share of the P transposes to the DMA queues: one SBUF -> SBUF 3-D `dma_transpose` per
+batch, taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to
+50 % of DMA throughput (Trainium2 architecture guide; the cost model charges exactly that), so
+the DMA queues saturate early for short sequences: full attention uses 0.5 below
+LONG_PREFILL_TOKENS tokens and 0.75 from there (swept under the cost model: T = 512 52 % of
+roofline at 0.5 vs 43 % at 0.75; T = 4096 69 % vs 75 %), sliding windows 0 (closer to
+HBM-bound). The rate is an upper bound from the documentation, so this share is the first knob
+to revisit on hardware.
+
+The device helpers shared with the decode kernel are in `flash.py`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mimo_kernels.backend import nki, nl, nisa
+from mimo_kernels.launch import launch
+from mimo_kernels.checks import KernelInputError
+from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
+                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
+                    softmax_transposed, store_rows, tile_batches, update_output)
+from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows_t
+
+SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
+EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
+FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
+# Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
+FULL_DMA_TRANSPOSE_SHARE = {"short": 0.5, "long": 0.75}
+LONG_PREFILL_TOKENS = 2048
+
+
+# --------------------------------------------------------------------------- the kernel
+
+@nki.jit
+def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=None,
+                             evict_vector_share=EVICT_VECTOR_SHARE, output_scalar_share=None):
+    """Causal (window=None) or sliding-window (window=W keys, the query included) prefill
+    attention of one fresh sequence: queries and keys are the same T tokens (positions 0..T-1).
+
+    q_t       [Hkv, D, T*G] bf16  Q * softmax scale, transposed per KV head: column t*G + i =
+                                  token t, query head g*G + i. D (192) lands on partitions in
+                                  tiles of 128 + 64.
+    k_t       [Hkv, D, T]   bf16  K transposed (D on partitions, keys on the free axis).
+    v         [Hkv, T, Dv]  bf16  V (value scale already applied); keys on partitions.
+    sink_rows [Hkv, R, 1]   fp32  or None: the sink logit of each row of a row tile
+                                  (R = (128 // G) * G; row r has head g*G + r % G).
+    window    int or None         keys a query sees, itself included.
+    Returns   [Hkv, T*G, Dv] bf16, rows in q_t's column order (token-major, then head).
+
+    Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
+    CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
+    split between the two cores. The three shares tune the engine balance (module docstring;
+    None = the default for the attention type).
+    """
+    kv_heads, _, total_rows = q_t.shape
+    seq_len = k_t.shape[2]
+    group = check_prefill_inputs(q_t, k_t, v, sink_rows, window)
+    out = nl.ndarray((kv_heads, total_rows, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
+    setup = PrefillSetup(q_t.shape[1], seq_len, group, window, dma_transpose_share, evict_vector_share,
+                         output_scalar_share)
+    for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
+        neg_sink = None if sink_rows is None else load_neg_sink(sink_rows[g], setup.rows_per_tile)
+        for s0 in range(0, seq_len, SUPER_TOKENS):
+            prefill_super_block(setup, q_t, k_t, v, out, g, neg_sink, s0, min(seq_len, s0 + SUPER_TOKENS))
+    return out
+
+
+def check_prefill_inputs(q_t, k_t, v, sink_rows, window) -> int:
+    """KernelInputError naming the tensor unless the shapes fit the kernel; returns the group size G."""
+    kv_heads, d_head, total_rows = q_t.shape
+    seq_len = k_t.shape[2]
+    dv = v.shape[2]
+    if not (seq_len >= 1 and total_rows % seq_len == 0):
+        raise KernelInputError(f"q_t columns {total_rows} must be T * G for T = {seq_len} (k_t's last dim)")
+    group = total_rows // seq_len
+    if not (group <= P_MAX):
+        raise KernelInputError(f"group size G = {group} query heads per KV head exceeds {P_MAX}")
+    if not (k_t.shape[:2] == (kv_heads, d_head)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{kv_heads}, {d_head}, T]")
+    if not (v.shape[:2] == (kv_heads, seq_len)):
+        raise KernelInputError(f"v {v.shape} must be [{kv_heads}, {seq_len}, Dv]")
+    if not (dv <= P_MAX):
+        raise KernelInputError(f"V head dim {dv} exceeds {P_MAX}")
+    if not (window is None or window >= 1):
+        raise KernelInputError(f"window {window} must be >= 1 key")
+    rows_per_tile = (P_MAX // group) * group
+    if sink_rows is not None:
+        if not (sink_rows.shape == (kv_heads, rows_per_tile, 1)):
+            raise KernelInputError(f"sink_rows {sink_rows.shape} must be [{kv_heads}, {rows_per_tile}, 1]")
+    return group
+
+
+class PrefillSetup(nl.NKIObject):
+    """What every super block of a launch shares: the row-tile shape, the contraction tiles, the
+    mask one-hot and the boundary indicators (built once), the engine shares."""
+
+    def __init__(self, d_head: int, seq_len: int, group: int, window, dma_transpose_share, evict_vector_share,
+                 output_scalar_share):
+        self.group = group
+        self.window = window
+        self.tokens_per_tile = P_MAX // group
+        self.rows_per_tile = self.tokens_per_tile * group
+        self.d_tiles = contraction_tiles(d_head)
+        self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
+        self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
+        if output_scalar_share is None:
+            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else 0.0
+        self.evict = EvictEngines(evict_vector_share, output_scalar_share)
+        if dma_transpose_share is None:
+            length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
+            dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE[length] if window is None else 0.0
+        self.dma_share = Share(dma_transpose_share)
+
+    def indicator(self, tokens: int, width: int, key_minus_query: int):
+        """The masked indicator of a boundary region (static_mask_indicator), built on first use."""
+        key = (tokens, width, key_minus_query)
+        if key not in self.indicators:
+            self.indicators[key] = static_mask_indicator(tokens, width, key_minus_query, self.window)
+        return self.indicators[key]
+
+
+def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink, s0: int, s1: int):
+    """Tokens [s0, s1) of KV head g: their Q^T stays in SBUF while the key chunks of their window
+    stream through (K^T and V loaded once per chunk for all row tiles); the rows go out in one store."""
+    group = setup.group
+    k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
+    chunks = [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
+    tiles = super_block_tiles(setup, chunks, s0, s1)
+    # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
+    q_sb = []
+    for d0, d1 in setup.d_tiles:
+        q_part = nl.ndarray((d1 - d0, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(q_part, q_t[g, d0:d1, s0 * group:s1 * group])
+        q_sb.append(q_part)
+    result = nl.ndarray((setup.rows_per_tile, len(tiles), v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
+    for c0, c1 in chunks:
+        # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
+        k_sb = []
+        for d0, d1 in setup.d_tiles:
+            k_part = nl.ndarray((d1 - d0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(k_part, k_t[g, d0:d1, c0:c1])
+            k_sb.append(k_part)
+        v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
+        for batch in tile_batches(tiles, c0, c1, group):
+            prefill_batch(setup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0, c0, c1, result)
+        del k_sb, v_sb
+    store_rows(out[g], s0 * group, result, [(t.token_end - t.token_start) * group for t in tiles])
+
+
+def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
+    """The row tiles of tokens [s0, s1): [RowTile], a RowState of its own for a tile whose window
+    meets several key chunks."""
+    tiles = []
+    for q0 in range(s0, s1, setup.tokens_per_tile):
+        q1 = min(s1, q0 + setup.tokens_per_tile)
+        lo = 0 if setup.window is None else max(0, q0 - setup.window + 1)
+        n_chunks = sum([1 for c0, c1 in chunks if max(c0, lo) < min(c1, q1)])
+        tiles.append(RowTile(q0, q1, lo, RowState((q1 - q0) * setup.group, n_chunks) if n_chunks > 1 else None))
+    return tiles
+
+
+def prefill_batch(setup: PrefillSetup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0: int, c0: int, c1: int,
+                  result):
+    """One TileBatch against key chunk [c0, c1): scores, online softmax, P V, output update."""
+    rows, lead = batch.rows, batch.lead
+    members = [tiles[t] for t in batch.tiles()]
+    state = tiles[batch.first].state
+    if state is None:
+        state = RowState(rows, 1, batch.count)
+    # end of each tile's own logit columns; the batch's later ones are masked for it
+    ends = [min(c1, t.token_end) - max(c0, t.key_start) + lead for t in members]
+    # the scores go straight into the softmax, which releases their PSUM before the transposes
+    alpha, probs_t = softmax_transposed(prefill_scores(setup, members, batch, q_sb, k_sb, s0, c0), batch, state,
+                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict,
+                                        setup.dma_share)
+    o_psum = nl.ndarray((rows, batch.count, v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
+    for j, tile in enumerate(members):
+        # key tiles past the tile's own columns hold only zeros: skipped
+        first_key = max(c0, tile.key_start) - lead
+        pv_matmuls(o_psum[:, j, :], probs_t[:, j], v_sb, (first_key - c0) // P_MAX, ends[j])
+    del probs_t
+    update_output(state, o_psum, alpha, result[0:rows, batch.tile_slice(), :], setup.evict)
+
+
+def prefill_scores(setup: PrefillSetup, members, batch, q_sb, k_sb, s0: int, c0: int):
+    """The batch's logits [rows, n, slot] in PSUM: QK per tile over its columns from `lead`, plus
+    MASK_BIAS on its boundary regions (causal diagonal, window edge) through the one-hot matmul."""
+    rows, lead, width = batch.rows, batch.lead, batch.width
+    scores = score_tile(rows, batch.count, width)
+    for j, tile in enumerate(members):
+        q0, q1 = tile.token_start, tile.token_end
+        a = max(c0, tile.key_start)
+        r0 = (q0 - s0) * setup.group
+        qk_matmuls(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_sb], k_sb, lead, width, a - c0,
+                   first=True)
+        a_aligned = a - lead
+        for m0, m1 in boundary_regions(q0, q1, a, a_aligned + width, setup.window):
+            mask_matmuls(scores[:, j, :], setup.onehot[0:q1 - q0, 0:rows], setup.indicator(q1 - q0, m1 - m0, m0 - q0),
+                         m0 - a_aligned, m1 - a_aligned)
+    return scores
+
+
+def onehot_mask_rows(tokens: int, group: int):
+    """[tokens, tokens * group] bf16: MASK_BIAS where row r belongs to token r // group, else 0.
+
+    The stationary of the mask matmul: `S[r, j] += onehot[t(r), r] * masked[t(r), j]`."""
+    rows = tokens * group
+    filled = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.memset(filled, MASK_BIAS, engine=nisa.gpsimd_engine)
+    lower = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep where r - group * t >= 0
+    nisa.affine_select(lower, pattern=[[1, rows]], channel_multiplier=-group, on_true_tile=filled,
+                       on_false_value=0.0, cmp_op=nl.greater_equal)
+    onehot = nl.ndarray((tokens, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep where group * t + group - 1 - r >= 0
+    nisa.affine_select(onehot, pattern=[[-1, rows]], channel_multiplier=group, on_true_tile=lower,
+                       on_false_value=0.0, cmp_op=nl.greater_equal, offset=group - 1)
+    return onehot
+
+
+def static_mask_indicator(tokens: int, width: int, key_minus_query: int, window):
+    """[tokens, width] bf16, 1.0 where key `k0 + j` is masked for query `q0 + t`.
+
+    `key_minus_query = k0 - q0`; masked iff k > q (causal) or k <= q - window."""
+    ones = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.memset(ones, 1.0, engine=nisa.gpsimd_engine)
+    causal = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # (k - q) = key_minus_query + j - t > 0  -> masked
+    nisa.affine_select(causal, pattern=[[1, width]], channel_multiplier=-1, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.greater, offset=key_minus_query)
+    if window is None:
+        return causal
+    both = nl.ndarray((tokens, width), dtype=nl.bfloat16, buffer=nl.sbuf)
+    # keep the causal bit where (k - q) + window > 0, else masked by the window
+    nisa.affine_select(both, pattern=[[1, width]], channel_multiplier=-1, on_true_tile=causal,
+                       on_false_value=1.0, cmp_op=nl.greater, offset=key_minus_query + window)
+    return both
+
+
+def boundary_regions(q0: int, q1: int, a: int, b: int, window):
+    """Key ranges inside [a, b) where some query of tokens [q0, q1) is masked: the causal
+    diagonal (keys > q0) and, with a window, the lower edge (keys < q1 - window)."""
+    regions = []
+    lo = max(a, q0 + 1)
+    if lo < b:
+        regions.append((lo, b))
+    if window is not None:
+        hi = min(b, q1 - window)
+        if a < hi:
+            regions.append((a, hi))
+    return regions
+
+
+
+# --------------------------------------------------------------------------- host launcher
+
+def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | None = None, **tuning):
+    """Host launcher: prefill attention of one fresh sequence (queries = keys = the same T
+    tokens, positions 0..T-1) on the backend (simulator or device).
+
+    q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (any float dtype; cast to bf16, Q after
+    multiplying by `scale`), sink [Hq] or None; `tuning`: the kernel's share parameters.
+    Returns (out [T, Hq, Dv] float32, cost report or None)."""
+    check_attention_shapes(q, k, v, sink, window)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention_prefill: queries and keys are the same tokens; q has {q.shape[0]} "
+                         f"tokens, k has {k.shape[0]} (use attention_decode for keys with a history)")
+    t_len, hq, _ = q.shape
+    kv_heads = k.shape[1]
+    q_t = to_rows_t(q, kv_heads, scale)
+    k_t = np.ascontiguousarray(np.asarray(k, np.float32).transpose(1, 2, 0)).astype(BF16)
+    v_dev = np.ascontiguousarray(np.asarray(v, np.float32).transpose(1, 0, 2)).astype(BF16)
+    sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
+    o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
+                         report=True, lnc=lnc, splits_lnc=True, **tuning)
+    return from_rows(o_rows, t_len), rep

@@ -1,0 +1,61 @@
+"""The ragged KV cache (model layout) and the static one (the cached-attention kernel's layout) on
+their shared contract: `update` returns the same keys, values and positions to attend over, and a
+speculative pass rolled back (`CacheRollback`) leaves the cache as if the dropped positions were
+never written. Exact comparisons (float32 storage)."""
+import numpy as np
+import pytest
+
+from mimo_v2_flash.kv_cache import LayerKVCache
+from mimo_v2_flash.speculative import CacheRollback
+from mimo_v2_flash.static_kv_cache import EMPTY_POSITION, StaticLayerKVCache
+
+HKV, D, DV = 2, 6, 4
+
+
+def caches(window):
+    return (LayerKVCache(2, HKV, D, DV, window, np.float32),
+            StaticLayerKVCache(2, HKV, D, DV, window, context=64, dtype=np.float32))
+
+
+def kv(rng, n):
+    return rng.standard_normal((n, HKV, D)).astype(np.float32), rng.standard_normal((n, HKV, DV)).astype(np.float32)
+
+
+def attended(keys, values, positions):
+    """The attended set independent of slot order (and of the static ring's empty slots)."""
+    positions = np.asarray(positions)
+    order = [i for i in np.argsort(positions, kind="stable") if positions[i] != EMPTY_POSITION]
+    return np.asarray(keys)[order], np.asarray(values)[order], positions[order]
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_static_cache_stores_the_kernel_layout_and_attends_like_the_ragged_one(window):
+    rng = np.random.default_rng(0)
+    ragged, static = caches(window)
+    k, v = kv(rng, 20)
+    for start, stop in [(0, 11), (11, 12), (12, 13), (13, 20)]:        # prompt, decode steps, a verify pass
+        got = [attended(*c.update(1, np.arange(start, stop), k[start:stop], v[start:stop])) for c in (ragged, static)]
+        for a, b in zip(*got):
+            np.testing.assert_array_equal(a, b)
+    slot = 19 if window is None else 19 % window
+    np.testing.assert_array_equal(static.k[1, :, :, slot], k[19])          # keys [B, Hkv, D, slots]
+    np.testing.assert_array_equal(static.v[1, :, slot], v[19])             # values [B, Hkv, slots, Dv]
+    assert static.pos.dtype == np.float32 and static.pos[1, slot] == 19.0
+    assert (static.pos[0] == EMPTY_POSITION).all()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_rollback_restores_both_caches(window):
+    rng = np.random.default_rng(1)
+    k, v = kv(rng, 16)
+    for cache, clean in zip(caches(window), caches(window)):
+        for c in (cache, clean):
+            c.update(0, np.arange(10), k[:10], v[:10])
+        clean.update(0, np.arange(10, 12), k[10:12], v[10:12])
+        rollback = CacheRollback([cache], 0, np.arange(10, 15))
+        cache.update(0, np.arange(10, 15), k[10:15], v[10:15])
+        rollback.drop_from(12)                                             # keep positions 10, 11
+        got = attended(*cache.update(0, np.array([12]), k[15:16], v[15:16]))
+        want = attended(*clean.update(0, np.array([12]), k[15:16], v[15:16]))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
