@@ -73,6 +73,9 @@ DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down mat
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
 GATE_UP_STRIPE = 2 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
+PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
+STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
+STREAM_CHUNK_BYTES = 32 * 1024                 # bytes per partition of one streamed weight DMA (4 MiB)
 # FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
 # also evicts PSUM) 2 of 8, so the three finish together.
 DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
@@ -134,8 +137,9 @@ def _load_scales(scale, expert):
     return nl.broadcast_to(row, (P, RB * CB)).reshape((P, RB, CB))
 
 
-def _gather_rows_transposed(x, tokens, copies, xT, r0):
-    """x[tokens] ([n, H] bf16, n <= 128) -> xT[:, :, r0:r0+n] (hidden on partitions) via TensorE."""
+def _gather_rows_transposed(x, tokens, copies, xT, r0, partition_major=False):
+    """x[tokens] ([n, H] bf16, n <= 128) -> xT[:, :, r0:r0+n] (hidden on partitions) via TensorE:
+    xT[p, k, r] = x[token r, k*P + p], or x[token r, p*KT + k] with `partition_major`."""
     n = tokens.shape[0]
     H = x.shape[1]
     KT = H // P
@@ -146,7 +150,8 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0):
         bank = nl.ndarray((P, kn, n), dtype=x.dtype, buffer=nl.psum)
         for j in range(kn):
             k = k0 + j
-            nisa.nc_transpose(dst=bank[:, j, :], data=x_rows[:, k * P:(k + 1) * P])
+            columns = x_rows[:, k:H:KT] if partition_major else x_rows[:, k * P:(k + 1) * P]
+            nisa.nc_transpose(dst=bank[:, j, :], data=columns)
         nisa.tensor_copy(dst=xT[:, k0:k0 + kn, r0:r0 + n], src=bank,
                          engine=copies.next())                   # PSUM -> SBUF
 
@@ -199,6 +204,116 @@ def _down_accumulate(h_T, w_down, down_scale, expert, sums, weights, dequant):
                                       operand0=row_w, op1=nl.add, operand1=acc[:, d0:d0 + width])
 
 
+def _stream_scales_per_partition(scale, expert, select):
+    """Scale grid scale[expert] [R/P, C/P] -> SBUF [P, C/P] fp32 for the partition-major contraction
+    layout (row k*... of partition p lies in row block p // (P / (R/P))): one DMA of the grid with
+    its row blocks on partitions, then an exact fp32 selection matmul (select [R/P, P] one-hot)."""
+    RB, CB = scale.shape[1], scale.shape[2]
+    grid = nl.ndarray((RB, CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=grid, src=_expert_slab(scale, expert, [[CB, RB], [1, CB]]))    # HBM -> SBUF
+    picked = nl.ndarray((P, CB), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=picked, stationary=select, moving=grid)
+    columns = nl.ndarray((P, CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=columns, src=picked)                                        # PSUM -> SBUF
+    return columns
+
+
+def _stream_matrix(x_T, w, columns, expert, accs, flush):
+    """accs[j // G][:, j % G, :] = (W_e[:, j-th 128 columns]).T @ x^T for every output tile j, the
+    weight streamed in chunks of whole rows (partition-major: tile[p, k, :] = W_e[p*KT + k, :]).
+    FP8: x^T is first scaled per output column block by `columns` [P, C/P] (per-partition scales),
+    so TensorE multiplies the fp8 weights as stored. `flush` runs after the first DMA is issued."""
+    KT, B = x_T.shape[1], x_T.shape[2]
+    C = w.shape[2]
+    CT = C // P
+    G = accs[0].shape[1]
+    kc = max(1, min(KT, STREAM_CHUNK_BYTES // (C * w.itemsize)))
+    moving = None
+    if columns is not None:
+        moving = nl.ndarray((P, CT, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+        for j in range(CT):               # bf16 in SBUF: VectorE performance mode
+            nisa.tensor_scalar(dst=moving[:, j, :, :], data=x_T, op0=nl.multiply,
+                               operand0=columns[:, j:j + 1])
+    for k0 in range(0, KT, kc):
+        kn = min(kc, KT - k0)
+        chunk = nl.ndarray((P, kn, C), dtype=w.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=chunk, src=_expert_slab(w, expert, [[KT * C, P], [C, kn], [1, C]],
+                                                  offset=k0 * C))
+        if k0 == 0 and flush is not None:
+            flush()
+        for kk in range(kn):
+            k = k0 + kk
+            for j in range(CT):
+                nisa.nc_matmul(dst=accs[j // G][:, j % G, :], stationary=chunk[:, kk, j * P:(j + 1) * P],
+                               moving=x_T[:, k, :] if moving is None else moving[:, j, k, :],
+                               accumulate=k > 0)
+        del chunk
+
+
+def _stream_gate_up(x_T, w_gate, w_up, scales, expert, flush):
+    """h^T [P, I/P, B] bf16 (standard intermediate layout i = j*P + q) of a small block."""
+    B = x_T.shape[2]
+    IT = w_gate.shape[2] // P
+    G = min(IT, PSUM_FMAX // B)
+    banks = -(-IT // G)
+    gate, up = [], []
+    for _ in range(banks):
+        gate.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
+        up.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
+    _stream_matrix(x_T, w_gate, scales[0], expert, gate, flush)
+    _stream_matrix(x_T, w_up, scales[1], expert, up, None)
+    h_T = nl.ndarray((P, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for g, (g_acc, u_acc) in enumerate(zip(gate, up)):
+        n = min(G, IT - g * G)
+        act = nl.ndarray((P, n, B), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=act, op=nl.silu, data=g_acc[:, :n, :])                # PSUM -> SBUF
+        nisa.tensor_tensor(dst=h_T[:, g * G:g * G + n, :], data1=act, data2=u_acc[:, :n, :],
+                           op=nl.multiply)
+    return h_T
+
+
+def _stream_down(h_T, w_down, down_scale, expert, acc, row_w):
+    """acc [B, H] fp32 += row_w * (h^T.T @ W_d) for a small block; W_d streams in chunks of whole
+    rows (tile[p, j, :] = W_e[j*P + p, :]). FP8: h^T is scaled per (row block j, column block)
+    first (one GpSimd instruction), and each 128-column block multiplies its own scaled copy."""
+    IT, B = h_T.shape[1], h_T.shape[2]
+    H = w_down.shape[2]
+    HB = H // P
+    scaled = None
+    if down_scale is not None:
+        grid = _load_scales(down_scale, expert)                                    # [P, IT, HB]
+        scaled = nl.ndarray((P, HB, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=h_T.expand_dim(1).broadcast(1, HB),
+                           data2=grid.permute((0, 2, 1)).expand_dim(3).broadcast(3, B),
+                           op=nl.multiply, engine=nisa.engine.gpsimd)
+    banks = []
+    for d0 in range(0, H, DOWN_COLUMNS):
+        banks.append(nl.ndarray((B, min(DOWN_COLUMNS, H - d0)), dtype=nl.float32, buffer=nl.psum))
+    jc = max(1, min(IT, STREAM_CHUNK_BYTES // (H * w_down.itemsize)))
+    for j0 in range(0, IT, jc):
+        jn = min(jc, IT - j0)
+        chunk = nl.ndarray((P, jn, H), dtype=w_down.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=chunk, src=_expert_slab(w_down, expert, [[H, P], [P * H, jn], [1, H]],
+                                                  offset=j0 * P * H))
+        for jj in range(jn):
+            j = j0 + jj
+            for c, y in enumerate(banks):
+                d0 = c * DOWN_COLUMNS
+                if scaled is None:
+                    nisa.nc_matmul(dst=y, stationary=h_T[:, j, :], moving=chunk[:, jj, d0:d0 + y.shape[1]],
+                                   accumulate=j > 0)
+                    continue
+                for b0 in range(0, y.shape[1], P):
+                    nisa.nc_matmul(dst=y[:, b0:b0 + P], stationary=scaled[:, (d0 + b0) // P, j, :],
+                                   moving=chunk[:, jj, d0 + b0:d0 + b0 + P], accumulate=j > 0)
+        del chunk
+    for c, y in enumerate(banks):       # PSUM -> SBUF: acc += row weight * y (one weight per row)
+        d0 = c * DOWN_COLUMNS
+        view = acc[:, d0:d0 + y.shape[1]]
+        nisa.scalar_tensor_tensor(dst=view, data=y, op0=nl.multiply, operand0=row_w, op1=nl.add,
+                                  operand1=view)
+
+
 def _zero_rows(out):
     """out [R, H] fp32 (HBM) = 0, 128 rows per DMA."""
     R, H = out.shape
@@ -209,17 +324,14 @@ def _zero_rows(out):
         nisa.dma_copy(dst=out[r0:r0 + n, :], src=zeros[:n, :])
 
 
-@nki.jit
-def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
-                      gate_scale=None, up_scale=None, down_scale=None):
-    """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
+def _as_fp8(w):
+    """FP8 weights may arrive as uint8 HBM tensors of the same bytes (torch has no Trainium e4m3):
+    reinterpret them in place as float8_e4m3."""
+    return w.view(nl.float8_e4m3) if w.dtype == nl.uint8 else w
 
-    x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
-    fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
-    [in, out] layout, bf16 or float8_e4m3 (then gate_scale, up_scale [E, H/128, I/128] and
-    down_scale [E, I/128, H/128] fp32 multipliers). H and I multiples of 128; B <= 512.
-    Returns out [T+1, H] fp32: the per-token sums, and in row T what the padding rows added (0).
-    """
+
+def _check_inputs(x, row_token, row_weight, block_expert, w_gate, w_up, w_down, scales):
+    """Shapes and dtypes of the kernel's inputs (weights already reinterpreted by `_as_fp8`)."""
     T, H = x.shape
     E, _, I = w_gate.shape
     NB = block_expert.shape[0]
@@ -243,20 +355,118 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         raise KernelInputError(f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)")
     fp8 = w_gate.dtype == nl.float8_e4m3
     if not (fp8 or w_gate.dtype == nl.bfloat16):
-        raise KernelInputError(f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}")
+        raise KernelInputError(
+            f"expert_ffn: weights must be bfloat16 or float8_e4m3 (or its bytes as uint8), got {w_gate.dtype}")
     if not (w_up.dtype == w_gate.dtype and w_down.dtype == w_gate.dtype):
         raise KernelInputError("expert_ffn: mixed weight dtypes")
     if fp8:
-        for name, s, shape in (("gate_scale", gate_scale, (E, H // P, I // P)),
-                               ("up_scale", up_scale, (E, H // P, I // P)),
-                               ("down_scale", down_scale, (E, I // P, H // P))):
+        for name, s, shape in zip(("gate_scale", "up_scale", "down_scale"), scales,
+                                  ((E, H // P, I // P), (E, H // P, I // P), (E, I // P, H // P))):
             if not (s is not None and tuple(s.shape) == shape and s.dtype == nl.float32):
                 raise KernelInputError(
                     f"expert_ffn: fp8 weights need {name} float32 {list(shape)}, got "
                     f"{None if s is None else (tuple(s.shape), s.dtype)}")
+    return B, fp8
 
-    out = nl.ndarray((T + 1, H), dtype=nl.float32, buffer=nl.shared_hbm)
-    _zero_rows(out)
+
+def _streams(B, H, fp8):
+    """Whether blocks of B rows take the streaming path (see the module docstring). FP8 needs each
+    partition's hidden rows inside one 128-row scale block (H/128 dividing 128)."""
+    KT = H // P
+    return B <= STREAM_MAX_ROWS and (not fp8 or (KT <= P and P % KT == 0))
+
+
+def _row_selector(KT):
+    """[KT, P] fp32 one-hot: row block r -> the partitions p whose rows p*KT .. p*KT+KT-1 lie in it."""
+    select = nl.ndarray((KT, P), dtype=nl.float32, buffer=nl.sbuf)
+    owner = np.arange(P) // (P // KT)
+    nisa.dma_copy(dst=select, src=nl.shared_constant(
+        (owner[None, :] == np.arange(KT)[:, None]).astype(np.float32)))
+    return select
+
+
+class _Pending(nl.NKIObject):
+    """The last block's token sums, written back (SBUF -> HBM scatter) only after the next block's
+    first weight DMA is queued, so the weight stream does not wait for that block's last matmuls."""
+
+    def __init__(self, out):
+        self.out = out
+        self.sums = []
+
+    def flush(self):
+        H = self.out.shape[1]
+        for acc, token in self.sums:
+            n = acc.shape[0]
+            nisa.dma_copy(dst=self.out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
+        self.sums = []
+
+
+def _gather_sums(out, token):
+    """The tokens' sums so far, out[token] (HBM -> SBUF gather)."""
+    n, H = token.shape[0], out.shape[1]
+    acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
+    return acc
+
+
+def _stream_block(x, w, scales, select, expert, token, source, row_w, pending, copies):
+    """One block of at most STREAM_MAX_ROWS rows: weights streamed in chunks of whole rows."""
+    w_gate, w_up, w_down = w
+    B = token.shape[0]
+    KT = x.shape[1] // P
+    x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    _gather_rows_transposed(x, source, copies, x_T, 0, partition_major=True)
+    columns = (None, None)
+    if scales[0] is not None:
+        columns = (_stream_scales_per_partition(scales[0], expert, select),
+                   _stream_scales_per_partition(scales[1], expert, select))
+    h_T = _stream_gate_up(x_T, w_gate, w_up, columns, expert, pending.flush)
+    acc = _gather_sums(pending.out, token)
+    _stream_down(h_T, w_down, scales[2], expert, acc, row_w)
+    pending.sums.append((acc, token))
+
+
+def _striped_block(x, w, scales, expert, columns, pending, dequant, copies):
+    """One block of any size: weights in column stripes, FP8 dequantised on chip. columns: per
+    128-row slice, (tokens, source rows, row weights) [n, 1] each."""
+    w_gate, w_up, w_down = w
+    tokens = [c[0] for c in columns]
+    sources = [c[1] for c in columns]
+    weights = [c[2] for c in columns]
+    pending.flush()
+    h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies)
+    sums = []
+    for token in tokens:
+        sums.append(_gather_sums(pending.out, token))
+    _down_accumulate(h_T, w_down, _load_scales(scales[2], expert), expert, sums, weights, dequant)
+    for acc, token in zip(sums, tokens):
+        pending.sums.append((acc, token))
+
+
+@nki.jit
+def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
+                      gate_scale=None, up_scale=None, down_scale=None):
+    """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
+
+    x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
+    fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
+    [in, out] layout, bf16 or float8_e4m3 (or uint8 holding float8_e4m3 bytes; then gate_scale,
+    up_scale [E, H/128, I/128] and down_scale [E, I/128, H/128] fp32 multipliers). H and I
+    multiples of 128; B <= 512. Returns out [L, T+1, H] fp32 (L = number of programs): program l
+    sums the blocks l, l+L, ... into out[l]; the token sums are out.sum(0)[:T], row T collects
+    what the padding rows added (0).
+    """
+    w = (_as_fp8(w_gate), _as_fp8(w_up), _as_fp8(w_down))
+    scales = (gate_scale, up_scale, down_scale)
+    B, fp8 = _check_inputs(x, row_token, row_weight, block_expert, *w, scales)
+    if not fp8:
+        scales = (None, None, None)
+    T, H = x.shape
+    NB = block_expert.shape[0]
+    programs, me = nl.num_programs(0), nl.program_id(0)
+    # 2-D in HBM (a gather's rows are H apart in the base tensor); row me*(T+1) + t = out[me, t].
+    sums = nl.ndarray((programs * (T + 1), H), dtype=nl.float32, buffer=nl.shared_hbm)
+    _zero_rows(sums[me * (T + 1):(me + 1) * (T + 1), :])
     # The block tables, loaded once (HBM -> SBUF): block expert ids on one partition; each row's
     # token and weight with the rows of a 128-row slice on partitions, one column per slice.
     n = min(P, B)
@@ -269,27 +479,26 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     nisa.dma_copy(dst=row_weights, src=row_weight.reshape((slices, n)).permute((1, 0)))
     sources = nl.ndarray((n, slices), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
     nisa.tensor_scalar(dst=sources, data=tokens, op0=nl.minimum, operand0=T - 1)
+    if me > 0:                                                          # rows of out[me] in `sums`
+        nisa.tensor_scalar(dst=tokens, data=tokens, op0=nl.add, operand0=me * (T + 1))
+    stream = _streams(B, H, fp8)
+    select = _row_selector(H // P) if stream and fp8 else None
     dequant = _EngineRotation(DEQUANT_ENGINES)
     copies = _EngineRotation((nisa.engine.vector, nisa.engine.scalar))    # PSUM evictions of x^T
+    pending = _Pending(sums)
 
-    for b in range(NB):
+    for b in range(me, NB, programs):                 # LNC=2: the programs take alternate blocks
         expert = nisa.register_alloc()
         nisa.register_load(expert, experts[0:1, b:b + 1])          # runtime expert id of block b
         block = range(b * (B // n), (b + 1) * (B // n))            # this block's slice columns
-        tokens_b = [tokens[:, c:c + 1] for c in block]
-        sources_b = [sources[:, c:c + 1] for c in block]
-        weights_b = [row_weights[:, c:c + 1] for c in block]
-        h_T = _gate_up(x, sources_b, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies)
-        sums = []                                                  # the tokens' sums so far
-        for token in tokens_b:                                     # HBM -> SBUF, gather by token
-            acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
-            sums.append(acc)
-        _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights_b,
-                         dequant)
-        for acc, token in zip(sums, tokens_b):                     # SBUF -> HBM, scatter by token
-            nisa.dma_copy(dst=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
-    return out
+        if stream:
+            _stream_block(x, w, scales, select, expert, tokens[:, b:b + 1], sources[:, b:b + 1],
+                          row_weights[:, b:b + 1], pending, copies)
+        else:
+            columns = [(tokens[:, c:c + 1], sources[:, c:c + 1], row_weights[:, c:c + 1]) for c in block]
+            _striped_block(x, w, scales, expert, columns, pending, dequant, copies)
+    pending.flush()
+    return sums.reshape((programs, T + 1, H))
 
 
 # --------------------------------------------------------------------------- host side
@@ -443,9 +652,10 @@ def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
-                    *weights.kernel_args(), report=report)
+                    *weights.kernel_args(), report=report, splits_lnc=True)
     out, rep = result if report else (result, None)
-    return (out[:T], rep) if report else out[:T]
+    out = np.asarray(out).sum(axis=0)[:T]             # the programs' partial sums (LNC=2: two)
+    return (out, rep) if report else out
 
 
 def static_block_shape(rows: int, top_k: int, num_experts: int) -> tuple[int, int]:
