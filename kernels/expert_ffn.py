@@ -75,7 +75,7 @@ GATE_UP_STRIPE = 2 * nl.tile_size.gemm_stationary_fmax   # intermediate columns 
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
 PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
 STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
-STREAM_CHUNK_BYTES = 32 * 1024                 # bytes per partition of one streamed weight DMA (4 MiB)
+STREAM_CHUNK_BYTES = 64 * 1024                 # bytes per partition of one streamed weight DMA (8 MiB)
 # FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
 # also evicts PSUM) 2 of 8, so the three finish together.
 DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
@@ -218,40 +218,57 @@ def _stream_scales_per_partition(scale, expert, select):
     return columns
 
 
-def _stream_matrix(x_T, w, columns, expert, accs, flush):
-    """accs[j // G][:, j % G, :] = (W_e[:, j-th 128 columns]).T @ x^T for every output tile j, the
-    weight streamed in chunks of whole rows (partition-major: tile[p, k, :] = W_e[p*KT + k, :]).
-    FP8: x^T is first scaled per output column block by `columns` [P, C/P] (per-partition scales),
-    so TensorE multiplies the fp8 weights as stored. `flush` runs after the first DMA is issued."""
+def _chunk_rows(w):
+    """Rows per partition of one streamed DMA of w [E, R, C] (whole rows, STREAM_CHUNK_BYTES)."""
+    return max(1, min(w.shape[1] // P, STREAM_CHUNK_BYTES // (w.shape[2] * w.itemsize)))
+
+
+def _row_chunk(w, expert, k0, partition_major):
+    """Rows k0 .. k0+kn of every partition of expert `expert` of w [E, R, C] (HBM -> SBUF, one
+    DMA of whole rows): tile[p, k, :] = W_e[p*KT + k0 + k, :] (partition-major, one contiguous run
+    per partition) or W_e[(k0 + k)*P + p, :] (runs of one row)."""
+    KT, C = w.shape[1] // P, w.shape[2]
+    kn = min(_chunk_rows(w), KT - k0)
+    chunk = nl.ndarray((P, kn, C), dtype=w.dtype, buffer=nl.sbuf)
+    if partition_major:                   # one run per partition: [P, kn*C] on the HBM side
+        pattern, offset = [[KT * C, P], [1, kn * C]], k0 * C
+    else:
+        pattern, offset = [[C, P], [P * C, kn], [1, C]], k0 * P * C
+    nisa.dma_copy(dst=chunk, src=_expert_slab(w, expert, pattern, offset=offset))
+    return chunk
+
+
+def _stream_matrix(x_T, w, columns, expert, accs, first):
+    """accs[j // G][:, j % G, :] = (W_e[:, tile j].T @ x^T for every output tile j, the weight
+    streamed in chunks of whole rows, partition-major (`first`: the chunk of rows 0.., already
+    issued). bf16: tile j is the columns q*C/P + j (so the result is partition-major too); FP8: the
+    columns j*P + q, with x^T first scaled per output column block by `columns` [P, C/P]
+    (per-partition scales), so TensorE multiplies the fp8 weights as stored."""
     KT, B = x_T.shape[1], x_T.shape[2]
-    C = w.shape[2]
-    CT = C // P
+    CT = w.shape[2] // P
     G = accs[0].shape[1]
-    kc = max(1, min(KT, STREAM_CHUNK_BYTES // (C * w.itemsize)))
     moving = None
     if columns is not None:
         moving = nl.ndarray((P, CT, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
         for j in range(CT):               # bf16 in SBUF: VectorE performance mode
             nisa.tensor_scalar(dst=moving[:, j, :, :], data=x_T, op0=nl.multiply,
                                operand0=columns[:, j:j + 1])
-    for k0 in range(0, KT, kc):
-        kn = min(kc, KT - k0)
-        chunk = nl.ndarray((P, kn, C), dtype=w.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=chunk, src=_expert_slab(w, expert, [[KT * C, P], [C, kn], [1, C]],
-                                                  offset=k0 * C))
-        if k0 == 0 and flush is not None:
-            flush()
-        for kk in range(kn):
+    for k0 in range(0, KT, _chunk_rows(w)):
+        chunk = first if k0 == 0 else _row_chunk(w, expert, k0, partition_major=True)
+        first = None
+        for kk in range(chunk.shape[1]):
             k = k0 + kk
             for j in range(CT):
-                nisa.nc_matmul(dst=accs[j // G][:, j % G, :], stationary=chunk[:, kk, j * P:(j + 1) * P],
+                tile = chunk[:, kk, j:CT * P:CT] if moving is None else chunk[:, kk, j * P:(j + 1) * P]
+                nisa.nc_matmul(dst=accs[j // G][:, j % G, :], stationary=tile,
                                moving=x_T[:, k, :] if moving is None else moving[:, j, k, :],
                                accumulate=k > 0)
         del chunk
 
 
-def _stream_gate_up(x_T, w_gate, w_up, scales, expert, flush):
-    """h^T [P, I/P, B] bf16 (standard intermediate layout i = j*P + q) of a small block."""
+def _stream_gate_up(x_T, w_gate, w_up, scales, expert, first):
+    """h^T [P, I/P, B] bf16 of a small block: intermediate i = q*I/P + j at [q, j] (bf16 weights)
+    or i = j*P + q (FP8, whose scales come in 128-column blocks)."""
     B = x_T.shape[2]
     IT = w_gate.shape[2] // P
     G = min(IT, PSUM_FMAX // B)
@@ -260,8 +277,8 @@ def _stream_gate_up(x_T, w_gate, w_up, scales, expert, flush):
     for _ in range(banks):
         gate.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
         up.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
-    _stream_matrix(x_T, w_gate, scales[0], expert, gate, flush)
-    _stream_matrix(x_T, w_up, scales[1], expert, up, None)
+    _stream_matrix(x_T, w_gate, scales[0], expert, gate, first)
+    _stream_matrix(x_T, w_up, scales[1], expert, up, _row_chunk(w_up, expert, 0, partition_major=True))
     h_T = nl.ndarray((P, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     for g, (g_acc, u_acc) in enumerate(zip(gate, up)):
         n = min(G, IT - g * G)
@@ -272,16 +289,25 @@ def _stream_gate_up(x_T, w_gate, w_up, scales, expert, flush):
     return h_T
 
 
-def _stream_down(h_T, w_down, down_scale, expert, acc, row_w):
+def _stream_down(h_T, w_down, grid, expert, acc, row_w):
     """acc [B, H] fp32 += row_w * (h^T.T @ W_d) for a small block; W_d streams in chunks of whole
-    rows (tile[p, j, :] = W_e[j*P + p, :]). FP8: h^T is scaled per (row block j, column block)
-    first (one GpSimd instruction), and each 128-column block multiplies its own scaled copy."""
+    rows in h^T's layout (bf16: partition-major; FP8: tile[p, j, :] = W_e[j*P + p, :]). FP8
+    (grid [P, I/P, H/P]: the scales on every partition): h^T is scaled per (row block j, column
+    block) by one GpSimd instruction and each 128-column block multiplies its own scaled copy;
+    all of W_d (fp8, half the bytes) is queued first, so that instruction, which waits for h^T,
+    holds up no weight DMA's descriptors (GpSimd writes them in program order)."""
     IT, B = h_T.shape[1], h_T.shape[2]
     H = w_down.shape[2]
     HB = H // P
+    major = grid is None
+    chunks = []
+    for j0 in range(0, IT, _chunk_rows(w_down)):
+        if major and j0 > 0:
+            chunks.append(None)                      # loaded when reached
+        else:
+            chunks.append(_row_chunk(w_down, expert, j0, partition_major=major))
     scaled = None
-    if down_scale is not None:
-        grid = _load_scales(down_scale, expert)                                    # [P, IT, HB]
+    if not major:
         scaled = nl.ndarray((P, HB, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=scaled, data1=h_T.expand_dim(1).broadcast(1, HB),
                            data2=grid.permute((0, 2, 1)).expand_dim(3).broadcast(3, B),
@@ -289,16 +315,15 @@ def _stream_down(h_T, w_down, down_scale, expert, acc, row_w):
     banks = []
     for d0 in range(0, H, DOWN_COLUMNS):
         banks.append(nl.ndarray((B, min(DOWN_COLUMNS, H - d0)), dtype=nl.float32, buffer=nl.psum))
-    jc = max(1, min(IT, STREAM_CHUNK_BYTES // (H * w_down.itemsize)))
-    for j0 in range(0, IT, jc):
-        jn = min(jc, IT - j0)
-        chunk = nl.ndarray((P, jn, H), dtype=w_down.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=chunk, src=_expert_slab(w_down, expert, [[H, P], [P * H, jn], [1, H]],
-                                                  offset=j0 * P * H))
-        for jj in range(jn):
+    for c0, chunk in enumerate(chunks):
+        j0 = c0 * _chunk_rows(w_down)
+        if chunk is None:
+            chunk = _row_chunk(w_down, expert, j0, partition_major=major)
+        chunks[c0] = None
+        for jj in range(chunk.shape[1]):
             j = j0 + jj
-            for c, y in enumerate(banks):
-                d0 = c * DOWN_COLUMNS
+            for y_i, y in enumerate(banks):
+                d0 = y_i * DOWN_COLUMNS
                 if scaled is None:
                     nisa.nc_matmul(dst=y, stationary=h_T[:, j, :], moving=chunk[:, jj, d0:d0 + y.shape[1]],
                                    accumulate=j > 0)
@@ -307,8 +332,8 @@ def _stream_down(h_T, w_down, down_scale, expert, acc, row_w):
                     nisa.nc_matmul(dst=y[:, b0:b0 + P], stationary=scaled[:, (d0 + b0) // P, j, :],
                                    moving=chunk[:, jj, d0 + b0:d0 + b0 + P], accumulate=j > 0)
         del chunk
-    for c, y in enumerate(banks):       # PSUM -> SBUF: acc += row weight * y (one weight per row)
-        d0 = c * DOWN_COLUMNS
+    for y_i, y in enumerate(banks):     # PSUM -> SBUF: acc += row weight * y (one weight per row)
+        d0 = y_i * DOWN_COLUMNS
         view = acc[:, d0:d0 + y.shape[1]]
         nisa.scalar_tensor_tensor(dst=view, data=y, op0=nl.multiply, operand0=row_w, op1=nl.add,
                                   operand1=view)
@@ -389,11 +414,15 @@ class _Pending(nl.NKIObject):
     """The last block's token sums, written back (SBUF -> HBM scatter) only after the next block's
     first weight DMA is queued, so the weight stream does not wait for that block's last matmuls."""
 
-    def __init__(self, out):
+    def __init__(self, out, rows):
         self.out = out
+        self.rows = rows            # this program's rows of `out`, zeroed at the first flush
         self.sums = []
 
     def flush(self):
+        if self.rows is not None:   # after the first weight DMA, so that one starts at once
+            _zero_rows(self.rows)
+            self.rows = None
         H = self.out.shape[1]
         for acc, token in self.sums:
             n = acc.shape[0]
@@ -414,15 +443,20 @@ def _stream_block(x, w, scales, select, expert, token, source, row_w, pending, c
     w_gate, w_up, w_down = w
     B = token.shape[0]
     KT = x.shape[1] // P
+    # The first weight DMA goes first; the small transfers then run side by side on the engines
+    # it leaves (the previous block's write-back, this block's sums, x rows and scale grids).
+    first = _row_chunk(w_gate, expert, 0, partition_major=True)
+    pending.flush()
+    acc = _gather_sums(pending.out, token)
     x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     _gather_rows_transposed(x, source, copies, x_T, 0, partition_major=True)
     columns = (None, None)
     if scales[0] is not None:
         columns = (_stream_scales_per_partition(scales[0], expert, select),
                    _stream_scales_per_partition(scales[1], expert, select))
-    h_T = _stream_gate_up(x_T, w_gate, w_up, columns, expert, pending.flush)
-    acc = _gather_sums(pending.out, token)
-    _stream_down(h_T, w_down, scales[2], expert, acc, row_w)
+    down_grid = _load_scales(scales[2], expert)                   # [P, I/P, H/P] or None
+    h_T = _stream_gate_up(x_T, w_gate, w_up, columns, expert, first)
+    _stream_down(h_T, w_down, down_grid, expert, acc, row_w)
     pending.sums.append((acc, token))
 
 
@@ -466,7 +500,6 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     programs, me = nl.num_programs(0), nl.program_id(0)
     # 2-D in HBM (a gather's rows are H apart in the base tensor); row me*(T+1) + t = out[me, t].
     sums = nl.ndarray((programs * (T + 1), H), dtype=nl.float32, buffer=nl.shared_hbm)
-    _zero_rows(sums[me * (T + 1):(me + 1) * (T + 1), :])
     # The block tables, loaded once (HBM -> SBUF): block expert ids on one partition; each row's
     # token and weight with the rows of a 128-row slice on partitions, one column per slice.
     n = min(P, B)
@@ -485,7 +518,7 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     select = _row_selector(H // P) if stream and fp8 else None
     dequant = _EngineRotation(DEQUANT_ENGINES)
     copies = _EngineRotation((nisa.engine.vector, nisa.engine.scalar))    # PSUM evictions of x^T
-    pending = _Pending(sums)
+    pending = _Pending(sums, sums[me * (T + 1):(me + 1) * (T + 1), :])
 
     for b in range(me, NB, programs):                 # LNC=2: the programs take alternate blocks
         expert = nisa.register_alloc()
