@@ -655,13 +655,14 @@ def plan_blocks(group_sizes, row_token, row_weight, num_tokens: int, block_rows:
 
 
 def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWeights,
-                       block_rows: int | None = None, report=False):
+                       block_rows: int | None = None, report=False, lnc: int | None = None):
     """Host launcher: rows grouped by local expert -> per-token sums out [T, H] float32.
 
     x [T, H] (any float; sent as bf16); group_sizes [E] rows per expert (zeros allowed);
     row_token [N], row_weight [N]: each row's token and routing weight, expert 0's rows first.
-    block_rows: rows per block (default: `choose_block_rows`). Returns out [T, H] (tokens
-    without rows get 0), plus the cost report (None when nothing ran) when `report=True`.
+    block_rows: rows per block (default: `choose_block_rows`). lnc: the logical-core degree (default
+    the runtime's; at 2 the two cores take alternate blocks). Returns out [T, H] (tokens without
+    rows get 0), plus the cost report (None when nothing ran) when `report=True`.
     """
     weights.validate()
     x = np.ascontiguousarray(x, dtype=BF16)
@@ -674,10 +675,10 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
     I = weights.gate.shape[2]
     if block_rows is None:
         block_rows = choose_block_rows(group_sizes, H, I, weights.gate.dtype.itemsize)
-    return run_blocks(x, plan_blocks(group_sizes, row_token, row_weight, T, block_rows), weights, report)
+    return run_blocks(x, plan_blocks(group_sizes, row_token, row_weight, T, block_rows), weights, report, lnc)
 
 
-def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
+def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False, lnc: int | None = None):
     """Launch the kernel over a block plan; x [T, H] bf16. Returns out [T, H] float32 (and the
     cost report, None when there are no blocks)."""
     T, H = x.shape
@@ -685,7 +686,7 @@ def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
-                    *weights.kernel_args(), report=report, splits_lnc=True)
+                    *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True)
     out, rep = result if report else (result, None)
     out = np.asarray(out).sum(axis=0)[:T]             # the programs' partial sums (LNC=2: two)
     return (out, rep) if report else out
@@ -733,7 +734,7 @@ def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, 
 
 
 def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,
-               report=False, shape: tuple[int, int] | None = None):
+               report=False, shape: tuple[int, int] | None = None, lnc: int | None = None):
     """Host launcher with the semantics of `ReferenceOps.experts` over local experts:
     out[t] = sum_j routing_weights[t, j] * expert_{ids[t, j]}(x[t]).
 
@@ -753,11 +754,12 @@ def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int 
     if shape is not None:
         weights.validate()
         x = np.ascontiguousarray(x, dtype=BF16)
-        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights, report)
+        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights,
+                          report, lnc)
     token_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
     flat_ids, flat_w = ids.reshape(-1), routing_weights.reshape(-1)
     keep = flat_ids >= 0
     order = np.argsort(flat_ids[keep], kind="stable")
     sizes = np.bincount(flat_ids[keep], minlength=weights.num_experts)
     return grouped_expert_ffn(x, sizes, token_of[keep][order], flat_w[keep][order], weights,
-                              block_rows=block_rows, report=report)
+                              block_rows=block_rows, report=report, lnc=lnc)

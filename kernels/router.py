@@ -238,12 +238,13 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
 # --------------------------------------------------------------------------- host launcher
 
 def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=1.0, allowed=None,
-          report=False):
+          report=False, lnc=None):
     """Host launcher with the semantics of `ReferenceOps.router` / `reference.router`.
 
     x [T, H] (any float array; routed in fp32), gate_weight_t [H, E] fp32 in the kernel layout
     [in, out] (the Hub's `mlp.gate.weight` [E, H] transposed), correction_bias [E], allowed [E]
-    bool or None (expert subsets: only allowed experts are chosen). Returns (ids [T, 8] int64,
+    bool or None (expert subsets: only allowed experts are chosen); lnc: the logical-core degree
+    (default the runtime's; at 2 the cores take alternate chunks of 512 tokens). Returns (ids [T, 8] int64,
     weights [T, 8] float32), plus the simulator's cost report when `report=True`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -269,7 +270,7 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
         empty = (np.zeros((0, TOP_K), np.int64), np.zeros((0, TOP_K), np.float32))
         return (*empty, None) if report else empty
     result = launch(router_kernel, x, w, bias, float(routed_scaling_factor), report=report,
-                    splits_lnc=True)
+                    lnc=lnc, splits_lnc=True)
     (ids, weights), rep = (result, None) if not report else (result[0], result[1])
     ids = ids.astype(np.int64)
     return (ids, weights, rep) if report else (ids, weights)

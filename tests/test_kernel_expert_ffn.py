@@ -97,7 +97,8 @@ def test_padding_only_block_changes_nothing():
                        np.append(plan.row_weight, np.zeros(4)).astype(np.float32))
     more = run(x, padded.row_token, padded.row_weight, padded.block_expert, *weights.kernel_args())
     np.testing.assert_array_equal(more, exact)
-    assert (exact[6] == 0).all() and (exact[[3, 4]] == 0).all()
+    assert exact.shape == (1, 7, 256)                 # one program's sums, row 6 the padding's
+    assert (exact[0, 6] == 0).all() and (exact[0, [3, 4]] == 0).all()
 
 
 def test_block_size_choice():
@@ -131,6 +132,45 @@ def test_full_decode_fp8():
     ids = np.array([[0, 1], [1, -1], [0, -1]])
     w = np.array([[0.6, 0.4], [1.0, 0.0], [0.3, 0.0]], np.float32)
     check(x, ids, w, weights, TOL["fp8"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_lnc2_programs_take_alternate_blocks(dtype):
+    """LNC=2: program l sums blocks l, l+2, ... into its own partial output; tokens with rows in
+    blocks of both programs (k=3 of 4 experts) get the same result as at LNC=1."""
+    weights = make_weights(4, 256, 256, dtype, seed=12)
+    x = np.random.default_rng(12).standard_normal((40, 256)).astype(np.float32)
+    ids, w = routing(40, 3, 4, seed=12)
+    out, _ = check(x, ids, w, weights, TOL[dtype], lnc=2)
+    np.testing.assert_allclose(out, expert_ffn(x, ids, w, weights, lnc=1), rtol=0, atol=1e-6)
+
+
+def test_lnc2_full_decode_fp8():
+    """LNC=2 at the MiMo shape: 2 FP8 experts, 5 tokens (2 blocks, one per program)."""
+    weights = make_weights(2, FULL["hidden"], FULL["inter"], "fp8", seed=13)
+    x = np.random.default_rng(13).standard_normal((5, 4096)).astype(np.float32)
+    ids, w = routing(5, 1, 2, seed=13)
+    check(x, ids, w, weights, TOL["fp8"], lnc=2)
+
+
+@pytest.mark.parametrize("rows", [2, 200])
+def test_fp8_weights_as_uint8_bytes(rows):
+    """FP8 weights passed as uint8 arrays of the same bytes (how torch carries them to the
+    device) give exactly the float8_e4m3 result, on the streaming (2 rows per block) and the
+    striped (200 rows: 256-row blocks) paths."""
+    weights = make_weights(2, 256, 128, "fp8", seed=14)
+    x = np.random.default_rng(14).standard_normal((rows, 256)).astype(BF16)
+    plan = plan_blocks([rows, 0], np.arange(rows), np.full(rows, 0.5, np.float32), num_tokens=rows,
+                       block_rows=2 if rows == 2 else 256)
+    run = simulate(expert_ffn_kernel)
+    tables = (x, plan.row_token, plan.row_weight, plan.block_expert)
+    as_fp8 = run(*tables, *weights.kernel_args())
+    gate, up, down, *scales = weights.kernel_args()
+    as_bytes = run(*tables, gate.view(np.uint8), up.view(np.uint8), down.view(np.uint8), *scales)
+    np.testing.assert_array_equal(as_bytes, as_fp8)
+    want = reference_moe(np.asarray(x, np.float32), np.zeros((rows, 1), np.int64),
+                         np.full((rows, 1), 0.5, np.float32), weights)
+    assert relative_error(as_fp8[0, :rows], want) < TOL["fp8"]
 
 
 # ----------------------------------------------------------------------- misuse
