@@ -22,37 +22,46 @@ are computed like real rows, so the cost estimate counts them. Empty experts hav
 weights are never read. On hardware the host would round NB up to a bucket and the kernel would
 stop at the real block count with a dynamic loop bound; here NB is exact.
 
-Per block (weights streamed from HBM once per block: once per expert up to 512 rows; an expert
-with more rows streams them once per 512, which TensorE hides, 139 us of bf16 weights under 335 us
-of matmuls):
+Per block: gather the block's token rows of x (indirect DMA, bf16) and transpose them on TensorE
+into x^T [hidden on partitions, rows]; gate / up with the weights stationary, g^T, u^T [128
+intermediate, rows] accumulated in PSUM; ScalarE evicts silu(g), VectorE multiplies by u -> h^T
+bf16; down with h^T stationary, y [rows, 512 hidden] per PSUM bank; each result times the row
+weight is added to the token's running sum (gathered from the output, scattered back after the
+next block's first weight DMA is queued). Rows of one block have distinct tokens, so a scatter
+never races with itself; on hardware the next block's gather must wait for this scatter (a
+read-after-write through HBM at indirect addresses, which the simulator, executing in order, does
+not check). Two ways to stream the weights:
 
-1. gather the block's token rows of x (indirect DMA, bf16) and transpose them on TensorE into
-   x^T [hidden on partitions, rows];
-2. gate / up, weights stationary: g^T, u^T [128 intermediate, rows] = W[:, i-tile].T @ x^T,
-   accumulated over the 32 hidden tiles in PSUM (rows up to 512 per matmul); ScalarE evicts
-   silu(g), VectorE multiplies by u -> h^T [intermediate on partitions, rows] bf16. The weights
-   arrive in column stripes [128, 32, 256] (2 MiB bf16 per DMA);
-3. down, h^T stationary: y [rows, 512 hidden] = h^T.T @ W_d[:, 512 columns], accumulated over the
-   16 intermediate tiles; each result is multiplied by the row weight and added to the token's
-   running sum (gathered once per block from the output, scattered back once). Rows of one block
-   have distinct tokens, so a scatter never races with itself; on hardware the next block's
-   gather must wait for this scatter (a read-after-write through HBM at indirect addresses,
-   which the simulator, executing in order, does not check).
+* Streaming (blocks of at most STREAM_MAX_ROWS = 64 rows: decode, where the weight stream is the
+  whole cost). Weights come in chunks of whole rows, 8 MiB per DMA over all 128 partitions with
+  one contiguous run per partition: the gate / up contraction is partition-major (hidden row
+  p*H/128 + k on partition p, x^T built to match), so a partition's rows are adjacent in HBM. All
+  16 intermediate tiles accumulate at once (up to 8 per PSUM bank), so a chunk is used as soon as
+  it lands. bf16: gate / up output tile j takes the columns q*I/128 + j, so h^T comes out
+  partition-major too and the down weight streams the same way. FP8 weights feed TensorE as
+  stored (fp8 stationary, bf16 moving): the 128x128 block scale is a per-(row block, column
+  block) factor, and with the partition-major contraction every partition's rows lie in one row
+  block (H/128 divides 128), so x^T is multiplied per output column block by a per-partition
+  scale column (one VectorE tensor_scalar each, bf16 performance mode) and the PSUM sums need no
+  correction; the down projection (standard layout, rows j*128 + p, 4 KiB runs) multiplies h^T
+  per (row block, column block) on GpSimd, each 128-column block with its own scaled copy.
+* Striped (larger blocks: prefill, where TensorE is the bound). Weights in column stripes [128,
+  H/128, 256] (2 MiB bf16 per DMA), gate / up on all (up to 512) rows per matmul instruction, the
+  down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
+  cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
+  spread over ScalarE, GpSimd and VectorE: 3*H*I/128 element-cycles per block whatever its rows,
+  under the TensorE time of a 512-row block).
 
-A matmul costs max(64, N) TensorE cycles for N moving columns, so gate/up use all 512 rows of a
-block per instruction and the down projection keeps 512 weight columns moving: with 512-row
-blocks the PE array is busy every cycle. With a few rows (decode) the kernel is bound by the
-weight stream, which is one big DMA per stripe.
+A matmul costs max(64, N) TensorE cycles for N moving columns, so small blocks keep their weights
+stationary (64 cycles per instruction) and large ones keep 512 columns moving.
 
-FP8 weights (Trainium float8_e4m3 with 128x128 float32 block scales, [in/128, out/128] per
-expert) are dequantised on chip after the load: one multiply per stripe by the block scale,
-broadcast along each 128-column block with a stride-0 view, spread over ScalarE, GpSimd and
-VectorE. That is 3*H*I/128 = 197K element-cycles per expert and block, whatever the
-row count, shared by three engines (~60 us, under the ~69 us the FP8 weights take to stream).
-Scaling the partial sums instead (the scale changes every 128 contraction rows) would need a
-VectorE pass per K tile of every PSUM accumulation (1024 for gate/up, 128 per 128 rows for the
-down projection): ~140K VectorE cycles at one row (GpSimd cannot read PSUM), ~0.9M at 512 rows.
-TensorE then multiplies bf16 by bf16.
+LNC=2: program l of L takes blocks l, l+L, ... and sums them into its own slice out[l] of the
+output [L, T+1, H]; the launcher adds the slices, so no two programs write one element and a
+token with rows in blocks of both programs needs no synchronisation.
+
+FP8 weights may also arrive as uint8 tensors holding the float8_e4m3 bytes (torch has no Trainium
+e4m3 type, so the device launch passes them that way): the kernel reinterprets them with
+`.view(nl.float8_e4m3)`.
 """
 from __future__ import annotations
 

@@ -11,22 +11,32 @@ descending biased score instead, and the MoE sum does not depend on the order.
 
 Layout and engines, per chunk of up to 512 tokens:
 
-* x^T [H on partitions, tokens]: the contraction dim must sit on partitions. Chunks of more than
-  128 tokens use DMA transposes ([tokens, 8, 128] -> [128, 8, tokens] per DMA, off the TensorE
-  critical path); smaller chunks (decode) load x row-major in one DMA and transpose on TensorE,
-  which is idle there, while the DMA queues, the bound engine, stream the router weight.
+* The router weight W [H, E] (4 MiB fp32) is loaded once, partition-major (hidden row p*H/128 + k
+  on partition p, so each partition's rows are one contiguous run in HBM), in three chunks of
+  decreasing size (half, then the rest but H/1024 rows, then those), each chunk as two DMAs over
+  64 partitions. At decode this stream is the whole cost; the small last chunk leaves few
+  matmuls for after it.
+* x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
+  on partitions): up to 32 tokens by one strided DMA (runs of H/128 elements per partition and
+  token, issued before the weight); more tokens as rows (one contiguous DMA per 128) and TensorE
+  transposes of the columns k, k + H/128, ... (exact in fp32; a DMA transpose needs 2-byte data).
 * logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
   operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
   as fast as the other orientation for full tiles and 2x faster for a few tokens (a matmul costs
-  max(64, N) moving columns, 4 cycles each in fp32, and tokens-stationary would move all 256
-  experts). W [H, E] (4 MiB fp32) is loaded once.
-* ScalarE applies the sigmoid while evicting PSUM; TensorE transposes the scores (fp32, exact)
-  back to [tokens, experts] so the top-8 instructions see one token per partition.
-* VectorE: selection = s + bias; max8 gives the 8 largest selection values; nc_match_replace8
+  max(64, N) moving columns, 4 cycles each in fp32). The contraction loop is outermost so every
+  expert tile follows the weight chunks as they land.
+* ScalarE applies the sigmoid while evicting PSUM; in that layout the selection bias is one value
+  per partition (VectorE tensor_scalar, the bias loaded transposed as [128, E/128], last). TensorE
+  transposes the scores and the selection values (fp32, exact) back to [tokens, experts] so the
+  top-8 instructions see one token per partition.
+* VectorE: max8 gives the 8 largest selection values; nc_match_replace8
   marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
   as in the reference's stable sort, and never select more or fewer than 8); the unbiased
   scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
   nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+
+LNC=2: the two programs take alternate chunks of 512 tokens (a program without tokens loads
+nothing), each writing only its tokens' rows.
 
 Expert subsets: a disallowed expert gets a selection bias of -1e30 (done by the launcher), so it
 can never be chosen while at least 8 experts are allowed.
