@@ -440,15 +440,24 @@ class _Pending(nl.NKIObject):
         self.sums = []
 
 
-def _gather_sums(out, token):
-    """The tokens' sums so far, out[token] (HBM -> SBUF gather)."""
+def _gather_sums(out, token, flag):
+    """The tokens' sums so far, out[token] (HBM -> SBUF gather). flag ([1, 1] int32 in SBUF, or
+    None = 1): 0 when no token of the block had rows in an earlier block, so the sums are still 0
+    and the gather runs zero times (a runtime loop bound)."""
     n, H = token.shape[0], out.shape[1]
     acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
+    if flag is None:
+        nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
+        return acc
+    nisa.memset(dst=acc, value=0.0, engine=nisa.engine.vector)
+    count = nisa.register_alloc()
+    nisa.register_load(count, flag)
+    for _ in nl.dynamic_range(count):
+        nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
     return acc
 
 
-def _stream_block(x, w, scales, select, expert, token, source, row_w, pending, copies):
+def _stream_block(x, w, scales, select, expert, token, source, row_w, flag, pending, copies):
     """One block of at most STREAM_MAX_ROWS rows: weights streamed in chunks of whole rows."""
     w_gate, w_up, w_down = w
     B = token.shape[0]
@@ -457,7 +466,7 @@ def _stream_block(x, w, scales, select, expert, token, source, row_w, pending, c
     # it leaves (the previous block's write-back, this block's sums, x rows and scale grids).
     first = _row_chunk(w_gate, expert, 0, partition_major=True)
     pending.flush()
-    acc = _gather_sums(pending.out, token)
+    acc = _gather_sums(pending.out, token, flag)
     x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     _gather_rows_transposed(x, source, copies, x_T, 0, partition_major=True)
     columns = (None, None)
@@ -470,7 +479,7 @@ def _stream_block(x, w, scales, select, expert, token, source, row_w, pending, c
     pending.sums.append((acc, token))
 
 
-def _striped_block(x, w, scales, expert, columns, pending, dequant, copies):
+def _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies):
     """One block of any size: weights in column stripes, FP8 dequantised on chip. columns: per
     128-row slice, (tokens, source rows, row weights) [n, 1] each."""
     w_gate, w_up, w_down = w
@@ -481,7 +490,7 @@ def _striped_block(x, w, scales, expert, columns, pending, dequant, copies):
     h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies)
     sums = []
     for token in tokens:
-        sums.append(_gather_sums(pending.out, token))
+        sums.append(_gather_sums(pending.out, token, flag))
     _down_accumulate(h_T, w_down, _load_scales(scales[2], expert), expert, sums, weights, dequant)
     for acc, token in zip(sums, tokens):
         pending.sums.append((acc, token))
@@ -489,14 +498,15 @@ def _striped_block(x, w, scales, expert, columns, pending, dequant, copies):
 
 @nki.jit
 def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
-                      gate_scale=None, up_scale=None, down_scale=None):
+                      gate_scale=None, up_scale=None, down_scale=None, block_gathers=None):
     """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
 
     x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
     fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
     [in, out] layout, bf16 or float8_e4m3 (or uint8 holding float8_e4m3 bytes; then gate_scale,
     up_scale [E, H/128, I/128] and down_scale [E, I/128, H/128] fp32 multipliers). H and I
-    multiples of 128; B <= 512. Returns out [L, T+1, H] fp32 (L = number of programs): program l
+    multiples of 128; B <= 512. block_gathers [NB] int32 (optional): 1 if a token of the block has
+    rows in an earlier block (its running sum must be read back), else 0. Returns out [L, T+1, H] fp32 (L = number of programs): program l
     sums the blocks l, l+L, ... into out[l]; the token sums are out.sum(0)[:T], row T collects
     what the padding rows added (0).
     """
@@ -524,6 +534,13 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     nisa.tensor_scalar(dst=sources, data=tokens, op0=nl.minimum, operand0=T - 1)
     if me > 0:                                                          # rows of out[me] in `sums`
         nisa.tensor_scalar(dst=tokens, data=tokens, op0=nl.add, operand0=me * (T + 1))
+    gathers = None
+    if block_gathers is not None:
+        if not (tuple(block_gathers.shape) == (NB,) and block_gathers.dtype == nl.int32):
+            raise KernelInputError(f"expert_ffn: block_gathers must be int32 ({NB},), got "
+                                   f"{tuple(block_gathers.shape)} {block_gathers.dtype}")
+        gathers = nl.ndarray((1, NB), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=gathers, src=block_gathers.reshape((1, NB)))
     stream = _streams(B, H, fp8)
     select = _row_selector(H // P) if stream and fp8 else None
     dequant = _EngineRotation(DEQUANT_ENGINES)
@@ -534,12 +551,13 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         expert = nisa.register_alloc()
         nisa.register_load(expert, experts[0:1, b:b + 1])          # runtime expert id of block b
         block = range(b * (B // n), (b + 1) * (B // n))            # this block's slice columns
+        flag = None if gathers is None else gathers[0:1, b:b + 1]
         if stream:
             _stream_block(x, w, scales, select, expert, tokens[:, b:b + 1], sources[:, b:b + 1],
-                          row_weights[:, b:b + 1], pending, copies)
+                          row_weights[:, b:b + 1], flag, pending, copies)
         else:
             columns = [(tokens[:, c:c + 1], sources[:, c:c + 1], row_weights[:, c:c + 1]) for c in block]
-            _striped_block(x, w, scales, expert, columns, pending, dequant, copies)
+            _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies)
     pending.flush()
     return sums.reshape((programs, T + 1, H))
 
@@ -597,6 +615,7 @@ class BlockPlan:
     block_expert: np.ndarray     # [NB] int32
     row_token: np.ndarray        # [NB * B] int32; num_tokens marks padding
     row_weight: np.ndarray       # [NB * B] float32; 0 for padding
+    block_gathers: np.ndarray | None = None   # [NB] int32: 1 if a token has rows in an earlier block
 
     @property
     def num_blocks(self) -> int:
@@ -659,9 +678,15 @@ def plan_blocks(group_sizes, row_token, row_weight, num_tokens: int, block_rows:
             wt[:n] = row_weight[b0:b0 + n]
             tokens.append(tok)
             weights.append(wt)
+    seen, gathers = set(), []
+    for tok in tokens:
+        real = set(tok[tok < num_tokens].tolist())
+        gathers.append(int(bool(real & seen)))
+        seen |= real
     return BlockPlan(block_rows, np.asarray(experts, np.int32),
                      np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
-                     np.concatenate(weights) if weights else np.zeros(0, np.float32))
+                     np.concatenate(weights) if weights else np.zeros(0, np.float32),
+                     np.asarray(gathers, np.int32))
 
 
 def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWeights,
@@ -696,7 +721,8 @@ def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False, lnc: in
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
-                    *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True)
+                    *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True,
+                    block_gathers=plan.block_gathers)
     out, rep = result if report else (result, None)
     out = np.asarray(out).sum(axis=0)[:T]             # the programs' partial sums (LNC=2: two)
     return (out, rep) if report else out
@@ -739,8 +765,14 @@ def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, 
     row_token = torch.full((dump + 1,), tokens, dtype=torch.int32).scatter(0, slot, token.to(torch.int32))
     row_weight = torch.zeros(dump + 1).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
     block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks), right=True)
+    # A block reads its tokens' sums back only if one of them has rows in an earlier block.
+    row_block = torch.arange(dump) // block_rows
+    first = torch.full((tokens + 1,), num_blocks).scatter_reduce(0, row_token[:dump].long(), row_block,
+                                                                 reduce="amin")
+    later = (row_block > first[row_token[:dump].long()]) & (row_token[:dump] < tokens)
     return BlockPlan(block_rows, block_expert.clamp(max=num_experts - 1).to(torch.int32).numpy(),
-                     row_token[:dump].numpy(), row_weight[:dump].numpy())
+                     row_token[:dump].numpy(), row_weight[:dump].numpy(),
+                     later.reshape(num_blocks, block_rows).any(1).to(torch.int32).numpy())
 
 
 def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,

@@ -12,7 +12,8 @@ import pytest
 
 from mimo_kernels.backend import simulate
 from mimo_kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
-                                expert_ffn_kernel, grouped_expert_ffn, plan_blocks)
+                                expert_ffn_kernel, grouped_expert_ffn, plan_blocks,
+                                plan_blocks_static, static_block_shape)
 from mimo_v2_flash.selfcheck.kernels_moe import (FFN_TOL as TOL, random_experts as make_weights,
                                                  random_routing as routing, reference_moe,
                                                  relative_error)
@@ -74,6 +75,24 @@ def test_block_plan_layout():
     np.testing.assert_array_equal(plan.block_expert, [0, 2, 2])
     np.testing.assert_array_equal(plan.row_token, [4, 1, 0, 7, 2, 3, 4, 5, 6, 7, 7, 7])
     np.testing.assert_allclose(plan.row_weight, [.1, .2, .3, 0, .4, .5, .6, .7, .8, 0, 0, 0])
+    np.testing.assert_array_equal(plan.block_gathers, [0, 1, 0])   # token 4 is back in block 1
+
+
+def test_static_plan_flags_the_same_read_backs():
+    """plan_blocks_static (tensor ops, static shape) flags the blocks that must read their tokens'
+    sums back exactly as plan_blocks does, and none of its padding-only blocks."""
+    rng = np.random.default_rng(15)
+    ids = np.array([rng.choice(6, 3, replace=False) for _ in range(9)])
+    w = rng.random(ids.shape).astype(np.float32)
+    block_rows, num_blocks = static_block_shape(9, 3, 6)
+    static = plan_blocks_static(ids, w, 6, block_rows, num_blocks)
+    order = np.argsort(ids.reshape(-1), kind="stable")
+    exact = plan_blocks(np.bincount(ids.reshape(-1), minlength=6), np.repeat(np.arange(9), 3)[order],
+                        w.reshape(-1)[order], 9, block_rows)
+    n = exact.num_blocks
+    assert exact.block_gathers.any()
+    np.testing.assert_array_equal(static.block_gathers[:n], exact.block_gathers)
+    assert not static.block_gathers[n:].any()
 
 
 @pytest.mark.parametrize("block_rows", [1, 8, 64, 384, 512])
@@ -95,8 +114,12 @@ def test_padding_only_block_changes_nothing():
     padded = BlockPlan(4, np.append(plan.block_expert, 1).astype(np.int32),
                        np.append(plan.row_token, np.full(4, 6)).astype(np.int32),
                        np.append(plan.row_weight, np.zeros(4)).astype(np.float32))
+    flagged = run(x, plan.row_token, plan.row_weight, plan.block_expert, *weights.kernel_args(),
+                  block_gathers=plan.block_gathers)      # token 5 is in both blocks: flags [0, 1]
+    np.testing.assert_array_equal(plan.block_gathers, [0, 1])
     more = run(x, padded.row_token, padded.row_weight, padded.block_expert, *weights.kernel_args())
     np.testing.assert_array_equal(more, exact)
+    np.testing.assert_array_equal(flagged, exact)
     assert exact.shape == (1, 7, 256)                 # one program's sums, row 6 the padding's
     assert (exact[0, 6] == 0).all() and (exact[0, [3, 4]] == 0).all()
 
