@@ -49,7 +49,7 @@ not check). Two ways to stream the weights:
   H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs), gate / up on all (up to 512) rows per matmul instruction, the
   down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
   cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
-  spread over ScalarE and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
+  spread over ScalarE, GpSimd and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
   under the TensorE time of a 512-row block).
 
 A matmul costs max(64, N) TensorE cycles for N moving columns, so small blocks keep their weights
@@ -85,11 +85,12 @@ TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128
 PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
 STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
 STREAM_CHUNK_BYTES = 64 * 1024                 # bytes per partition of one streamed weight DMA (8 MiB)
-# FP8 dequantisation turns: ScalarE (1 cycle per element at 1.2 GHz) 2 of 3, VectorE (2 cycles at
-# 0.96 GHz, and it evicts PSUM) 1 of 3. Not GpSimd: it writes the descriptors of the weight DMAs
-# (register-addressed, software DGE) in program order, so a dequantisation there, waiting for its
-# stripe, would hold up the next stripe's DMA.
-DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.scalar, nisa.engine.vector)
+# FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
+# also evicts PSUM) 2 of 8, so the three finish together. (GpSimd also writes the descriptors of
+# the register-addressed weight DMAs in program order, so its turns delay those a little; without
+# GpSimd the other two engines become the bound.)
+DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
+                   nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar, nisa.engine.gpsimd)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3)
