@@ -46,7 +46,7 @@ not check). Two ways to stream the weights:
   correction; the down projection (standard layout, rows j*128 + p, 4 KiB runs) multiplies h^T
   per (row block, column block) on GpSimd, each 128-column block with its own scaled copy.
 * Striped (larger blocks: prefill, where TensorE is the bound). Weights in column stripes [128,
-  H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs), gate / up on all (up to 512) rows per matmul instruction, the
+  H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs; FP8 256 columns), gate / up on all (up to 512) rows per matmul instruction, the
   down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
   cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
   spread over ScalarE, GpSimd and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
@@ -81,6 +81,9 @@ ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (mo
 DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down matmul = 1 PSUM bank
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
 GATE_UP_STRIPE = 4 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
+# FP8: narrower stripes keep each on-chip dequantisation instruction (and the GpSimd turns, which
+# delay the weight DMAs' descriptors) short.
+GATE_UP_STRIPE_FP8 = 2 * nl.tile_size.gemm_stationary_fmax
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
 PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
 STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
@@ -178,8 +181,9 @@ def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, co
         _gather_rows_transposed(x, source, copies, x_T, s * P)
     gate_scale, up_scale = _load_scales(gate_scale, expert), _load_scales(up_scale, expert)
     h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
-    for s0 in range(0, I, GATE_UP_STRIPE):
-        width = min(GATE_UP_STRIPE, I - s0)
+    stripe = GATE_UP_STRIPE if gate_scale is None else GATE_UP_STRIPE_FP8
+    for s0 in range(0, I, stripe):
+        width = min(stripe, I - s0)
         g_w = _load_weight_stripe(w_gate, gate_scale, expert, s0, width, dequant)   # [P, KT, width]
         u_w = _load_weight_stripe(w_up, up_scale, expert, s0, width, dequant)
         for i0 in range(0, width, P):
