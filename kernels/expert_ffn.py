@@ -22,37 +22,46 @@ are computed like real rows, so the cost estimate counts them. Empty experts hav
 weights are never read. On hardware the host would round NB up to a bucket and the kernel would
 stop at the real block count with a dynamic loop bound; here NB is exact.
 
-Per block (weights streamed from HBM once per block: once per expert up to 512 rows; an expert
-with more rows streams them once per 512, which TensorE hides, 139 us of bf16 weights under 335 us
-of matmuls):
+Per block: gather the block's token rows of x (indirect DMA, bf16) and transpose them on TensorE
+into x^T [hidden on partitions, rows]; gate / up with the weights stationary, g^T, u^T [128
+intermediate, rows] accumulated in PSUM; ScalarE evicts silu(g), VectorE multiplies by u -> h^T
+bf16; down with h^T stationary, y [rows, 512 hidden] per PSUM bank; each result times the row
+weight is added to the token's running sum (gathered from the output, scattered back after the
+next block's first weight DMA is queued). Rows of one block have distinct tokens, so a scatter
+never races with itself; on hardware the next block's gather must wait for this scatter (a
+read-after-write through HBM at indirect addresses, which the simulator, executing in order, does
+not check). Two ways to stream the weights:
 
-1. gather the block's token rows of x (indirect DMA, bf16) and transpose them on TensorE into
-   x^T [hidden on partitions, rows];
-2. gate / up, weights stationary: g^T, u^T [128 intermediate, rows] = W[:, i-tile].T @ x^T,
-   accumulated over the 32 hidden tiles in PSUM (rows up to 512 per matmul); ScalarE evicts
-   silu(g), VectorE multiplies by u -> h^T [intermediate on partitions, rows] bf16. The weights
-   arrive in column stripes [128, 32, 256] (2 MiB bf16 per DMA);
-3. down, h^T stationary: y [rows, 512 hidden] = h^T.T @ W_d[:, 512 columns], accumulated over the
-   16 intermediate tiles; each result is multiplied by the row weight and added to the token's
-   running sum (gathered once per block from the output, scattered back once). Rows of one block
-   have distinct tokens, so a scatter never races with itself; on hardware the next block's
-   gather must wait for this scatter (a read-after-write through HBM at indirect addresses,
-   which the simulator, executing in order, does not check).
+* Streaming (blocks of at most STREAM_MAX_ROWS = 64 rows: decode, where the weight stream is the
+  whole cost). Weights come in chunks of whole rows, 8 MiB per DMA over all 128 partitions with
+  one contiguous run per partition: the gate / up contraction is partition-major (hidden row
+  p*H/128 + k on partition p, x^T built to match), so a partition's rows are adjacent in HBM. All
+  16 intermediate tiles accumulate at once (up to 8 per PSUM bank), so a chunk is used as soon as
+  it lands. bf16: gate / up output tile j takes the columns q*I/128 + j, so h^T comes out
+  partition-major too and the down weight streams the same way. FP8 weights feed TensorE as
+  stored (fp8 stationary, bf16 moving): the 128x128 block scale is a per-(row block, column
+  block) factor, and with the partition-major contraction every partition's rows lie in one row
+  block (H/128 divides 128), so x^T is multiplied per output column block by a per-partition
+  scale column (one VectorE tensor_scalar each, bf16 performance mode) and the PSUM sums need no
+  correction; the down projection (standard layout, rows j*128 + p, 4 KiB runs) multiplies h^T
+  per (row block, column block) on GpSimd, each 128-column block with its own scaled copy.
+* Striped (larger blocks: prefill, where TensorE is the bound). Weights in column stripes [128,
+  H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs; FP8 256 columns), gate / up on all (up to 512) rows per matmul instruction, the
+  down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
+  cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
+  spread over ScalarE, GpSimd and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
+  under the TensorE time of a 512-row block).
 
-A matmul costs max(64, N) TensorE cycles for N moving columns, so gate/up use all 512 rows of a
-block per instruction and the down projection keeps 512 weight columns moving: with 512-row
-blocks the PE array is busy every cycle. With a few rows (decode) the kernel is bound by the
-weight stream, which is one big DMA per stripe.
+A matmul costs max(64, N) TensorE cycles for N moving columns, so small blocks keep their weights
+stationary (64 cycles per instruction) and large ones keep 512 columns moving.
 
-FP8 weights (Trainium float8_e4m3 with 128x128 float32 block scales, [in/128, out/128] per
-expert) are dequantised on chip after the load: one multiply per stripe by the block scale,
-broadcast along each 128-column block with a stride-0 view, spread over ScalarE, GpSimd and
-VectorE. That is 3*H*I/128 = 197K element-cycles per expert and block, whatever the
-row count, shared by three engines (~60 us, under the ~69 us the FP8 weights take to stream).
-Scaling the partial sums instead (the scale changes every 128 contraction rows) would need a
-VectorE pass per K tile of every PSUM accumulation (1024 for gate/up, 128 per 128 rows for the
-down projection): ~140K VectorE cycles at one row (GpSimd cannot read PSUM), ~0.9M at 512 rows.
-TensorE then multiplies bf16 by bf16.
+LNC=2: program l of L takes blocks l, l+L, ... and sums them into its own slice out[l] of the
+output [L, T+1, H]; the launcher adds the slices, so no two programs write one element and a
+token with rows in blocks of both programs needs no synchronisation.
+
+FP8 weights may also arrive as uint8 tensors holding the float8_e4m3 bytes (torch has no Trainium
+e4m3 type, so the device launch passes them that way): the kernel reinterprets them with
+`.view(nl.float8_e4m3)`.
 """
 from __future__ import annotations
 
@@ -71,10 +80,18 @@ P = nl.tile_size.pmax                              # partitions; also the FP8 sc
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
 DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down matmul = 1 PSUM bank
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
-GATE_UP_STRIPE = 2 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
+GATE_UP_STRIPE = 4 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
+# FP8: narrower stripes keep each on-chip dequantisation instruction (and the GpSimd turns, which
+# delay the weight DMAs' descriptors) short.
+GATE_UP_STRIPE_FP8 = 2 * nl.tile_size.gemm_stationary_fmax
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
+PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
+STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
+STREAM_CHUNK_BYTES = 64 * 1024                 # bytes per partition of one streamed weight DMA (8 MiB)
 # FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
-# also evicts PSUM) 2 of 8, so the three finish together.
+# also evicts PSUM) 2 of 8, so the three finish together. (GpSimd also writes the descriptors of
+# the register-addressed weight DMAs in program order, so its turns delay those a little; without
+# GpSimd the other two engines become the bound.)
 DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
                    nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar, nisa.engine.gpsimd)
 
@@ -134,8 +151,9 @@ def _load_scales(scale, expert):
     return nl.broadcast_to(row, (P, RB * CB)).reshape((P, RB, CB))
 
 
-def _gather_rows_transposed(x, tokens, copies, xT, r0):
-    """x[tokens] ([n, H] bf16, n <= 128) -> xT[:, :, r0:r0+n] (hidden on partitions) via TensorE."""
+def _gather_rows_transposed(x, tokens, copies, xT, r0, partition_major=False):
+    """x[tokens] ([n, H] bf16, n <= 128) -> xT[:, :, r0:r0+n] (hidden on partitions) via TensorE:
+    xT[p, k, r] = x[token r, k*P + p], or x[token r, p*KT + k] with `partition_major`."""
     n = tokens.shape[0]
     H = x.shape[1]
     KT = H // P
@@ -146,7 +164,8 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0):
         bank = nl.ndarray((P, kn, n), dtype=x.dtype, buffer=nl.psum)
         for j in range(kn):
             k = k0 + j
-            nisa.nc_transpose(dst=bank[:, j, :], data=x_rows[:, k * P:(k + 1) * P])
+            columns = x_rows[:, k:H:KT] if partition_major else x_rows[:, k * P:(k + 1) * P]
+            nisa.nc_transpose(dst=bank[:, j, :], data=columns)
         nisa.tensor_copy(dst=xT[:, k0:k0 + kn, r0:r0 + n], src=bank,
                          engine=copies.next())                   # PSUM -> SBUF
 
@@ -162,8 +181,9 @@ def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, co
         _gather_rows_transposed(x, source, copies, x_T, s * P)
     gate_scale, up_scale = _load_scales(gate_scale, expert), _load_scales(up_scale, expert)
     h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
-    for s0 in range(0, I, GATE_UP_STRIPE):
-        width = min(GATE_UP_STRIPE, I - s0)
+    stripe = GATE_UP_STRIPE if gate_scale is None else GATE_UP_STRIPE_FP8
+    for s0 in range(0, I, stripe):
+        width = min(stripe, I - s0)
         g_w = _load_weight_stripe(w_gate, gate_scale, expert, s0, width, dequant)   # [P, KT, width]
         u_w = _load_weight_stripe(w_up, up_scale, expert, s0, width, dequant)
         for i0 in range(0, width, P):
@@ -199,6 +219,141 @@ def _down_accumulate(h_T, w_down, down_scale, expert, sums, weights, dequant):
                                       operand0=row_w, op1=nl.add, operand1=acc[:, d0:d0 + width])
 
 
+def _stream_scales_per_partition(scale, expert, select):
+    """Scale grid scale[expert] [R/P, C/P] -> SBUF [P, C/P] fp32 for the partition-major contraction
+    layout (row k*... of partition p lies in row block p // (P / (R/P))): one DMA of the grid with
+    its row blocks on partitions, then an exact fp32 selection matmul (select [R/P, P] one-hot)."""
+    RB, CB = scale.shape[1], scale.shape[2]
+    grid = nl.ndarray((RB, CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=grid, src=_expert_slab(scale, expert, [[CB, RB], [1, CB]]))    # HBM -> SBUF
+    picked = nl.ndarray((P, CB), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=picked, stationary=select, moving=grid)
+    columns = nl.ndarray((P, CB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=columns, src=picked)                                        # PSUM -> SBUF
+    return columns
+
+
+def _chunk_rows(w):
+    """Rows per partition of one streamed DMA of w [E, R, C] (whole rows, STREAM_CHUNK_BYTES)."""
+    return max(1, min(w.shape[1] // P, STREAM_CHUNK_BYTES // (w.shape[2] * w.itemsize)))
+
+
+def _row_chunk(w, expert, k0, partition_major):
+    """Rows k0 .. k0+kn of every partition of expert `expert` of w [E, R, C] (HBM -> SBUF, one
+    DMA of whole rows): tile[p, k, :] = W_e[p*KT + k0 + k, :] (partition-major, one contiguous run
+    per partition) or W_e[(k0 + k)*P + p, :] (runs of one row)."""
+    KT, C = w.shape[1] // P, w.shape[2]
+    kn = min(_chunk_rows(w), KT - k0)
+    chunk = nl.ndarray((P, kn, C), dtype=w.dtype, buffer=nl.sbuf)
+    if partition_major:                   # one run per partition: [P, kn*C] on the HBM side
+        pattern, offset = [[KT * C, P], [1, kn * C]], k0 * C
+    else:
+        pattern, offset = [[C, P], [P * C, kn], [1, C]], k0 * P * C
+    nisa.dma_copy(dst=chunk, src=_expert_slab(w, expert, pattern, offset=offset))
+    return chunk
+
+
+def _stream_matrix(x_T, w, columns, expert, accs, first):
+    """accs[j // G][:, j % G, :] = (W_e[:, tile j].T @ x^T for every output tile j, the weight
+    streamed in chunks of whole rows, partition-major (`first`: the chunk of rows 0.., already
+    issued). bf16: tile j is the columns q*C/P + j (so the result is partition-major too); FP8: the
+    columns j*P + q, with x^T first scaled per output column block by `columns` [P, C/P]
+    (per-partition scales), so TensorE multiplies the fp8 weights as stored."""
+    KT, B = x_T.shape[1], x_T.shape[2]
+    CT = w.shape[2] // P
+    G = accs[0].shape[1]
+    moving = None
+    if columns is not None:
+        moving = nl.ndarray((P, CT, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+        for j in range(CT):               # bf16 in SBUF: VectorE performance mode
+            nisa.tensor_scalar(dst=moving[:, j, :, :], data=x_T, op0=nl.multiply,
+                               operand0=columns[:, j:j + 1])
+    for k0 in range(0, KT, _chunk_rows(w)):
+        chunk = first if k0 == 0 else _row_chunk(w, expert, k0, partition_major=True)
+        first = None
+        for kk in range(chunk.shape[1]):
+            k = k0 + kk
+            for j in range(CT):
+                tile = chunk[:, kk, j:CT * P:CT] if moving is None else chunk[:, kk, j * P:(j + 1) * P]
+                nisa.nc_matmul(dst=accs[j // G][:, j % G, :], stationary=tile,
+                               moving=x_T[:, k, :] if moving is None else moving[:, j, k, :],
+                               accumulate=k > 0)
+        del chunk
+
+
+def _stream_gate_up(x_T, w_gate, w_up, scales, expert, first):
+    """h^T [P, I/P, B] bf16 of a small block: intermediate i = q*I/P + j at [q, j] (bf16 weights)
+    or i = j*P + q (FP8, whose scales come in 128-column blocks)."""
+    B = x_T.shape[2]
+    IT = w_gate.shape[2] // P
+    G = min(IT, PSUM_FMAX // B)
+    banks = -(-IT // G)
+    gate, up = [], []
+    for _ in range(banks):
+        gate.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
+        up.append(nl.ndarray((P, G, B), dtype=nl.float32, buffer=nl.psum))
+    _stream_matrix(x_T, w_gate, scales[0], expert, gate, first)
+    _stream_matrix(x_T, w_up, scales[1], expert, up, _row_chunk(w_up, expert, 0, partition_major=True))
+    h_T = nl.ndarray((P, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    for g, (g_acc, u_acc) in enumerate(zip(gate, up)):
+        n = min(G, IT - g * G)
+        act = nl.ndarray((P, n, B), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=act, op=nl.silu, data=g_acc[:, :n, :])                # PSUM -> SBUF
+        nisa.tensor_tensor(dst=h_T[:, g * G:g * G + n, :], data1=act, data2=u_acc[:, :n, :],
+                           op=nl.multiply)
+    return h_T
+
+
+def _stream_down(h_T, w_down, grid, expert, acc, row_w):
+    """acc [B, H] fp32 += row_w * (h^T.T @ W_d) for a small block; W_d streams in chunks of whole
+    rows in h^T's layout (bf16: partition-major; FP8: tile[p, j, :] = W_e[j*P + p, :]). FP8
+    (grid [P, I/P, H/P]: the scales on every partition): h^T is scaled per (row block j, column
+    block) by one GpSimd instruction and each 128-column block multiplies its own scaled copy;
+    all of W_d (fp8, half the bytes) is queued first, so that instruction, which waits for h^T,
+    holds up no weight DMA's descriptors (GpSimd writes them in program order)."""
+    IT, B = h_T.shape[1], h_T.shape[2]
+    H = w_down.shape[2]
+    HB = H // P
+    major = grid is None
+    chunks = []
+    for j0 in range(0, IT, _chunk_rows(w_down)):
+        if major and j0 > 0:
+            chunks.append(None)                      # loaded when reached
+        else:
+            chunks.append(_row_chunk(w_down, expert, j0, partition_major=major))
+    scaled = None
+    if not major:
+        scaled = nl.ndarray((P, HB, IT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=h_T.expand_dim(1).broadcast(1, HB),
+                           data2=grid.permute((0, 2, 1)).expand_dim(3).broadcast(3, B),
+                           op=nl.multiply, engine=nisa.engine.gpsimd)
+    banks = []
+    for d0 in range(0, H, DOWN_COLUMNS):
+        banks.append(nl.ndarray((B, min(DOWN_COLUMNS, H - d0)), dtype=nl.float32, buffer=nl.psum))
+    for c0, chunk in enumerate(chunks):
+        j0 = c0 * _chunk_rows(w_down)
+        if chunk is None:
+            chunk = _row_chunk(w_down, expert, j0, partition_major=major)
+        chunks[c0] = None
+        for jj in range(chunk.shape[1]):
+            j = j0 + jj
+            for y_i, y in enumerate(banks):
+                d0 = y_i * DOWN_COLUMNS
+                if scaled is None:
+                    nisa.nc_matmul(dst=y, stationary=h_T[:, j, :], moving=chunk[:, jj, d0:d0 + y.shape[1]],
+                                   accumulate=j > 0)
+                    continue
+                for b0 in range(0, y.shape[1], P):
+                    nisa.nc_matmul(dst=y[:, b0:b0 + P], stationary=scaled[:, (d0 + b0) // P, j, :],
+                                   moving=chunk[:, jj, d0 + b0:d0 + b0 + P], accumulate=j > 0)
+        del chunk
+    for y_i, y in enumerate(banks):     # PSUM -> SBUF: acc += row weight * y (one weight per row)
+        d0 = y_i * DOWN_COLUMNS
+        view = acc[:, d0:d0 + y.shape[1]]
+        nisa.scalar_tensor_tensor(dst=view, data=y, op0=nl.multiply, operand0=row_w, op1=nl.add,
+                                  operand1=view)
+
+
 def _zero_rows(out):
     """out [R, H] fp32 (HBM) = 0, 128 rows per DMA."""
     R, H = out.shape
@@ -209,17 +364,14 @@ def _zero_rows(out):
         nisa.dma_copy(dst=out[r0:r0 + n, :], src=zeros[:n, :])
 
 
-@nki.jit
-def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
-                      gate_scale=None, up_scale=None, down_scale=None):
-    """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
+def _as_fp8(w):
+    """FP8 weights may arrive as uint8 HBM tensors of the same bytes (torch has no Trainium e4m3):
+    reinterpret them in place as float8_e4m3."""
+    return w.view(nl.float8_e4m3) if w.dtype == nl.uint8 else w
 
-    x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
-    fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
-    [in, out] layout, bf16 or float8_e4m3 (then gate_scale, up_scale [E, H/128, I/128] and
-    down_scale [E, I/128, H/128] fp32 multipliers). H and I multiples of 128; B <= 512.
-    Returns out [T+1, H] fp32: the per-token sums, and in row T what the padding rows added (0).
-    """
+
+def _check_inputs(x, row_token, row_weight, block_expert, w_gate, w_up, w_down, scales):
+    """Shapes and dtypes of the kernel's inputs (weights already reinterpreted by `_as_fp8`)."""
     T, H = x.shape
     E, _, I = w_gate.shape
     NB = block_expert.shape[0]
@@ -243,20 +395,136 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         raise KernelInputError(f"expert_ffn: row_weight {tuple(row_weight.shape)} must be ({NB * B},)")
     fp8 = w_gate.dtype == nl.float8_e4m3
     if not (fp8 or w_gate.dtype == nl.bfloat16):
-        raise KernelInputError(f"expert_ffn: weights must be bfloat16 or float8_e4m3, got {w_gate.dtype}")
+        raise KernelInputError(
+            f"expert_ffn: weights must be bfloat16 or float8_e4m3 (or its bytes as uint8), got {w_gate.dtype}")
     if not (w_up.dtype == w_gate.dtype and w_down.dtype == w_gate.dtype):
         raise KernelInputError("expert_ffn: mixed weight dtypes")
     if fp8:
-        for name, s, shape in (("gate_scale", gate_scale, (E, H // P, I // P)),
-                               ("up_scale", up_scale, (E, H // P, I // P)),
-                               ("down_scale", down_scale, (E, I // P, H // P))):
+        for name, s, shape in zip(("gate_scale", "up_scale", "down_scale"), scales,
+                                  ((E, H // P, I // P), (E, H // P, I // P), (E, I // P, H // P))):
             if not (s is not None and tuple(s.shape) == shape and s.dtype == nl.float32):
                 raise KernelInputError(
                     f"expert_ffn: fp8 weights need {name} float32 {list(shape)}, got "
                     f"{None if s is None else (tuple(s.shape), s.dtype)}")
+    return B, fp8
 
-    out = nl.ndarray((T + 1, H), dtype=nl.float32, buffer=nl.shared_hbm)
-    _zero_rows(out)
+
+def _streams(B, H, fp8):
+    """Whether blocks of B rows take the streaming path (see the module docstring). FP8 needs each
+    partition's hidden rows inside one 128-row scale block (H/128 dividing 128)."""
+    KT = H // P
+    return B <= STREAM_MAX_ROWS and (not fp8 or (KT <= P and P % KT == 0))
+
+
+def _row_selector(KT):
+    """[KT, P] fp32 one-hot: row block r -> the partitions p whose rows p*KT .. p*KT+KT-1 lie in it."""
+    select = nl.ndarray((KT, P), dtype=nl.float32, buffer=nl.sbuf)
+    owner = np.arange(P) // (P // KT)
+    nisa.dma_copy(dst=select, src=nl.shared_constant(
+        (owner[None, :] == np.arange(KT)[:, None]).astype(np.float32)))
+    return select
+
+
+class _Pending(nl.NKIObject):
+    """The last block's token sums, written back (SBUF -> HBM scatter) only after the next block's
+    first weight DMA is queued, so the weight stream does not wait for that block's last matmuls."""
+
+    def __init__(self, out, rows):
+        self.out = out
+        self.rows = rows            # this program's rows of `out`, zeroed at the first flush
+        self.sums = []
+
+    def flush(self):
+        if self.rows is not None:   # after the first weight DMA, so that one starts at once
+            _zero_rows(self.rows)
+            self.rows = None
+        H = self.out.shape[1]
+        for acc, token in self.sums:
+            n = acc.shape[0]
+            nisa.dma_copy(dst=self.out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
+        self.sums = []
+
+
+def _gather_sums(out, token, flag):
+    """The tokens' sums so far, out[token] (HBM -> SBUF gather). flag ([1, 1] int32 in SBUF, or
+    None = 1): 0 when no token of the block had rows in an earlier block, so the sums are still 0
+    and the gather runs zero times (a runtime loop bound)."""
+    n, H = token.shape[0], out.shape[1]
+    acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
+    if flag is None:
+        nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
+        return acc
+    nisa.memset(dst=acc, value=0.0, engine=nisa.engine.vector)
+    count = nisa.register_alloc()
+    nisa.register_load(count, flag)
+    for _ in nl.dynamic_range(count):
+        nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
+    return acc
+
+
+def _stream_block(x, w, scales, select, expert, token, source, row_w, flag, pending, copies):
+    """One block of at most STREAM_MAX_ROWS rows: weights streamed in chunks of whole rows."""
+    w_gate, w_up, w_down = w
+    B = token.shape[0]
+    KT = x.shape[1] // P
+    # The first weight DMA goes first; the small transfers then run side by side on the engines
+    # it leaves (the previous block's write-back, this block's sums, x rows and scale grids).
+    first = _row_chunk(w_gate, expert, 0, partition_major=True)
+    pending.flush()
+    acc = _gather_sums(pending.out, token, flag)
+    x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
+    _gather_rows_transposed(x, source, copies, x_T, 0, partition_major=True)
+    columns = (None, None)
+    if scales[0] is not None:
+        columns = (_stream_scales_per_partition(scales[0], expert, select),
+                   _stream_scales_per_partition(scales[1], expert, select))
+    down_grid = _load_scales(scales[2], expert)                   # [P, I/P, H/P] or None
+    h_T = _stream_gate_up(x_T, w_gate, w_up, columns, expert, first)
+    _stream_down(h_T, w_down, down_grid, expert, acc, row_w)
+    pending.sums.append((acc, token))
+
+
+def _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies):
+    """One block of any size: weights in column stripes, FP8 dequantised on chip. columns: per
+    128-row slice, (tokens, source rows, row weights) [n, 1] each."""
+    w_gate, w_up, w_down = w
+    tokens = [c[0] for c in columns]
+    sources = [c[1] for c in columns]
+    weights = [c[2] for c in columns]
+    pending.flush()
+    h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies)
+    sums = []
+    for token in tokens:
+        sums.append(_gather_sums(pending.out, token, flag))
+    _down_accumulate(h_T, w_down, _load_scales(scales[2], expert), expert, sums, weights, dequant)
+    for acc, token in zip(sums, tokens):
+        pending.sums.append((acc, token))
+
+
+@nki.jit
+def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_down,
+                      gate_scale=None, up_scale=None, down_scale=None, block_gathers=None):
+    """Blockwise grouped SwiGLU experts, summed per token (see the module docstring).
+
+    x [T, H] bf16 (one row per token); row_token [NB*B] int32 (T = padding); row_weight [NB*B]
+    fp32; block_expert [NB] int32 in 0..E-1; w_gate, w_up [E, H, I] and w_down [E, I, H] in the
+    [in, out] layout, bf16 or float8_e4m3 (or uint8 holding float8_e4m3 bytes; then gate_scale,
+    up_scale [E, H/128, I/128] and down_scale [E, I/128, H/128] fp32 multipliers). H and I
+    multiples of 128; B <= 512. block_gathers [NB] int32 (optional): 1 if a token of the block has
+    rows in an earlier block (its running sum must be read back), else 0. Returns out [L, T+1, H] fp32 (L = number of programs): program l
+    sums the blocks l, l+L, ... into out[l]; the token sums are out.sum(0)[:T], row T collects
+    what the padding rows added (0).
+    """
+    w = (_as_fp8(w_gate), _as_fp8(w_up), _as_fp8(w_down))
+    scales = (gate_scale, up_scale, down_scale)
+    B, fp8 = _check_inputs(x, row_token, row_weight, block_expert, *w, scales)
+    if not fp8:
+        scales = (None, None, None)
+    T, H = x.shape
+    NB = block_expert.shape[0]
+    programs, me = nl.num_programs(0), nl.program_id(0)
+    # 2-D in HBM (a gather's rows are H apart in the base tensor); row me*(T+1) + t = out[me, t].
+    sums = nl.ndarray((programs * (T + 1), H), dtype=nl.float32, buffer=nl.shared_hbm)
     # The block tables, loaded once (HBM -> SBUF): block expert ids on one partition; each row's
     # token and weight with the rows of a 128-row slice on partitions, one column per slice.
     n = min(P, B)
@@ -269,27 +537,34 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
     nisa.dma_copy(dst=row_weights, src=row_weight.reshape((slices, n)).permute((1, 0)))
     sources = nl.ndarray((n, slices), dtype=nl.int32, buffer=nl.sbuf)   # padding (T) reads row T-1
     nisa.tensor_scalar(dst=sources, data=tokens, op0=nl.minimum, operand0=T - 1)
+    if me > 0:                                                          # rows of out[me] in `sums`
+        nisa.tensor_scalar(dst=tokens, data=tokens, op0=nl.add, operand0=me * (T + 1))
+    gathers = None
+    if block_gathers is not None:
+        if not (tuple(block_gathers.shape) == (NB,) and block_gathers.dtype == nl.int32):
+            raise KernelInputError(f"expert_ffn: block_gathers must be int32 ({NB},), got "
+                                   f"{tuple(block_gathers.shape)} {block_gathers.dtype}")
+        gathers = nl.ndarray((1, NB), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=gathers, src=block_gathers.reshape((1, NB)))
+    stream = _streams(B, H, fp8)
+    select = _row_selector(H // P) if stream and fp8 else None
     dequant = _EngineRotation(DEQUANT_ENGINES)
     copies = _EngineRotation((nisa.engine.vector, nisa.engine.scalar))    # PSUM evictions of x^T
+    pending = _Pending(sums, sums[me * (T + 1):(me + 1) * (T + 1), :])
 
-    for b in range(NB):
+    for b in range(me, NB, programs):                 # LNC=2: the programs take alternate blocks
         expert = nisa.register_alloc()
         nisa.register_load(expert, experts[0:1, b:b + 1])          # runtime expert id of block b
         block = range(b * (B // n), (b + 1) * (B // n))            # this block's slice columns
-        tokens_b = [tokens[:, c:c + 1] for c in block]
-        sources_b = [sources[:, c:c + 1] for c in block]
-        weights_b = [row_weights[:, c:c + 1] for c in block]
-        h_T = _gate_up(x, sources_b, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies)
-        sums = []                                                  # the tokens' sums so far
-        for token in tokens_b:                                     # HBM -> SBUF, gather by token
-            acc = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=acc, src=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0))
-            sums.append(acc)
-        _down_accumulate(h_T, w_down, _load_scales(down_scale, expert), expert, sums, weights_b,
-                         dequant)
-        for acc, token in zip(sums, tokens_b):                     # SBUF -> HBM, scatter by token
-            nisa.dma_copy(dst=out.ap([[H, n], [1, H]], vector_offset=token, indirect_dim=0), src=acc)
-    return out
+        flag = None if gathers is None else gathers[0:1, b:b + 1]
+        if stream:
+            _stream_block(x, w, scales, select, expert, tokens[:, b:b + 1], sources[:, b:b + 1],
+                          row_weights[:, b:b + 1], flag, pending, copies)
+        else:
+            columns = [(tokens[:, c:c + 1], sources[:, c:c + 1], row_weights[:, c:c + 1]) for c in block]
+            _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies)
+    pending.flush()
+    return sums.reshape((programs, T + 1, H))
 
 
 # --------------------------------------------------------------------------- host side
@@ -345,6 +620,7 @@ class BlockPlan:
     block_expert: np.ndarray     # [NB] int32
     row_token: np.ndarray        # [NB * B] int32; num_tokens marks padding
     row_weight: np.ndarray       # [NB * B] float32; 0 for padding
+    block_gathers: np.ndarray | None = None   # [NB] int32: 1 if a token has rows in an earlier block
 
     @property
     def num_blocks(self) -> int:
@@ -407,19 +683,26 @@ def plan_blocks(group_sizes, row_token, row_weight, num_tokens: int, block_rows:
             wt[:n] = row_weight[b0:b0 + n]
             tokens.append(tok)
             weights.append(wt)
+    seen, gathers = set(), []
+    for tok in tokens:
+        real = set(tok[tok < num_tokens].tolist())
+        gathers.append(int(bool(real & seen)))
+        seen |= real
     return BlockPlan(block_rows, np.asarray(experts, np.int32),
                      np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
-                     np.concatenate(weights) if weights else np.zeros(0, np.float32))
+                     np.concatenate(weights) if weights else np.zeros(0, np.float32),
+                     np.asarray(gathers, np.int32))
 
 
 def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWeights,
-                       block_rows: int | None = None, report=False):
+                       block_rows: int | None = None, report=False, lnc: int | None = None):
     """Host launcher: rows grouped by local expert -> per-token sums out [T, H] float32.
 
     x [T, H] (any float; sent as bf16); group_sizes [E] rows per expert (zeros allowed);
     row_token [N], row_weight [N]: each row's token and routing weight, expert 0's rows first.
-    block_rows: rows per block (default: `choose_block_rows`). Returns out [T, H] (tokens
-    without rows get 0), plus the cost report (None when nothing ran) when `report=True`.
+    block_rows: rows per block (default: `choose_block_rows`). lnc: the logical-core degree (default
+    the runtime's; at 2 the two cores take alternate blocks). Returns out [T, H] (tokens without
+    rows get 0), plus the cost report (None when nothing ran) when `report=True`.
     """
     weights.validate()
     x = np.ascontiguousarray(x, dtype=BF16)
@@ -432,10 +715,10 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
     I = weights.gate.shape[2]
     if block_rows is None:
         block_rows = choose_block_rows(group_sizes, H, I, weights.gate.dtype.itemsize)
-    return run_blocks(x, plan_blocks(group_sizes, row_token, row_weight, T, block_rows), weights, report)
+    return run_blocks(x, plan_blocks(group_sizes, row_token, row_weight, T, block_rows), weights, report, lnc)
 
 
-def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
+def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False, lnc: int | None = None):
     """Launch the kernel over a block plan; x [T, H] bf16. Returns out [T, H] float32 (and the
     cost report, None when there are no blocks)."""
     T, H = x.shape
@@ -443,9 +726,11 @@ def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False):
         out = np.zeros((T, H), np.float32)
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
-                    *weights.kernel_args(), report=report)
+                    *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True,
+                    block_gathers=plan.block_gathers)
     out, rep = result if report else (result, None)
-    return (out[:T], rep) if report else out[:T]
+    out = np.asarray(out).sum(axis=0)[:T]             # the programs' partial sums (LNC=2: two)
+    return (out, rep) if report else out
 
 
 def static_block_shape(rows: int, top_k: int, num_experts: int) -> tuple[int, int]:
@@ -485,12 +770,18 @@ def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, 
     row_token = torch.full((dump + 1,), tokens, dtype=torch.int32).scatter(0, slot, token.to(torch.int32))
     row_weight = torch.zeros(dump + 1).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
     block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks), right=True)
+    # A block reads its tokens' sums back only if one of them has rows in an earlier block.
+    row_block = torch.arange(dump) // block_rows
+    first = torch.full((tokens + 1,), num_blocks).scatter_reduce(0, row_token[:dump].long(), row_block,
+                                                                 reduce="amin")
+    later = (row_block > first[row_token[:dump].long()]) & (row_token[:dump] < tokens)
     return BlockPlan(block_rows, block_expert.clamp(max=num_experts - 1).to(torch.int32).numpy(),
-                     row_token[:dump].numpy(), row_weight[:dump].numpy())
+                     row_token[:dump].numpy(), row_weight[:dump].numpy(),
+                     later.reshape(num_blocks, block_rows).any(1).to(torch.int32).numpy())
 
 
 def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,
-               report=False, shape: tuple[int, int] | None = None):
+               report=False, shape: tuple[int, int] | None = None, lnc: int | None = None):
     """Host launcher with the semantics of `ReferenceOps.experts` over local experts:
     out[t] = sum_j routing_weights[t, j] * expert_{ids[t, j]}(x[t]).
 
@@ -510,11 +801,12 @@ def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int 
     if shape is not None:
         weights.validate()
         x = np.ascontiguousarray(x, dtype=BF16)
-        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights, report)
+        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights,
+                          report, lnc)
     token_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
     flat_ids, flat_w = ids.reshape(-1), routing_weights.reshape(-1)
     keep = flat_ids >= 0
     order = np.argsort(flat_ids[keep], kind="stable")
     sizes = np.bincount(flat_ids[keep], minlength=weights.num_experts)
     return grouped_expert_ffn(x, sizes, token_of[keep][order], flat_w[keep][order], weights,
-                              block_rows=block_rows, report=report)
+                              block_rows=block_rows, report=report, lnc=lnc)

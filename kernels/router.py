@@ -11,22 +11,32 @@ descending biased score instead, and the MoE sum does not depend on the order.
 
 Layout and engines, per chunk of up to 512 tokens:
 
-* x^T [H on partitions, tokens]: the contraction dim must sit on partitions. Chunks of more than
-  128 tokens use DMA transposes ([tokens, 8, 128] -> [128, 8, tokens] per DMA, off the TensorE
-  critical path); smaller chunks (decode) load x row-major in one DMA and transpose on TensorE,
-  which is idle there, while the DMA queues, the bound engine, stream the router weight.
+* The router weight W [H, E] (4 MiB fp32) is loaded once, partition-major (hidden row p*H/128 + k
+  on partition p, so each partition's rows are one contiguous run in HBM), in three chunks of
+  decreasing size (half, then the rest but H/1024 rows, then those), each chunk as two DMAs over
+  64 partitions. At decode this stream is the whole cost; the small last chunk leaves few
+  matmuls for after it.
+* x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
+  on partitions): up to 32 tokens by one strided DMA (runs of H/128 elements per partition and
+  token, issued before the weight); more tokens as rows (one contiguous DMA per 128) and TensorE
+  transposes of the columns k, k + H/128, ... (exact in fp32; a DMA transpose needs 2-byte data).
 * logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
   operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
   as fast as the other orientation for full tiles and 2x faster for a few tokens (a matmul costs
-  max(64, N) moving columns, 4 cycles each in fp32, and tokens-stationary would move all 256
-  experts). W [H, E] (4 MiB fp32) is loaded once.
-* ScalarE applies the sigmoid while evicting PSUM; TensorE transposes the scores (fp32, exact)
-  back to [tokens, experts] so the top-8 instructions see one token per partition.
-* VectorE: selection = s + bias; max8 gives the 8 largest selection values; nc_match_replace8
+  max(64, N) moving columns, 4 cycles each in fp32). The contraction loop is outermost so every
+  expert tile follows the weight chunks as they land.
+* ScalarE applies the sigmoid while evicting PSUM; in that layout the selection bias is one value
+  per partition (VectorE tensor_scalar, the bias loaded transposed as [128, E/128], last). TensorE
+  transposes the scores and the selection values (fp32, exact) back to [tokens, experts] so the
+  top-8 instructions see one token per partition.
+* VectorE: max8 gives the 8 largest selection values; nc_match_replace8
   marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
   as in the reference's stable sort, and never select more or fewer than 8); the unbiased
   scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
   nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+
+LNC=2: the two programs take alternate chunks of 512 tokens (a program without tokens loads
+nothing), each writing only its tokens' rows.
 
 Expert subsets: a disallowed expert gets a selection bias of -1e30 (done by the launcher), so it
 can never be chosen while at least 8 experts are allowed.
@@ -47,35 +57,74 @@ TOP_K = 8                                      # what max8 / nc_find_index8 prod
 DISALLOWED_BIAS = -1e30                        # selection bias of an expert that must not be chosen
 UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
 X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
+DIRECT_X_TOKENS = 32                           # up to this many tokens, x^T comes by one strided DMA
+
+
+def _weight_chunks(KT):
+    """Contraction rows per partition of each router-weight DMA: half first, then smaller ones,
+    so only a few matmuls remain after the last byte arrives."""
+    first = (KT + 1) // 2
+    last = KT // 8
+    return [c for c in (first, KT - first - last, last) if c > 0]
+
+
+def _load_weight(w):
+    """w_sb[p, k, e] = w[p*KT + k, e] (partition-major: one contiguous run per partition and
+    chunk). Each chunk is two DMAs over 64 partitions (8 DMA engines each), so a token load can
+    run beside one of them."""
+    H, E = w.shape
+    KT = H // P
+    w_sb = nl.ndarray((P, KT, E), dtype=nl.float32, buffer=nl.sbuf)
+    half = P // 2
+    k0 = 0
+    for kn in _weight_chunks(KT):
+        for p0 in (0, half):
+            nisa.dma_copy(dst=w_sb[p0:p0 + half, k0:k0 + kn, :],
+                          src=w.ap([[KT * E, half], [1, kn * E]], offset=p0 * KT * E + k0 * E))
+        k0 += kn
+    return w_sb
+
+
+def _load_bias_transposed(bias):
+    """bias_T[p, c] = bias[c*P + p]: the selection bias of expert tile c on its partitions (one
+    value per partition, added to sigmoid(logits)^T with tensor_scalar)."""
+    E = bias.shape[0]
+    full = E // P
+    bias_T = nl.ndarray((P, -(-E // P)), dtype=nl.float32, buffer=nl.sbuf)
+    if full:
+        nisa.dma_copy(dst=bias_T[:, 0:full], src=bias.ap([[1, P], [P, full]]))
+    if E % P:
+        nisa.dma_copy(dst=bias_T[:E % P, full:full + 1], src=bias.ap([[1, E % P], [1, 1]], offset=full * P))
+    return bias_T
 
 
 def _load_x_transposed(x, t0, tc, xT):
-    """xT[p, k, t] = x[t0 + t, k*P + p] for t < tc: HBM fp32 rows -> SBUF, hidden on partitions.
+    """xT[p, t, k] = x[t0 + t, p*KT + k] for t < tc (hidden on partitions, partition-major).
 
-    128 tokens at a time: one contiguous row per token (DMA), then TensorE transposes (exact in
-    fp32; a DMA transpose would need 2-byte data)."""
-    KT = xT.shape[1]
+    Up to DIRECT_X_TOKENS tokens: one DMA (runs of KT elements per partition and token); more: 128
+    tokens at a time, one contiguous row per token (DMA), then TensorE transposes (exact in fp32;
+    a DMA transpose would need 2-byte data)."""
+    H = x.shape[1]
+    KT = xT.shape[2]
+    if tc <= DIRECT_X_TOKENS:
+        nisa.dma_copy(dst=xT, src=x.ap([[KT, P], [H, tc], [1, KT]], offset=t0 * H))
+        return
     for s0 in range(0, tc, P):
         sc = min(P, tc - s0)
-        rows = nl.ndarray((sc, KT * P), dtype=nl.float32, buffer=nl.sbuf)
+        rows = nl.ndarray((sc, H), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=rows, src=x[t0 + s0:t0 + s0 + sc, :])    # HBM -> SBUF
         for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
             kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
             bank = nl.ndarray((P, kn, sc), dtype=nl.float32, buffer=nl.psum)
             for j in range(kn):
-                k = k0 + j
-                nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k * P:(k + 1) * P])
-            nisa.tensor_copy(dst=xT[:, k0:k0 + kn, s0:s0 + sc], src=bank)          # PSUM -> SBUF
+                nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k0 + j:H:KT])
+            nisa.tensor_copy(dst=xT[:, s0:s0 + sc, k0:k0 + kn].permute((0, 2, 1)), src=bank)
 
 
-def _top8_tokens(scores, bias_rows, ids, weights, t0, routed_scaling_factor):
-    """Top-8 for the tokens of `scores` [ts, E] (PSUM, tokens on partitions) -> HBM rows t0...
-
-    bias_rows [P, E] holds the selection bias on every partition.
-    """
+def _top8_tokens(scores, selection, ids, weights, t0, routed_scaling_factor):
+    """Top-8 for the tokens of `scores` and `selection` (= scores + bias) [ts, E] (PSUM, tokens on
+    partitions) -> HBM rows t0..."""
     ts, E = scores.shape
-    selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=selection, data1=scores, data2=bias_rows[:ts, :], op=nl.add)
     top_selection = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top_selection, src=selection)
     # Replace exactly one occurrence per top value: 8 positions, ties resolved to the lower id.
@@ -126,28 +175,64 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     KT = H // P
     ids = nl.ndarray((T, TOP_K), dtype=nl.uint32, buffer=nl.shared_hbm)
     weights = nl.ndarray((T, TOP_K), dtype=nl.float32, buffer=nl.shared_hbm)
+    programs, me = nl.num_programs(0), nl.program_id(0)
+    chunks = list(range(me * TOKEN_CHUNK, T, programs * TOKEN_CHUNK))   # LNC=2: alternate chunks
+    if len(chunks) == 0:
+        return ids, weights
 
-    # The router weight stays resident: w_sb[p, k, e] = w[k*P + p, e] (HBM -> SBUF, 4 DMAs).
-    w_sb = nl.ndarray((P, KT, E), dtype=nl.float32, buffer=nl.sbuf)
-    w_view = w.reshape((KT, P, E)).permute((1, 0, 2))
-    step = max(1, KT // 4)
-    for k0 in range(0, KT, step):
-        k1 = min(KT, k0 + step)
-        nisa.dma_copy(dst=w_sb[:, k0:k1, :], src=w_view[:, k0:k1, :])
-    bias_row = nl.ndarray((1, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=bias_row, src=bias.reshape((1, E)))               # HBM -> SBUF, one partition
-    bias_rows = nl.broadcast_to(bias_row, (P, E))     # to every partition on TensorE, not by DMA
+    # The first tokens before the router weight (it then streams while nothing else waits).
+    xT = nl.ndarray((P, min(TOKEN_CHUNK, T - chunks[0]), KT), dtype=nl.float32, buffer=nl.sbuf)
+    _load_x_transposed(x, chunks[0], xT.shape[1], xT)
+    w_sb = _load_weight(w)                                    # resident: 4 MiB at the MiMo shape
+    bias_T = _load_bias_transposed(bias)           # needed last, so queued last
 
-    for t0 in range(0, T, TOKEN_CHUNK):
+    for t0 in chunks:
         tc = min(TOKEN_CHUNK, T - t0)
-        xT = nl.ndarray((P, KT, tc), dtype=nl.float32, buffer=nl.sbuf)
-        _load_x_transposed(x, t0, tc, xT)
+        if t0 != chunks[0]:
+            xT = nl.ndarray((P, tc, KT), dtype=nl.float32, buffer=nl.sbuf)
+            _load_x_transposed(x, t0, tc, xT)
+        tiles = []                                   # per expert tile: logits^T [ec, tc] (PSUM)
+        for e0 in range(0, E, EXPERT_TILE):
+            tiles.append((e0, nl.ndarray((min(EXPERT_TILE, E - e0), tc), dtype=nl.float32, buffer=nl.psum)))
+        for k in range(KT):                          # k outer: every tile follows the weight DMAs
+            for e0, logits_T in tiles:
+                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + logits_T.shape[0]],
+                               moving=xT[:, :, k])
+        scores_T = []                                # sigmoid(logits)^T and + bias, [ec, tc] each
+        for c, (e0, logits_T) in enumerate(tiles):
+            ec = logits_T.shape[0]
+            s_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+            sel_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=sel_T, data=s_T, op0=nl.add, operand0=bias_T[:ec, c:c + 1])
+            scores_T.append((e0, ec, s_T, sel_T))
+        for s0 in range(0, tc, P):
+            ts = min(P, tc - s0)
+            scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
+            selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
+            for e0, ec, s_T, sel_T in scores_T:     # back to tokens on partitions (exact)
+                nisa.nc_transpose(dst=scores[:, e0:e0 + ec], data=s_T[:, s0:s0 + ts])
+                nisa.nc_transpose(dst=selection[:, e0:e0 + ec], data=sel_T[:, s0:s0 + ts])
+            _top8_tokens(scores, selection, ids, weights, t0 + s0, routed_scaling_factor)
+    return ids, weights
+
+    # The first tokens before the router weight (it then streams while nothing else waits).
+    xT = nl.ndarray((P, min(TOKEN_CHUNK, T - chunks[0]), KT), dtype=nl.float32, buffer=nl.sbuf)
+    _load_x_transposed(x, chunks[0], xT.shape[1], xT)
+    w_sb = _load_weight(w)                                    # resident: 4 MiB at the MiMo shape
+    bias_T = _load_bias_transposed(bias)           # needed last, so queued last
+
+    for t0 in chunks:
+        tc = min(TOKEN_CHUNK, T - t0)
+        if t0 != chunks[0]:
+            xT = nl.ndarray((P, tc, KT), dtype=nl.float32, buffer=nl.sbuf)
+            _load_x_transposed(x, t0, tc, xT)
         scores_T = []                                # per expert tile: sigmoid(logits)^T [ec, tc]
         for e0 in range(0, E, EXPERT_TILE):
             ec = min(EXPERT_TILE, E - e0)
             logits_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.psum)
             for k in range(KT):
-                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + ec], moving=xT[:, k, :])
+                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + ec], moving=xT[:, :, k])
             s_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
             nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
             scores_T.append((e0, ec, s_T))
@@ -163,12 +248,13 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
 # --------------------------------------------------------------------------- host launcher
 
 def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=1.0, allowed=None,
-          report=False):
+          report=False, lnc=None):
     """Host launcher with the semantics of `ReferenceOps.router` / `reference.router`.
 
     x [T, H] (any float array; routed in fp32), gate_weight_t [H, E] fp32 in the kernel layout
     [in, out] (the Hub's `mlp.gate.weight` [E, H] transposed), correction_bias [E], allowed [E]
-    bool or None (expert subsets: only allowed experts are chosen). Returns (ids [T, 8] int64,
+    bool or None (expert subsets: only allowed experts are chosen); lnc: the logical-core degree
+    (default the runtime's; at 2 the cores take alternate chunks of 512 tokens). Returns (ids [T, 8] int64,
     weights [T, 8] float32), plus the simulator's cost report when `report=True`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -193,7 +279,8 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
     if x.shape[0] == 0:
         empty = (np.zeros((0, TOP_K), np.int64), np.zeros((0, TOP_K), np.float32))
         return (*empty, None) if report else empty
-    result = launch(router_kernel, x, w, bias, float(routed_scaling_factor), report=report)
+    result = launch(router_kernel, x, w, bias, float(routed_scaling_factor), report=report,
+                    lnc=lnc, splits_lnc=True)
     (ids, weights), rep = (result, None) if not report else (result[0], result[1])
     ids = ids.astype(np.int64)
     return (ids, weights, rep) if report else (ids, weights)

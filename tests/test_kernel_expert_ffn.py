@@ -12,7 +12,8 @@ import pytest
 
 from mimo_kernels.backend import simulate
 from mimo_kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
-                                expert_ffn_kernel, grouped_expert_ffn, plan_blocks)
+                                expert_ffn_kernel, grouped_expert_ffn, plan_blocks,
+                                plan_blocks_static, static_block_shape)
 from mimo_v2_flash.selfcheck.kernels_moe import (FFN_TOL as TOL, random_experts as make_weights,
                                                  random_routing as routing, reference_moe,
                                                  relative_error)
@@ -74,6 +75,24 @@ def test_block_plan_layout():
     np.testing.assert_array_equal(plan.block_expert, [0, 2, 2])
     np.testing.assert_array_equal(plan.row_token, [4, 1, 0, 7, 2, 3, 4, 5, 6, 7, 7, 7])
     np.testing.assert_allclose(plan.row_weight, [.1, .2, .3, 0, .4, .5, .6, .7, .8, 0, 0, 0])
+    np.testing.assert_array_equal(plan.block_gathers, [0, 1, 0])   # token 4 is back in block 1
+
+
+def test_static_plan_flags_the_same_read_backs():
+    """plan_blocks_static (tensor ops, static shape) flags the blocks that must read their tokens'
+    sums back exactly as plan_blocks does, and none of its padding-only blocks."""
+    rng = np.random.default_rng(15)
+    ids = np.array([rng.choice(6, 3, replace=False) for _ in range(9)])
+    w = rng.random(ids.shape).astype(np.float32)
+    block_rows, num_blocks = static_block_shape(9, 3, 6)
+    static = plan_blocks_static(ids, w, 6, block_rows, num_blocks)
+    order = np.argsort(ids.reshape(-1), kind="stable")
+    exact = plan_blocks(np.bincount(ids.reshape(-1), minlength=6), np.repeat(np.arange(9), 3)[order],
+                        w.reshape(-1)[order], 9, block_rows)
+    n = exact.num_blocks
+    assert exact.block_gathers.any()
+    np.testing.assert_array_equal(static.block_gathers[:n], exact.block_gathers)
+    assert not static.block_gathers[n:].any()
 
 
 @pytest.mark.parametrize("block_rows", [1, 8, 64, 384, 512])
@@ -95,9 +114,14 @@ def test_padding_only_block_changes_nothing():
     padded = BlockPlan(4, np.append(plan.block_expert, 1).astype(np.int32),
                        np.append(plan.row_token, np.full(4, 6)).astype(np.int32),
                        np.append(plan.row_weight, np.zeros(4)).astype(np.float32))
+    flagged = run(x, plan.row_token, plan.row_weight, plan.block_expert, *weights.kernel_args(),
+                  block_gathers=plan.block_gathers)      # token 5 is in both blocks: flags [0, 1]
+    np.testing.assert_array_equal(plan.block_gathers, [0, 1])
     more = run(x, padded.row_token, padded.row_weight, padded.block_expert, *weights.kernel_args())
     np.testing.assert_array_equal(more, exact)
-    assert (exact[6] == 0).all() and (exact[[3, 4]] == 0).all()
+    np.testing.assert_array_equal(flagged, exact)
+    assert exact.shape == (1, 7, 256)                 # one program's sums, row 6 the padding's
+    assert (exact[0, 6] == 0).all() and (exact[0, [3, 4]] == 0).all()
 
 
 def test_block_size_choice():
@@ -131,6 +155,45 @@ def test_full_decode_fp8():
     ids = np.array([[0, 1], [1, -1], [0, -1]])
     w = np.array([[0.6, 0.4], [1.0, 0.0], [0.3, 0.0]], np.float32)
     check(x, ids, w, weights, TOL["fp8"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_lnc2_programs_take_alternate_blocks(dtype):
+    """LNC=2: program l sums blocks l, l+2, ... into its own partial output; tokens with rows in
+    blocks of both programs (k=3 of 4 experts) get the same result as at LNC=1."""
+    weights = make_weights(4, 256, 256, dtype, seed=12)
+    x = np.random.default_rng(12).standard_normal((40, 256)).astype(np.float32)
+    ids, w = routing(40, 3, 4, seed=12)
+    out, _ = check(x, ids, w, weights, TOL[dtype], lnc=2)
+    np.testing.assert_allclose(out, expert_ffn(x, ids, w, weights, lnc=1), rtol=0, atol=1e-6)
+
+
+def test_lnc2_full_decode_fp8():
+    """LNC=2 at the MiMo shape: 2 FP8 experts, 5 tokens (2 blocks, one per program)."""
+    weights = make_weights(2, FULL["hidden"], FULL["inter"], "fp8", seed=13)
+    x = np.random.default_rng(13).standard_normal((5, 4096)).astype(np.float32)
+    ids, w = routing(5, 1, 2, seed=13)
+    check(x, ids, w, weights, TOL["fp8"], lnc=2)
+
+
+@pytest.mark.parametrize("rows", [2, 200])
+def test_fp8_weights_as_uint8_bytes(rows):
+    """FP8 weights passed as uint8 arrays of the same bytes (how torch carries them to the
+    device) give exactly the float8_e4m3 result, on the streaming (2 rows per block) and the
+    striped (200 rows: 256-row blocks) paths."""
+    weights = make_weights(2, 256, 128, "fp8", seed=14)
+    x = np.random.default_rng(14).standard_normal((rows, 256)).astype(BF16)
+    plan = plan_blocks([rows, 0], np.arange(rows), np.full(rows, 0.5, np.float32), num_tokens=rows,
+                       block_rows=2 if rows == 2 else 256)
+    run = simulate(expert_ffn_kernel)
+    tables = (x, plan.row_token, plan.row_weight, plan.block_expert)
+    as_fp8 = run(*tables, *weights.kernel_args())
+    gate, up, down, *scales = weights.kernel_args()
+    as_bytes = run(*tables, gate.view(np.uint8), up.view(np.uint8), down.view(np.uint8), *scales)
+    np.testing.assert_array_equal(as_bytes, as_fp8)
+    want = reference_moe(np.asarray(x, np.float32), np.zeros((rows, 1), np.int64),
+                         np.full((rows, 1), 0.5, np.float32), weights)
+    assert relative_error(as_fp8[0, :rows], want) < TOL["fp8"]
 
 
 # ----------------------------------------------------------------------- misuse

@@ -25,8 +25,8 @@ def by_id(ids, values):
     return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
 
 
-def check(x, gate, bias, allowed=None, scaling=1.0):
-    ids, weights = route(x, gate.T, bias, routed_scaling_factor=scaling, allowed=allowed)
+def check(x, gate, bias, allowed=None, scaling=1.0, lnc=None):
+    ids, weights = route(x, gate.T, bias, routed_scaling_factor=scaling, allowed=allowed, lnc=lnc)
     want_ids, want_w = ref.router(x, gate, bias, 8, scaling, allowed)
     assert ids.shape == want_ids.shape and weights.dtype == np.float32
     assert all(len(set(row)) == 8 for row in ids.tolist()), "a token got a repeated expert"
@@ -50,14 +50,31 @@ def check(x, gate, bias, allowed=None, scaling=1.0):
 
 @pytest.mark.parametrize("tokens", [1, 129])
 def test_full_shapes(tokens):
-    """hidden 4096, 256 experts: T=1 (decode, TensorE transposes of x) and T=129 (DMA transposes)."""
+    """hidden 4096, 256 experts: T=1 (decode, x^T by one strided DMA) and T=129 (TensorE transposes)."""
     check(*problem(tokens, 4096, 256, seed=tokens))
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 129, 1000])
+@pytest.mark.parametrize("tokens", [1, 600, 1100])
+def test_lnc2_splits_token_chunks(tokens):
+    """LNC=2: the two programs take alternate chunks of 512 tokens (T=1: the second has none);
+    same ids and weights as LNC=1, bit for bit."""
+    x, gate, bias = problem(tokens, 256, 200, seed=tokens + 3)
+    ids, weights = check(x, gate, bias, lnc=2)
+    one_ids, one_w = route(x, gate.T, bias, lnc=1)
+    np.testing.assert_array_equal(ids, one_ids)
+    np.testing.assert_array_equal(weights, one_w)
+
+
+def test_lnc2_full_shape():
+    """LNC=2 at hidden 4096, 256 experts, 520 tokens (one full chunk per program)."""
+    check(*problem(520, 4096, 256, seed=11), lnc=2)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33, 129, 1000])
 @pytest.mark.parametrize("experts", [16, 200])
 def test_small_shapes(tokens, experts):
-    """hidden 256 (tiny preset), 16 or 200 experts (ragged expert tile); 1000 tokens span 2 chunks."""
+    """hidden 256 (tiny preset), 16 or 200 experts (ragged expert tile); up to 32 tokens x^T comes
+    by one strided DMA, more by TensorE transposes; 1000 tokens span 2 chunks."""
     check(*problem(tokens, 256, experts, seed=tokens + experts))
 
 
