@@ -216,34 +216,6 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
             _top8_tokens(scores, selection, ids, weights, t0 + s0, routed_scaling_factor)
     return ids, weights
 
-    # The first tokens before the router weight (it then streams while nothing else waits).
-    xT = nl.ndarray((P, min(TOKEN_CHUNK, T - chunks[0]), KT), dtype=nl.float32, buffer=nl.sbuf)
-    _load_x_transposed(x, chunks[0], xT.shape[1], xT)
-    w_sb = _load_weight(w)                                    # resident: 4 MiB at the MiMo shape
-    bias_T = _load_bias_transposed(bias)           # needed last, so queued last
-
-    for t0 in chunks:
-        tc = min(TOKEN_CHUNK, T - t0)
-        if t0 != chunks[0]:
-            xT = nl.ndarray((P, tc, KT), dtype=nl.float32, buffer=nl.sbuf)
-            _load_x_transposed(x, t0, tc, xT)
-        scores_T = []                                # per expert tile: sigmoid(logits)^T [ec, tc]
-        for e0 in range(0, E, EXPERT_TILE):
-            ec = min(EXPERT_TILE, E - e0)
-            logits_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.psum)
-            for k in range(KT):
-                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + ec], moving=xT[:, :, k])
-            s_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
-            scores_T.append((e0, ec, s_T))
-        for s0 in range(0, tc, P):
-            ts = min(P, tc - s0)
-            scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
-            for e0, ec, s_T in scores_T:             # back to tokens on partitions (exact)
-                nisa.nc_transpose(dst=scores[:, e0:e0 + ec], data=s_T[:, s0:s0 + ts])
-            _top8_tokens(scores, bias_rows, ids, weights, t0 + s0, routed_scaling_factor)
-    return ids, weights
-
 
 # --------------------------------------------------------------------------- host launcher
 
