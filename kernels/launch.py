@@ -128,8 +128,8 @@ VARIANTS = VariantCounter()
 def to_device(value, where=None):
     """A host array as a torch tensor on `where` (default `device()`); torch tensors and
     constants pass through. On the CPU a NumPy array becomes a zero-copy view (bf16 through its
-    16-bit pattern). Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: the
-    simulator takes it as a NumPy array, and the device path raises (see docs/device.md)."""
+    16-bit pattern). Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: it goes as
+    a ``torch.uint8`` tensor of the same bytes, which the kernels reinterpret (docs/device.md)."""
     if isinstance(value, tuple):
         return tuple(to_device(v, where) for v in value)
     if not isinstance(value, np.ndarray):
@@ -142,10 +142,9 @@ def to_device(value, where=None):
     if value.dtype == ml_dtypes.bfloat16:
         tensor = _from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
     elif value.dtype.itemsize == 1 and value.dtype.kind not in "biu":      # an ml_dtypes float8
-        if where.type == "cpu" and IS_SIMULATOR:
-            return value
-        raise TypeError(f"a {value.dtype} array has no torch dtype NKI accepts on the device; "
-                        f"Trainium FP8 weights are not supported on the device path yet (docs/device.md)")
+        # No torch dtype holds Trainium e4m3: its bytes travel as uint8, and the kernels
+        # reinterpret them (`.view(nl.float8_e4m3)` of the HBM tensor).
+        tensor = _from_numpy(np.ascontiguousarray(value).view(np.uint8))
     else:
         tensor = _from_numpy(np.ascontiguousarray(value))
     return tensor if where.type == "cpu" else tensor.to(where)

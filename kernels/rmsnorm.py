@@ -120,7 +120,23 @@ def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
     nisa.dma_copy(dst=_hidden_major(y, t0, n), src=y_tile)
 
 
-def _rmsnorm_body(x, delta, weight, y, total, eps):
+def _token_tiles(T, programs):
+    """(first token, tokens, token-major?) of every tile: full 128-token tiles, then the tail, a
+    short tail cut into one piece per program (so both cores of LNC=2 share a decode batch)."""
+    full_tiles, tail = divmod(T, P)
+    tiles = [(i * P, P, True) for i in range(full_tiles)]
+    t0 = full_tiles * P
+    if tail >= TOKEN_MAJOR_MIN_ROWS:
+        tiles.append((t0, tail, True))
+    elif tail:
+        piece = -(-tail // programs)
+        tiles += [(a, min(piece, T - a), False) for a in range(t0, T, piece)]
+    return tiles
+
+
+def _rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
+    """Normalise the tiles `share`, `share + shares`, ... of x (all of them by default): at LNC=2
+    each program takes its share, so every row is written by one program."""
     T, H = x.shape
     if not (T >= 1):
         raise KernelInputError(f"rmsnorm: no tokens (x shape {x.shape})")
@@ -128,18 +144,14 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
         raise KernelInputError(f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}")
     if not (delta is None or tuple(delta.shape) == (T, H)):
         raise KernelInputError(f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}")
-    full_tiles, tail = divmod(T, P)
-    token_major_tail = tail >= TOKEN_MAJOR_MIN_ROWS
-    if full_tiles or token_major_tail:
+    mine = _token_tiles(T, shares)[share::shares]
+    layouts = [token_major for _, _, token_major in mine]
+    if True in layouts:
         w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
         weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
         _broadcast_row(w_row, weight_rows)
-        for i in range(full_tiles):
-            _token_major_tile(x, delta, weight_rows, y, total, i * P, eps)
-        if token_major_tail:
-            _token_major_tile(x, delta, weight_rows, y, total, full_tiles * P, eps, tail)
-    if tail and not token_major_tail:
+    if False in layouts:
         if not (H % P == 0):
             raise KernelInputError(
                 f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)")
@@ -147,14 +159,23 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
         nisa.dma_copy(dst=weight_cols, src=weight.reshape((P, H // P)))   # HBM -> SBUF, J per partition
         ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=ones, value=1.0)
-        _hidden_major_tile(x, delta, weight_cols, ones, y, total, full_tiles * P, tail, eps)
+    for t0, n, token_major in mine:
+        if token_major:
+            _token_major_tile(x, delta, weight_rows, y, total, t0, eps, n)
+        else:
+            _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps)
+
+
+def rmsnorm_rows(x, delta, weight, y, total, eps):
+    """`_rmsnorm_body` over this program's share of the rows (LNC=2 splits tokens)."""
+    _rmsnorm_body(x, delta, weight, y, total, eps, nl.program_id(0), nl.num_programs(0))
 
 
 @nki.jit
 def rmsnorm_kernel(x, weight, eps=1e-5):
     """y [T, H] = rmsnorm(x [T, H]) * weight [H]; y has x's dtype."""
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    _rmsnorm_body(x, None, weight, y, None, eps)
+    rmsnorm_rows(x, None, weight, y, None, eps)
     return y
 
 
@@ -163,7 +184,7 @@ def add_rmsnorm_kernel(x, delta, weight, eps=1e-5):
     """(s, y): s = x + delta (in x's dtype), y = rmsnorm(s) * weight; both [T, H]."""
     total = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    _rmsnorm_body(x, delta, weight, y, total, eps)
+    rmsnorm_rows(x, delta, weight, y, total, eps)
     return total, y
 
 
@@ -185,7 +206,7 @@ def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
     bf16. Returns y [T, H] in `dtype`, plus the simulator's cost report when `report=True`."""
     x = _activations("x", x, dtype)
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report)
+    return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report, splits_lnc=True)
 
 
 def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
@@ -197,4 +218,4 @@ def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
     if x.shape != delta.shape:
         raise ValueError(f"add_rmsnorm: delta shape {delta.shape} differs from x shape {x.shape}")
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report)
+    return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report, splits_lnc=True)
