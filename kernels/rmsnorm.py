@@ -134,7 +134,7 @@ def _token_tiles(T, programs):
     return tiles
 
 
-def _rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
+def rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
     """Normalise the tiles `share`, `share + shares`, ... of x (all of them by default): at LNC=2
     each program takes its share, so every row is written by one program."""
     T, H = x.shape
@@ -167,8 +167,8 @@ def _rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
 
 
 def rmsnorm_rows(x, delta, weight, y, total, eps):
-    """`_rmsnorm_body` over this program's share of the rows (LNC=2 splits tokens)."""
-    _rmsnorm_body(x, delta, weight, y, total, eps, nl.program_id(0), nl.num_programs(0))
+    """`rmsnorm_body` over this program's share of the rows (LNC=2 splits tokens)."""
+    rmsnorm_body(x, delta, weight, y, total, eps, nl.program_id(0), nl.num_programs(0))
 
 
 @nki.jit

@@ -165,23 +165,31 @@ def cached_rope_table(theta: float, rotary_dim: int, max_position: int) -> np.nd
     return table
 
 
+def positions_and_table(name, positions, tokens, theta, rotary_dim, max_position=None):
+    """(positions [tokens] int32, cos | sin table) for a launch, after checking the positions:
+    [tokens] non-negative ints below 2^31, at most `max_position` (the table's last row; default
+    the largest given; a static-shape caller passes its bucket's, so the table's shape does not
+    follow the data)."""
+    positions = np.asarray(positions)
+    if positions.shape != (tokens,):
+        raise ValueError(f"{name}: positions shape {positions.shape} must be ({tokens},), one per token")
+    if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
+        raise ValueError(f"{name}: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
+    largest = int(positions.max(initial=0))
+    if max_position is not None and largest > max_position:
+        raise ValueError(f"{name}: position {largest} exceeds max_position={max_position}")
+    table = cached_rope_table(theta, rotary_dim, largest if max_position is None else int(max_position))
+    return positions.astype(np.int32), table
+
+
 def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False, max_position=None):
     """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (any float array),
     positions [T] (non-negative ints), returns x with the first `rotary_dim` dims of every head
     rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`.
-    `max_position`: the largest position the table must cover (default the largest given); a
-    static-shape caller passes its bucket's, so the table's shape does not follow the data."""
+    `max_position`: the largest position the table must cover (`positions_and_table`)."""
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {x.shape}")
-    positions = np.asarray(positions)
-    if positions.shape != (x.shape[0],):
-        raise ValueError(f"rope: positions shape {positions.shape} must be ({x.shape[0]},) for x {x.shape}")
-    if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
-        raise ValueError(f"rope: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
-    largest = int(positions.max(initial=0))
-    if max_position is not None and largest > max_position:
-        raise ValueError(f"rope: position {largest} exceeds max_position={max_position}")
-    table = cached_rope_table(theta, rotary_dim, largest if max_position is None else int(max_position))
-    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions.astype(np.int32), table,
+    positions, table = positions_and_table("rope", positions, x.shape[0], theta, rotary_dim, max_position)
+    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions, table,
                   report=report, splits_lnc=True)
