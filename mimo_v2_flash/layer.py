@@ -87,6 +87,20 @@ class ReferenceOps:
         """RoPE of q [N, Hq, D] and k [N, Hkv, D] at the same positions (one launch on kernels)."""
         return self.rope(q, positions, theta), self.rope(k, positions, theta)
 
+    def norm_qkv_rope(self, x, layer, positions, theta):
+        """The attention's input: input RMSNorm, q/k/v projections, RoPE of q and k (one launch on
+        kernels). Returns q [N, Hq, D], k [N, Hkv, D] (rotated) and v [N, Hkv*Dv]."""
+        heads, kv_heads, d, _ = self.config.attention_shape(layer)
+        n = x.shape[0]
+        q, k, v = self.qkv(self.rmsnorm(x, layer_prefix(layer) + "input_layernorm.weight"), layer)
+        q, k = self.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), positions, theta)
+        return q, k, v
+
+    def linear_add_rmsnorm(self, x, a, weight_name, norm_name):
+        """A projection of `a` added to the residual x, and the next norm: (x + a W^T, its rmsnorm)
+        (o_proj and the post-attention norm; one launch on kernels)."""
+        return self.add_rmsnorm(x, self.linear(a, weight_name), norm_name)
+
     def attention(self, problems: list[AttentionInput], window, sink) -> list[np.ndarray]:
         return [ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
                               self.config.softmax_scale, window, sink) for p in problems]
@@ -125,8 +139,8 @@ class CheckedOps:
     compared as the fraction of (token, slot) expert ids that differ.
     """
 
-    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention",
-                 "router", "experts", "dense_mlp", "logits")
+    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "norm_qkv_rope",
+                 "linear_add_rmsnorm", "attention", "router", "experts", "dense_mlp", "logits")
 
     def __init__(self, backend, reference):
         self.backend, self.reference = backend, reference
@@ -165,15 +179,14 @@ class LocalExperts:
         return self.ops.experts(x, layer, ids, weights)
 
 
-def attention_block(ops, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
+def attention_block(ops, config: MiMoV2FlashConfig, layer: int, x: np.ndarray,
                     batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
-    """Projections, partial RoPE, value scale, per-sequence attention with the cache, o_proj."""
+    """Input norm, projections and partial RoPE (one op), value scale, per-sequence attention with
+    the cache; returns the attention output [N, Hq*Dv] (o_proj is fused with the residual add)."""
     heads, kv_heads, d, dv = config.attention_shape(layer)
     p = layer_prefix(layer) + "self_attn."
-    n = xn.shape[0]
-    theta = config.rope_theta_of(layer)
-    q, k, v = ops.qkv(xn, layer)
-    q, k = ops.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), batch.positions, theta)
+    n = x.shape[0]
+    q, k, v = ops.norm_qkv_rope(x, layer, batch.positions, config.rope_theta_of(layer))
     v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
     problems = []
     for seq, start, stop in batch.segments():
@@ -185,16 +198,15 @@ def attention_block(ops, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
         problems.append(AttentionInput(q[start:stop], keys, values, pos, key_pos))
     sink = ops.w(p + "attention_sink_bias").astype(np.float32) if config.has_sink(layer) else None
     outs = ops.attention(problems, config.window_of(layer), sink)
-    attn = np.concatenate(outs).reshape(n, heads * dv)
-    return ops.linear(attn, p + "o_proj.weight")
+    return np.concatenate(outs).reshape(n, heads * dv)
 
 
 def decoder_layer(ops, config: MiMoV2FlashConfig, layer: int, x: np.ndarray, batch: TokenBatch,
                   cache: KVCache | None, expert_executor) -> np.ndarray:
     """h = x + attn(norm(x)); out = h + ffn(norm(h)), with dense SwiGLU or the routed MoE."""
     p = layer_prefix(layer)
-    attn = attention_block(ops, config, layer, ops.rmsnorm(x, p + "input_layernorm.weight"), batch, cache)
-    h, hn = ops.add_rmsnorm(x, attn, p + "post_attention_layernorm.weight")
+    attn = attention_block(ops, config, layer, x, batch, cache)
+    h, hn = ops.linear_add_rmsnorm(x, attn, p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight")
     if not config.is_moe(layer):
         return h + ops.dense_mlp(hn, layer)
     ids, weights = ops.router(hn, layer)

@@ -41,6 +41,8 @@ from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
 from mimo_kernels.linear import linear
+from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
+from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.rope import rope
 from mimo_kernels.router import route
@@ -52,8 +54,8 @@ from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, Tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
-LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope", "rope_qk", "attention", "router", "experts",
-             "dense_mlp")
+LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "norm_qkv_rope", "linear_add_rmsnorm", "rope", "attention",
+             "router", "experts", "dense_mlp")
 
 
 @dataclass
@@ -250,15 +252,11 @@ class NkiOps:
         self._record("embed", report)
         return out[:np.size(ids)].reshape(np.shape(ids) + out.shape[1:]).astype(np.float32)
 
-    def _rmsnorm(self, x, weight_name):
+    def rmsnorm(self, x, weight_name):
         weight, _ = self.kernel_weight(weight_name)
         y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
-        return y[:len(x)], report
-
-    def rmsnorm(self, x, weight_name):
-        y, report = self._rmsnorm(x, weight_name)
         self._record("rmsnorm", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def add_rmsnorm(self, x, delta, weight_name):
         """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
@@ -268,15 +266,11 @@ class NkiOps:
         self._record("add_rmsnorm", report)
         return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
-    def _linear(self, x, weight_name):
+    def linear(self, x, weight_name):
         weight, scale = self.kernel_weight(weight_name)
         y, report = linear(self.padded(x), weight, scale, report=True)
-        return y[:len(x)], report
-
-    def linear(self, x, weight_name):
-        y, report = self._linear(x, weight_name)
         self._record("linear", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def _fused_qkv_weight(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """q | k | v kernel weights side by side, [in, Hq*D + Hkv*D + Hkv*Dv] (and their block
@@ -291,23 +285,28 @@ class NkiOps:
             self._prepared[key] = (weight, scale)
         return self._prepared[key]
 
-    def qkv(self, x, layer):
-        """q, k and v in one launch over the concatenated weights (one read of x, one fixed DMA
-        latency instead of three), split back into [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]."""
-        heads, kv_heads, d, dv = self.config.attention_shape(layer)
+    def norm_qkv_rope(self, x, layer, positions, theta):
+        """Input norm, q|k|v projection over the concatenated weights and RoPE of q and k in one
+        launch (kernels/norm_qkv_rope.py): q [N, Hq, D], k [N, Hkv, D], v [N, Hkv*Dv]."""
+        heads, kv_heads, d, _ = self.config.attention_shape(layer)
+        norm, _ = self.kernel_weight(layer_prefix(layer) + "input_layernorm.weight")
         weight, scale = self._fused_qkv_weight(layer)
-        y, report = linear(self.padded(x), weight, scale, report=True)
-        self._record("qkv", report)
-        y = y[:len(x)].astype(np.float32)
-        return y[:, :heads * d], y[:, heads * d:(heads + kv_heads) * d], y[:, (heads + kv_heads) * d:]
+        (q, k, v), report = norm_qkv_rope(self.padded(x), norm, weight, self.padded(positions), theta,
+                                          (heads, kv_heads), d, self.config.rotary_dim, scale=scale,
+                                          eps=self.config.layernorm_epsilon, report=True,
+                                          max_position=self._max_position())
+        self._record("norm_qkv_rope", report)
+        return tuple([a[:len(x)].astype(np.float32) for a in (q, k, v)])
 
-    def rope_qk(self, q, k, positions, theta):
-        """q and k heads side by side through one rope launch (same positions and theta)."""
-        both, report = rope(self.padded(np.concatenate([q, k], axis=1)), self.padded(positions), theta,
-                            rotary_dim=self.config.rotary_dim, report=True, max_position=self._max_position())
-        self._record("rope_qk", report)
-        both = both[:len(q)].astype(np.float32)
-        return both[:, :q.shape[1]], both[:, q.shape[1]:]
+    def linear_add_rmsnorm(self, x, a, weight_name, norm_name):
+        """(x + a W^T, its rmsnorm) in one launch (kernels/linear_add_rmsnorm.py); the sum is the
+        bf16 residual."""
+        weight, scale = self.kernel_weight(weight_name)
+        norm, _ = self.kernel_weight(norm_name)
+        (total, y), report = linear_add_rmsnorm(self.padded(a), weight, self.padded(x), norm, scale=scale,
+                                                eps=self.config.layernorm_epsilon, report=True)
+        self._record("linear_add_rmsnorm", report)
+        return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
     def rope(self, x, positions, theta):
         y, report = rope(self.padded(x), self.padded(positions), theta, rotary_dim=self.config.rotary_dim,
@@ -359,9 +358,9 @@ class NkiOps:
         return y[:len(x)].astype(np.float32)
 
     def logits(self, x):
-        """Final norm and lm_head: two launches, counted together."""
-        xn, norm_report = self._rmsnorm(x, FINAL_NORM)
-        y, head_report = self._linear(xn, LM_HEAD)
-        self._record("logits", norm_report, head_report)
-        return y.astype(np.float32)
-
+        """Final norm and lm_head in one launch (kernels/norm_qkv_rope.norm_linear)."""
+        norm, _ = self.kernel_weight(FINAL_NORM)
+        weight, scale = self.kernel_weight(LM_HEAD)
+        y, report = norm_linear(self.padded(x), norm, weight, scale, self.config.layernorm_epsilon, report=True)
+        self._record("logits", report)
+        return y[:len(x)].astype(np.float32)
