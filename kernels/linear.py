@@ -252,13 +252,16 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
     evict(y_tile, accs, step)
 
 
-def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, epilogue):
+def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hooks):
     """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
     `columns` = (share, shares): this program takes column groups share, share + shares, ...
 
     A function of its own so that the group's x^T is freed before the next group's is loaded.
     """
+    prologue, epilogue = hooks
     x_t = load_x_transposed(x, g0, tg)
+    if prologue is not None:
+        prologue(x_t)
     N = weights[0].shape[1]
     share, shares = columns
     for n0 in range(share * col_group, N, shares * col_group):
@@ -277,7 +280,7 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, epil
             nisa.dma_copy(dst=y[g0 + b0:g0 + b0 + tb, n0:n0 + cols], src=y_tile)   # SBUF -> HBM
 
 
-def _project_weights_moving(x, weights, scales, y, epilogue):
+def _project_weights_moving(x, weights, scales, y, hooks):
     """With several token groups the programs of LNC=2 take whole groups (rows), otherwise column
     groups: every output element is written by one program, and x^T is loaded once per group."""
     T, K = x.shape
@@ -291,17 +294,20 @@ def _project_weights_moving(x, weights, scales, y, epilogue):
     else:
         columns = (share, shares)
     for g0 in groups:
-        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, epilogue)
+        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, hooks)
 
 
-def _project_activations_scaled(x, weights, scales, y, epilogue):
+def _project_activations_scaled(x, weights, scales, y, hooks):
     T, K = x.shape
     N = weights[0].shape[1]
     KT, NB = K // P, N // P
     padded = 1 << (T - 1).bit_length()
     blocks = max(1, min(NB, SCALED_WEIGHT_BUDGET // (KT * P),
                         PSUM_ACC_BYTES // (4 * padded * len(weights))))
+    prologue, epilogue = hooks
     x_t = load_x_transposed(x, 0, T)
+    if prologue is not None:
+        prologue(x_t)
     share, shares = lnc_share()
     for step, nb0 in enumerate(range(share * blocks, NB, shares * blocks)):      # LNC=2: column groups
         nbs = min(blocks, NB - nb0)
@@ -321,13 +327,14 @@ def _project_activations_scaled(x, weights, scales, y, epilogue):
         nisa.dma_copy(dst=y[:, nb0 * P:nb0 * P + cols], src=y_tile)     # SBUF -> HBM
 
 
-def project(x, weights, scales, y, epilogue=None):
+def project(x, weights, scales, y, epilogue=None, prologue=None):
     """y [T, N] from x [T, K] and one or two weights [K, N] of one dtype (see module doc).
 
     One weight: y = x @ W. Two weights (SwiGLU gate and up): y = silu(x @ W_0) * (x @ W_1), both
     products accumulated side by side in PSUM and combined on eviction. FP8 weights may come as
-    uint8 bytes (`as_fp8`). `epilogue(y_tile, t0, n0)`, if given, may rewrite each output tile
-    [tokens t0.., columns n0..] (SBUF, tokens on partitions) before it is stored. At LNC=2 the
+    uint8 bytes (`as_fp8`). `prologue(x_t)`, if given, may rewrite each loaded x^T [128, K/128,
+    tokens] (SBUF) before it is used; `epilogue(y_tile, t0, n0)` each output tile [tokens t0..,
+    columns n0..] (SBUF, tokens on partitions) before it is stored. At LNC=2 the
     programs split the output (columns, or token groups at prefill), each element written once.
     """
     weights = tuple([as_fp8(w) for w in weights])
@@ -335,9 +342,9 @@ def project(x, weights, scales, y, epilogue=None):
     if not (len(weights) in (1, 2)):
         raise KernelInputError(f"project: one weight, or a gate and an up weight; got {len(weights)}")
     if scales[0] is not None and T <= FP8_SCALED_ACTIVATIONS_MAX_TOKENS:
-        _project_activations_scaled(x, weights, scales, y, epilogue)
+        _project_activations_scaled(x, weights, scales, y, (prologue, epilogue))
     else:
-        _project_weights_moving(x, weights, scales, y, epilogue)
+        _project_weights_moving(x, weights, scales, y, (prologue, epilogue))
 
 
 @nki.jit

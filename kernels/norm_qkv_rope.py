@@ -35,7 +35,7 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.checks import KernelInputError
 from mimo_kernels.launch import launch
 from mimo_kernels.linear import BF16, kernel_weight, project
-from mimo_kernels.rmsnorm import rmsnorm_body
+from mimo_kernels.rmsnorm import load_weight_transposed, normalise_transposed
 from mimo_kernels.rope import positions_and_table, rotate_half
 
 P = nl.tile_size.pmax
@@ -92,11 +92,15 @@ def norm_qkv_rope_kernel(x, norm_weight, w, positions, cos_sin_table, w_scale=No
     if not (0 <= rope_heads * head_dim <= N):
         raise KernelInputError(f"norm_qkv_rope: {rope_heads} rotary heads of {head_dim} exceed the {N} "
                                f"output columns")
-    xn = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.hbm)       # private scratch, every program all rows
-    rmsnorm_body(x, None, norm_weight, xn, None, eps)
+    if not (tuple(norm_weight.shape) == (H,)):
+        raise KernelInputError(f"norm_qkv_rope: norm weight shape {norm_weight.shape} must be ({H},)")
+    weight_t = load_weight_transposed(norm_weight)
+
+    def normalise(x_t):
+        normalise_transposed(x_t, weight_t, eps)
     y = nl.ndarray((T, N), dtype=x.dtype, buffer=nl.shared_hbm)
     epilogue = rope_epilogue(positions, cos_sin_table, rope_heads, head_dim) if rope_heads else None
-    project(xn, (w,), (w_scale,), y, epilogue)
+    project(x, (w,), (w_scale,), y, epilogue, normalise)
     return y
 
 

@@ -166,6 +166,48 @@ def rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
             _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps)
 
 
+def load_weight_transposed(weight):
+    """weight [H] (HBM) as SBUF [128, H/128], element (k, kt) = weight[kt*128 + k]: the layout of
+    x^T (`normalise_transposed`)."""
+    H = weight.shape[0]
+    if not (H % P == 0):
+        raise KernelInputError(f"rmsnorm: hidden size {H} must be a multiple of {P} (transposed layout)")
+    weight_t = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=weight_t, src=weight.reshape((H // P, P)).permute((1, 0)))     # 2-byte runs, once
+    return weight_t
+
+
+def normalise_transposed(x_t, weight_t, eps):
+    """RMSNorm of tokens held transposed, in place: x_t [128, KT, T] (SBUF, element (k, kt, t) =
+    x[t, kt*128 + k], the layout a projection contracts over) becomes x * rstd * weight.
+
+    Statistics in fp32: per partition a sum of squares over its KT elements of every token, then a
+    ones[128, 128] matmul sums the partitions and leaves every token's total on every partition,
+    which is where the multiply needs it. So a fused kernel normalises what the projection loaded
+    anyway, with no normalised copy written to and read back from HBM. 128 tokens at a time (the
+    fp32 squares of a 1024-token group would not fit in SBUF).
+    """
+    _, KT, T = x_t.shape
+    ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    for t0 in range(0, T, P):
+        n = min(P, T - t0)
+        block = x_t[:, :, t0:t0 + n]
+        squares = nl.ndarray((P, n, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=squares.permute((0, 2, 1)), op=nl.square, data=block)
+        partial = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=partial, op=nl.add, data=squares, axis=2)
+        sum_sq = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=sum_sq, stationary=ones, moving=partial)
+        rstd = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / (KT * P), bias=eps)   # PSUM -> SBUF
+        scaled = nl.ndarray((P, KT, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=block, data2=rstd.expand_dim(1).broadcast(1, KT), op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=block, data1=scaled, data2=weight_t.expand_dim(2).broadcast(2, n),
+                           op=nl.multiply)
+
+
 def rmsnorm_rows(x, delta, weight, y, total, eps):
     """`rmsnorm_body` over this program's share of the rows (LNC=2 splits tokens)."""
     rmsnorm_body(x, delta, weight, y, total, eps, nl.program_id(0), nl.num_programs(0))
