@@ -7,7 +7,8 @@ The rows go HBM -> HBM in one DMA per 128 tokens: the ids of a tile sit one per 
 and drive the gather (`table.ap(..., vector_offset=ids)`, the documented indirect access on the
 partition dim), so nothing passes through SBUF and no engine but DMA works. All full tiles' ids load
 in one DMA. Out-of-range ids are a runtime error of the DMA (oob_mode.error), and the host launcher
-rejects them before launching with a message naming the id.
+rejects them before launching with a message naming the id. LNC=2: the programs take alternate
+full tiles, and the tail cut into one piece per program.
 """
 from __future__ import annotations
 

@@ -33,6 +33,12 @@ FP8 weights:
   than the DMA of the fp8 bytes. The 128x128 block scale goes on the activations instead: per K
   block, one instruction forms x^T[128 k, T] * scale[kb, nb] for every column block nb of the group,
   and the fp8 block is the stationary operand as stored (weights-stationary form above).
+FP8 weights may arrive as uint8 HBM tensors of the same bytes (torch has no Trainium e4m3; see
+`launch.to_device`): `as_fp8` reinterprets them with `.view(nl.float8_e4m3)`.
+
+LNC=2: the programs split the output, column groups (each program streams its share of the
+weights past the whole x^T: what decode needs) or, with several token groups, whole groups.
+Either way every output element is written by exactly one program.
 """
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ Two tile layouts, chosen per group of tokens:
 Under the cost model full tiles are HBM-bound (x in, y out, plus delta in and s out when fused:
 95% of the HBM roofline at 4096 tokens); decode is bound by the fixed latency of a kernel's first
 DMA (2 us against 0.05 us of data at one token) and, near 64 tokens, by the tail's four passes.
+That is why the decoder layer runs its norms fused into their neighbours (kernels/norm_qkv_rope.py:
+`normalise_transposed` normalises the x^T a projection loads; kernels/linear_add_rmsnorm.py).
+
+LNC=2: the programs take alternate token tiles, a decode tail cut into one piece per program.
 """
 from __future__ import annotations
 
@@ -134,9 +138,9 @@ def _token_tiles(T, programs):
     return tiles
 
 
-def rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
-    """Normalise the tiles `share`, `share + shares`, ... of x (all of them by default): at LNC=2
-    each program takes its share, so every row is written by one program."""
+def rmsnorm_rows(x, delta, weight, y, total, eps):
+    """y (and total = x + delta when delta is given) for this program's share of the token tiles:
+    at LNC=2 each program takes every other tile, so every row is written by one program."""
     T, H = x.shape
     if not (T >= 1):
         raise KernelInputError(f"rmsnorm: no tokens (x shape {x.shape})")
@@ -144,6 +148,7 @@ def rmsnorm_body(x, delta, weight, y, total, eps, share=0, shares=1):
         raise KernelInputError(f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}")
     if not (delta is None or tuple(delta.shape) == (T, H)):
         raise KernelInputError(f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}")
+    share, shares = nl.program_id(0), nl.num_programs(0)
     mine = _token_tiles(T, shares)[share::shares]
     layouts = [token_major for _, _, token_major in mine]
     if True in layouts:
@@ -206,11 +211,6 @@ def normalise_transposed(x_t, weight_t, eps):
                            engine=nisa.engine.gpsimd)
         nisa.tensor_tensor(dst=block, data1=scaled, data2=weight_t.expand_dim(2).broadcast(2, n),
                            op=nl.multiply)
-
-
-def rmsnorm_rows(x, delta, weight, y, total, eps):
-    """`rmsnorm_body` over this program's share of the rows (LNC=2 splits tokens)."""
-    rmsnorm_body(x, delta, weight, y, total, eps, nl.program_id(0), nl.num_programs(0))
 
 
 @nki.jit

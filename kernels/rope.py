@@ -19,6 +19,8 @@ selection matmul on TensorE, so that decode keeps all lanes busy. The rotation i
 instructions over [partitions, tpp, heads, R/2] spread over VectorE, GpSimd and ScalarE, with cos/sin
 broadcast over heads by a stride-0 view. The untouched dims never leave the loaded tile: the rotated
 halves are written back into it and the whole tile is stored. HBM-bound: x in, out out.
+LNC=2: the programs take alternate tiles, the decode tile cut into one piece per program. The
+decoder layer ropes q and k inside the projection instead (kernels/norm_qkv_rope.py).
 """
 from __future__ import annotations
 
