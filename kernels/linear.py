@@ -258,6 +258,20 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
     evict(y_tile, accs, step)
 
 
+def _store(pending, y, epilogue):
+    """Store the pending output tiles [(y_tile, t0, n0)] (after `epilogue`) and empty the list.
+
+    Called once the next column group's weight loads are issued: a store waits for its tile's
+    matmuls and evictions, and issued first it would hold the DMA queues the weight stream
+    needs, stalling that stream once per column group."""
+    for y_tile, t0, n0 in pending:
+        if epilogue is not None:
+            epilogue(y_tile, t0, n0)
+        tb, cols = y_tile.shape
+        nisa.dma_copy(dst=y[t0:t0 + tb, n0:n0 + cols], src=y_tile)                 # SBUF -> HBM
+    pending.clear()
+
+
 def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hooks):
     """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
     `columns` = (share, shares): this program takes column groups share, share + shares, ...
@@ -270,9 +284,11 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
         prologue(x_t)
     N = weights[0].shape[1]
     share, shares = columns
+    pending = []
     for n0 in range(share * col_group, N, shares * col_group):
         cols = min(col_group, N - n0)
         tiles = [load_weight_tile(w, s, n0, cols, i) for i, (w, s) in enumerate(zip(weights, scales))]
+        _store(pending, y, epilogue)
         for b0 in range(0, tg, P):
             tb = min(P, tg - b0)
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
@@ -281,9 +297,8 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
                 _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
-            if epilogue is not None:
-                epilogue(y_tile, g0 + b0, n0)
-            nisa.dma_copy(dst=y[g0 + b0:g0 + b0 + tb, n0:n0 + cols], src=y_tile)   # SBUF -> HBM
+            pending.append((y_tile, g0 + b0, n0))
+    _store(pending, y, epilogue)
 
 
 def _project_weights_moving(x, weights, scales, y, hooks):
@@ -315,6 +330,7 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
     if prologue is not None:
         prologue(x_t)
     share, shares = lnc_share()
+    pending = []
     for step, nb0 in enumerate(range(share * blocks, NB, shares * blocks)):      # LNC=2: column groups
         nbs = min(blocks, NB - nb0)
         cols = nbs * P
@@ -326,11 +342,11 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
             nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
             raws.append(raw)
             scale_tiles.append(st)
+        _store(pending, y, epilogue)
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
         _weights_stationary_block(raws, x_t, scale_tiles, y_tile, step)
-        if epilogue is not None:
-            epilogue(y_tile, 0, nb0 * P)
-        nisa.dma_copy(dst=y[:, nb0 * P:nb0 * P + cols], src=y_tile)     # SBUF -> HBM
+        pending.append((y_tile, 0, nb0 * P))
+    _store(pending, y, epilogue)
 
 
 def project(x, weights, scales, y, epilogue=None, prologue=None):
