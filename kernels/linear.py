@@ -13,7 +13,9 @@ and lm_head (4096 -> 152576).
 The tiled matmul (`project`) is shared with the dense SwiGLU kernel (kernels/dense_mlp.py), which
 passes two weights (gate and up: h = silu(x Wg) * (x Wu) on PSUM eviction). x is transposed on TensorE once per token group
 (x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
-groups as [128, K/128, cols] (cols-element contiguous runs per partition), once per token group.
+groups as [128, K/128, cols] (cols-element contiguous runs per partition; 1024 columns at decode,
+2 KiB bf16 runs), once per token group. Each group's output is stored only after the next group's
+weight loads are issued, so the weight stream never waits behind a store.
 Per block of up to 128 tokens, one of two matmul forms:
 
 * weights moving (blocks of more than 64 tokens):
@@ -55,6 +57,10 @@ PSUM_BANK_BYTES = nl.tile_size.psum_bank_fmax_bytes
 
 X_T_BUDGET = 64 * 1024        # SBUF bytes per partition for the transposed token group
 WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight column group
+# Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
+# partition and row, the run length from which the DMA engines reach their rate.
+STATIONARY_WEIGHT_BUDGET = 64 * 1024
+STATIONARY_COLS = 1024
 SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
 PSUM_ACC_BYTES = 6 * PSUM_BANK_BYTES   # accumulators of the activations-scaled schedule
 MAX_TOKEN_GROUP = 1024
@@ -307,7 +313,10 @@ def _project_weights_moving(x, weights, scales, y, hooks):
     T, K = x.shape
     KT = K // P
     token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
-    col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
+    if T <= WEIGHTS_STATIONARY_MAX_TOKENS:     # decode: x^T is small, so larger weight groups fit
+        col_group = max(P, min(STATIONARY_COLS, STATIONARY_WEIGHT_BUDGET // (KT * 2) // P * P))
+    else:
+        col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
     groups = list(range(0, T, token_group))
     share, shares = lnc_share()
     if len(groups) >= shares:
