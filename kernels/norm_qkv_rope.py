@@ -106,10 +106,13 @@ def norm_qkv_rope_kernel(x, norm_weight, w, positions, cos_sin_table, w_scale=No
 
 # --------------------------------------------------------------------------- host launchers
 
+def _tokens(x) -> int:
+    if np.ndim(x) != 2:
+        raise ValueError(f"norm_qkv_rope: x must be [tokens, hidden], got shape {np.shape(x)}")
+    return np.shape(x)[0]
+
+
 def _launch(x, norm_weight, weight, scale, positions, table, rope_heads, head_dim, eps, dtype, report):
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"norm_qkv_rope: x must be [tokens, hidden], got shape {x.shape}")
     weight, scale = kernel_weight(weight, scale)
     args = (np.ascontiguousarray(x, dtype=dtype), np.ascontiguousarray(norm_weight, dtype=BF16), weight,
             positions, table) + (() if scale is None else (scale,))
@@ -126,7 +129,7 @@ def norm_qkv_rope(x, norm_weight, weight, positions, theta, heads, head_dim, rot
     `rotary_dim` dims rotated at `theta`) and v [T, Hkv*Dv], in `dtype`, plus the cost report
     when `report=True`. `max_position`: see `rope.positions_and_table`."""
     q_heads, kv_heads = heads
-    positions, table = positions_and_table("norm_qkv_rope", positions, np.shape(x)[0], theta, rotary_dim,
+    positions, table = positions_and_table("norm_qkv_rope", positions, _tokens(x), theta, rotary_dim,
                                            max_position)
     result = _launch(x, norm_weight, weight, scale, positions, table, q_heads + kv_heads, head_dim, eps,
                      dtype, report)
@@ -142,7 +145,6 @@ def norm_linear(x, norm_weight, weight, scale=None, eps=1e-5, dtype=BF16, report
     """Host launcher of rmsnorm(x) * norm_weight @ W in one launch (the final norm + lm_head):
     x [T, H], the PREPARED weight [H, N] (bf16, or FP8 with `scale`). Returns y [T, N] in `dtype`,
     plus the cost report when `report=True`."""
-    T = np.shape(x)[0]
-    positions = np.zeros(T, np.int32)                # unused without rotary heads
+    positions = np.zeros(_tokens(x), np.int32)      # unused without rotary heads
     table = np.zeros((1, 2), np.float32)
     return _launch(x, norm_weight, weight, scale, positions, table, 0, 2, eps, dtype, report)
