@@ -12,10 +12,11 @@ launcher splits it into q, k and v. With rope_heads = 0 it is the final norm + l
 
 Why one kernel: at decode a launch's fixed costs (about 2 us of first-DMA latency, 1.3 us per
 DMA under the cost model) dominate RMSNorm (one 8 KiB row) and RoPE (a few rows), so as separate
-launches they reach a few % of their roofline. Here the norm writes xn to a private HBM scratch
-(one write, re-read as x^T by the projection: ~2 transfers where two launches cost two first-DMA
-latencies and four transfers), and RoPE runs on every projected [tokens, columns] tile in SBUF
-before it is stored (`project`'s epilogue): q and k never make an HBM round trip. The rotation is
+launches they reach a few % of their roofline. Here the norm runs on the x^T the projection loads
+anyway (`project`'s prologue, `rmsnorm.normalise_transposed`: sums of squares per partition, a
+ones matmul across partitions, two multiplies), so the normalised activations never exist in
+HBM; and RoPE runs on every projected [tokens, columns] tile in SBUF before it is stored
+(`project`'s epilogue): q and k never make an HBM round trip either. The rotation is
 the six element-wise instructions of `rope.rotate_half` over all rotary heads of a tile at once
 (a strided SBUF view [tokens, heads, R/2]); cos/sin rows are gathered once per block of tokens by
 an indirect DMA on the positions, from the host's float64-exact table as in kernels/rope.py.
@@ -23,9 +24,9 @@ an indirect DMA on the positions, from the host's float64-exact table as in kern
 A rotary range [h*D, h*D + R) never straddles an output tile when R divides 128 and D (tiles are
 multiples of 128 columns), which the kernel requires (MiMo: R = 64, D = 192).
 
-LNC=2: every program normalises all rows into its own private scratch (cheap next to the
-weights), and the projection splits its output columns (token groups at prefill) between the
-programs, each roping the tiles it writes, so no program reads another's results.
+LNC=2: the projection splits its output columns (token groups at prefill) between the programs;
+each normalises the x^T it loaded and ropes the tiles it writes, so no program reads another's
+results.
 """
 from __future__ import annotations
 

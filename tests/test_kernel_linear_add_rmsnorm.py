@@ -12,7 +12,7 @@ import pytest
 
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_v2_flash import reference as ref
-from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
+from mimo_v2_flash.selfcheck.kernels_basic import kernel_layout
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOL = 1e-2
@@ -33,12 +33,7 @@ def run(tokens, in_features, hidden, fp8=False, seed=0, weight_as_bytes=False):
     residual = (3 * rng.standard_normal((tokens, hidden))).astype(np.float32)
     w = rng.standard_normal((in_features, hidden), dtype=np.float32) * np.float32(in_features ** -0.5)
     norm = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
-    if fp8:
-        weight, scale = quantize_blocks(w, TRAINIUM_E4M3)
-        exact = dequantize(weight, scale)
-    else:
-        weight, scale = w.astype(BF16), None
-        exact = weight.astype(np.float32)
+    weight, scale, exact = kernel_layout(w, "fp8" if fp8 else "bf16")
     if weight_as_bytes:
         weight = weight.view(np.uint8)
     (total, y), report = linear_add_rmsnorm(a, weight, residual, norm, scale=scale, eps=EPS, report=True)

@@ -16,7 +16,7 @@ import pytest
 
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
 from mimo_v2_flash import reference as ref
-from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
+from mimo_v2_flash.selfcheck.kernels_basic import kernel_layout
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOL = 1e-2
@@ -42,13 +42,7 @@ def layer_weights(shape, fp8, seed=0):
     rng = np.random.default_rng(seed)
     hub = [rng.standard_normal((rows, hidden), dtype=np.float32) * np.float32(hidden ** -0.5)
            for rows in (heads * d, kv_heads * d, kv_heads * dv)]
-    fused = np.concatenate([w.T for w in hub], axis=1)
-    if fp8:
-        weight, scale = quantize_blocks(fused, TRAINIUM_E4M3)
-        exact = dequantize(weight, scale)
-    else:
-        weight, scale = fused.astype(BF16), None
-        exact = weight.astype(np.float32)
+    weight, scale, exact = kernel_layout(np.concatenate([w.T for w in hub], axis=1), "fp8" if fp8 else "bf16")
     widths = np.cumsum([heads * d, kv_heads * d])
     norm = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
     return norm, weight, scale, [w.T for w in np.split(exact, widths, axis=1)]
@@ -104,7 +98,7 @@ def test_small_shapes(tokens, fp8):
 
 @pytest.mark.parametrize("shape, tokens, fp8", [("swa", 1, True), ("tiny", 5, False), ("tiny", 130, True)])
 def test_lnc2_splits_columns_between_cores(monkeypatch, shape, tokens, fp8):
-    """At LNC=2 each core normalises all rows privately and projects and ropes its own column
+    """At LNC=2 each core normalises the x^T it loads and projects and ropes its own column
     groups: LNC=1's bits, and at decode each core streams half the weights."""
     want, rep1 = check(shape, tokens, fp8)
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")

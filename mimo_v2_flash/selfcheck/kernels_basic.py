@@ -110,6 +110,12 @@ def prepared_weight(k, n, dtype, seed, zeros=False):
             return np.zeros((k, n), BF16), None, None
         return np.zeros((k, n), FP8), np.ones((k // 128, n // 128), np.float32), None
     w = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32) * np.float32(k ** -0.5)
+    return kernel_layout(w, dtype)
+
+
+def kernel_layout(w, dtype):
+    """(kernel weight, scale or None, the exact fp32 values it holds) of a float32 [in, out] weight:
+    bf16, or Trainium FP8 with 128x128 block scales (`dtype` "bf16" or "fp8")."""
     if dtype == "bf16":
         w = w.astype(BF16)
         return w, None, w.astype(np.float32)
