@@ -402,8 +402,8 @@ def kernel_weight(weight, scale=None):
                             f"FP8 weights need their block scale")
         return np.ascontiguousarray(weight), None
     if weight.dtype not in (FP8, np.dtype(np.uint8)):
-        raise TypeError(f"linear: a block scale was given, so the weight must be float8_e4m3 (or its bytes "
-                        f"as uint8), got {weight.dtype}")
+        raise TypeError(f"linear: a block scale was given, so the weight must be float8_e4m3, got {weight.dtype} "
+                        f"(FP8 may also come as its bytes in uint8)")
     return np.ascontiguousarray(weight), np.ascontiguousarray(scale, dtype=np.float32)
 
 
