@@ -175,10 +175,17 @@ def load_weight_transposed(weight):
     """weight [H] (HBM) as SBUF [128, H/128], element (k, kt) = weight[kt*128 + k]: the layout of
     x^T (`normalise_transposed`)."""
     H = weight.shape[0]
-    if not (H % P == 0):
-        raise KernelInputError(f"rmsnorm: hidden size {H} must be a multiple of {P} (transposed layout)")
+    if not (H % P == 0 and H // P <= P):
+        raise KernelInputError(f"rmsnorm: hidden size {H} must be a multiple of {P} and at most {P * P} "
+                               f"(transposed layout)")
+    # Rows of 128 contiguous elements, transposed on TensorE: a DMA straight into [128, H/128]
+    # would move 2-byte runs, which hold the DMA queues for microseconds at the kernel's start.
+    rows = nl.ndarray((H // P, P), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rows, src=weight.reshape((H // P, P)))
+    bank = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=bank, data=rows)
     weight_t = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=weight_t, src=weight.reshape((H // P, P)).permute((1, 0)))     # 2-byte runs, once
+    nisa.tensor_copy(dst=weight_t, src=bank, engine=nisa.engine.scalar)              # PSUM -> SBUF
     return weight_t
 
 
