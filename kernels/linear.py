@@ -58,7 +58,9 @@ PSUM_BANK_BYTES = nl.tile_size.psum_bank_fmax_bytes
 X_T_BUDGET = 64 * 1024        # SBUF bytes per partition for the transposed token group
 WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight column group
 # Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
-# partition and row, the run length from which the DMA engines reach their rate.
+# partition and row, the run length from which the DMA engines reach their rate. The budget is
+# shared by the weights of a group (gate and up), and two groups are live at a time (the next
+# one loads while the previous one's output waits to be stored).
 STATIONARY_WEIGHT_BUDGET = 64 * 1024
 STATIONARY_COLS = 1024
 SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
@@ -314,7 +316,7 @@ def _project_weights_moving(x, weights, scales, y, hooks):
     KT = K // P
     token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
     if T <= WEIGHTS_STATIONARY_MAX_TOKENS:     # decode: x^T is small, so larger weight groups fit
-        col_group = max(P, min(STATIONARY_COLS, STATIONARY_WEIGHT_BUDGET // (KT * 2) // P * P))
+        col_group = max(P, min(STATIONARY_COLS, STATIONARY_WEIGHT_BUDGET // (KT * 2 * len(weights)) // P * P))
     else:
         col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
     groups = list(range(0, T, token_group))
