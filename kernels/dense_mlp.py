@@ -13,12 +13,15 @@ describes the schedules):
 2. down projection of h [T, I], which goes through a private HBM scratch tensor: T * I * 2 bytes
    written and read once, negligible next to the weights at decode (T * 64 KiB against 384 MiB of
    bf16 weights) and next to the matmuls at prefill.
+
+FP8 weights may come as uint8 bytes (the device path). At LNC=2 both passes split their output
+columns (or token groups) between the programs; h is then shared and a core barrier lies between.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from mimo_kernels.backend import nki, nl
+from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.checks import KernelInputError
@@ -34,8 +37,13 @@ def dense_mlp_kernel(x, w_gate, w_up, w_down, gate_scale=None, up_scale=None, do
             f"dense_mlp: w_down shape {w_down.shape} must be [{I}, {H}] for w_gate {w_gate.shape} ([in, out] layout)")
     if not ((gate_scale is None) == (up_scale is None) == (down_scale is None)):
         raise KernelInputError("dense_mlp: give block scales for all three weights (FP8) or for none (bf16)")
-    hidden = nl.ndarray((T, I), dtype=x.dtype, buffer=nl.hbm)           # private scratch
+    shares = nl.num_programs(0)
+    # At LNC=2 each program computes its share of h, and the down projection reads all of it:
+    # h lives in shared HBM and a core barrier separates the two passes.
+    hidden = nl.ndarray((T, I), dtype=x.dtype, buffer=nl.hbm if shares == 1 else nl.shared_hbm)
     project(x, (w_gate, w_up), (gate_scale, up_scale), hidden)
+    if shares > 1:
+        nisa.core_barrier(hidden, (0, 1))
     y = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.shared_hbm)
     project(hidden, (w_down,), (down_scale,), y)
     return y
@@ -57,4 +65,4 @@ def dense_mlp(x, gate, up, down, scales=None, dtype=BF16, report=False):
     args = [np.ascontiguousarray(x, dtype=dtype)] + [w for w, _ in prepared]
     if scales[0] is not None:
         args += [s for _, s in prepared]
-    return launch(dense_mlp_kernel, *args, report=report)
+    return launch(dense_mlp_kernel, *args, report=report, splits_lnc=True)

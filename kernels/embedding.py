@@ -7,7 +7,8 @@ The rows go HBM -> HBM in one DMA per 128 tokens: the ids of a tile sit one per 
 and drive the gather (`table.ap(..., vector_offset=ids)`, the documented indirect access on the
 partition dim), so nothing passes through SBUF and no engine but DMA works. All full tiles' ids load
 in one DMA. Out-of-range ids are a runtime error of the DMA (oob_mode.error), and the host launcher
-rejects them before launching with a message naming the id.
+rejects them before launching with a message naming the id. LNC=2: the programs take alternate
+full tiles, and the tail cut into one piece per program.
 """
 from __future__ import annotations
 
@@ -35,18 +36,22 @@ def embedding_kernel(ids, table):
     if not (T >= 1):
         raise KernelInputError("embedding: no tokens")
     out = nl.ndarray((T, H), dtype=table.dtype, buffer=nl.shared_hbm)
+    share, shares = nl.program_id(0), nl.num_programs(0)      # LNC=2: tiles, or the tail, split
     full_tiles, tail = divmod(T, P)
-    if full_tiles:
+    mine = list(range(share, full_tiles, shares))
+    if mine:
         # All full tiles' ids in one DMA: column i holds the ids of tokens i*128 .. i*128+127.
         ids_full = nl.ndarray((P, full_tiles), dtype=ids.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=ids_full, src=ids[0:full_tiles * P].reshape((full_tiles, P)).permute((1, 0)))
-        for i in range(full_tiles):
+        for i in mine:
             _gather_rows(table, ids_full[:, i:i + 1], out, i * P, P)
     if tail:
-        t0 = full_tiles * P
-        ids_tail = nl.ndarray((tail, 1), dtype=ids.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=ids_tail, src=ids[t0:T].reshape((tail, 1)))
-        _gather_rows(table, ids_tail, out, t0, tail)
+        piece = -(-tail // shares)
+        for t0 in range(full_tiles * P + share * piece, T, shares * piece):
+            n = min(piece, T - t0)
+            ids_tail = nl.ndarray((n, 1), dtype=ids.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=ids_tail, src=ids[t0:t0 + n].reshape((n, 1)))
+            _gather_rows(table, ids_tail, out, t0, n)
     return out
 
 
@@ -62,7 +67,7 @@ def embed(ids, table, report=False):
     if bad.any():
         raise ValueError(f"embed: token id {ids[bad].reshape(-1)[0]} is outside the vocabulary [0, {V})")
     flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int32)
-    result = launch(embedding_kernel, flat, np.ascontiguousarray(table), report=report)
+    result = launch(embedding_kernel, flat, np.ascontiguousarray(table), report=report, splits_lnc=True)
     out, rep = result if report else (result, None)
     out = out.reshape(ids.shape + (table.shape[1],))
     return (out, rep) if report else out

@@ -204,8 +204,8 @@ def to_device(value, where=None, kind: str | None = "activations"):
     """A host array as a torch tensor on `where` (default `device()`); torch tensors and
     constants pass through. On the CPU a NumPy array becomes a zero-copy view (bf16 through its
     16-bit pattern). A converted array counts in `UPLOADS` under `kind` (None: not counted).
-    Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: the
-    simulator takes it as a NumPy array, and the device path raises (see docs/device.md)."""
+    Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: it goes as a ``torch.uint8``
+    tensor of the same bytes, which the kernels reinterpret (docs/device.md)."""
     if isinstance(value, tuple):
         return tuple(to_device(v, where, kind) for v in value)
     if not isinstance(value, np.ndarray):
@@ -220,10 +220,9 @@ def to_device(value, where=None, kind: str | None = "activations"):
     if value.dtype == ml_dtypes.bfloat16:
         tensor = _from_numpy(np.ascontiguousarray(value).view(np.int16)).view(torch.bfloat16)
     elif value.dtype.itemsize == 1 and value.dtype.kind not in "biu":      # an ml_dtypes float8
-        if where.type == "cpu" and IS_SIMULATOR:
-            return value
-        raise TypeError(f"a {value.dtype} array has no torch dtype NKI accepts on the device; "
-                        f"Trainium FP8 weights are not supported on the device path yet (docs/device.md)")
+        # No torch dtype holds Trainium e4m3: its bytes travel as uint8, and the kernels
+        # reinterpret them (`.view(nl.float8_e4m3)` of the HBM tensor).
+        tensor = _from_numpy(np.ascontiguousarray(value).view(np.uint8))
     else:
         tensor = _from_numpy(np.ascontiguousarray(value))
     return tensor if where.type == "cpu" else tensor.to(where)
@@ -263,7 +262,7 @@ def _argument(value, where):
 
 
 class LncError(RuntimeError):
-    """A kernel launched at LNC=2 that does not split its work between the two cores."""
+    """A kernel launched at LNC=2 without being declared to split its work between the two cores."""
 
 
 def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_lnc: bool = False, **kwargs):
@@ -278,8 +277,9 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     lnc = runtime_lnc() if lnc is None else int(lnc)
     if lnc == 2 and not splits_lnc:
         name = getattr(kernel, "__name__", None) or getattr(kernel, "name", repr(kernel))
-        raise LncError(f"{name} does not split its work between the two cores of LNC=2 (both programs "
-                       f"would race on its outputs); run with {LNC_ENV}=1 until it does (docs/device.md)")
+        raise LncError(f"{name} is not declared to split its work between the two cores of LNC=2 "
+                       f"(launch(..., splits_lnc=True)); both programs would race on its outputs: run "
+                       f"with {LNC_ENV}=1 until it splits (docs/device.md)")
     VARIANTS.record(variant_key(kernel, lnc, args, kwargs))
     where = device()
     grid = kernel[lnc]

@@ -13,7 +13,9 @@ and lm_head (4096 -> 152576).
 The tiled matmul (`project`) is shared with the dense SwiGLU kernel (kernels/dense_mlp.py), which
 passes two weights (gate and up: h = silu(x Wg) * (x Wu) on PSUM eviction). x is transposed on TensorE once per token group
 (x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
-groups as [128, K/128, cols] (cols-element contiguous runs per partition), once per token group.
+groups as [128, K/128, cols] (cols-element contiguous runs per partition; 1024 columns at decode,
+2 KiB bf16 runs), once per token group. Each group's output is stored only after the next group's
+weight loads are issued, so the weight stream never waits behind a store.
 Per block of up to 128 tokens, one of two matmul forms:
 
 * weights moving (blocks of more than 64 tokens):
@@ -33,6 +35,12 @@ FP8 weights:
   than the DMA of the fp8 bytes. The 128x128 block scale goes on the activations instead: per K
   block, one instruction forms x^T[128 k, T] * scale[kb, nb] for every column block nb of the group,
   and the fp8 block is the stationary operand as stored (weights-stationary form above).
+FP8 weights may arrive as uint8 HBM tensors of the same bytes (torch has no Trainium e4m3; see
+`launch.to_device`): `as_fp8` reinterprets them with `.view(nl.float8_e4m3)`.
+
+LNC=2: the programs split the output, column groups (each program streams its share of the
+weights past the whole x^T: what decode needs) or, with several token groups, whole groups.
+Either way every output element is written by exactly one program.
 """
 from __future__ import annotations
 
@@ -49,6 +57,12 @@ PSUM_BANK_BYTES = nl.tile_size.psum_bank_fmax_bytes
 
 X_T_BUDGET = 64 * 1024        # SBUF bytes per partition for the transposed token group
 WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight column group
+# Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
+# partition and row, the run length from which the DMA engines reach their rate. The budget is
+# shared by the weights of a group (gate and up), and two groups are live at a time (the next
+# one loads while the previous one's output waits to be stored).
+STATIONARY_WEIGHT_BUDGET = 64 * 1024
+STATIONARY_COLS = 1024
 SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
 PSUM_ACC_BYTES = 6 * PSUM_BANK_BYTES   # accumulators of the activations-scaled schedule
 MAX_TOKEN_GROUP = 1024
@@ -69,6 +83,17 @@ def _is_fp8(dtype) -> bool:
 def _element_bytes(dtype) -> int:
     """Bytes per element of the dtypes a projection handles (fp32, bf16, fp8)."""
     return 4 if dtype == nl.float32 else (1 if _is_fp8(dtype) else 2)
+
+
+def as_fp8(w):
+    """A weight given as uint8 HBM bytes (the device path: Trainium FP8 has no torch dtype) seen as
+    float8_e4m3, the dtype its bytes hold; any other weight as given."""
+    return w.view(nl.float8_e4m3) if w is not None and w.dtype == nl.uint8 else w
+
+
+def lnc_share():
+    """(this program, programs): the split of a kernel's work over the cores of the launch's LNC."""
+    return nl.program_id(0), nl.num_programs(0)
 
 
 def check_projection(x, weights, scales):
@@ -241,16 +266,37 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
     evict(y_tile, accs, step)
 
 
-def _project_token_group(x, g0, tg, weights, scales, col_group, y):
+def _store(pending, y, epilogue):
+    """Store the pending output tiles [(y_tile, t0, n0)] (after `epilogue`) and empty the list.
+
+    Called once the next column group's weight loads are issued: a store waits for its tile's
+    matmuls and evictions, and issued first it would hold the DMA queues the weight stream
+    needs, stalling that stream once per column group."""
+    for y_tile, t0, n0 in pending:
+        if epilogue is not None:
+            epilogue(y_tile, t0, n0)
+        tb, cols = y_tile.shape
+        nisa.dma_copy(dst=y[t0:t0 + tb, n0:n0 + cols], src=y_tile)                 # SBUF -> HBM
+    pending.clear()
+
+
+def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hooks):
     """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
+    `columns` = (share, shares): this program takes column groups share, share + shares, ...
 
     A function of its own so that the group's x^T is freed before the next group's is loaded.
     """
+    prologue, epilogue = hooks
     x_t = load_x_transposed(x, g0, tg)
+    if prologue is not None:
+        prologue(x_t)
     N = weights[0].shape[1]
-    for n0 in range(0, N, col_group):
+    share, shares = columns
+    pending = []
+    for n0 in range(share * col_group, N, shares * col_group):
         cols = min(col_group, N - n0)
         tiles = [load_weight_tile(w, s, n0, cols, i) for i, (w, s) in enumerate(zip(weights, scales))]
+        _store(pending, y, epilogue)
         for b0 in range(0, tg, P):
             tb = min(P, tg - b0)
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
@@ -259,27 +305,44 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y):
                 _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
-            nisa.dma_copy(dst=y[g0 + b0:g0 + b0 + tb, n0:n0 + cols], src=y_tile)   # SBUF -> HBM
+            pending.append((y_tile, g0 + b0, n0))
+    _store(pending, y, epilogue)
 
 
-def _project_weights_moving(x, weights, scales, y):
+def _project_weights_moving(x, weights, scales, y, hooks):
+    """With several token groups the programs of LNC=2 take whole groups (rows), otherwise column
+    groups: every output element is written by one program, and x^T is loaded once per group."""
     T, K = x.shape
     KT = K // P
     token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
-    col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
-    for g0 in range(0, T, token_group):
-        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y)
+    if T <= WEIGHTS_STATIONARY_MAX_TOKENS:     # decode: x^T is small, so larger weight groups fit
+        col_group = max(P, min(STATIONARY_COLS, STATIONARY_WEIGHT_BUDGET // (KT * 2 * len(weights)) // P * P))
+    else:
+        col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
+    groups = list(range(0, T, token_group))
+    share, shares = lnc_share()
+    if len(groups) >= shares:
+        groups, columns = groups[share::shares], (0, 1)
+    else:
+        columns = (share, shares)
+    for g0 in groups:
+        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, hooks)
 
 
-def _project_activations_scaled(x, weights, scales, y):
+def _project_activations_scaled(x, weights, scales, y, hooks):
     T, K = x.shape
     N = weights[0].shape[1]
     KT, NB = K // P, N // P
     padded = 1 << (T - 1).bit_length()
     blocks = max(1, min(NB, SCALED_WEIGHT_BUDGET // (KT * P),
                         PSUM_ACC_BYTES // (4 * padded * len(weights))))
+    prologue, epilogue = hooks
     x_t = load_x_transposed(x, 0, T)
-    for step, nb0 in enumerate(range(0, NB, blocks)):
+    if prologue is not None:
+        prologue(x_t)
+    share, shares = lnc_share()
+    pending = []
+    for step, nb0 in enumerate(range(share * blocks, NB, shares * blocks)):      # LNC=2: column groups
         nbs = min(blocks, NB - nb0)
         cols = nbs * P
         raws, scale_tiles = [], []
@@ -290,24 +353,31 @@ def _project_activations_scaled(x, weights, scales, y):
             nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
             raws.append(raw)
             scale_tiles.append(st)
+        _store(pending, y, epilogue)
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
         _weights_stationary_block(raws, x_t, scale_tiles, y_tile, step)
-        nisa.dma_copy(dst=y[:, nb0 * P:nb0 * P + cols], src=y_tile)     # SBUF -> HBM
+        pending.append((y_tile, 0, nb0 * P))
+    _store(pending, y, epilogue)
 
 
-def project(x, weights, scales, y):
+def project(x, weights, scales, y, epilogue=None, prologue=None):
     """y [T, N] from x [T, K] and one or two weights [K, N] of one dtype (see module doc).
 
     One weight: y = x @ W. Two weights (SwiGLU gate and up): y = silu(x @ W_0) * (x @ W_1), both
-    products accumulated side by side in PSUM and combined on eviction.
+    products accumulated side by side in PSUM and combined on eviction. FP8 weights may come as
+    uint8 bytes (`as_fp8`). `prologue(x_t)`, if given, may rewrite each loaded x^T [128, K/128,
+    tokens] (SBUF) before it is used; `epilogue(y_tile, t0, n0)` each output tile [tokens t0..,
+    columns n0..] (SBUF, tokens on partitions) before it is stored. At LNC=2 the
+    programs split the output (columns, or token groups at prefill), each element written once.
     """
+    weights = tuple([as_fp8(w) for w in weights])
     T, _, _ = check_projection(x, weights, scales)
     if not (len(weights) in (1, 2)):
         raise KernelInputError(f"project: one weight, or a gate and an up weight; got {len(weights)}")
     if scales[0] is not None and T <= FP8_SCALED_ACTIVATIONS_MAX_TOKENS:
-        _project_activations_scaled(x, weights, scales, y)
+        _project_activations_scaled(x, weights, scales, y, (prologue, epilogue))
     else:
-        _project_weights_moving(x, weights, scales, y)
+        _project_weights_moving(x, weights, scales, y, (prologue, epilogue))
 
 
 @nki.jit
@@ -325,26 +395,29 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3)
 
 
 def kernel_weight(weight, scale=None):
-    """Check a prepared weight: bf16 [in, out], or (float8_e4m3 [in, out], fp32 scale) as is."""
+    """Check a prepared weight: bf16 [in, out], or (float8_e4m3 [in, out], fp32 scale) as is; the
+    FP8 weight may also be its bytes as uint8 (how `launch.to_device` passes FP8 to torch)."""
     weight = np.asarray(weight)
     if scale is None:
         if weight.dtype != BF16:
             raise TypeError(f"linear: weight dtype {weight.dtype} must be bfloat16 (prepared layout [in, out]); "
                             f"FP8 weights need their block scale")
         return np.ascontiguousarray(weight), None
-    if weight.dtype != FP8:
-        raise TypeError(f"linear: a block scale was given, so the weight must be float8_e4m3, got {weight.dtype}")
+    if weight.dtype not in (FP8, np.dtype(np.uint8)):
+        raise TypeError(f"linear: a block scale was given, so the weight must be float8_e4m3, got {weight.dtype} "
+                        f"(FP8 may also come as its bytes in uint8)")
     return np.ascontiguousarray(weight), np.ascontiguousarray(scale, dtype=np.float32)
 
 
 def linear(x, weight, scale=None, dtype=BF16, report=False):
     """Host launcher with the semantics of `ReferenceOps.linear`, but taking the PREPARED weight:
     x [T, K] (any float array, sent as `dtype`), weight [K, N] = W_hf.T in bf16, or float8_e4m3 with
-    `scale` [K/128, N/128] fp32 multipliers (`mimo_v2_flash.fp8.quantize_blocks(W_hf.T, TRAINIUM_E4M3)`).
+    `scale` [K/128, N/128] fp32 multipliers (`mimo_v2_flash.fp8.quantize_blocks(W_hf.T, TRAINIUM_E4M3)`;
+    the weight may be those bytes as uint8).
     Returns y [T, N] in `dtype`, plus the cost report when `report=True`."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"linear: x must be [tokens, in], got shape {x.shape}")
     weight, scale = kernel_weight(weight, scale)
     args = (np.ascontiguousarray(x, dtype=dtype), weight) + (() if scale is None else (scale,))
-    return launch(linear_kernel, *args, report=report)
+    return launch(linear_kernel, *args, report=report, splits_lnc=True)

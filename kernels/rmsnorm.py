@@ -22,6 +22,10 @@ Two tile layouts, chosen per group of tokens:
 Under the cost model full tiles are HBM-bound (x in, y out, plus delta in and s out when fused:
 95% of the HBM roofline at 4096 tokens); decode is bound by the fixed latency of a kernel's first
 DMA (2 us against 0.05 us of data at one token) and, near 64 tokens, by the tail's four passes.
+That is why the decoder layer runs its norms fused into their neighbours (kernels/norm_qkv_rope.py:
+`normalise_transposed` normalises the x^T a projection loads; kernels/linear_add_rmsnorm.py).
+
+LNC=2: the programs take alternate token tiles, a decode tail cut into one piece per program.
 """
 from __future__ import annotations
 
@@ -120,7 +124,23 @@ def _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps):
     nisa.dma_copy(dst=_hidden_major(y, t0, n), src=y_tile)
 
 
-def _rmsnorm_body(x, delta, weight, y, total, eps):
+def _token_tiles(T, programs):
+    """(first token, tokens, token-major?) of every tile: full 128-token tiles, then the tail, a
+    short tail cut into one piece per program (so both cores of LNC=2 share a decode batch)."""
+    full_tiles, tail = divmod(T, P)
+    tiles = [(i * P, P, True) for i in range(full_tiles)]
+    t0 = full_tiles * P
+    if tail >= TOKEN_MAJOR_MIN_ROWS:
+        tiles.append((t0, tail, True))
+    elif tail:
+        piece = -(-tail // programs)
+        tiles += [(a, min(piece, T - a), False) for a in range(t0, T, piece)]
+    return tiles
+
+
+def rmsnorm_rows(x, delta, weight, y, total, eps):
+    """y (and total = x + delta when delta is given) for this program's share of the token tiles:
+    at LNC=2 each program takes every other tile, so every row is written by one program."""
     T, H = x.shape
     if not (T >= 1):
         raise KernelInputError(f"rmsnorm: no tokens (x shape {x.shape})")
@@ -128,18 +148,15 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
         raise KernelInputError(f"rmsnorm: weight shape {weight.shape} must be ({H},) for x {x.shape}")
     if not (delta is None or tuple(delta.shape) == (T, H)):
         raise KernelInputError(f"rmsnorm: delta shape {delta.shape} must equal x shape {x.shape}")
-    full_tiles, tail = divmod(T, P)
-    token_major_tail = tail >= TOKEN_MAJOR_MIN_ROWS
-    if full_tiles or token_major_tail:
+    share, shares = nl.program_id(0), nl.num_programs(0)
+    mine = _token_tiles(T, shares)[share::shares]
+    layouts = [token_major for _, _, token_major in mine]
+    if True in layouts:
         w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
         weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
         _broadcast_row(w_row, weight_rows)
-        for i in range(full_tiles):
-            _token_major_tile(x, delta, weight_rows, y, total, i * P, eps)
-        if token_major_tail:
-            _token_major_tile(x, delta, weight_rows, y, total, full_tiles * P, eps, tail)
-    if tail and not token_major_tail:
+    if False in layouts:
         if not (H % P == 0):
             raise KernelInputError(
                 f"rmsnorm: hidden size {H} must be a multiple of {P} (hidden-major tail tile)")
@@ -147,14 +164,67 @@ def _rmsnorm_body(x, delta, weight, y, total, eps):
         nisa.dma_copy(dst=weight_cols, src=weight.reshape((P, H // P)))   # HBM -> SBUF, J per partition
         ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=ones, value=1.0)
-        _hidden_major_tile(x, delta, weight_cols, ones, y, total, full_tiles * P, tail, eps)
+    for t0, n, token_major in mine:
+        if token_major:
+            _token_major_tile(x, delta, weight_rows, y, total, t0, eps, n)
+        else:
+            _hidden_major_tile(x, delta, weight_cols, ones, y, total, t0, n, eps)
+
+
+def load_weight_transposed(weight):
+    """weight [H] (HBM) as SBUF [128, H/128], element (k, kt) = weight[kt*128 + k]: the layout of
+    x^T (`normalise_transposed`)."""
+    H = weight.shape[0]
+    if not (H % P == 0 and H // P <= P):
+        raise KernelInputError(f"rmsnorm: hidden size {H} must be a multiple of {P} and at most {P * P} "
+                               f"(transposed layout)")
+    # Rows of 128 contiguous elements, transposed on TensorE: a DMA straight into [128, H/128]
+    # would move 2-byte runs, which hold the DMA queues for microseconds at the kernel's start.
+    rows = nl.ndarray((H // P, P), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rows, src=weight.reshape((H // P, P)))
+    bank = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=bank, data=rows)
+    weight_t = nl.ndarray((P, H // P), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=weight_t, src=bank, engine=nisa.engine.scalar)              # PSUM -> SBUF
+    return weight_t
+
+
+def normalise_transposed(x_t, weight_t, eps):
+    """RMSNorm of tokens held transposed, in place: x_t [128, KT, T] (SBUF, element (k, kt, t) =
+    x[t, kt*128 + k], the layout a projection contracts over) becomes x * rstd * weight.
+
+    Statistics in fp32: per partition a sum of squares over its KT elements of every token, then a
+    ones[128, 128] matmul sums the partitions and leaves every token's total on every partition,
+    which is where the multiply needs it. So a fused kernel normalises what the projection loaded
+    anyway, with no normalised copy written to and read back from HBM. 128 tokens at a time (the
+    fp32 squares of a 1024-token group would not fit in SBUF).
+    """
+    _, KT, T = x_t.shape
+    ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    for t0 in range(0, T, P):
+        n = min(P, T - t0)
+        block = x_t[:, :, t0:t0 + n]
+        squares = nl.ndarray((P, n, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=squares.permute((0, 2, 1)), op=nl.square, data=block)
+        partial = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=partial, op=nl.add, data=squares, axis=2)
+        sum_sq = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=sum_sq, stationary=ones, moving=partial)
+        rstd = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / (KT * P), bias=eps)   # PSUM -> SBUF
+        scaled = nl.ndarray((P, KT, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=block, data2=rstd.expand_dim(1).broadcast(1, KT), op=nl.multiply,
+                           engine=nisa.engine.gpsimd)
+        nisa.tensor_tensor(dst=block, data1=scaled, data2=weight_t.expand_dim(2).broadcast(2, n),
+                           op=nl.multiply)
 
 
 @nki.jit
 def rmsnorm_kernel(x, weight, eps=1e-5):
     """y [T, H] = rmsnorm(x [T, H]) * weight [H]; y has x's dtype."""
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    _rmsnorm_body(x, None, weight, y, None, eps)
+    rmsnorm_rows(x, None, weight, y, None, eps)
     return y
 
 
@@ -163,7 +233,7 @@ def add_rmsnorm_kernel(x, delta, weight, eps=1e-5):
     """(s, y): s = x + delta (in x's dtype), y = rmsnorm(s) * weight; both [T, H]."""
     total = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    _rmsnorm_body(x, delta, weight, y, total, eps)
+    rmsnorm_rows(x, delta, weight, y, total, eps)
     return total, y
 
 
@@ -185,7 +255,7 @@ def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
     bf16. Returns y [T, H] in `dtype`, plus the simulator's cost report when `report=True`."""
     x = _activations("x", x, dtype)
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report)
+    return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report, splits_lnc=True)
 
 
 def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
@@ -197,4 +267,4 @@ def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
     if x.shape != delta.shape:
         raise ValueError(f"add_rmsnorm: delta shape {delta.shape} differs from x shape {x.shape}")
     w = np.ascontiguousarray(weight, dtype=BF16)
-    return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report)
+    return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report, splits_lnc=True)

@@ -19,6 +19,8 @@ selection matmul on TensorE, so that decode keeps all lanes busy. The rotation i
 instructions over [partitions, tpp, heads, R/2] spread over VectorE, GpSimd and ScalarE, with cos/sin
 broadcast over heads by a stride-0 view. The untouched dims never leave the loaded tile: the rotated
 halves are written back into it and the whole tile is stored. HBM-bound: x in, out out.
+LNC=2: the programs take alternate tiles, the decode tile cut into one piece per program. The
+decoder layer ropes q and k inside the projection instead (kernels/norm_qkv_rope.py).
 """
 from __future__ import annotations
 
@@ -33,12 +35,13 @@ P = nl.tile_size.pmax
 TILE_ELEMS_PER_PARTITION = 12288   # x elements per partition per tile (24 KiB bf16): SBUF budget
 
 
-def _token_tiles(tokens, heads, head_dim):
+def _token_tiles(tokens, heads, head_dim, programs=1):
     """(first token, tokens, tokens per partition, partitions per token) of each tile.
 
     Fill 128 partitions first: put more tokens on a partition only when more than 128 are left
     (an instruction costs a fixed 64 cycles plus one per element, so short rows waste lanes); when
-    fewer than 128 are left (decode), spread each token's heads over the most partitions that fit.
+    fewer than 128 are left (decode), cut them into one piece per program (LNC) and spread each
+    token's heads over the most partitions that fit.
     """
     max_tpp = max(1, TILE_ELEMS_PER_PARTITION // (heads * head_dim))
     tiles = []
@@ -46,8 +49,11 @@ def _token_tiles(tokens, heads, head_dim):
     while t0 < tokens:
         rest = tokens - t0
         if rest < P:
-            ppt = max([d for d in range(1, heads + 1) if heads % d == 0 and rest * d <= P])
-            tiles.append((t0, rest, 1, ppt))
+            piece = -(-rest // programs)
+            for a in range(t0, tokens, piece):
+                n = min(piece, tokens - a)
+                ppt = max([d for d in range(1, heads + 1) if heads % d == 0 and n * d <= P])
+                tiles.append((a, n, 1, ppt))
             return tiles
         tpp = min(max_tpp, rest // P)
         n = min(P, rest // tpp) * tpp
@@ -87,6 +93,22 @@ def _gather_cos_sin(positions, cos_sin_table, t0, n, tpp, ppt, cos_sin):
     nisa.tensor_copy(dst=cos_sin[:, 0, :], src=spread)                         # PSUM -> SBUF
 
 
+def rotate_half(x1, x2, cos, sin):
+    """x1, x2 (SBUF views of one shape) <- x1 * cos - x2 * sin, x2 * cos + x1 * sin, in place;
+    cos and sin fp32 views of the same shape (broadcasts allowed)."""
+    x1_cos, x2_sin, x2_cos, x1_sin = [nl.ndarray(x1.shape, dtype=nl.float32, buffer=nl.sbuf) for _ in range(4)]
+    # tensor_tensor runs on VectorE or GpSimd only; GpSimd (N cycles at 1.2 GHz) takes four,
+    # VectorE (2N at 0.96 GHz for two inputs) two.
+    gpsimd = nisa.engine.gpsimd
+    nisa.tensor_tensor(dst=x1_cos, data1=x1, data2=cos, op=nl.multiply)
+    nisa.tensor_tensor(dst=x2_sin, data1=x2, data2=sin, op=nl.multiply, engine=gpsimd)
+    nisa.tensor_tensor(dst=x2_cos, data1=x2, data2=cos, op=nl.multiply, engine=gpsimd)
+    nisa.tensor_tensor(dst=x1_sin, data1=x1, data2=sin, op=nl.multiply, engine=gpsimd)
+    # Rotated halves overwrite the loaded tile in place; dims R..D stay as loaded.
+    nisa.tensor_tensor(dst=x1, data1=x1_cos, data2=x2_sin, op=nl.subtract)
+    nisa.tensor_tensor(dst=x2, data1=x2_cos, data2=x1_sin, op=nl.add, engine=gpsimd)
+
+
 @nki.jit
 def rope_kernel(x, positions, cos_sin_table):
     """Partial rotate-half RoPE.
@@ -103,7 +125,8 @@ def rope_kernel(x, positions, cos_sin_table):
     if not (tuple(positions.shape) == (T,)):
         raise KernelInputError(f"rope: positions shape {positions.shape} must be ({T},)")
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    for t0, n, tpp, ppt in _token_tiles(T, heads, D):
+    share, shares = nl.program_id(0), nl.num_programs(0)
+    for t0, n, tpp, ppt in _token_tiles(T, heads, D, shares)[share::shares]:   # LNC=2: tiles split
         parts, hpp = n // tpp * ppt, heads // ppt          # partitions; heads per partition
         shape = (parts, tpp, hpp, D)                        # a contiguous view of x[t0:t0+n]
         x_tile = nl.ndarray(shape, dtype=x.dtype, buffer=nl.sbuf)
@@ -114,18 +137,7 @@ def rope_kernel(x, positions, cos_sin_table):
         sin = cos_sin[:, :, half:R].expand_dim(2).broadcast(2, hpp)
         x1 = x_tile[:, :, :, 0:half]
         x2 = x_tile[:, :, :, half:R]
-        x1_cos, x2_sin, x2_cos, x1_sin = [nl.ndarray((parts, tpp, hpp, half), dtype=nl.float32,
-                                                     buffer=nl.sbuf) for _ in range(4)]
-        # tensor_tensor runs on VectorE or GpSimd only; GpSimd (N cycles at 1.2 GHz) takes four,
-        # VectorE (2N at 0.96 GHz for two inputs) two.
-        gpsimd = nisa.engine.gpsimd
-        nisa.tensor_tensor(dst=x1_cos, data1=x1, data2=cos, op=nl.multiply)
-        nisa.tensor_tensor(dst=x2_sin, data1=x2, data2=sin, op=nl.multiply, engine=gpsimd)
-        nisa.tensor_tensor(dst=x2_cos, data1=x2, data2=cos, op=nl.multiply, engine=gpsimd)
-        nisa.tensor_tensor(dst=x1_sin, data1=x1, data2=sin, op=nl.multiply, engine=gpsimd)
-        # Rotated halves overwrite the loaded tile in place; dims R..D stay as loaded.
-        nisa.tensor_tensor(dst=x1, data1=x1_cos, data2=x2_sin, op=nl.subtract)
-        nisa.tensor_tensor(dst=x2, data1=x2_cos, data2=x1_sin, op=nl.add, engine=gpsimd)
+        rotate_half(x1, x2, cos, sin)
         nisa.dma_copy(dst=out[t0:t0 + n].reshape(shape), src=x_tile)                # SBUF -> HBM
     return out
 
@@ -155,23 +167,31 @@ def cached_rope_table(theta: float, rotary_dim: int, max_position: int) -> np.nd
     return table
 
 
+def positions_and_table(name, positions, tokens, theta, rotary_dim, max_position=None):
+    """(positions [tokens] int32, cos | sin table) for a launch, after checking the positions:
+    [tokens] non-negative ints below 2^31, at most `max_position` (the table's last row; default
+    the largest given; a static-shape caller passes its bucket's, so the table's shape does not
+    follow the data)."""
+    positions = np.asarray(positions)
+    if positions.shape != (tokens,):
+        raise ValueError(f"{name}: positions shape {positions.shape} must be ({tokens},), one per token")
+    if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
+        raise ValueError(f"{name}: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
+    largest = int(positions.max(initial=0))
+    if max_position is not None and largest > max_position:
+        raise ValueError(f"{name}: position {largest} exceeds max_position={max_position}")
+    table = cached_rope_table(theta, rotary_dim, largest if max_position is None else int(max_position))
+    return positions.astype(np.int32), table
+
+
 def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False, max_position=None):
     """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (any float array),
     positions [T] (non-negative ints), returns x with the first `rotary_dim` dims of every head
     rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`.
-    `max_position`: the largest position the table must cover (default the largest given); a
-    static-shape caller passes its bucket's, so the table's shape does not follow the data."""
+    `max_position`: the largest position the table must cover (`positions_and_table`)."""
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {x.shape}")
-    positions = np.asarray(positions)
-    if positions.shape != (x.shape[0],):
-        raise ValueError(f"rope: positions shape {positions.shape} must be ({x.shape[0]},) for x {x.shape}")
-    if positions.size and (positions.min() < 0 or positions.max() >= 2 ** 31):
-        raise ValueError(f"rope: positions must lie in [0, 2^31), got range [{positions.min()}, {positions.max()}]")
-    largest = int(positions.max(initial=0))
-    if max_position is not None and largest > max_position:
-        raise ValueError(f"rope: position {largest} exceeds max_position={max_position}")
-    table = cached_rope_table(theta, rotary_dim, largest if max_position is None else int(max_position))
-    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions.astype(np.int32), table,
-                  report=report)
+    positions, table = positions_and_table("rope", positions, x.shape[0], theta, rotary_dim, max_position)
+    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions, table,
+                  report=report, splits_lnc=True)

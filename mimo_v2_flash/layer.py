@@ -23,22 +23,22 @@ from .weights import EMBED, EXPERT_PROJS, FINAL_NORM, LM_HEAD, expert_weight, la
 def decoder_layer(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.ndarray, batch: TokenBatch,
                   cache: KVCache | None, expert_executor) -> np.ndarray:
     """h = x + attn(norm(x)); out = h + ffn(norm(h)), with dense SwiGLU or the routed MoE."""
-    attn = attention_block(ops, config, layer, ops.rmsnorm(x, layer, "input"), batch, cache)
-    h, hn = ops.add_rmsnorm(x, attn, layer, "post_attention")
+    attn = attention_block(ops, config, layer, x, batch, cache)
+    h, hn = ops.linear_add_rmsnorm(x, attn, layer, "o_proj", "post_attention")
     if not config.is_moe(layer):
         return h + ops.dense_mlp(hn, layer)
     ids, weights = ops.router(hn, layer)
     return h + expert_executor(layer, hn, ids, weights)
 
 
-def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, xn: np.ndarray,
+def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.ndarray,
                     batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
-    """Projections, partial RoPE, value scale, per-sequence attention with the cache, o_proj."""
+    """Input norm, projections and partial RoPE (one op), value scale, per-sequence attention with
+    the cache; returns the attention output [N, Hq*Dv] before o_proj (which is fused with the
+    residual add and the next norm)."""
     heads, kv_heads, d, dv = config.attention_shape(layer)
-    n = xn.shape[0]
-    theta = config.rope_theta_of(layer)
-    q, k, v = ops.qkv(xn, layer)
-    q, k = ops.rope_qk(q.reshape(n, heads, d), k.reshape(n, kv_heads, d), batch.positions, theta)
+    n = x.shape[0]
+    q, k, v = ops.norm_qkv_rope(x, layer, batch.positions)
     v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
     problems = []
     for seq, start, stop in batch.segments():
@@ -48,8 +48,7 @@ def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, xn: 
         else:
             keys, values, key_pos = cache.layers[layer].update(seq, pos, k[start:stop], v[start:stop])
         problems.append(AttentionInput(q[start:stop], keys, values, pos, key_pos))
-    attn = np.concatenate(ops.attention(problems, layer)).reshape(n, heads * dv)
-    return ops.linear(attn, layer, "o_proj")
+    return np.concatenate(ops.attention(problems, layer)).reshape(n, heads * dv)
 
 
 @dataclass
@@ -130,14 +129,17 @@ class ReferenceOps:
     def linear(self, x, layer, proj):
         return ref.linear(x, self.w(layer_weight(layer, proj)))
 
-    def rope(self, x, positions, theta):
-        return ref.apply_partial_rope(x, positions, self.config.rotary_dim, theta)
+    def norm_qkv_rope(self, x, layer, positions):
+        heads, kv_heads, d, _ = self.config.attention_shape(layer)
+        xn = self.rmsnorm(x, layer, "input")
+        q, k, v = (self.linear(xn, layer, proj) for proj in ("q_proj", "k_proj", "v_proj"))
+        theta = self.config.rope_theta_of(layer)
+        q, k = (ref.apply_partial_rope(t.reshape(len(x), h, d), positions, self.config.rotary_dim, theta)
+                for t, h in ((q, heads), (k, kv_heads)))
+        return q, k, v
 
-    def qkv(self, x, layer):
-        return tuple(self.linear(x, layer, proj) for proj in ("q_proj", "k_proj", "v_proj"))
-
-    def rope_qk(self, q, k, positions, theta):
-        return self.rope(q, positions, theta), self.rope(k, positions, theta)
+    def linear_add_rmsnorm(self, x, a, layer, proj, norm):
+        return self.add_rmsnorm(x, self.linear(a, layer, proj), layer, norm)
 
     def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
@@ -176,8 +178,8 @@ class CheckedOps:
     compared as the fraction of (token, slot) expert ids that differ.
     """
 
-    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "qkv", "rope_qk", "attention",
-                 "router", "experts", "dense_mlp", "logits")
+    _COMPARED = ("embed", "rmsnorm", "add_rmsnorm", "linear", "norm_qkv_rope", "linear_add_rmsnorm",
+                 "attention", "router", "experts", "dense_mlp", "logits")
 
     def __init__(self, backend, reference):
         self.backend, self.reference = backend, reference

@@ -45,8 +45,9 @@ from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
 from mimo_kernels.launch import RESIDENT, UPLOADS
 from mimo_kernels.linear import linear
+from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
+from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
-from mimo_kernels.rope import rope
 from mimo_kernels.router import route
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
@@ -56,8 +57,8 @@ from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, Tensor
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 WEIGHT_DTYPES = ("bf16", "fp8")
-LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "qkv", "rope_qk", "attention", "router", "experts",
-             "dense_mlp")
+LAYER_OPS = ("rmsnorm", "add_rmsnorm", "linear", "norm_qkv_rope", "linear_add_rmsnorm", "attention", "router",
+             "experts", "dense_mlp")
 
 
 def _resident(weight: np.ndarray, scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -267,15 +268,11 @@ class NkiOps:
         self._record("embed", report)
         return out[:np.size(ids)].reshape(np.shape(ids) + out.shape[1:]).astype(np.float32)
 
-    def _rmsnorm(self, x, weight_name):
-        weight, _ = self.kernel_weight(weight_name)
-        y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
-        return y[:len(x)], report
-
     def rmsnorm(self, x, layer, norm):
-        y, report = self._rmsnorm(x, layer_weight(layer, norm))
+        weight, _ = self.kernel_weight(layer_weight(layer, norm))
+        y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
         self._record("rmsnorm", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def add_rmsnorm(self, x, delta, layer, norm):
         """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
@@ -285,15 +282,11 @@ class NkiOps:
         self._record("add_rmsnorm", report)
         return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
-    def _linear(self, x, weight_name):
-        weight, scale = self.kernel_weight(weight_name)
-        y, report = linear(self.padded(x), weight, scale, report=True)
-        return y[:len(x)], report
-
     def linear(self, x, layer, proj):
-        y, report = self._linear(x, layer_weight(layer, proj))
+        weight, scale = self.kernel_weight(layer_weight(layer, proj))
+        y, report = linear(self.padded(x), weight, scale, report=True)
         self._record("linear", report)
-        return y.astype(np.float32)
+        return y[:len(x)].astype(np.float32)
 
     def _fused_qkv_weight(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """q | k | v kernel weights side by side, [in, Hq*D + Hkv*D + Hkv*Dv] (and their block
@@ -309,23 +302,29 @@ class NkiOps:
             self._prepared[key] = _resident(weight, scale)
         return self._prepared[key]
 
-    def qkv(self, x, layer):
-        """q, k and v in one launch over the concatenated weights (one read of x, one fixed DMA
-        latency instead of three), split back into [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv]."""
-        heads, kv_heads, d, dv = self.config.attention_shape(layer)
+    def norm_qkv_rope(self, x, layer, positions):
+        """Input norm, q|k|v projection over the concatenated weights and RoPE of q and k in one
+        launch (kernels/norm_qkv_rope.py): q [N, Hq, D], k [N, Hkv, D], v [N, Hkv*Dv]."""
+        heads, kv_heads, d, _ = self.config.attention_shape(layer)
+        norm, _ = self.kernel_weight(layer_weight(layer, "input"))
         weight, scale = self._fused_qkv_weight(layer)
-        y, report = linear(self.padded(x), weight, scale, report=True)
-        self._record("qkv", report)
-        y = y[:len(x)].astype(np.float32)
-        return y[:, :heads * d], y[:, heads * d:(heads + kv_heads) * d], y[:, (heads + kv_heads) * d:]
+        (q, k, v), report = norm_qkv_rope(self.padded(x), norm, weight, self.padded(positions),
+                                          self.config.rope_theta_of(layer),
+                                          (heads, kv_heads), d, self.config.rotary_dim, scale=scale,
+                                          eps=self.config.layernorm_epsilon, report=True,
+                                          max_position=self._max_position())
+        self._record("norm_qkv_rope", report)
+        return tuple([a[:len(x)].astype(np.float32) for a in (q, k, v)])
 
-    def rope_qk(self, q, k, positions, theta):
-        """q and k heads side by side through one rope launch (same positions and theta)."""
-        both, report = rope(self.padded(np.concatenate([q, k], axis=1)), self.padded(positions), theta,
-                            rotary_dim=self.config.rotary_dim, report=True, max_position=self._max_position())
-        self._record("rope_qk", report)
-        both = both[:len(q)].astype(np.float32)
-        return both[:, :q.shape[1]], both[:, q.shape[1]:]
+    def linear_add_rmsnorm(self, x, a, layer, proj, norm):
+        """(x + a W^T, its rmsnorm) in one launch (kernels/linear_add_rmsnorm.py); the sum is the
+        bf16 residual."""
+        weight, scale = self.kernel_weight(layer_weight(layer, proj))
+        norm_weight, _ = self.kernel_weight(layer_weight(layer, norm))
+        (total, y), report = linear_add_rmsnorm(self.padded(a), weight, self.padded(x), norm_weight, scale=scale,
+                                                eps=self.config.layernorm_epsilon, report=True)
+        self._record("linear_add_rmsnorm", report)
+        return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
     def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
         """Fresh prompts of 128+ tokens through the flash prefill kernel (one launch each); decode
@@ -371,10 +370,10 @@ class NkiOps:
         return y[:len(x)].astype(np.float32)
 
     def logits(self, x, layer=None):
-        """Final norm (`model.norm`, or an MTP layer's final_layernorm) and lm_head: two launches,
-        counted together."""
-        xn, norm_report = self._rmsnorm(x, FINAL_NORM if layer is None else layer_weight(layer, "final"))
-        y, head_report = self._linear(xn, LM_HEAD)
-        self._record("logits", norm_report, head_report)
-        return y.astype(np.float32)
-
+        """Final norm (`model.norm`, or an MTP layer's final_layernorm) and lm_head in one launch
+        (kernels/norm_qkv_rope.norm_linear)."""
+        norm, _ = self.kernel_weight(FINAL_NORM if layer is None else layer_weight(layer, "final"))
+        weight, scale = self.kernel_weight(LM_HEAD)
+        y, report = norm_linear(self.padded(x), norm, weight, scale, self.config.layernorm_epsilon, report=True)
+        self._record("logits", report)
+        return y[:len(x)].astype(np.float32)

@@ -47,14 +47,19 @@ class DecoderOps(Protocol):
         "o_proj", MTP "eh_proj"): float32 [N, out]."""
         ...
 
-    def qkv(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The q, k and v projections of xn [N, H]: [N, Hq*D], [N, Hkv*D], [N, Hkv*Dv] float32
-        (one op so a kernel backend runs them as one launch over concatenated weights)."""
+    def norm_qkv_rope(self, x: np.ndarray, layer: int,
+                      positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The attention's input side of x [N, H]: the "input" norm, the q, k and v projections and
+        partial RoPE of q and k at positions [N] (int) with the layer's theta. Returns float32
+        q [N, Hq, D], k [N, Hkv, D] (rotated) and v [N, Hkv*Dv] (one op so a kernel backend runs
+        it as one launch)."""
         ...
 
-    def rope_qk(self, q: np.ndarray, k: np.ndarray, positions: np.ndarray,
-                theta: float) -> tuple[np.ndarray, np.ndarray]:
-        """Partial RoPE of q [N, Hq, D] and k [N, Hkv, D] at positions [N] (int), same shapes back."""
+    def linear_add_rmsnorm(self, x: np.ndarray, a: np.ndarray, layer: int, proj: str,
+                           norm: str) -> tuple[np.ndarray, np.ndarray]:
+        """A projection added to the residual and the next norm: h = x + linear(a, layer, proj),
+        returns (h, rmsnorm(h, layer, norm)), float32 [N, H] (o_proj and the post-attention norm;
+        one launch on kernels)."""
         ...
 
     def attention(self, problems: list[AttentionInput], layer: int) -> list[np.ndarray]:

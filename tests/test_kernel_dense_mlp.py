@@ -69,3 +69,24 @@ def test_rejects_misuse():
     bf16 = [w.astype(np.float32).astype(BF16) for w in prepared]
     with pytest.raises(AssertionError, match=r"w_down shape \(256, 512\) must be \[512, 256\]"):
         dense_mlp(x, bf16[0], bf16[1], np.ascontiguousarray(bf16[2].T))
+
+
+@pytest.mark.parametrize("tokens", [1, 65, 300])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_lnc2_splits_both_passes_between_cores(monkeypatch, fp8, tokens):
+    """At LNC=2 each core computes part of h (shared HBM), a core barrier, then part of y: LNC=1's bits."""
+    prepared, scales, _ = weights(256, 512, fp8)
+    x = np.random.default_rng(tokens).standard_normal((tokens, 256)).astype(BF16)
+    want = dense_mlp(x, *prepared, scales=scales)
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    y, report = dense_mlp(x, *prepared, scales=scales, report=True)
+    assert report.num_programs == 2
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+
+
+def test_fp8_weights_as_uint8_bytes():
+    prepared, scales, _ = weights(256, 512, True)
+    x = np.random.default_rng(2).standard_normal((3, 256)).astype(BF16)
+    want = dense_mlp(x, *prepared, scales=scales)
+    got = dense_mlp(x, *[w.view(np.uint8) for w in prepared], scales=scales)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

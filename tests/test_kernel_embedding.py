@@ -58,3 +58,11 @@ def test_kernel_raises_on_out_of_range_id_at_runtime():
     table = patterned_table(100, 128)
     with pytest.raises(IndexError, match="outside the tensor"):
         simulate(embedding_kernel)(np.array([5, 100], np.int32), table)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_lnc2_splits_tiles_between_cores(monkeypatch, mimo_table, tokens):
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    ids = np.random.default_rng(tokens).integers(0, VOCAB, tokens)
+    out, report = embed(ids, mimo_table, report=True)
+    assert report.num_programs == 2 and same_bits(out, mimo_table[ids])

@@ -13,8 +13,11 @@ from functools import lru_cache
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
-from mimo_kernels.linear import linear
+from mimo_kernels.backend import simulate
+from mimo_kernels.launch import to_device
+from mimo_kernels.linear import linear, linear_kernel
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 from mimo_v2_flash.selfcheck.kernels_basic import rolled_weight
@@ -120,3 +123,36 @@ def test_rejects_misuse():
         linear(x, w, scale)
     with pytest.raises(AssertionError, match=r"scale shape \(3, 2\) must be \(2, 3\)"):
         linear(x, q, scale.T)
+
+
+# LNC=2: the programs split the output columns (token groups when there are several), so the
+# result is LNC=1's bit for bit, and at decode each core streams half the weights.
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("tokens, in_features, out_features", [(1, 4096, 12288), (7, 256, 384),
+                                                               (129, 256, 640), (300, 16384, 256)])
+def test_lnc2_splits_the_output_between_cores(monkeypatch, tokens, in_features, out_features, fp8):
+    w_k, scale, _ = prepared(out_features, in_features, 0, fp8)
+    x = activations(tokens, in_features, 9)
+    want, rep1 = linear(x, w_k, scale, report=True)
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    y, rep2 = linear(x, w_k, scale, report=True)
+    assert rep2.num_programs == 2
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+    if out_features == 12288:
+        assert rep2.estimated_time_s < 0.75 * rep1.estimated_time_s
+
+
+def test_fp8_weight_as_float8_or_as_uint8_bytes():
+    """The launcher passes FP8 to torch as uint8 bytes (launch.to_device) and the kernel reinterprets
+    them; the same kernel also takes a float8_e4m3 array directly (the simulator on NumPy), and the
+    launcher takes the uint8 bytes themselves. All three give the same bits."""
+    w_k, scale, w_exact = prepared(384, 256, 10, True)
+    x = activations(7, 256, 11)
+    via_launch = linear(x, w_k, scale)
+    direct = simulate(linear_kernel)(x, w_k, scale)
+    as_bytes = linear(x, w_k.view(np.uint8), scale)
+    assert rel_err(via_launch, ref.linear(x.astype(np.float32), w_exact)) < TOL
+    for other in (direct, as_bytes):
+        np.testing.assert_array_equal(np.asarray(other, np.float32), np.asarray(via_launch, np.float32))
+    tensor = to_device(w_k)
+    assert tensor.dtype == torch.uint8 and np.array_equal(tensor.numpy(), w_k.view(np.uint8))

@@ -85,3 +85,17 @@ def test_rejects_mismatched_delta():
     x, delta, w = inputs(4, 256)
     with pytest.raises(ValueError, match=r"delta shape \(3, 256\) differs from x shape \(4, 256\)"):
         add_rmsnorm(x, delta[:3], w)
+
+
+# LNC=2: the programs split the token tiles (a decode tail into one piece per core), so the result
+# is the LNC=1 result bit for bit.
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+def test_lnc2_splits_tokens_between_cores(monkeypatch, tokens):
+    x, delta, w = inputs(tokens, 4096, seed=3)
+    (want_total, want_y), rep1 = add_rmsnorm(x, delta, w, eps=1e-5, report=True)
+    want_norm = rmsnorm(x, w, eps=1e-5)
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    (total, y), rep2 = add_rmsnorm(x, delta, w, eps=1e-5, report=True)
+    assert rep2.num_programs == 2
+    for got, want in ((total, want_total), (y, want_y), (rmsnorm(x, w, eps=1e-5), want_norm)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

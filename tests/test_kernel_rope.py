@@ -91,3 +91,14 @@ def test_rejects_negative_positions_and_bad_shapes():
         rope(x, positions[:3] + 1, 1e4)
     with pytest.raises(AssertionError, match="rotary dim.*must be even and <= head dim 32"):
         rope(x[..., :32], np.arange(4), 1e4)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 129])
+def test_lnc2_splits_tokens_between_cores(monkeypatch, tokens):
+    """At LNC=2 the programs take alternate tiles (a decode tile cut in two): LNC=1's bits."""
+    x, positions = case(tokens, 68, seed=tokens)
+    want = rope(x, positions, 5e6)
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    out, report = rope(x, positions, 5e6, report=True)
+    assert report.num_programs == 2
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))

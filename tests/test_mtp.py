@@ -15,7 +15,7 @@ from mimo_v2_flash.layer import TokenBatch
 from mimo_v2_flash.model import sampling_probs
 from mimo_v2_flash.mtp import MtpLayers, MtpUnavailable
 from mimo_v2_flash.speculative import MtpSpeculator, speculative_loop
-from mimo_v2_flash.weights import EMBED, LM_HEAD, layer_prefix, mtp_prefix, mtp_tensors
+from mimo_v2_flash.weights import EMBED, LM_HEAD, mtp_prefix, mtp_tensors
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_mtp_layer_through_kernels_matches_reference(tiny):
         for got, want in zip(*outs):
             assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
         # Every op of the layer went through a kernel.
-        assert {"embed", "rmsnorm", "linear", "qkv", "rope_qk", "attention", "add_rmsnorm",
+        assert {"embed", "rmsnorm", "linear", "norm_qkv_rope", "attention", "linear_add_rmsnorm",
                 "dense_mlp"} <= set(kernels.ops.cost_summary()["ops"])
 
 

@@ -22,7 +22,7 @@ from mimo_v2_flash.selfcheck.decoder_layer import (
     LAYER_STEPS, LAYER_TOL, OP_TOL, compare_fp8_layers, compare_layer, compare_tiny_model, relative_error)
 from mimo_v2_flash.weights import random_weights
 
-EVERY_LAYER_OP = {"rmsnorm", "qkv", "rope_qk", "linear", "attention", "add_rmsnorm", "router", "experts"}
+EVERY_LAYER_OP = {"norm_qkv_rope", "attention", "linear_add_rmsnorm", "router", "experts"}
 
 
 @pytest.mark.parametrize("kind", ["full", "swa"])
@@ -64,8 +64,8 @@ def test_cost_summary_splits_prefill_and_decode_passes(tiny):
     for summary in (prefill, decode):
         ops = summary["ops"]
         assert ops["embed"]["calls"] == ops["logits"]["calls"] == summary["passes"]
-        assert ops["logits"]["launches"] == 2 * summary["passes"]          # final norm + lm_head
-        assert ops["add_rmsnorm"]["calls"] == layers * summary["passes"]
+        assert ops["logits"]["launches"] == summary["passes"]              # final norm + lm_head fused
+        assert ops["linear_add_rmsnorm"]["calls"] == layers * summary["passes"]
         assert summary["total"]["estimated_us"] == pytest.approx(sum(o["estimated_us"] for o in ops.values()))
         in_layers = sum(o["estimated_us"] for op, o in ops.items() if op not in ("embed", "logits"))
         assert summary["per_layer_us"] == pytest.approx(in_layers / (layers * summary["passes"]))
