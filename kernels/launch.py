@@ -27,10 +27,12 @@ dtypes, compile-time arguments). ``VARIANTS`` counts those keys on every backend
 measured on the simulator is the number of compilations a device would do for the same launches.
 
 Host -> device traffic: a host array registered with ``RESIDENT`` (the kernel-layout weights, the
-RoPE table) gets its device copy once, and every launch that receives that array passes the copy;
+RoPE table, a static KV cache) gets its device copy once, and every launch that receives that array
+passes the copy; ``RESIDENT.write`` updates a few elements of it in place (a KV cache's new slots);
 a torch tensor passes through untouched; any other array is converted at the launch. ``UPLOADS``
-counts the bytes and tensors converted, as "weights" (registered, once) or "activations" (at a
-launch: activations, KV cache, block plans, small runtime tensors). On the CPU a conversion is a
+counts the bytes and tensors converted, as "weights" or "kv_cache" (registered, once) or
+"activations" (at a launch or an in-place write: activations, new KV slots, block plans, small
+runtime tensors). On the CPU a conversion is a
 zero-copy view, so the count is what a NeuronCore would upload for the same launches.
 """
 from __future__ import annotations
@@ -171,18 +173,33 @@ class DeviceWeights:
     def __init__(self):
         self._entries: dict[int, tuple[weakref.ref, object]] = {}
 
-    def resident(self, array):
-        """Register `array` (a NumPy array; anything else is returned as is) and upload it once."""
+    def resident(self, array, kind: str = "weights"):
+        """Register `array` (a NumPy array; anything else is returned as is) and upload it once,
+        counted in `UPLOADS` under `kind` ("kv_cache" for a preallocated KV cache)."""
         if not isinstance(array, np.ndarray) or self.lookup(array) is not None:
             return array
         where = device()
         if where is None:
             return array
-        tensor = to_device(array, where, kind="weights")
+        tensor = to_device(array, where, kind=kind)
         key = id(array)
         self._entries[key] = (weakref.ref(array, lambda _, key=key: self._entries.pop(key, None)),
                               None if where.type == "cpu" else tensor)
         return array
+
+    def write(self, array, index, value) -> None:
+        """`array[index] = value` for a registered array, on the host and in place in its device
+        copy: only the written elements travel (counted as activations). Keep one advanced index
+        in `index` (slices elsewhere) so NumPy and torch place the written axes alike."""
+        registered = self.lookup(array) is not None
+        if not registered and device() is not None:     # without torch nothing is registered
+            raise ValueError(f"DeviceWeights.write: the array {array.shape} {array.dtype} is not registered")
+        array[index] = value
+        if registered:
+            written = to_device(np.ascontiguousarray(array[index]))
+            copy = self._entries[id(array)][1]
+            if copy is not None:
+                copy[index] = written
 
     def lookup(self, array):
         """The device copy of a registered array (on the CPU a fresh zero-copy view), else None."""

@@ -35,9 +35,17 @@ class LayerCacheBase:
         """Write keys [n, Hkv, D] and values [n, Hkv, Dv] (model layout) into the slots."""
         raise NotImplementedError
 
+    def store_positions(self, seq: int, slots, positions) -> None:
+        self.pos[seq, slots] = positions
+
+    def store(self, seq: int, positions, k, v) -> None:
+        """Write the new keys of sequence `seq` (positions [n], k [n, Hkv, D], v [n, Hkv, Dv]) into
+        their slots: the write half of `update`, for a reader of the cache itself."""
+        raise NotImplementedError
+
     def write(self, seq: int, slots, positions, k, v) -> None:
         self.store_kv(seq, slots, k, v)
-        self.pos[seq, slots] = positions
+        self.store_positions(seq, slots, positions)
 
     def write_ring(self, seq: int, positions, k, v) -> None:
         """Sliding-window layers: the new keys into slots position % window (later keys overwrite
@@ -55,7 +63,7 @@ class LayerCacheBase:
 
     def truncate(self, seq: int, length: int) -> None:
         """Full layers: forget the slots from `length` on."""
-        self.pos[seq, length:self.length[seq]] = self.empty
+        self.store_positions(seq, slice(length, self.length[seq]), self.empty)
         self.length[seq] = length
 
     @property
@@ -99,6 +107,10 @@ class LayerKVCache(LayerCacheBase):
         keys = np.concatenate([self.k[seq][valid], k.astype(self.k.dtype)])
         values = np.concatenate([self.v[seq][valid], v.astype(self.v.dtype)])
         key_pos = np.concatenate([self.pos[seq][valid], positions])
+        self.store(seq, positions, k, v)
+        return keys, values, key_pos
+
+    def store(self, seq: int, positions, k, v) -> None:
         if self.window is None:
             start = self.length[seq]
             self._grow(start + len(positions))
@@ -106,7 +118,6 @@ class LayerKVCache(LayerCacheBase):
             self.length[seq] += len(positions)
         else:
             self.write_ring(seq, positions, k, v)
-        return keys, values, key_pos
 
 
 class LayerCaches:

@@ -15,13 +15,13 @@ import numpy as np
 
 from . import reference as ref
 from .config import MiMoV2FlashConfig
-from .kv_cache import KVCache
+from .kv_cache import LayerCaches
 from .ops import DecoderOps
 from .weights import EMBED, EXPERT_PROJS, FINAL_NORM, LM_HEAD, expert_weight, layer_weight
 
 
 def decoder_layer(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.ndarray, batch: TokenBatch,
-                  cache: KVCache | None, expert_executor) -> np.ndarray:
+                  cache: LayerCaches | None, expert_executor) -> np.ndarray:
     """h = x + attn(norm(x)); out = h + ffn(norm(h)), with dense SwiGLU or the routed MoE."""
     attn = attention_block(ops, config, layer, x, batch, cache)
     h, hn = ops.linear_add_rmsnorm(x, attn, layer, "o_proj", "post_attention")
@@ -32,7 +32,7 @@ def decoder_layer(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.
 
 
 def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: np.ndarray,
-                    batch: TokenBatch, cache: KVCache | None) -> np.ndarray:
+                    batch: TokenBatch, cache: LayerCaches | None) -> np.ndarray:
     """Input norm, projections and partial RoPE (one op), value scale, per-sequence attention with
     the cache; returns the attention output [N, Hq*Dv] before o_proj (which is fused with the
     residual add and the next norm)."""
@@ -40,15 +40,8 @@ def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: n
     n = x.shape[0]
     q, k, v = ops.norm_qkv_rope(x, layer, batch.positions)
     v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
-    problems = []
-    for seq, start, stop in batch.segments():
-        pos = batch.positions[start:stop]
-        if cache is None:
-            keys, values, key_pos = k[start:stop], v[start:stop], pos
-        else:
-            keys, values, key_pos = cache.layers[layer].update(seq, pos, k[start:stop], v[start:stop])
-        problems.append(AttentionInput(q[start:stop], keys, values, pos, key_pos))
-    return np.concatenate(ops.attention(problems, layer)).reshape(n, heads * dv)
+    step = AttentionStep(q, k, v, batch, None if cache is None else cache.layers[layer])
+    return np.concatenate(ops.attention(step, layer)).reshape(n, heads * dv)
 
 
 @dataclass
@@ -61,6 +54,44 @@ class TokenBatch:
 
     def segments(self):
         return zip(self.seqs, self.starts, self.stops)
+
+
+class AttentionStep:
+    """One layer's attention in a pass: the new tokens' q [N, Hq, D], k [N, Hkv, D] and v [N, Hkv, Dv]
+    (flat rows of `batch`, v already scaled) and the layer's cache (a `kv_cache.LayerCacheBase`;
+    None: every sequence attends over its new tokens only).
+
+    A backend either takes `problems()` (per sequence the keys to attend over, gathered in model
+    layout) or reads the cache itself after `write_cache()` (the kernel backend on a static cache).
+    Either writes the new keys into the cache, once: the first call does it (`CheckedOps` runs two
+    backends on one step, and gathers first, since a ring write overwrites keys a gather needs)."""
+
+    def __init__(self, q, k, v, batch: TokenBatch, cache):
+        self.q, self.k, self.v, self.batch, self.cache = q, k, v, batch, cache
+        self._problems: list[AttentionInput] | None = None
+        self._written = cache is None
+
+    def problems(self) -> list[AttentionInput]:
+        """Per sequence of the batch: its queries against the cached keys and its new ones (the
+        cache's `update`: written and gathered in one go)."""
+        if self._problems is None:
+            if self._written and self.cache is not None:
+                raise RuntimeError("AttentionStep: the cache was written in place already; gather the "
+                                   "problems before write_cache()")
+            self._problems = []
+            for seq, start, stop in self.batch.segments():
+                pos, k, v = self.batch.positions[start:stop], self.k[start:stop], self.v[start:stop]
+                keys, values, key_pos = (k, v, pos) if self.cache is None else self.cache.update(seq, pos, k, v)
+                self._problems.append(AttentionInput(self.q[start:stop], keys, values, pos, key_pos))
+            self._written = True
+        return self._problems
+
+    def write_cache(self) -> None:
+        """Write the new keys of every sequence into the cache (nothing gathered)."""
+        if not self._written:
+            for seq, start, stop in self.batch.segments():
+                self.cache.store(seq, self.batch.positions[start:stop], self.k[start:stop], self.v[start:stop])
+            self._written = True
 
 
 @dataclass
@@ -141,10 +172,10 @@ class ReferenceOps:
     def linear_add_rmsnorm(self, x, a, layer, proj, norm):
         return self.add_rmsnorm(x, self.linear(a, layer, proj), layer, norm)
 
-    def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
+    def attention(self, step: AttentionStep, layer) -> list[np.ndarray]:
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
         return [ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
-                              self.config.softmax_scale, window, sink) for p in problems]
+                              self.config.softmax_scale, window, sink) for p in step.problems()]
 
     def router(self, x, layer):
         gate, bias = self.w(layer_weight(layer, "router")), self.w(layer_weight(layer, "router_bias"))
@@ -191,6 +222,8 @@ class CheckedOps:
             return primary
 
         def checked(*args, **kwargs):
+            if name == "attention":
+                args[0].problems()      # gathered before a backend writes the cache in place
             got = primary(*args, **kwargs)
             want = getattr(self.reference, name)(*args, **kwargs)
             if name == "router":

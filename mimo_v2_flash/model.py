@@ -124,12 +124,16 @@ class MiMoV2FlashModel:
 
     def new_cache(self, batch: int):
         """The ragged cache; with a bucket table (static shapes), a preallocated one sized for its
-        largest decode context, in bf16 on the kernel backend (what the kernels read)."""
+        largest decode context and the smallest bucket batch holding `batch` sequences. On the
+        kernel backend it is bf16 (what the kernels read) and device-resident: uploaded once, here,
+        then written in place and read by the decode steps' attention launches."""
         if self.buckets is None:
             return KVCache(self.config, batch)
         from .static_kv_cache import BF16, StaticKVCache      # ml_dtypes: loaded on first use
-        dtype = BF16 if self.backend == "nki" else np.float32
-        return StaticKVCache(self.config, batch, self.buckets.decode_contexts[-1], dtype)
+        kernels = self.backend == "nki"
+        slots = next((b for b in self.buckets.batches if b >= batch), batch)
+        return StaticKVCache(self.config, batch, self.buckets.decode_contexts[-1], BF16 if kernels else np.float32,
+                             batch_slots=slots, resident=kernels)
 
     # ---- forward -----------------------------------------------------------------------------
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, fields
 import ml_dtypes
 import numpy as np
 
-from mimo_kernels.attention import attention_batch
+from mimo_kernels.attention import attention_batch, attention_decode_cache
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
@@ -51,7 +51,8 @@ from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
 from mimo_kernels.router import route
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
-from .layer import AttentionInput, attention_sink
+from .layer import AttentionStep, attention_sink
+from .static_kv_cache import StaticLayerKVCache
 from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_weight,
                       is_projection, layer_tensors, layer_weight, model_tensors, mtp_block_tensors)
 
@@ -326,15 +327,38 @@ class NkiOps:
         self._record("linear_add_rmsnorm", report)
         return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
 
-    def attention(self, problems: list[AttentionInput], layer) -> list[np.ndarray]:
-        """Fresh prompts of 128+ tokens through the flash prefill kernel (one launch each); decode
-        steps, prefill on a history and short prompts share one ragged cached-attention launch."""
+    def attention(self, step: AttentionStep, layer) -> list[np.ndarray]:
+        """A decode bucket's step on a `StaticKVCache`: the new keys written into the cache in place,
+        then one cached-attention launch on the cache's own buffers (`_attention_in_cache`).
+        Otherwise on the gathered problems: fresh prompts of 128+ tokens through the flash prefill
+        kernel (one launch each); decode steps, prefill on a history and short prompts share one
+        cached-attention launch (at the bucket's shape when there is one)."""
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
+        if self.bucket is not None and self.bucket.kind == "decode" and isinstance(step.cache, StaticLayerKVCache):
+            return self._attention_in_cache(step, window, sink)
         shape = None if self.bucket is None else (self.bucket.batch, self.bucket.tokens,
                                                   self.bucket.attention_keys(window))
-        outs, reports = attention_batch(problems, self.config.softmax_scale, window, sink, shape=shape)
+        outs, reports = attention_batch(step.problems(), self.config.softmax_scale, window, sink, shape=shape)
         self._record("attention", *reports)
         return outs
+
+    def _attention_in_cache(self, step: AttentionStep, window: int | None, sink) -> list[np.ndarray]:
+        """`attention_decode_cache` on the layer cache's buffers, every sequence slot of the cache
+        in the launch (slots outside the step: zero queries at position 0, outputs dropped). Full
+        layers read the bucket's context, sliding-window layers the ring, which after the write
+        holds every key a one-token query sees. The launch shape is (cache slots, 1 token, keys):
+        the bucket's, whatever the lengths."""
+        cache, batch = step.cache, step.batch
+        step.write_cache()
+        slots = cache.k.shape[0]
+        q = np.zeros((slots, 1) + step.q.shape[1:], np.float32)
+        q_positions = np.zeros((slots, 1), np.float32)
+        for seq, start, stop in batch.segments():
+            q[seq], q_positions[seq] = step.q[start:stop], batch.positions[start:stop]
+        out, report = attention_decode_cache(q, cache.k, cache.v, cache.pos, q_positions, self.config.softmax_scale,
+                                             window, sink, keys=self.bucket.context if window is None else None)
+        self._record("attention", report)
+        return [out[seq] for seq in batch.seqs]
 
     def router(self, x, layer):
         gate_t, _ = self.kernel_weight(layer_weight(layer, "router"))

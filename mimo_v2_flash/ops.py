@@ -20,7 +20,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .config import MiMoV2FlashConfig
-    from .layer import AttentionInput
+    from .layer import AttentionStep
 
 
 @runtime_checkable
@@ -62,9 +62,13 @@ class DecoderOps(Protocol):
         one launch on kernels)."""
         ...
 
-    def attention(self, problems: list[AttentionInput], layer: int) -> list[np.ndarray]:
-        """Per-sequence attention with layer `layer`'s window and sink (read by the backend):
-        for each problem (q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv]) the output [T, Hq, Dv]."""
+    def attention(self, step: AttentionStep, layer: int) -> list[np.ndarray]:
+        """Per-sequence attention of a pass's new tokens with layer `layer`'s window and sink (read
+        by the backend): `step` holds the new q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] and the
+        layer's cache; the backend writes the new keys into the cache and attends, either over
+        `step.problems()` (per sequence q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] gathered) or
+        over the cache's own buffers after `step.write_cache()`. Returns per sequence of the batch
+        the output [T, Hq, Dv]."""
         ...
 
     def router(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,29 +33,51 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class StaticLayerKVCache(LayerCacheBase):
-    """Keys [B, Hkv, D, slots], values [B, Hkv, slots, Dv], key positions [B, slots] float32."""
+    """Keys [B, Hkv, D, slots], values [B, Hkv, slots, Dv], key positions [B, slots] float32.
+
+    `resident`: register the three buffers with `mimo_kernels.launch.RESIDENT` (the kernel backend):
+    they are uploaded once, here, every launch that reads them passes the device copies, and every
+    write goes through `RESIDENT.write`, which moves only the written slots."""
 
     empty = EMPTY_POSITION
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, v_head_dim: int, window: int | None,
-                 context: int, dtype=BF16):
+                 context: int, dtype=BF16, resident: bool = False):
         super().__init__(batch, window)
         self.context = context
         slots = window if window is not None else context
         self.k = np.zeros((batch, kv_heads, head_dim, slots), dtype)
         self.v = np.zeros((batch, kv_heads, slots, v_head_dim), dtype)
         self.pos = np.full((batch, slots), self.empty, np.float32)
+        self.device = None       # mimo_kernels.launch.RESIDENT when the buffers are registered
+        if resident:
+            from mimo_kernels.launch import RESIDENT        # the simulator: loaded only for the kernels
+            for buffer in (self.k, self.v, self.pos):
+                RESIDENT.resident(buffer, kind="kv_cache")
+            self.device = RESIDENT
 
     def slot_kv(self, seq: int, slots):
         return self.k[seq][:, :, slots].transpose(2, 0, 1), self.v[seq][:, slots].transpose(1, 0, 2)
 
-    def store_kv(self, seq: int, slots, k, v) -> None:
-        self.k[seq][:, :, slots] = np.asarray(k).transpose(1, 2, 0)
-        self.v[seq][:, slots] = np.asarray(v).transpose(1, 0, 2)
+    def _put(self, buffer: np.ndarray, index: tuple, value) -> None:
+        """buffer[index] = value, also in the device copy of a resident buffer."""
+        if self.device is None:
+            buffer[index] = value
+        else:
+            self.device.write(buffer, index, value)
 
-    def update(self, seq: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """Store the new keys of sequence `seq` in place; return (keys, values, positions) to
-        attend over (module docstring)."""
+    # The sequence is indexed by a slice so that `slots` (an index array) is the only advanced
+    # index: NumPy and torch then keep every axis in place.
+    def store_kv(self, seq: int, slots, k, v) -> None:
+        row = slice(seq, seq + 1)
+        self._put(self.k, (row, slice(None), slice(None), slots), np.asarray(k).transpose(1, 2, 0)[None])
+        self._put(self.v, (row, slice(None), slots), np.asarray(v).transpose(1, 0, 2)[None])
+
+    def store_positions(self, seq: int, slots, positions) -> None:
+        self._put(self.pos, (slice(seq, seq + 1), slots), positions)
+
+    def store(self, seq: int, positions, k, v) -> None:
+        """Write the new keys in place (full layers: slot = position; SWA: the ring)."""
         positions = np.asarray(positions)
         end = int(positions.max()) + 1
         if end > self.context:
@@ -63,7 +85,16 @@ class StaticLayerKVCache(LayerCacheBase):
                              f"of {self.context} positions (choose a larger decode bucket)")
         if self.window is None:
             self.write(seq, positions, positions, k, v)
-            self.length[seq] = max(self.length[seq], end)
+        else:
+            self.write_ring(seq, positions, k, v)
+        self.length[seq] = max(self.length[seq], end)
+
+    def update(self, seq: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
+        """Store the new keys of sequence `seq` in place; return (keys, values, positions) to
+        attend over (module docstring)."""
+        positions = np.asarray(positions)
+        if self.window is None:
+            self.store(seq, positions, k, v)
             n = self.length[seq]
             keys, values = self.slot_kv(seq, slice(0, n))
             return keys, values, self.pos[seq, :n].astype(np.int64)
@@ -74,18 +105,23 @@ class StaticLayerKVCache(LayerCacheBase):
             keys = np.concatenate([ring_k, np.asarray(k, self.k.dtype)])
             values = np.concatenate([ring_v, np.asarray(v, self.v.dtype)])
             key_pos = np.concatenate([self.pos[seq].astype(np.int64), positions])
-        self.length[seq] = max(self.length[seq], end)
-        self.write_ring(seq, positions, k, v)
+        self.store(seq, positions, k, v)
         return keys, values, key_pos
 
 
 class StaticKVCache(LayerCaches):
-    """Per-layer static caches for `batch` sequences of up to `context` positions."""
+    """Per-layer static caches for `batch` sequences of up to `context` positions. `batch_slots`:
+    the sequences the buffers hold (a decode bucket's batch, so that the attention launch on them
+    has the bucket's shape; default `batch`); `resident`: see `StaticLayerKVCache`."""
 
-    def __init__(self, config: MiMoV2FlashConfig, batch: int, context: int, dtype=BF16):
+    def __init__(self, config: MiMoV2FlashConfig, batch: int, context: int, dtype=BF16,
+                 batch_slots: int | None = None, resident: bool = False):
         if context > config.max_position_embeddings:
             raise ValueError(f"static KV cache: context {context} exceeds max_position_embeddings="
                              f"{config.max_position_embeddings}")
+        slots = batch if batch_slots is None else int(batch_slots)
+        if slots < batch:
+            raise ValueError(f"static KV cache: batch_slots={slots} cannot hold a batch of {batch} sequences")
         self.context = context
-        super().__init__(config, batch, lambda kv, d, dv, window: StaticLayerKVCache(batch, kv, d, dv, window,
-                                                                                      context, dtype))
+        super().__init__(config, batch, lambda kv, d, dv, window: StaticLayerKVCache(
+            slots, kv, d, dv, window, context, dtype, resident))
