@@ -7,7 +7,7 @@ host -> device traffic (`mimo_kernels.launch.VARIANTS` and `UPLOADS`), before an
     tokens = model.generate(...)
     print(report.lines(model.ops.passes))
     kernel variants: 28 compiled at warmup, 0 new after warmup
-    host->device: 20.1 MB weights at warmup, 0 B weights after it, 611.0 KB activations per decode step ...
+    host->device: 20.1 MB weights at warmup, 0 B weights after it, 509.0 KB KV cache once (resident), ...
 """
 from __future__ import annotations
 
@@ -38,16 +38,21 @@ class DeviceReport:
 
     def uploads_line(self, passes) -> str:
         """Weight bytes uploaded at warmup (without one: up to the end of the prefill), weight bytes
-        after that, and the other bytes (activations, KV cache, plans) per pass after the prefill.
-        `passes`: the generation's `NkiOps.passes` (prefill first)."""
+        after that, the generation's device-resident KV cache (uploaded once, when allocated), and
+        the other bytes per pass after the prefill (activations, the new KV slots written into the
+        resident cache, positions, attention plans). `passes`: the generation's `NkiOps.passes`
+        (prefill first)."""
         if len(passes) < 2:
             return f"host->device: {byte_size(UPLOADS.since(self.start_uploads)['weights'])} weights (no decode step)"
         first = self.warm_uploads if self.warm_uploads is not None else passes[1].upload_mark
         when = "at warmup" if self.warm_uploads is not None else "by the end of the prefill"
+        before_cache = self.warm_uploads if self.warm_uploads is not None else self.start_uploads
+        kv_cache = UPLOADS.bytes.get("kv_cache", 0) - before_cache.get("kv_cache", 0)
         per_step = UPLOADS.since(passes[1].upload_mark)["activations"] / (len(passes) - 1)
         return (f"host->device: {byte_size(first.get('weights', 0) - self.start_uploads.get('weights', 0))} "
                 f"weights {when}, {byte_size(UPLOADS.since(first)['weights'])} weights after it, "
-                f"{byte_size(per_step)} activations per decode step (KV cache and plans included)")
+                f"{byte_size(kv_cache)} KV cache once (resident), {byte_size(per_step)} activations per decode "
+                f"step (new KV slots, positions and plans included)")
 
     def lines(self, passes) -> str:
         return self.variants_line() + "\n" + self.uploads_line(passes)

@@ -21,8 +21,9 @@ rounded to bf16 and returns bf16, which this class hands back as float32 because
 is NumPy. The router works in fp32 and the expert kernel accumulates into fp32, as the kernels do.
 
 Static shapes: with `bucket` set (a `buckets.Bucket`), every op pads its token rows to the
-bucket's `rows` and drops the padding from its result, attention runs at the bucket's shape and
-the expert kernel at its fixed block count, so a pass launches the same kernel specializations
+bucket's `rows` and drops the padding from its result, attention runs at the bucket's shape (a
+decode step on a `StaticKVCache` straight on the cache's resident buffers) and the expert kernel
+at its fixed block count, so a pass launches the same kernel specializations
 whatever the lengths inside the bucket (`mimo_kernels.launch.VARIANTS` counts them). Without a
 bucket the launches take the exact ragged shapes.
 

@@ -7,7 +7,10 @@ position), sliding-window layers a ring of `window` slots (slot = position % win
 kernel's (`mimo_kernels.attention.decode`): keys `k [B, Hkv, D, slots]` (transposed: D on
 partitions, keys contiguous), values `v [B, Hkv, slots, Dv]`, both bfloat16 by default, and key
 positions `pos [B, slots]` float32 with EMPTY_POSITION in empty slots. A step writes its new keys in
-place, and `attention_decode_cache` hands these buffers to the kernel as they are (no relayout).
+place (`store`), and `attention_decode_cache` hands these buffers to the kernel as they are (no
+relayout): `NkiOps.attention` does so for every decode bucket. On the kernel backend the buffers
+are device-resident (`resident=True`: registered with `mimo_kernels.launch.RESIDENT`, uploaded once
+at allocation, every write applied to the device copy in place).
 
 `update` has the ragged cache's contract (keys to attend over, model layout: the cached ones, then
 the new ones, with integer positions), so the layer code and both backends take either cache:

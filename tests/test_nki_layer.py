@@ -176,3 +176,58 @@ def test_run_example_random_mode_through_kernels(capsys):
                  for out in (kernels, reference)]
     assert generated[0] == generated[1]
     assert "Trainium2 estimate" in kernels and "Trainium2 estimate" not in reference
+
+
+def test_bucketed_decode_reads_the_static_cache_in_place(monkeypatch):
+    """Decode steps of a warmed bucket (3 sequences in a batch-4 bucket, the SWA ring wrapping, one
+    step leaving sequence 1 out) launch the cached-attention kernel on the StaticKVCache's own
+    resident buffers: the launch receives the cache's k, v and positions arrays and uploads only
+    its other arguments (queries, positions, plan), and nothing new compiles. The attention op
+    reading the cache in place is within OP_TOL of the reference on identical inputs (CheckedOps,
+    whose gather writes the cache), and the plain run, which writes only the new slots
+    (`write_cache`), gives the checked run's logits bit for bit."""
+    import mimo_kernels.attention.decode as decode_module
+    from mimo_kernels.launch import UPLOADS, VARIANTS
+    from mimo_v2_flash.buckets import BucketTable
+    from mimo_v2_flash.static_kv_cache import EMPTY_POSITION, StaticKVCache
+
+    rng = np.random.default_rng(8)
+    prompt, steps = rng.integers(0, 512, (3, 14)), rng.integers(0, 512, (4, 3))
+    checked = MiMoV2FlashModel.random("tiny", seed=8, backend="nki", check_reference=True)
+    plain = MiMoV2FlashModel.random("tiny", seed=8, backend="nki")
+    plain.warmup(BucketTable.for_generation(3, 14, 4))
+    checked.buckets = plain.buckets
+    caches = [model.new_cache(3) for model in (checked, plain)]
+    assert isinstance(caches[1], StaticKVCache) and caches[1].layers[0].k.shape[0] == 4    # the bucket's batch
+    for model, cache in zip((checked, plain), caches):
+        model.forward_ragged(list(prompt), cache)
+    checked.ops.differences.clear()
+    launches = []
+
+    def spy(kernel, *args, **kwargs):
+        mark = UPLOADS.mark()
+        out = real_launch(kernel, *args, **kwargs)
+        launches.append((args, UPLOADS.since(mark)["activations"]))
+        return out
+    real_launch = decode_module.launch
+    monkeypatch.setattr(decode_module, "launch", spy)
+    variants = len(VARIANTS)
+    for i, tokens in enumerate(steps):
+        slots = [0, 2] if i == 2 else [0, 1, 2]
+        want = checked.forward_ragged([tokens[s:s + 1] for s in slots], caches[0], slots)
+        launches.clear()
+        got = plain.forward_ragged([tokens[s:s + 1] for s in slots], caches[1], slots)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert len(launches) == plain.config.num_hidden_layers
+        for layer, (args, uploaded) in zip(caches[1].layers, launches):
+            buffers = (layer.k, layer.v, layer.pos)
+            assert all(a is b for a, b in zip(args[1:4], buffers))          # the cache's arrays themselves
+            others = [a for a in args if isinstance(a, np.ndarray) and not any(a is b for b in buffers)]
+            assert uploaded == sum(a.nbytes for a in others) < layer.k.nbytes
+    assert 0 < checked.ops.differences["attention"] <= OP_TOL
+    assert len(VARIANTS) == variants                                         # all inside the warmed buckets
+    ring = caches[1].layers[1]                                               # positions 0..17 went through it
+    assert ring.k.shape[3] == plain.config.window_keys == 16
+    np.testing.assert_array_equal(np.sort(ring.pos[0]), np.arange(2, 18))
+    assert (ring.pos[3] == EMPTY_POSITION).all()                             # the bucket's unused slot

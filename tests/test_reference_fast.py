@@ -134,10 +134,10 @@ def test_moe_equals_add_at_accumulation(dtype, tokens):
 class PlainOps(ReferenceOps):
     """The reference layer with the straightforward attention, experts and products."""
 
-    def attention(self, problems, layer):
+    def attention(self, step, layer):
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
         return [plain_attention(p.q, p.k, p.v, p.q_positions, p.k_positions, self.config.softmax_scale,
-                                window, sink) for p in problems]
+                                window, sink) for p in step.problems()]
 
     def experts(self, x, layer, ids, weights, static_rows=None):
         return plain_moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
