@@ -7,7 +7,7 @@ host -> device traffic (`mimo_kernels.launch.VARIANTS` and `UPLOADS`), before an
     tokens = model.generate(...)
     print(report.lines(model.ops.passes))
     kernel variants: 28 compiled at warmup, 0 new after warmup
-    host->device: 20.1 MB weights at warmup, 0 B weights after it, 509.0 KB KV cache once (resident), ...
+    host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache once (resident), ...
 """
 from __future__ import annotations
 
