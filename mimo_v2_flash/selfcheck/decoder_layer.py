@@ -46,7 +46,7 @@ from ..layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_
 from ..model import MiMoV2FlashModel
 from ..nki_ops import NkiOps
 from ..placement import ExpertPlacement
-from ..weights import FP8, is_projection, model_tensors, random_weights
+from ..weights import HUB_FP8, is_projection, model_tensors, random_weights
 from . import CheckResult
 
 TOPIC = "decoder_layer"
@@ -149,7 +149,7 @@ def fp8_round_trip(config: MiMoV2FlashConfig, weights: dict) -> dict:
     layout [in, out] (128x128 blocks) and dequantised back: the values the FP8 kernels multiply."""
     out = dict(weights)
     for spec in model_tensors(config):
-        if spec.name in weights and spec.hub_dtype == FP8 and is_projection(spec):
+        if spec.name in weights and spec.hub_dtype == HUB_FP8 and is_projection(spec):
             q, scale = fp8.quantize_blocks(weights[spec.name].T, fp8.TRAINIUM_E4M3)
             out[spec.name] = fp8.dequantize(q, scale).T
     return out
