@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 TOPICS = ["reference", "kernels_moe", "kernels_basic", "kernels_attention", "decoder_layer"]
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|: the error measure of the kernel and layer checks."""
+    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 @dataclass
