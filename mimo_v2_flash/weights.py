@@ -208,7 +208,8 @@ def random_weights(config: MiMoV2FlashConfig, seed: int = 0, experts=None,
                    dtype=np.float32, mtp: bool = True) -> dict[str, np.ndarray]:
     """Seeded random weights with activations of order one through every layer.
 
-    Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks ~ N(0, 1).
+    Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks and the
+    embedding ~ N(0, 1).
     `experts` loads only those routed experts (an expert subset). Each tensor has its own
     stream seeded by (seed, name), so a subset holds exactly the full model's values (an
     expert-parallel rank's weights match the single-process model). `mtp` adds the MTP layers.

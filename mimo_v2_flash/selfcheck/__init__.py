@@ -2,6 +2,9 @@
 
 Each topic module in `TOPICS` defines `checks(quick: bool) -> Iterable[CheckResult]`; `quick`
 skips the slowest cases (full MiMo shapes are never skipped for kernels: that is the point).
+The problems a topic builds (shape tables, inputs, reference measures, rooflines) are also what
+the kernels' tests and benchmarks run; the tolerances here are the self-checks' own (each test
+states its own).
 """
 
 from __future__ import annotations
