@@ -78,7 +78,8 @@ PSUM_ENGINES = (nisa.engine.vector, nisa.engine.scalar)
 
 class EngineRotation(nl.NKIObject):
     """Independent element-wise instructions spread over the engines that can run them, in turns
-    (at trace time): `next()` returns engines[first_turn], engines[first_turn + 1], ..., cyclically."""
+    (at trace time): `next()` returns engines[first_turn], engines[first_turn + 1], ...,
+    cyclically."""
 
     def __init__(self, engines, first_turn: int = 0):
         self.engines = engines
