@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py [--tokens 1,8,64,512,4096] [--topics kernels_basic,...]
 
-For every kernel topic (mimo_v2_flash/selfcheck/kernels_*.py) at decode (T = 1, 8, 64) and
+For every kernel (benchmarks/kernels/bench_<kernel>.py, by topic) at decode (T = 1, 8, 64) and
 prefill (T = 512, 4096) token counts, and the attention shapes of its own topic: estimated time
 (cost model, not a measurement), roofline time (max of FLOPs / peak and HBM bytes / bandwidth),
 percent of roofline, and the issue's goal. Prints a table and writes JSON.
@@ -14,21 +14,28 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 
 from mimo_kernels.trn2 import TRN2
 
-KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention", "decoder_layer"]
+# Per topic, its kernels: benchmarks/kernels/bench_<kernel>.py (beside tests/test_kernel_<kernel>.py).
+TOPIC_KERNELS = {"kernels_basic": ("rmsnorm", "rope", "embedding", "linear", "dense_mlp", "norm_qkv_rope",
+                                   "linear_add_rmsnorm"),
+                 "kernels_moe": ("router", "expert_ffn"),
+                 "kernels_attention": ("attention_prefill", "attention_decode"),
+                 "decoder_layer": ("decoder_layer",)}
+KERNEL_TOPICS = list(TOPIC_KERNELS)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels"))
 DEFAULT_TOKENS = [1, 8, 64, 512, 4096]
 
 
 def collect(topics, token_counts):
     rows = []
     for topic in topics:
-        module = importlib.import_module(f"mimo_v2_flash.selfcheck.{topic}")
         started = time.perf_counter()
-        for row in module.bench(token_counts):
+        for row in topic_rows(topic, token_counts):
             row = dict(row, topic=topic)
             est, roof = row.get("estimated_us"), row.get("roofline_us")
             row["roofline_fraction"] = roof / est if est and roof else None
@@ -37,6 +44,13 @@ def collect(topics, token_counts):
             rows.append(row)
         print(f"[{topic}: simulated in {time.perf_counter() - started:.0f} s]")
     return rows
+
+
+def topic_rows(topic, token_counts):
+    if topic not in TOPIC_KERNELS:
+        raise SystemExit(f"--topics: unknown topic {topic!r}; one of {', '.join(TOPIC_KERNELS)}")
+    for kernel in TOPIC_KERNELS[topic]:
+        yield from importlib.import_module(f"bench_{kernel}").bench(token_counts)
 
 
 def achievable_fraction(row):

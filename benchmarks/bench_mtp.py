@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mimo_v2_flash import load_config  # noqa: E402
-from mimo_v2_flash.weights import (BF16, EMBED, F32, FP8, LM_HEAD, layer_tensors, model_tensors,  # noqa: E402
-                                   mtp_prefix, mtp_tensors)
+from mimo_v2_flash.weights import (EMBED, HUB_BF16, HUB_F32, HUB_FP8, LM_HEAD, layer_tensors,  # noqa: E402
+                                   model_tensors, mtp_prefix, mtp_tensors)
 
-BYTES = {FP8: 1.0 + 4.0 / (128 * 128), BF16: 2.0, F32: 4.0}     # FP8 with its fp32 block scale
+BYTES = {HUB_FP8: 1.0 + 4.0 / (128 * 128), HUB_BF16: 2.0, HUB_F32: 4.0}     # FP8 with its fp32 block scale
 
 # trn2 (shared/docs/nki_reference.md item 25): per chip 2.9 TB/s HBM, 1,299 dense FP8 TFLOPS,
 # 8 physical cores; LNC=2 makes a logical core of 2 physical ones: a quarter of a chip.

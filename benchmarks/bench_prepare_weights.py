@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from mimo_v2_flash.checkpoint import INDEX_FILE, PER_KV_HEAD, kv_scale_rows  # noqa: E402
 from mimo_v2_flash.config import MiMoV2FlashConfig  # noqa: E402
 from mimo_v2_flash.safetensors_io import SafetensorsWriter, TensorEntry  # noqa: E402
-from mimo_v2_flash.weights import (F32, FP8, fp8_scale_shape, layer_and_role, model_tensors,  # noqa: E402
+from mimo_v2_flash.weights import (HUB_F32, HUB_FP8, fp8_scale_shape, layer_and_role, model_tensors,  # noqa: E402
                                    scale_name)
 
 CASES = [("bf16", 4, "shared"), ("bf16", 4, "per-rank"), ("fp8", 4, "shared"), ("fp8", 4, "per-rank"),
@@ -55,8 +55,8 @@ def hub_entries(config: MiMoV2FlashConfig) -> dict[str, list[TensorEntry]]:
     shards: dict[str, list[TensorEntry]] = {}
     for spec in model_tensors(config):
         entries = shards.setdefault(spec.shard, [])
-        if spec.hub_dtype != FP8:
-            entries.append(TensorEntry(spec.name, "F32" if spec.hub_dtype == F32 else "BF16", spec.shape))
+        if spec.hub_dtype != HUB_FP8:
+            entries.append(TensorEntry(spec.name, "F32" if spec.hub_dtype == HUB_F32 else "BF16", spec.shape))
             continue
         entries.append(TensorEntry(spec.name, "F8_E4M3", spec.shape))
         grid = fp8_scale_shape(spec.shape)

@@ -73,7 +73,7 @@ import numpy as np
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
-from mimo_kernels.linear import scale_blocks
+from mimo_kernels.linear import PSUM_ENGINES, EngineRotation, scale_blocks
 from mimo_kernels.trn2 import TRN2
 
 P = nl.tile_size.pmax                              # partitions; also the FP8 scale block size
@@ -97,19 +97,6 @@ DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, n
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3)
-
-
-class _EngineRotation(nl.NKIObject):
-    """Spreads independent element-wise work over the engines that can run it (trace time)."""
-
-    def __init__(self, engines):
-        self.engines = engines
-        self.turn = 0
-
-    def next(self):
-        eng = self.engines[self.turn % len(self.engines)]
-        self.turn += 1
-        return eng
 
 
 def _expert_slab(w, expert, pattern, offset=0):
@@ -548,8 +535,8 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         nisa.dma_copy(dst=gathers, src=block_gathers.reshape((1, NB)))
     stream = _streams(B, H, fp8)
     select = _row_selector(H // P) if stream and fp8 else None
-    dequant = _EngineRotation(DEQUANT_ENGINES)
-    copies = _EngineRotation((nisa.engine.vector, nisa.engine.scalar))    # PSUM evictions of x^T
+    dequant = EngineRotation(DEQUANT_ENGINES)
+    copies = EngineRotation(PSUM_ENGINES)                                # PSUM evictions of x^T
     pending = _Pending(sums, sums[me * (T + 1):(me + 1) * (T + 1), :])
 
     for b in range(me, NB, programs):                 # LNC=2: the programs take alternate blocks

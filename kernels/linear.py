@@ -76,6 +76,21 @@ SBUF_ENGINES = (nisa.engine.vector, nisa.engine.gpsimd, nisa.engine.scalar)
 PSUM_ENGINES = (nisa.engine.vector, nisa.engine.scalar)
 
 
+class EngineRotation(nl.NKIObject):
+    """Independent element-wise instructions spread over the engines that can run them, in turns
+    (at trace time): `next()` returns engines[first_turn], engines[first_turn + 1], ...,
+    cyclically."""
+
+    def __init__(self, engines, first_turn: int = 0):
+        self.engines = engines
+        self.turn = first_turn
+
+    def next(self):
+        engine = self.engines[self.turn % len(self.engines)]
+        self.turn += 1
+        return engine
+
+
 def _is_fp8(dtype) -> bool:
     return dtype == nl.float8_e4m3
 
@@ -139,7 +154,8 @@ def load_x_transposed(x, t0, tokens):
     for b0 in range(0, tokens, P):
         tb = min(P, tokens - b0)
         per_bank = max(1, PSUM_BANK_BYTES // (tb * _element_bytes(x.dtype)))        # transposes per PSUM bank
-        for i, k0 in enumerate(range(0, KT, per_bank)):
+        evictions = EngineRotation(PSUM_ENGINES)
+        for k0 in range(0, KT, per_bank):
             n = min(per_bank, KT - k0)
             rows = nl.ndarray((tb, n * P), dtype=x.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=rows, src=x[t0 + b0:t0 + b0 + tb, k0 * P:(k0 + n) * P])   # HBM -> SBUF
@@ -147,7 +163,7 @@ def load_x_transposed(x, t0, tokens):
             for j in range(n):
                 nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, j * P:(j + 1) * P])
             nisa.tensor_copy(dst=x_t[:, k0:k0 + n, b0:b0 + tb], src=bank,
-                             engine=PSUM_ENGINES[i % 2])                # PSUM -> SBUF + cast to bf16
+                             engine=evictions.next())                   # PSUM -> SBUF + cast to bf16
     return x_t
 
 
@@ -163,8 +179,9 @@ def _scale_columns(scale, nb0, blocks):
     return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
 
 
-def load_weight_tile(w, scale, n0, cols, engine_offset=0):
-    """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip)."""
+def load_weight_tile(w, scale, n0, cols, first_turn=0):
+    """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip,
+    the engines taking turns from `first_turn`)."""
     KT = w.shape[0] // P
     raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=raw, src=_weight_columns(w, n0, cols))            # HBM -> SBUF, cols-element runs
@@ -176,11 +193,11 @@ def load_weight_tile(w, scale, n0, cols, engine_offset=0):
     tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
     per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
     tile_blocks, raw_blocks = tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P))
-    for i, k0 in enumerate(range(0, KT, per_pass)):
+    dequant = EngineRotation(SBUF_ENGINES, first_turn)
+    for k0 in range(0, KT, per_pass):
         k1 = min(KT, k0 + per_pass)
         # K block kt = scale row kt: each 128-column block times its scale, [128, kb, blocks, 128].
-        scale_blocks(tile_blocks[:, k0:k1], raw_blocks[:, k0:k1], scales[:, k0:k1, :],
-                     SBUF_ENGINES[(engine_offset + i) % 3])
+        scale_blocks(tile_blocks[:, k0:k1], raw_blocks[:, k0:k1], scales[:, k0:k1, :], dequant.next())
     return tile
 
 
@@ -200,14 +217,15 @@ def scale_blocks(dst, data, scale, engine):
 
 
 def evict(dst, accs, step):
-    """PSUM accumulators -> `dst` (SBUF, output dtype); `step` rotates the engines.
+    """PSUM accumulators -> `dst` (SBUF, output dtype); a single weight's copy runs on the PSUM
+    engine of turn `step`.
 
     One weight: a copy with the cast. Two weights (SwiGLU gate and up): dst = silu(gate) * up,
     ScalarE applying silu on its way out of PSUM and VectorE (tensor_tensor runs on VectorE or
     GpSimd, and GpSimd cannot read PSUM) multiplying by `up` straight from PSUM.
     """
     if len(accs) == 1:
-        nisa.tensor_copy(dst=dst, src=accs[0], engine=PSUM_ENGINES[step % 2])
+        nisa.tensor_copy(dst=dst, src=accs[0], engine=EngineRotation(PSUM_ENGINES, step).next())
         return
     gate, up = accs
     act = nl.ndarray(dst.shape, dtype=nl.float32, buffer=nl.sbuf)
@@ -229,6 +247,7 @@ def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
     nbs = cols // P
     padded = 1 << (T - 1).bit_length()          # accumulator stride: no slice straddles a PSUM bank
     accs = [nl.ndarray((P, nbs, padded), dtype=nl.float32, buffer=nl.psum) for _ in tiles]
+    scaling = EngineRotation(SBUF_ENGINES)
     for kt in range(KT):
         for i, (tile, acc) in enumerate(zip(tiles, accs)):
             if scale_tiles is not None:
@@ -236,7 +255,7 @@ def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
                 x_scaled = nl.ndarray((P, nbs, T), dtype=nl.bfloat16, buffer=nl.sbuf)
                 scale_blocks(x_scaled.expand_dim(1),
                              x_block[:, kt, :].expand_dim(1).broadcast(1, nbs).expand_dim(1),
-                             scale_tiles[i][:, kt, :].expand_dim(1), SBUF_ENGINES[(kt * len(tiles) + i) % 3])
+                             scale_tiles[i][:, kt, :].expand_dim(1), scaling.next())
             for nb in range(nbs):
                 moving = x_block[:, kt, :] if scale_tiles is None else x_scaled[:, nb, :]
                 # Blocks nb share PSUM banks: start each block's group explicitly.
@@ -246,12 +265,13 @@ def _weights_stationary_block(tiles, x_block, scale_tiles, y_tile, step):
     evict(y_t, [acc[:, :, 0:T] for acc in accs], step)
     # Back to tokens on partitions: one TensorE transpose per 128-column block, a PSUM bank at a time.
     per_bank = PSUM_BANK_BYTES // (P * _element_bytes(y_tile.dtype))
-    for i, j0 in enumerate(range(0, nbs, per_bank)):
+    evictions = EngineRotation(PSUM_ENGINES, step)
+    for j0 in range(0, nbs, per_bank):
         n = min(per_bank, nbs - j0)
         bank = nl.ndarray((T, n * P), dtype=y_tile.dtype, buffer=nl.psum)
         for j in range(n):
             nisa.nc_transpose(dst=bank[:, j * P:(j + 1) * P], data=y_t[:, j0 + j, :])
-        nisa.tensor_copy(dst=y_tile[:, j0 * P:(j0 + n) * P], src=bank, engine=PSUM_ENGINES[(step + i) % 2])
+        nisa.tensor_copy(dst=y_tile[:, j0 * P:(j0 + n) * P], src=bank, engine=evictions.next())
 
 
 def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):

@@ -39,8 +39,8 @@ from .jsonfile import read_json
 from .placement import ExpertPlacement, PlacementError
 from .progress import progress_bar
 from .safetensors_io import SafetensorsError, SafetensorsFile, check_finite
-from .weights import (BF16, EMBED, F32, FP8, TensorSpec, fp8_scale_shape, kernel_name, layer_and_role,
-                      layer_tensors, layer_weight, model_tensors, mtp_tensors, scale_name)
+from .weights import (EMBED, HUB_BF16, HUB_F32, HUB_FP8, TensorSpec, fp8_scale_shape, kernel_name,
+                      layer_and_role, layer_tensors, layer_weight, model_tensors, mtp_tensors, scale_name)
 
 INDEX_FILE = "model.safetensors.index.json"
 FINITE_CHECK_ROWS = 1024          # rows of a stored tensor checked for NaN / Inf at a time
@@ -51,7 +51,7 @@ PREPARED_VERSION = 2      # 2: per-rank file sets (shared replicated file)
 UNIFORM = "uniform"               # plain 128-row blocks per tensor
 PER_KV_HEAD = "per_kv_head"       # fused [K_h; V_h] blocks per KV head (spec 4.4, option C)
 # Hub dtypes a table entry may be stored as (FP8 needs its scale grid beside it).
-ACCEPTED_DTYPES = {FP8: ("F8_E4M3", "BF16", "F32"), BF16: ("BF16", "F32"), F32: ("F32", "BF16")}
+ACCEPTED_DTYPES = {HUB_FP8: ("F8_E4M3", "BF16", "F32"), HUB_BF16: ("BF16", "F32"), HUB_F32: ("F32", "BF16")}
 # An amax-scaled block's max|fp8| is the format maximum; below this fraction of it the grouping
 # that assigned the block its scale is suspect.
 SELF_CHECK_FRACTION = 0.5
@@ -340,7 +340,7 @@ def save_hub_checkpoint(path, config: MiMoV2FlashConfig, weights, dtype: str = "
     for spec in specs + mtp_tensors(config):
         if spec.name not in weights:
             continue   # an expert-subset model writes the experts it has; an MTP-less one no MTP
-        target = np.float32 if spec.hub_dtype == F32 else store
+        target = np.float32 if spec.hub_dtype == HUB_F32 else store
         shards.setdefault(spec.shard, {})[spec.name] = np.ascontiguousarray(weights[spec.name], dtype=target)
     weight_map = {}
     for shard, tensors in shards.items():

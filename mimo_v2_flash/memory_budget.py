@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import MiMoV2FlashConfig
-from .weights import F32, FP8, FP8_BLOCK, is_expert, layer_tensors, model_tensors
+from .weights import FP8_BLOCK, HUB_F32, HUB_FP8, is_expert, layer_tensors, model_tensors
 
 GIB = 1 << 30
 DEVICE_RESERVE = 2 * GIB          # per rank: runtime, compiled graphs, scratch (assumption)
@@ -139,11 +139,11 @@ def weight_bytes(config: MiMoV2FlashConfig, specs, weight_dtype: str) -> int:
     total = 0
     for spec in specs:
         elements = math.prod(spec.shape)
-        if spec.hub_dtype == FP8 and weight_dtype == "fp8":
+        if spec.hub_dtype == HUB_FP8 and weight_dtype == "fp8":
             rows, cols = spec.shape
             total += elements + 4 * -(-rows // FP8_BLOCK) * -(-cols // FP8_BLOCK)
         else:
-            total += elements * (4 if spec.hub_dtype == F32 else 2)
+            total += elements * (4 if spec.hub_dtype == HUB_F32 else 2)
     return total
 
 

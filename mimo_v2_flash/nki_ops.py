@@ -54,7 +54,7 @@ from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
 from .layer import AttentionStep, attention_sink
 from .static_kv_cache import StaticLayerKVCache
-from .weights import (EMBED, EXPERT_PROJS, F32, FINAL_NORM, FP8, LM_HEAD, TensorSpec, expert_weight,
+from .weights import (EMBED, EXPERT_PROJS, FINAL_NORM, HUB_F32, HUB_FP8, LM_HEAD, TensorSpec, expert_weight,
                       is_projection, layer_tensors, layer_weight, model_tensors, mtp_block_tensors)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -174,9 +174,9 @@ class NkiOps:
         weight, scale = stored(spec.name)
         if not is_projection(spec):                       # norms and the embedding table
             return np.asarray(weight, dtype=BF16), None
-        if spec.hub_dtype == F32:
+        if spec.hub_dtype == HUB_F32:
             return np.asarray(weight, dtype=np.float32), None
-        if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
+        if self.weight_dtype == "fp8" and spec.hub_dtype == HUB_FP8:
             if scale is not None:   # F8_E4M3 files hold e4m3fn bytes; within +-240 they are Trainium's
                 return weight.view(TRAINIUM_E4M3.dtype), np.asarray(scale, np.float32)
         elif weight.dtype == BF16:
@@ -186,9 +186,9 @@ class NkiOps:
     def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if not is_projection(spec):                       # norms and the embedding table
             return np.ascontiguousarray(hub, dtype=BF16), None
-        if spec.hub_dtype == F32:                         # the router: routing stays fp32
+        if spec.hub_dtype == HUB_F32:                         # the router: routing stays fp32
             return np.ascontiguousarray(hub.T, dtype=np.float32), None
-        if self.weight_dtype == "fp8" and spec.hub_dtype == FP8:
+        if self.weight_dtype == "fp8" and spec.hub_dtype == HUB_FP8:
             return quantize_blocks(np.asarray(hub, np.float32).T, TRAINIUM_E4M3)
         return np.ascontiguousarray(hub.T, dtype=BF16), None
 

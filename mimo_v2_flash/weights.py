@@ -13,9 +13,10 @@ import numpy as np
 
 from .config import MiMoV2FlashConfig
 
-FP8 = "F8_E4M3"      # FP8 e4m3 with a 128x128 `weight_scale_inv` block grid beside it
-BF16 = "BF16"
-F32 = "F32"
+# Stored dtypes as the Hub's safetensors spell them (strings, not NumPy dtypes).
+HUB_FP8 = "F8_E4M3"      # FP8 e4m3 with a 128x128 `weight_scale_inv` block grid beside it
+HUB_BF16 = "BF16"
+HUB_F32 = "F32"
 FP8_BLOCK = 128
 
 
@@ -23,7 +24,7 @@ FP8_BLOCK = 128
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    hub_dtype: str        # FP8, BF16 or F32 as stored on the Hub
+    hub_dtype: str        # HUB_FP8, HUB_BF16 or HUB_F32: as stored on the Hub
     shard: str            # the Hub shard file holding it
 
 
@@ -111,31 +112,31 @@ def layer_tensors(config: MiMoV2FlashConfig, layer: int, experts=None) -> list[T
     def spec(role, shape, dtype):
         return TensorSpec(layer_weight(layer, role), shape, dtype, shard)
 
-    specs = [spec("input", (h,), BF16), spec("post_attention", (h,), BF16),
-             spec("q_proj", (heads * d, h), FP8), spec("k_proj", (kv * d, h), FP8),
-             spec("v_proj", (kv * dv, h), FP8), spec("o_proj", (h, heads * dv), BF16)]
+    specs = [spec("input", (h,), HUB_BF16), spec("post_attention", (h,), HUB_BF16),
+             spec("q_proj", (heads * d, h), HUB_FP8), spec("k_proj", (kv * d, h), HUB_FP8),
+             spec("v_proj", (kv * dv, h), HUB_FP8), spec("o_proj", (h, heads * dv), HUB_BF16)]
     if config.has_sink(layer):
-        specs.append(spec("sink", (heads,), BF16))
+        specs.append(spec("sink", (heads,), HUB_BF16))
     if not config.is_moe(layer):
         i = config.intermediate_size
-        return specs + [spec("gate_proj", (i, h), FP8), spec("up_proj", (i, h), FP8),
-                        spec("down_proj", (h, i), FP8)]
-    specs += [spec("router", (config.n_routed_experts, h), F32),
-              spec("router_bias", (config.n_routed_experts,), F32)]
+        return specs + [spec("gate_proj", (i, h), HUB_FP8), spec("up_proj", (i, h), HUB_FP8),
+                        spec("down_proj", (h, i), HUB_FP8)]
+    specs += [spec("router", (config.n_routed_experts, h), HUB_F32),
+              spec("router_bias", (config.n_routed_experts,), HUB_F32)]
     i = config.moe_intermediate_size
     shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
     files = {"gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
     for e in (range(config.n_routed_experts) if experts is None else experts):
-        specs += [TensorSpec(expert_weight(layer, e, proj), shapes[proj], FP8,
+        specs += [TensorSpec(expert_weight(layer, e, proj), shapes[proj], HUB_FP8,
                              f"model_{layer}_{files[proj]}.safetensors") for proj in EXPERT_PROJS]
     return specs
 
 
 def global_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
     v, h = config.vocab_size, config.hidden_size
-    return [TensorSpec(EMBED, (v, h), BF16, "model_embedding.safetensors"),
-            TensorSpec(FINAL_NORM, (h,), BF16, "model_final.safetensors"),
-            TensorSpec(LM_HEAD, (v, h), BF16, "model_final.safetensors")]
+    return [TensorSpec(EMBED, (v, h), HUB_BF16, "model_embedding.safetensors"),
+            TensorSpec(FINAL_NORM, (h,), HUB_BF16, "model_final.safetensors"),
+            TensorSpec(LM_HEAD, (v, h), HUB_BF16, "model_final.safetensors")]
 
 
 def model_tensors(config: MiMoV2FlashConfig, layers=None, experts=None) -> list[TensorSpec]:
@@ -157,13 +158,13 @@ def mtp_tensors(config: MiMoV2FlashConfig) -> list[TensorSpec]:
     h, i = config.hidden_size, config.intermediate_size
     heads, kv = config.swa_num_attention_heads, config.swa_num_key_value_heads
     d, dv = config.swa_head_dim, config.swa_v_head_dim
-    roles = [("enorm", (h,), BF16), ("hnorm", (h,), BF16), ("eh_proj", (h, 2 * h), BF16),
-             ("input", (h,), BF16), ("q_proj", (heads * d, h), FP8), ("k_proj", (kv * d, h), FP8),
-             ("v_proj", (kv * dv, h), FP8), ("o_proj", (h, heads * dv), BF16)]
+    roles = [("enorm", (h,), HUB_BF16), ("hnorm", (h,), HUB_BF16), ("eh_proj", (h, 2 * h), HUB_BF16),
+             ("input", (h,), HUB_BF16), ("q_proj", (heads * d, h), HUB_FP8), ("k_proj", (kv * d, h), HUB_FP8),
+             ("v_proj", (kv * dv, h), HUB_FP8), ("o_proj", (h, heads * dv), HUB_BF16)]
     if config.add_swa_attention_sink_bias:
-        roles.append(("sink", (heads,), BF16))
-    roles += [("post_attention", (h,), BF16), ("gate_proj", (i, h), FP8), ("up_proj", (i, h), FP8),
-              ("down_proj", (h, i), FP8), ("final", (h,), BF16)]
+        roles.append(("sink", (heads,), HUB_BF16))
+    roles += [("post_attention", (h,), HUB_BF16), ("gate_proj", (i, h), HUB_FP8), ("up_proj", (i, h), HUB_FP8),
+              ("down_proj", (h, i), HUB_FP8), ("final", (h,), HUB_BF16)]
     return [TensorSpec(mtp_weight(index, role), shape, dtype, MTP_SHARD)
             for index in range(config.mtp_num_layers) for role, shape, dtype in roles]
 
@@ -207,7 +208,8 @@ def random_weights(config: MiMoV2FlashConfig, seed: int = 0, experts=None,
                    dtype=np.float32, mtp: bool = True) -> dict[str, np.ndarray]:
     """Seeded random weights with activations of order one through every layer.
 
-    Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks ~ N(0, 1).
+    Projections ~ N(0, 1/in), norms ~ 1 + N(0, 0.05^2), router bias ~ N(0, 0.01^2), sinks and the
+    embedding ~ N(0, 1).
     `experts` loads only those routed experts (an expert subset). Each tensor has its own
     stream seeded by (seed, name), so a subset holds exactly the full model's values (an
     expert-parallel rank's weights match the single-process model). `mtp` adds the MTP layers.

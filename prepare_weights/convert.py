@@ -42,7 +42,7 @@ from mimo_v2_flash.fileguard import DirectoryLock, create_new, refuse_symlinks
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.progress import progress_bar
 from mimo_v2_flash.safetensors_io import SafetensorsError, SafetensorsFile, SafetensorsWriter, TensorEntry
-from mimo_v2_flash.weights import F32, FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
+from mimo_v2_flash.weights import HUB_F32, HUB_FP8, TensorSpec, is_projection, kernel_name, model_tensors, scale_name
 
 from . import manifest as manifest_io
 from .manifest import PrepareError
@@ -87,10 +87,10 @@ def output_entries(spec: TensorSpec, dtype: str) -> list[TensorEntry]:
     """The tensors one Hub tensor becomes in a rank file (weight, plus its scale for fp8)."""
     name = kernel_name(spec)
     shape = spec.shape[::-1] if is_projection(spec) else spec.shape
-    if dtype == "fp8" and spec.hub_dtype == FP8:
+    if dtype == "fp8" and spec.hub_dtype == HUB_FP8:
         grid = (fp8.num_blocks(shape[0]), fp8.num_blocks(shape[1]))
         return [TensorEntry(name, "F8_E4M3", shape), TensorEntry(scale_name(name), "F32", grid)]
-    return [TensorEntry(name, "F32" if spec.hub_dtype == F32 else "BF16", shape)]
+    return [TensorEntry(name, "F32" if spec.hub_dtype == HUB_F32 else "BF16", shape)]
 
 
 def convert_tensor(checkpoint: HubCheckpoint, spec: TensorSpec, dtype: str) -> list[np.ndarray]:

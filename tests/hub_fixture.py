@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimo_v2_flash import MiMoV2FlashConfig, load_config
-from mimo_v2_flash.weights import BF16, F32, FP8, layer_prefix, model_tensors, mtp_tensors, random_weights
+from mimo_v2_flash.weights import HUB_BF16, HUB_F32, HUB_FP8, layer_prefix, model_tensors, mtp_tensors, random_weights
 
 E4M3FN_MAX = 448.0
 BLOCK = 128
@@ -118,16 +118,16 @@ def write_hub_fixture(path, config: MiMoV2FlashConfig | None = None, seed: int =
     for spec in specs:
         w = known[spec.name]
         shard = stored.setdefault(spec.shard, {})
-        if spec.hub_dtype == FP8:
+        if spec.hub_dtype == HUB_FP8:
             q, scale, deq, expanded = fused.get(spec.name) or quantize_rows_in_blocks(w)
             shard[spec.name] = q
             shard[spec.name + "_scale_inv"] = scale
             expected[spec.name], scales[spec.name] = deq, expanded
-        elif spec.hub_dtype == BF16:
+        elif spec.hub_dtype == HUB_BF16:
             shard[spec.name] = w.astype(ml_dtypes.bfloat16)
             expected[spec.name] = shard[spec.name].astype(np.float32)
         else:
-            assert spec.hub_dtype == F32
+            assert spec.hub_dtype == HUB_F32
             shard[spec.name] = w.astype(np.float32)
             expected[spec.name] = shard[spec.name]
     weight_map, total = {}, 0

@@ -4,7 +4,7 @@
 Error measure: max |kernel - reference| / max |reference| over the output, the reference
 (fp32) fed exactly the bf16 values the kernel reads (Q * scale, K, V rounded to bf16, scale 1), so
 the measure is the kernel's own arithmetic: probabilities held in bf16 for the PV matmul and the
-bf16 output (observed 2e-3 .. 5e-3). Tolerance 1e-2. For T > 512 the reference is evaluated on
+bf16 output (observed 2e-3 .. 5e-3), within `TOL`. For T > 512 the reference is evaluated on
 a subset of query rows (first, last and evenly spread ones; the reference masks by position, so
 this is exact), because its einsum is slow at 4096 tokens.
 
@@ -18,8 +18,9 @@ import pytest
 from mimo_kernels.attention import attention_prefill, attention_prefill_kernel
 from mimo_kernels.attention.host import to_rows_t
 from mimo_kernels.backend import nki, nl, nisa, simulate
-from mimo_v2_flash.selfcheck.kernels_attention import (SCALE, TOL, prefill_error, random_prefill,
-                                                       random_sink)
+from mimo_v2_flash.selfcheck.kernels_attention import SCALE, prefill_error, random_prefill, random_sink
+
+TOL = 1e-2          # relative error over the output (module doc)
 
 
 def check(t_len, hq, hkv, window, sink, seed=0):

@@ -21,7 +21,7 @@ from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.checkpoint import (MANIFEST_FILE, REPLICATED_FILE, CheckpointError, PreparedCheckpoint,
                                       expert_file_name, rank_file_name)
 from mimo_v2_flash.placement import ExpertPlacement
-from mimo_v2_flash.weights import F32, kernel_name, model_tensors, mtp_tensors, scale_name
+from mimo_v2_flash.weights import HUB_F32, kernel_name, model_tensors, mtp_tensors, scale_name
 from mimo_prepare_weights import convert as convert_module
 from mimo_prepare_weights import download as download_module
 from mimo_prepare_weights.__main__ import main as cli
@@ -40,7 +40,7 @@ def hub(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bf16_expected(hub):
     """What a bf16 conversion must hold: the dequantised weights rounded to BF16 (F32 stays F32)."""
-    f32 = {s.name for s in model_tensors(hub.config) if s.hub_dtype == F32}
+    f32 = {s.name for s in model_tensors(hub.config) if s.hub_dtype == HUB_F32}
     return {name: w if name in f32 else w.astype(ml_dtypes.bfloat16).astype(np.float32)
             for name, w in hub.expected.items()}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mimo_v2_flash.config import load_config
-from mimo_v2_flash.weights import (FP8, LAYER_ROLES, MTP_ROLES, layer_and_role, layer_weight, model_tensors,
+from mimo_v2_flash.weights import (HUB_FP8, LAYER_ROLES, MTP_ROLES, layer_and_role, layer_weight, model_tensors,
                                    mtp_block_names, mtp_tensors, mtp_weight, scale_name)
 
 LISTING = Path(__file__).parent / "data" / "mimo_v2_flash_tensor_names.txt.gz"
@@ -36,7 +36,7 @@ def project_listing(config) -> dict[str, str]:
     out = {}
     for spec in model_tensors(config) + mtp_tensors(config):
         out[spec.name] = spec.shard
-        if spec.hub_dtype == FP8:
+        if spec.hub_dtype == HUB_FP8:
             out[scale_name(spec.name)] = spec.shard
     return out
 

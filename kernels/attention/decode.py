@@ -42,6 +42,7 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
+from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
                     load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
@@ -267,8 +268,9 @@ def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     key = (grp.layout, n_units)
     if key not in setup.padded_q:
         buf = nl.ndarray((dp, n_dp, n_units, len(grp.pieces), rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
         for u in range(n_units):
-            nisa.memset(buf[:, :, u], 0.0, engine=setup.memset_engines[(len(setup.padded_q) + u) % 2])
+            nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
         setup.padded_q[key] = buf
     buf = setup.padded_q[key]
     unit_size = len(grp.pieces) * rows0

@@ -2,6 +2,9 @@
 
 Each topic module in `TOPICS` defines `checks(quick: bool) -> Iterable[CheckResult]`; `quick`
 skips the slowest cases (full MiMo shapes are never skipped for kernels: that is the point).
+The problems a topic builds (shape tables, inputs, reference measures, rooflines) are also what
+the kernels' tests and benchmarks run; the tolerances here are the self-checks' own (each test
+states its own).
 """
 
 from __future__ import annotations
@@ -9,7 +12,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 TOPICS = ["reference", "kernels_moe", "kernels_basic", "kernels_attention", "decoder_layer"]
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|: the error measure of the kernel and layer checks."""
+    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 @dataclass

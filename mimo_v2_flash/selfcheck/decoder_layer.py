@@ -23,12 +23,8 @@ Estimated times are the simulator's cost model of Trainium2 (not measurements); 
 sum of the launched kernels' own rooflines (each: max of FLOPs / peak and the bytes it moves /
 HBM bandwidth of one NeuronCore-v3).
 
-Benchmark (`bench`): one decode step of a layer on one rank of a 32-way expert-parallel layout,
-for decode batches B (each sequence one new token on a history of `DECODE_CONTEXT` keys): data-
-parallel attention over the rank's B sequences and the MoE with the rank's 8 local experts. With
-only those 8 allowed and top-8 routing every token visits all 8, i.e. B rows per local expert and
-8B rows in all, which is what a rank receives when 32 ranks of B tokens route uniformly over 256
-experts. The all-to-all dispatch and combine are not included (see docs/expert_parallel.md).
+The layer configs and comparisons are shared with tests/test_nki_layer.py, and `layer_config`,
+`expert_mask` with benchmarks/kernels/bench_decoder_layer.py.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from .. import fp8
@@ -45,21 +40,16 @@ from ..kv_cache import KVCache
 from ..layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
 from ..model import MiMoV2FlashModel
 from ..nki_ops import NkiOps
-from ..placement import ExpertPlacement
-from ..weights import FP8, is_projection, model_tensors, random_weights
-from . import CheckResult
+from ..weights import HUB_FP8, is_projection, model_tensors, random_weights
+from . import CheckResult, relative_error
 
 TOPIC = "decoder_layer"
-BF16 = np.dtype(ml_dtypes.bfloat16)
 LAYER_KINDS = ("full", "swa")
 CHECK_EXPERTS = (3, 40, 77, 100, 150, 201, 230, 255)    # loaded experts of the full-shape checks
 LAYER_STEPS = (4, 1)                # new tokens per step: a prefill, then one decode step
 LAYER_TOL = 2e-2                    # layer output and update, relative to the reference's max
 OP_TOL = 2e-2                       # each op on identical inputs, relative to the reference's max
 TINY_PROMPT, TINY_NEW_TOKENS = 8, 4
-EP_WORLD_SIZE, EP_RANK = 32, 5      # the benchmark's rank: experts 40..47 of a contiguous layout
-DECODE_CONTEXT = 4096               # keys of history per sequence in the benchmark
-MAX_DECODE_BATCH = 64               # larger token counts of the kernel benchmark are prefill sizes
 SMALL_VOCAB = 256                   # a one-layer check never reads embedding or lm_head
 
 
@@ -79,10 +69,6 @@ def expert_mask(config: MiMoV2FlashConfig, experts) -> np.ndarray:
     mask = np.zeros(config.n_routed_experts, bool)
     mask[list(experts)] = True
     return mask
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 @dataclass
@@ -149,7 +135,7 @@ def fp8_round_trip(config: MiMoV2FlashConfig, weights: dict) -> dict:
     layout [in, out] (128x128 blocks) and dequantised back: the values the FP8 kernels multiply."""
     out = dict(weights)
     for spec in model_tensors(config):
-        if spec.name in weights and spec.hub_dtype == FP8 and is_projection(spec):
+        if spec.name in weights and spec.hub_dtype == HUB_FP8 and is_projection(spec):
             q, scale = fp8.quantize_blocks(weights[spec.name].T, fp8.TRAINIUM_E4M3)
             out[spec.name] = fp8.dequantize(q, scale).T
     return out
@@ -213,54 +199,3 @@ def checks(quick: bool):
         yield CheckResult(TOPIC, "tiny model FP8 weights", f"T={TINY_PROMPT}, 4 layers + logits",
                           max(errors), LAYER_TOL, max(errors) <= LAYER_TOL,
                           note="per layer update, then logits: " + ", ".join(f"{e:.1e}" for e in errors))
-
-
-# ----------------------------------------------------------------------- benchmark
-
-def history_cache(config: MiMoV2FlashConfig, sequences: int, context: int, seed=0) -> KVCache:
-    """A bf16 KV cache holding `context` random keys and values per sequence (positions 0..context-1).
-
-    Filled in two parts, the first just over half: a full layer's capacity then doubles to more
-    than `context`, so the decode step's key fits without copying the whole cache."""
-    cache = KVCache(config, sequences, dtype=BF16)
-    rng = np.random.default_rng(seed)
-    for layer, layer_cache in enumerate(cache.layers):
-        _, kv_heads, d, dv = config.attention_shape(layer)
-        for seq in range(sequences):
-            for part in np.split(np.arange(context), [context // 2 + 1]):
-                layer_cache.update(seq, part, rng.standard_normal((len(part), kv_heads, d), np.float32),
-                                   rng.standard_normal((len(part), kv_heads, dv), np.float32))
-    cache.seq_lens[:] = context
-    return cache
-
-
-def decode_step_cost(ops: NkiOps, batch: int, context: int, seed=0) -> dict:
-    """`cost_summary()` of one decode step of layer 0: `batch` sequences, one new token each."""
-    config = ops.config
-    cache = history_cache(config, batch, context, seed)
-    x = np.random.default_rng(seed).standard_normal((batch, config.hidden_size)).astype(np.float32)
-    tokens = TokenBatch(list(range(batch)), list(range(batch)), list(range(1, batch + 1)),
-                        np.full(batch, context))
-    ops.reset_costs()
-    decoder_layer(ops, config, 0, x, tokens, cache, LocalExperts(ops))
-    return ops.cost_summary()
-
-
-def bench(token_counts, context=DECODE_CONTEXT):
-    """Per layer kind and weight dtype, one decode step per decode batch B in `token_counts`
-    (B <= MAX_DECODE_BATCH) on one rank of 32-way expert parallelism (see module doc)."""
-    batches = [b for b in token_counts if b <= MAX_DECODE_BATCH]
-    experts = ExpertPlacement.contiguous(256, EP_WORLD_SIZE).experts_of(EP_RANK)
-    for kind in LAYER_KINDS:
-        config = layer_config(kind)
-        weights = random_weights(config, seed=0, experts=experts)
-        for dtype in ("bf16", "fp8"):
-            ops = NkiOps(config, weights, expert_mask(config, experts), weight_dtype=dtype)
-            for batch in batches:
-                cost = decode_step_cost(ops, batch, context)
-                step_us = cost["total"]["estimated_us"]
-                yield dict(kernel=f"decoder_layer_{kind}_{dtype}",
-                           shapes=f"decode ctx={context}, 8 experts: {step_us / batch:.1f} us/token",
-                           tokens=batch, estimated_us=step_us, roofline_us=cost["total"]["roofline_us"],
-                           per_token_us=step_us / batch, goal=None,
-                           ops={op: c["estimated_us"] for op, c in cost["ops"].items()})

@@ -1,4 +1,4 @@
-"""Self-checks and benchmark hooks of the attention kernels: flash-style prefill
+"""Self-checks of the attention kernels: flash-style prefill
 (kernels/attention/prefill.py) and cached attention for ragged decode / prefill-on-history
 batches (kernels/attention/decode.py), at the full MiMo shapes: 64 query heads over 4 KV heads
 (full layers, no sink) or 8 (SWA layers: 128-key window, sinks), head dims 192 / 128.
@@ -15,16 +15,9 @@ issues): the problem's own work on one NeuronCore-v3 (LNC=1). FLOPs = 2 (D + Dv)
 (query, key) pair and query head, at 79 TFLOPS bf16; HBM bytes = Q, K, V read and the output
 written once, in bf16 (for decode: every cached key and value the queries can see), at 362.5 GB/s.
 
-Benchmark shapes too large to simulate use a cost formula fitted to simulated runs and checked
-against further simulated runs (the rows say `formula`, with the check's relative error):
-* prefill T = 32768 full attention: one KV head (16 query heads) is simulated at T = 2048, 4096
-  and 8192; each engine's busy time is fitted as a quadratic in T, checked at T = 6144, and
-  multiplied by the 4 KV heads (they are independent and cost the same); estimate = the busiest
-  engine + 2 us. Prefill T = 32768 SWA is simulated directly for one KV head (x 8).
-* decode of full layers at 131072 keys (4096 keys are simulated): the kernel's work is a sum over
-  row tiles (2 sequences each) of a cost linear in the number of 2048-key chunks, so each
-  engine's time is fitted from simulations at 1, 2, 4 sequences x 4096, 8192 keys; the check
-  compares the estimate (busiest engine + 2 us) at 3 sequences x 6144 keys with a simulation.
+The problems, reference measures and rooflines are shared with
+tests/test_kernel_attention_prefill.py, test_kernel_attention_decode.py and
+benchmarks/kernels/bench_attention_prefill.py, bench_attention_decode.py.
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..kv_cache import LayerKVCache
 from ..layer import AttentionInput
-from . import CheckResult
+from . import CheckResult, relative_error
 
 TOPIC = "kernels_attention"
 SCALE = 192 ** -0.5
@@ -46,9 +39,6 @@ FULL = dict(hq=HEADS, hkv=4, window=None)
 SWA = dict(hq=HEADS, hkv=8, window=128)
 TOL = 1e-2
 PEAK_BF16, HBM_BYTES_PER_S = TRN2.peak_flops_bf16, TRN2.hbm_bytes_per_s_core
-DMA_LATENCY_S = 2e-6                      # the cost model's unhidden first-DMA latency
-GOAL = {"prefill": 0.6, "decode": 0.7}
-ENGINES = ("TensorE", "VectorE", "ScalarE", "GpSimd", "DMA")
 
 
 # ----------------------------------------------------------------------- problems (shared with tests)
@@ -95,10 +85,6 @@ def checked_rows(t_len):
         return np.arange(t_len)
     return np.unique(np.concatenate([np.arange(64), np.arange(t_len - 64, t_len),
                                      np.linspace(0, t_len - 1, 128).astype(int)]))
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def prefill_error(q, k, v, window, sink, out) -> float:
@@ -153,7 +139,7 @@ def cached_roofline(problems, window, hq, hkv):
 
 # ----------------------------------------------------------------------- checks
 
-def _shape_text(hq, hkv, window):
+def shape_text(hq, hkv, window):
     return f"{hq}/{hkv} heads" + (f" W={window}" if window else "")
 
 
@@ -163,7 +149,7 @@ def _prefill_check(t_len, hq, hkv, window, sink, seed):
     err = prefill_error(q, k, v, window, sink, out)
     roof = roofline(prefill_pairs(t_len, window), t_len, t_len, hq, hkv)[0]
     kind = "full causal" if window is None else "SWA+sink"
-    return CheckResult(TOPIC, f"attention prefill {kind}", f"T={t_len} {_shape_text(hq, hkv, window)}",
+    return CheckResult(TOPIC, f"attention prefill {kind}", f"T={t_len} {shape_text(hq, hkv, window)}",
                        err, TOL, err <= TOL, rep.estimated_time_s * 1e6, roof * 1e6)
 
 
@@ -173,7 +159,7 @@ def _cached_check(name, specs, hq, hkv, window, sink, seed):
     outs, rep = attention_decode(problems, SCALE, window, sink)
     err = cached_error(problems, window, sink, outs)
     roof = cached_roofline(problems, window, hq, hkv)[0]
-    return CheckResult(TOPIC, name, f"{len(specs)} seqs {_shape_text(hq, hkv, window)}", err, TOL,
+    return CheckResult(TOPIC, name, f"{len(specs)} seqs {shape_text(hq, hkv, window)}", err, TOL,
                        err <= TOL, rep.estimated_time_s * 1e6, roof * 1e6,
                        note="histories/new tokens " + ",".join(f"{h}+{n}" for h, n in specs[:6])
                             + ("..." if len(specs) > 6 else ""))
@@ -196,114 +182,3 @@ def checks(quick: bool):
                                                         + [400] * 4], **shape, sink=sink, seed=3)
     yield _cached_check("decode SWA, sinks +15/-40", [(200, 1), (50, 1), (130, 20)], **SWA, sink=extremes,
                         seed=4)
-
-
-# ----------------------------------------------------------------------- benchmark
-
-def _engine_times(report):
-    return np.array([report.engines[e].time_s for e in ENGINES])
-
-
-def _simulate_prefill(t_len, hq, hkv, window):
-    """Per-engine busy times [s] of one prefill launch (zero inputs: the cost does not depend on
-    the values)."""
-    q = np.zeros((t_len, hq, HEAD_DIM), BF16)
-    k = np.zeros((t_len, hkv, HEAD_DIM), BF16)
-    v = np.zeros((t_len, hkv, V_DIM), BF16)
-    sink = None if window is None else np.zeros(hq, np.float32)
-    return _engine_times(attention_prefill(q, k, v, SCALE, window, sink)[1])
-
-
-def _simulate_decode(n_seqs, keys, hq, hkv, window):
-    """Per-engine busy times [s] of one decode launch: n_seqs sequences, one new token each,
-    attending to `keys` keys (the new one included)."""
-    rng = np.random.default_rng(0)
-    cached = keys if window is None else min(keys, window)
-    problems = []
-    for _ in range(n_seqs):
-        k = np.zeros((cached, hkv, HEAD_DIM), BF16)
-        v = np.zeros((cached, hkv, V_DIM), BF16)
-        q = rng.standard_normal((1, hq, HEAD_DIM)).astype(np.float32)
-        problems.append(AttentionInput(q, k, v, np.array([keys - 1]), np.arange(keys - cached, keys)))
-    sink = None if window is None else np.zeros(hq, np.float32)
-    return _engine_times(attention_decode(problems, SCALE, window, sink)[1])
-
-
-def _estimate_us(engine_times_s):
-    return (float(np.max(engine_times_s)) + DMA_LATENCY_S) * 1e6
-
-
-def _prefill_full_formula():
-    """Per-engine times of one KV head of full-attention prefill as a quadratic in T, fitted at
-    T = 2048, 4096, 8192; returns (predict(T) -> times, largest relative error at T = 6144)."""
-    points = (2048, 4096, 8192)
-    times = np.stack([_simulate_prefill(t, FULL["hq"] // FULL["hkv"], 1, None) for t in points])
-    coeffs = np.stack([np.polyfit(points, times[:, e], 2) for e in range(len(ENGINES))])
-
-    def predict(t_len):
-        return np.array([np.polyval(c, t_len) for c in coeffs])
-    check = _simulate_prefill(6144, FULL["hq"] // FULL["hkv"], 1, None)
-    return predict, float(np.max(np.abs(predict(6144) - check) / np.maximum(check, 1e-12)))
-
-
-def _decode_full_formula():
-    """Per-engine times of full-layer decode as setup + tiles x (a + b x chunks), fitted from
-    simulations (module docstring); returns (predict(B, keys) -> times, relative error of the
-    estimate at B = 3, 6144 keys against a simulation)."""
-    sim = {(b, s): _simulate_decode(b, s, **FULL) for b in (1, 2, 4) for s in (4096, 8192)}
-    pair = {s: sim[(4, s)] - sim[(2, s)] for s in (4096, 8192)}         # one more 2-sequence tile
-    pair_slope = (pair[8192] - pair[4096]) / 2                           # per 2048-key chunk
-    setup = sim[(2, 4096)] - pair[4096]
-    single = {s: sim[(1, s)] for s in (4096, 8192)}                      # a 1-sequence tile + setup
-    single_slope = (single[8192] - single[4096]) / 2
-
-    def predict(n_seqs, keys):
-        chunks = keys / 2048
-        pairs, odd = divmod(n_seqs, 2)
-        times = setup + pairs * (pair[4096] + pair_slope * (chunks - 2)) if pairs else 0.0
-        if odd:
-            times = times + single[4096] + single_slope * (chunks - 2)
-        return times
-    check = _estimate_us(_simulate_decode(3, 6144, **FULL))
-    return predict, abs(_estimate_us(predict(3, 6144)) - check) / check
-
-
-def bench(token_counts):
-    """Prefill T = 512, 4096, 32768 (full and SWA) and decode of 1..64 sequences at 4096 and
-    131072 keys (full and SWA); `token_counts` is ignored (the issue's shapes)."""
-    del token_counts
-    rows = []
-
-    def row(kernel, layer, shapes, tokens, times_s, roof, goal, how):
-        seconds, flops, hbm, bound = roof
-        rows.append(dict(kernel=f"{kernel}_{layer}", shapes=f"{shapes} ({how})", tokens=tokens,
-                         estimated_us=_estimate_us(times_s), roofline_us=seconds * 1e6, bound=bound,
-                         goal=goal, flops=flops, hbm_bytes=hbm))
-
-    full_formula, full_check = _prefill_full_formula()
-    for layer, shape in (("full", FULL), ("swa", SWA)):
-        hq, hkv, window = shape["hq"], shape["hkv"], shape["window"]
-        for t_len in (512, 4096, 32768):
-            roof = roofline(prefill_pairs(t_len, window), t_len, t_len, hq, hkv)
-            if t_len <= 4096:
-                times, how = _simulate_prefill(t_len, hq, hkv, window), "simulated"
-            elif window is None:
-                times, how = hkv * full_formula(t_len), f"formula, check err {full_check:.1%}"
-            else:
-                times, how = hkv * _simulate_prefill(t_len, hq // hkv, 1, window), "1 KV head simulated x8"
-            row("attention_prefill", layer, f"T={t_len} {_shape_text(hq, hkv, window)}", t_len, times,
-                roof, GOAL["prefill"], how)
-    decode_formula, decode_check = _decode_full_formula()
-    for layer, shape in (("full", FULL), ("swa", SWA)):
-        hq, hkv, window = shape["hq"], shape["hkv"], shape["window"]
-        for keys in (4096, 131072):
-            read = keys if window is None else window
-            for n_seqs in (1, 2, 4, 8, 16, 32, 64):
-                roof = roofline(n_seqs * min(keys, read), n_seqs, n_seqs * read, hq, hkv)
-                if window is None and keys > 4096:     # full history: too long to simulate here
-                    times, how = decode_formula(n_seqs, keys), f"formula, check err {decode_check:.1%}"
-                else:
-                    times, how = _simulate_decode(n_seqs, keys, hq, hkv, window), "simulated"
-                row("attention_decode", layer, f"B={n_seqs} keys={keys} {_shape_text(hq, hkv, window)}",
-                    n_seqs, times, roof, GOAL["decode"], how)
-    return rows

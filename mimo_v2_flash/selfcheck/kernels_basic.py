@@ -1,4 +1,4 @@
-"""Self-checks and benchmark hooks of the basic kernels at the full MiMo shapes: RMSNorm (alone and
+"""Self-checks of the basic kernels at the full MiMo shapes: RMSNorm (alone and
 fused with the residual add), partial RoPE, token embedding, the linear projections (q, k, v, o,
 lm_head; bf16 and FP8 block-scaled), the dense SwiGLU MLP, and the fused kernels of the decoder
 layer: input norm + q|k|v + RoPE, o_proj + residual add + post-attention norm (kernels/rmsnorm.py,
@@ -15,9 +15,9 @@ bytes / 362.5 GB/s). Bytes = inputs read once + outputs written once (RoPE: x in
 cos/sin table; dense MLP: x, the three weights, y, not the h scratch). FP8 weights still multiply
 bf16 activations, so their FLOPs count at the bf16 rate.
 
-The benchmark feeds zero-valued inputs (the cost model does not depend on values) and extrapolates
-lm_head at more than 512 tokens linearly in N from two column slices (its 298 column groups of 512
-repeat the same instructions); such rows say so in `shapes`.
+The shape tables, problem builders and `run_*` functions are shared with the kernels' tests
+(tests/test_kernel_*.py) and benchmarks (benchmarks/kernels/bench_*.py); `zeros=True` builds the
+benchmarks' zero-valued inputs (the cost model does not depend on values).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from mimo_kernels.rope import rope
 from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
-from . import CheckResult
+from . import CheckResult, relative_error
 
 TOPIC = "kernels_basic"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -53,13 +53,8 @@ PROJECTIONS = {"q": (4096, 12288), "k_full": (4096, 768), "k_swa": (4096, 1536),
                "qkv_swa": (4096, 12288 + 1536 + 1024), "o": (8192, 4096), "lm_head": (4096, VOCAB)}
 FP8_PROJECTIONS = ("q", "k_full", "k_swa", "v_full", "v_swa", "qkv_full", "qkv_swa")
 TOL = {"bf16": 1e-2, "rope": 5e-3, "embedding": 0.0}
-# Goals (fraction of the roofline): RMSNorm and RoPE 80% of HBM bandwidth, projections 70%;
-# none for the embedding gather (a few rows per token, latency-bound).
-GOAL = {"rmsnorm": 0.8, "rope": 0.8, "linear": 0.7, "embedding": None}
 KV_HEADS = {"full": 4, "swa": 8}
 PEAK_BF16, HBM_BYTES_PER_S = TRN2.peak_flops_bf16, TRN2.hbm_bytes_per_s_core
-LM_HEAD_FULL_MAX_TOKENS = 512
-LM_HEAD_SLICES = (8192, 16384)
 
 
 # ----------------------------------------------------------------------- problem builders
@@ -68,10 +63,6 @@ def roofline(flops, hbm_bytes):
     """(roofline seconds, bound) of a problem on one NeuronCore-v3."""
     compute, memory = flops / PEAK_BF16, hbm_bytes / HBM_BYTES_PER_S
     return max(compute, memory), ("tensor" if compute > memory else "hbm")
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
 
 def activations(tokens, features, seed, zeros=False):
@@ -257,74 +248,3 @@ def checks(quick: bool):
     if not quick:
         yield _result("norm_qkv_rope full bf16", 129, TOL["bf16"], run_norm_qkv_rope(129, "full", "bf16"))
     yield _result("linear_add_rmsnorm o bf16", 1, TOL["bf16"], run_linear_add_rmsnorm(1))
-
-
-# ----------------------------------------------------------------------- benchmark
-
-def _row(kernel, goal, tokens, run):
-    _, rep, _, flops, hbm, shapes = run
-    roof, bound = roofline(flops, hbm)
-    return dict(kernel=kernel, shapes=shapes, tokens=tokens, estimated_us=rep.estimated_time_s * 1e6,
-                roofline_us=roof * 1e6, bound=bound, goal=goal, flops=flops, hbm_bytes=hbm)
-
-
-def _lm_head_extrapolated(tokens):
-    """lm_head at `tokens`, its estimate extrapolated linearly in N from two column slices."""
-    estimates = []
-    for n in LM_HEAD_SLICES:
-        w = np.zeros((HIDDEN, n), BF16)
-        _, rep = linear(np.zeros((tokens, HIDDEN), BF16), w, report=True)
-        estimates.append(rep.estimated_time_s)
-    (n1, n2), (e1, e2) = LM_HEAD_SLICES, estimates
-    estimate = e1 + (e2 - e1) * (VOCAB - n1) / (n2 - n1)
-    k, n = PROJECTIONS["lm_head"]
-    flops, hbm = 2 * tokens * k * n, tokens * (k + n) * 2 + k * n * 2
-    roof, bound = roofline(flops, hbm)
-    return dict(kernel="linear_lm_head_bf16", tokens=tokens, estimated_us=estimate * 1e6,
-                shapes=f"{k}->{n} bf16 (extrapolated from N={n1},{n2})", roofline_us=roof * 1e6,
-                bound=bound, goal=GOAL["linear"], flops=flops, hbm_bytes=hbm)
-
-
-def bench(token_counts):
-    """Every kernel at every token count (decode 1, 8, 64; prefill 512, 4096), zero-valued inputs."""
-    for tokens in token_counts:
-        yield _row("rmsnorm", GOAL["rmsnorm"], tokens, run_rmsnorm(tokens, False, zeros=True))
-        yield _row("add_rmsnorm", GOAL["rmsnorm"], tokens, run_rmsnorm(tokens, True, zeros=True))
-        for which in ROPE_HEADS:
-            theta = THETA["swa"] if which.endswith("swa") else THETA["full"]
-            yield _row(f"rope_{which}", GOAL["rope"], tokens, run_rope(tokens, which, theta, zeros=True))
-    table = np.zeros((VOCAB, HIDDEN), BF16)
-    for tokens in token_counts:
-        yield _row("embedding", GOAL["embedding"], tokens, run_embedding(tokens, table))
-    del table
-    for name, (k, n) in PROJECTIONS.items():
-        for dtype in ("bf16", "fp8") if name in FP8_PROJECTIONS else ("bf16",):
-            weight = prepared_weight(k, n, dtype, seed=0, zeros=True)
-            for tokens in token_counts:
-                if name == "lm_head" and tokens > LM_HEAD_FULL_MAX_TOKENS:
-                    yield _lm_head_extrapolated(tokens)
-                else:
-                    yield _row(f"linear_{name}_{dtype}", GOAL["linear"], tokens,
-                               run_linear(tokens, name, dtype, zeros=True, weight=weight))
-    for dtype in ("bf16", "fp8"):
-        weights = [prepared_weight(a, b, dtype, seed=0, zeros=True)
-                   for a, b in ((HIDDEN, DENSE_INTER),) * 2 + ((DENSE_INTER, HIDDEN),)]
-        for tokens in token_counts:
-            yield _row(f"dense_mlp_{dtype}", GOAL["linear"], tokens, run_dense_mlp(tokens, dtype, zeros=True, weights=weights))
-    yield from _fused_rows(token_counts)
-
-
-def _fused_rows(token_counts):
-    """The decoder layer's fused launches: norm + q|k|v + RoPE per layer kind and dtype, and
-    o_proj + residual + norm (the projection goal: both are weight-streaming at decode)."""
-    for kind in KV_HEADS:
-        k, n = PROJECTIONS[f"qkv_{kind}"]
-        for dtype in ("bf16", "fp8"):
-            weight = prepared_weight(k, n, dtype, seed=0, zeros=True)
-            for tokens in token_counts:
-                yield _row(f"norm_qkv_rope_{kind}_{dtype}", GOAL["linear"], tokens,
-                           run_norm_qkv_rope(tokens, kind, dtype, zeros=True, weight=weight))
-    weight = prepared_weight(*PROJECTIONS["o"], "bf16", seed=0, zeros=True)
-    for tokens in token_counts:
-        yield _row("linear_add_rmsnorm_o_bf16", GOAL["linear"], tokens,
-                   run_linear_add_rmsnorm(tokens, zeros=True, weight=weight))

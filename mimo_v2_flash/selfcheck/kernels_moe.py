@@ -1,4 +1,4 @@
-"""Self-checks and benchmark hooks of the MoE kernels: the sigmoid top-8 router and the grouped
+"""Self-checks of the MoE kernels: the sigmoid top-8 router and the grouped
 expert FFN (kernels/router.py, kernels/expert_ffn.py), at the full MiMo shapes.
 
 Error measures: router, the chosen expert sets must equal the reference's (rows whose 8th and 9th
@@ -12,10 +12,8 @@ per core), bytes = router weight + x + outputs. Expert FFN: 6*H*I FLOPs per row 
 (79 TFLOPS; FP8 weights still multiply bf16 activations), bytes = each routed expert's weights
 once + x + out; one NeuronCore-v3 (362.5 GB/s of HBM).
 
-Benchmark load of the expert FFN: expert parallelism over 32 ranks, so a rank holds 8 experts and,
-with T tokens per rank and uniform routing, each of its experts gets T rows (256 experts, top-8);
-the rank receives 8T (token, expert) rows as 8T tokens with one local expert each (the real
-figure is ~7.2T tokens with 1.1 local experts each; the kernel's cost is set by the rows).
+The problem builders and rooflines are shared with tests/test_kernel_router.py,
+tests/test_kernel_expert_ffn.py and benchmarks/kernels/bench_router.py, bench_expert_ffn.py.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from mimo_kernels.router import route
 from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
-from . import CheckResult
+from . import CheckResult, relative_error
 
 TOPIC = "kernels_moe"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -37,7 +35,6 @@ LOCAL_EXPERTS = 8                        # 256 experts over 32 expert-parallel r
 FFN_TOL = {"bf16": 1e-2, "fp8": 2e-2}
 ROUTER_NEAR_TIE, ROUTER_WEIGHT_TOL = 1e-5, 1e-6
 PEAK_FP32, PEAK_BF16, HBM_BYTES_PER_S = TRN2.peak_flops_fp32, TRN2.peak_flops_bf16, TRN2.hbm_bytes_per_s_core
-GOAL = {"router": 0.7, "expert_ffn": 0.8}
 
 
 # ----------------------------------------------------------------------- problems (shared with tests)
@@ -89,10 +86,6 @@ def reference_moe(x, ids, routing_weights, weights: ExpertWeights):
     xr = np.asarray(x, np.float32).astype(BF16).astype(np.float32)
     return ref.moe(xr, np.where(ids < 0, 0, ids), np.where(ids < 0, 0, routing_weights),
                    reference_expert(weights))
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def random_router(tokens, hidden, experts, seed):
@@ -158,32 +151,3 @@ def checks(quick: bool):
     del bf16
     fp8 = random_experts(2 if quick else LOCAL_EXPERTS, HIDDEN, INTER, "fp8", seed=4)
     yield _ffn_check("decode", fp8, "fp8", tokens=8, k=1, seed=5)
-
-
-# ----------------------------------------------------------------------- benchmark
-
-def bench(token_counts):
-    """Router at T tokens; expert FFN (bf16 and FP8) with 8 local experts of T rows each."""
-    for tokens in token_counts:
-        x, gate, bias = random_router(tokens, HIDDEN, EXPERTS, seed=tokens)
-        _, _, rep = route(x, gate.T, bias, report=True)
-        roof, flops, hbm = router_roofline_s(tokens)
-        yield dict(kernel="router", shapes=f"H={HIDDEN} E={EXPERTS} fp32", tokens=tokens,
-                   estimated_us=rep.estimated_time_s * 1e6, roofline_us=roof * 1e6,
-                   bound="hbm" if hbm / HBM_BYTES_PER_S >= flops / PEAK_FP32 else "tensor",
-                   goal=GOAL["router"], flops=flops, hbm_bytes=hbm)
-    for dtype in ("bf16", "fp8"):
-        weights = random_experts(LOCAL_EXPERTS, HIDDEN, INTER, dtype, seed=6)
-        for tokens in token_counts:
-            received = LOCAL_EXPERTS * tokens            # one local expert per received token
-            x = np.random.default_rng(tokens).standard_normal((received, HIDDEN)).astype(np.float32)
-            ids = (np.arange(received) // tokens)[:, None]
-            w = np.full((received, 1), 0.125, np.float32)
-            _, rep = expert_ffn(x, ids, w, weights, report=True)
-            roof, flops, hbm = ffn_roofline_s(received, received, LOCAL_EXPERTS,
-                                              weights.gate.dtype.itemsize)
-            yield dict(kernel=f"expert_ffn_{dtype}",
-                       shapes=f"{LOCAL_EXPERTS}x{tokens} rows {HIDDEN}x{INTER}", tokens=tokens,
-                       estimated_us=rep.estimated_time_s * 1e6, roofline_us=roof * 1e6,
-                       bound="hbm" if hbm / HBM_BYTES_PER_S >= flops / PEAK_BF16 else "tensor",
-                       goal=GOAL["expert_ffn"], flops=flops, hbm_bytes=hbm)
