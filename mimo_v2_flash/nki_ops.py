@@ -186,7 +186,7 @@ class NkiOps:
     def _convert(self, spec: TensorSpec, hub: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if not is_projection(spec):                       # norms and the embedding table
             return np.ascontiguousarray(hub, dtype=BF16), None
-        if spec.hub_dtype == HUB_F32:                         # the router: routing stays fp32
+        if spec.hub_dtype == HUB_F32:                     # the router: routing stays fp32
             return np.ascontiguousarray(hub.T, dtype=np.float32), None
         if self.weight_dtype == "fp8" and spec.hub_dtype == HUB_FP8:
             return quantize_blocks(np.asarray(hub, np.float32).T, TRAINIUM_E4M3)
