@@ -321,8 +321,8 @@ def speculative_rows(stats: dict) -> list[tuple[str, str]]:
 
 def kernel_buckets(args, model, batch: int, prompt_len: int):
     """Kernel backend: static-shape buckets for this generation, compiled ahead of time unless
-    --no-warmup. Returns a function giving the `kernel variants:` and `host->device:` lines after
-    generation (None on the reference backend)."""
+    --no-warmup. Returns a function giving the `kernel variants:`, `host->device:` and
+    `device->host:` lines after generation (None on the reference backend)."""
     if args.backend != "nki":
         return None
     try:

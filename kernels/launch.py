@@ -27,19 +27,24 @@ dtypes, compile-time arguments). ``VARIANTS`` counts those keys on every backend
 measured on the simulator is the number of compilations a device would do for the same launches.
 
 Host -> device traffic: a host array registered with ``RESIDENT`` (the kernel-layout weights, the
-RoPE table, a static KV cache) gets its device copy once, and every launch that receives that array
-passes the copy; ``RESIDENT.write`` updates a few elements of it in place (a KV cache's new slots);
-a torch tensor passes through untouched; any other array is converted at the launch. ``UPLOADS``
-counts the bytes and tensors converted, as "weights" or "kv_cache" (registered, once) or
-"activations" (at a launch or an in-place write: activations, new KV slots, block plans, small
-runtime tensors). On the CPU a conversion is a
+RoPE table, a static KV cache, the attention plan tensors of a bucket) gets its device copy once,
+and every launch that receives that array passes the copy; ``RESIDENT.write`` updates a few elements
+of it in place (a KV cache's new slots); a torch tensor passes through untouched; any other array is
+converted at the launch. ``TRANSFERS`` counts the bytes and tensors converted, as "weights",
+"kv_cache" or "plans" (registered, once) or "activations" (at a launch or an in-place write:
+activations, new KV slots, block plans, small runtime tensors). On the CPU a conversion is a
 zero-copy view, so the count is what a NeuronCore would upload for the same launches.
+
+Device -> host traffic: every launch reads its outputs back to the host as NumPy (``to_host``).
+``TRANSFERS`` counts one "readback" per launch with the bytes of all its outputs: on a NeuronCore
+each is a graph execution and a host round trip (a graph break of the step).
 """
 from __future__ import annotations
 
 import os
 import warnings
 import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -133,11 +138,23 @@ class VariantCounter:
 VARIANTS = VariantCounter()
 
 
-# ---------------------------------------------------------------------------------- uploads
+# ---------------------------------------------------------------------------------- transfers
 
-class UploadCounter:
-    """Bytes and tensors converted host -> device, by kind ("weights", "activations"), with marks
-    to take the traffic after a point (e.g. after warmup)."""
+@dataclass(frozen=True)
+class TransferMark:
+    """`TRANSFERS` at one point (`TransferCounter.mark`): bytes and tensors per kind."""
+    bytes: dict[str, int] = field(default_factory=dict)
+    tensors: dict[str, int] = field(default_factory=dict)
+
+
+class TransferCounter:
+    """Host <-> device traffic by kind, with marks to take the traffic after a point (e.g. after
+    warmup). Host -> device: "weights" and "kv_cache" (registered arrays, once), "activations"
+    (converted at a launch or an in-place write); device -> host: "readback" (a launch's outputs,
+    one read per launch). `tensors` counts the records of each kind: arrays uploaded, launches read
+    back."""
+
+    KINDS = ("weights", "activations", "readback")
 
     def __init__(self):
         self.bytes: dict[str, int] = {}
@@ -147,20 +164,24 @@ class UploadCounter:
         self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
         self.tensors[kind] = self.tensors.get(kind, 0) + 1
 
-    def mark(self) -> dict[str, int]:
-        """The bytes so far, per kind (give it to `since`)."""
-        return dict(self.bytes)
+    def mark(self) -> TransferMark:
+        """The counts so far (give it to `since`, `tensors_since`)."""
+        return TransferMark(dict(self.bytes), dict(self.tensors))
 
-    def since(self, mark: dict[str, int]) -> dict[str, int]:
-        """Bytes per kind uploaded after `mark` (every kind, 0 when none)."""
-        return {kind: self.bytes.get(kind, 0) - mark.get(kind, 0) for kind in ("weights", "activations")}
+    def since(self, mark: TransferMark) -> dict[str, int]:
+        """Bytes per kind of `KINDS` moved after `mark` (0 when none)."""
+        return {kind: self.bytes.get(kind, 0) - mark.bytes.get(kind, 0) for kind in self.KINDS}
+
+    def tensors_since(self, mark: TransferMark, kind: str) -> int:
+        """Records of `kind` after `mark` (tensors uploaded; for "readback", launches read back)."""
+        return self.tensors.get(kind, 0) - mark.tensors.get(kind, 0)
 
     def clear(self) -> None:
         self.bytes.clear()
         self.tensors.clear()
 
 
-UPLOADS = UploadCounter()
+TRANSFERS = TransferCounter()
 
 
 class DeviceWeights:
@@ -175,7 +196,8 @@ class DeviceWeights:
 
     def resident(self, array, kind: str = "weights"):
         """Register `array` (a NumPy array; anything else is returned as is) and upload it once,
-        counted in `UPLOADS` under `kind` ("kv_cache" for a preallocated KV cache)."""
+        counted in `TRANSFERS` under `kind` ("kv_cache" for a preallocated KV cache, "plans" for
+        read-only attention plan tensors)."""
         if not isinstance(array, np.ndarray) or self.lookup(array) is not None:
             return array
         where = device()
@@ -220,7 +242,7 @@ RESIDENT = DeviceWeights()
 def to_device(value, where=None, kind: str | None = "activations"):
     """A host array as a torch tensor on `where` (default `device()`); torch tensors and
     constants pass through. On the CPU a NumPy array becomes a zero-copy view (bf16 through its
-    16-bit pattern). A converted array counts in `UPLOADS` under `kind` (None: not counted).
+    16-bit pattern). A converted array counts in `TRANSFERS` under `kind` (None: not counted).
     Trainium FP8 (``ml_dtypes.float8_e4m3``, +-240) has no torch dtype: it goes as a ``torch.uint8``
     tensor of the same bytes, which the kernels reinterpret (docs/device.md)."""
     if isinstance(value, tuple):
@@ -231,7 +253,7 @@ def to_device(value, where=None, kind: str | None = "activations"):
     if where is None:
         return value
     if kind is not None:
-        UPLOADS.record(kind, value.nbytes)
+        TRANSFERS.record(kind, value.nbytes)
     import torch
     import ml_dtypes
     if value.dtype == ml_dtypes.bfloat16:
@@ -278,6 +300,13 @@ def _argument(value, where):
     return resident if resident is not None else to_device(value, where)
 
 
+def _arrays(outputs) -> list:
+    """The NumPy arrays of a launch's outputs (an array, or nested tuples holding arrays and None)."""
+    if isinstance(outputs, tuple):
+        return [a for o in outputs for a in _arrays(o)]
+    return [] if outputs is None else [outputs]
+
+
 class LncError(RuntimeError):
     """A kernel launched at LNC=2 without being declared to split its work between the two cores."""
 
@@ -289,8 +318,9 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     `lnc` defaults to `runtime_lnc()`; `splits_lnc`: the kernel divides its work by
     ``nl.program_id``, so it may run at LNC=2 (module docstring). An array registered with
     `RESIDENT` is replaced by its device copy, torch tensors pass untouched, other arrays go to
-    `device()` (a zero-copy view on the CPU, counted in `UPLOADS`); everything else is a
-    compile-time constant. Every launch is counted in `VARIANTS`."""
+    `device()` (a zero-copy view on the CPU, counted in `TRANSFERS`); everything else is a
+    compile-time constant. Every launch is counted in `VARIANTS`, and the reading back of its
+    outputs in `TRANSFERS` ("readback")."""
     lnc = runtime_lnc() if lnc is None else int(lnc)
     if lnc == 2 and not splits_lnc:
         name = getattr(kernel, "__name__", None) or getattr(kernel, "name", repr(kernel))
@@ -302,10 +332,12 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     grid = kernel[lnc]
     outputs = grid(*(_argument(a, where) for a in args), **{k: _argument(v, where) for k, v in kwargs.items()})
     outputs = to_host(outputs)
+    if where is not None:
+        TRANSFERS.record("readback", sum(a.nbytes for a in _arrays(outputs)))
     if report:
         return outputs, getattr(grid, "last_report", None)
     return outputs
 
 
-__all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "UPLOADS", "UploadCounter", "VARIANTS", "VariantCounter",
-           "device", "launch", "runtime_lnc", "to_device", "to_host", "variant_key"]
+__all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "TRANSFERS", "TransferCounter", "TransferMark",
+           "VARIANTS", "VariantCounter", "device", "launch", "runtime_lnc", "to_device", "to_host", "variant_key"]

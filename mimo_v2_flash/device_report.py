@@ -1,29 +1,31 @@
-"""What a kernel-backend generation cost the device outside its kernels: compilations and
-host -> device traffic (`mimo_kernels.launch.VARIANTS` and `UPLOADS`), before and after warmup.
+"""What a kernel-backend generation cost the device outside its kernels: compilations and the
+traffic between host and device (`mimo_kernels.launch.VARIANTS` and `TRANSFERS`), before and after
+warmup.
 
     report = DeviceReport()          # before the warmup
     model.warmup()
     report.warmed()                  # skip it for a run without warmup
     tokens = model.generate(...)
     print(report.lines(model.ops.passes))
-    kernel variants: 28 compiled at warmup, 0 new after warmup
-    host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache once (resident), ...
+    kernel variants: 20 compiled at warmup, 0 new after warmup
+    host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache ...
+    device->host: 37 reads, 46.6 KB per decode step (every kernel output; ...)
 """
 from __future__ import annotations
 
-from mimo_kernels.launch import UPLOADS, VARIANTS
+from mimo_kernels.launch import TRANSFERS, VARIANTS
 
 
 class DeviceReport:
     """Counter marks taken at the start and after the warmup (see module docstring)."""
 
     def __init__(self):
-        self.start_variants, self.start_uploads = len(VARIANTS), UPLOADS.mark()
+        self.start_variants, self.start_transfers = len(VARIANTS), TRANSFERS.mark()
         self.warm_variants: int | None = None
-        self.warm_uploads: dict[str, int] | None = None
+        self.warm_transfers = None
 
     def warmed(self) -> None:
-        self.warm_variants, self.warm_uploads = len(VARIANTS), UPLOADS.mark()
+        self.warm_variants, self.warm_transfers = len(VARIANTS), TRANSFERS.mark()
 
     def variants(self) -> dict[str, int]:
         """Specializations compiled at warmup and after it (without warmup: all "after")."""
@@ -38,24 +40,39 @@ class DeviceReport:
 
     def uploads_line(self, passes) -> str:
         """Weight bytes uploaded at warmup (without one: up to the end of the prefill), weight bytes
-        after that, the generation's device-resident KV cache (uploaded once, when allocated), and
-        the other bytes per pass after the prefill (activations, the new KV slots written into the
-        resident cache, positions, attention plans). `passes`: the generation's `NkiOps.passes`
-        (prefill first)."""
+        after that, the device-resident KV cache (uploaded once, when allocated) and attention plan
+        tensors (once per static shape), and the other bytes per pass after the prefill
+        (activations, the new KV slots written into the resident cache, positions). `passes`: the
+        generation's `NkiOps.passes` (prefill first)."""
+        start = self.start_transfers.bytes
         if len(passes) < 2:
-            return f"host->device: {byte_size(UPLOADS.since(self.start_uploads)['weights'])} weights (no decode step)"
-        first = self.warm_uploads if self.warm_uploads is not None else passes[1].upload_mark
-        when = "at warmup" if self.warm_uploads is not None else "by the end of the prefill"
-        before_cache = self.warm_uploads if self.warm_uploads is not None else self.start_uploads
-        kv_cache = UPLOADS.bytes.get("kv_cache", 0) - before_cache.get("kv_cache", 0)
-        per_step = UPLOADS.since(passes[1].upload_mark)["activations"] / (len(passes) - 1)
-        return (f"host->device: {byte_size(first.get('weights', 0) - self.start_uploads.get('weights', 0))} "
-                f"weights {when}, {byte_size(UPLOADS.since(first)['weights'])} weights after it, "
-                f"{byte_size(kv_cache)} KV cache once (resident), {byte_size(per_step)} activations per decode "
-                f"step (new KV slots, positions and plans included)")
+            return f"host->device: {byte_size(TRANSFERS.since(self.start_transfers)['weights'])} weights (no decode step)"
+        first = self.warm_transfers if self.warm_transfers is not None else passes[1].transfer_mark
+        when = "at warmup" if self.warm_transfers is not None else "by the end of the prefill"
+        before_cache = (self.warm_transfers if self.warm_transfers is not None else self.start_transfers).bytes
+        kv_cache = TRANSFERS.bytes.get("kv_cache", 0) - before_cache.get("kv_cache", 0)
+        plans = TRANSFERS.bytes.get("plans", 0) - start.get("plans", 0)
+        per_step = TRANSFERS.since(passes[1].transfer_mark)["activations"] / (len(passes) - 1)
+        return (f"host->device: {byte_size(first.bytes.get('weights', 0) - start.get('weights', 0))} "
+                f"weights {when}, {byte_size(TRANSFERS.since(first)['weights'])} weights after it, "
+                f"{byte_size(kv_cache)} KV cache and {byte_size(plans)} attention plans once (resident), "
+                f"{byte_size(per_step)} activations per decode step (new KV slots and positions included)")
+
+    def readback_line(self, passes) -> str:
+        """Kernel-output reads and their bytes per pass after the prefill (without a decode step:
+        everything since the start)."""
+        mark, steps, per = (passes[1].transfer_mark, len(passes) - 1, "per decode step") if len(passes) >= 2 \
+            else (self.start_transfers, 1, "in all (no decode step)")
+        reads = TRANSFERS.tensors_since(mark, "readback") / steps
+        return (f"device->host: {reads:g} reads, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} {per} "
+                f"(every kernel output; on a NeuronCore each is a graph break)")
+
+    def traffic_lines(self, passes) -> list[str]:
+        """The `host->device:` and `device->host:` lines."""
+        return [self.uploads_line(passes), self.readback_line(passes)]
 
     def lines(self, passes) -> str:
-        return self.variants_line() + "\n" + self.uploads_line(passes)
+        return "\n".join([self.variants_line()] + self.traffic_lines(passes))
 
 
 def byte_size(n: float) -> str:

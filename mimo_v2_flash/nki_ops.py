@@ -14,7 +14,7 @@ bf16 as on the Hub, the router weight fp32. A layer's routed experts are stacked
 grouped expert kernel's `ExpertWeights` (local index = position among the loaded experts).
 Every kernel-layout array is registered with `mimo_kernels.launch.RESIDENT` when it is made: its
 device copy is uploaded once, and every later launch passes that copy (no weight bytes move after
-a model's first pass; `launch.UPLOADS` counts the traffic).
+a model's first pass; `launch.TRANSFERS` counts the traffic).
 
 Activations travel in bf16 between kernels, as on the device: every launcher takes its input
 rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
@@ -44,7 +44,7 @@ from mimo_kernels.attention import attention_batch, attention_decode_cache
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
-from mimo_kernels.launch import RESIDENT, UPLOADS
+from mimo_kernels.launch import RESIDENT, TRANSFERS, TransferMark
 from mimo_kernels.linear import linear
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
@@ -106,10 +106,10 @@ class OpCost:
 @dataclass
 class PassCost:
     """The ops of one forward pass: `tokens` embedded (0 when the layer was run on its own);
-    `upload_mark`: `launch.UPLOADS.mark()` when the pass started (host -> device bytes since)."""
+    `transfer_mark`: `launch.TRANSFERS.mark()` when the pass started (host <-> device traffic since)."""
     tokens: int
     ops: dict[str, OpCost] = field(default_factory=dict)
-    upload_mark: dict[str, int] = field(default_factory=dict)
+    transfer_mark: TransferMark = field(default_factory=TransferMark)
 
 
 class NkiOps:
@@ -264,7 +264,7 @@ class NkiOps:
     # ---- the ops (ReferenceOps semantics) ----------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token rows of the embedding table; starts a new forward pass in the cost ledger."""
-        self.passes.append(PassCost(tokens=int(np.size(ids)), upload_mark=UPLOADS.mark()))
+        self.passes.append(PassCost(tokens=int(np.size(ids)), transfer_mark=TRANSFERS.mark()))
         table, _ = self.kernel_weight(EMBED)
         out, report = embed(self.padded(np.reshape(ids, -1)), table, report=True)
         self._record("embed", report)

@@ -291,7 +291,8 @@ def warm_up_rank(model: MiMoV2FlashModel, skip: bool):
 
 def kernel_report(comm: Communicator, model: MiMoV2FlashModel, report) -> str | None:
     """The `kernel variants:` line of every rank (one line when they agree) and rank 0's
-    `host->device:` line (None on the reference backend); only rank 0 prints it."""
+    `host->device:` and `device->host:` lines (None on the reference backend); only rank 0 prints
+    it."""
     counts = comm.all_gather_objects(None if report is None else report.variants_line(), "gathering kernel variants")
     if report is None:
         return None if model.backend != "nki" else \
@@ -300,7 +301,7 @@ def kernel_report(comm: Communicator, model: MiMoV2FlashModel, report) -> str | 
         lines = f"{counts[0]} (every rank)"
     else:
         lines = "\n".join(f"{line} (rank {r})" for r, line in enumerate(counts))
-    return lines + "\n" + report.uploads_line(model.ops.passes) + " (rank 0)"
+    return "\n".join([lines] + [f"{line} (rank 0)" for line in report.traffic_lines(model.ops.passes)])
 
 
 def _run(comm: Communicator, options: ExpertParallelOptions, generation: GenerationOptions, load_weights,

@@ -7,7 +7,7 @@ slots written. Exact comparisons (float32 storage), exact byte counts."""
 import numpy as np
 import pytest
 
-from mimo_kernels.launch import UPLOADS
+from mimo_kernels.launch import TRANSFERS
 from mimo_v2_flash.kv_cache import LayerKVCache
 from mimo_v2_flash.speculative import CacheRollback
 from mimo_v2_flash.static_kv_cache import EMPTY_POSITION, StaticLayerKVCache
@@ -68,18 +68,19 @@ def test_rollback_restores_both_caches(window):
 def test_store_writes_what_update_writes_and_a_resident_cache_moves_only_the_new_slots(window):
     rng = np.random.default_rng(2)
     k, v = kv(rng, 12)
-    mark = UPLOADS.mark()
+    mark = TRANSFERS.mark()
     resident = StaticLayerKVCache(2, HKV, D, DV, window, context=64, dtype=np.float32, resident=True)
-    allocated = UPLOADS.mark()
-    assert allocated["kv_cache"] - mark.get("kv_cache", 0) == resident.k.nbytes + resident.v.nbytes + resident.pos.nbytes
+    allocated = TRANSFERS.mark()
+    assert (allocated.bytes["kv_cache"] - mark.bytes.get("kv_cache", 0)
+            == resident.k.nbytes + resident.v.nbytes + resident.pos.nbytes)
     gathered = StaticLayerKVCache(2, HKV, D, DV, window, context=64, dtype=np.float32)
     for start, stop in [(0, 11), (11, 12)]:                               # a prompt (wraps a ring of 8), a step
         gathered.update(1, np.arange(start, stop), k[start:stop], v[start:stop])
-        before = UPLOADS.mark()
+        before = TRANSFERS.mark()
         resident.store(1, np.arange(start, stop), k[start:stop], v[start:stop])
         slots = min(stop - start, window or stop)                          # a ring keeps the last `window`
-        assert UPLOADS.since(before)["activations"] == slots * (HKV * (D + DV) + 1) * 4     # k, v, position
+        assert TRANSFERS.since(before)["activations"] == slots * (HKV * (D + DV) + 1) * 4     # k, v, position
     for got, want in zip((resident.k, resident.v, resident.pos, resident.length),
                          (gathered.k, gathered.v, gathered.pos, gathered.length)):
         np.testing.assert_array_equal(got, want)
-    assert UPLOADS.bytes["kv_cache"] == allocated["kv_cache"]               # uploaded once, at allocation
+    assert TRANSFERS.bytes["kv_cache"] == allocated.bytes["kv_cache"]         # uploaded once, at allocation

@@ -189,7 +189,7 @@ def test_bucketed_decode_reads_the_static_cache_in_place(monkeypatch):
     whose gather writes the cache), and the plain run, which writes only the new slots
     (`write_cache`), gives the checked run's logits bit for bit."""
     import mimo_kernels.attention.decode as decode_module
-    from mimo_kernels.launch import UPLOADS, VARIANTS
+    from mimo_kernels.launch import TRANSFERS, VARIANTS
     from mimo_v2_flash.buckets import BucketTable
     from mimo_v2_flash.static_kv_cache import EMPTY_POSITION, StaticKVCache
 
@@ -207,9 +207,9 @@ def test_bucketed_decode_reads_the_static_cache_in_place(monkeypatch):
     launches = []
 
     def spy(kernel, *args, **kwargs):
-        mark = UPLOADS.mark()
+        mark = TRANSFERS.mark()
         out = real_launch(kernel, *args, **kwargs)
-        launches.append((args, UPLOADS.since(mark)["activations"]))
+        launches.append((args, TRANSFERS.since(mark)["activations"]))
         return out
     real_launch = decode_module.launch
     monkeypatch.setattr(decode_module, "launch", spy)

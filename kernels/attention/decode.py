@@ -48,7 +48,7 @@ from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, T
                     load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
                     softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
-from .plan import DecodePlan, limit_keys, plan_decode_units, plan_tensors, static_key_ranges, typed_units
+from .plan import DecodePlan, limit_keys, plan_decode_units, plan_tensors, static_plan_tensors, typed_units
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -609,9 +609,9 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     return q_t, k_t, v_dev, kpos, qpos
 
 
-def launch_plan(plan: DecodePlan, q_t, k_t, v, kpos, qpos, sink, window, lnc, tuning):
-    """One launch of the kernel on a finished plan: (rows [plan rows, Dv] float32, cost report)."""
-    onehot, sink_rows = plan_tensors(plan, sink)
+def launch_plan(plan: DecodePlan, onehot, sink_rows, q_t, k_t, v, kpos, qpos, window, lnc, tuning):
+    """One launch of the kernel on a finished plan and its tensors (`plan_tensors`): (rows [plan
+    rows, Dv] float32, cost report)."""
     o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v, kpos, qpos, onehot, sink_rows, plan.kernel_plan,
                          None if window is None else int(window), report=True, lnc=lnc, splits_lnc=True, **tuning)
     return np.asarray(o_rows, np.float32), rep
@@ -629,8 +629,9 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | 
     exactly that many sequences, new tokens and key slots (problems padded, extra sequences
     dummies), and the plan depends on the shape only: every tile reads all key slots and masks
     them from the positions at run time (`static_key_ranges`), so any lengths and positions
-    inside the bucket reuse one compiled kernel. Returns (list of out [T, Hq, Dv] float32, cost
-    report or None)."""
+    inside the bucket reuse one compiled kernel, and the plan tensors are made and uploaded once
+    per shape (`static_plan_tensors`). Returns (list of out [T, Hq, Dv] float32, cost report or
+    None)."""
     if not problems:
         return [], None
     hq = problems[0].q.shape[1]
@@ -649,13 +650,12 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | 
         kept = [np.arange(p.k.shape[0]) for p in problems]
         check_static_shape(problems, slots, t_max, s_max)
         order = list(range(n))
-        plan = plan_decode_units([t_max] * slots, [s_max] * slots, kv_heads, group)
+        plan, onehot, sink_rows = static_plan_tensors((slots, t_max, s_max), kv_heads, group, window, sink)
     q_t, k_t, v_dev, kpos, qpos = kernel_inputs(problems, kept, order, slots, t_max, s_max, scale)
     if shape is None:
         limit_keys(plan, kpos, qpos, window)
-    else:
-        static_key_ranges(plan, s_max, window)
-    o_rows, rep = launch_plan(plan, q_t, k_t, v_dev, kpos, qpos, sink, window, lnc, tuning)
+        onehot, sink_rows = plan_tensors(plan, sink)
+    o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_t, v_dev, kpos, qpos, window, lnc, tuning)
     outs = []
     for b in range(n):
         mine = (plan.row_seq == order.index(b)) & (plan.row_token < q_lens[b])
@@ -689,7 +689,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     keys           the slots [0, keys) every tile reads (None: all S), e.g. a decode bucket's
                    context on a full layer whose cache is sized for the largest bucket.
     The plan depends on (B, T, keys) only, like `attention_decode(..., shape=...)`: lengths and
-    positions are runtime tensors. Returns (out [B, T, Hq, Dv] float32, cost report or None)."""
+    positions are runtime tensors, and the plan tensors stay on the device between launches
+    (`static_plan_tensors`). Returns (out [B, T, Hq, Dv] float32, cost report or None)."""
     batch, t_len, hq, d = q.shape
     kv_heads, s_max = k_cache_t.shape[1], k_cache_t.shape[3]
     keys = s_max if keys is None else int(keys)
@@ -700,11 +701,10 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
         raise ValueError(f"attention_decode_cache: q {q.shape}, q_positions {np.shape(q_positions)} (must be "
                          f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
                          f"and {kv_heads} KV heads do not fit together")
-    group = hq // kv_heads
-    plan = plan_decode_units([t_len] * batch, [keys] * batch, kv_heads, group)
-    static_key_ranges(plan, keys, window)
+    plan, onehot, sink_rows = static_plan_tensors((batch, t_len, keys), kv_heads, hq // kv_heads, window, sink)
     q_t = np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]).astype(BF16)
-    o_rows, rep = launch_plan(plan, q_t, k_cache_t, v_cache, key_positions, q_positions, sink, window, lnc, tuning)
+    o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
+                              lnc, tuning)
     out = np.zeros((batch, t_len, hq, v_cache.shape[3]), np.float32)
     out[plan.row_seq, plan.row_token, plan.row_head] = o_rows
     return out, rep

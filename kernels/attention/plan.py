@@ -2,15 +2,19 @@
 heads and new tokens share a score tile, which keys each tile reads, which key ranges need the
 position mask, and the plan tensors (per-tile mask one-hot, sink rows). All of it is computed on
 the host before the launch; the kernel receives the plan as a compile-time argument (nested
-tuples; `typed_units` gives the records their field names back at trace time).
+tuples; `typed_units` gives the records their field names back at trace time). The plan of a
+static shape depends on that shape only: it and its tensors are made once and stay on the device
+(`static_plan_tensors`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 
+from mimo_kernels.launch import RESIDENT
 from .flash import CHUNK_KEYS, MASK_BIAS, P_MAX
 from .host import BF16
 
@@ -206,18 +210,70 @@ def static_key_ranges(plan: DecodePlan, keys: int, window) -> None:
 
 
 def plan_tensors(plan: DecodePlan, sink):
-    """The plan's tensors: per tile the mask one-hot [tiles, NT, 128] bf16 (MASK_BIAS where tile
-    row r belongs to tile token t) and the sink rows [tiles, 128, 1] fp32 (None without sinks)."""
-    tiles = plan.tiles
-    onehot = np.zeros((len(tiles), max(len(tok) for tok in plan.tile_tokens), P_MAX), BF16)
-    sink_rows = None if sink is None else np.zeros((len(tiles), P_MAX, 1), np.float32)
+    """The plan's tensors: the mask one-hot (`plan_onehot`) and the sink rows (`plan_sink_rows`;
+    None without sinks)."""
+    return plan_onehot(plan), None if sink is None else plan_sink_rows(plan, sink)
+
+
+def plan_onehot(plan: DecodePlan) -> np.ndarray:
+    """Per tile the mask one-hot [tiles, NT, 128] bf16: MASK_BIAS where tile row r belongs to tile
+    token t."""
+    onehot = np.zeros((len(plan.tiles), max(len(tok) for tok in plan.tile_tokens), P_MAX), BF16)
     row0 = 0
-    for ti, (tile, tokens) in enumerate(zip(tiles, plan.tile_tokens)):
+    for ti, (tile, tokens) in enumerate(zip(plan.tiles, plan.tile_tokens)):
         rows = np.arange(tile.rows)
         where = {tok: i for i, tok in enumerate(tokens)}
         token_of_row = [where[(s, t)] for s, t in zip(plan.row_seq[row0 + rows], plan.row_token[row0 + rows])]
         onehot[ti, token_of_row, rows] = MASK_BIAS
-        if sink is not None:
-            sink_rows[ti, rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0 + rows]]
         row0 += tile.rows
-    return onehot, sink_rows
+    return onehot
+
+
+def plan_sink_rows(plan: DecodePlan, sink) -> np.ndarray:
+    """Per tile the sink rows [tiles, 128, 1] fp32: each row's query head's sink logit."""
+    sink_rows = np.zeros((len(plan.tiles), P_MAX, 1), np.float32)
+    row0 = 0
+    for ti, tile in enumerate(plan.tiles):
+        sink_rows[ti, :tile.rows, 0] = np.asarray(sink, np.float32)[plan.row_head[row0:row0 + tile.rows]]
+        row0 += tile.rows
+    return sink_rows
+
+
+# A generation's static shapes (its buckets, per layer kind) and, for the sink rows, the layers with
+# sinks: the caches keep all of them, so no plan tensor is rebuilt or uploaded after the warmup.
+STATIC_PLANS = 64
+STATIC_SINK_ROWS = 256
+
+
+def static_plan_tensors(shape, kv_heads: int, group: int, window, sink):
+    """The plan of a static launch shape (batch, tokens, keys) and its tensors, made once: (plan,
+    one-hot, sink rows or None). They depend on the shape, the heads, whether a window masks and
+    the sink values only (lengths and positions are runtime tensors: `static_key_ranges`), so the
+    tensors are device-resident (`launch.RESIDENT`, counted as "plans"): a shape uploads them at its
+    first launch only. All three are shared: treat them as read-only."""
+    key = (*(int(n) for n in shape), int(kv_heads), int(group), None if window is None else int(window))
+    plan, onehot = static_plan(*key)
+    sink_rows = None if sink is None else static_sink_rows(key, np.asarray(sink, np.float32).tobytes())
+    return plan, onehot, sink_rows
+
+
+@lru_cache(maxsize=STATIC_PLANS)
+def static_plan(batch: int, tokens: int, keys: int, kv_heads: int, group: int, window):
+    """(plan, resident one-hot) of `static_plan_tensors`."""
+    plan = plan_decode_units([tokens] * batch, [keys] * batch, kv_heads, group)
+    static_key_ranges(plan, keys, window)
+    return plan, resident_plan_tensor(plan_onehot(plan))
+
+
+@lru_cache(maxsize=STATIC_SINK_ROWS)
+def static_sink_rows(key: tuple, sink: bytes) -> np.ndarray:
+    """The resident sink rows of `static_plan(*key)` for a float32 sink vector given by its bytes."""
+    plan, _ = static_plan(*key)
+    return resident_plan_tensor(plan_sink_rows(plan, np.frombuffer(sink, np.float32)))
+
+
+def resident_plan_tensor(array: np.ndarray) -> np.ndarray:
+    """`array` made read-only (every launch of its shape shares it) and registered with
+    `launch.RESIDENT` as "plans": uploaded once, its device copy passed to every launch."""
+    array.flags.writeable = False
+    return RESIDENT.resident(array, kind="plans")
