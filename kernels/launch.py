@@ -154,7 +154,7 @@ class TransferCounter:
     one read per launch). `tensors` counts the records of each kind: arrays uploaded, launches read
     back."""
 
-    KINDS = ("weights", "activations", "readback")
+    KINDS = ("weights", "kv_cache", "plans", "activations", "readback")
 
     def __init__(self):
         self.bytes: dict[str, int] = {}

@@ -40,23 +40,22 @@ class DeviceReport:
 
     def uploads_line(self, passes) -> str:
         """Weight bytes uploaded at warmup (without one: up to the end of the prefill), weight bytes
-        after that, the device-resident KV cache (uploaded once, when allocated) and attention plan
-        tensors (once per static shape), and the other bytes per pass after the prefill
+        after that, the generation's device-resident KV cache (uploaded once, when allocated), the
+        attention plan tensors (once per static shape, mostly at warmup), and the other bytes per pass after the prefill
         (activations, the new KV slots written into the resident cache, positions). `passes`: the
         generation's `NkiOps.passes` (prefill first)."""
-        start = self.start_transfers.bytes
+        since_start = TRANSFERS.since(self.start_transfers)
         if len(passes) < 2:
-            return f"host->device: {byte_size(TRANSFERS.since(self.start_transfers)['weights'])} weights (no decode step)"
+            return f"host->device: {byte_size(since_start['weights'])} weights (no decode step)"
         first = self.warm_transfers if self.warm_transfers is not None else passes[1].transfer_mark
         when = "at warmup" if self.warm_transfers is not None else "by the end of the prefill"
-        before_cache = (self.warm_transfers if self.warm_transfers is not None else self.start_transfers).bytes
-        kv_cache = TRANSFERS.bytes.get("kv_cache", 0) - before_cache.get("kv_cache", 0)
-        plans = TRANSFERS.bytes.get("plans", 0) - start.get("plans", 0)
+        kv_cache = TRANSFERS.since(self.warm_transfers or self.start_transfers)["kv_cache"]    # not the warmup's
         per_step = TRANSFERS.since(passes[1].transfer_mark)["activations"] / (len(passes) - 1)
-        return (f"host->device: {byte_size(first.bytes.get('weights', 0) - start.get('weights', 0))} "
+        return (f"host->device: {byte_size(since_start['weights'] - TRANSFERS.since(first)['weights'])} "
                 f"weights {when}, {byte_size(TRANSFERS.since(first)['weights'])} weights after it, "
-                f"{byte_size(kv_cache)} KV cache and {byte_size(plans)} attention plans once (resident), "
-                f"{byte_size(per_step)} activations per decode step (new KV slots and positions included)")
+                f"{byte_size(kv_cache)} KV cache and {byte_size(since_start['plans'])} attention "
+                f"plans once (resident), {byte_size(per_step)} activations per decode step (new KV slots and "
+                f"positions included)")
 
     def readback_line(self, passes) -> str:
         """Kernel-output reads and their bytes per pass after the prefill (without a decode step:

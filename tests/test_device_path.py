@@ -18,10 +18,11 @@ from mimo_kernels import launch as launch_module
 from mimo_kernels.attention import attention_decode
 from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
-from mimo_kernels.launch import VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
+from mimo_kernels.launch import TRANSFERS, VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
 from mimo_kernels.rmsnorm import rmsnorm, rmsnorm_kernel
 from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.buckets import Bucket, BucketTable, powers_of_two
+from mimo_v2_flash.device_report import DeviceReport, byte_size
 from mimo_v2_flash.layer import AttentionInput
 from mimo_v2_flash.static_kv_cache import StaticKVCache
 
@@ -95,7 +96,12 @@ def test_to_device_is_a_zero_copy_torch_view_on_the_cpu():
     np.testing.assert_array_equal(launch_module.to_host(t), a)
 
 
-# ---------------------------------------------------------------- host -> device traffic
+# ---------------------------------------------------------------- host <-> device traffic
+
+def moved(mark) -> dict[str, int]:
+    """The bytes per kind `TRANSFERS` counted after `mark`, kinds with none left out."""
+    return {kind: n for kind, n in TRANSFERS.since(mark).items() if n}
+
 
 def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatch):
     seen = []
@@ -107,21 +113,22 @@ def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatc
     monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
     x = np.random.default_rng(3).standard_normal((4, 256)).astype(BF16)
     w = launch_module.RESIDENT.resident((1 + np.arange(256) / 256).astype(BF16))
-    start = launch_module.UPLOADS.mark()
+    start = TRANSFERS.mark()
     want = launch(rmsnorm_kernel, x, w, eps=1e-6)           # registered before `start`: no weight bytes
     launch(rmsnorm_kernel, x, w, eps=1e-6)
-    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 2 * x.nbytes}
+    assert moved(start) == {"activations": 2 * x.nbytes, "readback": 2 * want.nbytes}
+    assert TRANSFERS.tensors_since(start, "readback") == 2                  # one read per launch
     x_dev = launch_module.to_device(x)
-    start = launch_module.UPLOADS.mark()
+    start = TRANSFERS.mark()
     np.testing.assert_array_equal(launch(rmsnorm_kernel, x_dev, w, eps=1e-6), want)
     assert seen[-1][0] is x_dev                              # a device tensor reaches the kernel as is
-    assert launch_module.UPLOADS.since(start) == {"weights": 0, "activations": 0}
+    assert moved(start) == {"readback": want.nbytes}
     fresh = np.ones(512, np.float32)
-    start, tensors = launch_module.UPLOADS.mark(), launch_module.UPLOADS.tensors.get("weights", 0)
+    start = TRANSFERS.mark()
     launch_module.RESIDENT.resident(fresh)
     launch_module.RESIDENT.resident(fresh)                  # a second registration uploads nothing
-    assert launch_module.UPLOADS.since(start) == {"weights": fresh.nbytes, "activations": 0}
-    assert launch_module.UPLOADS.tensors["weights"] == tensors + 1
+    assert moved(start) == {"weights": fresh.nbytes}
+    assert TRANSFERS.tensors_since(start, "weights") == 1
     held = len(launch_module.RESIDENT)
     del fresh                                                # the entry goes with its host array
     assert len(launch_module.RESIDENT) == held - 1
@@ -134,24 +141,94 @@ def _kernel_layout_bytes(ops) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def test_weights_upload_once_at_warmup_and_decode_steps_move_only_activations():
+def test_weights_upload_once_at_warmup_and_decode_steps_move_only_activations(monkeypatch):
+    """Warmup uploads every weight once (and the attention plans of its shapes); a generation then
+    uploads no weights and no plans, and each decode step reads back every kernel output once per
+    launch: the reads equal the pass's launches and the bytes the outputs' sizes."""
     from mimo_kernels.rope import _tables as rope_tables
     model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
-    start = launch_module.UPLOADS.mark()
+    start = TRANSFERS.mark()
+    report = DeviceReport()
     tables_before = {key: id(t) for key, t in rope_tables.items()}
     model.warmup(BucketTable.for_generation(2, 9, 6))
-    uploaded = launch_module.UPLOADS.since(start)["weights"]
+    report.warmed()
+    uploaded = TRANSFERS.since(start)["weights"]
     new_tables = sum(t.nbytes for key, t in rope_tables.items() if tables_before.get(key) != id(t))
     assert uploaded == _kernel_layout_bytes(model.ops) + new_tables     # every weight once, nothing else
-    mark = launch_module.UPLOADS.mark()
+    output_bytes = []                                                     # (pass, bytes) of every output read
+
+    def spy(value):
+        out = real_to_host(value)
+        if isinstance(out, np.ndarray):                                   # tuples come back array by array
+            output_bytes.append((len(model.ops.passes) - 1, out.nbytes))
+        return out
+    real_to_host = launch_module.to_host
+    monkeypatch.setattr(launch_module, "to_host", spy)
+    mark = TRANSFERS.mark()
     prompt = np.random.default_rng(4).integers(0, 512, (2, 9))
     model.generate(prompt, max_new_tokens=6)
-    after = launch_module.UPLOADS.since(mark)
-    assert after["weights"] == 0
-    decode = launch_module.UPLOADS.since(model.ops.passes[1].upload_mark)["activations"] / 5
-    # A decode step moves its activations, the new KV slots written into the resident cache and the
-    # attention plans: tens of KB, against 20 MB of weights.
+    after = TRANSFERS.since(mark)
+    assert after["weights"] == 0 and after["plans"] == 0                 # the warmup uploaded the plans
+    decode = TRANSFERS.since(model.ops.passes[1].transfer_mark)["activations"] / 5
+    # A decode step moves its activations and the new KV slots written into the resident cache:
+    # tens of KB, against 20 MB of weights.
     assert 0 < decode < uploaded / 20
+    steps = model.ops.passes[1:]
+    launches = [sum(op.launches for op in step.ops.values()) for step in steps]
+    # embed, 4 x (norm_qkv_rope, attention, linear_add_rmsnorm), the dense MLP of layer 0,
+    # 3 x (router, experts), the final norm and lm_head
+    assert launches == [21] * 5
+    reads = TRANSFERS.tensors_since(steps[0].transfer_mark, "readback")
+    assert reads == sum(launches)
+    read_bytes = TRANSFERS.since(steps[0].transfer_mark)["readback"]
+    assert read_bytes == sum(n for p, n in output_bytes if p >= 1) > 0
+    assert report.readback_line(model.ops.passes).startswith(
+        f"device->host: 21 reads, {byte_size(read_bytes / 5)} per decode step")
+
+
+def test_static_attention_plans_upload_once_and_give_the_outputs_of_fresh_plans(monkeypatch):
+    """Decode steps of one static shape on a resident SWA cache with sinks: the first launch uploads
+    the plan tensors (one-hot, sink rows), the second only its queries and positions; a launch on
+    plan tensors rebuilt and uploaded per launch (the previous behaviour) gives the same outputs
+    bit for bit."""
+    import mimo_kernels.attention.decode as decode_module
+    from mimo_kernels.attention import attention_decode_cache
+    from mimo_kernels.attention.plan import (plan_decode_units, plan_tensors, static_key_ranges, static_plan,
+                                             static_plan_tensors, static_sink_rows)
+    from mimo_v2_flash.static_kv_cache import StaticLayerKVCache
+    static_plan.cache_clear()                   # this shape's plans may not come from an earlier test
+    static_sink_rows.cache_clear()
+    rng = np.random.default_rng(12)
+    batch, hq, hkv, d, window = 2, 4, 2, 64, 8
+    cache = StaticLayerKVCache(batch, hkv, d, d, window, context=32, resident=True)
+    for b, n in enumerate((12, 5)):                                       # a wrapped ring, a short one
+        cache.store(b, np.arange(n), rng.standard_normal((n, hkv, d)), rng.standard_normal((n, hkv, d)))
+    sink = rng.standard_normal(hq).astype(np.float32)
+    q = rng.standard_normal((2, batch, 1, hq, d)).astype(np.float32)
+    qpos = np.array([[11], [4]], np.float32)
+    queries = batch * hkv * d * (hq // hkv) * 2 + qpos.nbytes            # q_t bf16 and fp32 positions
+    outputs = batch * hq * d * 2                                          # the rows [B * Hq, Dv] in bf16
+
+    def step(i):
+        mark = TRANSFERS.mark()
+        out, _ = attention_decode_cache(q[i], cache.k, cache.v, cache.pos, qpos, 0.125, window, sink)
+        return out, moved(mark)
+    first, first_moved = step(0)
+    _, onehot, sink_rows = static_plan_tensors((batch, 1, window), hkv, hq // hkv, window, sink)
+    plans = onehot.nbytes + sink_rows.nbytes
+    assert first_moved == {"plans": plans, "activations": queries, "readback": outputs}
+    second, second_moved = step(1)
+    assert second_moved == {"activations": queries, "readback": outputs}  # no plan bytes
+
+    def fresh_plan_tensors(shape, kv_heads, group, window, sink):
+        plan = plan_decode_units([shape[1]] * shape[0], [shape[2]] * shape[0], kv_heads, group)
+        static_key_ranges(plan, shape[2], window)
+        return (plan,) + plan_tensors(plan, sink)
+    monkeypatch.setattr(decode_module, "static_plan_tensors", fresh_plan_tensors)
+    for i, want in enumerate((first, second)):
+        got, got_moved = step(i)
+        np.testing.assert_array_equal(got, want)
+        assert got_moved == {"activations": queries + plans, "readback": outputs}
 
 
 # ---------------------------------------------------------------- the variant counter
