@@ -3,7 +3,7 @@
 run_example.py --mode random --backend nki, one process against two ranks: the same greedy tokens
 (padding rows and the static expert exchange change no real row's arithmetic), every bucket
 compiled at warmup on every rank and no new kernel specialization after it, no weight bytes
-uploaded after the warmup.
+uploaded after the warmup, and rank 0's kernel-output reads per decode step reported.
 """
 from __future__ import annotations
 
@@ -34,3 +34,4 @@ def test_bucketed_generation_under_torchrun_compiles_nothing_after_warmup(batch,
     assert variants is not None, output[-3000:]
     assert int(variants.group(1)) > 0 and variants.group(2) == "0"
     assert re.search(r"host->device: [\d.]+ [KMG]?B weights at warmup, 0 B weights after it", output), output[-3000:]
+    assert re.search(r"device->host: \d+ reads, [\d.]+ [KMG]?B per decode step .*\(rank 0\)", output), output[-3000:]
