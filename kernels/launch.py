@@ -149,10 +149,10 @@ class TransferMark:
 
 class TransferCounter:
     """Host <-> device traffic by kind, with marks to take the traffic after a point (e.g. after
-    warmup). Host -> device: "weights" and "kv_cache" (registered arrays, once), "activations"
-    (converted at a launch or an in-place write); device -> host: "readback" (a launch's outputs,
-    one read per launch). `tensors` counts the records of each kind: arrays uploaded, launches read
-    back."""
+    warmup). Host -> device: "weights", "kv_cache" and "plans" (registered arrays, once),
+    "activations" (converted at a launch or an in-place write); device -> host: "readback" (a
+    launch's outputs, one read per launch). `tensors` counts the records of each kind: arrays
+    uploaded, launches read back."""
 
     KINDS = ("weights", "kv_cache", "plans", "activations", "readback")
 
