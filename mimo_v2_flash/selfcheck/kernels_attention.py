@@ -269,9 +269,9 @@ def _decode_full_formula():
 
 
 def bench(token_counts):
-    """Prefill T = 512, 4096, 32768 (full and SWA) and decode of 1..64 sequences at 4096 and
-    131072 keys (full and SWA); `token_counts` is ignored (the issue's shapes)."""
-    del token_counts
+    """Prefill (full and SWA) at those of T = 512, 4096, 32768 that are in `token_counts`, and,
+    when a count is at most 64 (a decode batch), decode of 1..64 sequences at 4096 and 131072 keys
+    (full and SWA): the issue's shapes, selectable so that the slow ones can run separately."""
     rows = []
 
     def row(kernel, layer, shapes, tokens, times_s, roof, goal, how):
@@ -280,10 +280,12 @@ def bench(token_counts):
                          estimated_us=_estimate_us(times_s), roofline_us=seconds * 1e6, bound=bound,
                          goal=goal, flops=flops, hbm_bytes=hbm))
 
-    full_formula, full_check = _prefill_full_formula()
+    prefill_lengths = [t for t in (512, 4096, 32768) if t in token_counts]
+    if 32768 in prefill_lengths:
+        full_formula, full_check = _prefill_full_formula()
     for layer, shape in (("full", FULL), ("swa", SWA)):
         hq, hkv, window = shape["hq"], shape["hkv"], shape["window"]
-        for t_len in (512, 4096, 32768):
+        for t_len in prefill_lengths:
             roof = roofline(prefill_pairs(t_len, window), t_len, t_len, hq, hkv)
             if t_len <= 4096:
                 times, how = _simulate_prefill(t_len, hq, hkv, window), "simulated"
@@ -293,6 +295,8 @@ def bench(token_counts):
                 times, how = hkv * _simulate_prefill(t_len, hq // hkv, 1, window), "1 KV head simulated x8"
             row("attention_prefill", layer, f"T={t_len} {_shape_text(hq, hkv, window)}", t_len, times,
                 roof, GOAL["prefill"], how)
+    if min(token_counts) > 64:
+        return rows
     decode_formula, decode_check = _decode_full_formula()
     for layer, shape in (("full", FULL), ("swa", SWA)):
         hq, hkv, window = shape["hq"], shape["hkv"], shape["window"]
