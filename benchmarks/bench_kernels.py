@@ -11,7 +11,8 @@ The attention topic takes its own shapes, chosen by the token counts: prefill at
 512 / 4096 / 32768 listed, decode batches of 1..64 sequences when a count is at most 64.
 Prints a table and writes JSON (and, with --markdown, the same rows as a Markdown table).
 
-Slow topics and token counts can run separately, each with its own --json; --merge then reads
+Slow topics and token counts can run separately, each with its own --json (rewritten after every
+row, "complete": false until the run ends, so a run stopped early keeps its rows); --merge reads
 those files (a later file's row replaces an earlier one of the same topic, kernel, shapes and T)
 and prints and writes the combined table without simulating anything.
 """
@@ -31,7 +32,9 @@ KERNEL_TOPICS = ["kernels_basic", "kernels_moe", "kernels_attention", "decoder_l
 DEFAULT_TOKENS = [1, 8, 64, 512, 4096]
 
 
-def collect(topics, token_counts):
+def collect(topics, token_counts, on_row=lambda rows, wall_s: None):
+    """Rows of every topic at the token counts and each topic's wall time; `on_row(rows, wall_s)`
+    after every row (the JSON is rewritten then, so a run stopped early keeps its finished rows)."""
     rows, wall_s = [], {}
     for topic in topics:
         module = importlib.import_module(f"mimo_v2_flash.selfcheck.{topic}")
@@ -43,6 +46,8 @@ def collect(topics, token_counts):
             row["achievable_fraction"] = achievable_fraction(row)
             row["meets_goal"] = meets_goal(row)
             rows.append(row)
+            wall_s[topic] = time.perf_counter() - started
+            on_row(rows, wall_s)
         wall_s[topic] = time.perf_counter() - started
         print(f"[{topic}: simulated in {wall_s[topic]:.0f} s]")
     return rows, wall_s
@@ -128,10 +133,16 @@ def main(argv=None):
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine earlier runs' JSON files instead of simulating")
     args = parser.parse_args(argv)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+
+    def write_json(rows, wall_s, complete=False):
+        with open(args.json, "w") as f:
+            json.dump({"timestamp": time.time(), "machine": asdict(TRN2), "complete": complete,
+                       "wall_s": wall_s, "rows": rows}, f, indent=1)
     if args.merge:
         rows, wall_s = merge_runs(args.merge)
     else:
-        rows, wall_s = collect(args.topics.split(","), [int(t) for t in args.tokens.split(",")])
+        rows, wall_s = collect(args.topics.split(","), [int(t) for t in args.tokens.split(",")], write_json)
     print(format_rows(rows))
     print("estimated times come from the simulator's cost model of Trainium2 (see docs/simulator.md); "
           "they are estimates, not measurements")
@@ -139,10 +150,7 @@ def main(argv=None):
           f"(Trn2Model.dma_achieved_fraction), {TRN2.dma_fixed_s * 1e6:.1f} us per transfer; "
           f"% roof is against the documented peaks, % ach against the roofline at that DMA rate; "
           f"a goal is met on % ach for HBM-bound rows, on % roof for compute-bound ones")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"timestamp": time.time(), "machine": asdict(TRN2), "wall_s": wall_s, "rows": rows},
-                  f, indent=1)
+    write_json(rows, wall_s, complete=True)
     print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -63,3 +63,23 @@ def test_tables_show_percentages_and_verdict():
     assert markdown[0].startswith("| kernel | shapes | T |")
     assert markdown[2] == (f"| router | q\\|k\\|v | 1 | hbm | 40.0 | 10.0 | 25% | "
                            f"{achievable_us / 40:.0%} | 70% | no |")
+
+
+def test_a_run_stopped_early_keeps_its_finished_rows(tmp_path, monkeypatch):
+    def bench(token_counts):
+        for tokens in token_counts:
+            if tokens == 512:
+                raise KeyboardInterrupt                     # the run is stopped at T = 512
+            yield {k: v for k, v in _row("router", tokens, 40.0).items()
+                   if k in ("kernel", "shapes", "tokens", "estimated_us", "roofline_us", "bound", "goal",
+                            "hbm_bytes")}
+    fake_topic = type("FakeTopic", (), {"bench": staticmethod(bench)})
+    monkeypatch.setattr(bench_kernels.importlib, "import_module", lambda name: fake_topic)
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(["--topics", "kernels_moe", "--tokens", "1,8,512", "--json", str(path)])
+    run = json.loads(path.read_text())
+    assert run["complete"] is False
+    assert [r["tokens"] for r in run["rows"]] == [1, 8]
+    rows, _ = bench_kernels.merge_runs([str(path)])
+    assert rows[1]["roofline_fraction"] == pytest.approx(10.0 / 40.0)
