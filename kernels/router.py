@@ -9,7 +9,7 @@ Outputs per token: expert ids [T, 8] uint32 and weights [T, 8] fp32, ordered by 
 weight (the unbiased score). The set of ids is the reference's; the reference lists them by
 descending biased score instead, and the MoE sum does not depend on the order.
 
-Layout and engines, per chunk of up to 512 tokens:
+Layout and engines, per block of up to 128 tokens:
 
 * The router weight W [H, E] (4 MiB fp32) is loaded once, partition-major (hidden row p*H/128 + k
   on partition p, so each partition's rows are one contiguous run in HBM), in three chunks of
@@ -17,23 +17,28 @@ Layout and engines, per chunk of up to 512 tokens:
   64 partitions. At decode this stream is the whole cost; the small last chunk leaves few
   matmuls for after it.
 * x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
-  on partitions): up to 32 tokens by one strided DMA (runs of H/128 elements per partition and
-  token, issued before the weight); more tokens as rows (one contiguous DMA per 128) and TensorE
-  transposes of the columns k, k + H/128, ... (exact in fp32; a DMA transpose needs 2-byte data).
+  on partitions). fp32 cannot be DMA-transposed (2-byte data only), so it comes either by one
+  strided DMA (runs of H/128 elements per partition and token: a third of the DMA rate) or as
+  rows (one contiguous DMA) and TensorE transposes of the columns k, k + H/128, ... (exact in
+  fp32, at a quarter of TensorE's rate). Up to 32 tokens always by the strided DMA (issued before
+  the weight); larger blocks split the two ways, STRIDED_X_SHARE of them by DMA, which balances
+  the DMA queues and TensorE in prefill. Each block's x is requested X_LOOKAHEAD blocks ahead, so
+  its load is queued before the outputs of the blocks being computed.
 * logits^T [experts on partitions, tokens] = W-tile.T @ x^T: the router weight is the stationary
-  operand (128 experts) and tokens stream as the moving operand (up to 512 per matmul), which is
-  as fast as the other orientation for full tiles and 2x faster for a few tokens (a matmul costs
-  max(64, N) moving columns, 4 cycles each in fp32). The contraction loop is outermost so every
-  expert tile follows the weight chunks as they land.
-* ScalarE applies the sigmoid while evicting PSUM; in that layout the selection bias is one value
-  per partition (VectorE tensor_scalar, the bias loaded transposed as [128, E/128], last). TensorE
-  transposes the scores and the selection values (fp32, exact) back to [tokens, experts] so the
-  top-8 instructions see one token per partition.
+  operand (128 experts) and the block's tokens stream as the moving operand, which is as fast as
+  the other orientation for full tiles and 2x faster for a few tokens (a matmul costs max(64, N)
+  moving columns, 4 cycles each in fp32). The contraction loop is outermost so the first block
+  follows the weight chunks as they land.
+* ScalarE applies the sigmoid while evicting PSUM; TensorE transposes the scores (fp32, exact)
+  back to [tokens, experts] so the top-8 instructions see one token per partition; VectorE adds
+  the selection bias there (loaded once, broadcast to a block's partitions by a stride-0 read).
 * VectorE: max8 gives the 8 largest selection values; nc_match_replace8
   marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
   as in the reference's stable sort, and never select more or fewer than 8); the unbiased
   scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
   nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+* The ids and weights of a chunk of 512 tokens leave together (one DMA each for its whole
+  blocks): every DMA pays ~1.3 us of setup on the engines it uses.
 
 LNC=2: the two programs take alternate chunks of 512 tokens (a program without tokens loads
 nothing), each writing only its tokens' rows.
@@ -58,6 +63,8 @@ DISALLOWED_BIAS = -1e30                        # selection bias of an expert tha
 UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
 X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
 DIRECT_X_TOKENS = 32                           # up to this many tokens, x^T comes by one strided DMA
+STRIDED_X_SHARE = 0.45        # of larger token blocks, this share gets x^T by strided DMA, not TensorE
+X_LOOKAHEAD = 2              # token blocks whose x is requested before the current block's compute
 
 
 def _weight_chunks(KT):
@@ -85,45 +92,82 @@ def _load_weight(w):
     return w_sb
 
 
-def _load_bias_transposed(bias):
-    """bias_T[p, c] = bias[c*P + p]: the selection bias of expert tile c on its partitions (one
-    value per partition, added to sigmoid(logits)^T with tensor_scalar)."""
+def _load_bias_rows(bias, rows):
+    """bias_rows[t, e] = bias[e] on `rows` partitions (one per token of a block; a stride-0
+    partition read of the 1 KiB bias): added to the scores once they are back in [tokens, experts]."""
     E = bias.shape[0]
-    full = E // P
-    bias_T = nl.ndarray((P, -(-E // P)), dtype=nl.float32, buffer=nl.sbuf)
-    if full:
-        nisa.dma_copy(dst=bias_T[:, 0:full], src=bias.ap([[1, P], [P, full]]))
-    if E % P:
-        nisa.dma_copy(dst=bias_T[:E % P, full:full + 1], src=bias.ap([[1, E % P], [1, 1]], offset=full * P))
-    return bias_T
+    bias_rows = nl.ndarray((rows, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=bias_rows, src=bias.ap([[0, rows], [1, E]]))
+    return bias_rows
 
 
-def _load_x_transposed(x, t0, tc, xT):
-    """xT[p, t, k] = x[t0 + t, p*KT + k] for t < tc (hidden on partitions, partition-major).
-
-    Up to DIRECT_X_TOKENS tokens: one DMA (runs of KT elements per partition and token); more: 128
-    tokens at a time, one contiguous row per token (DMA), then TensorE transposes (exact in fp32;
-    a DMA transpose would need 2-byte data)."""
+def _request_x(x, t0, ts, index):
+    """Start loading the x of token block `index` (tokens t0 .. t0 + ts, ts <= 128). Returns
+    (xT, rows): xT[p, t, k] = x[t0 + t, p*KT + k] (hidden on partitions, partition-major) by one
+    strided DMA (runs of KT elements per partition and token) for up to DIRECT_X_TOKENS tokens and
+    for a STRIDED_X_SHARE of the blocks, spread evenly; otherwise the rows (one contiguous DMA) that
+    `_transpose_rows` turns into xT on TensorE. The strided DMA moves 128-byte runs at a third of
+    the DMA rate, TensorE transposes fp32 at a quarter of its rate (a DMA transpose would need
+    2-byte data); sharing the blocks keeps both queues busy."""
     H = x.shape[1]
-    KT = xT.shape[2]
-    if tc <= DIRECT_X_TOKENS:
-        nisa.dma_copy(dst=xT, src=x.ap([[KT, P], [H, tc], [1, KT]], offset=t0 * H))
-        return
-    for s0 in range(0, tc, P):
-        sc = min(P, tc - s0)
-        rows = nl.ndarray((sc, H), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=rows, src=x[t0 + s0:t0 + s0 + sc, :])    # HBM -> SBUF
-        for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
-            kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
-            bank = nl.ndarray((P, kn, sc), dtype=nl.float32, buffer=nl.psum)
-            for j in range(kn):
-                nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k0 + j:H:KT])
-            nisa.tensor_copy(dst=xT[:, s0:s0 + sc, k0:k0 + kn].permute((0, 2, 1)), src=bank)
+    KT = H // P
+    if ts <= DIRECT_X_TOKENS or int((index + 1) * STRIDED_X_SHARE) > int(index * STRIDED_X_SHARE):
+        xT = nl.ndarray((P, ts, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=xT, src=x.ap([[KT, P], [H, ts], [1, KT]], offset=t0 * H))
+        return xT, None
+    rows = nl.ndarray((ts, H), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rows, src=x[t0:t0 + ts, :])                  # HBM -> SBUF
+    return None, rows
 
 
-def _top8_tokens(scores, selection, ids, weights, t0, routed_scaling_factor):
+def _transpose_rows(rows, KT):
+    """xT[p, t, k] = rows[t, p*KT + k]: TensorE transposes of the columns k, k + KT, ... (exact in
+    fp32), evicted a PSUM bank at a time."""
+    ts, H = rows.shape
+    xT = nl.ndarray((P, ts, KT), dtype=nl.float32, buffer=nl.sbuf)
+    for k0 in range(0, KT, X_TRANSPOSES_PER_BANK):
+        kn = min(X_TRANSPOSES_PER_BANK, KT - k0)
+        bank = nl.ndarray((P, kn, ts), dtype=nl.float32, buffer=nl.psum)
+        for j in range(kn):
+            nisa.nc_transpose(dst=bank[:, j, :], data=rows[:, k0 + j:H:KT])
+        nisa.tensor_copy(dst=xT[:, :, k0:k0 + kn].permute((0, 2, 1)), src=bank)
+    return xT
+
+
+def _token_blocks(T, programs, me):
+    """(first token, tokens) of this program's blocks of up to 128 tokens; with LNC=2 the programs
+    take alternate chunks of TOKEN_CHUNK tokens."""
+    blocks = []
+    for t0 in range(me * TOKEN_CHUNK, T, programs * TOKEN_CHUNK):
+        t1 = min(t0 + TOKEN_CHUNK, T)
+        blocks += [(s0, min(P, t1 - s0)) for s0 in range(t0, t1, P)]
+    return blocks
+
+
+def _scores_and_selection(xT, w_sb, bias_rows, E):
+    """sigmoid(x @ W) and that + bias for one token block, [ts tokens on partitions, E] each
+    (PSUM): logits^T per expert tile (W stationary, tokens moving; k outer so the first block
+    follows the weight DMAs), sigmoid on ScalarE while evicting, the bias one value per partition,
+    TensorE transposes back (fp32, exact)."""
+    ts, KT = xT.shape[1], xT.shape[2]
+    tiles = [(e0, nl.ndarray((min(EXPERT_TILE, E - e0), ts), dtype=nl.float32, buffer=nl.psum))
+             for e0 in range(0, E, EXPERT_TILE)]
+    for k in range(KT):
+        for e0, logits_T in tiles:
+            nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + logits_T.shape[0]], moving=xT[:, :, k])
+    scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
+    for e0, logits_T in tiles:
+        s_T = nl.ndarray((logits_T.shape[0], ts), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+        nisa.nc_transpose(dst=scores[:, e0:e0 + logits_T.shape[0]], data=s_T)
+    selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=selection, data1=scores, data2=bias_rows[:ts, :], op=nl.add)
+    return scores, selection
+
+
+def _top8_tokens(scores, selection, top_ids, top_weights, routed_scaling_factor):
     """Top-8 for the tokens of `scores` and `selection` (= scores + bias) [ts, E] (PSUM, tokens on
-    partitions) -> HBM rows t0..."""
+    partitions) -> top_ids, top_weights [ts, 8] (SBUF)."""
     ts, E = scores.shape
     top_selection = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top_selection, src=selection)
@@ -137,18 +181,27 @@ def _top8_tokens(scores, selection, ids, weights, t0, routed_scaling_factor):
                               op1=nl.add, operand1=scores)
     top_scores = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top_scores, src=masked)
-    top_ids = nl.ndarray((ts, TOP_K), dtype=nl.uint32, buffer=nl.sbuf)
     nisa.nc_find_index8(dst=top_ids, data=masked, vals=top_scores)      # duplicates: successive ids
     total = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=total, op=nl.add, data=top_scores, axis=1)
     nisa.tensor_scalar(dst=total, data=total, op0=nl.add, operand0=1e-20)
     inverse = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=inverse, data=total)
-    top_weights = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=top_weights, data=top_scores, op0=nl.multiply, operand0=inverse,
                        op1=nl.multiply, operand1=float(routed_scaling_factor))
-    nisa.dma_copy(dst=ids[t0:t0 + ts, :], src=top_ids)                  # SBUF -> HBM
-    nisa.dma_copy(dst=weights[t0:t0 + ts, :], src=top_weights)
+
+
+def _store_chunk(top_ids, top_weights, ids, weights, c0, tokens):
+    """Rows c0 .. c0 + tokens of ids and weights from [P, blocks, 8] SBUF tiles (token c0 + b*P + p
+    at [p, b]): the whole blocks by one DMA each, a partial last block by another (each DMA pays
+    ~1.3 us, so a chunk's outputs go out together)."""
+    full, rest = divmod(tokens, P)
+    for dst, src in ((ids, top_ids), (weights, top_weights)):
+        if full:
+            nisa.dma_copy(dst=dst.ap([[TOP_K, P], [TOP_K * P, full], [1, TOP_K]], offset=c0 * TOP_K),
+                          src=src[:, 0:full, :])
+        if rest:
+            nisa.dma_copy(dst=dst[c0 + full * P:c0 + tokens, :], src=src[0:rest, full, :])
 
 
 @nki.jit
@@ -175,45 +228,31 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     KT = H // P
     ids = nl.ndarray((T, TOP_K), dtype=nl.uint32, buffer=nl.shared_hbm)
     weights = nl.ndarray((T, TOP_K), dtype=nl.float32, buffer=nl.shared_hbm)
-    programs, me = nl.num_programs(0), nl.program_id(0)
-    chunks = list(range(me * TOKEN_CHUNK, T, programs * TOKEN_CHUNK))   # LNC=2: alternate chunks
-    if len(chunks) == 0:
+    blocks = _token_blocks(T, nl.num_programs(0), nl.program_id(0))
+    if len(blocks) == 0:
         return ids, weights
 
-    # The first tokens before the router weight (it then streams while nothing else waits).
-    xT = nl.ndarray((P, min(TOKEN_CHUNK, T - chunks[0]), KT), dtype=nl.float32, buffer=nl.sbuf)
-    _load_x_transposed(x, chunks[0], xT.shape[1], xT)
+    # The first tokens before the router weight (it then streams while nothing else waits); later
+    # blocks' x X_LOOKAHEAD blocks ahead, so their loads never queue behind a block's outputs.
+    pending = [_request_x(x, *blocks[0], 0)]
     w_sb = _load_weight(w)                                    # resident: 4 MiB at the MiMo shape
-    bias_T = _load_bias_transposed(bias)           # needed last, so queued last
-
-    for t0 in chunks:
-        tc = min(TOKEN_CHUNK, T - t0)
-        if t0 != chunks[0]:
-            xT = nl.ndarray((P, tc, KT), dtype=nl.float32, buffer=nl.sbuf)
-            _load_x_transposed(x, t0, tc, xT)
-        tiles = []                                   # per expert tile: logits^T [ec, tc] (PSUM)
-        for e0 in range(0, E, EXPERT_TILE):
-            tiles.append((e0, nl.ndarray((min(EXPERT_TILE, E - e0), tc), dtype=nl.float32, buffer=nl.psum)))
-        for k in range(KT):                          # k outer: every tile follows the weight DMAs
-            for e0, logits_T in tiles:
-                nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + logits_T.shape[0]],
-                               moving=xT[:, :, k])
-        scores_T = []                                # sigmoid(logits)^T and + bias, [ec, tc] each
-        for c, (e0, logits_T) in enumerate(tiles):
-            ec = logits_T.shape[0]
-            s_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
-            sel_T = nl.ndarray((ec, tc), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=sel_T, data=s_T, op0=nl.add, operand0=bias_T[:ec, c:c + 1])
-            scores_T.append((e0, ec, s_T, sel_T))
-        for s0 in range(0, tc, P):
-            ts = min(P, tc - s0)
-            scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
-            selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
-            for e0, ec, s_T, sel_T in scores_T:     # back to tokens on partitions (exact)
-                nisa.nc_transpose(dst=scores[:, e0:e0 + ec], data=s_T[:, s0:s0 + ts])
-                nisa.nc_transpose(dst=selection[:, e0:e0 + ec], data=sel_T[:, s0:s0 + ts])
-            _top8_tokens(scores, selection, ids, weights, t0 + s0, routed_scaling_factor)
+    bias_rows = _load_bias_rows(bias, min(P, T))
+    for i in range(1, min(X_LOOKAHEAD, len(blocks))):
+        pending.append(_request_x(x, *blocks[i], i))
+    for i, (t0, ts) in enumerate(blocks):
+        if i + X_LOOKAHEAD < len(blocks):
+            pending.append(_request_x(x, *blocks[i + X_LOOKAHEAD], i + X_LOOKAHEAD))
+        xT, rows = pending.pop(0)
+        if xT is None:
+            xT = _transpose_rows(rows, KT)
+        c0, b = t0 - t0 % TOKEN_CHUNK, t0 % TOKEN_CHUNK // P          # chunk start, block in it
+        if b == 0:
+            top_ids = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.uint32, buffer=nl.sbuf)
+            top_weights = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+        scores, selection = _scores_and_selection(xT, w_sb, bias_rows, E)
+        _top8_tokens(scores, selection, top_ids[:ts, b, :], top_weights[:ts, b, :], routed_scaling_factor)
+        if i + 1 == len(blocks) or blocks[i + 1][0] % TOKEN_CHUNK == 0:
+            _store_chunk(top_ids, top_weights, ids, weights, c0, t0 + ts - c0)
     return ids, weights
 
 
