@@ -9,7 +9,7 @@ warmup.
     print(report.lines(model.ops.passes))
     kernel variants: 20 compiled at warmup, 0 new after warmup
     host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache ...
-    device->host: 37 reads, 46.6 KB per decode step (every kernel output; ...)
+    device->host: 21 reads, 78.2 KB per decode step (every kernel output; ...)
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ class DeviceReport:
     def uploads_line(self, passes) -> str:
         """Weight bytes uploaded at warmup (without one: up to the end of the prefill), weight bytes
         after that, the generation's device-resident KV cache (uploaded once, when allocated), the
-        attention plan tensors (once per static shape, mostly at warmup), and the other bytes per pass after the prefill
-        (activations, the new KV slots written into the resident cache, positions). `passes`: the
-        generation's `NkiOps.passes` (prefill first)."""
+        attention plan tensors (once per static shape, mostly at warmup), and the other bytes per
+        pass after the prefill (activations, the new KV slots written into the resident cache,
+        positions). `passes`: the generation's `NkiOps.passes` (prefill first)."""
         since_start = TRANSFERS.since(self.start_transfers)
         if len(passes) < 2:
             return f"host->device: {byte_size(since_start['weights'])} weights (no decode step)"
