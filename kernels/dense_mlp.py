@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.checks import KernelInputError
 
@@ -53,16 +53,16 @@ def dense_mlp(x, gate, up, down, scales=None, dtype=BF16, report=False):
     """Host launcher with the semantics of `ReferenceOps.dense_mlp` (`reference.swiglu`), taking the
     PREPARED weights: gate, up [H, I] and down [I, H] = the Hub matrices transposed, bf16; or
     float8_e4m3 with `scales` = (gate_scale, up_scale, down_scale) fp32 block multipliers.
-    x [T, H] (any float array, sent as `dtype`). Returns y [T, H] in `dtype`, plus the cost report
+    x [T, H] (a float array or device tensor, sent as `dtype`). Returns y [T, H] in `dtype` (a device
+    tensor), plus the cost report
     when `report=True`."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"dense_mlp: x must be [tokens, hidden], got shape {x.shape}")
+    if np.ndim(x) != 2:
+        raise ValueError(f"dense_mlp: x must be [tokens, hidden], got shape {tuple(np.shape(x))}")
     scales = (None, None, None) if scales is None else tuple(scales)
     if len(scales) != 3:
         raise ValueError(f"dense_mlp: scales must be (gate_scale, up_scale, down_scale), got {len(scales)} items")
     prepared = [kernel_weight(w, s) for w, s in zip((gate, up, down), scales)]
-    args = [np.ascontiguousarray(x, dtype=dtype)] + [w for w, _ in prepared]
+    args = [on_device(x, dtype)] + [w for w, _ in prepared]
     if scales[0] is not None:
         args += [s for _, s in prepared]
     return launch(dense_mlp_kernel, *args, report=report, splits_lnc=True)

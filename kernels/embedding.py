@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -56,18 +56,22 @@ def embedding_kernel(ids, table):
 
 
 def embed(ids, table, report=False):
-    """Host launcher with the semantics of `ReferenceOps.embed`: ids (int array, any shape),
-    table [V, H] as stored (bf16 for MiMo; HF layout = kernel layout). Returns [*ids.shape, H] in the
-    table's dtype, plus the cost report when `report=True`."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embed: token ids must be integers, got dtype {ids.dtype}")
+    """Host launcher with the semantics of `ReferenceOps.embed`: ids (int array or device tensor, any
+    shape), table [V, H] as stored (bf16 for MiMo; HF layout = kernel layout). Returns [*ids.shape, H]
+    in the table's dtype (a device tensor), plus the cost report when `report=True`. Host ids are
+    checked against the vocabulary; device ids are not (that would read them back)."""
     V = table.shape[0]
-    bad = (ids < 0) | (ids >= V)
-    if bad.any():
-        raise ValueError(f"embed: token id {ids[bad].reshape(-1)[0]} is outside the vocabulary [0, {V})")
-    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int32)
+    if isinstance(ids, np.ndarray) or not hasattr(ids, "to"):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"embed: token ids must be integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= V)
+        if bad.any():
+            raise ValueError(f"embed: token id {ids[bad].reshape(-1)[0]} is outside the vocabulary [0, {V})")
+    elif ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"embed: token ids must be integers, got dtype {ids.dtype}")
+    flat = on_device(ids.reshape(-1), np.int32)
     result = launch(embedding_kernel, flat, np.ascontiguousarray(table), report=report, splits_lnc=True)
     out, rep = result if report else (result, None)
-    out = out.reshape(ids.shape + (table.shape[1],))
+    out = out.reshape(tuple(ids.shape) + (table.shape[1],))
     return (out, rep) if report else out

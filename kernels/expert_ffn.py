@@ -71,7 +71,7 @@ import ml_dtypes
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device, to_host
 from mimo_kernels.checks import KernelInputError
 from mimo_kernels.linear import PSUM_ENGINES, EngineRotation, scale_blocks
 from mimo_kernels.trn2 import TRN2
@@ -685,16 +685,16 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
                        block_rows: int | None = None, report=False, lnc: int | None = None):
     """Host launcher: rows grouped by local expert -> per-token sums out [T, H] float32.
 
-    x [T, H] (any float; sent as bf16); group_sizes [E] rows per expert (zeros allowed);
+    x [T, H] (any float array or device tensor; sent as bf16); group_sizes [E] rows per expert (zeros allowed);
     row_token [N], row_weight [N]: each row's token and routing weight, expert 0's rows first.
     block_rows: rows per block (default: `choose_block_rows`). lnc: the logical-core degree (default
     the runtime's; at 2 the two cores take alternate blocks). Returns out [T, H] (tokens without
     rows get 0), plus the cost report (None when nothing ran) when `report=True`.
     """
     weights.validate()
-    x = np.ascontiguousarray(x, dtype=BF16)
+    x = on_device(x, BF16)
     if x.ndim != 2 or x.shape[1] != weights.gate.shape[1]:
-        raise ValueError(f"expert_ffn: x {x.shape} must be [tokens, hidden {weights.gate.shape[1]}]")
+        raise ValueError(f"expert_ffn: x {tuple(x.shape)} must be [tokens, hidden {weights.gate.shape[1]}]")
     if len(np.asarray(group_sizes)) != weights.num_experts:
         raise ValueError(f"expert_ffn: {len(np.asarray(group_sizes))} group sizes for "
                          f"{weights.num_experts} experts")
@@ -706,17 +706,17 @@ def grouped_expert_ffn(x, group_sizes, row_token, row_weight, weights: ExpertWei
 
 
 def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False, lnc: int | None = None):
-    """Launch the kernel over a block plan; x [T, H] bf16. Returns out [T, H] float32 (and the
-    cost report, None when there are no blocks)."""
+    """Launch the kernel over a block plan; x [T, H] a bf16 device tensor. Returns out [T, H]
+    float32, a device tensor (and the cost report, None when there are no blocks)."""
     T, H = x.shape
     if plan.num_blocks == 0:
-        out = np.zeros((T, H), np.float32)
+        out = x.new_zeros((T, H), dtype=x.float().dtype)
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
                     *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True,
                     block_gathers=plan.block_gathers)
     out, rep = result if report else (result, None)
-    out = np.asarray(out).sum(axis=0)[:T]             # the programs' partial sums (LNC=2: two)
+    out = out.sum(0)[:T]             # the programs' partial sums (LNC=2: two)
     return (out, rep) if report else out
 
 
@@ -732,39 +732,44 @@ def static_block_shape(rows: int, top_k: int, num_experts: int) -> tuple[int, in
 
 def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, num_blocks: int) -> BlockPlan:
     """The block tables of `plan_blocks` at a fixed shape (`num_blocks` blocks of `block_rows`),
-    computed with tensor operations of static shape (stable sort, counts, prefix sums, one
-    scatter), so the same bookkeeping runs on the device without a host round trip.
+    computed with torch operations of static shape on the device of `ids` (stable sort, counts,
+    prefix sums, one scatter): the routing bookkeeping of a step without a host round trip.
 
-    ids [T, k] local expert ids (-1: a slot computed elsewhere), routing_weights [T, k]. Unused
-    blocks belong to the last expert and hold only padding rows (token T, weight 0)."""
+    ids [T, k] local expert ids (-1: a slot computed elsewhere), routing_weights [T, k] (device
+    tensors, or host arrays, uploaded). `num_blocks` must hold the worst case of any routing
+    (`static_block_shape`), so the plan never overflows and nothing is read back to check it.
+    Unused blocks belong to the last expert and hold only padding rows (token T, weight 0).
+    Returns a `BlockPlan` of device tensors."""
     import torch
-    ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+    ids = on_device(ids, np.int64)
     tokens, top_k = ids.shape
-    weights = torch.as_tensor(np.asarray(routing_weights, np.float32)).reshape(-1)
+    worst = -(-tokens * top_k // block_rows) + num_experts - 1
+    if num_blocks < min(worst, tokens * top_k):
+        raise ValueError(f"expert_ffn: {num_blocks} blocks of {block_rows} rows cannot hold every routing of "
+                         f"{tokens} tokens x {top_k} experts among {num_experts} (worst case {worst} blocks: "
+                         f"static_block_shape)")
+    weights = on_device(routing_weights, np.float32).reshape(-1)
+    where = ids.device
     key = torch.where(ids.reshape(-1) >= 0, ids.reshape(-1), num_experts)      # unused slots last
     order = torch.sort(key, stable=True).indices
     key, weights = key[order], weights[order]
-    token = torch.arange(tokens).repeat_interleave(top_k)[order]
-    counts = (key[:, None] == torch.arange(num_experts)[None, :]).sum(0)
+    token = torch.arange(tokens, device=where).repeat_interleave(top_k)[order]
+    counts = (key[:, None] == torch.arange(num_experts, device=where)[None, :]).sum(0)
     blocks = (counts + block_rows - 1) // block_rows
-    if int(blocks.sum()) > num_blocks:
-        raise ValueError(f"expert_ffn: routing needs {int(blocks.sum())} blocks of {block_rows} rows, the "
-                         f"bucket has {num_blocks}")
     expert = key.clamp(max=num_experts - 1)
-    rank = torch.arange(len(key)) - (torch.cumsum(counts, 0) - counts)[expert]
+    rank = torch.arange(len(key), device=where) - (torch.cumsum(counts, 0) - counts)[expert]
     dump = num_blocks * block_rows                                            # unused slots land here
     slot = torch.where(key < num_experts, (torch.cumsum(blocks, 0) - blocks)[expert] * block_rows + rank, dump)
-    row_token = torch.full((dump + 1,), tokens, dtype=torch.int32).scatter(0, slot, token.to(torch.int32))
-    row_weight = torch.zeros(dump + 1).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
-    block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks), right=True)
+    row_token = torch.full((dump + 1,), tokens, dtype=torch.int32, device=where).scatter(0, slot, token.to(torch.int32))
+    row_weight = torch.zeros(dump + 1, device=where).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
+    block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks, device=where), right=True)
     # A block reads its tokens' sums back only if one of them has rows in an earlier block.
-    row_block = torch.arange(dump) // block_rows
-    first = torch.full((tokens + 1,), num_blocks).scatter_reduce(0, row_token[:dump].long(), row_block,
-                                                                 reduce="amin")
+    row_block = torch.arange(dump, device=where) // block_rows
+    first = torch.full((tokens + 1,), num_blocks, device=where).scatter_reduce(0, row_token[:dump].long(), row_block,
+                                                                               reduce="amin")
     later = (row_block > first[row_token[:dump].long()]) & (row_token[:dump] < tokens)
-    return BlockPlan(block_rows, block_expert.clamp(max=num_experts - 1).to(torch.int32).numpy(),
-                     row_token[:dump].numpy(), row_weight[:dump].numpy(),
-                     later.reshape(num_blocks, block_rows).any(1).to(torch.int32).numpy())
+    return BlockPlan(block_rows, block_expert.clamp(max=num_experts - 1).to(torch.int32), row_token[:dump],
+                     row_weight[:dump], later.reshape(num_blocks, block_rows).any(1).to(torch.int32))
 
 
 def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int | None = None,
@@ -772,24 +777,28 @@ def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int 
     """Host launcher with the semantics of `ReferenceOps.experts` over local experts:
     out[t] = sum_j routing_weights[t, j] * expert_{ids[t, j]}(x[t]).
 
-    ids [T, k] index the local experts of `weights` (-1 = no expert in this slot); x [T, H].
-    Sorts the rows by expert (stable, so rows keep token order) and runs `grouped_expert_ffn`.
+    ids [T, k] index the local experts of `weights` (-1 = no expert in this slot); x [T, H]; host
+    arrays or device tensors. Returns out [T, H] float32 as a device tensor.
     `shape=(block_rows, num_blocks)` (a static bucket, `static_block_shape`): the block tables
-    come from `plan_blocks_static`, so the launch has that shape whatever the routing.
+    come from `plan_blocks_static` on the device, so the launch has that shape whatever the routing
+    and nothing is read back (device ids are then not range-checked: that would read them back).
+    Without a shape the plan is made on the host (`grouped_expert_ffn`; device ids are read back):
+    rows sorted by expert (stable, so rows keep token order).
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    routing_weights = np.asarray(routing_weights, dtype=np.float32)
-    if ids.ndim != 2 or routing_weights.shape != ids.shape or ids.shape[0] != np.asarray(x).shape[0]:
-        raise ValueError(f"expert_ffn: ids {ids.shape} and weights {routing_weights.shape} must both be "
-                         f"[tokens {np.asarray(x).shape[0]}, k]")
-    if ids.size and (ids.max() >= weights.num_experts or ids.min() < -1):
+    if np.ndim(ids) != 2 or tuple(np.shape(routing_weights)) != tuple(np.shape(ids)) \
+            or np.shape(ids)[0] != np.shape(x)[0]:
+        raise ValueError(f"expert_ffn: ids {tuple(np.shape(ids))} and weights {tuple(np.shape(routing_weights))} "
+                         f"must both be [tokens {np.shape(x)[0]}, k]")
+    if shape is None:
+        ids, routing_weights = (np.asarray(a, dtype) for a, dtype in
+                                zip(to_host((ids, routing_weights)), (np.int64, np.float32)))
+    if isinstance(ids, np.ndarray) and ids.size and (ids.max() >= weights.num_experts or ids.min() < -1):
         raise ValueError(f"expert_ffn: expert ids must lie in -1..{weights.num_experts - 1}, got "
                          f"{ids.min()}..{ids.max()}")
     if shape is not None:
         weights.validate()
-        x = np.ascontiguousarray(x, dtype=BF16)
-        return run_blocks(x, plan_blocks_static(ids, routing_weights, weights.num_experts, *shape), weights,
-                          report, lnc)
+        plan = plan_blocks_static(ids, routing_weights, weights.num_experts, *shape)
+        return run_blocks(on_device(x, BF16), plan, weights, report, lnc)
     token_of = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
     flat_ids, flat_w = ids.reshape(-1), routing_weights.reshape(-1)
     keep = flat_ids >= 0

@@ -1,8 +1,9 @@
 """The one launch verb of every host launcher: ``kernel[lnc](*device_tensors)``.
 
     from mimo_kernels.launch import launch
-    out = launch(rmsnorm_kernel, x, w, eps=1e-6)                   # outputs as NumPy
+    out = launch(rmsnorm_kernel, x, w, eps=1e-6)                   # outputs as device tensors
     out, report = launch(rmsnorm_kernel, x, w, eps=1e-6, report=True)
+    y = to_host(out)                                               # NumPy: one counted read
 
 This is the documented PyTorch integration of NKI (Neuron SDK 2.31: torch-neuronx 2.9,
 torch-xla 2.9, NKI 0.5): an ``@nki.jit`` kernel called with torch tensors on the XLA device is
@@ -35,9 +36,13 @@ converted at the launch. ``TRANSFERS`` counts the bytes and tensors converted, a
 activations, new KV slots, block plans, small runtime tensors). On the CPU a conversion is a
 zero-copy view, so the count is what a NeuronCore would upload for the same launches.
 
-Device -> host traffic: every launch reads its outputs back to the host as NumPy (``to_host``).
-``TRANSFERS`` counts one "readback" per launch with the bytes of all its outputs: on a NeuronCore
-each is a graph execution and a host round trip (a graph break of the step).
+Device -> host traffic: `launch` returns its outputs as device tensors and reads nothing back, so
+activations stay on the device from one launch to the next (the host launchers do their layout
+work, padding, casts, reshapes, block plans, with torch operations on the device: `on_device`).
+Reading back is an explicit act, `to_host`, and ``TRANSFERS`` counts one "readback" per call with
+the bytes of every tensor it reads: on a NeuronCore each is a graph execution and a host round trip
+(a graph break of the step). A generation step on the static-shape path reads back only its
+sampled token ids (docs/device.md).
 """
 from __future__ import annotations
 
@@ -150,9 +155,8 @@ class TransferMark:
 class TransferCounter:
     """Host <-> device traffic by kind, with marks to take the traffic after a point (e.g. after
     warmup). Host -> device: "weights", "kv_cache" and "plans" (registered arrays, once),
-    "activations" (converted at a launch or an in-place write); device -> host: "readback" (a
-    launch's outputs, one read per launch). `tensors` counts the records of each kind: arrays
-    uploaded, launches read back."""
+    "activations" (converted at a launch or an in-place write); device -> host: "readback" (one
+    per `to_host` call). `tensors` counts the records of each kind: arrays uploaded, reads."""
 
     KINDS = ("weights", "kv_cache", "plans", "activations", "readback")
 
@@ -173,7 +177,7 @@ class TransferCounter:
         return {kind: self.bytes.get(kind, 0) - mark.bytes.get(kind, 0) for kind in self.KINDS}
 
     def tensors_since(self, mark: TransferMark, kind: str) -> int:
-        """Records of `kind` after `mark` (tensors uploaded; for "readback", launches read back)."""
+        """Records of `kind` after `mark` (tensors uploaded; for "readback", reads)."""
         return self.tensors.get(kind, 0) - mark.tensors.get(kind, 0)
 
     def clear(self) -> None:
@@ -210,12 +214,18 @@ class DeviceWeights:
         return array
 
     def write(self, array, index, value) -> None:
-        """`array[index] = value` for a registered array, on the host and in place in its device
-        copy: only the written elements travel (counted as activations). Keep one advanced index
-        in `index` (slices elsewhere) so NumPy and torch place the written axes alike."""
+        """`array[index] = value` for a registered array, in place in its device copy: a host value
+        on the host too, and only the written elements travel (counted as activations); a device
+        tensor (an activation that never left the device) is written on the device only (on the
+        CPU the copy is a view of the host array, which then holds it as well). Keep one advanced
+        index in `index` (slices elsewhere) so NumPy and torch place the written axes alike."""
         registered = self.lookup(array) is not None
         if not registered and device() is not None:     # without torch nothing is registered
             raise ValueError(f"DeviceWeights.write: the array {array.shape} {array.dtype} is not registered")
+        if not isinstance(value, np.ndarray) and hasattr(value, "to"):
+            copy = self.lookup(array)
+            copy[index] = value.to(copy.dtype)
+            return
         array[index] = value
         if registered:
             written = to_device(np.ascontiguousarray(array[index]))
@@ -277,9 +287,25 @@ def _from_numpy(array: np.ndarray):
 
 
 def to_host(value):
-    """Kernel outputs (torch tensors, tuples of them) as NumPy arrays (bf16 as ml_dtypes.bfloat16)."""
+    """Device tensors (or tuples and lists of them; NumPy arrays and None pass) as NumPy arrays (bf16
+    as ml_dtypes.bfloat16): the one way back to the host, counted in `TRANSFERS` as one "readback"
+    with the bytes of every tensor read."""
+    tensors = [t for t in _leaves(value) if not isinstance(t, np.ndarray)]
+    if tensors and device() is not None:
+        TRANSFERS.record("readback", sum(t.numel() * t.element_size() for t in tensors))
+    return _numpy(value)
+
+
+def _leaves(value) -> list:
+    """The arrays and tensors of a value (nested tuples and lists of them, None left out)."""
     if isinstance(value, (tuple, list)):
-        return tuple(to_host(v) for v in value)
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [] if value is None else [value]
+
+
+def _numpy(value):
+    if isinstance(value, (tuple, list)):
+        return tuple(_numpy(v) for v in value)
     if value is None or isinstance(value, np.ndarray):
         return value
     import torch
@@ -288,6 +314,35 @@ def to_host(value):
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
+def torch_dtype(dtype):
+    """The torch dtype of a NumPy dtype (bf16 from ml_dtypes; FP8 as its uint8 bytes, `to_device`)."""
+    import torch
+    import ml_dtypes
+    dtype = np.dtype(dtype)
+    if dtype == ml_dtypes.bfloat16:
+        return torch.bfloat16
+    if dtype.itemsize == 1 and dtype.kind not in "biu":
+        return torch.uint8
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def on_device(value, dtype=None):
+    """A launcher's input as a contiguous device tensor of NumPy `dtype` (default: its own): a torch
+    tensor is cast on the device; a host array is cast on the host and uploaded (counted as
+    activations, as at a launch)."""
+    if isinstance(value, np.ndarray) or not hasattr(value, "to"):
+        return to_device(np.ascontiguousarray(value, dtype=dtype))
+    return (value if dtype is None else value.to(torch_dtype(dtype))).contiguous()
+
+
+def pad_rows(tensor, rows: int, fill=0):
+    """A device tensor [N, ...] with rows of `fill` appended up to `rows` (itself when N = rows)."""
+    import torch
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_full((rows - tensor.shape[0],) + tuple(tensor.shape[1:]), fill)])
 
 
 # ---------------------------------------------------------------------------------- launch
@@ -300,27 +355,20 @@ def _argument(value, where):
     return resident if resident is not None else to_device(value, where)
 
 
-def _arrays(outputs) -> list:
-    """The NumPy arrays of a launch's outputs (an array, or nested tuples holding arrays and None)."""
-    if isinstance(outputs, tuple):
-        return [a for o in outputs for a in _arrays(o)]
-    return [] if outputs is None else [outputs]
-
-
 class LncError(RuntimeError):
     """A kernel launched at LNC=2 without being declared to split its work between the two cores."""
 
 
 def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_lnc: bool = False, **kwargs):
     """Run `kernel` as ``kernel[lnc](*device_tensors, **constants)`` and return its outputs as
-    NumPy arrays (plus the simulator's cost report, None on the device, when `report=True`).
+    device tensors, not read back (plus the simulator's cost report, None on the device, when `report=True`).
 
     `lnc` defaults to `runtime_lnc()`; `splits_lnc`: the kernel divides its work by
     ``nl.program_id``, so it may run at LNC=2 (module docstring). An array registered with
     `RESIDENT` is replaced by its device copy, torch tensors pass untouched, other arrays go to
     `device()` (a zero-copy view on the CPU, counted in `TRANSFERS`); everything else is a
-    compile-time constant. Every launch is counted in `VARIANTS`, and the reading back of its
-    outputs in `TRANSFERS` ("readback")."""
+    compile-time constant. Every launch is counted in `VARIANTS`; reading its outputs back is the
+    caller's explicit `to_host` (module docstring)."""
     lnc = runtime_lnc() if lnc is None else int(lnc)
     if lnc == 2 and not splits_lnc:
         name = getattr(kernel, "__name__", None) or getattr(kernel, "name", repr(kernel))
@@ -331,13 +379,11 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
     where = device()
     grid = kernel[lnc]
     outputs = grid(*(_argument(a, where) for a in args), **{k: _argument(v, where) for k, v in kwargs.items()})
-    outputs = to_host(outputs)
-    if where is not None:
-        TRANSFERS.record("readback", sum(a.nbytes for a in _arrays(outputs)))
     if report:
         return outputs, getattr(grid, "last_report", None)
     return outputs
 
 
 __all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "TRANSFERS", "TransferCounter", "TransferMark",
-           "VARIANTS", "VariantCounter", "device", "launch", "runtime_lnc", "to_device", "to_host", "variant_key"]
+           "VARIANTS", "VariantCounter", "device", "launch", "on_device", "pad_rows", "runtime_lnc", "to_device", "to_host",
+           "torch_dtype", "variant_key"]

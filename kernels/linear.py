@@ -48,7 +48,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                               # partitions, and the K / FP8 block size
@@ -431,13 +431,12 @@ def kernel_weight(weight, scale=None):
 
 def linear(x, weight, scale=None, dtype=BF16, report=False):
     """Host launcher with the semantics of `ReferenceOps.linear`, but taking the PREPARED weight:
-    x [T, K] (any float array, sent as `dtype`), weight [K, N] = W_hf.T in bf16, or float8_e4m3 with
+    x [T, K] (a float array or device tensor, sent as `dtype`), weight [K, N] = W_hf.T in bf16, or float8_e4m3 with
     `scale` [K/128, N/128] fp32 multipliers (`mimo_v2_flash.fp8.quantize_blocks(W_hf.T, TRAINIUM_E4M3)`;
     the weight may be those bytes as uint8).
-    Returns y [T, N] in `dtype`, plus the cost report when `report=True`."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"linear: x must be [tokens, in], got shape {x.shape}")
+    Returns y [T, N] in `dtype` (a device tensor), plus the cost report when `report=True`."""
+    if np.ndim(x) != 2:
+        raise ValueError(f"linear: x must be [tokens, in], got shape {tuple(np.shape(x))}")
     weight, scale = kernel_weight(weight, scale)
-    args = (np.ascontiguousarray(x, dtype=dtype), weight) + (() if scale is None else (scale,))
+    args = (on_device(x, dtype), weight) + (() if scale is None else (scale,))
     return launch(linear_kernel, *args, report=report, splits_lnc=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.rmsnorm import rmsnorm_rows
 
@@ -44,16 +44,16 @@ def linear_add_rmsnorm_kernel(a, w, residual, norm_weight, w_scale=None, eps=1e-
 def linear_add_rmsnorm(a, weight, residual, norm_weight, scale=None, eps=1e-5, dtype=BF16, report=False):
     """Host launcher with the semantics of `ReferenceOps.linear_add_rmsnorm`: a [T, K], the PREPARED
     weight [K, H] = W_hf.T (bf16, or FP8 / its uint8 bytes with `scale`), residual [T, H],
-    norm_weight [H] (any float arrays; activations sent as `dtype`). Returns (residual + a @ W,
-    rmsnorm of that) in `dtype`, plus the cost report when `report=True`."""
-    a, residual = np.asarray(a), np.asarray(residual)
-    if a.ndim != 2 or residual.ndim != 2 or a.shape[0] != residual.shape[0]:
+    norm_weight [H] (activations: float arrays or device tensors, sent as `dtype`). Returns
+    (residual + a @ W, rmsnorm of that) in `dtype` as device tensors, plus the cost report when
+    `report=True`."""
+    if np.ndim(a) != 2 or np.ndim(residual) != 2 or np.shape(a)[0] != np.shape(residual)[0]:
         raise ValueError(f"linear_add_rmsnorm: a [T, K] and residual [T, H] must be 2-D with one token count, "
-                         f"got {a.shape} and {residual.shape}")
+                         f"got {tuple(np.shape(a))} and {tuple(np.shape(residual))}")
     weight, scale = kernel_weight(weight, scale)
-    if weight.shape[1] != residual.shape[1]:
-        raise ValueError(f"linear_add_rmsnorm: weight {weight.shape} must give residual's {residual.shape[1]} "
+    if weight.shape[1] != np.shape(residual)[1]:
+        raise ValueError(f"linear_add_rmsnorm: weight {weight.shape} must give residual's {np.shape(residual)[1]} "
                          f"columns ([in, out] layout)")
-    args = (np.ascontiguousarray(a, dtype=dtype), weight, np.ascontiguousarray(residual, dtype=dtype),
+    args = (on_device(a, dtype), weight, on_device(residual, dtype),
             np.ascontiguousarray(norm_weight, dtype=BF16)) + (() if scale is None else (scale,))
     return launch(linear_add_rmsnorm_kernel, *args, eps=float(eps), report=report, splits_lnc=True)

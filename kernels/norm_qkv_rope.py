@@ -34,7 +34,7 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.checks import KernelInputError
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.rmsnorm import load_weight_transposed, normalise_transposed
 from mimo_kernels.rope import positions_and_table, rotate_half
@@ -115,7 +115,7 @@ def _tokens(x) -> int:
 
 def _launch(x, norm_weight, weight, scale, positions, table, rope_heads, head_dim, eps, dtype, report):
     weight, scale = kernel_weight(weight, scale)
-    args = (np.ascontiguousarray(x, dtype=dtype), np.ascontiguousarray(norm_weight, dtype=BF16), weight,
+    args = (on_device(x, dtype), np.ascontiguousarray(norm_weight, dtype=BF16), weight,
             positions, table) + (() if scale is None else (scale,))
     return launch(norm_qkv_rope_kernel, *args, rope_heads=int(rope_heads), head_dim=int(head_dim),
                   eps=float(eps), report=report, splits_lnc=True)
@@ -123,11 +123,11 @@ def _launch(x, norm_weight, weight, scale, positions, table, rope_heads, head_di
 
 def norm_qkv_rope(x, norm_weight, weight, positions, theta, heads, head_dim, rotary_dim=64, scale=None,
                   eps=1e-5, dtype=BF16, report=False, max_position=None):
-    """Host launcher with the semantics of `ReferenceOps.norm_qkv_rope`: x [T, H] (any float array,
-    sent as `dtype`), norm_weight [H], the PREPARED fused weight [H, Hq*D + Hkv*D + Hkv*Dv] = the
+    """Host launcher with the semantics of `ReferenceOps.norm_qkv_rope`: x [T, H] (a float array or
+    device tensor, sent as `dtype`), norm_weight [H], the PREPARED fused weight [H, Hq*D + Hkv*D + Hkv*Dv] = the
     Hub q, k, v matrices transposed side by side (bf16, or float8_e4m3 / its uint8 bytes with
     `scale`), positions [T], `heads` = (Hq, Hkv). Returns q [T, Hq, D] and k [T, Hkv, D] (first
-    `rotary_dim` dims rotated at `theta`) and v [T, Hkv*Dv], in `dtype`, plus the cost report
+    `rotary_dim` dims rotated at `theta`) and v [T, Hkv*Dv], in `dtype` (device tensors), plus the cost report
     when `report=True`. `max_position`: see `rope.positions_and_table`."""
     q_heads, kv_heads = heads
     positions, table = positions_and_table("norm_qkv_rope", positions, _tokens(x), theta, rotary_dim,
@@ -144,8 +144,8 @@ def norm_qkv_rope(x, norm_weight, weight, positions, theta, heads, head_dim, rot
 
 def norm_linear(x, norm_weight, weight, scale=None, eps=1e-5, dtype=BF16, report=False):
     """Host launcher of rmsnorm(x) * norm_weight @ W in one launch (the final norm + lm_head):
-    x [T, H], the PREPARED weight [H, N] (bf16, or FP8 with `scale`). Returns y [T, N] in `dtype`,
-    plus the cost report when `report=True`."""
+    x [T, H], the PREPARED weight [H, N] (bf16, or FP8 with `scale`). Returns y [T, N] in `dtype` (a
+    device tensor), plus the cost report when `report=True`."""
     positions = np.zeros(_tokens(x), np.int32)      # unused without rotary heads
     table = np.zeros((1, 2), np.float32)
     return _launch(x, norm_weight, weight, scale, positions, table, 0, 2, eps, dtype, report)

@@ -33,7 +33,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -243,16 +243,16 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _activations(name, a, dtype):
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be [tokens, hidden], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=dtype)
+    if np.ndim(a) != 2:
+        raise ValueError(f"{name} must be [tokens, hidden], got shape {tuple(np.shape(a))}")
+    return on_device(a, dtype)
 
 
 def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
-    """Host launcher with the semantics of `ReferenceOps.rmsnorm`: x [T, H], weight [H] (any float
-    arrays; HF layout = kernel layout). Activations travel in `dtype` (bf16 by default), the weight in
-    bf16. Returns y [T, H] in `dtype`, plus the simulator's cost report when `report=True`."""
+    """Host launcher with the semantics of `ReferenceOps.rmsnorm`: x [T, H] (a float array or device
+    tensor), weight [H] (HF layout = kernel layout). Activations travel in `dtype` (bf16 by default),
+    the weight in bf16. Returns y [T, H] in `dtype` as a device tensor (`launch.to_host` reads it
+    back), plus the simulator's cost report when `report=True`."""
     x = _activations("x", x, dtype)
     w = np.ascontiguousarray(weight, dtype=BF16)
     return launch(rmsnorm_kernel, x, w, eps=float(eps), report=report, splits_lnc=True)
@@ -260,11 +260,11 @@ def rmsnorm(x, weight, eps=1e-5, dtype=BF16, report=False):
 
 def add_rmsnorm(x, delta, weight, eps=1e-5, dtype=BF16, report=False):
     """Host launcher with the semantics of `ReferenceOps.add_rmsnorm`: returns (x + delta,
-    rmsnorm(x + delta)) in `dtype` (the sum is rounded to `dtype` before it is normalised), plus the
+    rmsnorm(x + delta)) in `dtype`, device tensors (the sum is rounded to `dtype` before it is normalised), plus the
     report when `report=True`."""
     x = _activations("x", x, dtype)
     delta = _activations("delta", delta, dtype)
     if x.shape != delta.shape:
-        raise ValueError(f"add_rmsnorm: delta shape {delta.shape} differs from x shape {x.shape}")
+        raise ValueError(f"add_rmsnorm: delta shape {tuple(delta.shape)} differs from x shape {tuple(x.shape)}")
     w = np.ascontiguousarray(weight, dtype=BF16)
     return launch(add_rmsnorm_kernel, x, delta, w, eps=float(eps), report=report, splits_lnc=True)

@@ -28,7 +28,7 @@ import numpy as np
 import ml_dtypes
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import RESIDENT, launch
+from mimo_kernels.launch import RESIDENT, launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -185,13 +185,12 @@ def positions_and_table(name, positions, tokens, theta, rotary_dim, max_position
 
 
 def rope(x, positions, theta, rotary_dim=64, dtype=BF16, report=False, max_position=None):
-    """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (any float array),
+    """Host launcher with the semantics of `ReferenceOps.rope`: x [T, heads, D] (a float array or device tensor),
     positions [T] (non-negative ints), returns x with the first `rotary_dim` dims of every head
-    rotated, in `dtype` (bf16 by default), plus the cost report when `report=True`.
+    rotated, in `dtype` (bf16 by default; a device tensor), plus the cost report when `report=True`.
     `max_position`: the largest position the table must cover (`positions_and_table`)."""
-    x = np.asarray(x)
-    if x.ndim != 3:
-        raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {x.shape}")
-    positions, table = positions_and_table("rope", positions, x.shape[0], theta, rotary_dim, max_position)
-    return launch(rope_kernel, np.ascontiguousarray(x, dtype=dtype), positions, table,
+    if np.ndim(x) != 3:
+        raise ValueError(f"rope: x must be [tokens, heads, head_dim], got shape {tuple(np.shape(x))}")
+    positions, table = positions_and_table("rope", positions, np.shape(x)[0], theta, rotary_dim, max_position)
+    return launch(rope_kernel, on_device(x, dtype), positions, table,
                   report=report, splits_lnc=True)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
@@ -262,17 +262,17 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
           report=False, lnc=None):
     """Host launcher with the semantics of `ReferenceOps.router` / `reference.router`.
 
-    x [T, H] (any float array; routed in fp32), gate_weight_t [H, E] fp32 in the kernel layout
+    x [T, H] (a float array or device tensor; routed in fp32), gate_weight_t [H, E] fp32 in the kernel layout
     [in, out] (the Hub's `mlp.gate.weight` [E, H] transposed), correction_bias [E], allowed [E]
     bool or None (expert subsets: only allowed experts are chosen); lnc: the logical-core degree
     (default the runtime's; at 2 the cores take alternate chunks of 512 tokens). Returns (ids [T, 8] int64,
-    weights [T, 8] float32), plus the simulator's cost report when `report=True`.
+    weights [T, 8] float32) as device tensors, plus the simulator's cost report when `report=True`.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = on_device(x, np.float32)
     w = np.ascontiguousarray(gate_weight_t, dtype=np.float32)
     bias = np.array(correction_bias, dtype=np.float32).reshape(-1)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"router: x {x.shape} must be [tokens, hidden] and gate_weight_t {w.shape} "
+        raise ValueError(f"router: x {tuple(x.shape)} must be [tokens, hidden] and gate_weight_t {w.shape} "
                          f"[hidden, experts] with the same hidden size")
     if top_k != TOP_K:
         raise ValueError(f"router: top_k={top_k}; the kernel selects exactly {TOP_K} (max8)")
@@ -288,10 +288,10 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
             raise ValueError(f"router: only {int(allowed.sum())} experts are allowed but top_k is {TOP_K}")
         bias = np.where(allowed, bias, np.float32(DISALLOWED_BIAS)).astype(np.float32)
     if x.shape[0] == 0:
-        empty = (np.zeros((0, TOP_K), np.int64), np.zeros((0, TOP_K), np.float32))
+        empty = (on_device(np.zeros((0, TOP_K), np.int64)), on_device(np.zeros((0, TOP_K), np.float32)))
         return (*empty, None) if report else empty
     result = launch(router_kernel, x, w, bias, float(routed_scaling_factor), report=report,
                     lnc=lnc, splits_lnc=True)
     (ids, weights), rep = (result, None) if not report else (result[0], result[1])
-    ids = ids.astype(np.int64)
+    ids = ids.long()
     return (ids, weights, rep) if report else (ids, weights)

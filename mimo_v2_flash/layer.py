@@ -41,7 +41,7 @@ def attention_block(ops: DecoderOps, config: MiMoV2FlashConfig, layer: int, x: n
     q, k, v = ops.norm_qkv_rope(x, layer, batch.positions)
     v = v.reshape(n, kv_heads, dv) * np.float32(config.attention_value_scale)
     step = AttentionStep(q, k, v, batch, None if cache is None else cache.layers[layer])
-    return np.concatenate(ops.attention(step, layer)).reshape(n, heads * dv)
+    return ops.attention(step, layer).reshape(n, heads * dv)
 
 
 @dataclass
@@ -86,6 +86,14 @@ class AttentionStep:
             self._written = True
         return self._problems
 
+    def on_host(self) -> AttentionStep:
+        """This step's values as NumPy (device tensors read back, `host_values`) for the reference
+        under `CheckedOps`: its problems gathered (and the cache written) by this step first."""
+        twin = AttentionStep(*(host_values(a) for a in (self.q, self.k, self.v)), self.batch, None)
+        twin._problems = [AttentionInput(*(host_values(a) for a in (p.q, p.k, p.v)), p.q_positions, p.k_positions)
+                          for p in self.problems()]
+        return twin
+
     def write_cache(self) -> None:
         """Write the new keys of every sequence into the cache (nothing gathered)."""
         if not self._written:
@@ -102,6 +110,21 @@ class AttentionInput:
     v: np.ndarray              # [S, Hkv, Dv] (already scaled by attention_value_scale)
     q_positions: np.ndarray    # [T]
     k_positions: np.ndarray    # [S]
+
+
+def host_values(value):
+    """`value` for the NumPy reference: a device tensor read back (`mimo_kernels.launch.to_host`,
+    counted) as float32 (integers kept), an `AttentionStep` as its host twin, tuples and lists
+    element by element; NumPy arrays and anything else as they are."""
+    if isinstance(value, AttentionStep):
+        return value.on_host()
+    if isinstance(value, (tuple, list)):
+        return type(value)(host_values(v) for v in value)
+    if isinstance(value, np.ndarray) or not hasattr(value, "to"):
+        return value
+    from mimo_kernels.launch import to_host      # kernels load only for a kernel backend's values
+    array = to_host(value)
+    return array if array.dtype.kind in "biu" else array.astype(np.float32)
 
 
 class LocalExperts:
@@ -172,10 +195,10 @@ class ReferenceOps:
     def linear_add_rmsnorm(self, x, a, layer, proj, norm):
         return self.add_rmsnorm(x, self.linear(a, layer, proj), layer, norm)
 
-    def attention(self, step: AttentionStep, layer) -> list[np.ndarray]:
+    def attention(self, step: AttentionStep, layer) -> np.ndarray:
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
-        return [ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
-                              self.config.softmax_scale, window, sink) for p in step.problems()]
+        return np.concatenate([ref.attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
+                                             self.config.softmax_scale, window, sink) for p in step.problems()])
 
     def router(self, x, layer):
         gate, bias = self.w(layer_weight(layer, "router")), self.w(layer_weight(layer, "router_bias"))
@@ -202,7 +225,8 @@ class ReferenceOps:
 
 class CheckedOps:
     """A `DecoderOps` that runs every op on a backend and on the reference, returns the backend's
-    result and records the largest relative difference per op ("numpy-reference-checked").
+    result and records the largest relative difference per op ("numpy-reference-checked"). The
+    reference gets the backend's device values read back (`host_values`), and so do the comparisons.
 
     Both backends see the same inputs, so each recorded number is that op's own error, not the
     error accumulated through the layer. `differences[op] = max |a - b| / max |b|`. Routing is
@@ -225,11 +249,12 @@ class CheckedOps:
             if name == "attention":
                 args[0].problems()      # gathered before a backend writes the cache in place
             got = primary(*args, **kwargs)
-            want = getattr(self.reference, name)(*args, **kwargs)
+            want = getattr(self.reference, name)(*host_values(args), **kwargs)
+            host = host_values(got)     # read back to compare (counted)
             if name == "router":
-                diff = float(np.mean(np.sort(got[0], -1) != np.sort(want[0], -1)))
+                diff = float(np.mean(np.sort(host[0], -1) != np.sort(want[0], -1)))
             else:
-                pairs = zip(got, want) if isinstance(got, (list, tuple)) else [(got, want)]
+                pairs = zip(host, want) if isinstance(host, (list, tuple)) else [(host, want)]
                 diff = max(float(np.abs(np.asarray(a, np.float32) - b).max() / max(np.abs(b).max(), 1e-30))
                            for a, b in pairs)
             self.differences[name] = max(self.differences.get(name, 0.0), diff)

@@ -22,7 +22,7 @@ import numpy as np
 from .buckets import BucketTable
 from .config import MiMoV2FlashConfig, load_config
 from .kv_cache import KVCache
-from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from .layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer, host_values
 from .memory_budget import check_reference_weights_fit
 from .ops import DecoderOps
 from .progress import progress_bar
@@ -169,13 +169,16 @@ class MiMoV2FlashModel:
         return [int(slot) for slot in seq_indices]
 
     def forward_ragged(self, sequences: list, cache: KVCache | None = None,
-                       seq_indices: list[int] | None = None, return_hidden: bool = False):
+                       seq_indices: list[int] | None = None, return_hidden: bool = False,
+                       on_device: bool = False):
         """New tokens for several sequences of different lengths -> logits [T_i, vocab] each.
 
         With a cache, sequence i continues cache slot `seq_indices[i]` (default i) from its
         current length; without one, each sequence starts at position 0. `return_hidden` also
         returns each sequence's last hidden states [T_i, H] before the final norm (what the MTP
-        layers read, docs/mtp.md).
+        layers read, docs/mtp.md). Results are float32 NumPy (a kernel backend's read back:
+        `layer.host_values`); `on_device=True` leaves a kernel backend's as device tensors (the
+        generation loop samples them on the device).
         """
         seq_indices = self._check_slots(sequences, cache, seq_indices)
         ids, starts, stops, positions = [], [], [], []
@@ -206,6 +209,9 @@ class MiMoV2FlashModel:
         if cache is not None:
             for seq, start, stop in batch.segments():
                 cache.seq_lens[seq] += stop - start
+        if not on_device:
+            logits = host_values(logits)
+            x = host_values(x) if return_hidden else x
         rows = [logits[start:stop] for _, start, stop in batch.segments()]
         if return_hidden:
             return rows, [x[start:stop] for _, start, stop in batch.segments()]
@@ -287,10 +293,10 @@ class MiMoV2FlashModel:
         cache = self.new_cache(input_ids.shape[0])
 
         def last_logits(sequences, slots):
-            return [l[-1] for l in self.forward_ragged(sequences, cache, slots)]
+            return [l[-1] for l in self.forward_ragged(sequences, cache, slots, on_device=self.buckets is not None)]
 
         if self.buckets is None:
-            choose = lambda logits: sample(logits, temperature, top_k, top_p, rng)   # noqa: E731
+            choose = host_sampler(temperature, top_k, top_p, rng)
         else:                        # the static-shape (device) path samples on the device
             from .device_sampling import DeviceSampler
             choose = DeviceSampler(temperature, top_k, top_p, seed)
@@ -307,7 +313,8 @@ def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choos
     """The prefill + decode loop shared by single-process and expert-parallel generation.
 
     `last_logits(token_lists, slots)` runs the model on new tokens of those cache slots and
-    returns each one's last-position logits; `choose(logits)` picks a token. A sequence that
+    returns each one's last-position logits; `choose(rows)` picks a token per row (one read back
+    per step on the device: `device_sampling.DeviceSampler`). A sequence that
     emits a token in `stop` is padded with it to the end and drops out. `keep_decoding(step,
     active)` decides whether another step runs (default: while a sequence is active; a
     distributed caller agrees across ranks there). `progress`: a bar over the steps (see
@@ -327,8 +334,7 @@ def generation_loop(prompts: np.ndarray, max_new_tokens: int, last_logits, choos
         bar.update()
         col = prompt_len + step
         still = []
-        for seq, row_logits in zip(active, logits):
-            token = choose(row_logits)
+        for seq, token in zip(active, choose(logits) if active else []):
             out[seq, col] = token
             if token in stop:
                 out[seq, col + 1:] = token
@@ -366,6 +372,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or
                               not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+
+
+def host_sampler(temperature: float, top_k: int | None, top_p: float | None, rng: np.random.Generator):
+    """`choose(rows) -> token ids` of `generation_loop` on the host: `sample` of each row."""
+    return lambda rows: [sample(row, temperature, top_k, top_p, rng) for row in rows]
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,

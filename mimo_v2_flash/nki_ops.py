@@ -39,12 +39,13 @@ from dataclasses import dataclass, field, fields
 
 import ml_dtypes
 import numpy as np
+import torch
 
 from mimo_kernels.attention import attention_batch, attention_decode_cache
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
-from mimo_kernels.launch import RESIDENT, TRANSFERS, TransferMark
+from mimo_kernels.launch import RESIDENT, TRANSFERS, TransferMark, on_device, pad_rows
 from mimo_kernels.linear import linear
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
@@ -140,15 +141,18 @@ class NkiOps:
         """The largest position of the bucket (sizes the RoPE table), None without a bucket."""
         return None if self.bucket is None else self.bucket.context - 1
 
-    def padded(self, a: np.ndarray, fill=0, rows: int | None = None) -> np.ndarray:
+    def padded(self, a, fill=0, rows: int | None = None):
         """`a` [N, ...] with rows of `fill` up to `rows` (default the bucket's rows; unchanged
-        without either)."""
-        a = np.asarray(a)
+        without either): a device tensor padded on the device, host data (token ids, positions)
+        on the host."""
         rows = rows if rows is not None else None if self.bucket is None else self.bucket.rows
-        if rows is None or a.shape[0] == rows:
+        if rows is None or len(a) == rows:
             return a
-        if a.shape[0] > rows:
-            raise ValueError(f"{a.shape[0]} token rows exceed the static shape of {rows} rows (bucket {self.bucket})")
+        if len(a) > rows:
+            raise ValueError(f"{len(a)} token rows exceed the static shape of {rows} rows (bucket {self.bucket})")
+        if not isinstance(a, np.ndarray) and hasattr(a, "to"):
+            return pad_rows(a, rows, fill)
+        a = np.asarray(a)
         return np.concatenate([a, np.full((rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
 
     # ---- weights: Hub layout in, kernel layout out (once) ------------------------------------
@@ -211,7 +215,7 @@ class NkiOps:
                 stacked += [RESIDENT.resident(np.stack(scales[proj])) for proj in EXPERT_PROJS]
             local_of = np.full(self.config.n_routed_experts, -1, np.int64)
             local_of[experts] = np.arange(len(experts))
-            self._expert_stacks[layer] = (ExpertWeights(*stacked), local_of)
+            self._expert_stacks[layer] = (ExpertWeights(*stacked), RESIDENT.resident(local_of))
         return self._expert_stacks[layer]
 
     # ---- cost accounting ---------------------------------------------------------------------
@@ -268,13 +272,13 @@ class NkiOps:
         table, _ = self.kernel_weight(EMBED)
         out, report = embed(self.padded(np.reshape(ids, -1)), table, report=True)
         self._record("embed", report)
-        return out[:np.size(ids)].reshape(np.shape(ids) + out.shape[1:]).astype(np.float32)
+        return out[:np.size(ids)].reshape(np.shape(ids) + tuple(out.shape[1:]))
 
     def rmsnorm(self, x, layer, norm):
         weight, _ = self.kernel_weight(layer_weight(layer, norm))
         y, report = rmsnorm(self.padded(x), weight, self.config.layernorm_epsilon, report=True)
         self._record("rmsnorm", report)
-        return y[:len(x)].astype(np.float32)
+        return y[:len(x)]
 
     def add_rmsnorm(self, x, delta, layer, norm):
         """(x + delta, rmsnorm(x + delta)) in one kernel; the sum is the bf16 residual."""
@@ -282,13 +286,13 @@ class NkiOps:
         (total, y), report = add_rmsnorm(self.padded(x), self.padded(delta), weight, self.config.layernorm_epsilon,
                                          report=True)
         self._record("add_rmsnorm", report)
-        return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
+        return total[:len(x)], y[:len(x)]
 
     def linear(self, x, layer, proj):
         weight, scale = self.kernel_weight(layer_weight(layer, proj))
         y, report = linear(self.padded(x), weight, scale, report=True)
         self._record("linear", report)
-        return y[:len(x)].astype(np.float32)
+        return y[:len(x)]
 
     def _fused_qkv_weight(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """q | k | v kernel weights side by side, [in, Hq*D + Hkv*D + Hkv*Dv] (and their block
@@ -316,7 +320,7 @@ class NkiOps:
                                           eps=self.config.layernorm_epsilon, report=True,
                                           max_position=self._max_position())
         self._record("norm_qkv_rope", report)
-        return tuple([a[:len(x)].astype(np.float32) for a in (q, k, v)])
+        return tuple(a[:len(x)] for a in (q, k, v))
 
     def linear_add_rmsnorm(self, x, a, layer, proj, norm):
         """(x + a W^T, its rmsnorm) in one launch (kernels/linear_add_rmsnorm.py); the sum is the
@@ -326,9 +330,9 @@ class NkiOps:
         (total, y), report = linear_add_rmsnorm(self.padded(a), weight, self.padded(x), norm_weight, scale=scale,
                                                 eps=self.config.layernorm_epsilon, report=True)
         self._record("linear_add_rmsnorm", report)
-        return total[:len(x)].astype(np.float32), y[:len(x)].astype(np.float32)
+        return total[:len(x)], y[:len(x)]
 
-    def attention(self, step: AttentionStep, layer) -> list[np.ndarray]:
+    def attention(self, step: AttentionStep, layer):
         """A decode bucket's step on a `StaticKVCache`: the new keys written into the cache in place,
         then one cached-attention launch on the cache's own buffers (`_attention_in_cache`).
         Otherwise on the gathered problems: fresh prompts of 128+ tokens through the flash prefill
@@ -341,9 +345,9 @@ class NkiOps:
                                                   self.bucket.attention_keys(window))
         outs, reports = attention_batch(step.problems(), self.config.softmax_scale, window, sink, shape=shape)
         self._record("attention", *reports)
-        return outs
+        return torch.cat(outs)
 
-    def _attention_in_cache(self, step: AttentionStep, window: int | None, sink) -> list[np.ndarray]:
+    def _attention_in_cache(self, step: AttentionStep, window: int | None, sink):
         """`attention_decode_cache` on the layer cache's buffers, every sequence slot of the cache
         in the launch (slots outside the step: zero queries at position 0, outputs dropped). Full
         layers read the bucket's context, sliding-window layers the ring, which after the write
@@ -352,14 +356,15 @@ class NkiOps:
         cache, batch = step.cache, step.batch
         step.write_cache()
         slots = cache.k.shape[0]
-        q = np.zeros((slots, 1) + step.q.shape[1:], np.float32)
+        queries = on_device(step.q, np.float32)
+        q = queries.new_zeros((slots, 1) + tuple(queries.shape[1:]))
         q_positions = np.zeros((slots, 1), np.float32)
         for seq, start, stop in batch.segments():
-            q[seq], q_positions[seq] = step.q[start:stop], batch.positions[start:stop]
+            q[seq], q_positions[seq] = queries[start:stop], batch.positions[start:stop]
         out, report = attention_decode_cache(q, cache.k, cache.v, cache.pos, q_positions, self.config.softmax_scale,
                                              window, sink, keys=self.bucket.context if window is None else None)
         self._record("attention", report)
-        return [out[seq] for seq in batch.seqs]
+        return torch.cat([out[seq] for seq in batch.seqs])
 
     def router(self, x, layer):
         gate_t, _ = self.kernel_weight(layer_weight(layer, "router"))
@@ -375,24 +380,25 @@ class NkiOps:
         error, as in ReferenceOps. `static_rows`: run at the fixed block shape of that many rows
         (default: the bucket's rows; the expert-parallel receive side passes its slot rows)."""
         stack, local_of = self._expert_stack(layer)
-        ids = np.asarray(ids)
-        local = np.where(ids >= 0, local_of[np.maximum(ids, 0)], -1)    # -1: a slot computed elsewhere
-        missing = (ids >= 0) & (local < 0)
-        if missing.any():
-            raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
+        if isinstance(ids, np.ndarray):     # host ids are checked here; device ids are not (a read back)
+            missing = (ids >= 0) & (local_of[np.maximum(ids, 0)] < 0)
+            if missing.any():
+                raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")
+        ids = on_device(ids, np.int64)
+        local = torch.where(ids >= 0, RESIDENT.lookup(local_of)[ids.clamp(min=0)], -1)   # -1: computed elsewhere
         rows = static_rows if static_rows is not None else None if self.bucket is None else self.bucket.rows
         shape = None if rows is None else static_block_shape(rows, local.shape[1], stack.num_experts)
         out, report = expert_ffn(self.padded(x, rows=rows), self.padded(local, fill=-1, rows=rows),
                                  self.padded(weights, rows=rows), stack, report=True, shape=shape)
         self._record("experts", report)
-        return out[:len(x)].astype(np.float32)
+        return out[:len(x)]
 
     def dense_mlp(self, x, layer):
         prepared = [self.kernel_weight(layer_weight(layer, proj)) for proj in EXPERT_PROJS]
         scales = None if prepared[0][1] is None else [s for _, s in prepared]
         y, report = dense_mlp(self.padded(x), *(w for w, _ in prepared), scales=scales, report=True)
         self._record("dense_mlp", report)
-        return y[:len(x)].astype(np.float32)
+        return y[:len(x)]
 
     def logits(self, x, layer=None):
         """Final norm (`model.norm`, or an MTP layer's final_layernorm) and lm_head in one launch
@@ -401,4 +407,4 @@ class NkiOps:
         weight, scale = self.kernel_weight(LM_HEAD)
         y, report = norm_linear(self.padded(x), norm, weight, scale, self.config.layernorm_epsilon, report=True)
         self._record("logits", report)
-        return y[:len(x)].astype(np.float32)
+        return y[:len(x)]

@@ -35,6 +35,11 @@ EMPTY_POSITION = 2 ** 30      # the attention kernels' marker of an empty slot (
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
+def _permuted(a, axes):
+    """`a` with its axes reordered; a device tensor (a resident cache's write or read) stays one."""
+    return a.permute(*axes) if hasattr(a, "permute") else np.asarray(a).transpose(axes)
+
+
 class StaticLayerKVCache(LayerCacheBase):
     """Keys [B, Hkv, D, slots], values [B, Hkv, slots, Dv], key positions [B, slots] float32.
 
@@ -59,8 +64,11 @@ class StaticLayerKVCache(LayerCacheBase):
                 RESIDENT.resident(buffer, kind="kv_cache")
             self.device = RESIDENT
 
-    def slot_kv(self, seq: int, slots):
-        return self.k[seq][:, :, slots].transpose(2, 0, 1), self.v[seq][:, slots].transpose(1, 0, 2)
+    def slot_kv(self, seq: int, slots, on_device: bool = False):
+        """(keys [n, Hkv, D], values [n, Hkv, Dv]) of the slots; `on_device`: read from the resident
+        buffers' device copies (torch), which hold what a device step wrote."""
+        k, v = (self.k, self.v) if not on_device else (self.device.lookup(self.k), self.device.lookup(self.v))
+        return _permuted(k[seq][:, :, slots], (2, 0, 1)), _permuted(v[seq][:, slots], (1, 0, 2))
 
     def _put(self, buffer: np.ndarray, index: tuple, value) -> None:
         """buffer[index] = value, also in the device copy of a resident buffer."""
@@ -73,8 +81,8 @@ class StaticLayerKVCache(LayerCacheBase):
     # index: NumPy and torch then keep every axis in place.
     def store_kv(self, seq: int, slots, k, v) -> None:
         row = slice(seq, seq + 1)
-        self._put(self.k, (row, slice(None), slice(None), slots), np.asarray(k).transpose(1, 2, 0)[None])
-        self._put(self.v, (row, slice(None), slots), np.asarray(v).transpose(1, 0, 2)[None])
+        self._put(self.k, (row, slice(None), slice(None), slots), _permuted(k, (1, 2, 0))[None])
+        self._put(self.v, (row, slice(None), slots), _permuted(v, (1, 0, 2))[None])
 
     def store_positions(self, seq: int, slots, positions) -> None:
         self._put(self.pos, (slice(seq, seq + 1), slots), positions)
@@ -94,19 +102,26 @@ class StaticLayerKVCache(LayerCacheBase):
 
     def update(self, seq: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray):
         """Store the new keys of sequence `seq` in place; return (keys, values, positions) to
-        attend over (module docstring)."""
+        attend over (module docstring). Device tensors k, v (the kernel backend's activations, on a
+        resident cache) are written and gathered on the device."""
         positions = np.asarray(positions)
+        on_device = not isinstance(k, np.ndarray) and hasattr(k, "to")
         if self.window is None:
             self.store(seq, positions, k, v)
             n = self.length[seq]
-            keys, values = self.slot_kv(seq, slice(0, n))
+            keys, values = self.slot_kv(seq, slice(0, n), on_device)
             return keys, values, self.pos[seq, :n].astype(np.int64)
-        if self.length[seq] == 0:        # nothing cached yet: the new keys only (a fresh prefill)
-            keys, values, key_pos = np.asarray(k, self.k.dtype), np.asarray(v, self.v.dtype), positions
+        if on_device:
+            import torch
+            from mimo_kernels.launch import torch_dtype
+            k, v, concat = k.to(torch_dtype(self.k.dtype)), v.to(torch_dtype(self.v.dtype)), torch.cat
         else:
-            ring_k, ring_v = self.slot_kv(seq, slice(None))
-            keys = np.concatenate([ring_k, np.asarray(k, self.k.dtype)])
-            values = np.concatenate([ring_v, np.asarray(v, self.v.dtype)])
+            k, v, concat = np.asarray(k, self.k.dtype), np.asarray(v, self.v.dtype), np.concatenate
+        if self.length[seq] == 0:        # nothing cached yet: the new keys only (a fresh prefill)
+            keys, values, key_pos = k, v, positions
+        else:
+            ring_k, ring_v = self.slot_kv(seq, slice(None), on_device)
+            keys, values = concat([ring_k, k]), concat([ring_v, v])
             key_pos = np.concatenate([self.pos[seq].astype(np.int64), positions])
         self.store(seq, positions, k, v)
         return keys, values, key_pos

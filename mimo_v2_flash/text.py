@@ -197,7 +197,7 @@ def generate_text(model, tokenizer: TextTokenizer, prompt, *, chat: bool = False
                   template_variables: dict | None = None) -> str:
     """Generate a continuation of `prompt` (a string, or with `chat` a string taken as one user
     message or a list of messages) and return it as text; `on_text(piece)` gets it as it grows."""
-    from .model import generation_loop, sample
+    from .model import generation_loop, host_sampler
     if chat:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         ids = tokenizer.encode_chat(messages, **(template_variables or {}))
@@ -217,11 +217,14 @@ def generate_text(model, tokenizer: TextTokenizer, prompt, *, chat: bool = False
     def last_logits(sequences, slots):
         return [logits[-1] for logits in model.forward_ragged(sequences, cache, slots)]
 
-    def choose(logits):
-        token = sample(logits, temperature, top_k, top_p, rng)
-        if token not in stop:
-            _emit(on_text, stream.push(token))
-        return token
+    sampler = host_sampler(temperature, top_k, top_p, rng)
+
+    def choose(rows):
+        tokens = sampler(rows)
+        for token in tokens:
+            if token not in stop:
+                _emit(on_text, stream.push(token))
+        return tokens
 
     generation_loop(np.array([ids], np.int64), max_new_tokens, last_logits, choose, stop,
                     keep_decoding=lambda step, active: bool(active) and not stream.stopped)

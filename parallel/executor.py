@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_v2_flash.config import MiMoV2FlashConfig
+from mimo_v2_flash.layer import host_values
 
 from .dispatcher import Dispatcher
 from .stats import EPStats
@@ -38,7 +39,7 @@ class OpsLocalExperts:
     def __call__(self, layer: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         ids = np.where(local_ids >= 0, self.global_of[np.maximum(local_ids, 0)], -1)
         extra = {"static_rows": len(x)} if self.static else {}
-        return np.asarray(self.ops.experts(x, layer, ids, weights, **extra), np.float32)
+        return np.asarray(host_values(self.ops.experts(x, layer, ids, weights, **extra)), np.float32)
 
 
 class ExpertParallelExecutor:
@@ -54,10 +55,14 @@ class ExpertParallelExecutor:
         def compute(xr, local_ids, w):
             return self.local_experts(layer, xr, local_ids, w)
 
+        on_device = not isinstance(x, np.ndarray)
+        if on_device:       # the exchange runs on the host here (gloo): the layer's routing is read back
+            from mimo_kernels.launch import to_device, to_host
+            x, ids, weights = to_host((x, ids, weights))
         out, record = self.dispatcher(layer, np.asarray(x, np.float32), np.asarray(ids),
                                       np.asarray(weights, np.float32), compute, step=self.stats.step)
         self.stats.add(record)
-        return out
+        return to_device(out) if on_device else out
 
     def idle(self, config: MiMoV2FlashConfig) -> None:
         """Take part in every MoE layer of one forward pass with no tokens of this rank's own."""

@@ -27,7 +27,7 @@ import numpy as np
 from mimo_v2_flash.buckets import BucketTable
 from mimo_v2_flash.checkpoint import MANIFEST_FILE, PreparedCheckpoint
 from mimo_v2_flash.config import MiMoV2FlashConfig
-from mimo_v2_flash.model import MiMoV2FlashModel, check_position_limit, generation_loop, sample
+from mimo_v2_flash.model import MiMoV2FlashModel, check_position_limit, generation_loop, host_sampler
 from mimo_v2_flash.placement import ExpertPlacement, PlacementError
 from mimo_v2_flash.weights import random_weights
 
@@ -199,7 +199,7 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     stop = set(config.stop_token_ids)
     rng = np.random.default_rng([seed, comm.rank])
     if model.buckets is None:
-        choose = lambda logits: sample(logits, temperature, None, None, rng)   # noqa: E731
+        choose = host_sampler(temperature, None, None, rng)
     else:                        # the static-shape (device) path samples on the device
         from mimo_v2_flash.device_sampling import DeviceSampler
         rank_seed = int(np.random.SeedSequence([seed, comm.rank]).generate_state(1)[0])
@@ -210,7 +210,8 @@ def generate_data_parallel(model: MiMoV2FlashModel, executor: ExpertParallelExec
     def last_logits(sequences, slots):
         """Last-position logits of each sequence; with none, still take part in every MoE layer."""
         if sequences:
-            logits = [l[-1] for l in model.forward_ragged(sequences, cache, slots)]
+            logits = [l[-1] for l in model.forward_ragged(sequences, cache, slots,
+                                                          on_device=model.buckets is not None)]
         else:
             executor.idle(config)
             logits = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mimo_kernels.launch import on_device, pad_rows
 from .decode import attention_decode
 from .prefill import attention_prefill
 
@@ -26,7 +27,7 @@ def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_
     With a static `shape=(batch, tokens, keys)` the choice follows the bucket's `tokens`, a
     fresh prompt is padded to `tokens` (the padding comes after it, so the causal mask hides it)
     and the cached-attention launch has that shape (`attention_decode`).
-    Outputs are [T, Hq, Dv] float32 in problem order."""
+    Outputs are [T, Hq, Dv] float32 device tensors in problem order."""
     outputs, reports = [None] * len(problems), []
     long_enough = (lambda p: len(p.q_positions) >= prefill_min_tokens) if shape is None else \
         (lambda p: shape[1] >= prefill_min_tokens)
@@ -46,7 +47,8 @@ def attention_batch(problems, scale: float, window=None, sink=None, prefill_min_
 
 
 def pad_tokens(a, tokens: int):
-    """[T, ...] -> [tokens, ...] with zero rows after the T given ones."""
+    """[T, ...] (host array or device tensor) -> [tokens, ...] float32 device tensor with zero rows
+    after the T given ones."""
     if a.shape[0] > tokens:
         raise ValueError(f"attention: {a.shape[0]} tokens exceed the bucket's {tokens}")
-    return np.concatenate([np.asarray(a, np.float32), np.zeros((tokens - a.shape[0],) + a.shape[1:], np.float32)])
+    return pad_rows(on_device(a, np.float32), tokens)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch
+from mimo_kernels.launch import device, launch, on_device, to_device
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
@@ -586,23 +586,27 @@ def checked_visible_keys(problems, window, sink):
 
 
 def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, scale: float):
-    """The kernel's q_t, k_t, v, kpos, qpos for the problems (problem order[slot] in slot `slot`,
-    keys `kept` of each); unused sequence slots are dummies with one key at position 0."""
+    """The kernel's q_t, k_t, v (bf16 device tensors, filled on the device) and kpos, qpos (host) for
+    the problems (problem order[slot] in slot `slot`, keys `kept` of each); unused sequence slots
+    are dummies with one key at position 0."""
+    import torch
     hq, d = problems[0].q.shape[1:]
     kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
     group = hq // max(1, kv_heads)
-    q_t = np.zeros((slots, kv_heads, d, t_max * group), BF16)
-    k_t = np.zeros((slots, kv_heads, d, s_max), BF16)
-    v_dev = np.zeros((slots, kv_heads, s_max, dv), BF16)
+    where = device()
+    q_t = torch.zeros((slots, kv_heads, d, t_max * group), dtype=torch.bfloat16, device=where)
+    k_t = torch.zeros((slots, kv_heads, d, s_max), dtype=torch.bfloat16, device=where)
+    v_dev = torch.zeros((slots, kv_heads, s_max, dv), dtype=torch.bfloat16, device=where)
     kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
     kpos[len(problems):, 0] = 0.0     # dummy sequences: one zero key at position 0, their query's own
     qpos = np.zeros((slots, t_max), np.float32)
     for slot, b in enumerate(order):
         p, idx = problems[b], kept[b]
         t_len, s_len = p.q.shape[0], len(idx)
+        keys = to_device(np.asarray(idx, np.int64))
         q_t[slot, :, :, :t_len * group] = scaled_rows_t(p.q, kv_heads, scale)
-        k_t[slot, :, :, :s_len] = np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0)
-        v_dev[slot, :, :s_len] = np.asarray(p.v, np.float32)[idx].transpose(1, 0, 2)
+        k_t[slot, :, :, :s_len] = on_device(p.k, np.float32)[keys].permute(1, 2, 0)
+        v_dev[slot, :, :s_len] = on_device(p.v, np.float32)[keys].permute(1, 0, 2)
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
         qpos[slot, t_len:] = qpos[slot, t_len - 1]      # padding tokens see what the last one sees
@@ -611,10 +615,19 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
 
 def launch_plan(plan: DecodePlan, onehot, sink_rows, q_t, k_t, v, kpos, qpos, window, lnc, tuning):
     """One launch of the kernel on a finished plan and its tensors (`plan_tensors`): (rows [plan
-    rows, Dv] float32, cost report)."""
+    rows, Dv] float32 device tensor, cost report)."""
     o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v, kpos, qpos, onehot, sink_rows, plan.kernel_plan,
                          None if window is None else int(window), report=True, lnc=lnc, splits_lnc=True, **tuning)
-    return np.asarray(o_rows, np.float32), rep
+    return o_rows.float(), rep
+
+
+def output_rows(plan: DecodePlan, slot: int, t_len: int, hq: int) -> np.ndarray:
+    """The plan row holding each (token, head) output of sequence slot `slot`'s first `t_len`
+    tokens, [t_len * Hq] int64 in (token, head) order: the gather that puts the rows back."""
+    mine = np.flatnonzero((plan.row_seq == slot) & (plan.row_token < t_len))
+    rows = np.zeros(t_len * hq, np.int64)
+    rows[plan.row_token[mine] * hq + plan.row_head[mine]] = mine
+    return rows
 
 
 def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
@@ -630,8 +643,8 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | 
     dummies), and the plan depends on the shape only: every tile reads all key slots and masks
     them from the positions at run time (`static_key_ranges`), so any lengths and positions
     inside the bucket reuse one compiled kernel, and the plan tensors are made and uploaded once
-    per shape (`static_plan_tensors`). Returns (list of out [T, Hq, Dv] float32, cost report or
-    None)."""
+    per shape (`static_plan_tensors`). q, k, v: host arrays or device tensors; positions host
+    arrays. Returns (list of out [T, Hq, Dv] float32 device tensors, cost report or None)."""
     if not problems:
         return [], None
     hq = problems[0].q.shape[1]
@@ -656,12 +669,8 @@ def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | 
         limit_keys(plan, kpos, qpos, window)
         onehot, sink_rows = plan_tensors(plan, sink)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_t, v_dev, kpos, qpos, window, lnc, tuning)
-    outs = []
-    for b in range(n):
-        mine = (plan.row_seq == order.index(b)) & (plan.row_token < q_lens[b])
-        out = np.zeros((q_lens[b], hq, dv), np.float32)
-        out[plan.row_token[mine], plan.row_head[mine]] = o_rows[mine]
-        outs.append(out)
+    outs = [o_rows[to_device(output_rows(plan, order.index(b), q_lens[b], hq))].reshape(q_lens[b], hq, dv)
+            for b in range(n)]
     return outs, rep
 
 
@@ -680,7 +689,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     """Host launcher over a static KV cache held in the kernel's layout (`StaticKVCache`): the
     cache buffers go to the kernel as they are, no relayout copy.
 
-    q              [B, T, Hq, D]     the new tokens' queries (any float dtype; cast to bf16 after
+    q              [B, T, Hq, D]     the new tokens' queries (a host array or device tensor of any
+                                     float dtype; cast to bf16 after
                                      multiplying by `scale`).
     k_cache_t      [B, Hkv, D, S]    bf16 keys, the new tokens' keys already written.
     v_cache        [B, Hkv, S, Dv]   bf16 values.
@@ -690,7 +700,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
                    context on a full layer whose cache is sized for the largest bucket.
     The plan depends on (B, T, keys) only, like `attention_decode(..., shape=...)`: lengths and
     positions are runtime tensors, and the plan tensors stay on the device between launches
-    (`static_plan_tensors`). Returns (out [B, T, Hq, Dv] float32, cost report or None)."""
+    (`static_plan_tensors`). Returns (out [B, T, Hq, Dv] float32 device tensor, cost report or None)."""
+    import torch
     batch, t_len, hq, d = q.shape
     kv_heads, s_max = k_cache_t.shape[1], k_cache_t.shape[3]
     keys = s_max if keys is None else int(keys)
@@ -702,9 +713,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
                          f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
                          f"and {kv_heads} KV heads do not fit together")
     plan, onehot, sink_rows = static_plan_tensors((batch, t_len, keys), kv_heads, hq // kv_heads, window, sink)
-    q_t = np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]).astype(BF16)
+    q_t = on_device(torch.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]), BF16)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
                               lnc, tuning)
-    out = np.zeros((batch, t_len, hq, v_cache.shape[3]), np.float32)
-    out[plan.row_seq, plan.row_token, plan.row_head] = o_rows
-    return out, rep
+    rows = np.concatenate([output_rows(plan, b, t_len, hq) for b in range(batch)])
+    return o_rows[to_device(rows)].reshape(batch, t_len, hq, v_cache.shape[3]), rep

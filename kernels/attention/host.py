@@ -5,9 +5,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from mimo_kernels.launch import on_device
 from .flash import P_MAX
 
-BF16 = ml_dtypes.bfloat16
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def check_attention_shapes(q, k, v, sink, window):
@@ -37,24 +38,29 @@ def check_attention_shapes(q, k, v, sink, window):
 
 
 def scaled_rows_t(q, kv_heads: int, scale: float):
-    """q [T, Hq, D] -> [Hkv, D, T*G] float32: Q * scale, transposed per KV head (column t*G + i)."""
+    """q [T, Hq, D] (host array or device tensor) -> [Hkv, D, T*G] float32 device tensor: Q * scale,
+    transposed per KV head (column t*G + i)."""
     t_len, hq, d = q.shape
     group = hq // kv_heads
-    scaled = np.asarray(q, np.float32) * np.float32(scale)
-    return scaled.reshape(t_len, kv_heads, group, d).transpose(1, 3, 0, 2).reshape(kv_heads, d, t_len * group)
+    scaled = on_device(q, np.float32) * np.float32(scale)
+    return scaled.reshape(t_len, kv_heads, group, d).permute(1, 3, 0, 2).reshape(kv_heads, d, t_len * group)
 
 
 def to_rows_t(q, kv_heads: int, scale: float):
-    """q [T, Hq, D] -> [Hkv, D, T*G] bf16: Q * scale, transposed per KV head (column t*G + i)."""
-    return np.ascontiguousarray(scaled_rows_t(q, kv_heads, scale)).astype(BF16)
+    """q [T, Hq, D] -> [Hkv, D, T*G] bf16 device tensor: Q * scale, transposed per KV head (column t*G + i)."""
+    return on_device(scaled_rows_t(q, kv_heads, scale), BF16)
 
 
 def from_rows(o_rows, t_len: int):
-    """[Hkv, T*G, Dv] -> [T, Hq, Dv] float32."""
+    """[Hkv, T*G, Dv] -> [T, Hq, Dv] float32 (device tensors)."""
     kv_heads, total, dv = o_rows.shape
     group = total // t_len
-    return np.asarray(o_rows, dtype=np.float32).reshape(kv_heads, t_len, group, dv) \
-        .transpose(1, 0, 2, 3).reshape(t_len, kv_heads * group, dv)
+    return o_rows.float().reshape(kv_heads, t_len, group, dv).permute(1, 0, 2, 3).reshape(t_len, kv_heads * group, dv)
+
+
+def kv_layout(a, axes):
+    """Keys or values (host array or device tensor) permuted to `axes`: a contiguous bf16 device tensor."""
+    return on_device(a, BF16).permute(*axes).contiguous()
 
 
 def sink_per_row(sink, kv_heads: int, group: int):

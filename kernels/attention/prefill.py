@@ -61,7 +61,7 @@ from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
                     load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
                     softmax_transposed, store_rows, tile_batches, update_output)
-from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows_t
+from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
@@ -300,9 +300,9 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | 
     """Host launcher: prefill attention of one fresh sequence (queries = keys = the same T
     tokens, positions 0..T-1) on the backend (simulator or device).
 
-    q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (any float dtype; cast to bf16, Q after
-    multiplying by `scale`), sink [Hq] or None; `tuning`: the kernel's share parameters.
-    Returns (out [T, Hq, Dv] float32, cost report or None)."""
+    q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (host arrays or device tensors of any float dtype;
+    cast to bf16 on the device, Q after multiplying by `scale`), sink [Hq] or None; `tuning`: the
+    kernel's share parameters. Returns (out [T, Hq, Dv] float32 device tensor, cost report or None)."""
     check_attention_shapes(q, k, v, sink, window)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention_prefill: queries and keys are the same tokens; q has {q.shape[0]} "
@@ -310,8 +310,7 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | 
     t_len, hq, _ = q.shape
     kv_heads = k.shape[1]
     q_t = to_rows_t(q, kv_heads, scale)
-    k_t = np.ascontiguousarray(np.asarray(k, np.float32).transpose(1, 2, 0)).astype(BF16)
-    v_dev = np.ascontiguousarray(np.asarray(v, np.float32).transpose(1, 0, 2)).astype(BF16)
+    k_t, v_dev = kv_layout(k, (1, 2, 0)), kv_layout(v, (1, 0, 2))
     sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
     o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
                          report=True, lnc=lnc, splits_lnc=True, **tuning)
