@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch, on_device
+from mimo_kernels.launch import is_tensor, launch, on_device
 from mimo_kernels.checks import KernelInputError
 
 P = nl.tile_size.pmax
@@ -61,7 +61,7 @@ def embed(ids, table, report=False):
     in the table's dtype (a device tensor), plus the cost report when `report=True`. Host ids are
     checked against the vocabulary; device ids are not (that would read them back)."""
     V = table.shape[0]
-    if isinstance(ids, np.ndarray) or not hasattr(ids, "to"):
+    if not is_tensor(ids):
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"embed: token ids must be integers, got dtype {ids.dtype}")

@@ -71,7 +71,7 @@ import ml_dtypes
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import launch, on_device, to_host
+from mimo_kernels.launch import is_tensor, launch, on_device, to_host
 from mimo_kernels.checks import KernelInputError
 from mimo_kernels.linear import PSUM_ENGINES, EngineRotation, scale_blocks
 from mimo_kernels.trn2 import TRN2
@@ -613,6 +613,11 @@ class BlockPlan:
     def num_blocks(self) -> int:
         return len(self.block_expert)
 
+    def on_host(self) -> BlockPlan:
+        """The tables as NumPy arrays (device tables read back: one counted read, `launch.to_host`)."""
+        return BlockPlan(self.block_rows, *to_host((self.block_expert, self.row_token, self.row_weight,
+                                                    self.block_gathers)))
+
 
 # Block-size choice from the machine description's rates (TensorE cycles, HBM bandwidth).
 def _block_time_s(block_rows: int, hidden: int, inter: int, weight_bytes: int) -> float:
@@ -792,9 +797,9 @@ def expert_ffn(x, ids, routing_weights, weights: ExpertWeights, block_rows: int 
     if shape is None:
         ids, routing_weights = (np.asarray(a, dtype) for a, dtype in
                                 zip(to_host((ids, routing_weights)), (np.int64, np.float32)))
-    if isinstance(ids, np.ndarray) and ids.size and (ids.max() >= weights.num_experts or ids.min() < -1):
+    if not is_tensor(ids) and np.size(ids) and (np.max(ids) >= weights.num_experts or np.min(ids) < -1):
         raise ValueError(f"expert_ffn: expert ids must lie in -1..{weights.num_experts - 1}, got "
-                         f"{ids.min()}..{ids.max()}")
+                         f"{np.min(ids)}..{np.max(ids)}")
     if shape is not None:
         weights.validate()
         plan = plan_blocks_static(ids, routing_weights, weights.num_experts, *shape)

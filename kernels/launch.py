@@ -222,7 +222,7 @@ class DeviceWeights:
         registered = self.lookup(array) is not None
         if not registered and device() is not None:     # without torch nothing is registered
             raise ValueError(f"DeviceWeights.write: the array {array.shape} {array.dtype} is not registered")
-        if not isinstance(value, np.ndarray) and hasattr(value, "to"):
+        if is_tensor(value):
             copy = self.lookup(array)
             copy[index] = value.to(copy.dtype)
             return
@@ -287,26 +287,32 @@ def _from_numpy(array: np.ndarray):
 
 
 def to_host(value):
-    """Device tensors (or tuples and lists of them; NumPy arrays and None pass) as NumPy arrays (bf16
-    as ml_dtypes.bfloat16): the one way back to the host, counted in `TRANSFERS` as one "readback"
-    with the bytes of every tensor read."""
-    tensors = [t for t in _leaves(value) if not isinstance(t, np.ndarray)]
-    if tensors and device() is not None:
+    """Device tensors, or tuples and lists holding them (and anything else, e.g. a launch's cost
+    report, passed as is), with every tensor as a NumPy array (bf16 as ml_dtypes.bfloat16): the one
+    way back to the host, counted in `TRANSFERS` as one "readback" with the bytes of every tensor
+    read."""
+    tensors = _tensors(value)
+    if tensors:
         TRANSFERS.record("readback", sum(t.numel() * t.element_size() for t in tensors))
     return _numpy(value)
 
 
-def _leaves(value) -> list:
-    """The arrays and tensors of a value (nested tuples and lists of them, None left out)."""
+def is_tensor(value) -> bool:
+    """True for a torch tensor (a device value), without importing torch."""
+    return hasattr(value, "detach") and hasattr(value, "numel")
+
+
+def _tensors(value) -> list:
+    """The torch tensors of a value (nested tuples and lists)."""
     if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [] if value is None else [value]
+        return [t for v in value for t in _tensors(v)]
+    return [value] if is_tensor(value) else []
 
 
 def _numpy(value):
     if isinstance(value, (tuple, list)):
         return tuple(_numpy(v) for v in value)
-    if value is None or isinstance(value, np.ndarray):
+    if not is_tensor(value):
         return value
     import torch
     import ml_dtypes
@@ -332,7 +338,7 @@ def on_device(value, dtype=None):
     """A launcher's input as a contiguous device tensor of NumPy `dtype` (default: its own): a torch
     tensor is cast on the device; a host array is cast on the host and uploaded (counted as
     activations, as at a launch)."""
-    if isinstance(value, np.ndarray) or not hasattr(value, "to"):
+    if not is_tensor(value):
         return to_device(np.ascontiguousarray(value, dtype=dtype))
     return (value if dtype is None else value.to(torch_dtype(dtype))).contiguous()
 
@@ -385,5 +391,5 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
 
 
 __all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "TRANSFERS", "TransferCounter", "TransferMark",
-           "VARIANTS", "VariantCounter", "device", "launch", "on_device", "pad_rows", "runtime_lnc", "to_device", "to_host",
+           "VARIANTS", "VariantCounter", "device", "is_tensor", "launch", "on_device", "pad_rows", "runtime_lnc", "to_device", "to_host",
            "torch_dtype", "variant_key"]

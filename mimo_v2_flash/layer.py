@@ -79,8 +79,11 @@ class AttentionStep:
                 raise RuntimeError("AttentionStep: the cache was written in place already; gather the "
                                    "problems before write_cache()")
             self._problems = []
+            keys, values = self.k, self.v
+            if self.cache is not None and getattr(self.cache, "device", None) is None:
+                keys, values = host_values((keys, values))   # a host cache (the ragged KVCache) holds NumPy
             for seq, start, stop in self.batch.segments():
-                pos, k, v = self.batch.positions[start:stop], self.k[start:stop], self.v[start:stop]
+                pos, k, v = self.batch.positions[start:stop], keys[start:stop], values[start:stop]
                 keys, values, key_pos = (k, v, pos) if self.cache is None else self.cache.update(seq, pos, k, v)
                 self._problems.append(AttentionInput(self.q[start:stop], keys, values, pos, key_pos))
             self._written = True
@@ -113,18 +116,27 @@ class AttentionInput:
 
 
 def host_values(value):
-    """`value` for the NumPy reference: a device tensor read back (`mimo_kernels.launch.to_host`,
-    counted) as float32 (integers kept), an `AttentionStep` as its host twin, tuples and lists
-    element by element; NumPy arrays and anything else as they are."""
+    """`value` as NumPy for the host: device tensors read back (`mimo_kernels.launch.to_host`, one
+    counted read for a tuple of them) as float32 (integers kept), an `AttentionStep` as its host
+    twin; NumPy arrays and anything else as they are."""
     if isinstance(value, AttentionStep):
         return value.on_host()
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)) and any(isinstance(v, AttentionStep) for v in value):
         return type(value)(host_values(v) for v in value)
-    if isinstance(value, np.ndarray) or not hasattr(value, "to"):
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if not any(hasattr(v, "detach") for v in items):          # no torch tensor: nothing to read
         return value
     from mimo_kernels.launch import to_host      # kernels load only for a kernel backend's values
-    array = to_host(value)
-    return array if array.dtype.kind in "biu" else array.astype(np.float32)
+    return _float32(to_host(value))
+
+
+def _float32(value):
+    """Floating arrays (bf16 included) as float32, integer arrays as they are, tuples elementwise."""
+    if isinstance(value, tuple):
+        return tuple(_float32(v) for v in value)
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
+        return value.astype(np.float32)
+    return value
 
 
 class LocalExperts:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import MiMoV2FlashConfig
 from .kv_cache import KVCache
-from .layer import TokenBatch, decoder_layer
+from .layer import TokenBatch, decoder_layer, host_values
 from .weights import EMBED, FINAL_NORM, LM_HEAD, mtp_block_names, mtp_tensors
 
 
@@ -80,8 +80,8 @@ class MtpLayers:
 
     def combine(self, index: int, tokens: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """`eh_proj(concat(enorm(embed(tokens)), hnorm(hidden)))` through the ops."""
-        both = np.concatenate([self.ops.rmsnorm(self.ops.embed(tokens), index, "enorm"),
-                               self.ops.rmsnorm(hidden, index, "hnorm")], axis=-1)
+        both = np.concatenate(host_values((self.ops.rmsnorm(self.ops.embed(tokens), index, "enorm"),
+                                           self.ops.rmsnorm(hidden, index, "hnorm"))), axis=-1)
         return self.ops.linear(both, index, "eh_proj")
 
     def forward(self, index: int, tokens: np.ndarray, hidden: np.ndarray, batch: TokenBatch,
@@ -91,5 +91,4 @@ class MtpLayers:
         the layer's output [N, H] before its final_layernorm)."""
         x = self.combine(index, np.asarray(tokens, np.int64), hidden)
         h = decoder_layer(self.ops, self.config, index, x, batch, cache, expert_executor=None)
-        logits = self.ops.logits(h, index)
-        return logits, h
+        return host_values((self.ops.logits(h, index), h))     # the speculative loop is NumPy

@@ -45,7 +45,7 @@ from mimo_kernels.attention import attention_batch, attention_decode_cache
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, static_block_shape
-from mimo_kernels.launch import RESIDENT, TRANSFERS, TransferMark, on_device, pad_rows
+from mimo_kernels.launch import RESIDENT, TRANSFERS, TransferMark, is_tensor, on_device, pad_rows
 from mimo_kernels.linear import linear
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
@@ -150,7 +150,7 @@ class NkiOps:
             return a
         if len(a) > rows:
             raise ValueError(f"{len(a)} token rows exceed the static shape of {rows} rows (bucket {self.bucket})")
-        if not isinstance(a, np.ndarray) and hasattr(a, "to"):
+        if is_tensor(a):
             return pad_rows(a, rows, fill)
         a = np.asarray(a)
         return np.concatenate([a, np.full((rows - a.shape[0],) + a.shape[1:], fill, a.dtype)])
@@ -380,7 +380,8 @@ class NkiOps:
         error, as in ReferenceOps. `static_rows`: run at the fixed block shape of that many rows
         (default: the bucket's rows; the expert-parallel receive side passes its slot rows)."""
         stack, local_of = self._expert_stack(layer)
-        if isinstance(ids, np.ndarray):     # host ids are checked here; device ids are not (a read back)
+        if not is_tensor(ids):      # host ids are checked here; device ids are not (a read back)
+            ids = np.asarray(ids)
             missing = (ids >= 0) & (local_of[np.maximum(ids, 0)] < 0)
             if missing.any():
                 raise KeyError(f"layer {layer}: expert {int(ids[missing][0])} is not loaded in this model")

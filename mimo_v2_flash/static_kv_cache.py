@@ -105,7 +105,7 @@ class StaticLayerKVCache(LayerCacheBase):
         attend over (module docstring). Device tensors k, v (the kernel backend's activations, on a
         resident cache) are written and gathered on the device."""
         positions = np.asarray(positions)
-        on_device = not isinstance(k, np.ndarray) and hasattr(k, "to")
+        on_device = hasattr(k, "detach")        # a torch tensor: the kernel backend's
         if self.window is None:
             self.store(seq, positions, k, v)
             n = self.length[seq]

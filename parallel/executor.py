@@ -55,7 +55,7 @@ class ExpertParallelExecutor:
         def compute(xr, local_ids, w):
             return self.local_experts(layer, xr, local_ids, w)
 
-        on_device = not isinstance(x, np.ndarray)
+        on_device = hasattr(x, "detach")     # a torch tensor: the kernel backend's
         if on_device:       # the exchange runs on the host here (gloo): the layer's routing is read back
             from mimo_kernels.launch import to_device, to_host
             x, ids, weights = to_host((x, ids, weights))

@@ -18,7 +18,8 @@ from mimo_kernels import launch as launch_module
 from mimo_kernels.attention import attention_decode
 from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
-from mimo_kernels.launch import TRANSFERS, VARIANTS, VariantCounter, launch, runtime_lnc, variant_key
+from mimo_kernels.launch import TRANSFERS, VARIANTS, VariantCounter, launch, runtime_lnc, to_host,
+                                 variant_key
 from mimo_kernels.rmsnorm import rmsnorm, rmsnorm_kernel
 from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.buckets import Bucket, BucketTable, powers_of_two
@@ -62,7 +63,7 @@ def test_launch_passes_torch_tensors_to_the_kernel_at_the_runtime_lnc(monkeypatc
     monkeypatch.setattr(type(rmsnorm_kernel), "__call__", spy)
     x = np.random.default_rng(0).standard_normal((5, 256)).astype(BF16)
     w = (1 + 0.1 * np.random.default_rng(1).standard_normal(256)).astype(BF16)
-    y = launch(rmsnorm_kernel, x, w, eps=1e-6)
+    y = to_host(launch(rmsnorm_kernel, x, w, eps=1e-6))
     assert seen == [(1, ["Tensor", "Tensor"])]                  # kernel[1](torch tensors)
     assert isinstance(y, np.ndarray) and y.dtype == BF16
     xf = x.astype(np.float32)
@@ -76,14 +77,14 @@ def test_lnc2_runs_only_launches_declared_to_split(monkeypatch):
     # Every launcher here declares its kernel's split; the guard is for a launch that does not.
     with pytest.raises(launch_module.LncError, match="rmsnorm_kernel is not declared to split.*=1"):
         launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6)
-    assert rel(launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6, splits_lnc=True),
-               launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6, lnc=1)) == 0
+    assert rel(to_host(launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6, splits_lnc=True)),
+               to_host(launch(rmsnorm_kernel, x, np.ones(256, BF16), eps=1e-6, lnc=1))) == 0
     rng = np.random.default_rng(2)
     problem = AttentionInput(rng.standard_normal((1, 8, 64)).astype(np.float32),
                              rng.standard_normal((9, 2, 64)).astype(np.float32),
                              rng.standard_normal((9, 2, 64)).astype(np.float32), np.array([8]), np.arange(9))
-    got, _ = attention_decode([problem], 0.125)                  # the attention kernels split: LNC=2
-    want, _ = attention_decode([problem], 0.125, lnc=1)
+    got, _ = to_host(attention_decode([problem], 0.125))          # the attention kernels split: LNC=2
+    want, _ = to_host(attention_decode([problem], 0.125, lnc=1))
     assert rel(got[0], want[0]) < 1e-6
 
 
@@ -114,13 +115,14 @@ def test_resident_arrays_upload_once_and_torch_tensors_pass_untouched(monkeypatc
     x = np.random.default_rng(3).standard_normal((4, 256)).astype(BF16)
     w = launch_module.RESIDENT.resident((1 + np.arange(256) / 256).astype(BF16))
     start = TRANSFERS.mark()
-    want = launch(rmsnorm_kernel, x, w, eps=1e-6)           # registered before `start`: no weight bytes
-    launch(rmsnorm_kernel, x, w, eps=1e-6)
-    assert moved(start) == {"activations": 2 * x.nbytes, "readback": 2 * want.nbytes}
-    assert TRANSFERS.tensors_since(start, "readback") == 2                  # one read per launch
+    want = to_host(launch(rmsnorm_kernel, x, w, eps=1e-6))   # registered before `start`: no weight bytes
+    kept = launch(rmsnorm_kernel, x, w, eps=1e-6)
+    assert isinstance(kept, torch.Tensor)                    # a launch reads nothing back by itself
+    assert moved(start) == {"activations": 2 * x.nbytes, "readback": want.nbytes}
+    assert TRANSFERS.tensors_since(start, "readback") == 1                  # one read: the to_host
     x_dev = launch_module.to_device(x)
     start = TRANSFERS.mark()
-    np.testing.assert_array_equal(launch(rmsnorm_kernel, x_dev, w, eps=1e-6), want)
+    np.testing.assert_array_equal(to_host(launch(rmsnorm_kernel, x_dev, w, eps=1e-6)), want)
     assert seen[-1][0] is x_dev                              # a device tensor reaches the kernel as is
     assert moved(start) == {"readback": want.nbytes}
     fresh = np.ones(512, np.float32)
@@ -211,7 +213,7 @@ def test_static_attention_plans_upload_once_and_give_the_outputs_of_fresh_plans(
 
     def step(i):
         mark = TRANSFERS.mark()
-        out, _ = attention_decode_cache(q[i], cache.k, cache.v, cache.pos, qpos, 0.125, window, sink)
+        out, _ = to_host(attention_decode_cache(q[i], cache.k, cache.v, cache.pos, qpos, 0.125, window, sink))
         return out, moved(mark)
     first, first_moved = step(0)
     _, onehot, sink_rows = static_plan_tensors((batch, 1, window), hkv, hq // hkv, window, sink)
@@ -302,8 +304,8 @@ def test_static_shape_attention_equals_the_exact_shape_launch():
                                        rng.standard_normal((len(kpos), hkv, d)).astype(np.float32),
                                        rng.standard_normal((len(kpos), hkv, dv)).astype(np.float32), qpos, kpos))
     for w in (None, window):
-        want, _ = attention_decode(problems, 0.125, w)
-        got, _ = attention_decode(problems, 0.125, w, shape=(4, 4, 32))
+        want, _ = to_host(attention_decode(problems, 0.125, w))
+        got, _ = to_host(attention_decode(problems, 0.125, w, shape=(4, 4, 32)))
         for g, e in zip(got, want):
             assert g.shape == e.shape and rel(g, e) < 1e-6
     with pytest.raises(ValueError, match="problem 0 has 1 new tokens and 21 keys; the bucket holds 4 tokens and 16"):
@@ -313,14 +315,23 @@ def test_static_shape_attention_equals_the_exact_shape_launch():
 # ---------------------------------------------------------------- static expert blocks
 
 def test_static_block_plan_holds_the_exact_plan_and_only_padding_after_it():
+    """The block plan computed with torch operations on device tensors (routing bookkeeping on the
+    device) equals the host plan of the same ragged routing (slots of -1, a token with none)."""
     rng = np.random.default_rng(3)
     tokens, k, experts = 7, 3, 6
     ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
-    ids[2, 1] = -1
+    ids[2, 1] = ids[5, 0] = -1
+    ids[4] = -1                                                  # a token computed elsewhere entirely
     weights = rng.random((tokens, k)).astype(np.float32)
     block_rows, num_blocks = static_block_shape(tokens, k, experts)
     assert (block_rows, num_blocks) == (4, 6 + 5)                # ceil(21 / 4) + E - 1
-    static = plan_blocks_static(ids, weights, experts, block_rows, num_blocks)
+    on_device = plan_blocks_static(launch_module.to_device(ids), launch_module.to_device(weights), experts,
+                                   block_rows, num_blocks)
+    assert all(isinstance(t, torch.Tensor) for t in (on_device.block_expert, on_device.row_token,
+                                                     on_device.row_weight, on_device.block_gathers))
+    start = TRANSFERS.mark()
+    static = on_device.on_host()
+    assert TRANSFERS.tensors_since(start, "readback") == 1
     flat = ids.reshape(-1)
     keep = flat >= 0
     order = np.argsort(flat[keep], kind="stable")
@@ -330,8 +341,10 @@ def test_static_block_plan_holds_the_exact_plan_and_only_padding_after_it():
     np.testing.assert_array_equal(static.block_expert[:n], exact.block_expert)
     np.testing.assert_array_equal(static.row_token[:n * block_rows], exact.row_token)
     np.testing.assert_array_equal(static.row_weight[:n * block_rows], exact.row_weight)
+    np.testing.assert_array_equal(static.block_gathers[:n], exact.block_gathers)
     assert (static.row_token[n * block_rows:] == tokens).all() and (static.row_weight[n * block_rows:] == 0).all()
-    with pytest.raises(ValueError, match="routing needs 20 blocks of 1 rows, the bucket has 3"):
+    assert not static.block_gathers[n:].any()
+    with pytest.raises(ValueError, match="3 blocks of 1 rows cannot hold every routing of 7 tokens x 3 experts"):
         plan_blocks_static(ids, weights, experts, 1, 3)
 
 
@@ -344,8 +357,8 @@ def test_static_shape_experts_equal_the_exact_launch_bit_for_bit():
     x = rng.standard_normal((tokens, hidden)).astype(np.float32)
     ids = np.array([rng.choice(experts, k, replace=False) for _ in range(tokens)])
     w = rng.random((tokens, k)).astype(np.float32)
-    want = expert_ffn(x, ids, w, stack)
-    got = expert_ffn(x, ids, w, stack, shape=static_block_shape(8, k, experts))
+    want = to_host(expert_ffn(x, ids, w, stack))
+    got = to_host(expert_ffn(x, ids, w, stack, shape=static_block_shape(8, k, experts)))
     np.testing.assert_array_equal(got, want)
 
 
@@ -424,12 +437,38 @@ def test_device_sampler_follows_the_numpy_rule():
     for _ in range(20):
         logits = rng.standard_normal(50).astype(np.float32)
         logits[rng.integers(50)] = logits.max()                       # a tie: the lower id wins
-        assert DeviceSampler(0.0, None, None, 0)(logits) == sample(logits, 0.0, None, None, rng)
+        assert DeviceSampler(0.0, None, None, 0)([logits]) == [sample(logits, 0.0, None, None, rng)]
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
-    draws = [DeviceSampler(1.0, None, 0.7, seed)(logits) for seed in range(200)]
+    draws = [DeviceSampler(1.0, None, 0.7, seed)([logits])[0] for seed in range(200)]
     assert set(draws) == {0, 1}                                        # the smallest set reaching 0.7
     assert abs(draws.count(0) / 200 - 0.5 / 0.8) < 0.1
-    assert {DeviceSampler(1.0, 2, None, seed)(logits) for seed in range(50)} == {0, 1}
+    assert {DeviceSampler(1.0, 2, None, seed)([logits])[0] for seed in range(50)} == {0, 1}
+    rows = [launch_module.to_device(rng.standard_normal(50).astype(np.float32)) for _ in range(3)]
+    start = TRANSFERS.mark()
+    tokens = DeviceSampler(0.0, None, None, 0)(rows)                   # a batch's rows: one read of 3 ids
+    assert TRANSFERS.tensors_since(start, "readback") == 1 and TRANSFERS.since(start)["readback"] == 3 * 8
+    assert tokens == [int(np.argmax(launch_module.to_host(row))) for row in rows]
+
+
+def test_a_decode_step_reads_back_only_the_sampled_token_ids():
+    """A kernel-backend generation inside warmed buckets keeps every activation on the device: each
+    pass (the prefill and every decode step) is followed by one read, the batch's token ids (8 B
+    each), nothing else comes back, and the tokens are the reference backend's."""
+    from mimo_v2_flash.buckets import BucketTable
+    prompts = np.random.default_rng(4).integers(0, 512, (2, 6))
+    model = MiMoV2FlashModel.random("tiny", seed=2, backend="nki")
+    model.warmup(BucketTable.for_generation(2, 6, 4))
+    start = TRANSFERS.mark()
+    got = model.generate(prompts, max_new_tokens=4)
+    passes = model.ops.passes
+    assert len(passes) == 4                                            # the prefill and 3 decode steps
+    for i, p in enumerate(passes):
+        end = passes[i + 1].transfer_mark if i + 1 < len(passes) else TRANSFERS.mark()
+        reads = TRANSFERS.tensors_since(p.transfer_mark, "readback") - TRANSFERS.tensors_since(end, "readback")
+        read_bytes = TRANSFERS.since(p.transfer_mark)["readback"] - TRANSFERS.since(end)["readback"]
+        assert (reads, read_bytes) == (1, 2 * 8), i
+    assert TRANSFERS.tensors_since(start, "readback") == len(passes)
+    np.testing.assert_array_equal(got, MiMoV2FlashModel.random("tiny", seed=2).generate(prompts, max_new_tokens=4))
 
 
 def test_generate_prints_the_memory_budget_and_the_variant_count(tmp_path, capsys):

@@ -18,6 +18,7 @@ from mimo_kernels.attention import (EMPTY_POSITION, attention_batch, attention_d
                                    attention_decode_kernel)
 from mimo_kernels.attention.host import BF16
 from mimo_kernels.backend import simulate
+from mimo_kernels.launch import to_host
 from mimo_v2_flash.layer import AttentionInput
 from mimo_v2_flash.selfcheck.kernels_attention import (FULL, HEAD_DIM, HEADS, SCALE, SWA, V_DIM, cached_error,
                                                        cached_problem, random_sink)
@@ -36,7 +37,7 @@ def check(problems, window, sink, outs):
 def run(specs, hq, hkv, window, sink=None, seed=0, lnc=1):
     rng = np.random.default_rng(seed)
     problems = [cached_problem(rng, h, n, hq, hkv, window) for h, n in specs]
-    outs, report = attention_decode(problems, SCALE, window, sink, lnc=lnc)
+    outs, report = to_host(attention_decode(problems, SCALE, window, sink, lnc=lnc))
     check(problems, window, sink, outs)
     return problems, outs, report
 
@@ -75,7 +76,7 @@ def test_sinks_large_and_very_negative():
     sink = np.where(np.arange(64) % 2 == 0, 15.0, -40.0).astype(np.float32)
     rng = np.random.default_rng(4)
     problems = [cached_problem(rng, h, n, **SWA) for h, n in [(200, 1), (50, 1), (130, 20)]]
-    outs, _ = attention_decode(problems, SCALE, 128, sink)
+    outs, _ = to_host(attention_decode(problems, SCALE, 128, sink))
     for p, out in zip(problems, outs):
         for h in range(64):
             g = slice(h // 8, h // 8 + 1)
@@ -101,7 +102,7 @@ def test_batched_tiles_mask_the_keys_past_their_own():
     k = p.k.copy()
     k[-1] = 2000.0 / SCALE * u / float(u @ u)
     problem = AttentionInput(q, k, p.v, p.q_positions, p.k_positions)
-    outs, _ = attention_decode([problem], SCALE, None, None)
+    outs, _ = to_host(attention_decode([problem], SCALE, None, None))
     check([problem], None, None, outs)
 
 
@@ -120,7 +121,7 @@ def test_attention_batch_routes_fresh_prompts_to_the_prefill_kernel():
     problems = [cached_problem(rng, 0, 200, **SWA), cached_problem(rng, 90, 1, **SWA),
                 cached_problem(rng, 0, 5, **SWA)]
     sink = random_sink(64)
-    outs, reports = attention_batch(problems, SCALE, 128, sink)
+    outs, reports = to_host(attention_batch(problems, SCALE, 128, sink))
     assert [r.kernel for r in reports] == ["attention_prefill_kernel", "attention_decode_kernel"]
     check(problems, 128, sink, outs)
 
@@ -190,15 +191,15 @@ def test_decode_reads_the_static_cache_buffers_in_place():
     rng = np.random.default_rng(11)
     cache, q, qpos, problems = filled_static_layer(rng, [200, 37], FULL["hkv"], None, 512)
     assert cache.k.shape == (2, 4, HEAD_DIM, 512) and cache.k.dtype == BF16
-    out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=256)
-    bucketed, _ = attention_decode(problems, SCALE, shape=(2, 1, 256))
+    out, _ = to_host(attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=256))
+    bucketed, _ = to_host(attention_decode(problems, SCALE, shape=(2, 1, 256)))
     for b in range(2):
         np.testing.assert_array_equal(out[b], bucketed[b])
     check(problems, None, None, list(out))
     sink = random_sink(64)
     cache, q, qpos, problems = filled_static_layer(rng, [300, 5], SWA["hkv"], SWA["window"], 512)
     assert cache.k.shape == (2, 8, HEAD_DIM, SWA["window"])
-    out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink)
+    out, _ = to_host(attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink))
     check(problems, SWA["window"], sink, list(out))
     with pytest.raises(ValueError, match="S >= keys = 600"):
         attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink, keys=600)

@@ -18,6 +18,7 @@ import pytest
 from mimo_kernels.attention import attention_prefill, attention_prefill_kernel
 from mimo_kernels.attention.host import to_rows_t
 from mimo_kernels.backend import nki, nl, nisa, simulate
+from mimo_kernels.launch import to_host
 from mimo_v2_flash.selfcheck.kernels_attention import SCALE, prefill_error, random_prefill, random_sink
 
 TOL = 1e-2          # relative error over the output (module doc)
@@ -25,7 +26,7 @@ TOL = 1e-2          # relative error over the output (module doc)
 
 def check(t_len, hq, hkv, window, sink, seed=0):
     q, k, v = random_prefill(t_len, hq, hkv, seed)
-    out, report = attention_prefill(q, k, v, SCALE, window, sink)
+    out, report = to_host(attention_prefill(q, k, v, SCALE, window, sink))
     assert out.shape == (t_len, hq, v.shape[2])
     err = prefill_error(q, k, v, window, sink, out)
     assert err < TOL, f"T={t_len} Hq={hq} Hkv={hkv} window={window}: error {err:.3e} >= {TOL}"
@@ -62,7 +63,7 @@ def test_sinks_large_and_very_negative():
     odd heads: -40 (no effect). The error measure is per head so the tiny heads count too."""
     sink = np.where(np.arange(64) % 2 == 0, 15.0, -40.0).astype(np.float32)
     q, k, v = random_prefill(300, 64, 8, seed=3)
-    out, _ = attention_prefill(q, k, v, SCALE, 128, sink)
+    out, _ = to_host(attention_prefill(q, k, v, SCALE, 128, sink))
     for h in range(64):
         err = prefill_error(q[:, h:h + 1], k[:, h // 8:h // 8 + 1], v[:, h // 8:h // 8 + 1], 128,
                             sink[h:h + 1], out[:, h:h + 1])
@@ -73,23 +74,23 @@ def test_sinks_large_and_very_negative():
 def test_window_skips_key_blocks():
     """Sliding window issues ~(128 + 16) key columns per row instead of ~T/2: count matmul FLOPs."""
     q, k, v = random_prefill(2048, 8, 1)
-    _, full = attention_prefill(q, k, v, SCALE, None)
-    _, swa = attention_prefill(q, k, v, SCALE, 128)
+    _, full = to_host(attention_prefill(q, k, v, SCALE, None))
+    _, swa = to_host(attention_prefill(q, k, v, SCALE, 128))
     assert swa.matmul_flops < 0.2 * full.matmul_flops, (swa.matmul_flops, full.matmul_flops)
 
 
 def test_lnc2_splits_kv_heads_between_cores():
     q, k, v = random_prefill(200, 64, 4, seed=5)
-    out1, rep1 = attention_prefill(q, k, v, SCALE, None)
-    out2, rep2 = attention_prefill(q, k, v, SCALE, None, lnc=2)
+    out1, rep1 = to_host(attention_prefill(q, k, v, SCALE, None))
+    out2, rep2 = to_host(attention_prefill(q, k, v, SCALE, None, lnc=2))
     np.testing.assert_array_equal(out1, out2)
     assert rep2.num_programs == 2 and rep2.estimated_time_s < 0.6 * rep1.estimated_time_s
 
 
 def test_dma_transposes_give_the_same_result():
     q, k, v = random_prefill(700, 16, 1, seed=6)
-    base, _ = attention_prefill(q, k, v, SCALE, None, dma_transpose_share=0.0)
-    dma, rep = attention_prefill(q, k, v, SCALE, None, dma_transpose_share=1.0)
+    base, _ = to_host(attention_prefill(q, k, v, SCALE, None, dma_transpose_share=0.0))
+    dma, rep = to_host(attention_prefill(q, k, v, SCALE, None, dma_transpose_share=1.0))
     np.testing.assert_array_equal(base, dma)       # a transpose is exact either way
     assert rep.engines["DMA"].by_op.get("dma_transpose", 0) > 0
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mimo_kernels.dense_mlp import dense_mlp
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
 
@@ -40,7 +41,7 @@ def weights(hidden, intermediate, fp8, seed=0):
 def check(tokens, hidden, intermediate, fp8):
     prepared, scales, exact = weights(hidden, intermediate, fp8)
     x = np.random.default_rng(tokens).standard_normal((tokens, hidden)).astype(BF16)
-    y = dense_mlp(x, *prepared, scales=scales)
+    y = to_host(dense_mlp(x, *prepared, scales=scales))
     assert y.dtype == BF16 and y.shape == (tokens, hidden)
     want = ref.swiglu(x.astype(np.float32), *exact)
     err = float(np.abs(y.astype(np.float32) - want).max() / np.abs(want).max())
@@ -77,9 +78,9 @@ def test_lnc2_splits_both_passes_between_cores(monkeypatch, fp8, tokens):
     """At LNC=2 each core computes part of h (shared HBM), a core barrier, then part of y: LNC=1's bits."""
     prepared, scales, _ = weights(256, 512, fp8)
     x = np.random.default_rng(tokens).standard_normal((tokens, 256)).astype(BF16)
-    want = dense_mlp(x, *prepared, scales=scales)
+    want = to_host(dense_mlp(x, *prepared, scales=scales))
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
-    y, report = dense_mlp(x, *prepared, scales=scales, report=True)
+    y, report = to_host(dense_mlp(x, *prepared, scales=scales, report=True))
     assert report.num_programs == 2
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
 
@@ -87,6 +88,6 @@ def test_lnc2_splits_both_passes_between_cores(monkeypatch, fp8, tokens):
 def test_fp8_weights_as_uint8_bytes():
     prepared, scales, _ = weights(256, 512, True)
     x = np.random.default_rng(2).standard_normal((3, 256)).astype(BF16)
-    want = dense_mlp(x, *prepared, scales=scales)
-    got = dense_mlp(x, *[w.view(np.uint8) for w in prepared], scales=scales)
+    want = to_host(dense_mlp(x, *prepared, scales=scales))
+    got = to_host(dense_mlp(x, *[w.view(np.uint8) for w in prepared], scales=scales))
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -6,6 +6,7 @@ import pytest
 
 from mimo_kernels.backend import simulate
 from mimo_kernels.embedding import embed, embedding_kernel
+from mimo_kernels.launch import to_host
 from mimo_v2_flash.selfcheck.kernels_basic import patterned_table
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -27,7 +28,7 @@ def test_embedding_full_vocab(mimo_table, tokens):
     ids = rng.integers(0, VOCAB, tokens)
     ids[0] = VOCAB - 1                             # last row of the table
     ids[-1] = 0
-    out = embed(ids, mimo_table)
+    out = to_host(embed(ids, mimo_table))
     assert out.dtype == BF16 and out.shape == (tokens, HIDDEN)
     assert same_bits(out, mimo_table[ids])
 
@@ -35,14 +36,14 @@ def test_embedding_full_vocab(mimo_table, tokens):
 def test_embedding_batch_shape_and_repeats():
     table = patterned_table(512, 256)
     ids = np.array([[3, 3, 511, 0], [7, 3, 3, 9]])
-    out = embed(ids, table)
+    out = to_host(embed(ids, table))
     assert out.shape == (2, 4, 256) and same_bits(out, table[ids])
 
 
 def test_embedding_fp32_table():
     table = np.random.default_rng(1).standard_normal((300, 128)).astype(np.float32)
     ids = np.arange(299, -1, -1)
-    np.testing.assert_array_equal(embed(ids, table), table[ids])
+    np.testing.assert_array_equal(to_host(embed(ids, table)), table[ids])
 
 
 def test_rejects_out_of_vocabulary_id():
@@ -64,5 +65,5 @@ def test_kernel_raises_on_out_of_range_id_at_runtime():
 def test_lnc2_splits_tiles_between_cores(monkeypatch, mimo_table, tokens):
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
     ids = np.random.default_rng(tokens).integers(0, VOCAB, tokens)
-    out, report = embed(ids, mimo_table, report=True)
+    out, report = to_host(embed(ids, mimo_table, report=True))
     assert report.num_programs == 2 and same_bits(out, mimo_table[ids])

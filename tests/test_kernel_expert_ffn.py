@@ -14,6 +14,7 @@ from mimo_kernels.backend import simulate
 from mimo_kernels.expert_ffn import (BlockPlan, ExpertWeights, choose_block_rows, expert_ffn,
                                 expert_ffn_kernel, grouped_expert_ffn, plan_blocks,
                                 plan_blocks_static, static_block_shape)
+from mimo_kernels.launch import to_host
 from mimo_v2_flash.selfcheck.kernels_moe import (random_experts as make_weights, random_routing as routing,
                                                  reference_moe, relative_error)
 
@@ -23,7 +24,7 @@ FULL = dict(hidden=4096, inter=2048, experts=8)
 
 
 def check(x, ids, w, weights, tol, **kwargs):
-    out = expert_ffn(x, ids, w, weights, **kwargs)
+    out = to_host(expert_ffn(x, ids, w, weights, **kwargs))
     assert out.shape == x.shape and out.dtype == np.float32
     want = reference_moe(x, ids, w, weights)
     err = relative_error(out, want)
@@ -63,8 +64,8 @@ def test_unrouted_tokens_get_zero_and_slots_can_be_empty():
 def test_no_tokens():
     """A rank that received nothing (expert-parallel idle step) gets an empty result, no launch."""
     weights = make_weights(2, 256, 128, "bf16", seed=3)
-    out = expert_ffn(np.zeros((0, 256), np.float32), np.zeros((0, 8), np.int64),
-                     np.zeros((0, 8), np.float32), weights)
+    out = to_host(expert_ffn(np.zeros((0, 256), np.float32), np.zeros((0, 8), np.int64),
+                             np.zeros((0, 8), np.float32), weights))
     assert out.shape == (0, 256)
 
 
@@ -85,7 +86,7 @@ def test_static_plan_flags_the_same_read_backs():
     ids = np.array([rng.choice(6, 3, replace=False) for _ in range(9)])
     w = rng.random(ids.shape).astype(np.float32)
     block_rows, num_blocks = static_block_shape(9, 3, 6)
-    static = plan_blocks_static(ids, w, 6, block_rows, num_blocks)
+    static = plan_blocks_static(ids, w, 6, block_rows, num_blocks).on_host()
     order = np.argsort(ids.reshape(-1), kind="stable")
     exact = plan_blocks(np.bincount(ids.reshape(-1), minlength=6), np.repeat(np.arange(9), 3)[order],
                         w.reshape(-1)[order], 9, block_rows)
@@ -165,7 +166,7 @@ def test_lnc2_programs_take_alternate_blocks(dtype):
     x = np.random.default_rng(12).standard_normal((40, 256)).astype(np.float32)
     ids, w = routing(40, 3, 4, seed=12)
     out, _ = check(x, ids, w, weights, TOL[dtype], lnc=2)
-    np.testing.assert_allclose(out, expert_ffn(x, ids, w, weights, lnc=1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, to_host(expert_ffn(x, ids, w, weights, lnc=1)), rtol=0, atol=1e-6)
 
 
 def test_lnc2_full_decode_fp8():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mimo_kernels.backend import simulate
-from mimo_kernels.launch import to_device
+from mimo_kernels.launch import to_device, to_host
 from mimo_kernels.linear import linear, linear_kernel
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.fp8 import TRAINIUM_E4M3, dequantize, quantize_blocks
@@ -54,7 +54,7 @@ def prepared(out_features, in_features, seed, fp8):
 def check(tokens, in_features, out_features, fp8, seed=0):
     w_k, scale, w_exact = prepared(out_features, in_features, seed, fp8)
     x = activations(tokens, in_features, seed + 1)
-    y = linear(x, w_k, scale)
+    y = to_host(linear(x, w_k, scale))
     assert y.dtype == BF16 and y.shape == (tokens, out_features)
     err = rel_err(y, ref.linear(x.astype(np.float32), w_exact))
     assert err < TOL, f"relative error {err:.2e}"
@@ -93,7 +93,7 @@ def test_lm_head_full_vocab():
     K, V = 4096, 152576
     w_k = rolled_weight(K, V, seed=4)
     x = activations(7, K, 5)
-    y = linear(x, w_k)
+    y = to_host(linear(x, w_k))
     xf = x.astype(np.float32)
     for c0 in range(0, V, 8 * K):                                  # reference in column chunks
         want = xf @ w_k[:, c0:c0 + 8 * K].astype(np.float32)
@@ -103,7 +103,7 @@ def test_lm_head_full_vocab():
 def test_fp32_activations_are_rounded_to_bf16():
     w_hf = hub_weight(256, 128, 6)
     x = np.random.default_rng(7).standard_normal((5, 128)).astype(np.float32)
-    y = linear(x, np.ascontiguousarray(w_hf.T).astype(BF16), dtype=np.float32)
+    y = to_host(linear(x, np.ascontiguousarray(w_hf.T).astype(BF16), dtype=np.float32))
     assert y.dtype == np.float32
     want = ref.linear(x.astype(BF16).astype(np.float32), w_hf.T.astype(BF16).astype(np.float32).T)
     assert rel_err(y, want) < 1e-5          # fp32 output: only accumulation-order differences
@@ -133,7 +133,7 @@ def test_rejects_misuse():
 def test_lnc2_splits_the_output_between_cores(lnc1_and_lnc2, tokens, in_features, out_features, fp8):
     w_k, scale, _ = prepared(out_features, in_features, 0, fp8)
     x = activations(tokens, in_features, 9)
-    rep1, rep2 = lnc1_and_lnc2(lambda: linear(x, w_k, scale, report=True))
+    rep1, rep2 = lnc1_and_lnc2(lambda: to_host(linear(x, w_k, scale, report=True)))
     if out_features == 12288:
         assert rep2.estimated_time_s < 0.75 * rep1.estimated_time_s
 
@@ -144,9 +144,9 @@ def test_fp8_weight_as_float8_or_as_uint8_bytes():
     launcher takes the uint8 bytes themselves. All three give the same bits."""
     w_k, scale, w_exact = prepared(384, 256, 10, True)
     x = activations(7, 256, 11)
-    via_launch = linear(x, w_k, scale)
+    via_launch = to_host(linear(x, w_k, scale))
     direct = simulate(linear_kernel)(x, w_k, scale)
-    as_bytes = linear(x, w_k.view(np.uint8), scale)
+    as_bytes = to_host(linear(x, w_k.view(np.uint8), scale))
     assert rel_err(via_launch, ref.linear(x.astype(np.float32), w_exact)) < TOL
     for other in (direct, as_bytes):
         np.testing.assert_array_equal(np.asarray(other, np.float32), np.asarray(via_launch, np.float32))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_basic import kernel_layout
 
@@ -36,7 +37,7 @@ def run(tokens, in_features, hidden, fp8=False, seed=0, weight_as_bytes=False):
     weight, scale, exact = kernel_layout(w, "fp8" if fp8 else "bf16")
     if weight_as_bytes:
         weight = weight.view(np.uint8)
-    (total, y), report = linear_add_rmsnorm(a, weight, residual, norm, scale=scale, eps=EPS, report=True)
+    (total, y), report = to_host(linear_add_rmsnorm(a, weight, residual, norm, scale=scale, eps=EPS, report=True))
     assert total.dtype == y.dtype == BF16 and total.shape == y.shape == (tokens, hidden)
     want_total = bf16(residual) + ref.linear(bf16(a), exact.T)
     assert rel_err(total, want_total) < TOL

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_basic import kernel_layout
 
@@ -65,8 +66,8 @@ def run(shape, tokens, fp8, seed=1, weight_as_bytes=False):
     theta = THETA["swa" if kv_heads == 8 else "full"]
     if weight_as_bytes:
         weight = weight.view(np.uint8)
-    (q, k, v), report = norm_qkv_rope(x, norm, weight, positions, theta, (heads, kv_heads), d, ROTARY,
-                                      scale=scale, eps=EPS, report=True)
+    (q, k, v), report = to_host(norm_qkv_rope(x, norm, weight, positions, theta, (heads, kv_heads), d, ROTARY,
+                                              scale=scale, eps=EPS, report=True))
     assert q.shape == (tokens, heads, d) and k.shape == (tokens, kv_heads, d) and v.shape == (tokens, kv_heads * dv)
     assert q.dtype == k.dtype == v.dtype == BF16
     return (q, k, v), reference(shape, x, norm, exact, positions, theta), report
@@ -118,7 +119,7 @@ def test_norm_linear_is_final_norm_and_lm_head(tokens):
     x = rng.standard_normal((tokens, 4096)).astype(np.float32)
     norm = (1 + 0.1 * rng.standard_normal(4096)).astype(np.float32)
     w = (rng.standard_normal((4096, 2048)) / 64).astype(BF16)
-    y = norm_linear(x, norm, w, eps=EPS)
+    y = to_host(norm_linear(x, norm, w, eps=EPS))
     assert y.dtype == BF16 and y.shape == (tokens, 2048)
     assert rel_err(y, ref.rmsnorm(bf16(x), bf16(norm), EPS) @ w.astype(np.float32)) < TOL
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -36,7 +37,7 @@ def rounded(a, dtype):
 @pytest.mark.parametrize("hidden", [4096, 256])
 def test_rmsnorm_bf16(tokens, hidden):
     x, _, w = inputs(tokens, hidden)
-    y = rmsnorm(x, w, eps=1e-5)
+    y = to_host(rmsnorm(x, w, eps=1e-5))
     assert y.dtype == BF16 and y.shape == (tokens, hidden)
     want = ref.rmsnorm(rounded(x, BF16), rounded(w, BF16), 1e-5)
     assert rel_err(y, want) < TOL[BF16]
@@ -45,7 +46,7 @@ def test_rmsnorm_bf16(tokens, hidden):
 @pytest.mark.parametrize("tokens", [1, 7, 129, 1000])
 def test_add_rmsnorm_bf16(tokens):
     x, delta, w = inputs(tokens, 4096, seed=1)
-    total, y = add_rmsnorm(x, delta, w, eps=1e-5)
+    total, y = to_host(add_rmsnorm(x, delta, w, eps=1e-5))
     total_want = rounded(rounded(x, BF16) + rounded(delta, BF16), BF16)   # the residual stream is bf16
     np.testing.assert_array_equal(np.asarray(total, np.float32), total_want)
     assert rel_err(y, ref.rmsnorm(total_want, rounded(w, BF16), 1e-5)) < TOL[BF16]
@@ -54,7 +55,7 @@ def test_add_rmsnorm_bf16(tokens):
 @pytest.mark.parametrize("tokens", [7, 130])
 def test_add_rmsnorm_fp32_activations(tokens):
     x, delta, w = inputs(tokens, 512, seed=2)
-    total, y = add_rmsnorm(x, delta, w, eps=1e-5, dtype=np.float32)
+    total, y = to_host(add_rmsnorm(x, delta, w, eps=1e-5, dtype=np.float32))
     np.testing.assert_allclose(total, x + delta, rtol=1e-6)
     assert rel_err(y, ref.rmsnorm(x + delta, rounded(w, BF16), 1e-5)) < TOL[np.dtype(np.float32)]
 
@@ -64,7 +65,7 @@ def test_eps_matters_for_tiny_rows():
     x = np.zeros((3, 256), np.float32)
     x[1] = 1e-3
     w = np.ones(256, np.float32)
-    y = np.asarray(rmsnorm(x, w, eps=1e-5, dtype=np.float32), np.float32)
+    y = np.asarray(to_host(rmsnorm(x, w, eps=1e-5, dtype=np.float32)), np.float32)
     np.testing.assert_allclose(y, ref.rmsnorm(x, w, 1e-5), rtol=1e-5)
     assert np.isfinite(y).all() and y[1, 0] < 0.5
 
@@ -92,10 +93,10 @@ def test_rejects_mismatched_delta():
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
 def test_lnc2_splits_tokens_between_cores(monkeypatch, tokens):
     x, delta, w = inputs(tokens, 4096, seed=3)
-    (want_total, want_y), rep1 = add_rmsnorm(x, delta, w, eps=1e-5, report=True)
-    want_norm = rmsnorm(x, w, eps=1e-5)
+    (want_total, want_y), rep1 = to_host(add_rmsnorm(x, delta, w, eps=1e-5, report=True))
+    want_norm = to_host(rmsnorm(x, w, eps=1e-5))
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
-    (total, y), rep2 = add_rmsnorm(x, delta, w, eps=1e-5, report=True)
+    (total, y), rep2 = to_host(add_rmsnorm(x, delta, w, eps=1e-5, report=True))
     assert rep2.num_programs == 2
-    for got, want in ((total, want_total), (y, want_y), (rmsnorm(x, w, eps=1e-5), want_norm)):
+    for got, want in ((total, want_total), (y, want_y), (to_host(rmsnorm(x, w, eps=1e-5)), want_norm)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

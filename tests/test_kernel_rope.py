@@ -13,6 +13,7 @@ import pytest
 
 from mimo_kernels.backend import simulate
 from mimo_kernels.rope import rope, rope_kernel, rope_table
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -42,7 +43,7 @@ def reference(x, positions, theta, rotary_dim=64):
 @pytest.mark.parametrize("tokens", [1, 7, 129, 1000])
 def test_rope_mimo_shapes(tokens, heads, theta):
     x, positions = case(tokens, heads, seed=tokens + heads)
-    out = rope(x, positions, theta)
+    out = to_host(rope(x, positions, theta))
     assert out.dtype == BF16 and out.shape == x.shape
     want = reference(x, positions, theta)
     assert rel_err(out, want) < TOL
@@ -55,7 +56,7 @@ def test_rope_prefill_positions_and_small_heads():
     """Consecutive positions from 0 (prefill), a tiny-config head count, fp32 activations."""
     x, _ = case(300, 2, seed=3)
     positions = np.arange(300)
-    out = rope(x, positions, 1e4, dtype=np.float32)
+    out = to_host(rope(x, positions, 1e4, dtype=np.float32))
     np.testing.assert_allclose(out, ref.apply_partial_rope(x, positions, 64, 1e4), rtol=1e-5, atol=1e-5)
 
 
@@ -97,8 +98,8 @@ def test_rejects_negative_positions_and_bad_shapes():
 def test_lnc2_splits_tokens_between_cores(monkeypatch, tokens):
     """At LNC=2 the programs take alternate tiles (a decode tile cut in two): LNC=1's bits."""
     x, positions = case(tokens, 68, seed=tokens)
-    want = rope(x, positions, 5e6)
+    want = to_host(rope(x, positions, 5e6))
     monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
-    out, report = rope(x, positions, 5e6, report=True)
+    out, report = to_host(rope(x, positions, 5e6, report=True))
     assert report.num_programs == 2
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))

@@ -13,6 +13,7 @@ import pytest
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
 from mimo_kernels.router import DISALLOWED_BIAS, route, router_kernel
+from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_moe import random_router as problem
 
@@ -26,7 +27,7 @@ def by_id(ids, values):
 
 
 def check(x, gate, bias, allowed=None, scaling=1.0, lnc=None):
-    ids, weights = route(x, gate.T, bias, routed_scaling_factor=scaling, allowed=allowed, lnc=lnc)
+    ids, weights = to_host(route(x, gate.T, bias, routed_scaling_factor=scaling, allowed=allowed, lnc=lnc))
     want_ids, want_w = ref.router(x, gate, bias, 8, scaling, allowed)
     assert ids.shape == want_ids.shape and weights.dtype == np.float32
     assert all(len(set(row)) == 8 for row in ids.tolist()), "a token got a repeated expert"
@@ -60,7 +61,7 @@ def test_lnc2_splits_token_chunks(tokens):
     same ids and weights as LNC=1, bit for bit."""
     x, gate, bias = problem(tokens, 256, 200, seed=tokens + 3)
     ids, weights = check(x, gate, bias, lnc=2)
-    one_ids, one_w = route(x, gate.T, bias, lnc=1)
+    one_ids, one_w = to_host(route(x, gate.T, bias, lnc=1))
     np.testing.assert_array_equal(ids, one_ids)
     np.testing.assert_array_equal(weights, one_w)
 
@@ -80,7 +81,7 @@ def test_small_shapes(tokens, experts):
 
 def test_no_tokens():
     x, gate, bias = problem(0, 256, 16, seed=0)
-    ids, weights = route(x, gate.T, bias)
+    ids, weights = to_host(route(x, gate.T, bias))
     assert ids.shape == weights.shape == (0, 8)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from .. import fp8
 from ..config import FULL_ATTENTION, SLIDING_WINDOW_ATTENTION, MiMoV2FlashConfig, load_config
 from ..kv_cache import KVCache
-from ..layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer
+from ..layer import CheckedOps, LocalExperts, ReferenceOps, TokenBatch, decoder_layer, host_values
 from ..model import MiMoV2FlashModel
 from ..nki_ops import NkiOps
 from ..weights import HUB_FP8, is_projection, model_tensors, random_weights
@@ -99,7 +99,7 @@ def compare_layer(kind: str, experts=CHECK_EXPERTS, steps=LAYER_STEPS, seed=0) -
         checked = CheckedOps(kernels, reference)
         kernels.reset_costs()
         started = time.perf_counter()
-        got = decoder_layer(checked, config, 0, x, batch, caches["nki"], LocalExperts(checked))
+        got = host_values(decoder_layer(checked, config, 0, x, batch, caches["nki"], LocalExperts(checked)))
         wall = time.perf_counter() - started
         want = decoder_layer(reference, config, 0, x, batch, caches["reference"], LocalExperts(reference))
         results.append(LayerStep(tokens, relative_error(got, want), relative_error(got - x, want - x),
@@ -154,10 +154,10 @@ def compare_fp8_layers(tokens=TINY_PROMPT, seed=0) -> list[float]:
     errors = []
     for layer in range(config.num_hidden_layers):
         want = decoder_layer(reference, config, layer, x, batch, None, LocalExperts(reference))
-        got = decoder_layer(kernels, config, layer, x, batch, None, LocalExperts(kernels))
+        got = host_values(decoder_layer(kernels, config, layer, x, batch, None, LocalExperts(kernels)))
         errors.append(relative_error(got - x, want - x))
         x = want
-    errors.append(relative_error(kernels.logits(x), reference.logits(x)))
+    errors.append(relative_error(host_values(kernels.logits(x)), reference.logits(x)))
     return errors
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from mimo_kernels.attention import attention_decode, attention_prefill
 from mimo_kernels.attention.host import BF16
+from mimo_kernels.launch import to_host
 from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
 from ..kv_cache import LayerKVCache
@@ -145,7 +146,7 @@ def shape_text(hq, hkv, window):
 
 def _prefill_check(t_len, hq, hkv, window, sink, seed):
     q, k, v = random_prefill(t_len, hq, hkv, seed)
-    out, rep = attention_prefill(q, k, v, SCALE, window, sink)
+    out, rep = to_host(attention_prefill(q, k, v, SCALE, window, sink))
     err = prefill_error(q, k, v, window, sink, out)
     roof = roofline(prefill_pairs(t_len, window), t_len, t_len, hq, hkv)[0]
     kind = "full causal" if window is None else "SWA+sink"
@@ -156,7 +157,7 @@ def _prefill_check(t_len, hq, hkv, window, sink, seed):
 def _cached_check(name, specs, hq, hkv, window, sink, seed):
     rng = np.random.default_rng(seed)
     problems = [cached_problem(rng, h, n, hq, hkv, window) for h, n in specs]
-    outs, rep = attention_decode(problems, SCALE, window, sink)
+    outs, rep = to_host(attention_decode(problems, SCALE, window, sink))
     err = cached_error(problems, window, sink, outs)
     roof = cached_roofline(problems, window, hq, hkv)[0]
     return CheckResult(TOPIC, name, f"{len(specs)} seqs {shape_text(hq, hkv, window)}", err, TOL,

@@ -27,6 +27,7 @@ import numpy as np
 
 from mimo_kernels.dense_mlp import dense_mlp
 from mimo_kernels.embedding import embed
+from mimo_kernels.launch import to_host
 from mimo_kernels.linear import linear
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_kernels.norm_qkv_rope import norm_qkv_rope
@@ -123,10 +124,10 @@ def run_rmsnorm(tokens, fused, zeros=False):
     tensors = 4 if fused else 2
     hbm = tensors * tokens * HIDDEN * 2 + HIDDEN * 2
     if fused:
-        (total, y), rep = add_rmsnorm(x, delta, w, EPS, report=True)
+        (total, y), rep = to_host(add_rmsnorm(x, delta, w, EPS, report=True))
         s = (x.astype(np.float32) + delta.astype(np.float32)).astype(BF16).astype(np.float32)
     else:
-        y, rep = rmsnorm(x, w, EPS, report=True)
+        y, rep = to_host(rmsnorm(x, w, EPS, report=True))
         s = x.astype(np.float32)
     want = None if zeros else ref.rmsnorm(s, w.astype(np.float32), EPS)
     return y, rep, want, 0, hbm, f"H={HIDDEN} bf16"
@@ -137,7 +138,7 @@ def run_rope(tokens, which, theta, zeros=False):
     x = activations(tokens, heads * HEAD_DIM, 4, zeros).reshape(tokens, heads, HEAD_DIM)
     positions = (np.zeros(tokens, np.int64) if zeros else
                  np.random.default_rng(5).integers(MAX_POSITION - 70000, MAX_POSITION, tokens))
-    out, rep = rope(x, positions, theta, ROTARY, report=True)
+    out, rep = to_host(rope(x, positions, theta, ROTARY, report=True))
     want = None if zeros else ref.apply_partial_rope(x.astype(np.float32), positions, ROTARY, theta)
     hbm = 2 * x.size * 2 + tokens * 4
     return out, rep, want, 0, hbm, f"{heads}x{HEAD_DIM} rot {ROTARY} theta {theta:g}"
@@ -146,7 +147,7 @@ def run_rope(tokens, which, theta, zeros=False):
 def run_embedding(tokens, table):
     ids = np.random.default_rng(6).integers(0, VOCAB, tokens)
     ids[0] = VOCAB - 1
-    out, rep = embed(ids, table, report=True)
+    out, rep = to_host(embed(ids, table, report=True))
     return out, rep, table[ids].astype(np.float32), 0, 2 * tokens * HIDDEN * 2 + tokens * 4, \
         f"V={VOCAB} H={HIDDEN} bf16"
 
@@ -155,7 +156,7 @@ def run_linear(tokens, name, dtype, zeros=False, weight=None):
     k, n = PROJECTIONS[name]
     w, scale, exact = weight or prepared_weight(k, n, dtype, seed=7, zeros=zeros)
     x = activations(tokens, k, 8, zeros)
-    y, rep = linear(x, w, scale, report=True)
+    y, rep = to_host(linear(x, w, scale, report=True))
     want = None if exact is None else x.astype(np.float32) @ exact
     hbm = tokens * (k + n) * 2 + w.nbytes + (0 if scale is None else scale.nbytes)
     return y, rep, want, 2 * tokens * k * n, hbm, f"{k}->{n} {dtype}"
@@ -166,7 +167,7 @@ def run_dense_mlp(tokens, dtype, zeros=False, weights=None):
                           for i, (a, b) in enumerate(((HIDDEN, DENSE_INTER),) * 2 + ((DENSE_INTER, HIDDEN),))]
     x = activations(tokens, HIDDEN, 10, zeros)
     scales = None if dtype == "bf16" else [s for _, s, _ in weights]
-    y, rep = dense_mlp(x, *(w for w, _, _ in weights), scales=scales, report=True)
+    y, rep = to_host(dense_mlp(x, *(w for w, _, _ in weights), scales=scales, report=True))
     exact = [e for _, _, e in weights]
     want = None if zeros or exact[0] is None else ref.swiglu(x.astype(np.float32), *(e.T for e in exact))
     hbm = 2 * tokens * HIDDEN * 2 + sum(w.nbytes + (0 if s is None else s.nbytes) for w, s, _ in weights)
@@ -182,8 +183,8 @@ def run_norm_qkv_rope(tokens, kind, dtype, zeros=False, weight=None):
     norm = np.ones(k, BF16)
     positions = (np.zeros(tokens, np.int64) if zeros else
                  np.random.default_rng(14).integers(MAX_POSITION - 70000, MAX_POSITION, tokens))
-    (q, kk, v), rep = norm_qkv_rope(x, norm, w, positions, THETA[kind], (HEADS, kv), HEAD_DIM, ROTARY,
-                                    scale=scale, eps=EPS, report=True)
+    (q, kk, v), rep = to_host(norm_qkv_rope(x, norm, w, positions, THETA[kind], (HEADS, kv), HEAD_DIM, ROTARY,
+                                            scale=scale, eps=EPS, report=True))
     out = np.concatenate([q.reshape(tokens, -1), kk.reshape(tokens, -1), v], axis=1)
     want = None
     if exact is not None:
@@ -201,7 +202,7 @@ def run_linear_add_rmsnorm(tokens, zeros=False, weight=None):
     w, _, exact = weight or prepared_weight(k, n, "bf16", seed=15, zeros=zeros)
     a, residual = activations(tokens, k, 16, zeros), activations(tokens, n, 17, zeros)
     norm = np.ones(n, BF16)
-    (total, y), rep = linear_add_rmsnorm(a, w, residual, norm, eps=EPS, report=True)
+    (total, y), rep = to_host(linear_add_rmsnorm(a, w, residual, norm, eps=EPS, report=True))
     want = None
     if exact is not None:
         s = (residual.astype(np.float32) + (a.astype(np.float32) @ exact).astype(BF16)).astype(BF16)

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn
+from mimo_kernels.launch import to_host
 from mimo_kernels.router import route
 from mimo_kernels.trn2 import TRN2
 from .. import reference as ref
@@ -114,7 +115,7 @@ def ffn_roofline_s(rows, tokens, routed_experts, weight_itemsize, hidden=HIDDEN,
 
 def _router_check(tokens):
     x, gate, bias = random_router(tokens, HIDDEN, EXPERTS, seed=tokens)
-    ids, weights, rep = route(x, gate.T, bias, report=True)
+    ids, weights, rep = to_host(route(x, gate.T, bias, report=True))
     want_ids, want_w = ref.router(x, gate, bias, TOP_K)
     choice = -np.sort(-(ref.router_scores(x, gate) + bias), axis=1)
     clear = choice[:, 7] - choice[:, 8] > ROUTER_NEAR_TIE
@@ -133,7 +134,7 @@ def _router_check(tokens):
 def _ffn_check(name, weights, dtype, tokens, k, seed, empty=()):
     x = np.random.default_rng(seed).standard_normal((tokens, HIDDEN)).astype(np.float32)
     ids, w = random_routing(tokens, k, weights.num_experts, seed, empty)
-    out, rep = expert_ffn(x, ids, w, weights, report=True)
+    out, rep = to_host(expert_ffn(x, ids, w, weights, report=True))
     err = relative_error(out, reference_moe(x, ids, w, weights))
     rows = tokens * k
     roof, _, _ = ffn_roofline_s(rows, tokens, len(np.unique(ids)), weights.gate.dtype.itemsize)
