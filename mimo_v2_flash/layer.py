@@ -79,11 +79,11 @@ class AttentionStep:
                 raise RuntimeError("AttentionStep: the cache was written in place already; gather the "
                                    "problems before write_cache()")
             self._problems = []
-            keys, values = self.k, self.v
+            new_k, new_v = self.k, self.v
             if self.cache is not None and getattr(self.cache, "device", None) is None:
-                keys, values = host_values((keys, values))   # a host cache (the ragged KVCache) holds NumPy
+                new_k, new_v = host_values((new_k, new_v))   # a host cache (the ragged KVCache) holds NumPy
             for seq, start, stop in self.batch.segments():
-                pos, k, v = self.batch.positions[start:stop], keys[start:stop], values[start:stop]
+                pos, k, v = self.batch.positions[start:stop], new_k[start:stop], new_v[start:stop]
                 keys, values, key_pos = (k, v, pos) if self.cache is None else self.cache.update(seq, pos, k, v)
                 self._problems.append(AttentionInput(self.q[start:stop], keys, values, pos, key_pos))
             self._written = True

@@ -41,14 +41,15 @@ from __future__ import annotations
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
-from mimo_kernels.launch import device, launch, on_device, to_device
+from mimo_kernels.launch import RESIDENT, device, launch, on_device, to_device
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
                     load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
                     softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
-from .plan import DecodePlan, limit_keys, plan_decode_units, plan_tensors, static_plan_tensors, typed_units
+from .plan import (DecodePlan, limit_keys, output_rows, plan_decode_units, plan_tensors, static_output_rows,
+                   static_plan_tensors, typed_units)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -621,15 +622,6 @@ def launch_plan(plan: DecodePlan, onehot, sink_rows, q_t, k_t, v, kpos, qpos, wi
     return o_rows.float(), rep
 
 
-def output_rows(plan: DecodePlan, slot: int, t_len: int, hq: int) -> np.ndarray:
-    """The plan row holding each (token, head) output of sequence slot `slot`'s first `t_len`
-    tokens, [t_len * Hq] int64 in (token, head) order: the gather that puts the rows back."""
-    mine = np.flatnonzero((plan.row_seq == slot) & (plan.row_token < t_len))
-    rows = np.zeros(t_len * hq, np.int64)
-    rows[plan.row_token[mine] * hq + plan.row_head[mine]] = mine
-    return rows
-
-
 def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
                      **tuning):
     """Host launcher with the semantics of `ReferenceOps.attention`: each problem has q [T, Hq, D],
@@ -716,5 +708,6 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     q_t = on_device(torch.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]), BF16)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
                               lnc, tuning)
-    rows = np.concatenate([output_rows(plan, b, t_len, hq) for b in range(batch)])
-    return o_rows[to_device(rows)].reshape(batch, t_len, hq, v_cache.shape[3]), rep
+    rows = RESIDENT.lookup(static_output_rows(batch, t_len, keys, kv_heads, hq // kv_heads,
+                                              None if window is None else int(window)))
+    return o_rows[rows].reshape(batch, t_len, hq, v_cache.shape[3]), rep

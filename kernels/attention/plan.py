@@ -272,6 +272,24 @@ def static_sink_rows(key: tuple, sink: bytes) -> np.ndarray:
     return resident_plan_tensor(plan_sink_rows(plan, np.frombuffer(sink, np.float32)))
 
 
+def output_rows(plan: DecodePlan, slot: int, t_len: int, hq: int) -> np.ndarray:
+    """The plan row holding each (token, head) output of sequence slot `slot`'s first `t_len`
+    tokens, [t_len * Hq] int64 in (token, head) order: the gather that puts the rows back."""
+    mine = np.flatnonzero((plan.row_seq == slot) & (plan.row_token < t_len))
+    rows = np.zeros(t_len * hq, np.int64)
+    rows[plan.row_token[mine] * hq + plan.row_head[mine]] = mine
+    return rows
+
+
+@lru_cache(maxsize=STATIC_PLANS)
+def static_output_rows(batch: int, tokens: int, keys: int, kv_heads: int, group: int, window) -> np.ndarray:
+    """The resident gather of `output_rows` for every sequence slot of `static_plan(...)`,
+    [batch * tokens * Hq] (the output rows of a static launch in (sequence, token, head) order)."""
+    plan, _ = static_plan(batch, tokens, keys, kv_heads, group, window)
+    return resident_plan_tensor(np.concatenate([output_rows(plan, b, tokens, kv_heads * group)
+                                                for b in range(batch)]))
+
+
 def resident_plan_tensor(array: np.ndarray) -> np.ndarray:
     """`array` made read-only (every launch of its shape shares it) and registered with
     `launch.RESIDENT` as "plans": uploaded once, its device copy passed to every launch."""
