@@ -391,5 +391,5 @@ def launch(kernel, *args, report: bool = False, lnc: int | None = None, splits_l
 
 
 __all__ = ["DeviceWeights", "LNC_ENV", "LncError", "RESIDENT", "TRANSFERS", "TransferCounter", "TransferMark",
-           "VARIANTS", "VariantCounter", "device", "is_tensor", "launch", "on_device", "pad_rows", "runtime_lnc", "to_device", "to_host",
-           "torch_dtype", "variant_key"]
+           "VARIANTS", "VariantCounter", "device", "is_tensor", "launch", "on_device", "pad_rows", "runtime_lnc",
+           "to_device", "to_host", "torch_dtype", "variant_key"]

@@ -24,6 +24,14 @@ from .dispatcher import Dispatcher
 from .stats import EPStats
 
 
+def exchange_on_host(executor, layer: int, x, ids, weights):
+    """`executor(layer, x, ids, weights)` on the host for the kernel backend's device tensors: the
+    exchange runs on host arrays here (gloo), so the layer's rows and routing are read back in one
+    counted read (`mimo_kernels.launch.to_host`) and the summed output is uploaded again."""
+    from mimo_kernels.launch import to_device, to_host
+    return to_device(np.ascontiguousarray(executor(layer, *to_host((x, ids, weights))), np.float32))
+
+
 class OpsLocalExperts:
     """This rank's experts through the model's ops backend: `ReferenceOps.experts` (NumPy) or
     `NkiOps.experts` (the grouped expert FFN kernel, bf16 or FP8 weights). Local ids are mapped
@@ -55,14 +63,12 @@ class ExpertParallelExecutor:
         def compute(xr, local_ids, w):
             return self.local_experts(layer, xr, local_ids, w)
 
-        on_device = hasattr(x, "detach")     # a torch tensor: the kernel backend's
-        if on_device:       # the exchange runs on the host here (gloo): the layer's routing is read back
-            from mimo_kernels.launch import to_device, to_host
-            x, ids, weights = to_host((x, ids, weights))
+        if hasattr(x, "detach"):        # the kernel backend's device tensors
+            return exchange_on_host(self, layer, x, ids, weights)
         out, record = self.dispatcher(layer, np.asarray(x, np.float32), np.asarray(ids),
                                       np.asarray(weights, np.float32), compute, step=self.stats.step)
         self.stats.add(record)
-        return to_device(out) if on_device else out
+        return out
 
     def idle(self, config: MiMoV2FlashConfig) -> None:
         """Take part in every MoE layer of one forward pass with no tokens of this rank's own."""

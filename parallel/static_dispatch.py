@@ -34,6 +34,7 @@ import torch
 from mimo_v2_flash.placement import ExpertPlacement
 
 from .comm import Communicator
+from .executor import exchange_on_host
 from .plan import local_expert_index
 from .stats import EPStats
 
@@ -221,8 +222,8 @@ class HostLocalExperts:
 
 class StaticExpertParallelExecutor:
     """The model's expert executor `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]` (host
-    arrays) over a `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the
-    pass's `StaticShape` (the largest row count, rounded up to `sizes` or a power of two); rows
+    arrays; the kernel backend's device tensors go through `exchange_on_host`) over a
+    `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the pass's `StaticShape` (the largest row count, rounded up to `sizes` or a power of two); rows
     are padded to it (padding routes nowhere). The NumPy model reads every layer's output, so
     this adapter syncs once per MoE layer; a device-resident model calls the dispatcher directly
     and syncs once per step."""
@@ -242,6 +243,8 @@ class StaticExpertParallelExecutor:
         self.stats = EPStats(dispatcher.comm.rank)   # step counter; no per-layer byte records here
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        if hasattr(x, "detach"):        # the kernel backend's device tensors
+            return exchange_on_host(self, layer, x, ids, weights)
         comm, n = self.dispatcher.comm, len(x)
         if layer == self.first_moe_layer or self.shape is None:
             rows = comm.all_gather(np.array([n], np.int32), None, "", f"layer {layer} static shape agreement")
