@@ -9,7 +9,7 @@ warmup.
     print(report.lines(model.ops.passes))
     kernel variants: 20 compiled at warmup, 0 new after warmup
     host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache ...
-    device->host: 21 reads, 78.2 KB per decode step (every kernel output; ...)
+    device->host: 1 reads, 16 B per decode step (explicit reads: the sampled token ids; ...)
 """
 from __future__ import annotations
 
@@ -58,13 +58,14 @@ class DeviceReport:
                 f"positions included)")
 
     def readback_line(self, passes) -> str:
-        """Kernel-output reads and their bytes per pass after the prefill (without a decode step:
-        everything since the start)."""
+        """Reads back to the host (`launch.to_host`) and their bytes per pass after the prefill
+        (without a decode step: everything since the start)."""
         mark, steps, per = (passes[1].transfer_mark, len(passes) - 1, "per decode step") if len(passes) >= 2 \
             else (self.start_transfers, 1, "in all (no decode step)")
         reads = TRANSFERS.tensors_since(mark, "readback") / steps
         return (f"device->host: {reads:g} reads, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} {per} "
-                f"(every kernel output; on a NeuronCore each is a graph break)")
+                f"(explicit reads: on the static path the sampled token ids; on a NeuronCore each is a "
+                f"graph break)")
 
     def traffic_lines(self, passes) -> list[str]:
         """The `host->device:` and `device->host:` lines."""

@@ -16,9 +16,11 @@ Every kernel-layout array is registered with `mimo_kernels.launch.RESIDENT` when
 device copy is uploaded once, and every later launch passes that copy (no weight bytes move after
 a model's first pass; `launch.TRANSFERS` counts the traffic).
 
-Activations travel in bf16 between kernels, as on the device: every launcher takes its input
-rounded to bf16 and returns bf16, which this class hands back as float32 because the layer code
-is NumPy. The router works in fp32 and the expert kernel accumulates into fp32, as the kernels do.
+Activations stay on the device between kernels: every op returns the kernel's outputs as device
+tensors (`mimo_kernels.launch.launch` reads nothing back), bf16 where the kernels produce bf16;
+the router's ids (int64) and weights (fp32) and the expert kernel's fp32 sums as the kernels give
+them. The layer code runs on them unchanged (layer.py); reading back is explicit and counted
+(`launch.to_host`, `layer.host_values`). Inputs may be NumPy (uploaded, counted) or tensors.
 
 Static shapes: with `bucket` set (a `buckets.Bucket`), every op pads its token rows to the
 bucket's `rows` and drops the padding from its result, attention runs at the bucket's shape (a

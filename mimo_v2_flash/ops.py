@@ -7,8 +7,9 @@ through `weights.layer_weight`, is the only place that turns them into tensor na
 `layer.ReferenceOps` (NumPy float32) and `nki_ops.NkiOps` (the NKI kernels) implement it;
 `layer.CheckedOps` forwards it to a backend and to the reference.
 
-Activations are float32 NumPy arrays of flat token rows `[N, ...]` (a kernel backend rounds them
-to bf16 inside each op and hands float32 back). H = hidden size, Hq / Hkv = query / KV heads,
+Activations are arrays of flat token rows `[N, ...]`: float32 NumPy on the reference, device
+tensors on a kernel backend (bf16 where its kernels produce bf16; read back only on request,
+`layer.host_values`). The layer code uses only operations both kinds support. H = hidden size, Hq / Hkv = query / KV heads,
 D / Dv = query-key / value head dims, k = experts per token.
 """
 
@@ -62,13 +63,13 @@ class DecoderOps(Protocol):
         one launch on kernels)."""
         ...
 
-    def attention(self, step: AttentionStep, layer: int) -> list[np.ndarray]:
+    def attention(self, step: AttentionStep, layer: int) -> np.ndarray:
         """Per-sequence attention of a pass's new tokens with layer `layer`'s window and sink (read
         by the backend): `step` holds the new q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] and the
         layer's cache; the backend writes the new keys into the cache and attends, either over
         `step.problems()` (per sequence q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] gathered) or
-        over the cache's own buffers after `step.write_cache()`. Returns per sequence of the batch
-        the output [T, Hq, Dv]."""
+        over the cache's own buffers after `step.write_cache()`. Returns the outputs of all the
+        step's rows, [N, Hq, Dv] in batch row order (the sequences' [T, Hq, Dv] one after another)."""
         ...
 
     def router(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:

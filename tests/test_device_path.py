@@ -18,8 +18,8 @@ from mimo_kernels import launch as launch_module
 from mimo_kernels.attention import attention_decode
 from mimo_kernels.backend import IS_SIMULATOR, NKI_VERSION, describe
 from mimo_kernels.expert_ffn import ExpertWeights, expert_ffn, plan_blocks, plan_blocks_static, static_block_shape
-from mimo_kernels.launch import TRANSFERS, VARIANTS, VariantCounter, launch, runtime_lnc, to_host,
-                                 variant_key
+from mimo_kernels.launch import (TRANSFERS, VARIANTS, VariantCounter, launch, runtime_lnc, to_host,
+                                 variant_key)
 from mimo_kernels.rmsnorm import rmsnorm, rmsnorm_kernel
 from mimo_v2_flash import MiMoV2FlashModel
 from mimo_v2_flash.buckets import Bucket, BucketTable, powers_of_two
