@@ -104,7 +104,7 @@ def test_misuse_is_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="window must be a positive"):
         attention_prefill(q, k, v, SCALE, window=0)
     # the kernel itself: Q^T columns that are not T * G
-    q_t = to_rows_t(q, 2, SCALE)[:, :, :-1]
+    q_t = to_host(to_rows_t(q, 2, SCALE))[:, :, :-1]
     k_t = np.zeros((2, 192, 64), q_t.dtype)
     v_d = np.zeros((2, 64, 128), q_t.dtype)
     with pytest.raises(AssertionError, match="must be T \\* G"):
