@@ -715,7 +715,7 @@ def run_blocks(x, plan: BlockPlan, weights: ExpertWeights, report=False, lnc: in
     float32, a device tensor (and the cost report, None when there are no blocks)."""
     T, H = x.shape
     if plan.num_blocks == 0:
-        out = x.new_zeros((T, H), dtype=x.float().dtype)
+        out = x.new_zeros((T, H)).float()
         return (out, None) if report else out
     result = launch(expert_ffn_kernel, x, plan.row_token, plan.row_weight, plan.block_expert,
                     *weights.kernel_args(), report=report, lnc=lnc, splits_lnc=True,
@@ -765,7 +765,8 @@ def plan_blocks_static(ids, routing_weights, num_experts: int, block_rows: int, 
     rank = torch.arange(len(key), device=where) - (torch.cumsum(counts, 0) - counts)[expert]
     dump = num_blocks * block_rows                                            # unused slots land here
     slot = torch.where(key < num_experts, (torch.cumsum(blocks, 0) - blocks)[expert] * block_rows + rank, dump)
-    row_token = torch.full((dump + 1,), tokens, dtype=torch.int32, device=where).scatter(0, slot, token.to(torch.int32))
+    row_token = torch.full((dump + 1,), tokens, dtype=torch.int32, device=where).scatter(0, slot,
+                                                                                        token.to(torch.int32))
     row_weight = torch.zeros(dump + 1, device=where).scatter(0, slot, torch.where(key < num_experts, weights, 0.0))
     block_expert = torch.searchsorted(torch.cumsum(blocks, 0), torch.arange(num_blocks, device=where), right=True)
     # A block reads its tokens' sums back only if one of them has rows in an earlier block.

@@ -9,8 +9,8 @@ through `weights.layer_weight`, is the only place that turns them into tensor na
 
 Activations are arrays of flat token rows `[N, ...]`: float32 NumPy on the reference, device
 tensors on a kernel backend (bf16 where its kernels produce bf16; read back only on request,
-`layer.host_values`). The layer code uses only operations both kinds support. H = hidden size, Hq / Hkv = query / KV heads,
-D / Dv = query-key / value head dims, k = experts per token.
+`layer.host_values`). The layer code uses only operations both kinds support. H = hidden size,
+Hq / Hkv = query / KV heads, D / Dv = query-key / value head dims, k = experts per token.
 """
 
 from __future__ import annotations

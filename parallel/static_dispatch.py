@@ -223,8 +223,9 @@ class HostLocalExperts:
 class StaticExpertParallelExecutor:
     """The model's expert executor `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]` (host
     arrays; the kernel backend's device tensors go through `exchange_on_host`) over a
-    `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the pass's `StaticShape` (the largest row count, rounded up to `sizes` or a power of two); rows
-    are padded to it (padding routes nowhere). The NumPy model reads every layer's output, so
+    `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the pass's
+    `StaticShape` (the largest row count, rounded up to `sizes` or a power of two); rows are
+    padded to it (padding routes nowhere). The NumPy model reads every layer's output, so
     this adapter syncs once per MoE layer; a device-resident model calls the dispatcher directly
     and syncs once per step."""
 
