@@ -53,8 +53,6 @@ The device helpers shared with the decode kernel are in `flash.py`.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
