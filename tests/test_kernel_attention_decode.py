@@ -140,7 +140,7 @@ def test_misuse_is_rejected_with_clear_errors():
     # the kernel itself: a plan whose runs do not add up to the tile's rows
     q_t = np.zeros((1, 4, 192, 16), BF16)
     k_t = np.zeros((1, 4, 192, 8), BF16)
-    v = np.zeros((1, 4, 8, 128), BF16)
+    v = np.zeros((1, 8, 4, 128), BF16)
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
     packed_run = ((0, 1, 0, 4, 0, 1),)                  # 1 sequence x 4 KV heads x 16 heads = 64 rows

@@ -3,11 +3,16 @@ sequence) and prefill on a history (several new tokens on top of cached keys), f
 (every cached key) and sliding-window layers (the ring buffer of the window).
 
 Device layout of the cache (what the kernel reads; the model's `LayerKVCache` arrays
-`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose, slot order kept):
+`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose and, for v, a row order):
 
-    k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous (one DMA
-                                 brings a whole key chunk of all KV heads of a sequence)
-    v     [B, Hkv, S, Dv]  bf16  values, keys on partitions when loaded
+    k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous. The Hkv x D
+                                 rows of a sequence load in tiles of up to 128 partitions
+                                 (`head_row_tiling`: 4 x 192 -> 6 x 128), so one DMA brings a key
+                                 chunk of all KV heads on all 16 DMA engines
+    v     [B, S, Hkv, Dv]  bf16  values, keys on partitions when loaded; row `value_rows(slot, S)`:
+                                 each block of 2048 slots stores its 128-key tiles transposed, so a
+                                 chunk's V load gives every partition its keys of all KV heads as one
+                                 contiguous run (16 keys x 4 heads x 256 B = 16 KiB for a full chunk)
     kpos  [B, S]           fp32  absolute position of every key slot; EMPTY_POSITION (2^30) for
                                  empty or padding slots, which the causal test then masks
 
@@ -44,11 +49,11 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
-from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
-                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
-                    softmax_transposed, store_rows, tile_batches, update_output)
+from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, load_neg_sink, mask_matmuls,
+                    pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
-from .plan import DecodePlan, limit_keys, plan_decode_units, plan_tensors, static_plan_tensors, typed_units
+from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, plan_decode_units, plan_tensors,
+                   static_plan_tensors, typed_units, value_rows)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -70,7 +75,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
                                         t, query head g*G + i of sequence b.
     k_t         [B, Hkv, D, S]    bf16  cache keys transposed (module docstring).
-    v           [B, Hkv, S, Dv]   bf16  cache values.
+    v           [B, S, Hkv, Dv]   bf16  cache values, rows in `value_rows` order.
     kpos        [B, S]            fp32  key positions (EMPTY_POSITION for empty slots).
     qpos        [B, Tq]           fp32  positions of the new tokens.
     tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
@@ -85,7 +90,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 tiles split the tokens. A PlanTile: its rows, tokens [token_start, token_end) of
                 the unit's run (all of them when packed), cache keys [key_start, key_end) (the
                 others are invisible to its queries), masks[c] the KeyMasks of the unit's key chunk
-                c (2048 keys from the unit's smallest key_start) that need the position mask (from
+                c (`key_chunks` of the unit's key range) that need the position mask (from
                 `mask_regions`; empty: no mask). Plain nested tuples are accepted (`typed_units`).
     window      int or None             keys a query sees, itself included.
     mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
@@ -94,9 +99,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
-    The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
-    on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2 splits the unit
-    groups between the two cores.
+    A run's Hkv x D contraction rows go in the partition tiles of `head_row_tiling` (TensorE time
+    does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
+    splits the unit groups between the two cores.
     """
     group, plain_units = plan
     units = typed_units(plain_units)
@@ -105,7 +110,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                      buffer=nl.shared_hbm)
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
-    groups = unit_groups(units, k_t.shape[1], q_t.shape[2], v.shape[3], nl.num_programs(0))
+    groups = unit_groups(units, q_t.shape[2], v.shape[3], nl.num_programs(0))
     for gi, (u_first, n_units) in enumerate(groups):
         if gi % nl.num_programs(0) == nl.program_id(0):
             decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
@@ -119,8 +124,8 @@ def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
     dv = v.shape[3]
     if not (k_t.shape[:3] == (n_seqs, kv_heads, d_head)):
         raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]")
-    if not (v.shape[:3] == (n_seqs, kv_heads, s_max)):
-        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]")
+    if not (v.shape[:3] == (n_seqs, s_max, kv_heads)):
+        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {s_max}, {kv_heads}, Dv]")
     if not (kpos.shape == (n_seqs, s_max)):
         raise KernelInputError(f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]")
     if not (dv <= P_MAX):
@@ -139,8 +144,7 @@ class DecodeSetup(nl.NKIObject):
         self.q_t, self.k_t, self.v, self.kpos, self.qpos = q_t, k_t, v, kpos, qpos
         self.tile_onehot, self.sink_rows, self.out = tile_onehot, sink_rows, out
         self.group, self.units, self.window = group, units, window
-        self.dv = v.shape[3]
-        self.dp, self.n_dp = equal_contraction_split(q_t.shape[2])    # 192 -> 96 + 96: Q^T, K^T in one DMA
+        self.dv, self.d_head = v.shape[3], q_t.shape[2]
         self.padded_q = {}       # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece
         self.per_layout = {}     # (rows, tile layout) -> LayoutConstants, loaded once
         self.unit_row0, self.unit_tile0 = [0], [0]
@@ -161,6 +165,7 @@ class DecodeSetup(nl.NKIObject):
             mask_vector_share = MASK_VECTOR_SHARE[kind]
         self.mask_vector = Share(mask_vector_share)
         self.memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
+        self.q_copies = EngineRotation(self.memset_engines)
         self.ones = None
         if any([len(unit.tiles) > 1 for unit in self.units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
             self.ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -169,12 +174,13 @@ class DecodeSetup(nl.NKIObject):
 
 class Piece(nl.NKIObject):
     """One sequence and KV head of a packed tile: run index, sequence and KV head within the run,
-    first row in the tile and row count."""
+    first row in the tile, row count, and the sequence's index in the unit."""
     run: int
     seq: int
     kv: int
     row0: int
     rows: int
+    slot: int = 0
 
 
 class LayoutConstants(nl.NKIObject):
@@ -185,7 +191,7 @@ class LayoutConstants(nl.NKIObject):
 
 
 class TileSetup(nl.NKIObject):
-    """Per tile of a unit: its Q^T stationaries (per partition tile, per piece), its query positions
+    """Per tile of a unit: its Q^T stationaries (per piece, per partition tile), its query positions
     column (for masks; None without) and its RowState when it spans several key chunks."""
     stationaries: list
     qpos_col: object = None
@@ -201,6 +207,8 @@ class UnitGroup(nl.NKIObject):
         unit = setup.units[first]
         self.runs, self.tiles = unit.runs, unit.tiles
         self.seqs = sum([r.seqs for r in self.runs])
+        # per run: the partition tiles of its KV heads' contraction rows
+        self.tilings = [head_row_tiling(r.kv_end - r.kv_start, setup.d_head) for r in self.runs]
         run0 = self.runs[0]
         self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
         if self.packed:
@@ -213,8 +221,7 @@ class UnitGroup(nl.NKIObject):
             self.pieces = [Piece(0, 0, 0, 0, self.tiles[0].rows)]
             self.layout = (self.tiles[0].rows, run0.kv_start)
         self.split_tokens = max([t.tokens for t in self.tiles])
-        unit_lo, unit_hi = min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles])
-        self.chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
+        self.chunks = key_chunks(min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles]))
         self.q_buf = None
         self.tile_setup = []     # per unit: [TileSetup]
 
@@ -227,12 +234,13 @@ class UnitGroup(nl.NKIObject):
 def unit_pieces(runs, group: int):
     """The pieces (Piece) of a packed tile's runs, in row order: sequence, then KV head."""
     pieces = []
-    row = 0
+    row, slot = 0, 0
     for ri, run in enumerate(runs):
         for seq in range(run.seqs):
             for kv in range(run.kv_end - run.kv_start):
-                pieces.append(Piece(ri, seq, kv, row, (run.token_end - run.token_start) * group))
+                pieces.append(Piece(ri, seq, kv, row, (run.token_end - run.token_start) * group, slot + seq))
                 row += (run.token_end - run.token_start) * group
+        slot += run.seqs
     return pieces
 
 
@@ -261,40 +269,49 @@ def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
 
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run, into a buffer zeroed outside
-    each piece's columns (set up once per layout): piece p of unit u is the stationary
-    q_buf[:, h, u, p, :]."""
-    rows0, n_units, dp, n_dp = grp.tiles[0].rows, grp.count, setup.dp, setup.n_dp
+    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run in its partition tiles
+    [parts, tile, sequence, columns], then one copy per piece of a KV head's rows into a buffer
+    zeroed outside each piece's columns (set up once per layout): the stationaries of piece
+    (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for the head's pieces
+    (t, p0, p1) of the tiling (every partition of a tile holds one head's rows)."""
+    tiling, rows0, n_units, n_seqs = grp.tilings[0], grp.tiles[0].rows, grp.count, grp.seqs
+    if not all([t == tiling for t in grp.tilings]):
+        raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
     key = (grp.layout, n_units)
     if key not in setup.padded_q:
-        buf = nl.ndarray((dp, n_dp, n_units, len(grp.pieces), rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        buf = nl.ndarray((tiling.parts, tiling.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
         zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
         for u in range(n_units):
             nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
         setup.padded_q[key] = buf
     buf = setup.padded_q[key]
-    unit_size = len(grp.pieces) * rows0
     p = 0
     for run in grp.runs:
         n = (run.token_end - run.token_start) * setup.group
-        heads = run.kv_end - run.kv_start
-        # piece p + m of unit u -> buf[:, h, u, p + m, r0 + m n : r0 + (m + 1) n]
-        dst = buf.ap([[n_dp * n_units * unit_size, dp], [n_units * unit_size, n_dp], [unit_size, n_units],
-                      [rows0 + n, run.seqs * heads], [1, n]], offset=p * rows0 + grp.pieces[p].row0)
-        src = setup.q_t[run.first_seq:run.first_seq + n_units * run.seqs, run.kv_start:run.kv_end, :,
+        heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
+        q_run = nl.ndarray((tiling.parts, tiling.tiles, n_seq, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        src = setup.q_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :,
                         run.token_start * setup.group:run.token_end * setup.group]
-        nisa.dma_copy(dst, src.reshape((n_units * run.seqs, heads, n_dp, dp, n)).permute((3, 2, 0, 1, 4)))
+        nisa.dma_copy(q_run, src.reshape((n_seq, tiling.tiles, tiling.parts, n)).permute((2, 1, 0, 3)))
+        for h in range(heads):
+            for t, p0, p1 in tiling.pieces[h]:
+                # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
+                dst = buf[p0:p1, t].ap([[buf.shape[1] * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
+                                        [rows0 + heads * n, run.seqs], [1, n]],
+                                       offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
+                nisa.tensor_copy(dst, q_run[p0:p1, t].reshape((p1 - p0, n_units, run.seqs, n)),
+                                 engine=setup.q_copies.next())
         p += run.seqs * heads
     grp.q_buf = buf
 
 
 def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T [dp, n_dp, tokens * G] of a split unit's sequence and KV head, one DMA."""
-    run = grp.runs[0]
+    """HBM -> SBUF: Q^T [parts, tile, tokens * G] of a split unit's sequence and KV head, one DMA."""
+    run, tiling = grp.runs[0], grp.tilings[0]
     cols = (run.token_end - run.token_start) * setup.group
-    q_unit = nl.ndarray((setup.dp, setup.n_dp, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    q_unit = nl.ndarray((tiling.parts, tiling.tiles, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
     src = setup.q_t[run.first_seq, run.kv_start, :, run.token_start * setup.group:run.token_end * setup.group]
-    nisa.dma_copy(q_unit, src.reshape((setup.n_dp, setup.dp, cols)).permute((1, 0, 2)))
+    nisa.dma_copy(q_unit, src.reshape((tiling.tiles, tiling.parts, cols)).permute((1, 0, 2)))
     grp.q_buf = q_unit
 
 
@@ -310,12 +327,13 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
         load_layout_constants(setup, grp, tile, setup.unit_tile0[grp.first + u] + j, len(tiles) > 1)
         qpos_col = None
         if grp.packed:
-            stationaries = [[grp.q_buf[:, h, u, p, :] for p in range(len(grp.pieces))] for h in range(setup.n_dp)]
+            stationaries = [[grp.q_buf[p0:p1, t, u, piece.slot, :] for t, p0, p1 in grp.tilings[0].pieces[piece.kv]]
+                            for piece in grp.pieces]
             if any(tile.masks):
                 qpos_col = load_packed_query_positions(setup, grp, u, tile)
         else:
             col0, col1 = tile.token_start * setup.group, tile.token_end * setup.group
-            stationaries = [[grp.q_buf[:, h, col0:col1]] for h in range(setup.n_dp)]
+            stationaries = [[grp.q_buf[p0:p1, t, col0:col1] for t, p0, p1 in grp.tilings[0].pieces[0]]]
             if any(tile.masks):
                 qpos_col = qpos_cols[0:tile.tokens, j:j + 1]
         n_chunks = sum([1 for c0, c1 in grp.chunks if max(c0, tile.key_start) < min(c1, tile.key_end)])
@@ -377,17 +395,39 @@ def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: 
 
 
 def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
-    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [dp, n_dp, seq, kv, keys] and of V
-    [128, seq, kv, key tile, Dv] for all the group's units. Returns (K^T parts, V parts)."""
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (its tiling) and
+    of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA each (a second for a V
+    tail). Returns (K^T parts, V parts)."""
     k_sb, v_sb = [], []
-    for run in grp.runs:
-        n_seq, heads = grp.count * run.seqs, run.kv_end - run.kv_start
-        k_part = nl.ndarray((setup.dp, setup.n_dp, n_seq, heads, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
+    for run, tiling in zip(grp.runs, grp.tilings):
+        n_seq = grp.count * run.seqs
+        k_part = nl.ndarray((tiling.parts, n_seq, tiling.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
         src = setup.k_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :, c0:c1]
-        nisa.dma_copy(k_part, src.reshape((n_seq, heads, setup.n_dp, setup.dp, c1 - c0)).permute((3, 2, 0, 1, 4)))
+        nisa.dma_copy(k_part, src.reshape((n_seq, tiling.tiles, tiling.parts, c1 - c0)).permute((2, 0, 1, 3)))
         k_sb.append(k_part)
-        v_sb.append(load_key_tiles(setup.v[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end], c0, c1))
+        v_sb.append(load_value_tiles(setup.v[run.first_seq:run.first_seq + n_seq, :, run.kv_start:run.kv_end], c0, c1))
     return k_sb, v_sb
+
+
+def load_value_tiles(v_seqs, c0: int, c1: int):
+    """HBM -> SBUF: the values of key slots [c0, c1) (a `key_chunks` chunk) of [seq, S, kv, Dv] rows
+    in `value_rows` order as [128 keys, seq, key tile, kv, Dv], slot c0 + 128 j + p on partition p,
+    tile j: the chunk's tiles inside its block's transposed ones in one DMA (partition p reads rows
+    m p + j0 .. m p + j0 + n - 1, all KV heads, as one run), a part-filled last tile in a second."""
+    n_seq, n_slots, heads, dv = v_seqs.shape
+    base = c0 // CHUNK_KEYS * CHUNK_KEYS
+    m = min(CHUNK_KEYS, n_slots - base) // P_MAX          # the block's transposed tiles
+    j0, full = (c0 - base) // P_MAX, (c1 - c0) // P_MAX
+    v_sb = nl.ndarray((P_MAX, n_seq, (c1 - c0 + P_MAX - 1) // P_MAX, heads, dv), dtype=v_seqs.dtype, buffer=nl.sbuf)
+    block = v_seqs[:, base:base + m * P_MAX].reshape((n_seq, P_MAX, m, heads, dv))
+    if full:
+        nisa.dma_copy(v_sb[:, :, 0:full], block[:, :, j0:j0 + full].permute((1, 0, 2, 3, 4)))
+    tail = (c1 - c0) - full * P_MAX
+    if tail:
+        j = j0 + full
+        src = block[:, 0:tail, j] if j < m else v_seqs[:, base + j * P_MAX:base + j * P_MAX + tail]
+        nisa.dma_copy(v_sb[0:tail, :, full], src.permute((1, 0, 2, 3)))
+    return v_sb
 
 
 def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, v_sb, kpos_rows,
@@ -414,7 +454,7 @@ def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Til
         for i, j in enumerate(batch.tiles()):
             # key tiles past the tile's own columns hold only zeros: skipped
             v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
-            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, 0], v_tile0, ends[i])
+            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0, ends[i])
     del probs_t
     update_output(state, o_psum, alpha, result[0:batch.rows, batch.tile_slice(u * len(tiles)), :], setup.evict)
 
@@ -433,8 +473,8 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
         a = max(c0, tile.key_start)
         for p, piece in enumerate(grp.pieces):
             seq = u * grp.runs[piece.run].seqs + piece.seq
-            qk_matmuls(scores[:, i, :], [s[p] for s in tile_setup.stationaries],
-                       [k_sb[piece.run][:, h, seq, piece.kv, :] for h in range(setup.n_dp)],
+            qk_matmuls(scores[:, i, :], tile_setup.stationaries[p],
+                       [k_sb[piece.run][p0:p1, seq, t, :] for t, p0, p1 in grp.tilings[piece.run].pieces[piece.kv]],
                        lead, width, a - c0, first=p == 0)
         for mask in tile.masks[ci]:
             engine = nisa.vector_engine if setup.mask_vector.take() else nisa.gpsimd_engine
@@ -459,7 +499,7 @@ def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, prob
         rows = slice(piece.row0, piece.row0 + piece.rows)
         for kt in range(n_kt):
             kw = min(P_MAX, batch.width - kt * P_MAX)
-            nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, piece.kv, v_tile0 + kt, :],
+            nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, v_tile0 + kt, piece.kv, :],
                            probs_t[0:kw, 0, kt, rows], accumulate=kt > 0)
     o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
     setup.evict.copy(o_t, o_t_psum)
@@ -511,7 +551,7 @@ def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
                         c0, c1, group)
 
 
-def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
+def unit_groups(units, d_head: int, dv: int, programs: int):
     """Consecutive units that share their Q^T, K^T, V and output DMAs: [(first unit, count)].
 
     A group's units are packed tiles of one run each, unit u + 1 holding the same tokens and KV
@@ -525,8 +565,8 @@ def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
         run, tile = unit.runs[0], unit.tiles[0]
         heads = run.seqs * (run.kv_end - run.kv_start)
         keys = min(CHUNK_KEYS, tile.key_end - tile.key_start)
-        n_dp = (d_head + P_MAX - 1) // P_MAX
-        unit_bytes = 2 * (n_dp * heads * tile.rows + n_dp * heads * keys + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
+        row_tiles = run.seqs * head_row_tiling(run.kv_end - run.kv_start, d_head).tiles
+        unit_bytes = 2 * (row_tiles * (2 * tile.rows + keys) + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
         if groups and single and heads > 1:
             first, n = groups[-1]
             prev = units[ui - 1]
@@ -593,7 +633,7 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     group = hq // max(1, kv_heads)
     q_t = np.zeros((slots, kv_heads, d, t_max * group), BF16)
     k_t = np.zeros((slots, kv_heads, d, s_max), BF16)
-    v_dev = np.zeros((slots, kv_heads, s_max, dv), BF16)
+    v_dev = np.zeros((slots, s_max, kv_heads, dv), BF16)
     kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
     kpos[len(problems):, 0] = 0.0     # dummy sequences: one zero key at position 0, their query's own
     qpos = np.zeros((slots, t_max), np.float32)
@@ -602,7 +642,7 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
         t_len, s_len = p.q.shape[0], len(idx)
         q_t[slot, :, :, :t_len * group] = scaled_rows_t(p.q, kv_heads, scale)
         k_t[slot, :, :, :s_len] = np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0)
-        v_dev[slot, :, :s_len] = np.asarray(p.v, np.float32)[idx].transpose(1, 0, 2)
+        v_dev[slot, value_rows(np.arange(s_len), s_max)] = np.asarray(p.v, np.float32)[idx]
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
         qpos[slot, t_len:] = qpos[slot, t_len - 1]      # padding tokens see what the last one sees
@@ -683,7 +723,7 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     q              [B, T, Hq, D]     the new tokens' queries (any float dtype; cast to bf16 after
                                      multiplying by `scale`).
     k_cache_t      [B, Hkv, D, S]    bf16 keys, the new tokens' keys already written.
-    v_cache        [B, Hkv, S, Dv]   bf16 values.
+    v_cache        [B, S, Hkv, Dv]   bf16 values, slot s in row `value_rows(s, S)`.
     key_positions  [B, S]            fp32 slot positions, EMPTY_POSITION for empty slots.
     q_positions    [B, T]            fp32 positions of the new tokens.
     keys           the slots [0, keys) every tile reads (None: all S), e.g. a decode bucket's
