@@ -4,8 +4,9 @@ device keeps resident between steps.
 The ragged `KVCache` grows its full-attention layers by doubling. This one allocates everything
 once: full layers `context` key slots per sequence (the largest decode bucket's context; slot =
 position), sliding-window layers a ring of `window` slots (slot = position % window). Storage is the
-kernel's (`mimo_kernels.attention.decode`): keys `k [B, Hkv, D, slots]` (transposed: D on
-partitions, keys contiguous), values `v [B, slots, Hkv, Dv]` with slot s in row `value_rows(s,
+kernel's (`mimo_kernels.attention.decode`): keys `k [B, P, T, slots]` (transposed, the Hkv x D
+rows in the kernel's partition tiles: `tiled_rows`, e.g. 128 x 6 for 4 heads of 192; keys
+contiguous), values `v [B, slots, Hkv, Dv]` with slot s in row `value_rows(s,
 slots)` (each block of 2048 slots stores its 128-key tiles transposed, so the kernel's V load reads
 long runs), both bfloat16 by default, and key positions `pos [B, slots]` float32 with
 EMPTY_POSITION in empty slots. A step writes its new keys in
@@ -38,8 +39,8 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class StaticLayerKVCache(LayerCacheBase):
-    """Keys [B, Hkv, D, slots], values [B, slots, Hkv, Dv] (rows in `value_rows` order), key
-    positions [B, slots] float32.
+    """Keys [B, P, T, slots] (`tiled_rows`), values [B, slots, Hkv, Dv] (rows in `value_rows` order),
+    key positions [B, slots] float32.
 
     `resident`: register the three buffers with `mimo_kernels.launch.RESIDENT` (the kernel backend):
     they are uploaded once, here, every launch that reads them passes the device copies, and every
@@ -51,8 +52,11 @@ class StaticLayerKVCache(LayerCacheBase):
                  context: int, dtype=BF16, resident: bool = False):
         super().__init__(batch, window)
         self.context = context
+        from mimo_kernels.attention.plan import head_row_tiling    # the kernel's layout, loaded with the kernels
         slots = window if window is not None else context
-        self.k = np.zeros((batch, kv_heads, head_dim, slots), dtype)
+        tiling = head_row_tiling(kv_heads, head_dim)
+        self.kv_heads = kv_heads
+        self.k = np.zeros((batch, tiling.parts, tiling.tiles, slots), dtype)
         self.v = np.zeros((batch, slots, kv_heads, v_head_dim), dtype)
         self.pos = np.full((batch, slots), self.empty, np.float32)
         self.device = None       # mimo_kernels.launch.RESIDENT when the buffers are registered
@@ -69,7 +73,8 @@ class StaticLayerKVCache(LayerCacheBase):
         return value_rows(np.arange(n_slots)[slots], n_slots)
 
     def slot_kv(self, seq: int, slots):
-        return self.k[seq][:, :, slots].transpose(2, 0, 1), self.v[seq][self.value_rows(slots)]
+        from mimo_kernels.attention.plan import untiled_rows
+        return untiled_rows(self.k[seq][:, :, slots], self.kv_heads).transpose(2, 0, 1), self.v[seq][self.value_rows(slots)]
 
     def _put(self, buffer: np.ndarray, index: tuple, value) -> None:
         """buffer[index] = value, also in the device copy of a resident buffer."""
@@ -82,7 +87,9 @@ class StaticLayerKVCache(LayerCacheBase):
     # index: NumPy and torch then keep every axis in place.
     def store_kv(self, seq: int, slots, k, v) -> None:
         row = slice(seq, seq + 1)
-        self._put(self.k, (row, slice(None), slice(None), slots), np.asarray(k).transpose(1, 2, 0)[None])
+        from mimo_kernels.attention.plan import tiled_rows
+        self._put(self.k, (row, slice(None), slice(None), slots), tiled_rows(np.asarray(k).transpose(1, 2, 0),
+                                                                             self.kv_heads)[None])
         self._put(self.v, (row, self.value_rows(slots)), np.asarray(v)[None])
 
     def store_positions(self, seq: int, slots, positions) -> None:

@@ -138,8 +138,8 @@ def test_misuse_is_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="2 query positions for 1 queries"):
         attention_decode([short], SCALE)
     # the kernel itself: a plan whose runs do not add up to the tile's rows
-    q_t = np.zeros((1, 4, 192, 16), BF16)
-    k_t = np.zeros((1, 4, 192, 8), BF16)
+    q_t = np.zeros((1, 128, 6, 16), BF16)           # 4 KV heads x 192 rows in 128-partition tiles
+    k_t = np.zeros((1, 128, 6, 8), BF16)
     v = np.zeros((1, 8, 4, 128), BF16)
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
@@ -189,7 +189,7 @@ def test_decode_reads_the_static_cache_buffers_in_place():
     sees) against the reference within TOL."""
     rng = np.random.default_rng(11)
     cache, q, qpos, problems = filled_static_layer(rng, [200, 37], FULL["hkv"], None, 512)
-    assert cache.k.shape == (2, 4, HEAD_DIM, 512) and cache.k.dtype == BF16
+    assert cache.k.shape == (2, 128, 4 * HEAD_DIM // 128, 512) and cache.k.dtype == BF16
     out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=256)
     bucketed, _ = attention_decode(problems, SCALE, shape=(2, 1, 256))
     for b in range(2):
@@ -197,7 +197,7 @@ def test_decode_reads_the_static_cache_buffers_in_place():
     check(problems, None, None, list(out))
     sink = random_sink(64)
     cache, q, qpos, problems = filled_static_layer(rng, [300, 5], SWA["hkv"], SWA["window"], 512)
-    assert cache.k.shape == (2, 8, HEAD_DIM, SWA["window"])
+    assert cache.k.shape == (2, 128, 8 * HEAD_DIM // 128, SWA["window"])
     out, _ = attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink)
     check(problems, SWA["window"], sink, list(out))
     with pytest.raises(ValueError, match="S >= keys = 600"):

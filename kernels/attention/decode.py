@@ -5,10 +5,11 @@ sequence) and prefill on a history (several new tokens on top of cached keys), f
 Device layout of the cache (what the kernel reads; the model's `LayerKVCache` arrays
 `k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose and, for v, a row order):
 
-    k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous. The Hkv x D
-                                 rows of a sequence load in tiles of up to 128 partitions
-                                 (`head_row_tiling`: 4 x 192 -> 6 x 128), so one DMA brings a key
-                                 chunk of all KV heads on all 16 DMA engines
+    k_t   [B, P, T, S]     bf16  keys transposed, the Hkv x D rows in T partition tiles of P
+                                 (`head_row_tiling`, `tiled_rows`: 4 x 192 -> 128 x 6; row h D + d
+                                 at [p, t] with t P + p = h D + d), keys contiguous: one DMA brings
+                                 a key chunk of all KV heads on all 16 DMA engines, and a partition's
+                                 tiles of a short cache (the SWA ring) are one run
     v     [B, S, Hkv, Dv]  bf16  values, keys on partitions when loaded; row `value_rows(slot, S)`:
                                  each block of 2048 slots stores its 128-key tiles transposed, so a
                                  chunk's V load gives every partition its keys of all KV heads as one
@@ -43,6 +44,8 @@ is shared with the prefill kernel (`flash.py`); the plan is built on the host (`
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
@@ -53,7 +56,7 @@ from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, T
                     pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
 from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, plan_decode_units, plan_tensors,
-                   static_plan_tensors, typed_units, value_rows)
+                   static_plan_tensors, tiled_rows, typed_units, value_rows)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -72,9 +75,10 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                             split_dma_transpose_share=None):
     """New tokens of a ragged batch against their sequences' cached keys.
 
-    q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
-                                        t, query head g*G + i of sequence b.
-    k_t         [B, Hkv, D, S]    bf16  cache keys transposed (module docstring).
+    q_t         [B, P, T, Tq*G]   bf16  Q * softmax scale, transposed per KV head and in the row
+                                        tiles of K^T (`tiled_rows`): column t*G + i = new token t,
+                                        query head g*G + i of sequence b.
+    k_t         [B, P, T, S]      bf16  cache keys transposed (module docstring).
     v           [B, S, Hkv, Dv]   bf16  cache values, rows in `value_rows` order.
     kpos        [B, S]            fp32  key positions (EMPTY_POSITION for empty slots).
     qpos        [B, Tq]           fp32  positions of the new tokens.
@@ -99,7 +103,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
 
-    A run's Hkv x D contraction rows go in the partition tiles of `head_row_tiling` (TensorE time
+    The Hkv x D contraction rows are in the partition tiles of `head_row_tiling` (TensorE time
     does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
     splits the unit groups between the two cores.
     """
@@ -110,7 +114,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                      buffer=nl.shared_hbm)
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
-    groups = unit_groups(units, q_t.shape[2], v.shape[3], nl.num_programs(0))
+    groups = unit_groups(units, setup.tiling, v.shape[3], nl.num_programs(0))
     for gi, (u_first, n_units) in enumerate(groups):
         if gi % nl.num_programs(0) == nl.program_id(0):
             decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
@@ -119,13 +123,15 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
 def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
     """KernelInputError naming the tensor unless the shapes fit the kernel."""
-    n_seqs, kv_heads, d_head, q_cols = q_t.shape
-    s_max = k_t.shape[3]
-    dv = v.shape[3]
-    if not (k_t.shape[:3] == (n_seqs, kv_heads, d_head)):
-        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]")
-    if not (v.shape[:3] == (n_seqs, s_max, kv_heads)):
-        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {s_max}, {kv_heads}, Dv]")
+    n_seqs, parts, tiles, q_cols = q_t.shape
+    s_max, kv_heads, dv = k_t.shape[3], v.shape[2], v.shape[3]
+    if not ((parts * tiles) % kv_heads == 0 and head_row_tiling(kv_heads, parts * tiles // kv_heads)[:2] == (parts, tiles)):
+        raise KernelInputError(f"q_t {q_t.shape} must hold {kv_heads} KV heads (v {v.shape}) in the partition "
+                               f"tiles of head_row_tiling")
+    if not (k_t.shape[:3] == (n_seqs, parts, tiles)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {parts}, {tiles}, S]")
+    if not (v.shape[:2] == (n_seqs, s_max)):
+        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {s_max}, Hkv, Dv]")
     if not (kpos.shape == (n_seqs, s_max)):
         raise KernelInputError(f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]")
     if not (dv <= P_MAX):
@@ -144,7 +150,8 @@ class DecodeSetup(nl.NKIObject):
         self.q_t, self.k_t, self.v, self.kpos, self.qpos = q_t, k_t, v, kpos, qpos
         self.tile_onehot, self.sink_rows, self.out = tile_onehot, sink_rows, out
         self.group, self.units, self.window = group, units, window
-        self.dv, self.d_head = v.shape[3], q_t.shape[2]
+        self.dv = v.shape[3]
+        self.tiling = head_row_tiling(v.shape[2], q_t.shape[1] * q_t.shape[2] // v.shape[2])
         self.padded_q = {}       # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece
         self.per_layout = {}     # (rows, tile layout) -> LayoutConstants, loaded once
         self.unit_row0, self.unit_tile0 = [0], [0]
@@ -207,8 +214,7 @@ class UnitGroup(nl.NKIObject):
         unit = setup.units[first]
         self.runs, self.tiles = unit.runs, unit.tiles
         self.seqs = sum([r.seqs for r in self.runs])
-        # per run: the partition tiles of its KV heads' contraction rows
-        self.tilings = [head_row_tiling(r.kv_end - r.kv_start, setup.d_head) for r in self.runs]
+        self.rows = [run_rows(setup.tiling, r) for r in self.runs]
         run0 = self.runs[0]
         self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
         if self.packed:
@@ -244,6 +250,22 @@ def unit_pieces(runs, group: int):
     return pieces
 
 
+class RunRows(NamedTuple):
+    """The partition tiles [tile0, tile0 + tiles) of the row tiling holding a run's KV heads, and per
+    KV head of the run its pieces ((tile - tile0, first partition, end partition), ...)."""
+    tile0: int
+    tiles: int
+    pieces: tuple
+
+
+def run_rows(tiling, run) -> RunRows:
+    """The RunRows of a run's KV heads [kv_start, kv_end) in the launch's row tiling."""
+    heads = tiling.pieces[run.kv_start:run.kv_end]
+    tile0 = heads[0][0][0]
+    return RunRows(tile0, heads[-1][-1][0] + 1 - tile0, tuple([tuple([(t - tile0, p0, p1) for t, p0, p1 in head])
+                                                                for head in heads]))
+
+
 def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
     """Queries, per-tile setup, then the key chunks of a unit group; its rows go out in one store."""
     if grp.packed:
@@ -269,17 +291,18 @@ def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
 
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run in its partition tiles
-    [parts, tile, sequence, columns], then one copy per piece of a KV head's rows into a buffer
-    zeroed outside each piece's columns (set up once per layout): the stationaries of piece
-    (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for the head's pieces
-    (t, p0, p1) of the tiling (every partition of a tile holds one head's rows)."""
-    tiling, rows0, n_units, n_seqs = grp.tilings[0], grp.tiles[0].rows, grp.count, grp.seqs
-    if not all([t == tiling for t in grp.tilings]):
+    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run ([parts, sequence, tile,
+    columns]: a partition's tiles of a sequence are one run), then one copy per piece of a KV
+    head's rows into a buffer zeroed outside each piece's columns (set up once per layout): the
+    stationaries of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for
+    the head's pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
+    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
+    if not all([r == rows for r in grp.rows]):
         raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
+    parts = setup.tiling.parts
     key = (grp.layout, n_units)
     if key not in setup.padded_q:
-        buf = nl.ndarray((tiling.parts, tiling.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        buf = nl.ndarray((parts, rows.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
         zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
         for u in range(n_units):
             nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
@@ -289,29 +312,30 @@ def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     for run in grp.runs:
         n = (run.token_end - run.token_start) * setup.group
         heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
-        q_run = nl.ndarray((tiling.parts, tiling.tiles, n_seq, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        src = setup.q_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :,
+        q_run = nl.ndarray((parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        src = setup.q_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles,
                         run.token_start * setup.group:run.token_end * setup.group]
-        nisa.dma_copy(q_run, src.reshape((n_seq, tiling.tiles, tiling.parts, n)).permute((2, 1, 0, 3)))
+        nisa.dma_copy(q_run, src.permute((1, 0, 2, 3)))
         for h in range(heads):
-            for t, p0, p1 in tiling.pieces[h]:
+            for t, p0, p1 in rows.pieces[h]:
                 # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
-                dst = buf[p0:p1, t].ap([[buf.shape[1] * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
+                dst = buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
                                         [rows0 + heads * n, run.seqs], [1, n]],
                                        offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
-                nisa.tensor_copy(dst, q_run[p0:p1, t].reshape((p1 - p0, n_units, run.seqs, n)),
+                nisa.tensor_copy(dst, q_run[p0:p1, :, t, :].reshape((p1 - p0, n_units, run.seqs, n)),
                                  engine=setup.q_copies.next())
         p += run.seqs * heads
     grp.q_buf = buf
 
 
 def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T [parts, tile, tokens * G] of a split unit's sequence and KV head, one DMA."""
-    run, tiling = grp.runs[0], grp.tilings[0]
+    """HBM -> SBUF: Q^T [parts, tile, tokens * G] of a split unit's sequence and KV head (the row
+    tiles holding the head), one DMA."""
+    run, rows = grp.runs[0], grp.rows[0]
     cols = (run.token_end - run.token_start) * setup.group
-    q_unit = nl.ndarray((tiling.parts, tiling.tiles, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-    src = setup.q_t[run.first_seq, run.kv_start, :, run.token_start * setup.group:run.token_end * setup.group]
-    nisa.dma_copy(q_unit, src.reshape((tiling.tiles, tiling.parts, cols)).permute((1, 0, 2)))
+    q_unit = nl.ndarray((setup.tiling.parts, rows.tiles, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(q_unit, setup.q_t[run.first_seq, :, rows.tile0:rows.tile0 + rows.tiles,
+                                    run.token_start * setup.group:run.token_end * setup.group])
     grp.q_buf = q_unit
 
 
@@ -327,13 +351,13 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
         load_layout_constants(setup, grp, tile, setup.unit_tile0[grp.first + u] + j, len(tiles) > 1)
         qpos_col = None
         if grp.packed:
-            stationaries = [[grp.q_buf[p0:p1, t, u, piece.slot, :] for t, p0, p1 in grp.tilings[0].pieces[piece.kv]]
+            stationaries = [[grp.q_buf[p0:p1, t, u, piece.slot, :] for t, p0, p1 in grp.rows[0].pieces[piece.kv]]
                             for piece in grp.pieces]
             if any(tile.masks):
                 qpos_col = load_packed_query_positions(setup, grp, u, tile)
         else:
             col0, col1 = tile.token_start * setup.group, tile.token_end * setup.group
-            stationaries = [[grp.q_buf[p0:p1, t, col0:col1] for t, p0, p1 in grp.tilings[0].pieces[0]]]
+            stationaries = [[grp.q_buf[p0:p1, t, col0:col1] for t, p0, p1 in grp.rows[0].pieces[0]]]
             if any(tile.masks):
                 qpos_col = qpos_cols[0:tile.tokens, j:j + 1]
         n_chunks = sum([1 for c0, c1 in grp.chunks if max(c0, tile.key_start) < min(c1, tile.key_end)])
@@ -395,15 +419,15 @@ def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: 
 
 
 def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
-    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (its tiling) and
-    of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA each (a second for a V
-    tail). Returns (K^T parts, V parts)."""
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (the row tiles
+    holding its KV heads) and of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA
+    each (a second for a V tail). Returns (K^T parts, V parts)."""
     k_sb, v_sb = [], []
-    for run, tiling in zip(grp.runs, grp.tilings):
+    for run, rows in zip(grp.runs, grp.rows):
         n_seq = grp.count * run.seqs
-        k_part = nl.ndarray((tiling.parts, n_seq, tiling.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
-        src = setup.k_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :, c0:c1]
-        nisa.dma_copy(k_part, src.reshape((n_seq, tiling.tiles, tiling.parts, c1 - c0)).permute((2, 0, 1, 3)))
+        k_part = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
+        src = setup.k_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles, c0:c1]
+        nisa.dma_copy(k_part, src.permute((1, 0, 2, 3)))
         k_sb.append(k_part)
         v_sb.append(load_value_tiles(setup.v[run.first_seq:run.first_seq + n_seq, :, run.kv_start:run.kv_end], c0, c1))
     return k_sb, v_sb
@@ -474,7 +498,7 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
         for p, piece in enumerate(grp.pieces):
             seq = u * grp.runs[piece.run].seqs + piece.seq
             qk_matmuls(scores[:, i, :], tile_setup.stationaries[p],
-                       [k_sb[piece.run][p0:p1, seq, t, :] for t, p0, p1 in grp.tilings[piece.run].pieces[piece.kv]],
+                       [k_sb[piece.run][p0:p1, seq, t, :] for t, p0, p1 in grp.rows[piece.run].pieces[piece.kv]],
                        lead, width, a - c0, first=p == 0)
         for mask in tile.masks[ci]:
             engine = nisa.vector_engine if setup.mask_vector.take() else nisa.gpsimd_engine
@@ -551,7 +575,7 @@ def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
                         c0, c1, group)
 
 
-def unit_groups(units, d_head: int, dv: int, programs: int):
+def unit_groups(units, tiling, dv: int, programs: int):
     """Consecutive units that share their Q^T, K^T, V and output DMAs: [(first unit, count)].
 
     A group's units are packed tiles of one run each, unit u + 1 holding the same tokens and KV
@@ -565,7 +589,7 @@ def unit_groups(units, d_head: int, dv: int, programs: int):
         run, tile = unit.runs[0], unit.tiles[0]
         heads = run.seqs * (run.kv_end - run.kv_start)
         keys = min(CHUNK_KEYS, tile.key_end - tile.key_start)
-        row_tiles = run.seqs * head_row_tiling(run.kv_end - run.kv_start, d_head).tiles
+        row_tiles = run.seqs * run_rows(tiling, run).tiles
         unit_bytes = 2 * (row_tiles * (2 * tile.rows + keys) + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
         if groups and single and heads > 1:
             first, n = groups[-1]
@@ -631,8 +655,9 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     hq, d = problems[0].q.shape[1:]
     kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
     group = hq // max(1, kv_heads)
-    q_t = np.zeros((slots, kv_heads, d, t_max * group), BF16)
-    k_t = np.zeros((slots, kv_heads, d, s_max), BF16)
+    tiling = head_row_tiling(kv_heads, d)
+    q_t = np.zeros((slots, tiling.parts, tiling.tiles, t_max * group), BF16)
+    k_t = np.zeros((slots, tiling.parts, tiling.tiles, s_max), BF16)
     v_dev = np.zeros((slots, s_max, kv_heads, dv), BF16)
     kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
     kpos[len(problems):, 0] = 0.0     # dummy sequences: one zero key at position 0, their query's own
@@ -640,8 +665,8 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     for slot, b in enumerate(order):
         p, idx = problems[b], kept[b]
         t_len, s_len = p.q.shape[0], len(idx)
-        q_t[slot, :, :, :t_len * group] = scaled_rows_t(p.q, kv_heads, scale)
-        k_t[slot, :, :, :s_len] = np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0)
+        q_t[slot, :, :, :t_len * group] = tiled_rows(scaled_rows_t(p.q, kv_heads, scale), kv_heads)
+        k_t[slot, :, :, :s_len] = tiled_rows(np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0), kv_heads)
         v_dev[slot, value_rows(np.arange(s_len), s_max)] = np.asarray(p.v, np.float32)[idx]
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
@@ -722,7 +747,7 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
 
     q              [B, T, Hq, D]     the new tokens' queries (any float dtype; cast to bf16 after
                                      multiplying by `scale`).
-    k_cache_t      [B, Hkv, D, S]    bf16 keys, the new tokens' keys already written.
+    k_cache_t      [B, P, T, S]      bf16 keys (`tiled_rows` of K^T), the new tokens' keys already written.
     v_cache        [B, S, Hkv, Dv]   bf16 values, slot s in row `value_rows(s, S)`.
     key_positions  [B, S]            fp32 slot positions, EMPTY_POSITION for empty slots.
     q_positions    [B, T]            fp32 positions of the new tokens.
@@ -732,17 +757,19 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     positions are runtime tensors, and the plan tensors stay on the device between launches
     (`static_plan_tensors`). Returns (out [B, T, Hq, Dv] float32, cost report or None)."""
     batch, t_len, hq, d = q.shape
-    kv_heads, s_max = k_cache_t.shape[1], k_cache_t.shape[3]
+    kv_heads, s_max = v_cache.shape[2], k_cache_t.shape[3]
     keys = s_max if keys is None else int(keys)
-    if k_cache_t.shape[:3] != (batch, kv_heads, d) or not 1 <= keys <= s_max:
-        raise ValueError(f"attention_decode_cache: k_cache_t {k_cache_t.shape} must be [{batch}, Hkv, {d}, S] "
-                         f"with S >= keys = {keys} (q {q.shape})")
+    tiling = head_row_tiling(kv_heads, d)
+    if k_cache_t.shape[:3] != (batch, tiling.parts, tiling.tiles) or not 1 <= keys <= s_max:
+        raise ValueError(f"attention_decode_cache: k_cache_t {k_cache_t.shape} must be [{batch}, {tiling.parts}, "
+                         f"{tiling.tiles}, S] ({kv_heads} KV heads of {d} rows) with S >= keys = {keys} (q {q.shape})")
     if hq % kv_heads or np.shape(q_positions) != (batch, t_len) or np.shape(key_positions) != (batch, s_max):
         raise ValueError(f"attention_decode_cache: q {q.shape}, q_positions {np.shape(q_positions)} (must be "
                          f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
                          f"and {kv_heads} KV heads do not fit together")
     plan, onehot, sink_rows = static_plan_tensors((batch, t_len, keys), kv_heads, hq // kv_heads, window, sink)
-    q_t = np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]).astype(BF16)
+    q_t = np.ascontiguousarray(tiled_rows(np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]),
+                                          kv_heads)).astype(BF16)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
                               lnc, tuning)
     out = np.zeros((batch, t_len, hq, v_cache.shape[3]), np.float32)

@@ -68,6 +68,21 @@ def head_row_tiling(heads: int, d_head: int) -> RowTiling:
     raise ValueError(f"no partition tiling of {heads} heads x {d_head} rows")
 
 
+def tiled_rows(rows_t, kv_heads: int):
+    """[..., Hkv, D, N] (K^T or Q^T per KV head) -> [..., P, T, N]: the Hkv x D rows in the kernel's
+    partition tiles (`head_row_tiling`), row h D + d at [p, t] with t P + p = h D + d, so that a
+    partition's rows of all tiles are contiguous (one run per sequence when N is the whole extent)."""
+    *lead, heads, d_head, n = rows_t.shape
+    tiling = head_row_tiling(kv_heads, d_head)
+    return rows_t.reshape(*lead, tiling.tiles, tiling.parts, n).swapaxes(-3, -2)
+
+
+def untiled_rows(tiled, kv_heads: int):
+    """The inverse of `tiled_rows`: [..., P, T, N] -> [..., Hkv, D, N]."""
+    *lead, parts, tiles, n = tiled.shape
+    return tiled.swapaxes(-3, -2).reshape(*lead, kv_heads, parts * tiles // kv_heads, n)
+
+
 class KeyMask(NamedTuple):
     """Keys [first, end) of a chunk holding masked (query, key) pairs of a tile: `late` keys later
     than some query (or padding), `early` keys outside some query's window."""
