@@ -139,7 +139,7 @@ def test_misuse_is_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="2 query positions for 1 queries"):
         attention_decode([short], SCALE)
     # the kernel itself: a plan whose runs do not add up to the tile's rows
-    q_t = np.zeros((1, 128, 6, 16), BF16)           # 4 KV heads x 192 rows in 128-partition tiles
+    q_t = np.zeros((128, 1, 6, 16), BF16)           # 4 KV heads x 192 rows in 128-partition tiles
     k_t = np.zeros((1, 128, 6, 8), BF16)
     v = np.zeros((1, 8, 4, 128), BF16)
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)

@@ -52,7 +52,7 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
-from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, load_neg_sink, mask_matmuls,
+from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
                     pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
 from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, plan_decode_units, plan_tensors,
@@ -75,8 +75,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                             split_dma_transpose_share=None):
     """New tokens of a ragged batch against their sequences' cached keys.
 
-    q_t         [B, P, T, Tq*G]   bf16  Q * softmax scale, transposed per KV head and in the row
-                                        tiles of K^T (`tiled_rows`): column t*G + i = new token t,
+    q_t         [P, B, T, Tq*G]   bf16  Q * softmax scale, transposed per KV head, in the row tiles
+                                        of K^T (`tiled_rows`) and partition-major (a group's queries
+                                        are one run per partition): column t*G + i = new token t,
                                         query head g*G + i of sequence b.
     k_t         [B, P, T, S]      bf16  cache keys transposed (module docstring).
     v           [B, S, Hkv, Dv]   bf16  cache values, rows in `value_rows` order.
@@ -123,7 +124,7 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
 def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
     """KernelInputError naming the tensor unless the shapes fit the kernel."""
-    n_seqs, parts, tiles, q_cols = q_t.shape
+    parts, n_seqs, tiles, q_cols = q_t.shape
     s_max, kv_heads, dv = k_t.shape[3], v.shape[2], v.shape[3]
     if not ((parts * tiles) % kv_heads == 0 and head_row_tiling(kv_heads, parts * tiles // kv_heads)[:2] == (parts, tiles)):
         raise KernelInputError(f"q_t {q_t.shape} must hold {kv_heads} KV heads (v {v.shape}) in the partition "
@@ -151,7 +152,7 @@ class DecodeSetup(nl.NKIObject):
         self.tile_onehot, self.sink_rows, self.out = tile_onehot, sink_rows, out
         self.group, self.units, self.window = group, units, window
         self.dv = v.shape[3]
-        self.tiling = head_row_tiling(v.shape[2], q_t.shape[1] * q_t.shape[2] // v.shape[2])
+        self.tiling = head_row_tiling(v.shape[2], q_t.shape[0] * q_t.shape[2] // v.shape[2])
         self.padded_q = {}       # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece
         self.per_layout = {}     # (rows, tile layout) -> LayoutConstants, loaded once
         self.unit_row0, self.unit_tile0 = [0], [0]
@@ -292,7 +293,7 @@ def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     """HBM -> SBUF: Q^T of the group's packed units, one DMA per run ([parts, sequence, tile,
-    columns]: a partition's tiles of a sequence are one run), then one copy per piece of a KV
+    columns]: one run per partition), then one copy per piece of a KV
     head's rows into a buffer zeroed outside each piece's columns (set up once per layout): the
     stationaries of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for
     the head's pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
@@ -313,9 +314,8 @@ def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
         n = (run.token_end - run.token_start) * setup.group
         heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
         q_run = nl.ndarray((parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        src = setup.q_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles,
-                        run.token_start * setup.group:run.token_end * setup.group]
-        nisa.dma_copy(q_run, src.permute((1, 0, 2, 3)))
+        nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
+                                       run.token_start * setup.group:run.token_end * setup.group])
         for h in range(heads):
             for t, p0, p1 in rows.pieces[h]:
                 # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
@@ -334,7 +334,7 @@ def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     run, rows = grp.runs[0], grp.rows[0]
     cols = (run.token_end - run.token_start) * setup.group
     q_unit = nl.ndarray((setup.tiling.parts, rows.tiles, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(q_unit, setup.q_t[run.first_seq, :, rows.tile0:rows.tile0 + rows.tiles,
+    nisa.dma_copy(q_unit, setup.q_t[:, run.first_seq, rows.tile0:rows.tile0 + rows.tiles,
                                     run.token_start * setup.group:run.token_end * setup.group])
     grp.q_buf = q_unit
 
@@ -372,12 +372,25 @@ def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: 
     if key not in setup.per_layout:
         consts = LayoutConstants()
         if setup.sink_rows is not None:
-            consts.neg_sink = load_neg_sink(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
+            consts.neg_sink = load_neg_sink_row(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
         setup.per_layout[key] = consts
     consts = setup.per_layout[key]
     if (any(tile.masks) or batched) and consts.onehot is None:
         consts.onehot = nl.ndarray((tile.tokens, tile.rows), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.dma_copy(consts.onehot, setup.tile_onehot[tile_index, 0:tile.tokens, 0:tile.rows])
+
+
+def load_neg_sink_row(sink_src, rows: int):
+    """HBM -> SBUF: the [rows, 1] fp32 column of negated sink logits (the -m start of each row),
+    loaded as one partition's row (a transfer on one DMA engine, whose setup leaves the other 15 to
+    the K / V stream) and transposed on TensorE."""
+    sink = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(sink, sink_src.reshape((1, rows)))
+    sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(sink_t, sink)
+    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(neg_sink, sink_t, nl.multiply, -1.0)
+    return neg_sink
 
 
 def load_split_query_positions(setup: DecodeSetup, grp: UnitGroup, tiles):
@@ -656,7 +669,7 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
     group = hq // max(1, kv_heads)
     tiling = head_row_tiling(kv_heads, d)
-    q_t = np.zeros((slots, tiling.parts, tiling.tiles, t_max * group), BF16)
+    q_t = np.zeros((tiling.parts, slots, tiling.tiles, t_max * group), BF16)
     k_t = np.zeros((slots, tiling.parts, tiling.tiles, s_max), BF16)
     v_dev = np.zeros((slots, s_max, kv_heads, dv), BF16)
     kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
@@ -665,7 +678,7 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     for slot, b in enumerate(order):
         p, idx = problems[b], kept[b]
         t_len, s_len = p.q.shape[0], len(idx)
-        q_t[slot, :, :, :t_len * group] = tiled_rows(scaled_rows_t(p.q, kv_heads, scale), kv_heads)
+        q_t[:, slot, :, :t_len * group] = tiled_rows(scaled_rows_t(p.q, kv_heads, scale), kv_heads)
         k_t[slot, :, :, :s_len] = tiled_rows(np.asarray(p.k, np.float32)[idx].transpose(1, 2, 0), kv_heads)
         v_dev[slot, value_rows(np.arange(s_len), s_max)] = np.asarray(p.v, np.float32)[idx]
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
@@ -768,8 +781,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
                          f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
                          f"and {kv_heads} KV heads do not fit together")
     plan, onehot, sink_rows = static_plan_tensors((batch, t_len, keys), kv_heads, hq // kv_heads, window, sink)
-    q_t = np.ascontiguousarray(tiled_rows(np.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]),
-                                          kv_heads)).astype(BF16)
+    q_t = np.ascontiguousarray(np.moveaxis(tiled_rows(np.stack([scaled_rows_t(q[b], kv_heads, scale)
+                                                                 for b in range(batch)]), kv_heads), 0, 1)).astype(BF16)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
                               lnc, tuning)
     out = np.zeros((batch, t_len, hq, v_cache.shape[3]), np.float32)
