@@ -52,7 +52,7 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
-from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
+from .flash import (BANK_FP32, CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
                     pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
 from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, plan_decode_units, plan_tensors,
@@ -102,7 +102,9 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                                         the rest (None: MASK_VECTOR_SHARE of the layer type).
     split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
-    Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
+    Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order; transposed, [Dv, rows],
+                when the plan has several tiles (`transposed_rows`: a group's rows then leave in
+                one DMA with one run per value dim).
 
     The Hkv x D contraction rows are in the partition tiles of `head_row_tiling` (TensorE time
     does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
@@ -111,7 +113,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     group, plain_units = plan
     units = typed_units(plain_units)
     check_decode_inputs(q_t, k_t, v, kpos, qpos, group)
-    out = nl.ndarray((sum([t.rows for unit in units for t in unit.tiles]), v.shape[3]), dtype=q_t.dtype,
+    rows = sum([t.rows for unit in units for t in unit.tiles])
+    out = nl.ndarray((v.shape[3], rows) if transposed_rows(units) else (rows, v.shape[3]), dtype=q_t.dtype,
                      buffer=nl.shared_hbm)
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
@@ -287,8 +290,43 @@ def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
             for batch in unit_batches(tiles, grp.tile_setup[u], c0, c1, setup.group, grp.packed):
                 decode_batch(setup, grp, u, ci, batch, k_sb, v_sb, kpos_rows, result)
         del k_sb, v_sb
-    store_rows(setup.out, setup.unit_row0[grp.first], result,                          # SBUF -> HBM
-               [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles])
+    tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
+    if transposed_rows(setup.units):
+        store_rows_transposed(setup, setup.unit_row0[grp.first], result, tile_rows)
+    else:
+        store_rows(setup.out, setup.unit_row0[grp.first], result, tile_rows)          # SBUF -> HBM
+
+
+def transposed_rows(units) -> bool:
+    """Whether the kernel returns its rows transposed: when the plan has several row tiles (a
+    single tile of up to 128 rows stores as cheaply row by row, on as many DMA engines as rows)."""
+    return sum([len(unit[1]) for unit in units]) > 1
+
+
+def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> None:
+    """SBUF [R, tiles, Dv] -> HBM out [Dv, rows] from column row0: the tiles transposed on TensorE
+    (evicted one PSUM bank at a time), then one DMA for the full tiles, in which a value dim's
+    rows of the whole group are one run (a row-major store would write 256 B runs, one row of
+    each tile per partition), and one for a ragged last tile."""
+    rows0, n, dv = result.shape
+    full = sum([1 for rows in tile_rows if rows == rows0])
+    result_t = nl.ndarray((dv, n, rows0), dtype=result.dtype, buffer=nl.sbuf)
+    per_bank = BANK_FP32 * 4 // (rows0 * 2)          # bf16 [Dv, R] blocks per PSUM bank
+    for b0 in range(0, n, per_bank):
+        b1 = min(n, b0 + per_bank)
+        blocks = nl.ndarray((dv, b1 - b0, rows0), dtype=result.dtype, buffer=nl.psum)
+        for j in range(b0, b1):
+            nisa.nc_transpose(blocks[:, j - b0, 0:tile_rows[j]], result[0:tile_rows[j], j, :])
+        whole = min(b1, full) - b0
+        if whole > 0:
+            setup.evict.copy(result_t[:, b0:b0 + whole, :], blocks[:, 0:whole, :])          # PSUM -> SBUF
+        if b1 > full:
+            setup.evict.copy(result_t[:, full, 0:tile_rows[full]], blocks[:, full - b0, 0:tile_rows[full]])
+    if full:
+        nisa.dma_copy(setup.out[:, row0:row0 + full * rows0], result_t[:, 0:full, :])     # SBUF -> HBM
+    if full < n:
+        start = row0 + full * rows0
+        nisa.dma_copy(setup.out[:, start:start + tile_rows[full]], result_t[:, full, 0:tile_rows[full]])
 
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
@@ -689,10 +727,11 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
 
 def launch_plan(plan: DecodePlan, onehot, sink_rows, q_t, k_t, v, kpos, qpos, window, lnc, tuning):
     """One launch of the kernel on a finished plan and its tensors (`plan_tensors`): (rows [plan
-    rows, Dv] float32, cost report)."""
+    rows, Dv] float32, cost report); the kernel may return them transposed (`transposed_rows`)."""
     o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v, kpos, qpos, onehot, sink_rows, plan.kernel_plan,
                          None if window is None else int(window), report=True, lnc=lnc, splits_lnc=True, **tuning)
-    return np.asarray(o_rows, np.float32), rep
+    o_rows = np.asarray(o_rows, np.float32)
+    return (o_rows.T if transposed_rows(plan.kernel_plan[1]) else o_rows), rep
 
 
 def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
