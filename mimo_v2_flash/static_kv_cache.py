@@ -74,7 +74,8 @@ class StaticLayerKVCache(LayerCacheBase):
 
     def slot_kv(self, seq: int, slots):
         from mimo_kernels.attention.plan import untiled_rows
-        return untiled_rows(self.k[seq][:, :, slots], self.kv_heads).transpose(2, 0, 1), self.v[seq][self.value_rows(slots)]
+        keys = untiled_rows(self.k[seq][:, :, slots], self.kv_heads).transpose(2, 0, 1)
+        return keys, self.v[seq][self.value_rows(slots)]
 
     def _put(self, buffer: np.ndarray, index: tuple, value) -> None:
         """buffer[index] = value, also in the device copy of a resident buffer."""

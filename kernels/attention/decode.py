@@ -129,7 +129,8 @@ def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
     """KernelInputError naming the tensor unless the shapes fit the kernel."""
     parts, n_seqs, tiles, q_cols = q_t.shape
     s_max, kv_heads, dv = k_t.shape[3], v.shape[2], v.shape[3]
-    if not ((parts * tiles) % kv_heads == 0 and head_row_tiling(kv_heads, parts * tiles // kv_heads)[:2] == (parts, tiles)):
+    rows = parts * tiles
+    if not (rows % kv_heads == 0 and head_row_tiling(kv_heads, rows // kv_heads)[:2] == (parts, tiles)):
         raise KernelInputError(f"q_t {q_t.shape} must hold {kv_heads} KV heads (v {v.shape}) in the partition "
                                f"tiles of head_row_tiling")
     if not (k_t.shape[:3] == (n_seqs, parts, tiles)):

@@ -60,7 +60,7 @@ def head_row_tiling(heads: int, d_head: int) -> RowTiling:
     for parts in range(min(P_MAX, rows), 0, -1):
         if rows % parts:
             continue
-        pieces = tuple(tuple((t, max(h * d_head, t * parts) - t * parts, min((h + 1) * d_head, (t + 1) * parts) - t * parts)
+        pieces = tuple(tuple((t, max(h * d_head - t * parts, 0), min((h + 1) * d_head - t * parts, parts))
                              for t in range(h * d_head // parts, ((h + 1) * d_head - 1) // parts + 1))
                        for h in range(heads))
         if all(p0 in TRN2.allowed_start_partitions(p1 - p0) for head in pieces for _, p0, p1 in head):
