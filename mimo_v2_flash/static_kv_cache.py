@@ -4,9 +4,12 @@ device keeps resident between steps.
 The ragged `KVCache` grows its full-attention layers by doubling. This one allocates everything
 once: full layers `context` key slots per sequence (the largest decode bucket's context; slot =
 position), sliding-window layers a ring of `window` slots (slot = position % window). Storage is the
-kernel's (`mimo_kernels.attention.decode`): keys `k [B, Hkv, D, slots]` (transposed: D on
-partitions, keys contiguous), values `v [B, Hkv, slots, Dv]`, both bfloat16 by default, and key
-positions `pos [B, slots]` float32 with EMPTY_POSITION in empty slots. A step writes its new keys in
+kernel's (`mimo_kernels.attention.decode`): keys `k [B, P, T, slots]` (transposed, the Hkv x D
+rows in the kernel's partition tiles: `tiled_rows`, e.g. 128 x 6 for 4 heads of 192; keys
+contiguous), values `v [B, slots, Hkv, Dv]` with slot s in row `value_rows(s,
+slots)` (each block of 2048 slots stores its 128-key tiles transposed, so the kernel's V load reads
+long runs), both bfloat16 by default, and key positions `pos [B, slots]` float32 with
+EMPTY_POSITION in empty slots. A step writes its new keys in
 place (`store`), and `attention_decode_cache` hands these buffers to the kernel as they are (no
 relayout): `NkiOps.attention` does so for every decode bucket. On the kernel backend the buffers
 are device-resident (`resident=True`: registered with `mimo_kernels.launch.RESIDENT`, uploaded once
@@ -15,8 +18,8 @@ at allocation, every write applied to the device copy in place).
 `update` has the ragged cache's contract (keys to attend over, model layout: the cached ones, then
 the new ones, with integer positions), so the layer code and both backends take either cache:
 
-* full layers return the slots [0, length) of the sequence: a view of the static buffer, in
-  position order;
+* full layers return the slots [0, length) of the sequence in position order (the keys a view of
+  the static buffer, the values gathered from their rows);
 * sliding-window layers return the whole ring as it was before the write (empty slots carry
   `EMPTY_POSITION`, later than every query, so the causal mask hides them) followed by the new
   keys: a prefill longer than the window still sees every key its queries need, and a decode
@@ -41,7 +44,8 @@ def _permuted(a, axes):
 
 
 class StaticLayerKVCache(LayerCacheBase):
-    """Keys [B, Hkv, D, slots], values [B, Hkv, slots, Dv], key positions [B, slots] float32.
+    """Keys [B, P, T, slots] (`tiled_rows`), values [B, slots, Hkv, Dv] (rows in `value_rows` order),
+    key positions [B, slots] float32.
 
     `resident`: register the three buffers with `mimo_kernels.launch.RESIDENT` (the kernel backend):
     they are uploaded once, here, every launch that reads them passes the device copies, and every
@@ -53,9 +57,12 @@ class StaticLayerKVCache(LayerCacheBase):
                  context: int, dtype=BF16, resident: bool = False):
         super().__init__(batch, window)
         self.context = context
+        from mimo_kernels.attention.plan import head_row_tiling    # the kernel's layout, loaded with the kernels
         slots = window if window is not None else context
-        self.k = np.zeros((batch, kv_heads, head_dim, slots), dtype)
-        self.v = np.zeros((batch, kv_heads, slots, v_head_dim), dtype)
+        tiling = head_row_tiling(kv_heads, head_dim)
+        self.kv_heads = kv_heads
+        self.k = np.zeros((batch, tiling.parts, tiling.tiles, slots), dtype)
+        self.v = np.zeros((batch, slots, kv_heads, v_head_dim), dtype)
         self.pos = np.full((batch, slots), self.empty, np.float32)
         self.device = None       # mimo_kernels.launch.RESIDENT when the buffers are registered
         if resident:
@@ -64,11 +71,19 @@ class StaticLayerKVCache(LayerCacheBase):
                 RESIDENT.resident(buffer, kind="kv_cache")
             self.device = RESIDENT
 
+    def value_rows(self, slots):
+        """The rows of `v` holding key slots `slots` (an index array or a slice of the slots)."""
+        from mimo_kernels.attention.plan import value_rows    # the kernel's layout, loaded with the kernels
+        n_slots = self.v.shape[1]
+        return value_rows(np.arange(n_slots)[slots], n_slots)
+
     def slot_kv(self, seq: int, slots, on_device: bool = False):
-        """(keys [n, Hkv, D], values [n, Hkv, Dv]) of the slots; `on_device`: read from the resident
-        buffers' device copies (torch), which hold what a device step wrote."""
+        """(keys [n, Hkv, D], values [n, Hkv, Dv]) of the slots, in slot order; `on_device`: read
+        from the resident buffers' device copies (torch), which hold what a device step wrote."""
+        from mimo_kernels.attention.plan import untiled_rows
         k, v = (self.k, self.v) if not on_device else (self.device.lookup(self.k), self.device.lookup(self.v))
-        return _permuted(k[seq][:, :, slots], (2, 0, 1)), _permuted(v[seq][:, slots], (1, 0, 2))
+        keys = _permuted(untiled_rows(k[seq][:, :, slots], self.kv_heads), (2, 0, 1))
+        return keys, v[seq][self.value_rows(slots)]
 
     def _put(self, buffer: np.ndarray, index: tuple, value) -> None:
         """buffer[index] = value, also in the device copy of a resident buffer."""
@@ -81,8 +96,10 @@ class StaticLayerKVCache(LayerCacheBase):
     # index: NumPy and torch then keep every axis in place.
     def store_kv(self, seq: int, slots, k, v) -> None:
         row = slice(seq, seq + 1)
-        self._put(self.k, (row, slice(None), slice(None), slots), _permuted(k, (1, 2, 0))[None])
-        self._put(self.v, (row, slice(None), slots), _permuted(v, (1, 0, 2))[None])
+        from mimo_kernels.attention.plan import tiled_rows
+        keys = tiled_rows(_permuted(k, (1, 2, 0)), self.kv_heads)
+        self._put(self.k, (row, slice(None), slice(None), slots), keys[None])
+        self._put(self.v, (row, self.value_rows(slots)), (v if hasattr(v, "permute") else np.asarray(v))[None])
 
     def store_positions(self, seq: int, slots, positions) -> None:
         self._put(self.pos, (slice(seq, seq + 1), slots), positions)

@@ -393,7 +393,7 @@ def test_static_cache_gives_the_ragged_cache_logits():
         want = model.forward(ids[:, t:t + 1], ragged)
         got = model.forward(ids[:, t:t + 1], static)
         assert rel(got, want) < 1e-6, t
-    assert static.layers[1].k.shape[3] == window and static.layers[0].k.shape[3] == 64     # [B, Hkv, D, slots]
+    assert static.layers[1].k.shape[3] == window and static.layers[0].k.shape[3] == 64     # [B, P, T, slots]
     assert static.nbytes == sum(c.k.nbytes + c.v.nbytes for c in static.layers)
     with pytest.raises(ValueError, match="position 64 of sequence 0 is beyond its context of 64"):
         model.forward_ragged([np.zeros(64 - ids.shape[1] + 1, np.int64)], static, [0])

@@ -17,6 +17,7 @@ import pytest
 from mimo_kernels.attention import (EMPTY_POSITION, attention_batch, attention_decode, attention_decode_cache,
                                    attention_decode_kernel)
 from mimo_kernels.attention.host import BF16
+from mimo_kernels.attention.plan import head_row_tiling, tiled_rows, untiled_rows, value_rows
 from mimo_kernels.backend import simulate
 from mimo_kernels.launch import to_host
 from mimo_v2_flash.layer import AttentionInput
@@ -139,9 +140,9 @@ def test_misuse_is_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="2 query positions for 1 queries"):
         attention_decode([short], SCALE)
     # the kernel itself: a plan whose runs do not add up to the tile's rows
-    q_t = np.zeros((1, 4, 192, 16), BF16)
-    k_t = np.zeros((1, 4, 192, 8), BF16)
-    v = np.zeros((1, 4, 8, 128), BF16)
+    q_t = np.zeros((128, 1, 6, 16), BF16)           # 4 KV heads x 192 rows in 128-partition tiles
+    k_t = np.zeros((1, 128, 6, 8), BF16)
+    v = np.zeros((1, 8, 4, 128), BF16)
     kpos = np.full((1, 8), EMPTY_POSITION, np.float32)
     qpos = np.zeros((1, 1), np.float32)
     packed_run = ((0, 1, 0, 4, 0, 1),)                  # 1 sequence x 4 KV heads x 16 heads = 64 rows
@@ -190,7 +191,7 @@ def test_decode_reads_the_static_cache_buffers_in_place():
     sees) against the reference within TOL."""
     rng = np.random.default_rng(11)
     cache, q, qpos, problems = filled_static_layer(rng, [200, 37], FULL["hkv"], None, 512)
-    assert cache.k.shape == (2, 4, HEAD_DIM, 512) and cache.k.dtype == BF16
+    assert cache.k.shape == (2, 128, 4 * HEAD_DIM // 128, 512) and cache.k.dtype == BF16
     out, _ = to_host(attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=256))
     bucketed, _ = to_host(attention_decode(problems, SCALE, shape=(2, 1, 256)))
     for b in range(2):
@@ -198,8 +199,58 @@ def test_decode_reads_the_static_cache_buffers_in_place():
     check(problems, None, None, list(out))
     sink = random_sink(64)
     cache, q, qpos, problems = filled_static_layer(rng, [300, 5], SWA["hkv"], SWA["window"], 512)
-    assert cache.k.shape == (2, 8, HEAD_DIM, SWA["window"])
+    assert cache.k.shape == (2, 128, 8 * HEAD_DIM // 128, SWA["window"])
     out, _ = to_host(attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink))
     check(problems, SWA["window"], sink, list(out))
     with pytest.raises(ValueError, match="S >= keys = 600"):
         attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, SWA["window"], sink, keys=600)
+
+
+@pytest.mark.parametrize("n_slots", [128, 300, 2048, 4352])
+def test_value_rows_transpose_each_blocks_whole_tiles(n_slots):
+    """`value_rows` is a permutation of the slots; in each block of 2048 slots with m whole 128-key
+    tiles, slot block + 128 j + p sits in row block + m p + j (partition p's keys of the block are
+    consecutive rows), and the slots past the whole tiles keep their row."""
+    rows = value_rows(np.arange(n_slots), n_slots)
+    assert sorted(rows) == list(range(n_slots))
+    for base in range(0, n_slots, 2048):
+        m = min(2048, n_slots - base) // 128
+        for j, p in [(0, 0), (m - 1, 0), (0, 127), (m - 1, 127), (m // 2, 5)]:
+            assert rows[base + 128 * j + p] == base + m * p + j
+        tail = np.arange(base + 128 * m, min(n_slots, base + 2048))
+        np.testing.assert_array_equal(rows[tail], tail)
+
+
+def test_static_cache_over_several_value_blocks_with_ragged_lengths(lnc1_and_lnc2):
+    """A full layer's static cache of 4352 slots (value blocks of 2048, 2048 and 256 slots) holding
+    sequences of 3000, 141 and 2101 keys, read up to a bucket of 3001 keys (the last chunk ends
+    inside a block, part of a 128-key tile): `update` gives the keys and values back in position
+    order, and the kernel on the cache's buffers equals the reference within TOL, at LNC=1 and
+    LNC=2 bit for bit."""
+    rng = np.random.default_rng(13)
+    cache, q, qpos, problems = filled_static_layer(rng, [2999, 140, 2100], FULL["hkv"], None, 4352)
+    for b, p in enumerate(problems):
+        np.testing.assert_array_equal(p.k_positions, np.arange(len(p.k)))
+        keys, values = cache.slot_kv(b, slice(0, len(p.k)))
+        np.testing.assert_array_equal(keys, p.k)
+        np.testing.assert_array_equal(values, p.v)
+    rep1, rep2 = lnc1_and_lnc2(lambda: attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE,
+                                                              keys=3001))
+    out, _ = to_host(attention_decode_cache(q, cache.k, cache.v, cache.pos, qpos, SCALE, keys=3001))
+    check(problems, None, None, list(out))
+    assert rep2.estimated_time_s < 0.8 * rep1.estimated_time_s
+
+
+def test_row_tiles_of_the_kv_heads():
+    """`head_row_tiling`: 4 heads of 192 rows in 6 tiles of 128 partitions (pieces 128 + 64 and
+    64 + 128, each starting where TensorE accepts its size), one head in 2 x 96; `tiled_rows` puts
+    row h D + d at [p, t] with t P + p = h D + d and `untiled_rows` inverts it."""
+    tiling = head_row_tiling(4, 192)
+    assert (tiling.parts, tiling.tiles) == (128, 6)
+    assert tiling.pieces[0] == ((0, 0, 128), (1, 0, 64)) and tiling.pieces[1] == ((1, 64, 128), (2, 0, 128))
+    assert head_row_tiling(1, 192)[:2] == (96, 2)
+    x = np.arange(2 * 4 * 192 * 3).reshape(2, 4, 192, 3)
+    tiled = tiled_rows(x, 4)
+    assert tiled.shape == (2, 128, 6, 3)
+    assert (tiled[1, 70, 2, :] == x[1, (2 * 128 + 70) // 192, (2 * 128 + 70) % 192, :]).all()
+    np.testing.assert_array_equal(untiled_rows(tiled, 4), x)

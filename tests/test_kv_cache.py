@@ -41,8 +41,9 @@ def test_static_cache_stores_the_kernel_layout_and_attends_like_the_ragged_one(w
         for a, b in zip(*got):
             np.testing.assert_array_equal(a, b)
     slot = 19 if window is None else 19 % window
-    np.testing.assert_array_equal(static.k[1, :, :, slot], k[19])          # keys [B, Hkv, D, slots]
-    np.testing.assert_array_equal(static.v[1, :, slot], v[19])             # values [B, Hkv, slots, Dv]
+    np.testing.assert_array_equal(static.slot_kv(1, [slot])[0][0], k[19])   # keys [B, P, T, slots]
+    np.testing.assert_array_equal(static.k[1, :, :, slot].T.reshape(HKV, D), k[19])
+    np.testing.assert_array_equal(static.v[1, static.value_rows([slot])[0]], v[19])   # values [B, rows, Hkv, Dv]
     assert static.pos.dtype == np.float32 and static.pos[1, slot] == 19.0
     assert (static.pos[0] == EMPTY_POSITION).all()
 

@@ -3,11 +3,17 @@ sequence) and prefill on a history (several new tokens on top of cached keys), f
 (every cached key) and sliding-window layers (the ring buffer of the window).
 
 Device layout of the cache (what the kernel reads; the model's `LayerKVCache` arrays
-`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose, slot order kept):
+`k [B, slots, Hkv, D]`, `v`, `pos [B, slots]` map onto it by a transpose and, for v, a row order):
 
-    k_t   [B, Hkv, D, S]   bf16  keys transposed: D on partitions, keys contiguous (one DMA
-                                 brings a whole key chunk of all KV heads of a sequence)
-    v     [B, Hkv, S, Dv]  bf16  values, keys on partitions when loaded
+    k_t   [B, P, T, S]     bf16  keys transposed, the Hkv x D rows in T partition tiles of P
+                                 (`head_row_tiling`, `tiled_rows`: 4 x 192 -> 128 x 6; row h D + d
+                                 at [p, t] with t P + p = h D + d), keys contiguous: one DMA brings
+                                 a key chunk of all KV heads on all 16 DMA engines, and a partition's
+                                 tiles of a short cache (the SWA ring) are one run
+    v     [B, S, Hkv, Dv]  bf16  values, keys on partitions when loaded; row `value_rows(slot, S)`:
+                                 each block of 2048 slots stores its 128-key tiles transposed, so a
+                                 chunk's V load gives every partition its keys of all KV heads as one
+                                 contiguous run (16 keys x 4 heads x 256 B = 16 KiB for a full chunk)
     kpos  [B, S]           fp32  absolute position of every key slot; EMPTY_POSITION (2^30) for
                                  empty or padding slots, which the causal test then masks
 
@@ -38,18 +44,19 @@ is shared with the prefill kernel (`flash.py`); the plan is built on the host (`
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import RESIDENT, device, launch, on_device, to_device
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
-from .flash import (CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, equal_contraction_split,
-                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
-                    softmax_transposed, store_rows, tile_batches, update_output)
+from .flash import (BANK_FP32, CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
+                    pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
-from .plan import (DecodePlan, limit_keys, output_rows, plan_decode_units, plan_tensors, static_output_rows,
-                   static_plan_tensors, typed_units)
+from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, output_rows, plan_decode_units,
+                   plan_tensors, static_output_rows, static_plan_tensors, tiled_rows, typed_units, value_rows)
 
 EMPTY_POSITION = float(2 ** 30)      # key slot holding no key: later than every query
 EVICT_VECTOR_SHARE = 0.2
@@ -68,10 +75,12 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                             split_dma_transpose_share=None):
     """New tokens of a ragged batch against their sequences' cached keys.
 
-    q_t         [B, Hkv, D, Tq*G] bf16  Q * softmax scale, transposed: column t*G + i = new token
-                                        t, query head g*G + i of sequence b.
-    k_t         [B, Hkv, D, S]    bf16  cache keys transposed (module docstring).
-    v           [B, Hkv, S, Dv]   bf16  cache values.
+    q_t         [P, B, T, Tq*G]   bf16  Q * softmax scale, transposed per KV head, in the row tiles
+                                        of K^T (`tiled_rows`) and partition-major (a group's queries
+                                        are one run per partition): column t*G + i = new token t,
+                                        query head g*G + i of sequence b.
+    k_t         [B, P, T, S]      bf16  cache keys transposed (module docstring).
+    v           [B, S, Hkv, Dv]   bf16  cache values, rows in `value_rows` order.
     kpos        [B, S]            fp32  key positions (EMPTY_POSITION for empty slots).
     qpos        [B, Tq]           fp32  positions of the new tokens.
     tile_onehot [tiles, NT, 128]  bf16  MASK_BIAS where a tile row belongs to tile token t.
@@ -86,27 +95,30 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
                 tiles split the tokens. A PlanTile: its rows, tokens [token_start, token_end) of
                 the unit's run (all of them when packed), cache keys [key_start, key_end) (the
                 others are invisible to its queries), masks[c] the KeyMasks of the unit's key chunk
-                c (2048 keys from the unit's smallest key_start) that need the position mask (from
+                c (`key_chunks` of the unit's key range) that need the position mask (from
                 `mask_regions`; empty: no mask). Plain nested tuples are accepted (`typed_units`).
     window      int or None             keys a query sees, itself included.
     mask_vector_share                   share of the mask indicators computed on VectorE, GpSimd
                                         the rest (None: MASK_VECTOR_SHARE of the layer type).
     split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
-    Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order.
+    Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order; transposed, [Dv, rows],
+                when the plan has several tiles (`transposed_rows`: a group's rows then leave in
+                one DMA with one run per value dim).
 
-    The head dim D splits into equal partition tiles (192 = 96 + 96; TensorE time does not depend
-    on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2 splits the unit
-    groups between the two cores.
+    The Hkv x D contraction rows are in the partition tiles of `head_row_tiling` (TensorE time
+    does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
+    splits the unit groups between the two cores.
     """
     group, plain_units = plan
     units = typed_units(plain_units)
     check_decode_inputs(q_t, k_t, v, kpos, qpos, group)
-    out = nl.ndarray((sum([t.rows for unit in units for t in unit.tiles]), v.shape[3]), dtype=q_t.dtype,
+    rows = sum([t.rows for unit in units for t in unit.tiles])
+    out = nl.ndarray((v.shape[3], rows) if transposed_rows(units) else (rows, v.shape[3]), dtype=q_t.dtype,
                      buffer=nl.shared_hbm)
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
-    groups = unit_groups(units, k_t.shape[1], q_t.shape[2], v.shape[3], nl.num_programs(0))
+    groups = unit_groups(units, setup.tiling, v.shape[3], nl.num_programs(0))
     for gi, (u_first, n_units) in enumerate(groups):
         if gi % nl.num_programs(0) == nl.program_id(0):
             decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
@@ -115,13 +127,16 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
 
 def check_decode_inputs(q_t, k_t, v, kpos, qpos, group: int) -> None:
     """KernelInputError naming the tensor unless the shapes fit the kernel."""
-    n_seqs, kv_heads, d_head, q_cols = q_t.shape
-    s_max = k_t.shape[3]
-    dv = v.shape[3]
-    if not (k_t.shape[:3] == (n_seqs, kv_heads, d_head)):
-        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {kv_heads}, {d_head}, S]")
-    if not (v.shape[:3] == (n_seqs, kv_heads, s_max)):
-        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {kv_heads}, {s_max}, Dv]")
+    parts, n_seqs, tiles, q_cols = q_t.shape
+    s_max, kv_heads, dv = k_t.shape[3], v.shape[2], v.shape[3]
+    rows = parts * tiles
+    if not (rows % kv_heads == 0 and head_row_tiling(kv_heads, rows // kv_heads)[:2] == (parts, tiles)):
+        raise KernelInputError(f"q_t {q_t.shape} must hold {kv_heads} KV heads (v {v.shape}) in the partition "
+                               f"tiles of head_row_tiling")
+    if not (k_t.shape[:3] == (n_seqs, parts, tiles)):
+        raise KernelInputError(f"k_t {k_t.shape} must be [{n_seqs}, {parts}, {tiles}, S]")
+    if not (v.shape[:2] == (n_seqs, s_max)):
+        raise KernelInputError(f"v {v.shape} must be [{n_seqs}, {s_max}, Hkv, Dv]")
     if not (kpos.shape == (n_seqs, s_max)):
         raise KernelInputError(f"kpos {kpos.shape} must be [{n_seqs}, {s_max}]")
     if not (dv <= P_MAX):
@@ -141,7 +156,7 @@ class DecodeSetup(nl.NKIObject):
         self.tile_onehot, self.sink_rows, self.out = tile_onehot, sink_rows, out
         self.group, self.units, self.window = group, units, window
         self.dv = v.shape[3]
-        self.dp, self.n_dp = equal_contraction_split(q_t.shape[2])    # 192 -> 96 + 96: Q^T, K^T in one DMA
+        self.tiling = head_row_tiling(v.shape[2], q_t.shape[0] * q_t.shape[2] // v.shape[2])
         self.padded_q = {}       # (packed-tile layout, units) -> Q^T buffer zeroed outside each piece
         self.per_layout = {}     # (rows, tile layout) -> LayoutConstants, loaded once
         self.unit_row0, self.unit_tile0 = [0], [0]
@@ -162,6 +177,7 @@ class DecodeSetup(nl.NKIObject):
             mask_vector_share = MASK_VECTOR_SHARE[kind]
         self.mask_vector = Share(mask_vector_share)
         self.memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
+        self.q_copies = EngineRotation(self.memset_engines)
         self.ones = None
         if any([len(unit.tiles) > 1 for unit in self.units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
             self.ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -170,12 +186,13 @@ class DecodeSetup(nl.NKIObject):
 
 class Piece(nl.NKIObject):
     """One sequence and KV head of a packed tile: run index, sequence and KV head within the run,
-    first row in the tile and row count."""
+    first row in the tile, row count, and the sequence's index in the unit."""
     run: int
     seq: int
     kv: int
     row0: int
     rows: int
+    slot: int = 0
 
 
 class LayoutConstants(nl.NKIObject):
@@ -186,7 +203,7 @@ class LayoutConstants(nl.NKIObject):
 
 
 class TileSetup(nl.NKIObject):
-    """Per tile of a unit: its Q^T stationaries (per partition tile, per piece), its query positions
+    """Per tile of a unit: its Q^T stationaries (per piece, per partition tile), its query positions
     column (for masks; None without) and its RowState when it spans several key chunks."""
     stationaries: list
     qpos_col: object = None
@@ -202,6 +219,7 @@ class UnitGroup(nl.NKIObject):
         unit = setup.units[first]
         self.runs, self.tiles = unit.runs, unit.tiles
         self.seqs = sum([r.seqs for r in self.runs])
+        self.rows = [run_rows(setup.tiling, r) for r in self.runs]
         run0 = self.runs[0]
         self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
         if self.packed:
@@ -214,8 +232,7 @@ class UnitGroup(nl.NKIObject):
             self.pieces = [Piece(0, 0, 0, 0, self.tiles[0].rows)]
             self.layout = (self.tiles[0].rows, run0.kv_start)
         self.split_tokens = max([t.tokens for t in self.tiles])
-        unit_lo, unit_hi = min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles])
-        self.chunks = [(c0, min(unit_hi, c0 + CHUNK_KEYS)) for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)]
+        self.chunks = key_chunks(min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles]))
         self.q_buf = None
         self.tile_setup = []     # per unit: [TileSetup]
 
@@ -228,13 +245,30 @@ class UnitGroup(nl.NKIObject):
 def unit_pieces(runs, group: int):
     """The pieces (Piece) of a packed tile's runs, in row order: sequence, then KV head."""
     pieces = []
-    row = 0
+    row, slot = 0, 0
     for ri, run in enumerate(runs):
         for seq in range(run.seqs):
             for kv in range(run.kv_end - run.kv_start):
-                pieces.append(Piece(ri, seq, kv, row, (run.token_end - run.token_start) * group))
+                pieces.append(Piece(ri, seq, kv, row, (run.token_end - run.token_start) * group, slot + seq))
                 row += (run.token_end - run.token_start) * group
+        slot += run.seqs
     return pieces
+
+
+class RunRows(NamedTuple):
+    """The partition tiles [tile0, tile0 + tiles) of the row tiling holding a run's KV heads, and per
+    KV head of the run its pieces ((tile - tile0, first partition, end partition), ...)."""
+    tile0: int
+    tiles: int
+    pieces: tuple
+
+
+def run_rows(tiling, run) -> RunRows:
+    """The RunRows of a run's KV heads [kv_start, kv_end) in the launch's row tiling."""
+    heads = tiling.pieces[run.kv_start:run.kv_end]
+    tile0 = heads[0][0][0]
+    return RunRows(tile0, heads[-1][-1][0] + 1 - tile0, tuple([tuple([(t - tile0, p0, p1) for t, p0, p1 in head])
+                                                                for head in heads]))
 
 
 def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
@@ -257,45 +291,90 @@ def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
             for batch in unit_batches(tiles, grp.tile_setup[u], c0, c1, setup.group, grp.packed):
                 decode_batch(setup, grp, u, ci, batch, k_sb, v_sb, kpos_rows, result)
         del k_sb, v_sb
-    store_rows(setup.out, setup.unit_row0[grp.first], result,                          # SBUF -> HBM
-               [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles])
+    tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
+    if transposed_rows(setup.units):
+        store_rows_transposed(setup, setup.unit_row0[grp.first], result, tile_rows)
+    else:
+        store_rows(setup.out, setup.unit_row0[grp.first], result, tile_rows)          # SBUF -> HBM
+
+
+def transposed_rows(units) -> bool:
+    """Whether the kernel returns its rows transposed: when the plan has several row tiles (a
+    single tile of up to 128 rows stores as cheaply row by row, on as many DMA engines as rows)."""
+    return sum([len(unit[1]) for unit in units]) > 1
+
+
+def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> None:
+    """SBUF [R, tiles, Dv] -> HBM out [Dv, rows] from column row0: the tiles transposed on TensorE
+    (evicted one PSUM bank at a time), then one DMA for the full tiles, in which a value dim's
+    rows of the whole group are one run (a row-major store would write 256 B runs, one row of
+    each tile per partition), and one for a ragged last tile."""
+    rows0, n, dv = result.shape
+    full = sum([1 for rows in tile_rows if rows == rows0])
+    result_t = nl.ndarray((dv, n, rows0), dtype=result.dtype, buffer=nl.sbuf)
+    per_bank = BANK_FP32 * 4 // (rows0 * 2)          # bf16 [Dv, R] blocks per PSUM bank
+    for b0 in range(0, n, per_bank):
+        b1 = min(n, b0 + per_bank)
+        blocks = nl.ndarray((dv, b1 - b0, rows0), dtype=result.dtype, buffer=nl.psum)
+        for j in range(b0, b1):
+            nisa.nc_transpose(blocks[:, j - b0, 0:tile_rows[j]], result[0:tile_rows[j], j, :])
+        whole = min(b1, full) - b0
+        if whole > 0:
+            setup.evict.copy(result_t[:, b0:b0 + whole, :], blocks[:, 0:whole, :])          # PSUM -> SBUF
+        if b1 > full:
+            setup.evict.copy(result_t[:, full, 0:tile_rows[full]], blocks[:, full - b0, 0:tile_rows[full]])
+    if full:
+        nisa.dma_copy(setup.out[:, row0:row0 + full * rows0], result_t[:, 0:full, :])     # SBUF -> HBM
+    if full < n:
+        start = row0 + full * rows0
+        nisa.dma_copy(setup.out[:, start:start + tile_rows[full]], result_t[:, full, 0:tile_rows[full]])
 
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run, into a buffer zeroed outside
-    each piece's columns (set up once per layout): piece p of unit u is the stationary
-    q_buf[:, h, u, p, :]."""
-    rows0, n_units, dp, n_dp = grp.tiles[0].rows, grp.count, setup.dp, setup.n_dp
+    """HBM -> SBUF: Q^T of the group's packed units, one DMA per run ([parts, sequence, tile,
+    columns]: one run per partition), then one copy per piece of a KV
+    head's rows into a buffer zeroed outside each piece's columns (set up once per layout): the
+    stationaries of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for
+    the head's pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
+    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
+    if not all([r == rows for r in grp.rows]):
+        raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
+    parts = setup.tiling.parts
     key = (grp.layout, n_units)
     if key not in setup.padded_q:
-        buf = nl.ndarray((dp, n_dp, n_units, len(grp.pieces), rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        buf = nl.ndarray((parts, rows.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
         zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
         for u in range(n_units):
             nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
         setup.padded_q[key] = buf
     buf = setup.padded_q[key]
-    unit_size = len(grp.pieces) * rows0
     p = 0
     for run in grp.runs:
         n = (run.token_end - run.token_start) * setup.group
-        heads = run.kv_end - run.kv_start
-        # piece p + m of unit u -> buf[:, h, u, p + m, r0 + m n : r0 + (m + 1) n]
-        dst = buf.ap([[n_dp * n_units * unit_size, dp], [n_units * unit_size, n_dp], [unit_size, n_units],
-                      [rows0 + n, run.seqs * heads], [1, n]], offset=p * rows0 + grp.pieces[p].row0)
-        src = setup.q_t[run.first_seq:run.first_seq + n_units * run.seqs, run.kv_start:run.kv_end, :,
-                        run.token_start * setup.group:run.token_end * setup.group]
-        nisa.dma_copy(dst, src.reshape((n_units * run.seqs, heads, n_dp, dp, n)).permute((3, 2, 0, 1, 4)))
+        heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
+        q_run = nl.ndarray((parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
+                                       run.token_start * setup.group:run.token_end * setup.group])
+        for h in range(heads):
+            for t, p0, p1 in rows.pieces[h]:
+                # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
+                dst = buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
+                                        [rows0 + heads * n, run.seqs], [1, n]],
+                                       offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
+                nisa.tensor_copy(dst, q_run[p0:p1, :, t, :].reshape((p1 - p0, n_units, run.seqs, n)),
+                                 engine=setup.q_copies.next())
         p += run.seqs * heads
     grp.q_buf = buf
 
 
 def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """HBM -> SBUF: Q^T [dp, n_dp, tokens * G] of a split unit's sequence and KV head, one DMA."""
-    run = grp.runs[0]
+    """HBM -> SBUF: Q^T [parts, tile, tokens * G] of a split unit's sequence and KV head (the row
+    tiles holding the head), one DMA."""
+    run, rows = grp.runs[0], grp.rows[0]
     cols = (run.token_end - run.token_start) * setup.group
-    q_unit = nl.ndarray((setup.dp, setup.n_dp, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-    src = setup.q_t[run.first_seq, run.kv_start, :, run.token_start * setup.group:run.token_end * setup.group]
-    nisa.dma_copy(q_unit, src.reshape((setup.n_dp, setup.dp, cols)).permute((1, 0, 2)))
+    q_unit = nl.ndarray((setup.tiling.parts, rows.tiles, cols), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(q_unit, setup.q_t[:, run.first_seq, rows.tile0:rows.tile0 + rows.tiles,
+                                    run.token_start * setup.group:run.token_end * setup.group])
     grp.q_buf = q_unit
 
 
@@ -311,12 +390,13 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
         load_layout_constants(setup, grp, tile, setup.unit_tile0[grp.first + u] + j, len(tiles) > 1)
         qpos_col = None
         if grp.packed:
-            stationaries = [[grp.q_buf[:, h, u, p, :] for p in range(len(grp.pieces))] for h in range(setup.n_dp)]
+            stationaries = [[grp.q_buf[p0:p1, t, u, piece.slot, :] for t, p0, p1 in grp.rows[0].pieces[piece.kv]]
+                            for piece in grp.pieces]
             if any(tile.masks):
                 qpos_col = load_packed_query_positions(setup, grp, u, tile)
         else:
             col0, col1 = tile.token_start * setup.group, tile.token_end * setup.group
-            stationaries = [[grp.q_buf[:, h, col0:col1]] for h in range(setup.n_dp)]
+            stationaries = [[grp.q_buf[p0:p1, t, col0:col1] for t, p0, p1 in grp.rows[0].pieces[0]]]
             if any(tile.masks):
                 qpos_col = qpos_cols[0:tile.tokens, j:j + 1]
         n_chunks = sum([1 for c0, c1 in grp.chunks if max(c0, tile.key_start) < min(c1, tile.key_end)])
@@ -331,12 +411,25 @@ def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: 
     if key not in setup.per_layout:
         consts = LayoutConstants()
         if setup.sink_rows is not None:
-            consts.neg_sink = load_neg_sink(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
+            consts.neg_sink = load_neg_sink_row(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
         setup.per_layout[key] = consts
     consts = setup.per_layout[key]
     if (any(tile.masks) or batched) and consts.onehot is None:
         consts.onehot = nl.ndarray((tile.tokens, tile.rows), dtype=nl.bfloat16, buffer=nl.sbuf)
         nisa.dma_copy(consts.onehot, setup.tile_onehot[tile_index, 0:tile.tokens, 0:tile.rows])
+
+
+def load_neg_sink_row(sink_src, rows: int):
+    """HBM -> SBUF: the [rows, 1] fp32 column of negated sink logits (the -m start of each row),
+    loaded as one partition's row (a transfer on one DMA engine, whose setup leaves the other 15 to
+    the K / V stream) and transposed on TensorE."""
+    sink = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(sink, sink_src.reshape((1, rows)))
+    sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_transpose(sink_t, sink)
+    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(neg_sink, sink_t, nl.multiply, -1.0)
+    return neg_sink
 
 
 def load_split_query_positions(setup: DecodeSetup, grp: UnitGroup, tiles):
@@ -378,17 +471,39 @@ def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: 
 
 
 def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
-    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [dp, n_dp, seq, kv, keys] and of V
-    [128, seq, kv, key tile, Dv] for all the group's units. Returns (K^T parts, V parts)."""
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (the row tiles
+    holding its KV heads) and of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA
+    each (a second for a V tail). Returns (K^T parts, V parts)."""
     k_sb, v_sb = [], []
-    for run in grp.runs:
-        n_seq, heads = grp.count * run.seqs, run.kv_end - run.kv_start
-        k_part = nl.ndarray((setup.dp, setup.n_dp, n_seq, heads, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
-        src = setup.k_t[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end, :, c0:c1]
-        nisa.dma_copy(k_part, src.reshape((n_seq, heads, setup.n_dp, setup.dp, c1 - c0)).permute((3, 2, 0, 1, 4)))
+    for run, rows in zip(grp.runs, grp.rows):
+        n_seq = grp.count * run.seqs
+        k_part = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
+        src = setup.k_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles, c0:c1]
+        nisa.dma_copy(k_part, src.permute((1, 0, 2, 3)))
         k_sb.append(k_part)
-        v_sb.append(load_key_tiles(setup.v[run.first_seq:run.first_seq + n_seq, run.kv_start:run.kv_end], c0, c1))
+        v_sb.append(load_value_tiles(setup.v[run.first_seq:run.first_seq + n_seq, :, run.kv_start:run.kv_end], c0, c1))
     return k_sb, v_sb
+
+
+def load_value_tiles(v_seqs, c0: int, c1: int):
+    """HBM -> SBUF: the values of key slots [c0, c1) (a `key_chunks` chunk) of [seq, S, kv, Dv] rows
+    in `value_rows` order as [128 keys, seq, key tile, kv, Dv], slot c0 + 128 j + p on partition p,
+    tile j: the chunk's tiles inside its block's transposed ones in one DMA (partition p reads rows
+    m p + j0 .. m p + j0 + n - 1, all KV heads, as one run), a part-filled last tile in a second."""
+    n_seq, n_slots, heads, dv = v_seqs.shape
+    base = c0 // CHUNK_KEYS * CHUNK_KEYS
+    m = min(CHUNK_KEYS, n_slots - base) // P_MAX          # the block's transposed tiles
+    j0, full = (c0 - base) // P_MAX, (c1 - c0) // P_MAX
+    v_sb = nl.ndarray((P_MAX, n_seq, (c1 - c0 + P_MAX - 1) // P_MAX, heads, dv), dtype=v_seqs.dtype, buffer=nl.sbuf)
+    block = v_seqs[:, base:base + m * P_MAX].reshape((n_seq, P_MAX, m, heads, dv))
+    if full:
+        nisa.dma_copy(v_sb[:, :, 0:full], block[:, :, j0:j0 + full].permute((1, 0, 2, 3, 4)))
+    tail = (c1 - c0) - full * P_MAX
+    if tail:
+        j = j0 + full
+        src = block[:, 0:tail, j] if j < m else v_seqs[:, base + j * P_MAX:base + j * P_MAX + tail]
+        nisa.dma_copy(v_sb[0:tail, :, full], src.permute((1, 0, 2, 3)))
+    return v_sb
 
 
 def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, v_sb, kpos_rows,
@@ -415,7 +530,7 @@ def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Til
         for i, j in enumerate(batch.tiles()):
             # key tiles past the tile's own columns hold only zeros: skipped
             v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
-            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, 0], v_tile0, ends[i])
+            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0, ends[i])
     del probs_t
     update_output(state, o_psum, alpha, result[0:batch.rows, batch.tile_slice(u * len(tiles)), :], setup.evict)
 
@@ -434,8 +549,8 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
         a = max(c0, tile.key_start)
         for p, piece in enumerate(grp.pieces):
             seq = u * grp.runs[piece.run].seqs + piece.seq
-            qk_matmuls(scores[:, i, :], [s[p] for s in tile_setup.stationaries],
-                       [k_sb[piece.run][:, h, seq, piece.kv, :] for h in range(setup.n_dp)],
+            qk_matmuls(scores[:, i, :], tile_setup.stationaries[p],
+                       [k_sb[piece.run][p0:p1, seq, t, :] for t, p0, p1 in grp.rows[piece.run].pieces[piece.kv]],
                        lead, width, a - c0, first=p == 0)
         for mask in tile.masks[ci]:
             engine = nisa.vector_engine if setup.mask_vector.take() else nisa.gpsimd_engine
@@ -460,7 +575,7 @@ def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, prob
         rows = slice(piece.row0, piece.row0 + piece.rows)
         for kt in range(n_kt):
             kw = min(P_MAX, batch.width - kt * P_MAX)
-            nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, piece.kv, v_tile0 + kt, :],
+            nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, v_tile0 + kt, piece.kv, :],
                            probs_t[0:kw, 0, kt, rows], accumulate=kt > 0)
     o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
     setup.evict.copy(o_t, o_t_psum)
@@ -512,7 +627,7 @@ def unit_batches(tiles, setup, c0: int, c1: int, group: int, packed: bool):
                         c0, c1, group)
 
 
-def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
+def unit_groups(units, tiling, dv: int, programs: int):
     """Consecutive units that share their Q^T, K^T, V and output DMAs: [(first unit, count)].
 
     A group's units are packed tiles of one run each, unit u + 1 holding the same tokens and KV
@@ -526,8 +641,8 @@ def unit_groups(units, kv_heads: int, d_head: int, dv: int, programs: int):
         run, tile = unit.runs[0], unit.tiles[0]
         heads = run.seqs * (run.kv_end - run.kv_start)
         keys = min(CHUNK_KEYS, tile.key_end - tile.key_start)
-        n_dp = (d_head + P_MAX - 1) // P_MAX
-        unit_bytes = 2 * (n_dp * heads * tile.rows + n_dp * heads * keys + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
+        row_tiles = run.seqs * run_rows(tiling, run).tiles
+        unit_bytes = 2 * (row_tiles * (2 * tile.rows + keys) + heads * ((keys + P_MAX - 1) // P_MAX) * dv)
         if groups and single and heads > 1:
             first, n = groups[-1]
             prev = units[ui - 1]
@@ -594,10 +709,11 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
     hq, d = problems[0].q.shape[1:]
     kv_heads, dv = problems[0].k.shape[1], problems[0].v.shape[2]
     group = hq // max(1, kv_heads)
+    tiling = head_row_tiling(kv_heads, d)
     where = device()
-    q_t = torch.zeros((slots, kv_heads, d, t_max * group), dtype=torch.bfloat16, device=where)
-    k_t = torch.zeros((slots, kv_heads, d, s_max), dtype=torch.bfloat16, device=where)
-    v_dev = torch.zeros((slots, kv_heads, s_max, dv), dtype=torch.bfloat16, device=where)
+    q_t = torch.zeros((tiling.parts, slots, tiling.tiles, t_max * group), dtype=torch.bfloat16, device=where)
+    k_t = torch.zeros((slots, tiling.parts, tiling.tiles, s_max), dtype=torch.bfloat16, device=where)
+    v_dev = torch.zeros((slots, s_max, kv_heads, dv), dtype=torch.bfloat16, device=where)
     kpos = np.full((slots, s_max), EMPTY_POSITION, np.float32)
     kpos[len(problems):, 0] = 0.0     # dummy sequences: one zero key at position 0, their query's own
     qpos = np.zeros((slots, t_max), np.float32)
@@ -605,9 +721,9 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
         p, idx = problems[b], kept[b]
         t_len, s_len = p.q.shape[0], len(idx)
         keys = to_device(np.asarray(idx, np.int64))
-        q_t[slot, :, :, :t_len * group] = scaled_rows_t(p.q, kv_heads, scale)
-        k_t[slot, :, :, :s_len] = on_device(p.k, np.float32)[keys].permute(1, 2, 0)
-        v_dev[slot, :, :s_len] = on_device(p.v, np.float32)[keys].permute(1, 0, 2)
+        q_t[:, slot, :, :t_len * group] = tiled_rows(scaled_rows_t(p.q, kv_heads, scale), kv_heads)
+        k_t[slot, :, :, :s_len] = tiled_rows(on_device(p.k, np.float32)[keys].permute(1, 2, 0), kv_heads)
+        v_dev[slot, to_device(value_rows(np.arange(s_len), s_max))] = on_device(p.v, np.float32)[keys].to(v_dev.dtype)
         kpos[slot, :s_len] = np.asarray(p.k_positions)[idx]
         qpos[slot, :t_len] = np.asarray(p.q_positions)
         qpos[slot, t_len:] = qpos[slot, t_len - 1]      # padding tokens see what the last one sees
@@ -616,10 +732,12 @@ def kernel_inputs(problems, kept, order, slots: int, t_max: int, s_max: int, sca
 
 def launch_plan(plan: DecodePlan, onehot, sink_rows, q_t, k_t, v, kpos, qpos, window, lnc, tuning):
     """One launch of the kernel on a finished plan and its tensors (`plan_tensors`): (rows [plan
-    rows, Dv] float32 device tensor, cost report)."""
+    rows, Dv] float32 device tensor, cost report); the kernel may return them transposed
+    (`transposed_rows`)."""
     o_rows, rep = launch(attention_decode_kernel, q_t, k_t, v, kpos, qpos, onehot, sink_rows, plan.kernel_plan,
                          None if window is None else int(window), report=True, lnc=lnc, splits_lnc=True, **tuning)
-    return o_rows.float(), rep
+    o_rows = o_rows.float()
+    return (o_rows.T if transposed_rows(plan.kernel_plan[1]) else o_rows), rep
 
 
 def attention_decode(problems, scale: float, window=None, sink=None, lnc: int | None = None, shape=None,
@@ -684,8 +802,8 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     q              [B, T, Hq, D]     the new tokens' queries (a host array or device tensor of any
                                      float dtype; cast to bf16 after
                                      multiplying by `scale`).
-    k_cache_t      [B, Hkv, D, S]    bf16 keys, the new tokens' keys already written.
-    v_cache        [B, Hkv, S, Dv]   bf16 values.
+    k_cache_t      [B, P, T, S]      bf16 keys (`tiled_rows` of K^T), the new tokens' keys already written.
+    v_cache        [B, S, Hkv, Dv]   bf16 values, slot s in row `value_rows(s, S)`.
     key_positions  [B, S]            fp32 slot positions, EMPTY_POSITION for empty slots.
     q_positions    [B, T]            fp32 positions of the new tokens.
     keys           the slots [0, keys) every tile reads (None: all S), e.g. a decode bucket's
@@ -695,17 +813,19 @@ def attention_decode_cache(q, k_cache_t, v_cache, key_positions, q_positions, sc
     (`static_plan_tensors`). Returns (out [B, T, Hq, Dv] float32 device tensor, cost report or None)."""
     import torch
     batch, t_len, hq, d = q.shape
-    kv_heads, s_max = k_cache_t.shape[1], k_cache_t.shape[3]
+    kv_heads, s_max = v_cache.shape[2], k_cache_t.shape[3]
     keys = s_max if keys is None else int(keys)
-    if k_cache_t.shape[:3] != (batch, kv_heads, d) or not 1 <= keys <= s_max:
-        raise ValueError(f"attention_decode_cache: k_cache_t {k_cache_t.shape} must be [{batch}, Hkv, {d}, S] "
-                         f"with S >= keys = {keys} (q {q.shape})")
+    tiling = head_row_tiling(kv_heads, d)
+    if k_cache_t.shape[:3] != (batch, tiling.parts, tiling.tiles) or not 1 <= keys <= s_max:
+        raise ValueError(f"attention_decode_cache: k_cache_t {k_cache_t.shape} must be [{batch}, {tiling.parts}, "
+                         f"{tiling.tiles}, S] ({kv_heads} KV heads of {d} rows) with S >= keys = {keys} (q {q.shape})")
     if hq % kv_heads or np.shape(q_positions) != (batch, t_len) or np.shape(key_positions) != (batch, s_max):
         raise ValueError(f"attention_decode_cache: q {q.shape}, q_positions {np.shape(q_positions)} (must be "
                          f"[{batch}, {t_len}]), key_positions {np.shape(key_positions)} (must be [{batch}, {s_max}]) "
                          f"and {kv_heads} KV heads do not fit together")
     plan, onehot, sink_rows = static_plan_tensors((batch, t_len, keys), kv_heads, hq // kv_heads, window, sink)
-    q_t = on_device(torch.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]), BF16)
+    q_t = on_device(tiled_rows(torch.stack([scaled_rows_t(q[b], kv_heads, scale) for b in range(batch)]),
+                               kv_heads).movedim(0, 1), BF16)
     o_rows, rep = launch_plan(plan, onehot, sink_rows, q_t, k_cache_t, v_cache, key_positions, q_positions, window,
                               lnc, tuning)
     rows = RESIDENT.lookup(static_output_rows(batch, t_len, keys, kv_heads, hq // kv_heads,

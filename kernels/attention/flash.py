@@ -1,7 +1,7 @@
 """Device helpers shared by the two attention kernels (`prefill.py`, `decode.py`): the online
 softmax over PSUM score tiles, the QK / mask / PV matmuls, the P transposes, the output update,
-K / V chunk loads, the batching of row tiles that share one softmax instruction, and the split of
-the head dim over partition tiles (prefill: 128 + 64, decode: equal tiles, 96 + 96).
+K / V chunk loads, the batching of row tiles that share one softmax instruction, and the prefill's
+split of the head dim over partition tiles (128 + 64; the decode kernel's row tiles are in `plan.py`).
 
 Everything here runs at trace time inside a kernel (plain functions the NKI compiler inlines and
 classes deriving from `NKIObject`); the algorithm is described in `prefill.py`'s docstring.
@@ -425,13 +425,3 @@ def contraction_tiles(d_head: int):
     kernel: its Q^T and K^T load per tile)."""
     return [(d0, min(d_head, d0 + P_MAX)) for d0 in range(0, d_head, P_MAX)]
 
-
-def equal_contraction_split(d_head: int):
-    """(tile rows, tiles) splitting the head dim into equal partition tiles, 192 -> 96 x 2 (TensorE
-    time does not depend on the contraction rows; the decode kernel loads Q^T and a K^T chunk in
-    one DMA each)."""
-    n_dp = (d_head + P_MAX - 1) // P_MAX
-    dp = d_head // n_dp
-    if not (dp * n_dp == d_head):
-        raise KernelInputError(f"head dim {d_head} must split into {n_dp} equal partition tiles")
-    return dp, n_dp

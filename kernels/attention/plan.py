@@ -15,8 +15,72 @@ from typing import NamedTuple
 import numpy as np
 
 from mimo_kernels.launch import RESIDENT
+from mimo_kernels.trn2 import TRN2
 from .flash import CHUNK_KEYS, MASK_BIAS, P_MAX
 from .host import BF16
+
+
+def key_chunks(lo: int, hi: int):
+    """The key chunks [c0, c1) a unit reading slots [lo, hi) goes through: at most CHUNK_KEYS each,
+    inside one block of `value_rows` (blocks of CHUNK_KEYS slots from slot 0) and starting at a
+    whole 128-key tile of it (a chunk's keys before `lo` are read but no query sees them)."""
+    first = lo // P_MAX * P_MAX
+    return [(max(first, b), min(hi, b + CHUNK_KEYS)) for b in range(lo // CHUNK_KEYS * CHUNK_KEYS, hi, CHUNK_KEYS)]
+
+
+def value_rows(slots, n_slots: int) -> np.ndarray:
+    """The value buffer's row of each key slot (of `n_slots`): in every block of CHUNK_KEYS slots
+    (the last one may be shorter) the block's m whole 128-key tiles are stored transposed, slot
+    block + 128 j + p in row block + m p + j, so the V load of a chunk gives partition p its keys
+    p, p + 128, ... as one contiguous run; slots past the block's whole tiles keep their row.
+    The key (K^T) and position buffers keep slot order."""
+    slots = np.asarray(slots)
+    base = slots // CHUNK_KEYS * CHUNK_KEYS
+    tiles = np.minimum(CHUNK_KEYS, n_slots - base) // P_MAX
+    tile, part = np.divmod(slots - base, P_MAX)
+    return np.where(tile < tiles, base + part * tiles + tile, slots)
+
+
+class RowTiling(NamedTuple):
+    """The QK contraction rows of consecutive KV heads in partition tiles: `tiles` tiles of `parts`
+    partitions; per head its pieces ((tile, first partition, end partition), ...)."""
+    parts: int
+    tiles: int
+    pieces: tuple
+
+
+@lru_cache(maxsize=None)
+def head_row_tiling(heads: int, d_head: int) -> RowTiling:
+    """Tiles of the K^T / Q^T rows of `heads` consecutive KV heads (head h: rows h D .. h D + D - 1,
+    as they lie in HBM): the tallest tile (<= 128 partitions, dividing the rows) whose pieces of
+    every head start on a partition TensorE accepts for their size (`allowed_start_partitions`), so
+    that one DMA brings a key chunk of all the heads on as many DMA engines as possible
+    (4 x 192 rows -> 6 x 128, pieces 128 + 64 and 64 + 128; one head of 192 -> 2 x 96)."""
+    rows = heads * d_head
+    for parts in range(min(P_MAX, rows), 0, -1):
+        if rows % parts:
+            continue
+        pieces = tuple(tuple((t, max(h * d_head - t * parts, 0), min((h + 1) * d_head - t * parts, parts))
+                             for t in range(h * d_head // parts, ((h + 1) * d_head - 1) // parts + 1))
+                       for h in range(heads))
+        if all(p0 in TRN2.allowed_start_partitions(p1 - p0) for head in pieces for _, p0, p1 in head):
+            return RowTiling(parts, rows // parts, pieces)
+    raise ValueError(f"no partition tiling of {heads} heads x {d_head} rows")
+
+
+def tiled_rows(rows_t, kv_heads: int):
+    """[..., Hkv, D, N] (K^T or Q^T per KV head) -> [..., P, T, N]: the Hkv x D rows in the kernel's
+    partition tiles (`head_row_tiling`), row h D + d at [p, t] with t P + p = h D + d, so that a
+    partition's rows of all tiles are contiguous (one run per sequence when N is the whole extent)."""
+    *lead, heads, d_head, n = rows_t.shape
+    tiling = head_row_tiling(kv_heads, d_head)
+    return rows_t.reshape(*lead, tiling.tiles, tiling.parts, n).swapaxes(-3, -2)
+
+
+def untiled_rows(tiled, kv_heads: int):
+    """The inverse of `tiled_rows`: [..., P, T, N] -> [..., Hkv, D, N]."""
+    *lead, parts, tiles, n = tiled.shape
+    return tiled.swapaxes(-3, -2).reshape(*lead, kv_heads, parts * tiles // kv_heads, n)
 
 
 class KeyMask(NamedTuple):
@@ -42,7 +106,7 @@ class Run(NamedTuple):
 class PlanTile(NamedTuple):
     """A row tile: `rows` rows, tokens [token_start, token_end) of its unit's run (all of them when
     packed), cache keys [key_start, key_end) (the others are invisible to its queries), and per key
-    chunk of the unit (CHUNK_KEYS keys from the unit's smallest key_start) the KeyMasks to apply
+    chunk of the unit (`key_chunks` of its key range) the KeyMasks to apply
     (empty: no mask)."""
     rows: int
     token_start: int
@@ -175,12 +239,11 @@ def limit_keys(plan: DecodePlan, kpos, qpos, window) -> None:
             visible = np.flatnonzero((~late & ~early).any(axis=0))
             unit.tiles[i] = unit.tiles[i]._replace(key_start=int(visible.min()), key_end=int(visible.max()) + 1)
             seen.append((late.any(axis=0), early.any(axis=0)))
-        unit_lo, unit_hi = min(t.key_start for t in unit.tiles), max(t.key_end for t in unit.tiles)
+        chunks = key_chunks(min(t.key_start for t in unit.tiles), max(t.key_end for t in unit.tiles))
         for i, (late, early) in enumerate(seen):
             tile = unit.tiles[i]
             unit.tiles[i] = tile._replace(masks=tuple(
-                mask_regions(late, early, max(c0, tile.key_start), min(c0 + CHUNK_KEYS, tile.key_end))
-                for c0 in range(unit_lo, unit_hi, CHUNK_KEYS)))
+                mask_regions(late, early, max(c0, tile.key_start), min(c1, tile.key_end)) for c0, c1 in chunks))
 
 
 def mask_regions(late, early, a: int, b: int):
@@ -202,8 +265,7 @@ def static_key_ranges(plan: DecodePlan, keys: int, window) -> None:
     """The shape-only counterpart of `limit_keys`: every tile reads key slots [0, keys) and every
     chunk is masked from the positions at run time (late keys and padding; with a window also
     keys outside it)."""
-    masks = tuple((KeyMask(c0, min(c0 + CHUNK_KEYS, keys), True, window is not None),)
-                  for c0 in range(0, keys, CHUNK_KEYS))
+    masks = tuple((KeyMask(c0, c1, True, window is not None),) for c0, c1 in key_chunks(0, keys))
     for unit in plan.units:
         for i, tile in enumerate(unit.tiles):
             unit.tiles[i] = tile._replace(key_start=0, key_end=keys, masks=masks)
