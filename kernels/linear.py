@@ -167,6 +167,15 @@ def load_x_transposed(x, t0, tokens):
     return x_t
 
 
+def tail_chunks(n):
+    """Sizes of the DMAs that stream the last `n` rows (K blocks) of a weight before its final
+    matmuls: half first, then the rest but n/8, then those n/8, so only the matmuls of the small
+    last chunk remain after the last byte (each further DMA would cost its ~1.3 us setup)."""
+    first = (n + 1) // 2
+    last = n // 8
+    return [c for c in (first, n - first - last, last) if c > 0]
+
+
 def _weight_columns(w, n0, cols):
     """HBM view of W[:, n0:n0+cols] as [128, K/128, cols]: partition k holds rows k, 128+k, ..."""
     K, N = w.shape
@@ -349,6 +358,17 @@ def _project_weights_moving(x, weights, scales, y, hooks):
         _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, hooks)
 
 
+def _load_all_scales(scale):
+    """Every block scale on all 128 partitions, SBUF [128, K/128, N/128] fp32, by one DMA whose
+    source is the whole (contiguous) scale tensor read once per partition: one run of K/128 x
+    N/128 fp32 per partition. Per column group the scales would move in runs of one row of the
+    group's blocks (64 B for 16 blocks), which the DMA streams at a fifth of its rate."""
+    KB, NB = scale.shape
+    st = nl.ndarray((P, KB * NB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=st, src=scale.ap([[0, P], [1, KB * NB]]))
+    return st.reshape((P, KB, NB))
+
+
 def _project_activations_scaled(x, weights, scales, y, hooks):
     T, K = x.shape
     N = weights[0].shape[1]
@@ -360,24 +380,31 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
     x_t = load_x_transposed(x, 0, T)
     if prologue is not None:
         prologue(x_t)
+    all_scales = [_load_all_scales(s) for s in scales]
     share, shares = lnc_share()
     pending = []
     for step, nb0 in enumerate(range(share * blocks, NB, shares * blocks)):      # LNC=2: column groups
         nbs = min(blocks, NB - nb0)
         cols = nbs * P
-        raws, scale_tiles = [], []
-        for w, s in zip(weights, scales):
+        raws = []
+        # The last group in K chunks: its matmuls follow the chunks as they land, not the last byte.
+        k_chunks = tail_chunks(KT) if nb0 + shares * blocks >= NB else [KT]
+        for w in weights:
             raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=raw, src=_weight_columns(w, nb0 * P, cols))    # fp8 HBM -> SBUF as stored
-            st = nl.ndarray((P, KT, nbs), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
+            columns = _weight_columns(w, nb0 * P, cols)
+            k0 = 0
+            for kn in k_chunks:                                           # fp8 HBM -> SBUF as stored
+                nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+                k0 += kn
             raws.append(raw)
-            scale_tiles.append(st)
-        _store(pending, y, epilogue)
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
-        _weights_stationary_block(raws, x_t, scale_tiles, y_tile, step)
+        _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile, step)
+        if epilogue is not None:
+            epilogue(y_tile, 0, nb0 * P)
         pending.append((y_tile, 0, nb0 * P))
-    _store(pending, y, epilogue)
+    # All stores after the last weight load: a store between two weight loads would hold a DMA
+    # engine the next load (over all 16) waits for; at the end the stores run side by side.
+    _store(pending, y, None)
 
 
 def project(x, weights, scales, y, epilogue=None, prologue=None):
