@@ -81,7 +81,7 @@ def _weight_chunks(KT, transposes_first):
     return [c for c in (first, KT - first) if c > 0]
 
 
-def _load_weight(w, transposes_first):
+def _load_weight(w, chunks):
     """w_sb[p, k, e] = w[p*KT + k, e] (partition-major: one contiguous run per partition and
     chunk). Each chunk is two DMAs over 64 partitions (8 DMA engines each), so a token load can
     run beside one of them."""
@@ -90,7 +90,7 @@ def _load_weight(w, transposes_first):
     w_sb = nl.ndarray((P, KT, E), dtype=nl.float32, buffer=nl.sbuf)
     half = P // 2
     k0 = 0
-    for kn in _weight_chunks(KT, transposes_first):
+    for kn in chunks:
         for p0 in (0, half):
             nisa.dma_copy(dst=w_sb[p0:p0 + half, k0:k0 + kn, :],
                           src=w.ap([[KT * E, half], [1, kn * E]], offset=p0 * KT * E + k0 * E))
@@ -150,37 +150,42 @@ def _token_blocks(T, programs, me):
     return blocks
 
 
-def _scores_and_selection(xT, w_sb, bias_rows, E):
-    """sigmoid(x @ W) and that + bias for one token block, [ts tokens on partitions, E] each
-    (PSUM): logits^T per expert tile (W stationary, tokens moving; k outer so the first block
-    follows the weight DMAs), sigmoid on ScalarE while evicting, the bias one value per partition,
-    TensorE transposes back (fp32, exact)."""
+def _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows):
+    """sigmoid(x @ W) halved, and sigmoid + bias, for one token block, [ts tokens on
+    partitions, E] each: logits^T per expert tile (W stationary, tokens moving), k outer so the
+    first block follows the weight DMAs, except over the last `tail_rows` rows (the last weight
+    DMA), which finish one expert tile at a time so the first tile's sigmoid, transpose and bias
+    run beside the next tile's matmuls. Sigmoid on ScalarE while evicting, TensorE transposes
+    back (fp32, exact), then the bias (VectorE) and the halved scores (ScalarE) per tile."""
     ts, KT = xT.shape[1], xT.shape[2]
     tiles = [(e0, nl.ndarray((min(EXPERT_TILE, E - e0), ts), dtype=nl.float32, buffer=nl.psum))
              for e0 in range(0, E, EXPERT_TILE)]
-    for k in range(KT):
+    for k in range(KT - tail_rows):
         for e0, logits_T in tiles:
             nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + logits_T.shape[0]], moving=xT[:, :, k])
     scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
-    for e0, logits_T in tiles:
-        s_T = nl.ndarray((logits_T.shape[0], ts), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
-        nisa.nc_transpose(dst=scores[:, e0:e0 + logits_T.shape[0]], data=s_T)
+    halves = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
     selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=selection, data1=scores, data2=bias_rows[:ts, :], op=nl.add)
-    return scores, selection
+    for e0, logits_T in tiles:
+        e1 = e0 + logits_T.shape[0]
+        for k in range(KT - tail_rows, KT):
+            nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e1], moving=xT[:, :, k])
+        s_T = nl.ndarray((e1 - e0, ts), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+        nisa.nc_transpose(dst=scores[:, e0:e1], data=s_T)
+        nisa.tensor_tensor(dst=selection[:, e0:e1], data1=scores[:, e0:e1], data2=bias_rows[:ts, e0:e1], op=nl.add)
+        nisa.activation(dst=halves[:, e0:e1], op=nl.copy, data=scores[:, e0:e1], scale=0.5)
+    return halves, selection
 
 
-def _top8_tokens(scores, selection, top_ids, top_weights, routed_scaling_factor):
-    """Top-8 for the tokens of `scores` and `selection` (= scores + bias) [ts, E] (PSUM / SBUF,
-    tokens on partitions) -> top_ids, top_weights [ts, 8] (SBUF).
+def _top8_tokens(halves, selection, top_ids, top_weights, routed_scaling_factor):
+    """Top-8 for the tokens of `halves` (= sigmoid scores / 2) and `selection` (= scores + bias)
+    [ts, E] (SBUF, tokens on partitions) -> top_ids, top_weights [ts, 8] (SBUF).
 
     The weights are formed from half the scores (exact in fp32; the ratio is the same), which
     leaves [-1, -0.5] free for the unchosen: one instruction marks them, with no tie against a
-    chosen score in [0, 0.5]. ScalarE halves the scores and sums the 8 while VectorE selects."""
-    ts, E = scores.shape
-    halves = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=halves, op=nl.copy, data=scores, scale=0.5)        # ScalarE, PSUM -> SBUF
+    chosen score in [0, 0.5]. ScalarE sums the 8 while VectorE finds their ids."""
+    ts, E = selection.shape
     top_selection = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top_selection, src=selection)
     # Replace exactly one occurrence per top value: 8 positions, ties resolved to the lower id.
@@ -246,7 +251,9 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     # blocks' x X_LOOKAHEAD blocks ahead, so their loads never queue behind a block's outputs.
     pending = [_request_x(x, *blocks[0], 0)]
     single_transposed_block = len(blocks) == 1 and pending[0][0] is None
-    w_sb = _load_weight(w, single_transposed_block)           # resident: 4 MiB at the MiMo shape
+    chunks = _weight_chunks(KT, single_transposed_block)
+    w_sb = _load_weight(w, chunks)                            # resident: 4 MiB at the MiMo shape
+    tail_rows = chunks[-1]
     bias_rows = _load_bias_rows(bias, min(P, T))
     for i in range(1, min(X_LOOKAHEAD, len(blocks))):
         pending.append(_request_x(x, *blocks[i], i))
@@ -260,8 +267,8 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
         if b == 0:
             top_ids = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.uint32, buffer=nl.sbuf)
             top_weights = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
-        scores, selection = _scores_and_selection(xT, w_sb, bias_rows, E)
-        _top8_tokens(scores, selection, top_ids[:ts, b, :], top_weights[:ts, b, :], routed_scaling_factor)
+        halves, selection = _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows)
+        _top8_tokens(halves, selection, top_ids[:ts, b, :], top_weights[:ts, b, :], routed_scaling_factor)
         if i + 1 == len(blocks) or blocks[i + 1][0] % TOKEN_CHUNK == 0:
             _store_chunk(top_ids, top_weights, ids, weights, c0, t0 + ts - c0)
     return ids, weights
