@@ -66,6 +66,7 @@ STATIONARY_COLS = 1024
 SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
 PSUM_ACC_BYTES = 6 * PSUM_BANK_BYTES   # accumulators of the activations-scaled schedule
 MAX_TOKEN_GROUP = 1024
+STORE_BATCH_BYTES = 16 * 1024   # SBUF bytes per partition of decode outputs stored together
 DEQUANT_PASS_ELEMS = 2048    # elements per partition of one FP8 dequantisation instruction
 FP8_SCALED_ACTIVATIONS_MAX_TOKENS = 64
 WEIGHTS_STATIONARY_MAX_TOKENS = 64   # token blocks this short put the weights on the stationary side
@@ -188,12 +189,16 @@ def _scale_columns(scale, nb0, blocks):
     return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
 
 
-def load_weight_tile(w, scale, n0, cols, first_turn=0):
+def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None):
     """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip,
-    the engines taking turns from `first_turn`)."""
+    the engines taking turns from `first_turn`); `k_chunks`: K blocks per DMA (default one DMA)."""
     KT = w.shape[0] // P
     raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=raw, src=_weight_columns(w, n0, cols))            # HBM -> SBUF, cols-element runs
+    columns = _weight_columns(w, n0, cols)
+    k0 = 0
+    for kn in [KT] if k_chunks is None else k_chunks:                   # HBM -> SBUF, cols-element runs
+        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+        k0 += kn
     if scale is None:
         return raw
     blocks = cols // P
@@ -320,12 +325,22 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
     if prologue is not None:
         prologue(x_t)
     N = weights[0].shape[1]
+    KT = x.shape[1] // P
     share, shares = columns
+    # Decode: the outputs are small, so they are stored in batches (a store between two weight
+    # loads holds a DMA engine the next load, over all 16, waits for), each tile's epilogue run
+    # as soon as it is computed, and the last group streams in K chunks so that its matmuls
+    # follow the chunks, not the last byte.
+    decode = tg <= WEIGHTS_STATIONARY_MAX_TOKENS
     pending = []
+    pending_bytes = 0                                              # per partition
     for n0 in range(share * col_group, N, shares * col_group):
         cols = min(col_group, N - n0)
-        tiles = [load_weight_tile(w, s, n0, cols, i) for i, (w, s) in enumerate(zip(weights, scales))]
-        _store(pending, y, epilogue)
+        k_chunks = tail_chunks(KT) if decode and n0 + shares * col_group >= N else None
+        tiles = [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
+        if not decode or pending_bytes >= STORE_BATCH_BYTES:
+            _store(pending, y, None if decode else epilogue)
+            pending_bytes = 0
         for b0 in range(0, tg, P):
             tb = min(P, tg - b0)
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
@@ -334,8 +349,11 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
                 _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
+            if decode and epilogue is not None:
+                epilogue(y_tile, g0 + b0, n0)
             pending.append((y_tile, g0 + b0, n0))
-    _store(pending, y, epilogue)
+            pending_bytes += cols * _element_bytes(y.dtype)
+    _store(pending, y, None if decode else epilogue)
 
 
 def _project_weights_moving(x, weights, scales, y, hooks):
