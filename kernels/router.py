@@ -12,10 +12,11 @@ descending biased score instead, and the MoE sum does not depend on the order.
 Layout and engines, per block of up to 128 tokens:
 
 * The router weight W [H, E] (4 MiB fp32) is loaded once, partition-major (hidden row p*H/128 + k
-  on partition p, so each partition's rows are one contiguous run in HBM), in three chunks of
-  decreasing size (half, then the rest but H/1024 rows, then those), each chunk as two DMAs over
-  64 partitions. At decode this stream is the whole cost; the small last chunk leaves few
-  matmuls for after it.
+  on partition p, so each partition's rows are one contiguous run in HBM), in two chunks (three
+  quarters, then a quarter; three chunks when TensorE also transposes the only block's x^T),
+  each chunk as two DMAs over 64 partitions. At decode this stream is the whole cost: every DMA
+  costs ~1.3 us of setup, and the last chunk's matmuls run after its last byte, one expert tile
+  at a time so the first tile's sigmoid, transpose and bias overlap the second's matmuls.
 * x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
   on partitions). fp32 cannot be DMA-transposed (2-byte data only), so it comes either by one
   strided DMA (runs of H/128 elements per partition and token: a third of the DMA rate) or as
@@ -34,9 +35,10 @@ Layout and engines, per block of up to 128 tokens:
   the selection bias there (loaded once, broadcast to a block's partitions by a stride-0 read).
 * VectorE: max8 gives the 8 largest selection values; nc_match_replace8
   marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
-  as in the reference's stable sort, and never select more or fewer than 8); the unbiased
-  scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
-  nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+  as in the reference's stable sort, and never select more or fewer than 8); one instruction
+  turns the halved scores (s/2, ScalarE) outside those 8 into s/2 - 1 < 0 <= s/2, so a second
+  max8 and nc_find_index8 give the halved weights and their expert ids, aligned, with no
+  gather; ScalarE sums the 8 and one divide normalises (halving cancels in the ratio).
 * The ids and weights of a chunk of 512 tokens leave together (one DMA each for its whole
   blocks): every DMA pays ~1.3 us of setup on the engines it uses.
 
