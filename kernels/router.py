@@ -16,7 +16,7 @@ Layout and engines, per block of up to 128 tokens:
   quarters, then a quarter; three chunks when TensorE also transposes the only block's x^T),
   each chunk as two DMAs over 64 partitions. At decode this stream is the whole cost: every DMA
   costs ~1.3 us of setup, and the last chunk's matmuls run after its last byte, one expert tile
-  at a time so the first tile's sigmoid, transpose and bias overlap the second's matmuls.
+  at a time so the first tile's sigmoid overlaps the second's matmuls.
 * x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
   on partitions). fp32 cannot be DMA-transposed (2-byte data only), so it comes either by one
   strided DMA (runs of H/128 elements per partition and token: a third of the DMA rate) or as
@@ -156,9 +156,10 @@ def _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows):
     """sigmoid(x @ W) halved, and sigmoid + bias, for one token block, [ts tokens on
     partitions, E] each: logits^T per expert tile (W stationary, tokens moving), k outer so the
     first block follows the weight DMAs, except over the last `tail_rows` rows (the last weight
-    DMA), which finish one expert tile at a time so the first tile's sigmoid, transpose and bias
-    run beside the next tile's matmuls. Sigmoid on ScalarE while evicting, TensorE transposes
-    back (fp32, exact), then the bias (VectorE) and the halved scores (ScalarE) per tile."""
+    DMA), which finish one expert tile at a time so the first tile's sigmoid runs beside the next
+    tile's matmuls. Sigmoid on ScalarE while evicting, TensorE transposes back (fp32, exact),
+    then the bias (VectorE) and the halved scores (ScalarE) per tile, so the first tile's run
+    beside the second's transpose."""
     ts, KT = xT.shape[1], xT.shape[2]
     tiles = [(e0, nl.ndarray((min(EXPERT_TILE, E - e0), ts), dtype=nl.float32, buffer=nl.psum))
              for e0 in range(0, E, EXPERT_TILE)]
@@ -168,12 +169,15 @@ def _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows):
     scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
     halves = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
     selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
+    sigmoids = []
     for e0, logits_T in tiles:
         e1 = e0 + logits_T.shape[0]
         for k in range(KT - tail_rows, KT):
             nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e1], moving=xT[:, :, k])
         s_T = nl.ndarray((e1 - e0, ts), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+        sigmoids.append((e0, e1, s_T))
+    for e0, e1, s_T in sigmoids:
         nisa.nc_transpose(dst=scores[:, e0:e1], data=s_T)
         nisa.tensor_tensor(dst=selection[:, e0:e1], data1=scores[:, e0:e1], data2=bias_rows[:ts, e0:e1], op=nl.add)
         nisa.activation(dst=halves[:, e0:e1], op=nl.copy, data=scores[:, e0:e1], scale=0.5)
