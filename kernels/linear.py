@@ -15,7 +15,10 @@ passes two weights (gate and up: h = silu(x Wg) * (x Wu) on PSUM eviction). x is
 (x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
 groups as [128, K/128, cols] (cols-element contiguous runs per partition; 1024 columns at decode,
 2 KiB bf16 runs), once per token group. Each group's output is stored only after the next group's
-weight loads are issued, so the weight stream never waits behind a store.
+weight loads are issued, so the weight stream never waits behind a store; at decode the outputs
+are stored in batches (every store between two weight loads, over all 16 DMA engines, holds one
+engine they wait for) and the last group streams in K chunks, so that only the matmuls of a
+small last chunk come after the last weight byte.
 Per block of up to 128 tokens, one of two matmul forms:
 
 * weights moving (blocks of more than 64 tokens):
@@ -34,7 +37,10 @@ FP8 weights:
 * at most 64 tokens (decode): dequantising would cost an engine pass per weight element, slower
   than the DMA of the fp8 bytes. The 128x128 block scale goes on the activations instead: per K
   block, one instruction forms x^T[128 k, T] * scale[kb, nb] for every column block nb of the group,
-  and the fp8 block is the stationary operand as stored (weights-stationary form above).
+  and the fp8 block is the stationary operand as stored (weights-stationary form above). All the
+  block scales come first, by one DMA with one long run per partition (per group they would move
+  in 64 B runs at a fifth of the DMA rate); groups of 2048 columns give 2 KiB fp8 runs at K = 4096,
+  and every output is stored after the last weight load.
 FP8 weights may arrive as uint8 HBM tensors of the same bytes (torch has no Trainium e4m3; see
 `launch.to_device`): `as_fp8` reinterprets them with `.view(nl.float8_e4m3)`.
 
@@ -66,6 +72,7 @@ STATIONARY_COLS = 1024
 SCALED_WEIGHT_BUDGET = 64 * 1024   # fp8 bytes per partition of a weight group (activations-scaled)
 PSUM_ACC_BYTES = 6 * PSUM_BANK_BYTES   # accumulators of the activations-scaled schedule
 MAX_TOKEN_GROUP = 1024
+STORE_BATCH_BYTES = 16 * 1024   # SBUF bytes per partition of decode outputs stored together
 DEQUANT_PASS_ELEMS = 2048    # elements per partition of one FP8 dequantisation instruction
 FP8_SCALED_ACTIVATIONS_MAX_TOKENS = 64
 WEIGHTS_STATIONARY_MAX_TOKENS = 64   # token blocks this short put the weights on the stationary side
@@ -167,6 +174,15 @@ def load_x_transposed(x, t0, tokens):
     return x_t
 
 
+def tail_chunks(n):
+    """Sizes of the DMAs that stream the last `n` rows (K blocks) of a weight before its final
+    matmuls: half first, then the rest but n/8, then those n/8, so only the matmuls of the small
+    last chunk remain after the last byte (each further DMA would cost its ~1.3 us setup)."""
+    first = (n + 1) // 2
+    last = n // 8
+    return [c for c in (first, n - first - last, last) if c > 0]
+
+
 def _weight_columns(w, n0, cols):
     """HBM view of W[:, n0:n0+cols] as [128, K/128, cols]: partition k holds rows k, 128+k, ..."""
     K, N = w.shape
@@ -179,12 +195,16 @@ def _scale_columns(scale, nb0, blocks):
     return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
 
 
-def load_weight_tile(w, scale, n0, cols, first_turn=0):
+def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None):
     """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip,
-    the engines taking turns from `first_turn`)."""
+    the engines taking turns from `first_turn`); `k_chunks`: K blocks per DMA (default one DMA)."""
     KT = w.shape[0] // P
     raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=raw, src=_weight_columns(w, n0, cols))            # HBM -> SBUF, cols-element runs
+    columns = _weight_columns(w, n0, cols)
+    k0 = 0
+    for kn in [KT] if k_chunks is None else k_chunks:                   # HBM -> SBUF, cols-element runs
+        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+        k0 += kn
     if scale is None:
         return raw
     blocks = cols // P
@@ -311,12 +331,22 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
     if prologue is not None:
         prologue(x_t)
     N = weights[0].shape[1]
+    KT = x.shape[1] // P
     share, shares = columns
+    # Decode: the outputs are small, so they are stored in batches (a store between two weight
+    # loads holds a DMA engine the next load, over all 16, waits for), each tile's epilogue run
+    # as soon as it is computed, and the last group streams in K chunks so that its matmuls
+    # follow the chunks, not the last byte.
+    decode = tg <= WEIGHTS_STATIONARY_MAX_TOKENS
     pending = []
+    pending_bytes = 0                                              # per partition
     for n0 in range(share * col_group, N, shares * col_group):
         cols = min(col_group, N - n0)
-        tiles = [load_weight_tile(w, s, n0, cols, i) for i, (w, s) in enumerate(zip(weights, scales))]
-        _store(pending, y, epilogue)
+        k_chunks = tail_chunks(KT) if decode and n0 + shares * col_group >= N else None
+        tiles = [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
+        if not decode or pending_bytes >= STORE_BATCH_BYTES:
+            _store(pending, y, None if decode else epilogue)
+            pending_bytes = 0
         for b0 in range(0, tg, P):
             tb = min(P, tg - b0)
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
@@ -325,8 +355,11 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
                 _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
+            if decode and epilogue is not None:
+                epilogue(y_tile, g0 + b0, n0)
             pending.append((y_tile, g0 + b0, n0))
-    _store(pending, y, epilogue)
+            pending_bytes += cols * _element_bytes(y.dtype)
+    _store(pending, y, None if decode else epilogue)
 
 
 def _project_weights_moving(x, weights, scales, y, hooks):
@@ -349,6 +382,17 @@ def _project_weights_moving(x, weights, scales, y, hooks):
         _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, hooks)
 
 
+def _load_all_scales(scale):
+    """Every block scale on all 128 partitions, SBUF [128, K/128, N/128] fp32, by one DMA whose
+    source is the whole (contiguous) scale tensor read once per partition: one run of K/128 x
+    N/128 fp32 per partition. Per column group the scales would move in runs of one row of the
+    group's blocks (64 B for 16 blocks), which the DMA streams at a fifth of its rate."""
+    KB, NB = scale.shape
+    st = nl.ndarray((P, KB * NB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=st, src=scale.ap([[0, P], [1, KB * NB]]))
+    return st.reshape((P, KB, NB))
+
+
 def _project_activations_scaled(x, weights, scales, y, hooks):
     T, K = x.shape
     N = weights[0].shape[1]
@@ -360,24 +404,31 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
     x_t = load_x_transposed(x, 0, T)
     if prologue is not None:
         prologue(x_t)
+    all_scales = [_load_all_scales(s) for s in scales]
     share, shares = lnc_share()
     pending = []
     for step, nb0 in enumerate(range(share * blocks, NB, shares * blocks)):      # LNC=2: column groups
         nbs = min(blocks, NB - nb0)
         cols = nbs * P
-        raws, scale_tiles = [], []
-        for w, s in zip(weights, scales):
+        raws = []
+        # The last group in K chunks: its matmuls follow the chunks as they land, not the last byte.
+        k_chunks = tail_chunks(KT) if nb0 + shares * blocks >= NB else [KT]
+        for w in weights:
             raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=raw, src=_weight_columns(w, nb0 * P, cols))    # fp8 HBM -> SBUF as stored
-            st = nl.ndarray((P, KT, nbs), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=st, src=_scale_columns(s, nb0, nbs))
+            columns = _weight_columns(w, nb0 * P, cols)
+            k0 = 0
+            for kn in k_chunks:                                           # fp8 HBM -> SBUF as stored
+                nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+                k0 += kn
             raws.append(raw)
-            scale_tiles.append(st)
-        _store(pending, y, epilogue)
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
-        _weights_stationary_block(raws, x_t, scale_tiles, y_tile, step)
+        _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile, step)
+        if epilogue is not None:
+            epilogue(y_tile, 0, nb0 * P)
         pending.append((y_tile, 0, nb0 * P))
-    _store(pending, y, epilogue)
+    # All stores after the last weight load: a store between two weight loads would hold a DMA
+    # engine the next load (over all 16) waits for; at the end the stores run side by side.
+    _store(pending, y, None)
 
 
 def project(x, weights, scales, y, epilogue=None, prologue=None):

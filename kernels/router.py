@@ -12,10 +12,11 @@ descending biased score instead, and the MoE sum does not depend on the order.
 Layout and engines, per block of up to 128 tokens:
 
 * The router weight W [H, E] (4 MiB fp32) is loaded once, partition-major (hidden row p*H/128 + k
-  on partition p, so each partition's rows are one contiguous run in HBM), in three chunks of
-  decreasing size (half, then the rest but H/1024 rows, then those), each chunk as two DMAs over
-  64 partitions. At decode this stream is the whole cost; the small last chunk leaves few
-  matmuls for after it.
+  on partition p, so each partition's rows are one contiguous run in HBM), in two chunks (three
+  quarters, then a quarter; three chunks when TensorE also transposes the only block's x^T),
+  each chunk as two DMAs over 64 partitions. At decode this stream is the whole cost: every DMA
+  costs ~1.3 us of setup, and the last chunk's matmuls run after its last byte, one expert tile
+  at a time so the first tile's sigmoid overlaps the second's matmuls.
 * x^T [H on partitions, tokens], in the same partition-major order (the contraction dim must sit
   on partitions). fp32 cannot be DMA-transposed (2-byte data only), so it comes either by one
   strided DMA (runs of H/128 elements per partition and token: a third of the DMA rate) or as
@@ -34,9 +35,10 @@ Layout and engines, per block of up to 128 tokens:
   the selection bias there (loaded once, broadcast to a block's partitions by a stride-0 read).
 * VectorE: max8 gives the 8 largest selection values; nc_match_replace8
   marks exactly the 8 positions holding them (ties at the 8th place go to the lowest expert id,
-  as in the reference's stable sort, and never select more or fewer than 8); the unbiased
-  scores outside those 8 are pushed below zero (s - 2 < 0 <= s), so a second max8 and
-  nc_find_index8 on them give the weights and their expert ids, aligned, with no gather.
+  as in the reference's stable sort, and never select more or fewer than 8); one instruction
+  turns the halved scores (s/2, ScalarE) outside those 8 into s/2 - 1 < 0 <= s/2, so a second
+  max8 and nc_find_index8 give the halved weights and their expert ids, aligned, with no
+  gather; ScalarE sums the 8 and one divide normalises (halving cancels in the ratio).
 * The ids and weights of a chunk of 512 tokens leave together (one DMA each for its whole
   blocks): every DMA pays ~1.3 us of setup on the engines it uses.
 
@@ -53,6 +55,7 @@ import numpy as np
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch, on_device
 from mimo_kernels.checks import KernelInputError
+from mimo_kernels.linear import tail_chunks
 
 P = nl.tile_size.pmax                          # partitions: hidden rows per contraction tile
 EXPERT_TILE = nl.tile_size.gemm_stationary_fmax   # experts per matmul (stationary free size)
@@ -60,22 +63,27 @@ TOKEN_CHUNK = nl.tile_size.gemm_moving_fmax    # tokens per matmul (moving free 
 PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
 TOP_K = 8                                      # what max8 / nc_find_index8 produce
 DISALLOWED_BIAS = -1e30                        # selection bias of an expert that must not be chosen
-UNCHOSEN_PENALTY = -2.0                        # moves unchosen sigmoid scores (in [0, 1]) below 0
+CHOSEN_MARK = float(np.finfo(np.float32).min)  # what nc_match_replace8 writes over the chosen 8
+WEIGHT_EPSILON = 1e-20                         # the reference's guard: s / (sum + 1e-20)
 X_TRANSPOSES_PER_BANK = PSUM_FMAX // P         # [P, tokens <= 128] fp32 transposes per PSUM bank
 DIRECT_X_TOKENS = 32                           # up to this many tokens, x^T comes by one strided DMA
 STRIDED_X_SHARE = 0.45        # of larger token blocks, this share gets x^T by strided DMA, not TensorE
 X_LOOKAHEAD = 2              # token blocks whose x is requested before the current block's compute
 
 
-def _weight_chunks(KT):
-    """Contraction rows per partition of each router-weight DMA: half first, then smaller ones,
-    so only a few matmuls remain after the last byte arrives."""
-    first = (KT + 1) // 2
-    last = KT // 8
-    return [c for c in (first, KT - first - last, last) if c > 0]
+def _weight_chunks(KT, transposes_first):
+    """Contraction rows per partition of each router-weight DMA. Every DMA costs ~1.3 us of
+    setup, and the matmuls of the last one run after the last byte: three quarters, then a
+    quarter (TensorE, 2.4x faster than the stream, finishes the first chunk while the second
+    lands). When TensorE also transposes the only block's x^T before its matmuls, it needs
+    longer: half, then the rest but an eighth, then the eighth (`tail_chunks`)."""
+    if transposes_first:
+        return tail_chunks(KT)
+    first = KT * 3 // 4
+    return [c for c in (first, KT - first) if c > 0]
 
 
-def _load_weight(w):
+def _load_weight(w, chunks):
     """w_sb[p, k, e] = w[p*KT + k, e] (partition-major: one contiguous run per partition and
     chunk). Each chunk is two DMAs over 64 partitions (8 DMA engines each), so a token load can
     run beside one of them."""
@@ -84,7 +92,7 @@ def _load_weight(w):
     w_sb = nl.ndarray((P, KT, E), dtype=nl.float32, buffer=nl.sbuf)
     half = P // 2
     k0 = 0
-    for kn in _weight_chunks(KT):
+    for kn in chunks:
         for p0 in (0, half):
             nisa.dma_copy(dst=w_sb[p0:p0 + half, k0:k0 + kn, :],
                           src=w.ap([[KT * E, half], [1, kn * E]], offset=p0 * KT * E + k0 * E))
@@ -144,50 +152,63 @@ def _token_blocks(T, programs, me):
     return blocks
 
 
-def _scores_and_selection(xT, w_sb, bias_rows, E):
-    """sigmoid(x @ W) and that + bias for one token block, [ts tokens on partitions, E] each
-    (PSUM): logits^T per expert tile (W stationary, tokens moving; k outer so the first block
-    follows the weight DMAs), sigmoid on ScalarE while evicting, the bias one value per partition,
-    TensorE transposes back (fp32, exact)."""
+def _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows):
+    """sigmoid(x @ W) halved, and sigmoid + bias, for one token block, [ts tokens on
+    partitions, E] each: logits^T per expert tile (W stationary, tokens moving), k outer so the
+    first block follows the weight DMAs, except over the last `tail_rows` rows (the last weight
+    DMA), which finish one expert tile at a time so the first tile's sigmoid runs beside the next
+    tile's matmuls. Sigmoid on ScalarE while evicting, TensorE transposes back (fp32, exact),
+    then the bias (VectorE) and the halved scores (ScalarE) per tile, so the first tile's run
+    beside the second's transpose."""
     ts, KT = xT.shape[1], xT.shape[2]
     tiles = [(e0, nl.ndarray((min(EXPERT_TILE, E - e0), ts), dtype=nl.float32, buffer=nl.psum))
              for e0 in range(0, E, EXPERT_TILE)]
-    for k in range(KT):
+    for k in range(KT - tail_rows):
         for e0, logits_T in tiles:
             nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e0 + logits_T.shape[0]], moving=xT[:, :, k])
     scores = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.psum)
-    for e0, logits_T in tiles:
-        s_T = nl.ndarray((logits_T.shape[0], ts), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
-        nisa.nc_transpose(dst=scores[:, e0:e0 + logits_T.shape[0]], data=s_T)
+    halves = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
     selection = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=selection, data1=scores, data2=bias_rows[:ts, :], op=nl.add)
-    return scores, selection
+    sigmoids = []
+    for e0, logits_T in tiles:
+        e1 = e0 + logits_T.shape[0]
+        for k in range(KT - tail_rows, KT):
+            nisa.nc_matmul(dst=logits_T, stationary=w_sb[:, k, e0:e1], moving=xT[:, :, k])
+        s_T = nl.ndarray((e1 - e0, ts), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=s_T, op=nl.sigmoid, data=logits_T)     # PSUM -> SBUF, fp32
+        sigmoids.append((e0, e1, s_T))
+    for e0, e1, s_T in sigmoids:
+        nisa.nc_transpose(dst=scores[:, e0:e1], data=s_T)
+        nisa.tensor_tensor(dst=selection[:, e0:e1], data1=scores[:, e0:e1], data2=bias_rows[:ts, e0:e1], op=nl.add)
+        nisa.activation(dst=halves[:, e0:e1], op=nl.copy, data=scores[:, e0:e1], scale=0.5)
+    return halves, selection
 
 
-def _top8_tokens(scores, selection, top_ids, top_weights, routed_scaling_factor):
-    """Top-8 for the tokens of `scores` and `selection` (= scores + bias) [ts, E] (PSUM, tokens on
-    partitions) -> top_ids, top_weights [ts, 8] (SBUF)."""
-    ts, E = scores.shape
+def _top8_tokens(halves, selection, top_ids, top_weights, routed_scaling_factor):
+    """Top-8 for the tokens of `halves` (= sigmoid scores / 2) and `selection` (= scores + bias)
+    [ts, E] (SBUF, tokens on partitions) -> top_ids, top_weights [ts, 8] (SBUF).
+
+    The weights are formed from half the scores (exact in fp32; the ratio is the same), which
+    leaves [-1, -0.5] free for the unchosen: one instruction marks them, with no tie against a
+    chosen score in [0, 0.5]. ScalarE sums the 8 while VectorE finds their ids."""
+    ts, E = selection.shape
     top_selection = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top_selection, src=selection)
     # Replace exactly one occurrence per top value: 8 positions, ties resolved to the lower id.
     replaced = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.nc_match_replace8(dst=replaced, data=selection, vals=top_selection, imm=nl.fp32.min)
-    unchosen = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)     # 1.0 where not replaced
-    nisa.tensor_tensor(dst=unchosen, data1=selection, data2=replaced, op=nl.equal)
-    masked = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)       # s chosen, s - 2 otherwise
-    nisa.scalar_tensor_tensor(dst=masked, data=unchosen, op0=nl.multiply, operand0=UNCHOSEN_PENALTY,
-                              op1=nl.add, operand1=scores)
-    top_scores = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.max8(dst=top_scores, src=masked)
-    nisa.nc_find_index8(dst=top_ids, data=masked, vals=top_scores)      # duplicates: successive ids
+    nisa.nc_match_replace8(dst=replaced, data=selection, vals=top_selection, imm=CHOSEN_MARK)
+    masked = nl.ndarray((ts, E), dtype=nl.float32, buffer=nl.sbuf)    # s/2 chosen, s/2 - 1 otherwise
+    nisa.scalar_tensor_tensor(dst=masked, data=replaced, op0=nl.not_equal, operand0=CHOSEN_MARK,
+                              op1=nl.subtract, operand1=halves, reverse1=True)
+    top_halves = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.max8(dst=top_halves, src=masked)
+    nisa.nc_find_index8(dst=top_ids, data=masked, vals=top_halves)      # duplicates: successive ids
+    # sum(s/2 + eps/16) over the 8 = (sum(s) + eps) / 2, the reference's denominator halved.
     total = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=total, op=nl.add, data=top_scores, axis=1)
-    nisa.tensor_scalar(dst=total, data=total, op0=nl.add, operand0=1e-20)
-    inverse = nl.ndarray((ts, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inverse, data=total)
-    nisa.tensor_scalar(dst=top_weights, data=top_scores, op0=nl.multiply, operand0=inverse,
+    unused = nl.ndarray((ts, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=unused, op=nl.copy, data=top_halves, bias=WEIGHT_EPSILON / (2 * TOP_K),
+                    reduce_op=nl.add, reduce_res=total, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    nisa.tensor_scalar(dst=top_weights, data=top_halves, op0=nl.divide, operand0=total,
                        op1=nl.multiply, operand1=float(routed_scaling_factor))
 
 
@@ -235,7 +256,10 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
     # The first tokens before the router weight (it then streams while nothing else waits); later
     # blocks' x X_LOOKAHEAD blocks ahead, so their loads never queue behind a block's outputs.
     pending = [_request_x(x, *blocks[0], 0)]
-    w_sb = _load_weight(w)                                    # resident: 4 MiB at the MiMo shape
+    single_transposed_block = len(blocks) == 1 and pending[0][0] is None
+    chunks = _weight_chunks(KT, single_transposed_block)
+    w_sb = _load_weight(w, chunks)                            # resident: 4 MiB at the MiMo shape
+    tail_rows = chunks[-1]
     bias_rows = _load_bias_rows(bias, min(P, T))
     for i in range(1, min(X_LOOKAHEAD, len(blocks))):
         pending.append(_request_x(x, *blocks[i], i))
@@ -249,8 +273,8 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
         if b == 0:
             top_ids = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.uint32, buffer=nl.sbuf)
             top_weights = nl.ndarray((P, TOKEN_CHUNK // P, TOP_K), dtype=nl.float32, buffer=nl.sbuf)
-        scores, selection = _scores_and_selection(xT, w_sb, bias_rows, E)
-        _top8_tokens(scores, selection, top_ids[:ts, b, :], top_weights[:ts, b, :], routed_scaling_factor)
+        halves, selection = _scores_and_selection(xT, w_sb, bias_rows, E, tail_rows)
+        _top8_tokens(halves, selection, top_ids[:ts, b, :], top_weights[:ts, b, :], routed_scaling_factor)
         if i + 1 == len(blocks) or blocks[i + 1][0] % TOKEN_CHUNK == 0:
             _store_chunk(top_ids, top_weights, ids, weights, c0, t0 + ts - c0)
     return ids, weights

@@ -105,6 +105,22 @@ def test_exact_ties_go_to_the_lower_expert_id():
     assert got[0] == got[1] and got[3] == got[5]
 
 
+def test_saturated_scores_keep_the_chosen_set():
+    """Chosen experts whose sigmoid underflows to 0 while unchosen ones saturate at 1: the ids are
+    still the 8 the selection (score + bias) picks, as in the reference, with weight 0."""
+    x, gate, _ = problem(1, 256, 16, seed=4)
+    direction = x[0] / np.dot(x[0], x[0])
+    gate[:8] = -200.0 * direction           # logits -200: sigmoid 0 in fp32
+    gate[8:] = 50.0 * direction             # logits 50: sigmoid 1 in fp32
+    bias = np.zeros(16, np.float32)
+    bias[:8] = 10.0
+    ids, weights = route(x, gate.T, bias)
+    want_ids, want_w = ref.router(x, gate, bias, 8, 1.0, None)
+    assert sorted(ids[0].tolist()) == sorted(want_ids[0].tolist()) == list(range(8))
+    np.testing.assert_array_equal(weights, 0.0)
+    np.testing.assert_array_equal(want_w, 0.0)
+
+
 def test_allowed_subset():
     """Expert-subset models: only the 10 loaded experts may be chosen, whatever their scores."""
     x, gate, bias = problem(33, 256, 32, seed=3)
