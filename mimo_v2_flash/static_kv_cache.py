@@ -104,6 +104,15 @@ class StaticLayerKVCache(LayerCacheBase):
     def store_positions(self, seq: int, slots, positions) -> None:
         self._put(self.pos, (slice(seq, seq + 1), slots), positions)
 
+    def saved_slots(self, seq: int, slots):
+        """Copies of the slots' (keys, values, positions), for `restore_slots`: a resident cache's
+        keys and values from the device copies, which alone hold what device steps wrote (on a
+        NeuronCore the host buffers go stale), copied on the device (nothing read back)."""
+        if self.device is None:
+            return super().saved_slots(seq, slots)
+        k, v = self.slot_kv(seq, slots, on_device=True)
+        return k.clone(), v.clone(), self.pos[seq, slots].copy()
+
     def store(self, seq: int, positions, k, v) -> None:
         """Write the new keys in place (full layers: slot = position; SWA: the ring)."""
         positions = np.asarray(positions)

@@ -85,3 +85,31 @@ def test_store_writes_what_update_writes_and_a_resident_cache_moves_only_the_new
                          (gathered.k, gathered.v, gathered.pos, gathered.length)):
         np.testing.assert_array_equal(got, want)
     assert TRANSFERS.bytes["kv_cache"] == allocated.bytes["kv_cache"]         # uploaded once, at allocation
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_rollback_of_device_writes_reads_the_device_copies(window):
+    """On a NeuronCore a resident cache's device copies are apart from its host buffers, and a step
+    of the kernel backend (device tensors k, v) writes only the device copies: a rollback must save
+    and restore those. Here the copies are made separate (on the CPU they are views of the host
+    buffers), the writes and the rollback go through device tensors, and the keys attended after it
+    equal the ragged cache's that never saw the dropped positions."""
+    import torch
+    from mimo_kernels.launch import RESIDENT
+    rng = np.random.default_rng(3)
+    k, v = kv(rng, 16)
+    clean, cache = caches(window)
+    for buffer in (cache.k, cache.v, cache.pos):          # device copies apart from the host, as on a device
+        ref, _ = RESIDENT._entries[id(buffer)]
+        RESIDENT._entries[id(buffer)] = (ref, RESIDENT.lookup(buffer).clone())
+    on_device = lambda a: torch.from_numpy(a)            # noqa: E731
+    cache.update(0, np.arange(10), on_device(k[:10]), on_device(v[:10]))
+    clean.update(0, np.arange(12), k[:12], v[:12])
+    rollback = CacheRollback([cache], 0, np.arange(10, 15))
+    cache.update(0, np.arange(10, 15), on_device(k[10:15]), on_device(v[10:15]))
+    rollback.drop_from(12)
+    got = attended(*(a.numpy() if hasattr(a, "numpy") else a
+                     for a in cache.update(0, np.array([12]), on_device(k[15:16]), on_device(v[15:16]))))
+    want = attended(*clean.update(0, np.array([12]), k[15:16], v[15:16]))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
