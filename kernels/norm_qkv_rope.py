@@ -30,11 +30,13 @@ results.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.checks import KernelInputError
-from mimo_kernels.launch import launch, on_device
+from mimo_kernels.launch import RESIDENT, launch, on_device
 from mimo_kernels.linear import BF16, kernel_weight, project
 from mimo_kernels.rmsnorm import load_weight_transposed, normalise_transposed
 from mimo_kernels.rope import positions_and_table, rotate_half
@@ -142,10 +144,19 @@ def norm_qkv_rope(x, norm_weight, weight, positions, theta, heads, head_dim, rot
     return (out, rep) if report else out
 
 
+@lru_cache(maxsize=None)
+def _no_rotary_inputs(tokens: int):
+    """Positions and a cos/sin table for a launch without rotary heads (never read): made read-only
+    and uploaded once per token count, like a static plan."""
+    arrays = np.zeros(tokens, np.int32), np.zeros((1, 2), np.float32)
+    for array in arrays:
+        array.flags.writeable = False
+    return tuple(RESIDENT.resident(array, kind="plans") for array in arrays)
+
+
 def norm_linear(x, norm_weight, weight, scale=None, eps=1e-5, dtype=BF16, report=False):
     """Host launcher of rmsnorm(x) * norm_weight @ W in one launch (the final norm + lm_head):
     x [T, H], the PREPARED weight [H, N] (bf16, or FP8 with `scale`). Returns y [T, N] in `dtype` (a
     device tensor), plus the cost report when `report=True`."""
-    positions = np.zeros(_tokens(x), np.int32)      # unused without rotary heads
-    table = np.zeros((1, 2), np.float32)
+    positions, table = _no_rotary_inputs(_tokens(x))
     return _launch(x, norm_weight, weight, scale, positions, table, 0, 2, eps, dtype, report)

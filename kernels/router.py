@@ -282,6 +282,27 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
 
 # --------------------------------------------------------------------------- host launcher
 
+def routing_bias(correction_bias, allowed=None, experts: int | None = None) -> np.ndarray:
+    """The bias the kernel adds to the scores: `correction_bias` [E] as float32, with
+    DISALLOWED_BIAS on the experts `allowed` [E] (bool, None: all) excludes. A float32 [E] bias
+    with `allowed` None is returned as is, so a caller can prepare it once and keep it resident."""
+    bias = np.asarray(correction_bias, dtype=np.float32)
+    bias = bias if bias.ndim == 1 else bias.reshape(-1)      # a 1-D float32 array stays the same object
+    experts = bias.size if experts is None else experts
+    if bias.shape != (experts,):
+        raise ValueError(f"router: correction_bias has {bias.size} entries for {experts} experts")
+    if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0.0) >= 1e29:
+        raise ValueError("router: correction_bias must be finite and far from the disallowed bias -1e30")
+    if allowed is None:
+        return bias
+    allowed = np.asarray(allowed, dtype=bool)
+    if allowed.shape != bias.shape:
+        raise ValueError(f"router: allowed has shape {allowed.shape}, expected {bias.shape}")
+    if allowed.sum() < TOP_K:
+        raise ValueError(f"router: only {int(allowed.sum())} experts are allowed but top_k is {TOP_K}")
+    return np.where(allowed, bias, np.float32(DISALLOWED_BIAS)).astype(np.float32)
+
+
 def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=1.0, allowed=None,
           report=False, lnc=None):
     """Host launcher with the semantics of `ReferenceOps.router` / `reference.router`.
@@ -294,23 +315,12 @@ def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=
     """
     x = on_device(x, np.float32)
     w = np.ascontiguousarray(gate_weight_t, dtype=np.float32)
-    bias = np.array(correction_bias, dtype=np.float32).reshape(-1)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"router: x {tuple(x.shape)} must be [tokens, hidden] and gate_weight_t {w.shape} "
                          f"[hidden, experts] with the same hidden size")
     if top_k != TOP_K:
         raise ValueError(f"router: top_k={top_k}; the kernel selects exactly {TOP_K} (max8)")
-    if bias.shape != (w.shape[1],):
-        raise ValueError(f"router: correction_bias has {bias.size} entries for {w.shape[1]} experts")
-    if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0.0) >= 1e29:
-        raise ValueError("router: correction_bias must be finite and far from the disallowed bias -1e30")
-    if allowed is not None:
-        allowed = np.asarray(allowed, dtype=bool)
-        if allowed.shape != bias.shape:
-            raise ValueError(f"router: allowed has shape {allowed.shape}, expected {bias.shape}")
-        if allowed.sum() < TOP_K:
-            raise ValueError(f"router: only {int(allowed.sum())} experts are allowed but top_k is {TOP_K}")
-        bias = np.where(allowed, bias, np.float32(DISALLOWED_BIAS)).astype(np.float32)
+    bias = routing_bias(correction_bias, allowed, w.shape[1])
     if x.shape[0] == 0:
         empty = (on_device(np.zeros((0, TOP_K), np.int64)), on_device(np.zeros((0, TOP_K), np.float32)))
         return (*empty, None) if report else empty

@@ -9,7 +9,7 @@ warmup.
     print(report.lines(model.ops.passes))
     kernel variants: 20 compiled at warmup, 0 new after warmup
     host->device: 20.1 MB weights at warmup, 0 B weights after it, 492.8 KB KV cache ...
-    device->host: 1 reads, 16 B per decode step (explicit reads: the sampled token ids; ...)
+    device->host: 1 read, 16 B per decode step (explicit reads: the sampled token ids; ...)
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class DeviceReport:
         mark, steps, per = (passes[1].transfer_mark, len(passes) - 1, "per decode step") if len(passes) >= 2 \
             else (self.start_transfers, 1, "in all (no decode step)")
         reads = TRANSFERS.tensors_since(mark, "readback") / steps
-        return (f"device->host: {reads:g} reads, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} {per} "
+        return (f"device->host: {reads:g} read{'' if reads == 1 else 's'}, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} {per} "
                 f"(explicit reads: on the static path the sampled token ids; on a NeuronCore each is a "
                 f"graph break)")
 

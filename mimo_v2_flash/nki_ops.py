@@ -52,7 +52,7 @@ from mimo_kernels.linear import linear
 from mimo_kernels.linear_add_rmsnorm import linear_add_rmsnorm
 from mimo_kernels.norm_qkv_rope import norm_linear, norm_qkv_rope
 from mimo_kernels.rmsnorm import add_rmsnorm, rmsnorm
-from mimo_kernels.router import route
+from mimo_kernels.router import route, routing_bias
 from .config import MiMoV2FlashConfig
 from .fp8 import TRAINIUM_E4M3, quantize_blocks
 from .layer import AttentionStep, attention_sink
@@ -368,11 +368,19 @@ class NkiOps:
         self._record("attention", report)
         return torch.cat([out[seq] for seq in batch.seqs])
 
+    def _routing_bias(self, layer: int) -> np.ndarray:
+        """The layer's correction bias with the experts outside `allowed_experts` excluded, made and
+        uploaded once (`router.routing_bias`)."""
+        name = layer_weight(layer, "router_bias")
+        if name not in self._prepared:
+            bias = routing_bias(self.w(name), self.allowed_experts)
+            self._prepared[name] = (RESIDENT.resident(np.array(bias)), None)
+        return self._prepared[name][0]
+
     def router(self, x, layer):
         gate_t, _ = self.kernel_weight(layer_weight(layer, "router"))
-        ids, weights, report = route(self.padded(x), gate_t, self.w(layer_weight(layer, "router_bias")),
-                                     self.config.num_experts_per_tok, self.config.routed_scaling_factor,
-                                     self.allowed_experts, report=True)
+        ids, weights, report = route(self.padded(x), gate_t, self._routing_bias(layer), self.config.num_experts_per_tok,
+                                     self.config.routed_scaling_factor, report=True)
         self._record("router", report)
         return ids[:len(x)], weights[:len(x)]
 
