@@ -63,9 +63,10 @@ class DeviceReport:
         mark, steps, per = (passes[1].transfer_mark, len(passes) - 1, "per decode step") if len(passes) >= 2 \
             else (self.start_transfers, 1, "in all (no decode step)")
         reads = TRANSFERS.tensors_since(mark, "readback") / steps
-        return (f"device->host: {reads:g} read{'' if reads == 1 else 's'}, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} {per} "
-                f"(explicit reads: on the static path the sampled token ids; on a NeuronCore each is a "
-                f"graph break)")
+        plural = "" if reads == 1 else "s"
+        return (f"device->host: {reads:g} read{plural}, {byte_size(TRANSFERS.since(mark)['readback'] / steps)} "
+                f"{per} (explicit reads: on the static path the sampled token ids, and under expert "
+                f"parallelism each MoE layer's routing counters; on a NeuronCore each is a graph break)")
 
     def traffic_lines(self, passes) -> list[str]:
         """The `host->device:` and `device->host:` lines."""

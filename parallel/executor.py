@@ -16,6 +16,7 @@ the NumPy reference, or the NKI grouped expert FFN kernel (the CPU simulator her
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mimo_v2_flash.config import MiMoV2FlashConfig
 from mimo_v2_flash.layer import host_values
@@ -45,8 +46,15 @@ class OpsLocalExperts:
         self.static = static
 
     def __call__(self, layer: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        ids = np.where(local_ids >= 0, self.global_of[np.maximum(local_ids, 0)], -1)
+        """Host arrays in, float32 host rows out; device tensors in (the static dispatcher's slots on
+        the kernel backend), a float32 device tensor out, nothing read back."""
         extra = {"static_rows": len(x)} if self.static else {}
+        if hasattr(local_ids, "detach"):
+            from mimo_kernels.launch import RESIDENT
+            global_of = RESIDENT.lookup(RESIDENT.resident(self.global_of, kind="plans"))
+            ids = torch.where(local_ids >= 0, global_of[local_ids.clamp(min=0).long()], -1)
+            return self.ops.experts(x, layer, ids, weights, **extra).float()
+        ids = np.where(local_ids >= 0, self.global_of[np.maximum(local_ids, 0)], -1)
         return np.asarray(host_values(self.ops.experts(x, layer, ids, weights, **extra)), np.float32)
 
 

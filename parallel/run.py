@@ -168,9 +168,14 @@ def build_rank_model(held: RankWeights, comm: Communicator, mode: str = "auto", 
     if comm.transport.lazy or buckets is not None:   # static shapes, equal splits
         dispatcher = StaticDispatcher(comm, placement, config.hidden_size, config.num_experts_per_tok,
                                       wire_dtype=wire_dtype)
-        # xla: no host reads inside a layer; gloo: the kernel backend at its static block shape
-        local = (TorchLocalExperts(model.ops, mine, comm.to_device) if comm.transport.lazy
-                 else HostLocalExperts(OpsLocalExperts(model.ops, mine, static=True), comm))
+        # The kernel backend takes and gives device tensors (the expert kernel at its static block
+        # shape, nothing read back); the reference runs as torch ops on a lazy device, on the host else.
+        if backend == "nki":
+            local = OpsLocalExperts(model.ops, mine, static=True)
+        elif comm.transport.lazy:
+            local = TorchLocalExperts(model.ops, mine, comm.to_device)
+        else:
+            local = HostLocalExperts(OpsLocalExperts(model.ops, mine, static=True), comm)
         executor = StaticExpertParallelExecutor(
             dispatcher, local, config, mode, sizes=None if buckets is None else buckets.row_counts(),
             allgather_max_tokens=(policy or ModePolicy()).allgather_max_tokens)

@@ -34,7 +34,6 @@ import torch
 from mimo_v2_flash.placement import ExpertPlacement
 
 from .comm import Communicator
-from .executor import exchange_on_host
 from .plan import local_expert_index
 from .stats import EPStats
 
@@ -161,13 +160,14 @@ class StaticDispatcher:
         return out
 
     # ---- after the step's sync ------------------------------------------------------------------
-    def finish_step(self) -> list[dict]:
-        """Read the step's routing counters in one transfer (call after `comm.sync`); raise if any
-        row exceeded the capacity. Returns per layer: rows routed to each rank."""
+    def finish_step(self, read=None) -> list[dict]:
+        """Read the step's routing counters in one transfer (call after `comm.sync`; `read`: the
+        reading function, default `comm.to_host`); raise if any row exceeded the capacity. Returns
+        per layer: rows routed to each rank."""
         if not self._pending:
             return []
         layers = [layer for layer, _, _ in self._pending]
-        counters = self.comm.to_host(torch.stack([torch.stack([r, o]) for _, r, o in self._pending]))
+        counters = (read or self.comm.to_host)(torch.stack([torch.stack([r, o]) for _, r, o in self._pending]))
         self._pending = []
         for layer, (_, overflow) in zip(layers, counters):
             if overflow.any():
@@ -222,7 +222,7 @@ class HostLocalExperts:
 
 class StaticExpertParallelExecutor:
     """The model's expert executor `(layer, x [N, H], ids [N, k], weights [N, k]) -> [N, H]` (host
-    arrays; the kernel backend's device tensors go through `exchange_on_host`) over a
+    arrays, or the kernel backend's device tensors kept on the device: `_on_device`) over a
     `StaticDispatcher`: at the first MoE layer of a pass the ranks agree on the pass's
     `StaticShape` (the largest row count, rounded up to `sizes` or a power of two); rows are
     padded to it (padding routes nowhere). The NumPy model reads every layer's output, so
@@ -244,27 +244,40 @@ class StaticExpertParallelExecutor:
         self.stats = EPStats(dispatcher.comm.rank)   # step counter; no per-layer byte records here
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        if hasattr(x, "detach"):        # the kernel backend's device tensors
-            return exchange_on_host(self, layer, x, ids, weights)
         comm, n = self.dispatcher.comm, len(x)
         if layer == self.first_moe_layer or self.shape is None:
             rows = comm.all_gather(np.array([n], np.int32), None, "", f"layer {layer} static shape agreement")
             self.shape = StaticShape.covering(max(int(rows.max()), 1), self.sizes)
         tokens = self.shape.tokens
+        auto = "allgather" if tokens <= self.allgather_max_tokens else "alltoall_padded"
+        self.dispatcher.mode = auto if self.mode == "auto" else self.mode
+        self.modes.append(self.dispatcher.mode)
+        compute = lambda xr, local_ids, w: self.local_experts(layer, xr, local_ids, w)   # noqa: E731
+        if hasattr(x, "detach"):
+            return self._on_device(layer, x, ids, weights, compute)
         pad_x = np.zeros((tokens, x.shape[1]), np.float32)
         pad_x[:n] = x
         pad_ids = np.full((tokens, ids.shape[1]), -1, np.int32)
         pad_ids[:n] = ids
         pad_w = np.zeros((tokens, ids.shape[1]), np.float32)
         pad_w[:n] = weights
-        auto = "allgather" if tokens <= self.allgather_max_tokens else "alltoall_padded"
-        self.dispatcher.mode = auto if self.mode == "auto" else self.mode
         out = self.dispatcher(layer, comm.to_device(pad_x), comm.to_device(pad_ids), comm.to_device(pad_w),
-                              lambda xr, local_ids, w: self.local_experts(layer, xr, local_ids, w), self.shape)
+                              compute, self.shape)
         comm.sync(f"layer {layer} step sync")
-        self.modes.append(self.dispatcher.mode)
         self.routed.extend(self.dispatcher.finish_step())
         return comm.to_host(out)[:n]
+
+    def _on_device(self, layer: int, x, ids, weights, compute):
+        """The kernel backend's device tensors: padded, exchanged and computed on the device (the
+        local experts take and give device tensors), the output left there; what is read back is
+        the layer's routing counters (`finish_step`, counted by `mimo_kernels.launch.to_host`)."""
+        from mimo_kernels.launch import pad_rows, to_host
+        tokens = self.shape.tokens
+        out = self.dispatcher(layer, pad_rows(x.float(), tokens), pad_rows(ids.int(), tokens, -1),
+                              pad_rows(weights.float(), tokens), compute, self.shape)
+        self.dispatcher.comm.sync(f"layer {layer} step sync")
+        self.routed.extend(self.dispatcher.finish_step(read=to_host))
+        return out[:len(x)]
 
     def idle(self, config) -> None:
         """Take part in every MoE layer of one pass with no tokens of this rank's own."""

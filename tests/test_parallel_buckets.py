@@ -34,4 +34,4 @@ def test_bucketed_generation_under_torchrun_compiles_nothing_after_warmup(batch,
     assert variants is not None, output[-3000:]
     assert int(variants.group(1)) > 0 and variants.group(2) == "0"
     assert re.search(r"host->device: [\d.]+ [KMG]?B weights at warmup, 0 B weights after it", output), output[-3000:]
-    assert re.search(r"device->host: \d+ reads, [\d.]+ [KMG]?B per decode step .*\(rank 0\)", output), output[-3000:]
+    assert re.search(r"device->host: \d+ reads?, [\d.]+ [KMG]?B per decode step .*\(rank 0\)", output), output[-3000:]
