@@ -60,14 +60,14 @@ from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
                     load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
-                    softmax_transposed, store_rows, tile_batches, update_output)
+                    softmax_transposed, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
-FULL_DMA_TRANSPOSE_SHARE = {"short": 0.5, "long": 0.75}
+FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
 LONG_PREFILL_TOKENS = 2048
 
 
@@ -87,7 +87,9 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     sink_rows [Hkv, R, 1]   fp32  or None: the sink logit of each row of a row tile
                                   (R = (128 // G) * G; row r has head g*G + r % G).
     window    int or None         keys a query sees, itself included.
-    Returns   [Hkv, T*G, Dv] bf16, rows in q_t's column order (token-major, then head).
+    Returns   [Hkv, R, ceil(T*G / R), Dv] bf16, tile-major by partition: [g, r, i] is row
+              i*R + r in q_t's column order (token-major, then head), so each partition stores
+              one long contiguous run (rows past T*G are zeros).
 
     Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
     CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
@@ -97,13 +99,14 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     kv_heads, _, total_rows = q_t.shape
     seq_len = k_t.shape[2]
     group = check_prefill_inputs(q_t, k_t, v, sink_rows, window)
-    out = nl.ndarray((kv_heads, total_rows, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
     setup = PrefillSetup(q_t.shape[1], seq_len, group, window, dma_transpose_share, evict_vector_share,
                          output_scalar_share)
+    n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
+    out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
     for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
         neg_sink = None if sink_rows is None else load_neg_sink(sink_rows[g], setup.rows_per_tile)
-        for s0 in range(0, seq_len, SUPER_TOKENS):
-            prefill_super_block(setup, q_t, k_t, v, out, g, neg_sink, s0, min(seq_len, s0 + SUPER_TOKENS))
+        for s0 in range(0, seq_len, setup.super_tokens):
+            prefill_super_block(setup, q_t, k_t, v, out, g, neg_sink, s0, min(seq_len, s0 + setup.super_tokens))
     return out
 
 
@@ -142,6 +145,8 @@ class PrefillSetup(nl.NKIObject):
         self.window = window
         self.tokens_per_tile = P_MAX // group
         self.rows_per_tile = self.tokens_per_tile * group
+        # whole row tiles per super block, so only the sequence's last tile can be ragged
+        self.super_tokens = SUPER_TOKENS // self.tokens_per_tile * self.tokens_per_tile
         self.d_tiles = contraction_tiles(d_head)
         self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
         self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
@@ -152,6 +157,7 @@ class PrefillSetup(nl.NKIObject):
             length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
             dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE[length] if window is None else 0.0
         self.dma_share = Share(dma_transpose_share)
+        self.all_by_dma, self.none_by_dma = Share(1.0), Share(0.0)
 
     def indicator(self, tokens: int, width: int, key_minus_query: int):
         """The masked indicator of a boundary region (static_mask_indicator), built on first use."""
@@ -175,6 +181,8 @@ def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink,
         nisa.dma_copy(q_part, q_t[g, d0:d1, s0 * group:s1 * group])
         q_sb.append(q_part)
     result = nl.ndarray((setup.rows_per_tile, len(tiles), v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
+    if tiles[-1].token_end - tiles[-1].token_start < setup.tokens_per_tile:
+        nisa.memset(result[:, len(tiles) - 1, :], 0.0, engine=nisa.gpsimd_engine)
     for c0, c1 in chunks:
         # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
         k_sb = []
@@ -186,7 +194,9 @@ def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink,
         for batch in tile_batches(tiles, c0, c1, group):
             prefill_batch(setup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0, c0, c1, result)
         del k_sb, v_sb
-    store_rows(out[g], s0 * group, result, [(t.token_end - t.token_start) * group for t in tiles])
+    # SBUF -> HBM, one contiguous run per partition (a ragged last tile's rows past T * G are zeros)
+    tile0 = s0 // setup.tokens_per_tile
+    nisa.dma_copy(out[g, :, tile0:tile0 + len(tiles), :], result)
 
 
 def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
@@ -212,9 +222,11 @@ def prefill_batch(setup: PrefillSetup, tiles, batch, q_sb, k_sb, v_sb, neg_sink,
     # end of each tile's own logit columns; the batch's later ones are masked for it
     ends = [min(c1, t.token_end) - max(c0, t.key_start) + lead for t in members]
     # the scores go straight into the softmax, which releases their PSUM before the transposes
+    # a batch's P transposes go all to TensorE or all to one DMA (each transfer pays its setup)
+    n_blocks = batch.count * ((batch.width + P_MAX - 1) // P_MAX)
+    by_dma = setup.all_by_dma if setup.dma_share.take_all(n_blocks) else setup.none_by_dma
     alpha, probs_t = softmax_transposed(prefill_scores(setup, members, batch, q_sb, k_sb, s0, c0), batch, state,
-                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict,
-                                        setup.dma_share)
+                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict, by_dma)
     o_psum = nl.ndarray((rows, batch.count, v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
     for j, tile in enumerate(members):
         # key tiles past the tile's own columns hold only zeros: skipped
@@ -315,4 +327,6 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | 
     sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
     o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
                          report=True, lnc=lnc, splits_lnc=True, **tuning)
+    o_tiles = np.asarray(o_rows)            # [Hkv, R, tiles, Dv] -> [Hkv, T*G, Dv]
+    o_rows = o_tiles.transpose(0, 2, 1, 3).reshape(kv_heads, -1, o_tiles.shape[3])[:, :q_t.shape[2]]
     return from_rows(o_rows, t_len), rep
