@@ -59,13 +59,14 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
-                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
+                    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
                     softmax_transposed, tile_batches, update_output)
 from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
+SWA_OUTPUT_SCALAR_SHARE = 0.5
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
 FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
 LONG_PREFILL_TOKENS = 2048
@@ -103,11 +104,56 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
                          output_scalar_share)
     n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
     out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
-    for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
-        neg_sink = None if sink_rows is None else load_neg_sink(sink_rows[g], setup.rows_per_tile)
-        for s0 in range(0, seq_len, setup.super_tokens):
-            prefill_super_block(setup, q_t, k_t, v, out, g, neg_sink, s0, min(seq_len, s0 + setup.super_tokens))
+    heads = HeadRange(nl.program_id(0), kv_heads, nl.num_programs(0))
+    neg_sinks = None if sink_rows is None else load_neg_sinks(sink_rows[heads.slice()], setup.rows_per_tile)
+    for s0 in range(0, seq_len, setup.super_tokens):
+        s1 = min(seq_len, s0 + setup.super_tokens)
+        chunks = super_block_chunks(setup, s0, s1)
+        # one key chunk: K^T and V of all this core's heads in one DMA each (each transfer pays its setup)
+        shared = load_chunk(k_t[heads.slice()], v[heads.slice()], setup, chunks[0]) if len(chunks) == 1 else None
+        for h in range(heads.count):
+            neg_sink = None if neg_sinks is None else neg_sinks[:, h, :]
+            prefill_super_block(setup, q_t, k_t, v, out, heads.first + h * heads.step, h, neg_sink, s0, s1,
+                                shared)
     return out
+
+
+class HeadRange(nl.NKIObject):
+    """The KV heads of one core: first, first + step, ... (count of them) below kv_heads."""
+
+    def __init__(self, first: int, kv_heads: int, step: int):
+        self.first, self.step = first, step
+        self.count = len(range(first, kv_heads, step))
+
+    def slice(self):
+        return slice(self.first, self.first + (self.count - 1) * self.step + 1, self.step)
+
+
+def load_neg_sinks(sink_heads, rows: int):
+    """HBM [heads, rows, 1] -> SBUF [rows, heads, 1] fp32, negated (the -m start of each row), one DMA."""
+    sink = nl.ndarray((rows, sink_heads.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(sink, sink_heads.permute((1, 0, 2)))
+    neg_sink = nl.ndarray((rows, sink_heads.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0)
+    return neg_sink
+
+
+def load_chunk(k_heads, v_heads, setup, chunk):
+    """HBM -> SBUF: keys [c0, c1) of the given heads: K^T per D tile [d, heads, keys] and V
+    [128, heads, key tile, Dv], one DMA each."""
+    c0, c1 = chunk
+    k_sb = []
+    for d0, d1 in setup.d_tiles:
+        k_part = nl.ndarray((d1 - d0, k_heads.shape[0], c1 - c0), dtype=k_heads.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(k_part, k_heads[:, d0:d1, c0:c1].permute((1, 0, 2)))
+        k_sb.append(k_part)
+    return k_sb, load_key_tiles(v_heads, c0, c1)
+
+
+def super_block_chunks(setup, s0: int, s1: int):
+    """The key chunks [(c0, c1)] the window of tokens [s0, s1) meets."""
+    k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
+    return [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
 
 
 def check_prefill_inputs(q_t, k_t, v, sink_rows, window) -> int:
@@ -151,7 +197,7 @@ class PrefillSetup(nl.NKIObject):
         self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
         self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
         if output_scalar_share is None:
-            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else 0.0
+            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else SWA_OUTPUT_SCALAR_SHARE
         self.evict = EvictEngines(evict_vector_share, output_scalar_share)
         if dma_transpose_share is None:
             length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
@@ -167,12 +213,13 @@ class PrefillSetup(nl.NKIObject):
         return self.indicators[key]
 
 
-def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink, s0: int, s1: int):
-    """Tokens [s0, s1) of KV head g: their Q^T stays in SBUF while the key chunks of their window
-    stream through (K^T and V loaded once per chunk for all row tiles); the rows go out in one store."""
+def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, h: int, neg_sink, s0: int, s1: int,
+                        shared):
+    """Tokens [s0, s1) of KV head g (the core's h-th): their Q^T stays in SBUF while the key chunks
+    of their window stream through (K^T and V loaded once per chunk for all row tiles, or `shared`:
+    the one chunk of all the core's heads); the rows go out in one store."""
     group = setup.group
-    k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
-    chunks = [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
+    chunks = super_block_chunks(setup, s0, s1)
     tiles = super_block_tiles(setup, chunks, s0, s1)
     # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
     q_sb = []
@@ -185,12 +232,13 @@ def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink,
         nisa.memset(result[:, len(tiles) - 1, :], 0.0, engine=nisa.gpsimd_engine)
     for c0, c1 in chunks:
         # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
-        k_sb = []
-        for d0, d1 in setup.d_tiles:
-            k_part = nl.ndarray((d1 - d0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(k_part, k_t[g, d0:d1, c0:c1])
-            k_sb.append(k_part)
-        v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
+        if shared is None:
+            k_sb, v_sb = load_chunk(k_t[g:g + 1], v[g:g + 1], setup, (c0, c1))
+            h_chunk = 0
+        else:
+            (k_sb, v_sb), h_chunk = shared, h
+        k_sb = [k_part[:, h_chunk, :] for k_part in k_sb]
+        v_sb = v_sb[:, h_chunk]                  # [128, key tile, Dv]
         for batch in tile_batches(tiles, c0, c1, group):
             prefill_batch(setup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0, c0, c1, result)
         del k_sb, v_sb
