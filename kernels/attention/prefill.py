@@ -65,7 +65,7 @@ from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
-FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
+FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
 SWA_OUTPUT_SCALAR_SHARE = 0.5
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
 FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
