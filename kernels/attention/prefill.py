@@ -67,6 +67,7 @@ SUPER_TOKENS = 1024                             # tokens whose row tiles share o
 EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
 SWA_OUTPUT_SCALAR_SHARE = 0.5
+HEAD_GROUP_SBUF_BYTES = 128 * 1024              # per partition, for a head group's Q^T, result, K/V chunk
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
 FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
 LONG_PREFILL_TOKENS = 2048
@@ -104,29 +105,41 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
                          output_scalar_share)
     n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
     out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
-    heads = HeadRange(nl.program_id(0), kv_heads, nl.num_programs(0))
+    core, cores = nl.program_id(0), nl.num_programs(0)
+    heads = HeadRange(core, cores, len(range(core, kv_heads, cores)))
     neg_sinks = None if sink_rows is None else load_neg_sinks(sink_rows[heads.slice()], setup.rows_per_tile)
     for s0 in range(0, seq_len, setup.super_tokens):
         s1 = min(seq_len, s0 + setup.super_tokens)
-        chunks = super_block_chunks(setup, s0, s1)
-        # one key chunk: K^T and V of all this core's heads in one DMA each (each transfer pays its setup)
-        shared = load_chunk(k_t[heads.slice()], v[heads.slice()], setup, chunks[0]) if len(chunks) == 1 else None
-        for h in range(heads.count):
-            neg_sink = None if neg_sinks is None else neg_sinks[:, h, :]
-            prefill_super_block(setup, q_t, k_t, v, out, heads.first + h * heads.step, h, neg_sink, s0, s1,
-                                shared)
+        per_group = heads_per_group(setup, s1 - s0, v.shape[2])
+        for h0 in range(0, heads.count, per_group):
+            n = min(per_group, heads.count - h0)
+            sinks = None if neg_sinks is None else neg_sinks[:, h0:h0 + n, :]
+            prefill_super_block(setup, q_t, k_t, v, out, heads.subrange(h0, n), sinks, s0, s1)
     return out
 
 
-class HeadRange(nl.NKIObject):
-    """The KV heads of one core: first, first + step, ... (count of them) below kv_heads."""
+def heads_per_group(setup, tokens: int, dv: int) -> int:
+    """KV heads whose super blocks run together (their Q^T, K^T / V chunk loads and output store
+    one DMA each, each transfer paying its setup): as many as HEAD_GROUP_SBUF_BYTES per partition
+    holds of their Q^T, result and one key chunk."""
+    keys = min(CHUNK_KEYS, tokens + (0 if setup.window is None else setup.window))
+    per_head = 2 * (len(setup.d_tiles) * tokens * setup.group + len(setup.d_tiles) * keys
+                    + ((tokens + setup.tokens_per_tile - 1) // setup.tokens_per_tile + keys // P_MAX + 1) * dv)
+    return max(1, HEAD_GROUP_SBUF_BYTES // per_head)
 
-    def __init__(self, first: int, kv_heads: int, step: int):
-        self.first, self.step = first, step
-        self.count = len(range(first, kv_heads, step))
+
+class HeadRange(nl.NKIObject):
+    """KV heads first, first + step, ... (count of them)."""
+
+    def __init__(self, first: int, step: int, count: int):
+        self.first, self.step, self.count = first, step, count
 
     def slice(self):
         return slice(self.first, self.first + (self.count - 1) * self.step + 1, self.step)
+
+    def subrange(self, h0: int, n: int):
+        """Heads h0 .. h0 + n - 1 of this range."""
+        return HeadRange(self.first + h0 * self.step, self.step, n)
 
 
 def load_neg_sinks(sink_heads, rows: int):
@@ -213,38 +226,34 @@ class PrefillSetup(nl.NKIObject):
         return self.indicators[key]
 
 
-def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, h: int, neg_sink, s0: int, s1: int,
-                        shared):
-    """Tokens [s0, s1) of KV head g (the core's h-th): their Q^T stays in SBUF while the key chunks
-    of their window stream through (K^T and V loaded once per chunk for all row tiles, or `shared`:
-    the one chunk of all the core's heads); the rows go out in one store."""
+def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, heads, neg_sinks, s0: int, s1: int):
+    """Tokens [s0, s1) of a group of KV heads (HeadRange): their Q^T stays in SBUF while the key
+    chunks of their window stream through (K^T and V loaded once per chunk for all row tiles); the
+    rows go out in one store. Every load and the store is one DMA for the whole group."""
     group = setup.group
     chunks = super_block_chunks(setup, s0, s1)
-    tiles = super_block_tiles(setup, chunks, s0, s1)
-    # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
+    tiles = [super_block_tiles(setup, chunks, s0, s1) for _ in range(heads.count)]
+    n_tiles = len(tiles[0])
+    # HBM -> SBUF: Q^T of the super block [d, head, columns], one DMA per D partition tile
     q_sb = []
     for d0, d1 in setup.d_tiles:
-        q_part = nl.ndarray((d1 - d0, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(q_part, q_t[g, d0:d1, s0 * group:s1 * group])
+        q_part = nl.ndarray((d1 - d0, heads.count, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(q_part, q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)))
         q_sb.append(q_part)
-    result = nl.ndarray((setup.rows_per_tile, len(tiles), v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
-    if tiles[-1].token_end - tiles[-1].token_start < setup.tokens_per_tile:
-        nisa.memset(result[:, len(tiles) - 1, :], 0.0, engine=nisa.gpsimd_engine)
+    result = nl.ndarray((setup.rows_per_tile, heads.count, n_tiles, v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
+    if tiles[0][-1].token_end - tiles[0][-1].token_start < setup.tokens_per_tile:
+        nisa.memset(result[:, :, n_tiles - 1, :], 0.0, engine=nisa.gpsimd_engine)
     for c0, c1 in chunks:
-        # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
-        if shared is None:
-            k_sb, v_sb = load_chunk(k_t[g:g + 1], v[g:g + 1], setup, (c0, c1))
-            h_chunk = 0
-        else:
-            (k_sb, v_sb), h_chunk = shared, h
-        k_sb = [k_part[:, h_chunk, :] for k_part in k_sb]
-        v_sb = v_sb[:, h_chunk]                  # [128, key tile, Dv]
-        for batch in tile_batches(tiles, c0, c1, group):
-            prefill_batch(setup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0, c0, c1, result)
+        k_sb, v_sb = load_chunk(k_t[heads.slice()], v[heads.slice()], setup, (c0, c1))
+        for h in range(heads.count):
+            neg_sink = None if neg_sinks is None else neg_sinks[:, h, :]
+            for batch in tile_batches(tiles[h], c0, c1, group):
+                prefill_batch(setup, tiles[h], batch, [q_part[:, h, :] for q_part in q_sb],
+                              [k_part[:, h, :] for k_part in k_sb], v_sb[:, h], neg_sink, s0, c0, c1, result[:, h])
         del k_sb, v_sb
-    # SBUF -> HBM, one contiguous run per partition (a ragged last tile's rows past T * G are zeros)
+    # SBUF -> HBM, one contiguous run per partition and head (a ragged last tile's rows past T * G are zeros)
     tile0 = s0 // setup.tokens_per_tile
-    nisa.dma_copy(out[g, :, tile0:tile0 + len(tiles), :], result)
+    nisa.dma_copy(out[heads.slice(), :, tile0:tile0 + n_tiles, :].permute((1, 0, 2, 3)), result)
 
 
 def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
