@@ -40,14 +40,21 @@ one by one on ScalarE (0.4 for full attention, whose VectorE carries the long ro
 sliding windows). A batch shares its widest tile's logit columns for QK and the row max; the exp
 and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
 memset per batch). `dma_transpose_share`
-moves that share of the P transposes to the DMA queues: one SBUF -> SBUF 3-D `dma_transpose` per
-batch, taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to
-50 % of DMA throughput (Trainium2 architecture guide; the cost model charges exactly that), so
-the DMA queues saturate early for short sequences: full attention uses 0.5 below
-LONG_PREFILL_TOKENS tokens and 0.75 from there (swept under the cost model: T = 512 52 % of
-roofline at 0.5 vs 43 % at 0.75; T = 4096 69 % vs 75 %), sliding windows 0 (closer to
-HBM-bound). The rate is an upper bound from the documentation, so this share is the first knob
-to revisit on hardware.
+moves that share of the P transposes to the DMA queues, a whole batch at a time (one SBUF -> SBUF
+3-D `dma_transpose` per batch, each transfer paying its ~1.3 us setup), taking work off TensorE,
+VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to 50 % of DMA throughput (Trainium2
+architecture guide; the cost model charges exactly that): ~2 ns of DMA per key column of 128 rows
+against 0.4 ns of TensorE plus ~1 ns of PSUM eviction. Q and O alone keep the DMA queues busy for
+~1.2 ns per key column at T = 512 (0.15 ns at T = 4096), so full attention moves 0.1 of the
+transposes below LONG_PREFILL_TOKENS tokens and 0.4 from there, sliding windows none (swept under
+the cost model: T = 512 49.5 %, T = 4096 67.5 % of roofline). The rate is an upper bound from the
+documentation, so this share is the first knob to revisit on hardware.
+
+DMA transfers: every transfer pays its setup, so the KV heads of a super block go in groups
+(as many as HEAD_GROUP_SBUF_BYTES holds): one DMA per group for each Q^T partition tile, each key
+chunk's K^T tiles and V, and the output; the sinks of all heads are one DMA. The output is stored
+tile-major ([Hkv, R, tiles, Dv], the launcher reorders it), so each partition writes one long
+contiguous run instead of a 256-byte row per tile.
 
 The device helpers shared with the decode kernel are in `flash.py`.
 """
@@ -93,9 +100,9 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
               i*R + r in q_t's column order (token-major, then head), so each partition stores
               one long contiguous run (rows past T*G are zeros).
 
-    Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
-    CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
-    split between the two cores. The three shares tune the engine balance (module docstring;
+    Loop: super block of SUPER_TOKENS tokens -> group of KV heads (their Q^T stays in SBUF) -> key
+    chunk of CHUNK_KEYS (K^T and V loaded once per super block and group) -> head -> row tile. With
+    LNC=2 the KV heads are split between the two cores. The three shares tune the engine balance (module docstring;
     None = the default for the attention type).
     """
     kv_heads, _, total_rows = q_t.shape
