@@ -71,7 +71,7 @@ from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTil
 from .host import BF16, check_attention_shapes, from_rows, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
-EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
+EVICT_VECTOR_SHARE = 0.4                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
 SWA_OUTPUT_SCALAR_SHARE = 0.5
 HEAD_GROUP_SBUF_BYTES = 128 * 1024              # per partition, for a head group's Q^T, result, K/V chunk
