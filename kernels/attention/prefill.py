@@ -47,7 +47,7 @@ architecture guide; the cost model charges exactly that): ~2 ns of DMA per key c
 against 0.4 ns of TensorE plus ~1 ns of PSUM eviction. Q and O alone keep the DMA queues busy for
 ~1.2 ns per key column at T = 512 (0.15 ns at T = 4096), so full attention moves 0.1 of the
 transposes below LONG_PREFILL_TOKENS tokens and 0.4 from there, sliding windows none (swept under
-the cost model: T = 512 49.5 %, T = 4096 67.5 % of roofline). The rate is an upper bound from the
+the cost model: T = 512 51 %, T = 4096 67 % of roofline). The rate is an upper bound from the
 documentation, so this share is the first knob to revisit on hardware.
 
 DMA transfers: every transfer pays its setup, so the KV heads of a super block go in groups
