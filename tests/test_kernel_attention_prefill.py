@@ -87,6 +87,29 @@ def test_lnc2_splits_kv_heads_between_cores():
     assert rep2.num_programs == 2 and rep2.estimated_time_s < 0.6 * rep1.estimated_time_s
 
 
+def test_window_with_sink_across_super_blocks_lnc2():
+    """T = 1100: the window crosses the 1024-token super block boundary, the last row tile is ragged
+    (tile-major output rows past T*G dropped), and at LNC=2 each core loads its strided KV heads'
+    keys and sinks in one DMA each."""
+    sink = random_sink(32)
+    out1, _ = check(1100, 32, 4, 128, sink, seed=7)
+    q, k, v = random_prefill(1100, 32, 4, seed=7)
+    out2, rep2 = to_host(attention_prefill(q, k, v, SCALE, 128, sink, lnc=2))
+    np.testing.assert_array_equal(out1, out2)
+    assert rep2.num_programs == 2
+
+
+def test_partial_dma_transpose_share_goes_by_whole_batches():
+    """A share of 0.3: some batches' P transposes all by one DMA each, the rest on TensorE; exact."""
+    q, k, v = random_prefill(700, 16, 1, seed=6)
+    base, pe = to_host(attention_prefill(q, k, v, SCALE, None, dma_transpose_share=0.0))
+    mixed, rep = to_host(attention_prefill(q, k, v, SCALE, None, dma_transpose_share=0.3))
+    np.testing.assert_array_equal(base, mixed)
+    by_dma = rep.engines["DMA"].by_op.get("dma_transpose", 0)
+    by_pe = pe.engines["TensorE"].by_op["nc_transpose"] - rep.engines["TensorE"].by_op["nc_transpose"]
+    assert 0 < by_dma < by_pe        # several 128-key blocks per DMA transpose
+
+
 def test_dma_transposes_give_the_same_result():
     q, k, v = random_prefill(700, 16, 1, seed=6)
     base, _ = to_host(attention_prefill(q, k, v, SCALE, None, dma_transpose_share=0.0))

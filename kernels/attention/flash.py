@@ -22,11 +22,21 @@ NEG_MAX_CAP = -0.5 * MASK_BIAS                  # bound of -m: a fully masked ro
 
 class Share(nl.NKIObject):
     """Deterministic split of a stream of decisions: `take()` is True for `share` of the calls
-    (Bresenham-style), `take_count(n)` for about `share * n` of n items."""
+    (Bresenham-style), `take_count(n)` for about `share * n` of n items, `take_all(n)` True when
+    taking all n items keeps the items taken nearest `share` of those seen."""
 
     def __init__(self, share: float):
         self.share = share
         self.acc = 0.0
+        self.seen = 0
+        self.taken = 0
+
+    def take_all(self, n: int) -> bool:
+        self.seen += n
+        take = self.taken + n / 2 <= self.share * self.seen
+        if take:
+            self.taken += n
+        return take
 
     def take(self) -> bool:
         return self.take_count(1) == 1

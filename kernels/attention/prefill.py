@@ -40,14 +40,21 @@ one by one on ScalarE (0.4 for full attention, whose VectorE carries the long ro
 sliding windows). A batch shares its widest tile's logit columns for QK and the row max; the exp
 and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
 memset per batch). `dma_transpose_share`
-moves that share of the P transposes to the DMA queues: one SBUF -> SBUF 3-D `dma_transpose` per
-batch, taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to
-50 % of DMA throughput (Trainium2 architecture guide; the cost model charges exactly that), so
-the DMA queues saturate early for short sequences: full attention uses 0.5 below
-LONG_PREFILL_TOKENS tokens and 0.75 from there (swept under the cost model: T = 512 52 % of
-roofline at 0.5 vs 43 % at 0.75; T = 4096 69 % vs 75 %), sliding windows 0 (closer to
-HBM-bound). The rate is an upper bound from the documentation, so this share is the first knob
-to revisit on hardware.
+moves that share of the P transposes to the DMA queues, a whole batch at a time (one SBUF -> SBUF
+3-D `dma_transpose` per batch, each transfer paying its ~1.3 us setup), taking work off TensorE,
+VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to 50 % of DMA throughput (Trainium2
+architecture guide; the cost model charges exactly that): ~2 ns of DMA per key column of 128 rows
+against 0.4 ns of TensorE plus ~1 ns of PSUM eviction. Q and O alone keep the DMA queues busy for
+~1.2 ns per key column at T = 512 (0.15 ns at T = 4096), so full attention moves 0.1 of the
+transposes below LONG_PREFILL_TOKENS tokens and 0.4 from there, sliding windows none (swept under
+the cost model: T = 512 51 %, T = 4096 67 % of roofline). The rate is an upper bound from the
+documentation, so this share is the first knob to revisit on hardware.
+
+DMA transfers: every transfer pays its setup, so the KV heads of a super block go in groups
+(as many as HEAD_GROUP_SBUF_BYTES holds): one DMA per group for each Q^T partition tile, each key
+chunk's K^T tiles and V, and the output; the sinks of all heads are one DMA. The output is stored
+tile-major ([Hkv, R, tiles, Dv], the launcher reorders it), so each partition writes one long
+contiguous run instead of a 256-byte row per tile.
 
 The device helpers shared with the decode kernel are in `flash.py`.
 """
@@ -57,15 +64,17 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
-                    load_key_tiles, load_neg_sink, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
-                    softmax_transposed, store_rows, tile_batches, update_output)
+                    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
+                    softmax_transposed, tile_batches, update_output)
 from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
-EVICT_VECTOR_SHARE = 0.3                        # share of P^T evictions on VectorE (rest ScalarE)
-FULL_OUTPUT_SCALAR_SHARE = 0.4                  # share of row tiles whose O / l runs on ScalarE
+EVICT_VECTOR_SHARE = 0.4                        # share of P^T evictions on VectorE (rest ScalarE)
+FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
+SWA_OUTPUT_SCALAR_SHARE = 0.5
+HEAD_GROUP_SBUF_BYTES = 128 * 1024              # per partition, for a head group's Q^T, result, K/V chunk
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
-FULL_DMA_TRANSPOSE_SHARE = {"short": 0.5, "long": 0.75}
+FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
 LONG_PREFILL_TOKENS = 2048
 
 
@@ -85,24 +94,84 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     sink_rows [Hkv, R, 1]   fp32  or None: the sink logit of each row of a row tile
                                   (R = (128 // G) * G; row r has head g*G + r % G).
     window    int or None         keys a query sees, itself included.
-    Returns   [Hkv, T*G, Dv] bf16, rows in q_t's column order (token-major, then head).
+    Returns   [Hkv, R, ceil(T*G / R), Dv] bf16, tile-major by partition: [g, r, i] is row
+              i*R + r in q_t's column order (token-major, then head), so each partition stores
+              one long contiguous run (rows past T*G are zeros).
 
-    Loop: KV head -> super block of SUPER_TOKENS tokens (its Q^T stays in SBUF) -> key chunk of
-    CHUNK_KEYS (K^T and V loaded once per super block) -> row tile. With LNC=2 the KV heads are
-    split between the two cores. The three shares tune the engine balance (module docstring;
+    Loop: super block of SUPER_TOKENS tokens -> group of KV heads (their Q^T stays in SBUF) -> key
+    chunk of CHUNK_KEYS (K^T and V loaded once per super block and group) -> head -> row tile. With
+    LNC=2 the KV heads are split between the two cores. The three shares tune the engine balance (module docstring;
     None = the default for the attention type).
     """
     kv_heads, _, total_rows = q_t.shape
     seq_len = k_t.shape[2]
     group = check_prefill_inputs(q_t, k_t, v, sink_rows, window)
-    out = nl.ndarray((kv_heads, total_rows, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
     setup = PrefillSetup(q_t.shape[1], seq_len, group, window, dma_transpose_share, evict_vector_share,
                          output_scalar_share)
-    for g in range(nl.program_id(0), kv_heads, nl.num_programs(0)):
-        neg_sink = None if sink_rows is None else load_neg_sink(sink_rows[g], setup.rows_per_tile)
-        for s0 in range(0, seq_len, SUPER_TOKENS):
-            prefill_super_block(setup, q_t, k_t, v, out, g, neg_sink, s0, min(seq_len, s0 + SUPER_TOKENS))
+    n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
+    out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
+    core, cores = nl.program_id(0), nl.num_programs(0)
+    heads = HeadRange(core, cores, len(range(core, kv_heads, cores)))
+    neg_sinks = None if sink_rows is None else load_neg_sinks(sink_rows[heads.slice()], setup.rows_per_tile)
+    for s0 in range(0, seq_len, setup.super_tokens):
+        s1 = min(seq_len, s0 + setup.super_tokens)
+        per_group = heads_per_group(setup, s1 - s0, v.shape[2])
+        for h0 in range(0, heads.count, per_group):
+            n = min(per_group, heads.count - h0)
+            sinks = None if neg_sinks is None else neg_sinks[:, h0:h0 + n, :]
+            prefill_super_block(setup, q_t, k_t, v, out, heads.subrange(h0, n), sinks, s0, s1)
     return out
+
+
+def heads_per_group(setup, tokens: int, dv: int) -> int:
+    """KV heads whose super blocks run together (their Q^T, K^T / V chunk loads and output store
+    one DMA each, each transfer paying its setup): as many as HEAD_GROUP_SBUF_BYTES per partition
+    holds of their Q^T, result and one key chunk."""
+    keys = min(CHUNK_KEYS, tokens + (0 if setup.window is None else setup.window))
+    per_head = 2 * (len(setup.d_tiles) * tokens * setup.group + len(setup.d_tiles) * keys
+                    + ((tokens + setup.tokens_per_tile - 1) // setup.tokens_per_tile + keys // P_MAX + 1) * dv)
+    return max(1, HEAD_GROUP_SBUF_BYTES // per_head)
+
+
+class HeadRange(nl.NKIObject):
+    """KV heads first, first + step, ... (count of them)."""
+
+    def __init__(self, first: int, step: int, count: int):
+        self.first, self.step, self.count = first, step, count
+
+    def slice(self):
+        return slice(self.first, self.first + (self.count - 1) * self.step + 1, self.step)
+
+    def subrange(self, h0: int, n: int):
+        """Heads h0 .. h0 + n - 1 of this range."""
+        return HeadRange(self.first + h0 * self.step, self.step, n)
+
+
+def load_neg_sinks(sink_heads, rows: int):
+    """HBM [heads, rows, 1] -> SBUF [rows, heads, 1] fp32, negated (the -m start of each row), one DMA."""
+    sink = nl.ndarray((rows, sink_heads.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(sink, sink_heads.permute((1, 0, 2)))
+    neg_sink = nl.ndarray((rows, sink_heads.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0)
+    return neg_sink
+
+
+def load_chunk(k_heads, v_heads, setup, chunk):
+    """HBM -> SBUF: keys [c0, c1) of the given heads: K^T per D tile [d, heads, keys] and V
+    [128, heads, key tile, Dv], one DMA each."""
+    c0, c1 = chunk
+    k_sb = []
+    for d0, d1 in setup.d_tiles:
+        k_part = nl.ndarray((d1 - d0, k_heads.shape[0], c1 - c0), dtype=k_heads.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(k_part, k_heads[:, d0:d1, c0:c1].permute((1, 0, 2)))
+        k_sb.append(k_part)
+    return k_sb, load_key_tiles(v_heads, c0, c1)
+
+
+def super_block_chunks(setup, s0: int, s1: int):
+    """The key chunks [(c0, c1)] the window of tokens [s0, s1) meets."""
+    k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
+    return [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
 
 
 def check_prefill_inputs(q_t, k_t, v, sink_rows, window) -> int:
@@ -140,16 +209,19 @@ class PrefillSetup(nl.NKIObject):
         self.window = window
         self.tokens_per_tile = P_MAX // group
         self.rows_per_tile = self.tokens_per_tile * group
+        # whole row tiles per super block, so only the sequence's last tile can be ragged
+        self.super_tokens = SUPER_TOKENS // self.tokens_per_tile * self.tokens_per_tile
         self.d_tiles = contraction_tiles(d_head)
         self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
         self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
         if output_scalar_share is None:
-            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else 0.0
+            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else SWA_OUTPUT_SCALAR_SHARE
         self.evict = EvictEngines(evict_vector_share, output_scalar_share)
         if dma_transpose_share is None:
             length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
             dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE[length] if window is None else 0.0
         self.dma_share = Share(dma_transpose_share)
+        self.all_by_dma, self.none_by_dma = Share(1.0), Share(0.0)
 
     def indicator(self, tokens: int, width: int, key_minus_query: int):
         """The masked indicator of a boundary region (static_mask_indicator), built on first use."""
@@ -159,32 +231,34 @@ class PrefillSetup(nl.NKIObject):
         return self.indicators[key]
 
 
-def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, g: int, neg_sink, s0: int, s1: int):
-    """Tokens [s0, s1) of KV head g: their Q^T stays in SBUF while the key chunks of their window
-    stream through (K^T and V loaded once per chunk for all row tiles); the rows go out in one store."""
+def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, heads, neg_sinks, s0: int, s1: int):
+    """Tokens [s0, s1) of a group of KV heads (HeadRange): their Q^T stays in SBUF while the key
+    chunks of their window stream through (K^T and V loaded once per chunk for all row tiles); the
+    rows go out in one store. Every load and the store is one DMA for the whole group."""
     group = setup.group
-    k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
-    chunks = [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
-    tiles = super_block_tiles(setup, chunks, s0, s1)
-    # HBM -> SBUF: Q^T of the super block, one DMA per D partition tile
+    chunks = super_block_chunks(setup, s0, s1)
+    tiles = [super_block_tiles(setup, chunks, s0, s1) for _ in range(heads.count)]
+    n_tiles = len(tiles[0])
+    # HBM -> SBUF: Q^T of the super block [d, head, columns], one DMA per D partition tile
     q_sb = []
     for d0, d1 in setup.d_tiles:
-        q_part = nl.ndarray((d1 - d0, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(q_part, q_t[g, d0:d1, s0 * group:s1 * group])
+        q_part = nl.ndarray((d1 - d0, heads.count, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(q_part, q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)))
         q_sb.append(q_part)
-    result = nl.ndarray((setup.rows_per_tile, len(tiles), v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
+    result = nl.ndarray((setup.rows_per_tile, heads.count, n_tiles, v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
+    if tiles[0][-1].token_end - tiles[0][-1].token_start < setup.tokens_per_tile:
+        nisa.memset(result[:, :, n_tiles - 1, :], 0.0, engine=nisa.gpsimd_engine)
     for c0, c1 in chunks:
-        # HBM -> SBUF: K^T chunk per D tile, V chunk with keys on partitions
-        k_sb = []
-        for d0, d1 in setup.d_tiles:
-            k_part = nl.ndarray((d1 - d0, c1 - c0), dtype=k_t.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(k_part, k_t[g, d0:d1, c0:c1])
-            k_sb.append(k_part)
-        v_sb = load_key_tiles(v[g], c0, c1)      # [128, key tile, Dv]
-        for batch in tile_batches(tiles, c0, c1, group):
-            prefill_batch(setup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0, c0, c1, result)
+        k_sb, v_sb = load_chunk(k_t[heads.slice()], v[heads.slice()], setup, (c0, c1))
+        for h in range(heads.count):
+            neg_sink = None if neg_sinks is None else neg_sinks[:, h, :]
+            for batch in tile_batches(tiles[h], c0, c1, group):
+                prefill_batch(setup, tiles[h], batch, [q_part[:, h, :] for q_part in q_sb],
+                              [k_part[:, h, :] for k_part in k_sb], v_sb[:, h], neg_sink, s0, c0, c1, result[:, h])
         del k_sb, v_sb
-    store_rows(out[g], s0 * group, result, [(t.token_end - t.token_start) * group for t in tiles])
+    # SBUF -> HBM, one contiguous run per partition and head (a ragged last tile's rows past T * G are zeros)
+    tile0 = s0 // setup.tokens_per_tile
+    nisa.dma_copy(out[heads.slice(), :, tile0:tile0 + n_tiles, :].permute((1, 0, 2, 3)), result)
 
 
 def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
@@ -210,9 +284,11 @@ def prefill_batch(setup: PrefillSetup, tiles, batch, q_sb, k_sb, v_sb, neg_sink,
     # end of each tile's own logit columns; the batch's later ones are masked for it
     ends = [min(c1, t.token_end) - max(c0, t.key_start) + lead for t in members]
     # the scores go straight into the softmax, which releases their PSUM before the transposes
+    # a batch's P transposes go all to TensorE or all to one DMA (each transfer pays its setup)
+    n_blocks = batch.count * ((batch.width + P_MAX - 1) // P_MAX)
+    by_dma = setup.all_by_dma if setup.dma_share.take_all(n_blocks) else setup.none_by_dma
     alpha, probs_t = softmax_transposed(prefill_scores(setup, members, batch, q_sb, k_sb, s0, c0), batch, state,
-                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict,
-                                        setup.dma_share)
+                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict, by_dma)
     o_psum = nl.ndarray((rows, batch.count, v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
     for j, tile in enumerate(members):
         # key tiles past the tile's own columns hold only zeros: skipped
@@ -312,4 +388,6 @@ def attention_prefill(q, k, v, scale: float, window=None, sink=None, lnc: int | 
     sink_rows = None if sink is None else sink_per_row(sink, kv_heads, hq // kv_heads)
     o_rows, rep = launch(attention_prefill_kernel, q_t, k_t, v_dev, sink_rows, None if window is None else int(window),
                          report=True, lnc=lnc, splits_lnc=True, **tuning)
+    # [Hkv, R, tiles, Dv] (tile-major: one run per partition) -> [Hkv, T*G, Dv]
+    o_rows = o_rows.permute(0, 2, 1, 3).reshape(kv_heads, -1, o_rows.shape[3])[:, :q_t.shape[2]]
     return from_rows(o_rows, t_len), rep
