@@ -157,9 +157,11 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0, partition_major=False):
                          engine=copies.next())                   # PSUM -> SBUF
 
 
-def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies):
+def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies, pending):
     """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
-    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1."""
+    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1. The previous block's sums are
+    written back once the second weight stripe is queued: that scatter waits for the previous
+    block's last matmuls, and the DMA queue behind it must not hold up this block's first work."""
     KT = x.shape[1] // P
     B = sum([src.shape[0] for src in sources])
     I = w_gate.shape[2]
@@ -169,10 +171,13 @@ def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, co
     gate_scale, up_scale = _load_scales(gate_scale, expert), _load_scales(up_scale, expert)
     h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     stripe = GATE_UP_STRIPE if gate_scale is None else GATE_UP_STRIPE_FP8
+    flush_at = min(stripe, (I - 1) // stripe * stripe)
     for s0 in range(0, I, stripe):
         width = min(stripe, I - s0)
         g_w = _load_weight_stripe(w_gate, gate_scale, expert, s0, width, dequant)   # [P, KT, width]
         u_w = _load_weight_stripe(w_up, up_scale, expert, s0, width, dequant)
+        if s0 == flush_at:
+            pending.flush()
         for i0 in range(0, width, P):
             j = (s0 + i0) // P
             for c0 in range(0, B, ROWS_PER_MATMUL):
@@ -478,8 +483,7 @@ def _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies
     tokens = [c[0] for c in columns]
     sources = [c[1] for c in columns]
     weights = [c[2] for c in columns]
-    pending.flush()
-    h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies)
+    h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies, pending)
     sums = []
     for token in tokens:
         sums.append(_gather_sums(pending.out, token, flag))
