@@ -80,11 +80,12 @@ P = nl.tile_size.pmax                              # partitions; also the FP8 sc
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
 DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down matmul = 1 PSUM bank
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
-GATE_UP_STRIPE = 4 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
-# FP8: two stripes' dequantised copies are in SBUF at once (see `_StripeStream`), so half as wide.
-GATE_UP_STRIPE_FP8 = 2 * nl.tile_size.gemm_stationary_fmax
-# Hidden columns per down DMA: runs of 4 KiB (bf16) or 1 KiB (fp8, whose dequantised copies are
-# three stripes ahead) per partition and row, against 1 KiB at one PSUM bank's 512 columns.
+# Intermediate columns per gate / up DMA: runs of 2 KiB (bf16) per partition and row. FP8 keeps
+# two stripes' dequantised copies in SBUF (see `_StripeStream`), so half as wide (512 B runs).
+GATE_UP_STRIPE = 8 * nl.tile_size.gemm_stationary_fmax
+GATE_UP_STRIPE_FP8 = 4 * nl.tile_size.gemm_stationary_fmax
+# Hidden columns per down DMA: runs of 4 KiB (bf16) or 1 KiB (fp8, two stripes' dequantised
+# copies in SBUF) per partition and row, against 1 KiB at one PSUM bank's 512 columns.
 DOWN_STRIPE = 4 * DOWN_COLUMNS
 DOWN_STRIPE_FP8 = 2 * DOWN_COLUMNS
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
@@ -158,7 +159,7 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0, partition_major=False):
 
 class _StripeStream(nl.NKIObject):
     """A block's weight stripes (gate and up in turns, then down) in their order of use, each
-    loaded `ahead` stripes before it is taken. FP8 takes two ahead: ScalarE, which dequantises a
+    loaded `ahead` stripes before it is taken. FP8 takes one ahead: ScalarE, which dequantises a
     stripe, also evicts PSUM in program order, so a stripe's dequantisation must be issued before
     the previous stripe's matmuls or TensorE would wait for it after each stripe."""
 
@@ -172,7 +173,7 @@ class _StripeStream(nl.NKIObject):
         for c0 in range(0, H, down):
             self.order.append((2, c0, min(down, H - c0)))
         self.w, self.scales, self.expert = w, scales, expert
-        self.ahead = 2 if fp8 else 0
+        self.ahead = 1 if fp8 else 0
         self.loaded = []
         self.issued = 0
 
@@ -186,9 +187,11 @@ class _StripeStream(nl.NKIObject):
 
 def _gate_up(x, sources, stripes, copies, pending):
     """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
-    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1. The previous block's sums are
-    written back once the second weight stripe is queued: that scatter waits for the previous
-    block's last matmuls, and the DMA queue behind it must not hold up this block's first work."""
+    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1. A gate stripe's silu(g) waits in
+    SBUF for the up stripe of the same columns, so only one weight stripe is in use at a time.
+    The previous block's sums are written back once the first up stripe is queued: that scatter
+    waits for the previous block's last matmuls, and the DMA queue behind it must not hold up
+    this block's first work."""
     KT = x.shape[1] // P
     B = sum([src.shape[0] for src in sources])
     I = stripes.w[0].shape[2]
@@ -196,28 +199,37 @@ def _gate_up(x, sources, stripes, copies, pending):
     for s, source in enumerate(sources):
         _gather_rows_transposed(x, source, copies, x_T, s * P)
     h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
-    s0, pair = 0, 0
+    s0 = 0
     while s0 < I:
-        g_w, u_w = stripes.take(), stripes.take()                                  # [P, KT, width]
-        if pair == 1 or s0 + g_w.shape[2] >= I:
-            pending.flush()                 # the second stripe is queued (or the last one)
-        pair += 1
-        for i0 in range(0, g_w.shape[2], P):
-            j = (s0 + i0) // P
-            for c0 in range(0, B, ROWS_PER_MATMUL):
-                c1 = min(B, c0 + ROWS_PER_MATMUL)
-                g = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-                u = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-                for k in range(KT):
-                    nisa.nc_matmul(dst=g, stationary=g_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
-                for k in range(KT):
-                    nisa.nc_matmul(dst=u, stationary=u_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
-                act = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.activation(dst=act, op=nl.silu, data=g)                       # PSUM -> SBUF
-                nisa.tensor_tensor(dst=h_T[:, j, c0:c1], data1=act, data2=u, op=nl.multiply)
-        s0 += g_w.shape[2]
-        del g_w, u_w                        # free before the next stripes are loaded
+        g_w = stripes.take()                                                       # [P, KT, width]
+        tiles = g_w.shape[2] // P
+        act = nl.ndarray((P, tiles, B), dtype=nl.float32, buffer=nl.sbuf)
+        _stripe_matmuls(x_T, g_w, act, None)
+        del g_w                             # free before the up stripe is loaded
+        u_w = stripes.take()
+        if s0 == 0:
+            pending.flush()
+        _stripe_matmuls(x_T, u_w, act, h_T[:, s0 // P:s0 // P + tiles, :])
+        del u_w
+        s0 += tiles * P
     return h_T
+
+
+def _stripe_matmuls(x_T, w, act, h_T):
+    """For each 128-column tile t of the stripe w [P, KT, width]: gate (h_T None): act[:, t] =
+    silu(w[:, :, tile].T @ x^T); up: h_T[:, t] = act[:, t] * (w[:, :, tile].T @ x^T)."""
+    KT, B = x_T.shape[1], x_T.shape[2]
+    for t in range(w.shape[2] // P):
+        for c0 in range(0, B, ROWS_PER_MATMUL):
+            c1 = min(B, c0 + ROWS_PER_MATMUL)
+            acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+            for k in range(KT):
+                nisa.nc_matmul(dst=acc, stationary=w[:, k, t * P:(t + 1) * P], moving=x_T[:, k, c0:c1])
+            if h_T is None:
+                nisa.activation(dst=act[:, t, c0:c1], op=nl.silu, data=acc)           # PSUM -> SBUF
+            else:
+                nisa.tensor_tensor(dst=h_T[:, t, c0:c1], data1=act[:, t, c0:c1], data2=acc,
+                                   op=nl.multiply)
 
 
 def _down_accumulate(h_T, stripes, sums, weights):
