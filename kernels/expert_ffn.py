@@ -27,7 +27,7 @@ into x^T [hidden on partitions, rows]; gate / up with the weights stationary, g^
 intermediate, rows] accumulated in PSUM; ScalarE evicts silu(g), VectorE multiplies by u -> h^T
 bf16; down with h^T stationary, y [rows, 512 hidden] per PSUM bank; each result times the row
 weight is added to the token's running sum (gathered from the output, scattered back after the
-next block's first weight DMA is queued). Rows of one block have distinct tokens, so a scatter
+next block's first weight DMAs are queued). Rows of one block have distinct tokens, so a scatter
 never races with itself; on hardware the next block's gather must wait for this scatter (a
 read-after-write through HBM at indirect addresses, which the simulator, executing in order, does
 not check). Two ways to stream the weights:
@@ -46,11 +46,16 @@ not check). Two ways to stream the weights:
   correction; the down projection (standard layout, rows j*128 + p, 4 KiB runs) multiplies h^T
   per (row block, column block) on GpSimd, each 128-column block with its own scaled copy.
 * Striped (larger blocks: prefill, where TensorE is the bound). Weights in column stripes [128,
-  H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs; FP8 256 columns), gate / up on all (up to 512) rows per matmul instruction, the
-  down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
-  cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
-  spread over ScalarE, GpSimd and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
-  under the TensorE time of a 512-row block).
+  R/128, width]: gate / up 1024 columns (8 MiB bf16 per DMA, 2 KiB runs; FP8 512 columns, 512 B
+  runs), down 2048 (4 KiB runs; FP8 1024, 1 KiB runs). Gate / up run on all (up to 512) rows per
+  matmul instruction, a gate stripe's silu(g) waiting in SBUF (fp32) for the up stripe of the
+  same columns, so one stripe is in use at a time; the down projection keeps 512 weight columns
+  moving: with 512-row blocks the PE array is busy every cycle. No weight DMA waits for compute,
+  so the DMA queue loads the next block's x rows and first stripes while this block computes;
+  the previous block's sums (whose scatter waits for its last matmuls) are queued after this
+  block's first up stripe. FP8 is dequantised on chip after the load, on ScalarE, one [128, 128]
+  block per instruction (3*H*I/128 elements per partition and block whatever its rows, 164 us
+  against a 512-row block's 334 us of TensorE), one stripe ahead of its use (`_StripeStream`).
 
 A matmul costs max(64, N) TensorE cycles for N moving columns, so small blocks keep their weights
 stationary (64 cycles per instruction) and large ones keep 512 columns moving.
@@ -464,7 +469,8 @@ def _row_selector(KT):
 
 class _Pending(nl.NKIObject):
     """The last block's token sums, written back (SBUF -> HBM scatter) only after the next block's
-    first weight DMA is queued, so the weight stream does not wait for that block's last matmuls."""
+    first weight DMAs are queued, so the weight stream does not wait for that block's last
+    matmuls."""
 
     def __init__(self, out, rows):
         self.out = out
