@@ -184,8 +184,8 @@ def test_full_striped_blocks(dtype, lnc1_and_lnc2):
     back, and each block writes the previous block's sums back between its own weight stripes.
     LNC=2 (alternate blocks) gives LNC=1's result bit for bit."""
     weights = make_weights(3, FULL["hidden"], FULL["inter"], dtype, seed=15)
-    x = np.random.default_rng(15).standard_normal((200, 4096)).astype(np.float32)
-    ids, w = routing(200, 2, 3, seed=15)
+    x = np.random.default_rng(15).standard_normal((240, 4096)).astype(np.float32)
+    ids, w = routing(240, 2, 3, seed=15)
     assert (np.bincount(ids.reshape(-1), minlength=3) > 128).all()       # 2 blocks per expert
     outputs = []
 
