@@ -27,7 +27,7 @@ into x^T [hidden on partitions, rows]; gate / up with the weights stationary, g^
 intermediate, rows] accumulated in PSUM; ScalarE evicts silu(g), VectorE multiplies by u -> h^T
 bf16; down with h^T stationary, y [rows, 512 hidden] per PSUM bank; each result times the row
 weight is added to the token's running sum (gathered from the output, scattered back after the
-next block's first weight DMA is queued). Rows of one block have distinct tokens, so a scatter
+next block's first weight DMAs are queued). Rows of one block have distinct tokens, so a scatter
 never races with itself; on hardware the next block's gather must wait for this scatter (a
 read-after-write through HBM at indirect addresses, which the simulator, executing in order, does
 not check). Two ways to stream the weights:
@@ -46,11 +46,16 @@ not check). Two ways to stream the weights:
   correction; the down projection (standard layout, rows j*128 + p, 4 KiB runs) multiplies h^T
   per (row block, column block) on GpSimd, each 128-column block with its own scaled copy.
 * Striped (larger blocks: prefill, where TensorE is the bound). Weights in column stripes [128,
-  H/128, 512] (4 MiB bf16 per DMA, 1 KiB runs; FP8 256 columns), gate / up on all (up to 512) rows per matmul instruction, the
-  down projection with 512 weight columns moving: with 512-row blocks the PE array is busy every
-  cycle. FP8 is dequantised on chip after the load (one multiply per stripe by the block scale,
-  spread over ScalarE, GpSimd and VectorE: 3*H*I/128 elements per partition and block whatever its rows,
-  under the TensorE time of a 512-row block).
+  R/128, width]: gate / up 1024 columns (8 MiB bf16 per DMA, 2 KiB runs; FP8 512 columns, 512 B
+  runs), down 2048 (4 KiB runs; FP8 1024, 1 KiB runs). Gate / up run on all (up to 512) rows per
+  matmul instruction, a gate stripe's silu(g) waiting in SBUF (fp32) for the up stripe of the
+  same columns, so one stripe is in use at a time; the down projection keeps 512 weight columns
+  moving: with 512-row blocks the PE array is busy every cycle. No weight DMA waits for compute,
+  so the DMA queue loads the next block's x rows and first stripes while this block computes;
+  the previous block's sums (whose scatter waits for its last matmuls) are queued after this
+  block's first up stripe. FP8 is dequantised on chip after the load, on ScalarE, one [128, 128]
+  block per instruction (3*H*I/128 elements per partition and block whatever its rows, 164 us
+  against a 512-row block's 334 us of TensorE), one stripe ahead of its use (`_StripeStream`).
 
 A matmul costs max(64, N) TensorE cycles for N moving columns, so small blocks keep their weights
 stationary (64 cycles per instruction) and large ones keep 512 columns moving.
@@ -80,20 +85,18 @@ P = nl.tile_size.pmax                              # partitions; also the FP8 sc
 ROWS_PER_MATMUL = nl.tile_size.gemm_moving_fmax    # rows per gate/up matmul (moving free size)
 DOWN_COLUMNS = nl.tile_size.gemm_moving_fmax       # hidden columns per down matmul = 1 PSUM bank
 MAX_BLOCK_ROWS = nl.tile_size.gemm_moving_fmax     # rows per block
-GATE_UP_STRIPE = 4 * nl.tile_size.gemm_stationary_fmax   # intermediate columns per gate/up DMA
-# FP8: narrower stripes keep each on-chip dequantisation instruction (and the GpSimd turns, which
-# delay the weight DMAs' descriptors) short.
-GATE_UP_STRIPE_FP8 = 2 * nl.tile_size.gemm_stationary_fmax
+# Intermediate columns per gate / up DMA: runs of 2 KiB (bf16) per partition and row. FP8 keeps
+# two stripes' dequantised copies in SBUF (see `_StripeStream`), so half as wide (512 B runs).
+GATE_UP_STRIPE = 8 * nl.tile_size.gemm_stationary_fmax
+GATE_UP_STRIPE_FP8 = 4 * nl.tile_size.gemm_stationary_fmax
+# Hidden columns per down DMA: runs of 4 KiB (bf16) or 1 KiB (fp8, two stripes' dequantised
+# copies in SBUF) per partition and row, against 1 KiB at one PSUM bank's 512 columns.
+DOWN_STRIPE = 4 * DOWN_COLUMNS
+DOWN_STRIPE_FP8 = 2 * DOWN_COLUMNS
 TRANSPOSES_PER_BANK = nl.tile_size.psum_bank_fmax_bytes // (P * 2)   # bf16 [128, <=128] ones per bank
 PSUM_FMAX = nl.tile_size.psum_bank_fmax        # fp32 elements per partition of one PSUM bank
 STREAM_MAX_ROWS = 64                           # blocks up to this size take the streaming path
 STREAM_CHUNK_BYTES = 64 * 1024                 # bytes per partition of one streamed weight DMA (8 MiB)
-# FP8 dequantisation turns: ScalarE and GpSimd (1.2 GHz) 3 of 8 each, VectorE (0.96 GHz, which
-# also evicts PSUM) 2 of 8, so the three finish together. (GpSimd also writes the descriptors of
-# the register-addressed weight DMAs in program order, so its turns delay those a little; without
-# GpSimd the other two engines become the bound.)
-DEQUANT_ENGINES = (nisa.engine.scalar, nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar,
-                   nisa.engine.gpsimd, nisa.engine.vector, nisa.engine.scalar, nisa.engine.gpsimd)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3)
@@ -106,12 +109,14 @@ def _expert_slab(w, expert, pattern, offset=0):
     return w.ap([[R * C, 1]] + pattern, offset=offset, scalar_offset=expert, indirect_dim=0)
 
 
-def _load_weight_stripe(w, scale, expert, c0, width, dequant):
+def _load_weight_stripe(w, scale, expert, c0, width):
     """Columns c0 .. c0+width of expert `expert` of w [E, R, C] -> SBUF bf16 [P, R/P, width],
     tile[p, k, c] = w[expert, k*P + p, c0 + c] (HBM -> SBUF, one DMA of R*width elements).
 
     FP8: loaded as fp8, then multiplied by its block scale (scale: SBUF [P, R/P, C/P] fp32, the
-    expert's scale grid on every partition) into bf16.
+    expert's scale grid on every partition) into bf16 on ScalarE, one [P, 128] block per
+    instruction: GpSimd would hold up the weight DMAs' descriptors (it writes them in program
+    order) and VectorE's turns would wait behind its PSUM evictions.
     """
     R, C = w.shape[1], w.shape[2]
     KT = R // P
@@ -123,7 +128,7 @@ def _load_weight_stripe(w, scale, expert, c0, width, dequant):
     blocks = width // P
     b0 = c0 // P
     scale_blocks(tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P)),
-                 scale[:, :, b0:b0 + blocks], dequant.next())
+                 scale[:, :, b0:b0 + blocks], nisa.engine.scalar)
     return tile
 
 
@@ -157,53 +162,103 @@ def _gather_rows_transposed(x, tokens, copies, xT, r0, partition_major=False):
                          engine=copies.next())                   # PSUM -> SBUF
 
 
-def _gate_up(x, sources, w_gate, w_up, gate_scale, up_scale, expert, dequant, copies):
+class _StripeStream(nl.NKIObject):
+    """A block's weight stripes (gate and up in turns, then down) in their order of use, each
+    loaded `ahead` stripes before it is taken. FP8 takes one ahead: ScalarE, which dequantises a
+    stripe, also evicts PSUM in program order, so a stripe's dequantisation must be issued before
+    the previous stripe's matmuls or TensorE would wait for it after each stripe."""
+
+    def __init__(self, w, scales, expert, fp8):
+        I, H = w[0].shape[2], w[2].shape[2]
+        gate_up = GATE_UP_STRIPE_FP8 if fp8 else GATE_UP_STRIPE
+        down = DOWN_STRIPE_FP8 if fp8 else DOWN_STRIPE
+        self.order = []                      # (matrix, first column, width)
+        for c0 in range(0, I, gate_up):
+            self.order += [(0, c0, min(gate_up, I - c0)), (1, c0, min(gate_up, I - c0))]
+        for c0 in range(0, H, down):
+            self.order.append((2, c0, min(down, H - c0)))
+        self.w, self.scales, self.expert = w, scales, expert
+        self.ahead = 1 if fp8 else 0
+        self.loaded = []
+        self.issued = 0
+
+    def take(self):
+        while self.issued < len(self.order) and len(self.loaded) <= self.ahead:
+            m, c0, width = self.order[self.issued]
+            self.loaded.append(_load_weight_stripe(self.w[m], self.scales[m], self.expert, c0, width))
+            self.issued += 1
+        return self.loaded.pop(0)
+
+
+def _gate_up(x, sources, stripes, copies, pending):
     """h^T [P, I/P, B] bf16: h^T[q, j, r] = silu(g) * u of row r at intermediate j*P + q, where
-    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1."""
+    sources[s] [n, 1] holds the tokens of rows s*n .. s*n+n-1. A gate stripe's silu(g) waits in
+    SBUF for the up stripe of the same columns, so only one weight stripe is in use at a time.
+    The previous block's sums are written back once the first up stripe is queued: that scatter
+    waits for the previous block's last matmuls, and the DMA queue behind it must not hold up
+    this block's first work."""
     KT = x.shape[1] // P
     B = sum([src.shape[0] for src in sources])
-    I = w_gate.shape[2]
+    I = stripes.w[0].shape[2]
     x_T = nl.ndarray((P, KT, B), dtype=nl.bfloat16, buffer=nl.sbuf)
     for s, source in enumerate(sources):
         _gather_rows_transposed(x, source, copies, x_T, s * P)
-    gate_scale, up_scale = _load_scales(gate_scale, expert), _load_scales(up_scale, expert)
     h_T = nl.ndarray((P, I // P, B), dtype=nl.bfloat16, buffer=nl.sbuf)
-    stripe = GATE_UP_STRIPE if gate_scale is None else GATE_UP_STRIPE_FP8
-    for s0 in range(0, I, stripe):
-        width = min(stripe, I - s0)
-        g_w = _load_weight_stripe(w_gate, gate_scale, expert, s0, width, dequant)   # [P, KT, width]
-        u_w = _load_weight_stripe(w_up, up_scale, expert, s0, width, dequant)
-        for i0 in range(0, width, P):
-            j = (s0 + i0) // P
-            for c0 in range(0, B, ROWS_PER_MATMUL):
-                c1 = min(B, c0 + ROWS_PER_MATMUL)
-                g = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-                u = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
-                for k in range(KT):
-                    nisa.nc_matmul(dst=g, stationary=g_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
-                for k in range(KT):
-                    nisa.nc_matmul(dst=u, stationary=u_w[:, k, i0:i0 + P], moving=x_T[:, k, c0:c1])
-                act = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.activation(dst=act, op=nl.silu, data=g)                       # PSUM -> SBUF
-                nisa.tensor_tensor(dst=h_T[:, j, c0:c1], data1=act, data2=u, op=nl.multiply)
+    s0 = 0
+    while s0 < I:
+        g_w = stripes.take()                                                       # [P, KT, width]
+        tiles = g_w.shape[2] // P
+        act = nl.ndarray((P, tiles, B), dtype=nl.float32, buffer=nl.sbuf)
+        _stripe_matmuls(x_T, g_w, act, None)
+        del g_w                             # free before the up stripe is loaded
+        u_w = stripes.take()
+        if s0 == 0:
+            pending.flush()
+        _stripe_matmuls(x_T, u_w, act, h_T[:, s0 // P:s0 // P + tiles, :])
+        del u_w
+        s0 += tiles * P
     return h_T
 
 
-def _down_accumulate(h_T, w_down, down_scale, expert, sums, weights, dequant):
+def _stripe_matmuls(x_T, w, act, h_T):
+    """For each 128-column tile t of the stripe w [P, KT, width]: gate (h_T None): act[:, t] =
+    silu(w[:, :, tile].T @ x^T); up: h_T[:, t] = act[:, t] * (w[:, :, tile].T @ x^T)."""
+    KT, B = x_T.shape[1], x_T.shape[2]
+    for t in range(w.shape[2] // P):
+        for c0 in range(0, B, ROWS_PER_MATMUL):
+            c1 = min(B, c0 + ROWS_PER_MATMUL)
+            acc = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
+            for k in range(KT):
+                nisa.nc_matmul(dst=acc, stationary=w[:, k, t * P:(t + 1) * P], moving=x_T[:, k, c0:c1])
+            if h_T is None:
+                nisa.activation(dst=act[:, t, c0:c1], op=nl.silu, data=acc)           # PSUM -> SBUF
+            else:
+                nisa.tensor_tensor(dst=h_T[:, t, c0:c1], data1=act[:, t, c0:c1], data2=acc,
+                                   op=nl.multiply)
+
+
+def _down_accumulate(h_T, stripes, sums, weights):
     """sums[s] [n, H] fp32 += weight[s] * (h^T[:, :, rows of s].T @ W_d) for each 128-row slice s."""
     IT = h_T.shape[1]
-    H = w_down.shape[2]
-    for d0 in range(0, H, DOWN_COLUMNS):
-        width = min(DOWN_COLUMNS, H - d0)
-        d_w = _load_weight_stripe(w_down, down_scale, expert, d0, width, dequant)  # [P, IT, width]
+    H = stripes.w[2].shape[2]
+    d0 = 0
+    while d0 < H:
+        d_w = stripes.take()                                                       # [P, IT, width]
+        # Slice by slice, so on the last stripe each slice's sums are final (and can leave) early.
         for s, (acc, row_w) in enumerate(zip(sums, weights)):
             n = acc.shape[0]
-            y = nl.ndarray((n, width), dtype=nl.float32, buffer=nl.psum)
-            for j in range(IT):
-                nisa.nc_matmul(dst=y, stationary=h_T[:, j, s * P:s * P + n], moving=d_w[:, j, :])
-            # PSUM -> SBUF: acc += row weight * y (the weight is one value per partition = row).
-            nisa.scalar_tensor_tensor(dst=acc[:, d0:d0 + width], data=y, op0=nl.multiply,
-                                      operand0=row_w, op1=nl.add, operand1=acc[:, d0:d0 + width])
+            for b0 in range(0, d_w.shape[2], DOWN_COLUMNS):
+                width = min(DOWN_COLUMNS, d_w.shape[2] - b0)
+                y = nl.ndarray((n, width), dtype=nl.float32, buffer=nl.psum)
+                for j in range(IT):
+                    nisa.nc_matmul(dst=y, stationary=h_T[:, j, s * P:s * P + n],
+                                   moving=d_w[:, j, b0:b0 + width])
+                # PSUM -> SBUF: acc += row weight * y (the weight is one value per partition = row).
+                view = acc[:, d0 + b0:d0 + b0 + width]
+                nisa.scalar_tensor_tensor(dst=view, data=y, op0=nl.multiply, operand0=row_w, op1=nl.add,
+                                          operand1=view)
+        d0 += d_w.shape[2]
+        del d_w
 
 
 def _stream_scales_per_partition(scale, expert, select):
@@ -414,7 +469,8 @@ def _row_selector(KT):
 
 class _Pending(nl.NKIObject):
     """The last block's token sums, written back (SBUF -> HBM scatter) only after the next block's
-    first weight DMA is queued, so the weight stream does not wait for that block's last matmuls."""
+    first weight DMAs are queued, so the weight stream does not wait for that block's last
+    matmuls."""
 
     def __init__(self, out, rows):
         self.out = out
@@ -471,21 +527,18 @@ def _stream_block(x, w, scales, select, expert, token, source, row_w, flag, pend
     pending.sums.append((acc, token))
 
 
-def _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies):
+def _striped_block(x, w, scales, expert, columns, flag, pending, copies):
     """One block of any size: weights in column stripes, FP8 dequantised on chip. columns: per
     128-row slice, (tokens, source rows, row weights) [n, 1] each."""
-    w_gate, w_up, w_down = w
-    tokens = [c[0] for c in columns]
-    sources = [c[1] for c in columns]
-    weights = [c[2] for c in columns]
-    pending.flush()
-    h_T = _gate_up(x, sources, w_gate, w_up, scales[0], scales[1], expert, dequant, copies)
+    grids = [_load_scales(scale, expert) for scale in scales]
+    stripes = _StripeStream(w, grids, expert, scales[0] is not None)
+    h_T = _gate_up(x, [c[1] for c in columns], stripes, copies, pending)
     sums = []
-    for token in tokens:
-        sums.append(_gather_sums(pending.out, token, flag))
-    _down_accumulate(h_T, w_down, _load_scales(scales[2], expert), expert, sums, weights, dequant)
-    for acc, token in zip(sums, tokens):
-        pending.sums.append((acc, token))
+    for c in columns:
+        sums.append(_gather_sums(pending.out, c[0], flag))
+    _down_accumulate(h_T, stripes, sums, [c[2] for c in columns])
+    for acc, c in zip(sums, columns):
+        pending.sums.append((acc, c[0]))
 
 
 @nki.jit
@@ -535,7 +588,6 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
         nisa.dma_copy(dst=gathers, src=block_gathers.reshape((1, NB)))
     stream = _streams(B, H, fp8)
     select = _row_selector(H // P) if stream and fp8 else None
-    dequant = EngineRotation(DEQUANT_ENGINES)
     copies = EngineRotation(PSUM_ENGINES)                                # PSUM evictions of x^T
     pending = _Pending(sums, sums[me * (T + 1):(me + 1) * (T + 1), :])
 
@@ -549,7 +601,7 @@ def expert_ffn_kernel(x, row_token, row_weight, block_expert, w_gate, w_up, w_do
                           row_weights[:, b:b + 1], flag, pending, copies)
         else:
             columns = [(tokens[:, c:c + 1], sources[:, c:c + 1], row_weights[:, c:c + 1]) for c in block]
-            _striped_block(x, w, scales, expert, columns, flag, pending, dequant, copies)
+            _striped_block(x, w, scales, expert, columns, flag, pending, copies)
     pending.flush()
     return sums.reshape((programs, T + 1, H))
 

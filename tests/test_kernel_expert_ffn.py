@@ -177,6 +177,28 @@ def test_lnc2_full_decode_fp8():
     check(x, ids, w, weights, TOL["fp8"], lnc=2)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_full_striped_blocks(dtype, lnc1_and_lnc2):
+    """The striped path at the MiMo shape with several stripes of each weight (bf16: 2 gate / up
+    pairs and 2 down stripes; FP8: 4 and 4, dequantised one stripe ahead), 128-row blocks, 3
+    experts of 2 blocks each. Every token has rows in 2 experts, so later blocks read their sums
+    back, and each block writes the previous block's sums back between its own weight stripes.
+    LNC=2 (alternate blocks) gives LNC=1's result bit for bit."""
+    weights = make_weights(3, FULL["hidden"], FULL["inter"], dtype, seed=15)
+    x = np.random.default_rng(15).standard_normal((240, 4096)).astype(np.float32)
+    ids, w = routing(240, 2, 3, seed=15)
+    assert (np.bincount(ids.reshape(-1), minlength=3) > 128).all()       # 2 blocks per expert
+    outputs = []
+
+    def run():
+        out, rep = expert_ffn(x, ids, w, weights, block_rows=128, report=True)
+        outputs.append(out)
+        return out, rep
+    lnc1_and_lnc2(run)
+    err = relative_error(outputs[0], reference_moe(x, ids, w, weights))
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]}"
+
+
 @pytest.mark.parametrize("rows", [2, 200])
 def test_fp8_weights_as_uint8_bytes(rows):
     """FP8 weights passed as uint8 arrays of the same bytes (how torch carries them to the
