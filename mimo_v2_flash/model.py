@@ -35,6 +35,11 @@ def _make_ops(backend: str, config, weights, allowed, weight_dtype: str) -> Deco
             raise ValueError(f"weight_dtype={weight_dtype!r} applies to backend='nki' only")
         return ReferenceOps(config, weights, allowed)
     if backend == "nki":
+        try:
+            import torch  # noqa: F401  (the kernel backend's activations are torch tensors)
+        except ImportError:
+            raise ImportError("backend='nki' keeps its activations as torch tensors on the launch device: "
+                              "install the torch extra (pip install -e '.[torch]')") from None
         from .nki_ops import NkiOps   # kernels are imported only when asked for
         return NkiOps(config, weights, allowed, weight_dtype=weight_dtype)
     raise ValueError(f"unknown backend {backend!r}: expected 'reference' or 'nki'")
