@@ -284,23 +284,29 @@ def router_kernel(x, w, bias, routed_scaling_factor=1.0):
 
 def routing_bias(correction_bias, allowed=None, experts: int | None = None) -> np.ndarray:
     """The bias the kernel adds to the scores: `correction_bias` [E] as float32, with
-    DISALLOWED_BIAS on the experts `allowed` [E] (bool, None: all) excludes. A float32 [E] bias
-    with `allowed` None is returned as is, so a caller can prepare it once and keep it resident."""
+    DISALLOWED_BIAS on the experts `allowed` [E] (bool, None: all) excludes. Entries of exactly
+    DISALLOWED_BIAS are experts excluded already (a bias this function made), so a caller can
+    prepare the bias once and keep it resident: a float32 [E] bias with `allowed` None is returned
+    as is."""
     bias = np.asarray(correction_bias, dtype=np.float32)
     bias = bias if bias.ndim == 1 else bias.reshape(-1)      # a 1-D float32 array stays the same object
     experts = bias.size if experts is None else experts
     if bias.shape != (experts,):
         raise ValueError(f"router: correction_bias has {bias.size} entries for {experts} experts")
-    if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0.0) >= 1e29:
-        raise ValueError("router: correction_bias must be finite and far from the disallowed bias -1e30")
+    excluded = bias == np.float32(DISALLOWED_BIAS)
+    if not np.all(np.isfinite(bias)) or np.abs(bias[~excluded]).max(initial=0.0) >= 1e29:
+        raise ValueError("router: correction_bias must be finite and far from the disallowed bias -1e30 "
+                         "(entries of exactly -1e30 mark excluded experts)")
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != bias.shape:
+            raise ValueError(f"router: allowed has shape {allowed.shape}, expected {bias.shape}")
+        excluded = excluded | ~allowed
+    if (~excluded).sum() < TOP_K:
+        raise ValueError(f"router: only {int((~excluded).sum())} experts are allowed but top_k is {TOP_K}")
     if allowed is None:
         return bias
-    allowed = np.asarray(allowed, dtype=bool)
-    if allowed.shape != bias.shape:
-        raise ValueError(f"router: allowed has shape {allowed.shape}, expected {bias.shape}")
-    if allowed.sum() < TOP_K:
-        raise ValueError(f"router: only {int(allowed.sum())} experts are allowed but top_k is {TOP_K}")
-    return np.where(allowed, bias, np.float32(DISALLOWED_BIAS)).astype(np.float32)
+    return np.where(excluded, np.float32(DISALLOWED_BIAS), bias).astype(np.float32)
 
 
 def route(x, gate_weight_t, correction_bias, top_k=TOP_K, routed_scaling_factor=1.0, allowed=None,

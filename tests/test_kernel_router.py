@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mimo_kernels.backend import nki, nl, nisa, simulate
-from mimo_kernels.router import DISALLOWED_BIAS, route, router_kernel
+from mimo_kernels.router import DISALLOWED_BIAS, route, router_kernel, routing_bias
 from mimo_kernels.launch import to_host
 from mimo_v2_flash import reference as ref
 from mimo_v2_flash.selfcheck.kernels_moe import random_router as problem
@@ -128,6 +128,11 @@ def test_allowed_subset():
     allowed[[1, 4, 5, 8, 13, 17, 20, 21, 30, 31]] = True
     bias[~allowed] += 3.0                   # the unloaded experts would otherwise win
     check(x, gate, bias, allowed=allowed)
+    prepared = routing_bias(bias, allowed)          # made once and kept resident by NkiOps
+    assert routing_bias(prepared) is prepared
+    np.testing.assert_array_equal(prepared[~allowed], np.float32(DISALLOWED_BIAS))
+    for got, want in zip(to_host(route(x, gate.T, prepared)), to_host(route(x, gate.T, bias, allowed=allowed))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_misuse_is_rejected():
@@ -141,6 +146,8 @@ def test_misuse_is_rejected():
     with pytest.raises(ValueError, match="gate_weight_t"):
         route(x, gate, bias)                       # Hub layout [E, H] instead of [H, E]
     with pytest.raises(ValueError, match="far from the disallowed bias"):
+        route(x, gate.T, np.full(16, -5e29, np.float32))
+    with pytest.raises(ValueError, match="only 0 experts are allowed"):     # -1e30 itself: excluded experts
         route(x, gate.T, np.full(16, DISALLOWED_BIAS, np.float32))
     with pytest.raises(AssertionError, match="must be float32"):
         simulate(router_kernel)(x.astype(np.float16), gate.T.copy(), bias)
