@@ -136,8 +136,8 @@ class PlainOps(ReferenceOps):
 
     def attention(self, step, layer):
         window, sink = self.config.window_of(layer), attention_sink(self, layer)
-        return [plain_attention(p.q, p.k, p.v, p.q_positions, p.k_positions, self.config.softmax_scale,
-                                window, sink) for p in step.problems()]
+        return np.concatenate([plain_attention(p.q, p.k, p.v, p.q_positions, p.k_positions,
+                                               self.config.softmax_scale, window, sink) for p in step.problems()])
 
     def experts(self, x, layer, ids, weights, static_rows=None):
         return plain_moe(x, ids, weights, lambda e: self.expert_weights(layer, e))
