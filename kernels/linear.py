@@ -195,16 +195,23 @@ def _scale_columns(scale, nb0, blocks):
     return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
 
 
+def _load_raw_columns(w, n0, cols, k_chunks):
+    """Weight columns n0 .. n0+cols-1 as stored, SBUF [128, K/128, cols], by one DMA per entry of
+    `k_chunks` (K blocks each; cols-element runs per partition)."""
+    raw = nl.ndarray((P, w.shape[0] // P, cols), dtype=w.dtype, buffer=nl.sbuf)
+    columns = _weight_columns(w, n0, cols)
+    k0 = 0
+    for kn in k_chunks:
+        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+        k0 += kn
+    return raw
+
+
 def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None):
     """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip,
     the engines taking turns from `first_turn`); `k_chunks`: K blocks per DMA (default one DMA)."""
     KT = w.shape[0] // P
-    raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-    columns = _weight_columns(w, n0, cols)
-    k0 = 0
-    for kn in [KT] if k_chunks is None else k_chunks:                   # HBM -> SBUF, cols-element runs
-        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
-        k0 += kn
+    raw = _load_raw_columns(w, n0, cols, [KT] if k_chunks is None else k_chunks)
     if scale is None:
         return raw
     blocks = cols // P
@@ -414,13 +421,7 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
         # The last group in K chunks: its matmuls follow the chunks as they land, not the last byte.
         k_chunks = tail_chunks(KT) if nb0 + shares * blocks >= NB else [KT]
         for w in weights:
-            raw = nl.ndarray((P, KT, cols), dtype=w.dtype, buffer=nl.sbuf)
-            columns = _weight_columns(w, nb0 * P, cols)
-            k0 = 0
-            for kn in k_chunks:                                           # fp8 HBM -> SBUF as stored
-                nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
-                k0 += kn
-            raws.append(raw)
+            raws.append(_load_raw_columns(w, nb0 * P, cols, k_chunks))     # fp8 as stored
         y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
         _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile, step)
         if epilogue is not None:
