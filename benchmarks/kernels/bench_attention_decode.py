@@ -4,8 +4,8 @@ tests/test_kernel_attention_decode.py).
 
 Full layers at 131072 keys are too long to simulate here: the kernel's work is a sum over row tiles
 (2 sequences each) of a cost linear in the number of 2048-key chunks, so each engine's time is
-fitted from simulations at 1, 2, 4 sequences x 4096, 8192 keys; the check compares the estimate
-(busiest engine + 2 us) at 3 sequences x 6144 keys with a simulation (the rows give its error).
+fitted from simulations at 1, 2, 4 sequences x 4096, 8192 keys, and so is the schedule's makespan
+(the estimate); the check compares the estimate at 3 sequences x 6144 keys with a simulation (the rows give its error).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ SIMULATED_MAX_KEYS = 4096
 
 
 def simulate(n_seqs, keys, hq, hkv, window):
-    """Per-engine busy times [s] of one decode launch: n_seqs sequences, one new token each,
-    attending to `keys` keys (the new one included)."""
+    """Per-engine busy times and makespan [s] (`TIMES`) of one decode launch: n_seqs sequences, one
+    new token each, attending to `keys` keys (the new one included)."""
     rng = np.random.default_rng(0)
     cached = keys if window is None else min(keys, window)
     problems = []

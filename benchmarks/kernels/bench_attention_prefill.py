@@ -2,9 +2,9 @@
 4096, 32768 (kernels/attention/prefill.py; tests/test_kernel_attention_prefill.py).
 
 T = 32768 is too large to simulate here. Full attention: one KV head (16 query heads) is simulated
-at T = 2048, 4096 and 8192; each engine's busy time is fitted as a quadratic in T, checked at
-T = 6144 (the row gives the check's relative error), and multiplied by the 4 KV heads (they are
-independent and cost the same); estimate = the busiest engine + 2 us. SWA: one KV head is
+at T = 2048, 4096 and 8192; each engine's busy time and the schedule's makespan (the estimate)
+are fitted as quadratics in T, checked at T = 6144 (the row gives the check's relative error), and
+multiplied by the 4 KV heads (they run one after another and cost the same). SWA: one KV head is
 simulated directly (x 8).
 """
 
@@ -17,7 +17,7 @@ from mimo_kernels.attention.host import BF16
 from mimo_v2_flash.selfcheck.kernels_attention import (FULL, HEAD_DIM, SCALE, SWA, V_DIM, prefill_pairs, roofline,
                                                        shape_text)
 
-from kernel_rows import ENGINES, attention_row, engine_times
+from kernel_rows import TIMES, attention_row, engine_times
 
 GOAL = 0.6          # of the roofline
 LENGTHS = (512, 4096, 32768)
@@ -25,8 +25,8 @@ SIMULATED_MAX = 4096
 
 
 def simulate(t_len, hq, hkv, window):
-    """Per-engine busy times [s] of one prefill launch (zero inputs: the cost does not depend on
-    the values)."""
+    """Per-engine busy times and makespan [s] (`TIMES`) of one prefill launch (zero inputs: the
+    cost does not depend on the values)."""
     q = np.zeros((t_len, hq, HEAD_DIM), BF16)
     k = np.zeros((t_len, hkv, HEAD_DIM), BF16)
     v = np.zeros((t_len, hkv, V_DIM), BF16)
@@ -35,11 +35,11 @@ def simulate(t_len, hq, hkv, window):
 
 
 def full_formula():
-    """Per-engine times of one KV head of full-attention prefill as a quadratic in T, fitted at
-    T = 2048, 4096, 8192; returns (predict(T) -> times, largest relative error at T = 6144)."""
+    """Per-engine times and makespan of one KV head of full-attention prefill as quadratics in T,
+    fitted at T = 2048, 4096, 8192; returns (predict(T) -> times, largest relative error at T = 6144)."""
     points = (2048, 4096, 8192)
     times = np.stack([simulate(t, FULL["hq"] // FULL["hkv"], 1, None) for t in points])
-    coeffs = np.stack([np.polyfit(points, times[:, e], 2) for e in range(len(ENGINES))])
+    coeffs = np.stack([np.polyfit(points, times[:, e], 2) for e in range(len(TIMES))])
 
     def predict(t_len):
         return np.array([np.polyval(c, t_len) for c in coeffs])
