@@ -185,17 +185,23 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
     return alpha
 
 
-def softmax_transposed(scores, batch, state: RowState, neg_sink, ends, evict: EvictEngines, dma_share: Share):
-    """The online-softmax step of a TileBatch over its logit columns [lead, width) of `scores`
-    (released here, before the transposes), then P^T in SBUF [128 keys, n, key tile, rows].
-    Returns (alpha as from softmax_step, P^T)."""
+def softmax_probs(scores, batch, state: RowState, neg_sink, ends):
+    """The online-softmax step of a TileBatch over its logit columns [lead, width) of `scores`:
+    (alpha as from softmax_step, P [rows, n, 128 * key tiles] bf16 in SBUF, zero outside each
+    tile's own columns, ready for `transpose_probs`)."""
     n_kt = (batch.width + P_MAX - 1) // P_MAX
     probs = nl.ndarray((batch.rows, batch.count, n_kt * P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
     zero_probs_margins(probs, batch.lead, min(ends))
     alpha = softmax_step(scores, probs, batch.lead, batch.width, state, neg_sink, ends)
+    return alpha, probs
+
+
+def softmax_transposed(scores, batch, state: RowState, neg_sink, ends, evict: EvictEngines, dma_share: Share):
+    """`softmax_probs` (the scores are released before the transposes), then P^T in SBUF
+    [128 keys, n, key tile, rows]. Returns (alpha, P^T)."""
+    alpha, probs = softmax_probs(scores, batch, state, neg_sink, ends)
     del scores
-    probs_t = transpose_probs(probs, batch.width, evict, dma_share)
-    return alpha, probs_t
+    return alpha, transpose_probs(probs, batch.width, evict, dma_share)
 
 
 def load_neg_sink(sink_src, rows: int):
@@ -330,11 +336,12 @@ def store_rows(out_rows, row0: int, result, tile_rows):
         nisa.dma_copy(out_rows[start:start + rows, :], result[0:rows, full, :])
 
 
-def batch_fits_psum(n: int, width: int) -> bool:
-    """n row tiles of `width` logit columns fit the PSUM budget: scores in 4 banks, P^T blocks in
-    2 (16 blocks of 128 x 128 bf16), the P V outputs [rows, n, 128] fp32 in 2."""
+def batch_fits_psum(n: int, width: int, score_columns: int = CHUNK_KEYS) -> bool:
+    """n row tiles of `width` logit columns fit the PSUM budget: scores in `score_columns` fp32
+    columns (4 banks by default), P^T blocks in 2 banks (16 blocks of 128 x 128 bf16), the P V
+    outputs [rows, n, 128] fp32 in 2."""
     n_kt = (width + P_MAX - 1) // P_MAX
-    return n * slot_width(width) <= CHUNK_KEYS and n * n_kt <= 16 and n <= 8
+    return n * slot_width(width) <= score_columns and n * n_kt <= 16 and n <= 8
 
 
 class RowTile(nl.NKIObject):
@@ -369,14 +376,15 @@ class TileBatch(nl.NKIObject):
         return slice(start, start + (self.count - 1) * self.step + 1, self.step)
 
 
-def tile_batches(tiles, c0: int, c1: int, group: int):
+def tile_batches(tiles, c0: int, c1: int, group: int, score_columns: int = CHUNK_KEYS):
     """Row tiles (RowTile) that meet key chunk [c0, c1), in batches processed together.
 
     Single-chunk tiles with the same rows and lead (offset of the tile's first key past a 128-key
     boundary of the chunk) batch up to BATCH_TILES at a constant tile step, so one strided view
     addresses their results; they share the batch's widest logit range (lead + keys), and each
     tile's extra columns are keys after its last query, masked by the causal boundary region. A
-    tile spanning several chunks goes alone. Returns [TileBatch]."""
+    tile spanning several chunks goes alone. A batch's score tile holds at most `score_columns` fp32
+    columns. Returns [TileBatch]."""
     batches = []
     candidates = {}          # (lead, rows) -> [BatchCandidate]
     for t, tile in enumerate(tiles):
@@ -392,7 +400,7 @@ def tile_batches(tiles, c0: int, c1: int, group: int):
     for (lead, rows), members in candidates.items():
         i = 0
         while i < len(members):
-            batch = grow_batch(members, i, lead, c1)
+            batch = grow_batch(members, i, lead, c1, score_columns)
             batches.append(TileBatch(members[i].tile, batch.step, batch.count, lead, batch.width, rows))
             i += batch.count
     return batches
@@ -412,7 +420,7 @@ class GrownBatch(nl.NKIObject):
     width: int
 
 
-def grow_batch(members, i: int, lead: int, c1: int):
+def grow_batch(members, i: int, lead: int, c1: int, score_columns: int):
     """The longest run of candidates from members[i] at a constant tile step (at most BATCH_TILES)
     whose widest logit range fits the PSUM budget and stays inside the chunk."""
     width = members[i].width
@@ -422,7 +430,7 @@ def grow_batch(members, i: int, lead: int, c1: int):
         if step is not None and nxt.tile - members[i + n - 1].tile != step:
             break
         wider = max(width, nxt.width)
-        fits = batch_fits_psum(n + 1, wider) and \
+        fits = batch_fits_psum(n + 1, wider, score_columns) and \
             all([m.first_key - lead + wider <= c1 for m in members[i:i + n + 1]])
         if not fits:
             break

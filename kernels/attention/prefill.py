@@ -63,16 +63,18 @@ from __future__ import annotations
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
-from .flash import (CHUNK_KEYS, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
-                    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile,
-                    softmax_transposed, tile_batches, update_output)
+from .flash import (BANK_FP32, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
+                    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_probs,
+                    tile_batches, transpose_probs, update_output)
 from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
-SUPER_TOKENS = 1024                             # tokens whose row tiles share one K/V chunk load
+SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
 EVICT_VECTOR_SHARE = 0.4                        # share of P^T evictions on VectorE (rest ScalarE)
 FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
 SWA_OUTPUT_SCALAR_SHARE = 0.5
-HEAD_GROUP_SBUF_BYTES = 128 * 1024              # per partition, for a head group's Q^T, result, K/V chunk
+HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition, for a head group's Q^T, result, K/V chunks (3 groups live)
+PIPELINE_SCORE_COLUMNS = 2 * BANK_FP32          # fp32 score columns of a batch: two score tiles in flight
+PREFILL_CHUNK_KEYS = PIPELINE_SCORE_COLUMNS     # keys per softmax step
 # Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
 FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
 LONG_PREFILL_TOKENS = 2048
@@ -98,9 +100,10 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
               i*R + r in q_t's column order (token-major, then head), so each partition stores
               one long contiguous run (rows past T*G are zeros).
 
-    Loop: super block of SUPER_TOKENS tokens -> group of KV heads (their Q^T stays in SBUF) -> key
-    chunk of CHUNK_KEYS (K^T and V loaded once per super block and group) -> head -> row tile. With
-    LNC=2 the KV heads are split between the two cores. The three shares tune the engine balance (module docstring;
+    Work: super blocks of SUPER_TOKENS tokens x groups of KV heads (their Q^T and result stay in
+    SBUF), each through the key chunks of its window (K^T and V loaded once per chunk), each chunk
+    in batches of row tiles per head, run as a pipeline (`run_pipeline`). With LNC=2 the KV heads
+    are split between the two cores. The three shares tune the engine balance (module docstring;
     None = the default for the attention type).
     """
     kv_heads, _, total_rows = q_t.shape
@@ -113,23 +116,26 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     core, cores = nl.program_id(0), nl.num_programs(0)
     heads = HeadRange(core, cores, len(range(core, kv_heads, cores)))
     neg_sinks = None if sink_rows is None else load_neg_sinks(sink_rows[heads.slice()], setup.rows_per_tile)
+    blocks = []
     for s0 in range(0, seq_len, setup.super_tokens):
         s1 = min(seq_len, s0 + setup.super_tokens)
         per_group = heads_per_group(setup, s1 - s0, v.shape[2])
         for h0 in range(0, heads.count, per_group):
             n = min(per_group, heads.count - h0)
             sinks = None if neg_sinks is None else neg_sinks[:, h0:h0 + n, :]
-            prefill_super_block(setup, q_t, k_t, v, out, heads.subrange(h0, n), sinks, s0, s1)
+            blocks.append(SuperBlock(setup, heads.subrange(h0, n), sinks, s0, s1))
+    run_pipeline(setup, PrefillTensors(q_t, k_t, v, out), blocks)
     return out
 
 
 def heads_per_group(setup, tokens: int, dv: int) -> int:
     """KV heads whose super blocks run together (their Q^T, K^T / V chunk loads and output store
     one DMA each, each transfer paying its setup): as many as HEAD_GROUP_SBUF_BYTES per partition
-    holds of their Q^T, result and one key chunk."""
-    keys = min(CHUNK_KEYS, tokens + (0 if setup.window is None else setup.window))
-    per_head = 2 * (len(setup.d_tiles) * tokens * setup.group + len(setup.d_tiles) * keys
-                    + ((tokens + setup.tokens_per_tile - 1) // setup.tokens_per_tile + keys // P_MAX + 1) * dv)
+    holds of their Q^T, result and two key chunks (the pipeline loads the next before the last is
+    done)."""
+    keys = min(PREFILL_CHUNK_KEYS, tokens + (0 if setup.window is None else setup.window))
+    per_head = 2 * (len(setup.d_tiles) * tokens * setup.group + 2 * len(setup.d_tiles) * keys
+                    + ((tokens + setup.tokens_per_tile - 1) // setup.tokens_per_tile + 2 * (keys // P_MAX + 1)) * dv)
     return max(1, HEAD_GROUP_SBUF_BYTES // per_head)
 
 
@@ -145,6 +151,14 @@ class HeadRange(nl.NKIObject):
     def subrange(self, h0: int, n: int):
         """Heads h0 .. h0 + n - 1 of this range."""
         return HeadRange(self.first + h0 * self.step, self.step, n)
+
+
+class PrefillTensors(nl.NKIObject):
+    """The launch's HBM tensors: inputs q_t, k_t, v and the output."""
+    q_t: object
+    k_t: object
+    v: object
+    out: object
 
 
 def load_neg_sinks(sink_heads, rows: int):
@@ -171,7 +185,7 @@ def load_chunk(k_heads, v_heads, setup, chunk):
 def super_block_chunks(setup, s0: int, s1: int):
     """The key chunks [(c0, c1)] the window of tokens [s0, s1) meets."""
     k_lo = 0 if setup.window is None else max(0, s0 - setup.window + 1)
-    return [(c0, min(s1, c0 + CHUNK_KEYS)) for c0 in range(k_lo, s1, CHUNK_KEYS)]
+    return [(c0, min(s1, c0 + PREFILL_CHUNK_KEYS)) for c0 in range(k_lo, s1, PREFILL_CHUNK_KEYS)]
 
 
 def check_prefill_inputs(q_t, k_t, v, sink_rows, window) -> int:
@@ -231,34 +245,150 @@ class PrefillSetup(nl.NKIObject):
         return self.indicators[key]
 
 
-def prefill_super_block(setup: PrefillSetup, q_t, k_t, v, out, heads, neg_sinks, s0: int, s1: int):
-    """Tokens [s0, s1) of a group of KV heads (HeadRange): their Q^T stays in SBUF while the key
-    chunks of their window stream through (K^T and V loaded once per chunk for all row tiles); the
-    rows go out in one store. Every load and the store is one DMA for the whole group."""
-    group = setup.group
-    chunks = super_block_chunks(setup, s0, s1)
-    tiles = [super_block_tiles(setup, chunks, s0, s1) for _ in range(heads.count)]
-    n_tiles = len(tiles[0])
-    # HBM -> SBUF: Q^T of the super block [d, head, columns], one DMA per D partition tile
-    q_sb = []
-    for d0, d1 in setup.d_tiles:
-        q_part = nl.ndarray((d1 - d0, heads.count, (s1 - s0) * group), dtype=q_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(q_part, q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)))
-        q_sb.append(q_part)
-    result = nl.ndarray((setup.rows_per_tile, heads.count, n_tiles, v.shape[2]), dtype=out.dtype, buffer=nl.sbuf)
-    if tiles[0][-1].token_end - tiles[0][-1].token_start < setup.tokens_per_tile:
-        nisa.memset(result[:, :, n_tiles - 1, :], 0.0, engine=nisa.gpsimd_engine)
-    for c0, c1 in chunks:
-        k_sb, v_sb = load_chunk(k_t[heads.slice()], v[heads.slice()], setup, (c0, c1))
-        for h in range(heads.count):
-            neg_sink = None if neg_sinks is None else neg_sinks[:, h, :]
-            for batch in tile_batches(tiles[h], c0, c1, group):
-                prefill_batch(setup, tiles[h], batch, [q_part[:, h, :] for q_part in q_sb],
-                              [k_part[:, h, :] for k_part in k_sb], v_sb[:, h], neg_sink, s0, c0, c1, result[:, h])
-        del k_sb, v_sb
-    # SBUF -> HBM, one contiguous run per partition and head (a ragged last tile's rows past T * G are zeros)
-    tile0 = s0 // setup.tokens_per_tile
-    nisa.dma_copy(out[heads.slice(), :, tile0:tile0 + n_tiles, :].permute((1, 0, 2, 3)), result)
+class SuperBlock(nl.NKIObject):
+    """Tokens [s0, s1) of a group of KV heads (HeadRange) and the key chunks their window meets.
+    `load` brings their Q^T into SBUF (one DMA per D partition tile for the whole group) and makes
+    the result tile and the row tiles; `store` writes the result out in one DMA."""
+
+    def __init__(self, setup: PrefillSetup, heads, neg_sinks, s0: int, s1: int):
+        self.heads, self.neg_sinks, self.s0, self.s1 = heads, neg_sinks, s0, s1
+        self.chunks = super_block_chunks(setup, s0, s1)
+        self.q_sb = None
+        self.result = None
+        self.tiles = None
+        self.works_left = 0
+
+    def load(self, setup: PrefillSetup, tensors):
+        group, heads, s0, s1 = setup.group, self.heads, self.s0, self.s1
+        self.tiles = [super_block_tiles(setup, self.chunks, s0, s1) for _ in range(heads.count)]
+        n_tiles = len(self.tiles[0])
+        self.q_sb = []
+        for d0, d1 in setup.d_tiles:
+            q_part = nl.ndarray((d1 - d0, heads.count, (s1 - s0) * group), dtype=tensors.q_t.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(q_part, tensors.q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)))
+            self.q_sb.append(q_part)
+        dv = tensors.v.shape[2]
+        self.result = nl.ndarray((setup.rows_per_tile, heads.count, n_tiles, dv), dtype=tensors.out.dtype,
+                                 buffer=nl.sbuf)
+        if self.tiles[0][-1].token_end - self.tiles[0][-1].token_start < setup.tokens_per_tile:
+            nisa.memset(self.result[:, :, n_tiles - 1, :], 0.0, engine=nisa.gpsimd_engine)
+
+    def store(self, setup: PrefillSetup, out):
+        """SBUF -> HBM, one contiguous run per partition and head (a ragged last tile's rows past
+        T * G are zeros); releases the block's SBUF tiles."""
+        tile0 = self.s0 // setup.tokens_per_tile
+        n_tiles = self.result.shape[2]
+        nisa.dma_copy(out[self.heads.slice(), :, tile0:tile0 + n_tiles, :].permute((1, 0, 2, 3)), self.result)
+        self.q_sb, self.result, self.tiles = None, None, None
+
+
+class BatchWork(nl.NKIObject):
+    """One TileBatch of one head of a super block against one key chunk, and what its pipeline
+    stages hand on: scores (PSUM) -> alpha and P (SBUF) -> P^T -> the output update."""
+
+    def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb, first_of_chunk: bool):
+        self.block, self.h, self.batch, self.chunk = block, h, batch, chunk
+        self.k_sb, self.v_sb = k_sb, v_sb
+        self.first_of_chunk = first_of_chunk
+        self.scores = self.state = self.ends = self.alpha = self.probs = self.probs_t = None
+
+
+def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
+    """Load key chunk `chunk` of a super block (its Q^T first when it is the block's first chunk)
+    and return its BatchWorks, head by head."""
+    if block.q_sb is None:
+        block.load(setup, tensors)
+    heads = block.heads
+    k_sb, v_sb = load_chunk(tensors.k_t[heads.slice()], tensors.v[heads.slice()], setup, chunk)
+    works = []
+    for h in range(heads.count):
+        for batch in tile_batches(block.tiles[h], chunk[0], chunk[1], setup.group, PIPELINE_SCORE_COLUMNS):
+            works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h], len(works) == 0))
+    block.works_left += len(works)
+    return works
+
+
+def run_pipeline(setup: PrefillSetup, tensors, blocks):
+    """Every BatchWork of the super blocks through four stages, issued skewed so that in program
+    order each engine has independent work queued while the stage before it finishes:
+
+        scores(i + 1)   QK and mask matmuls (TensorE)
+        softmax(i)      row max, exp (VectorE, ScalarE, GpSimd bookkeeping)
+        transpose(i-1)  P^T by TensorE (evicted by VectorE / ScalarE) or DMA
+        output(i-2)     P V (TensorE), output update (VectorE / ScalarE); a block's last one stores it
+
+    Two score tiles are live at once (hence PIPELINE_SCORE_COLUMNS, 2 PSUM banks each). Key chunks
+    (and a block's Q^T with its first chunk) are loaded one chunk ahead: the next when the first
+    work of the current one starts."""
+    plan = []
+    for block in blocks:
+        for chunk in block.chunks:
+            plan.append((block, chunk))
+    queue = []
+    loaded = 0
+    flight = [None, None, None]          # works at the softmax, transpose and output stages
+    while loaded < len(plan) or queue or any([w is not None for w in flight]):
+        if not queue and loaded < len(plan):
+            queue = chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
+            loaded += 1
+        work = None
+        if queue:
+            work = queue.pop(0)
+            if work.first_of_chunk and loaded < len(plan):
+                queue = queue + chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
+                loaded += 1
+            work.scores = prefill_scores(setup, work)
+        if flight[0] is not None:
+            softmax_stage(setup, flight[0])
+        if flight[1] is not None:
+            transpose_stage(setup, flight[1])
+        if flight[2] is not None:
+            output_stage(setup, flight[2], tensors.out)
+        flight = [work, flight[0], flight[1]]
+
+
+def softmax_stage(setup: PrefillSetup, work: BatchWork):
+    """Row max and exp of the work's scores (released here): its alpha and P."""
+    batch, block = work.batch, work.block
+    tiles = block.tiles[work.h]
+    members = [tiles[t] for t in batch.tiles()]
+    work.state = tiles[batch.first].state
+    if work.state is None:
+        work.state = RowState(batch.rows, 1, batch.count)
+    c0, c1 = work.chunk
+    # end of each tile's own logit columns; the batch's later ones are masked for it
+    work.ends = [min(c1, t.token_end) - max(c0, t.key_start) + batch.lead for t in members]
+    neg_sink = None if block.neg_sinks is None else block.neg_sinks[0:batch.rows, work.h, :]
+    work.alpha, work.probs = softmax_probs(work.scores, batch, work.state, neg_sink, work.ends)
+    work.scores = None
+
+
+def transpose_stage(setup: PrefillSetup, work: BatchWork):
+    """P^T of the work's batch: all its blocks by TensorE or all by one DMA transpose (each
+    transfer pays its setup), keeping the DMA share near `dma_transpose_share`."""
+    batch = work.batch
+    n_blocks = batch.count * ((batch.width + P_MAX - 1) // P_MAX)
+    by_dma = setup.all_by_dma if setup.dma_share.take_all(n_blocks) else setup.none_by_dma
+    work.probs_t = transpose_probs(work.probs, batch.width, setup.evict, by_dma)
+    work.probs = None
+
+
+def output_stage(setup: PrefillSetup, work: BatchWork, out):
+    """P V of the work's tiles into PSUM and the output update; stores the block after its last work."""
+    batch, block = work.batch, work.block
+    c0 = work.chunk[0]
+    tiles = block.tiles[work.h]
+    o_psum = nl.ndarray((batch.rows, batch.count, work.v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
+    for j, t in enumerate(batch.tiles()):
+        # key tiles past the tile's own columns hold only zeros: skipped
+        first_key = max(c0, tiles[t].key_start) - batch.lead
+        pv_matmuls(o_psum[:, j, :], work.probs_t[:, j], work.v_sb, (first_key - c0) // P_MAX, work.ends[j])
+    work.probs_t = None
+    update_output(work.state, o_psum, work.alpha, block.result[0:batch.rows, work.h, batch.tile_slice(), :],
+                  setup.evict)
+    block.works_left -= 1
+    if block.works_left == 0:
+        block.store(setup, out)
 
 
 def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
@@ -273,42 +403,21 @@ def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
     return tiles
 
 
-def prefill_batch(setup: PrefillSetup, tiles, batch, q_sb, k_sb, v_sb, neg_sink, s0: int, c0: int, c1: int,
-                  result):
-    """One TileBatch against key chunk [c0, c1): scores, online softmax, P V, output update."""
-    rows, lead = batch.rows, batch.lead
-    members = [tiles[t] for t in batch.tiles()]
-    state = tiles[batch.first].state
-    if state is None:
-        state = RowState(rows, 1, batch.count)
-    # end of each tile's own logit columns; the batch's later ones are masked for it
-    ends = [min(c1, t.token_end) - max(c0, t.key_start) + lead for t in members]
-    # the scores go straight into the softmax, which releases their PSUM before the transposes
-    # a batch's P transposes go all to TensorE or all to one DMA (each transfer pays its setup)
-    n_blocks = batch.count * ((batch.width + P_MAX - 1) // P_MAX)
-    by_dma = setup.all_by_dma if setup.dma_share.take_all(n_blocks) else setup.none_by_dma
-    alpha, probs_t = softmax_transposed(prefill_scores(setup, members, batch, q_sb, k_sb, s0, c0), batch, state,
-                                        None if neg_sink is None else neg_sink[0:rows], ends, setup.evict, by_dma)
-    o_psum = nl.ndarray((rows, batch.count, v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
-    for j, tile in enumerate(members):
-        # key tiles past the tile's own columns hold only zeros: skipped
-        first_key = max(c0, tile.key_start) - lead
-        pv_matmuls(o_psum[:, j, :], probs_t[:, j], v_sb, (first_key - c0) // P_MAX, ends[j])
-    del probs_t
-    update_output(state, o_psum, alpha, result[0:rows, batch.tile_slice(), :], setup.evict)
-
-
-def prefill_scores(setup: PrefillSetup, members, batch, q_sb, k_sb, s0: int, c0: int):
-    """The batch's logits [rows, n, slot] in PSUM: QK per tile over its columns from `lead`, plus
+def prefill_scores(setup: PrefillSetup, work: BatchWork):
+    """The work's logits [rows, n, slot] in PSUM: QK per tile over its columns from `lead`, plus
     MASK_BIAS on its boundary regions (causal diagonal, window edge) through the one-hot matmul."""
+    batch, block = work.batch, work.block
     rows, lead, width = batch.rows, batch.lead, batch.width
+    c0 = work.chunk[0]
+    tiles = block.tiles[work.h]
+    q_parts = [q_part[:, work.h, :] for q_part in block.q_sb]
     scores = score_tile(rows, batch.count, width)
-    for j, tile in enumerate(members):
-        q0, q1 = tile.token_start, tile.token_end
-        a = max(c0, tile.key_start)
-        r0 = (q0 - s0) * setup.group
-        qk_matmuls(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_sb], k_sb, lead, width, a - c0,
-                   first=True)
+    for j, t in enumerate(batch.tiles()):
+        q0, q1 = tiles[t].token_start, tiles[t].token_end
+        a = max(c0, tiles[t].key_start)
+        r0 = (q0 - block.s0) * setup.group
+        qk_matmuls(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_parts], work.k_sb, lead, width,
+                   a - c0, first=True)
         a_aligned = a - lead
         for m0, m1 in boundary_regions(q0, q1, a, a_aligned + width, setup.window):
             mask_matmuls(scores[:, j, :], setup.onehot[0:q1 - q0, 0:rows], setup.indicator(q1 - q0, m1 - m0, m0 - q0),
