@@ -84,11 +84,12 @@ def test_lnc2_splits_kv_heads_between_cores():
     out1, rep1 = to_host(attention_prefill(q, k, v, SCALE, None))
     out2, rep2 = to_host(attention_prefill(q, k, v, SCALE, None, lnc=2))
     np.testing.assert_array_equal(out1, out2)
-    assert rep2.num_programs == 2 and rep2.estimated_time_s < 0.6 * rep1.estimated_time_s
+    # each core takes half the KV heads; the first load and the last store are not halved
+    assert rep2.num_programs == 2 and rep2.estimated_time_s < 0.75 * rep1.estimated_time_s
 
 
 def test_window_with_sink_across_super_blocks_lnc2():
-    """T = 1100: the window crosses the 1024-token super block boundary, the last row tile is ragged
+    """T = 1100: the window crosses the 512-token super block boundaries, the last row tile is ragged
     (tile-major output rows past T*G dropped), and at LNC=2 each core loads its strided KV heads'
     keys and sinks in one DMA each."""
     sink = random_sink(32)

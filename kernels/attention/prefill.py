@@ -29,30 +29,47 @@ PSUM-accumulating matmul of a one-hot [tokens, rows] stationary (`-1e30` where t
 the token) against a 0/1 "masked" indicator [tokens, columns]; this costs a 64-cycle matmul per
 boundary region instead of a VectorE pass over the scores.
 
+Pipeline (the cost model schedules each engine's instructions in program order, an instruction
+waiting for the data it reads, so a batch's chain QK -> row max -> exp -> P transposes -> PV ->
+output update issued in one piece leaves every engine waiting for the one before it: at T = 512
+the old order took 430 us against 131 us of busiest-engine time). Every batch is a `BatchWork`
+that `run_pipeline` moves through four stages issued skewed: the scores of batch i + 1, the
+softmax of batch i, the transposes of batch i - 1 and the P V and output update of batch i - 2,
+so each engine always has work whose inputs were made a stage earlier. Two score tiles are live
+at once, so a key chunk is 1024 keys (2 PSUM banks of fp32) and a batch's scores fit 2 banks.
+Loads run one key chunk ahead (the next chunk's K^T and V, with its super block's Q^T when it is
+the block's first, are issued when the current chunk's first batch starts); the kernel's first
+block loads its Q^T in FIRST_BLOCK_Q_PIECES column pieces so the first row tiles start early,
+and the last block stores its result in LAST_BLOCK_STORE_PIECES pieces of row tiles, each when
+its tiles are done. Super blocks are SUPER_TOKENS = 512 tokens and head groups hold
+HEAD_GROUP_SBUF_BYTES, so the three blocks the pipeline can hold at once fit SBUF.
+
 Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
 64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
 PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -> SBUF eviction
-of P^T is split between them (`evict_vector_share`). Row tiles whose keys fit one chunk are
-processed up to BATCH_TILES at a time, so the row max, the P^T eviction and the final 1/l scaling
-are one instruction per batch (a window of 128 keys gives ~143-key tiles, where per-instruction
-costs would otherwise dominate); `output_scalar_share` of the tiles instead get their 1/l scaling
-one by one on ScalarE (0.4 for full attention, whose VectorE carries the long row maxes; 0 for
-sliding windows). A batch shares its widest tile's logit columns for QK and the row max; the exp
-and PV of each tile stop at its own last unmasked key (the rest of its P is zeroed by one GpSimd
-memset per batch). `dma_transpose_share`
-moves that share of the P transposes to the DMA queues, a whole batch at a time (one SBUF -> SBUF
-3-D `dma_transpose` per batch, each transfer paying its ~1.3 us setup), taking work off TensorE,
-VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to 50 % of DMA throughput (Trainium2
-architecture guide; the cost model charges exactly that): ~2 ns of DMA per key column of 128 rows
-against 0.4 ns of TensorE plus ~1 ns of PSUM eviction. Q and O alone keep the DMA queues busy for
-~1.2 ns per key column at T = 512 (0.15 ns at T = 4096), so full attention moves 0.1 of the
-transposes below LONG_PREFILL_TOKENS tokens and 0.4 from there, sliding windows none (swept under
-the cost model: T = 512 51 %, T = 4096 67 % of roofline). The rate is an upper bound from the
-documentation, so this share is the first knob to revisit on hardware.
+of P^T is split between them (`evict_vector_share`; VectorE copies bf16 out of PSUM in its 2x
+mode, ScalarE at 1x). Row tiles whose keys fit one chunk are processed up to BATCH_TILES at a
+time, so the row max, the P^T eviction and the final 1/l scaling are one instruction per batch (a
+window of 128 keys gives ~143-key tiles, where per-instruction costs would otherwise dominate);
+`output_scalar_share` of the tiles instead get their 1/l scaling one by one on ScalarE. A batch
+shares its widest tile's logit columns for QK and the row max; the exp and PV of each tile stop
+at its own last unmasked key (the rest of its P is zeroed by one GpSimd memset per batch).
+`dma_transpose_share` moves that share of the P transposes to the DMA queues, a whole batch at
+a time (one SBUF -> SBUF 3-D `dma_transpose` per batch, each transfer paying its ~1.3 us setup),
+taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to 50 % of
+DMA throughput (Trainium2 architecture guide; the cost model charges exactly that): ~2 ns of DMA
+per key column of 128 rows against 0.4 ns of TensorE plus ~1 ns of PSUM eviction, and in the
+in-order DMA queues a transpose waits for its exp while the loads behind it wait for the
+transpose. DEFAULT_SHARES holds the values swept under the cost model (no DMA transposes: at
+T = 4096 a share of 0.2 took 9.9 ms against 8.3 ms without, 0.4 10.3 ms). The
+transpose rate is an upper bound from the documentation, so that share is the first knob to
+revisit on hardware.
 
 DMA transfers: every transfer pays its setup, so the KV heads of a super block go in groups
 (as many as HEAD_GROUP_SBUF_BYTES holds): one DMA per group for each Q^T partition tile, each key
-chunk's K^T tiles and V, and the output; the sinks of all heads are one DMA. The output is stored
+chunk's K^T tiles and V, and the output; the sinks of all heads are one DMA. A transfer over at
+most 64 partitions (the 64-row half of Q^T and K^T) uses 8 of the 16 DMA engines, so a large one
+goes as two transfers of half the columns side by side (`load_columns`). The output is stored
 tile-major ([Hkv, R, tiles, Dv], the launcher reorders it), so each partition writes one long
 contiguous run instead of a 256-byte row per tile.
 
@@ -69,22 +86,22 @@ from .flash import (BANK_FP32, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile
 from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
-EVICT_VECTOR_SHARE = 0.4                        # share of P^T evictions on VectorE (rest ScalarE)
-FULL_OUTPUT_SCALAR_SHARE = 0.8                  # share of row tiles whose O / l runs on ScalarE
-SWA_OUTPUT_SCALAR_SHARE = 0.5
 HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition, for a head group's Q^T, result, K/V chunks (3 groups live)
 PIPELINE_SCORE_COLUMNS = 2 * BANK_FP32          # fp32 score columns of a batch: two score tiles in flight
 PREFILL_CHUNK_KEYS = PIPELINE_SCORE_COLUMNS     # keys per softmax step
-# Share of P transposes done by DMA for full attention, short and long sequences (see docstring).
-FULL_DMA_TRANSPOSE_SHARE = {"short": 0.1, "long": 0.4}
-LONG_PREFILL_TOKENS = 2048
+FIRST_BLOCK_Q_PIECES = 4                        # the first block's Q^T loads in this many column pieces
+LAST_BLOCK_STORE_PIECES = 4                     # the last block's result stores in this many tile pieces
+SPLIT_ELEMENTS = 4096                           # per partition: a <= 64-partition load this big goes as two
+# The engine shares by attention type (module docstring), swept under the cost model: (P transposes
+# by DMA, P^T evictions on VectorE (rest ScalarE), row tiles whose O / l runs on ScalarE)
+DEFAULT_SHARES = {"full": (0.0, 0.9, 1.0), "swa": (0.0, 0.8, 1.0)}
 
 
 # --------------------------------------------------------------------------- the kernel
 
 @nki.jit
-def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=None,
-                             evict_vector_share=EVICT_VECTOR_SHARE, output_scalar_share=None):
+def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share=None, evict_vector_share=None,
+                             output_scalar_share=None):
     """Causal (window=None) or sliding-window (window=W keys, the query included) prefill
     attention of one fresh sequence: queries and keys are the same T tokens (positions 0..T-1).
 
@@ -109,8 +126,7 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     kv_heads, _, total_rows = q_t.shape
     seq_len = k_t.shape[2]
     group = check_prefill_inputs(q_t, k_t, v, sink_rows, window)
-    setup = PrefillSetup(q_t.shape[1], seq_len, group, window, dma_transpose_share, evict_vector_share,
-                         output_scalar_share)
+    setup = PrefillSetup(q_t.shape[1], group, window, dma_transpose_share, evict_vector_share, output_scalar_share)
     n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
     out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
     core, cores = nl.program_id(0), nl.num_programs(0)
@@ -123,7 +139,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
         for h0 in range(0, heads.count, per_group):
             n = min(per_group, heads.count - h0)
             sinks = None if neg_sinks is None else neg_sinks[:, h0:h0 + n, :]
-            blocks.append(SuperBlock(setup, heads.subrange(h0, n), sinks, s0, s1))
+            blocks.append(SuperBlock(setup, heads.subrange(h0, n), sinks, s0, s1, not blocks))
+    blocks[-1].pieces = LAST_BLOCK_STORE_PIECES
     run_pipeline(setup, PrefillTensors(q_t, k_t, v, out), blocks)
     return out
 
@@ -177,9 +194,22 @@ def load_chunk(k_heads, v_heads, setup, chunk):
     k_sb = []
     for d0, d1 in setup.d_tiles:
         k_part = nl.ndarray((d1 - d0, k_heads.shape[0], c1 - c0), dtype=k_heads.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(k_part, k_heads[:, d0:d1, c0:c1].permute((1, 0, 2)))
+        load_columns(k_part, k_heads[:, d0:d1, c0:c1].permute((1, 0, 2)), 0, c1 - c0)
         k_sb.append(k_part)
     return k_sb, load_key_tiles(v_heads, c0, c1)
+
+
+def load_columns(dst, src, col0: int, col1: int):
+    """HBM -> SBUF: columns [col0, col1) of the last axis of `src` [partitions, ..., columns] into
+    the same columns of `dst`. A transfer over at most 64 partitions uses only 8 of the 16 DMA
+    engines, so a large one goes as two transfers of half the columns, which run side by side."""
+    per_partition = col1 - col0
+    for extent in dst.shape[1:-1]:
+        per_partition *= extent
+    half_engines = dst.shape[0] <= P_MAX // 2 and per_partition >= SPLIT_ELEMENTS
+    cuts = [col0, (col0 + col1) // 2, col1] if half_engines else [col0, col1]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        nisa.dma_copy(dst[..., a:b], src[..., a:b])
 
 
 def super_block_chunks(setup, s0: int, s1: int):
@@ -217,7 +247,7 @@ class PrefillSetup(nl.NKIObject):
     """What every super block of a launch shares: the row-tile shape, the contraction tiles, the
     mask one-hot and the boundary indicators (built once), the engine shares."""
 
-    def __init__(self, d_head: int, seq_len: int, group: int, window, dma_transpose_share, evict_vector_share,
+    def __init__(self, d_head: int, group: int, window, dma_transpose_share, evict_vector_share,
                  output_scalar_share):
         self.group = group
         self.window = window
@@ -228,12 +258,11 @@ class PrefillSetup(nl.NKIObject):
         self.d_tiles = contraction_tiles(d_head)
         self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
         self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
-        if output_scalar_share is None:
-            output_scalar_share = FULL_OUTPUT_SCALAR_SHARE if window is None else SWA_OUTPUT_SCALAR_SHARE
+        defaults = DEFAULT_SHARES["full" if window is None else "swa"]
+        dma_transpose_share = defaults[0] if dma_transpose_share is None else dma_transpose_share
+        evict_vector_share = defaults[1] if evict_vector_share is None else evict_vector_share
+        output_scalar_share = defaults[2] if output_scalar_share is None else output_scalar_share
         self.evict = EvictEngines(evict_vector_share, output_scalar_share)
-        if dma_transpose_share is None:
-            length = "long" if seq_len >= LONG_PREFILL_TOKENS else "short"
-            dma_transpose_share = FULL_DMA_TRANSPOSE_SHARE[length] if window is None else 0.0
         self.dma_share = Share(dma_transpose_share)
         self.all_by_dma, self.none_by_dma = Share(1.0), Share(0.0)
 
@@ -248,38 +277,65 @@ class PrefillSetup(nl.NKIObject):
 class SuperBlock(nl.NKIObject):
     """Tokens [s0, s1) of a group of KV heads (HeadRange) and the key chunks their window meets.
     `load` brings their Q^T into SBUF (one DMA per D partition tile for the whole group) and makes
-    the result tile and the row tiles; `store` writes the result out in one DMA."""
+    the result tile and the row tiles; the result goes out in `pieces` DMAs of consecutive row
+    tiles, each as soon as the works of its tiles are done (`finished`): one for most blocks, whose
+    store overlaps the next blocks' work, LAST_BLOCK_STORE_PIECES for the kernel's last, whose
+    store nothing else hides."""
 
-    def __init__(self, setup: PrefillSetup, heads, neg_sinks, s0: int, s1: int):
-        self.heads, self.neg_sinks, self.s0, self.s1 = heads, neg_sinks, s0, s1
+    def __init__(self, setup: PrefillSetup, heads, neg_sinks, s0: int, s1: int, first: bool):
+        self.heads, self.neg_sinks, self.s0, self.s1, self.first = heads, neg_sinks, s0, s1, first
         self.chunks = super_block_chunks(setup, s0, s1)
         self.q_sb = None
         self.result = None
         self.tiles = None
-        self.works_left = 0
+        self.pieces = 1
+        self.pending = None           # per store piece: (work, row tile) pairs not yet output
 
     def load(self, setup: PrefillSetup, tensors):
         group, heads, s0, s1 = setup.group, self.heads, self.s0, self.s1
         self.tiles = [super_block_tiles(setup, self.chunks, s0, s1) for _ in range(heads.count)]
         n_tiles = len(self.tiles[0])
-        self.q_sb = []
-        for d0, d1 in setup.d_tiles:
-            q_part = nl.ndarray((d1 - d0, heads.count, (s1 - s0) * group), dtype=tensors.q_t.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(q_part, tensors.q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)))
-            self.q_sb.append(q_part)
+        # Q^T [d, head, columns] per D tile; the kernel's first block in pieces of columns, so the
+        # first row tiles start before the rest has arrived
+        columns = (s1 - s0) * group
+        pieces = FIRST_BLOCK_Q_PIECES if self.first else 1
+        self.q_sb = [nl.ndarray((d1 - d0, heads.count, columns), dtype=tensors.q_t.dtype, buffer=nl.sbuf)
+                     for d0, d1 in setup.d_tiles]
+        for i in range(pieces):
+            a, b = columns * i // pieces, columns * (i + 1) // pieces
+            for (d0, d1), q_part in zip(setup.d_tiles, self.q_sb):
+                load_columns(q_part, tensors.q_t[heads.slice(), d0:d1, s0 * group:s1 * group].permute((1, 0, 2)), a, b)
         dv = tensors.v.shape[2]
         self.result = nl.ndarray((setup.rows_per_tile, heads.count, n_tiles, dv), dtype=tensors.out.dtype,
                                  buffer=nl.sbuf)
         if self.tiles[0][-1].token_end - self.tiles[0][-1].token_start < setup.tokens_per_tile:
             nisa.memset(self.result[:, :, n_tiles - 1, :], 0.0, engine=nisa.gpsimd_engine)
+        self.pieces = min(self.pieces, n_tiles)
+        self.pending = [0] * self.pieces
 
-    def store(self, setup: PrefillSetup, out):
-        """SBUF -> HBM, one contiguous run per partition and head (a ragged last tile's rows past
-        T * G are zeros); releases the block's SBUF tiles."""
-        tile0 = self.s0 // setup.tokens_per_tile
+    def piece(self, tile: int) -> int:
+        return tile * self.pieces // self.result.shape[2]
+
+    def expect(self, tiles):
+        """Works for these row tiles were made (counted until `finished`)."""
+        for t in tiles:
+            self.pending[self.piece(t)] += 1
+
+    def finished(self, setup: PrefillSetup, tiles, out):
+        """The output of a work of these row tiles is written: store every piece now complete
+        (SBUF -> HBM, one contiguous run per partition and head; a ragged last tile's rows past
+        T * G are zeros), and release the block's SBUF tiles after the last."""
         n_tiles = self.result.shape[2]
-        nisa.dma_copy(out[self.heads.slice(), :, tile0:tile0 + n_tiles, :].permute((1, 0, 2, 3)), self.result)
-        self.q_sb, self.result, self.tiles = None, None, None
+        tile0 = self.s0 // setup.tokens_per_tile
+        for t in tiles:
+            p = self.piece(t)
+            self.pending[p] -= 1
+            if self.pending[p] == 0:
+                t0, t1 = (p * n_tiles + self.pieces - 1) // self.pieces, ((p + 1) * n_tiles + self.pieces - 1) // self.pieces
+                nisa.dma_copy(out[self.heads.slice(), :, tile0 + t0:tile0 + t1, :].permute((1, 0, 2, 3)),
+                              self.result[:, :, t0:t1, :])
+        if sum(self.pending) == 0:
+            self.q_sb, self.result, self.tiles = None, None, None
 
 
 class BatchWork(nl.NKIObject):
@@ -296,15 +352,15 @@ class BatchWork(nl.NKIObject):
 def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
     """Load key chunk `chunk` of a super block (its Q^T first when it is the block's first chunk)
     and return its BatchWorks, head by head."""
-    if block.q_sb is None:
-        block.load(setup, tensors)
     heads = block.heads
     k_sb, v_sb = load_chunk(tensors.k_t[heads.slice()], tensors.v[heads.slice()], setup, chunk)
+    if block.q_sb is None:
+        block.load(setup, tensors)
     works = []
     for h in range(heads.count):
         for batch in tile_batches(block.tiles[h], chunk[0], chunk[1], setup.group, PIPELINE_SCORE_COLUMNS):
             works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h], len(works) == 0))
-    block.works_left += len(works)
+            block.expect(batch.tiles())
     return works
 
 
@@ -386,9 +442,7 @@ def output_stage(setup: PrefillSetup, work: BatchWork, out):
     work.probs_t = None
     update_output(work.state, o_psum, work.alpha, block.result[0:batch.rows, work.h, batch.tile_slice(), :],
                   setup.evict)
-    block.works_left -= 1
-    if block.works_left == 0:
-        block.store(setup, out)
+    block.finished(setup, batch.tiles(), out)
 
 
 def super_block_tiles(setup: PrefillSetup, chunks, s0: int, s1: int):
