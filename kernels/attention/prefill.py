@@ -42,7 +42,9 @@ the block's first, are issued when the current chunk's first batch starts); the 
 block loads its Q^T in FIRST_BLOCK_Q_PIECES column pieces so the first row tiles start early,
 and the last block stores its result in LAST_BLOCK_STORE_PIECES pieces of row tiles, each when
 its tiles are done. Super blocks are SUPER_TOKENS = 512 tokens and head groups hold
-HEAD_GROUP_SBUF_BYTES, so the three blocks the pipeline can hold at once fit SBUF.
+HEAD_GROUP_SBUF_BYTES, so the three blocks the pipeline can hold at once fit SBUF (loading the next
+chunk later, when the works of the chunk before have left the pipeline, would leave two and allow
+larger groups, but under the cost model the shorter lead costs more than the transfers saved).
 
 Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
 64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
@@ -61,7 +63,8 @@ DMA throughput (Trainium2 architecture guide; the cost model charges exactly tha
 per key column of 128 rows against 0.4 ns of TensorE plus ~1 ns of PSUM eviction, and in the
 in-order DMA queues a transpose waits for its exp while the loads behind it wait for the
 transpose. DEFAULT_SHARES holds the values swept under the cost model (no DMA transposes: at
-T = 4096 a share of 0.2 took 9.9 ms against 8.3 ms without, 0.4 10.3 ms). The
+T = 4096 a share of 0.2 took 9.9 ms against 8.3 ms without, 0.4 10.3 ms, 0.1 with P V a stage
+later 8.4 ms). The
 transpose rate is an upper bound from the documentation, so that share is the first knob to
 revisit on hardware.
 
@@ -89,12 +92,16 @@ SUPER_TOKENS = 512                              # tokens whose row tiles share o
 HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition, for a head group's Q^T, result, K/V chunks (3 groups live)
 PIPELINE_SCORE_COLUMNS = 2 * BANK_FP32          # fp32 score columns of a batch: two score tiles in flight
 PREFILL_CHUNK_KEYS = PIPELINE_SCORE_COLUMNS     # keys per softmax step
-FIRST_BLOCK_Q_PIECES = 4                        # the first block's Q^T loads in this many column pieces
-LAST_BLOCK_STORE_PIECES = 4                     # the last block's result stores in this many tile pieces
+FIRST_BLOCK_Q_PIECES = 2                        # the first block's Q^T loads in this many column pieces
+OUTPUT_STAGE = 2                                # stages between a batch's scores and its P V (run_pipeline)
+LAST_BLOCK_STORE_PIECES = 2                     # the last block's result stores in this many tile pieces
 SPLIT_ELEMENTS = 4096                           # per partition: a <= 64-partition load this big goes as two
-# The engine shares by attention type (module docstring), swept under the cost model: (P transposes
-# by DMA, P^T evictions on VectorE (rest ScalarE), row tiles whose O / l runs on ScalarE)
-DEFAULT_SHARES = {"full": (0.0, 0.9, 1.0), "swa": (0.0, 0.8, 1.0)}
+# The engine shares by attention type and length (module docstring), swept under the cost model:
+# (P transposes by DMA, P^T evictions on VectorE (rest ScalarE), row tiles whose O / l runs on
+# ScalarE). Long full attention runs most tiles alone over several key chunks, whose row maxes and
+# output updates load VectorE, so it evicts more on ScalarE.
+DEFAULT_SHARES = {"full_short": (0.0, 0.9, 1.0), "full_long": (0.0, 0.4, 0.8), "swa": (0.0, 0.8, 1.0)}
+LONG_PREFILL_TOKENS = 2048
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -126,7 +133,8 @@ def attention_prefill_kernel(q_t, k_t, v, sink_rows, window, dma_transpose_share
     kv_heads, _, total_rows = q_t.shape
     seq_len = k_t.shape[2]
     group = check_prefill_inputs(q_t, k_t, v, sink_rows, window)
-    setup = PrefillSetup(q_t.shape[1], group, window, dma_transpose_share, evict_vector_share, output_scalar_share)
+    setup = PrefillSetup(q_t.shape[1], seq_len, group, window, dma_transpose_share, evict_vector_share,
+                         output_scalar_share)
     n_tiles = (seq_len + setup.tokens_per_tile - 1) // setup.tokens_per_tile
     out = nl.ndarray((kv_heads, setup.rows_per_tile, n_tiles, v.shape[2]), dtype=q_t.dtype, buffer=nl.shared_hbm)
     core, cores = nl.program_id(0), nl.num_programs(0)
@@ -247,7 +255,7 @@ class PrefillSetup(nl.NKIObject):
     """What every super block of a launch shares: the row-tile shape, the contraction tiles, the
     mask one-hot and the boundary indicators (built once), the engine shares."""
 
-    def __init__(self, d_head: int, group: int, window, dma_transpose_share, evict_vector_share,
+    def __init__(self, d_head: int, seq_len: int, group: int, window, dma_transpose_share, evict_vector_share,
                  output_scalar_share):
         self.group = group
         self.window = window
@@ -258,7 +266,8 @@ class PrefillSetup(nl.NKIObject):
         self.d_tiles = contraction_tiles(d_head)
         self.onehot = onehot_mask_rows(self.tokens_per_tile, group)
         self.indicators = {}          # (tokens, width, k0 - q0) -> masked indicator tile
-        defaults = DEFAULT_SHARES["full" if window is None else "swa"]
+        kind = "swa" if window is not None else "full_long" if seq_len >= LONG_PREFILL_TOKENS else "full_short"
+        defaults = DEFAULT_SHARES[kind]
         dma_transpose_share = defaults[0] if dma_transpose_share is None else dma_transpose_share
         evict_vector_share = defaults[1] if evict_vector_share is None else evict_vector_share
         output_scalar_share = defaults[2] if output_scalar_share is None else output_scalar_share
@@ -342,10 +351,10 @@ class BatchWork(nl.NKIObject):
     """One TileBatch of one head of a super block against one key chunk, and what its pipeline
     stages hand on: scores (PSUM) -> alpha and P (SBUF) -> P^T -> the output update."""
 
-    def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb, first_of_chunk: bool):
+    def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb, prefetch: bool):
         self.block, self.h, self.batch, self.chunk = block, h, batch, chunk
         self.k_sb, self.v_sb = k_sb, v_sb
-        self.first_of_chunk = first_of_chunk
+        self.prefetch = prefetch          # starting this work loads the next key chunk
         self.scores = self.state = self.ends = self.alpha = self.probs = self.probs_t = None
 
 
@@ -359,8 +368,9 @@ def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
     works = []
     for h in range(heads.count):
         for batch in tile_batches(block.tiles[h], chunk[0], chunk[1], setup.group, PIPELINE_SCORE_COLUMNS):
-            works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h], len(works) == 0))
+            works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h], False))
             block.expect(batch.tiles())
+    works[0].prefetch = True
     return works
 
 
@@ -382,7 +392,7 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
             plan.append((block, chunk))
     queue = []
     loaded = 0
-    flight = [None, None, None]          # works at the softmax, transpose and output stages
+    flight = [None] * (OUTPUT_STAGE + 1)          # works in flight: [i] is i + 1 stages behind the scores
     while loaded < len(plan) or queue or any([w is not None for w in flight]):
         if not queue and loaded < len(plan):
             queue = chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
@@ -390,7 +400,7 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
         work = None
         if queue:
             work = queue.pop(0)
-            if work.first_of_chunk and loaded < len(plan):
+            if work.prefetch and loaded < len(plan):
                 queue = queue + chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
                 loaded += 1
             work.scores = prefill_scores(setup, work)
@@ -398,9 +408,9 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
             softmax_stage(setup, flight[0])
         if flight[1] is not None:
             transpose_stage(setup, flight[1])
-        if flight[2] is not None:
-            output_stage(setup, flight[2], tensors.out)
-        flight = [work, flight[0], flight[1]]
+        if flight[OUTPUT_STAGE] is not None:
+            output_stage(setup, flight[OUTPUT_STAGE], tensors.out)
+        flight = [work] + flight[:OUTPUT_STAGE]
 
 
 def softmax_stage(setup: PrefillSetup, work: BatchWork):
