@@ -89,11 +89,11 @@ from .flash import (BANK_FP32, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile
 from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
-HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition, for a head group's Q^T, result, K/V chunks (3 groups live)
+HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition: a head group's Q^T, result, K/V (3 groups live)
 PIPELINE_SCORE_COLUMNS = 2 * BANK_FP32          # fp32 score columns of a batch: two score tiles in flight
 PREFILL_CHUNK_KEYS = PIPELINE_SCORE_COLUMNS     # keys per softmax step
 FIRST_BLOCK_Q_PIECES = 2                        # the first block's Q^T loads in this many column pieces
-OUTPUT_STAGE = 2                                # stages between a batch's scores and its P V (run_pipeline)
+OUTPUT_STAGE = 2                                # steps from a batch's softmax to its P V (run_pipeline; >= 1)
 LAST_BLOCK_STORE_PIECES = 2                     # the last block's result stores in this many tile pieces
 SPLIT_ELEMENTS = 4096                           # per partition: a <= 64-partition load this big goes as two
 # The engine shares by attention type and length (module docstring), swept under the cost model:
@@ -340,7 +340,8 @@ class SuperBlock(nl.NKIObject):
             p = self.piece(t)
             self.pending[p] -= 1
             if self.pending[p] == 0:
-                t0, t1 = (p * n_tiles + self.pieces - 1) // self.pieces, ((p + 1) * n_tiles + self.pieces - 1) // self.pieces
+                t0 = (p * n_tiles + self.pieces - 1) // self.pieces        # the tiles t with piece(t) == p
+                t1 = ((p + 1) * n_tiles + self.pieces - 1) // self.pieces
                 nisa.dma_copy(out[self.heads.slice(), :, tile0 + t0:tile0 + t1, :].permute((1, 0, 2, 3)),
                               self.result[:, :, t0:t1, :])
         if sum(self.pending) == 0:
@@ -351,10 +352,10 @@ class BatchWork(nl.NKIObject):
     """One TileBatch of one head of a super block against one key chunk, and what its pipeline
     stages hand on: scores (PSUM) -> alpha and P (SBUF) -> P^T -> the output update."""
 
-    def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb, prefetch: bool):
+    def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb):
         self.block, self.h, self.batch, self.chunk = block, h, batch, chunk
         self.k_sb, self.v_sb = k_sb, v_sb
-        self.prefetch = prefetch          # starting this work loads the next key chunk
+        self.prefetch = False             # starting this work loads the next key chunk
         self.scores = self.state = self.ends = self.alpha = self.probs = self.probs_t = None
 
 
@@ -368,7 +369,7 @@ def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
     works = []
     for h in range(heads.count):
         for batch in tile_batches(block.tiles[h], chunk[0], chunk[1], setup.group, PIPELINE_SCORE_COLUMNS):
-            works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h], False))
+            works.append(BatchWork(block, h, batch, chunk, [k[:, h, :] for k in k_sb], v_sb[:, h]))
             block.expect(batch.tiles())
     works[0].prefetch = True
     return works
@@ -381,7 +382,8 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
         scores(i + 1)   QK and mask matmuls (TensorE)
         softmax(i)      row max, exp (VectorE, ScalarE, GpSimd bookkeeping)
         transpose(i-1)  P^T by TensorE (evicted by VectorE / ScalarE) or DMA
-        output(i-2)     P V (TensorE), output update (VectorE / ScalarE); a block's last one stores it
+        output(i-2)     P V (TensorE), output update (VectorE / ScalarE), a store piece once
+                        its row tiles are done (SuperBlock.finished)
 
     Two score tiles are live at once (hence PIPELINE_SCORE_COLUMNS, 2 PSUM banks each). Key chunks
     (and a block's Q^T with its first chunk) are loaded one chunk ahead: the next when the first
