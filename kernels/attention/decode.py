@@ -53,7 +53,8 @@ from mimo_kernels.launch import RESIDENT, device, launch, on_device, to_device
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
 from .flash import (BANK_FP32, CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
-                    pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
+                    pv_matmuls, qk_matmuls, score_tile, slot_width, softmax_transposed, store_rows, tile_batches,
+                    update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
 from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, output_rows, plan_decode_units,
                    plan_tensors, static_output_rows, static_plan_tensors, tiled_rows, typed_units, value_rows)
@@ -65,6 +66,9 @@ MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.6}   # mask indicators on VectorE (Gp
 # the DMA queues carry their K / V)
 SPLIT_DMA_TRANSPOSE_SHARE = {"full": 0.3, "swa": 0.0}
 GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
+# PSUM banks for two batches' score tiles at once (the next one's QK before this one's softmax),
+# next to the P^T blocks (2 banks) and the P V outputs (2)
+SKEW_SCORE_BANKS = 4
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -119,9 +123,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
     groups = unit_groups(units, setup.tiling, v.shape[3], nl.num_programs(0))
-    for gi, (u_first, n_units) in enumerate(groups):
-        if gi % nl.num_programs(0) == nl.program_id(0):
-            decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
+    decode_pipeline(setup, [UnitGroup(setup, u_first, n_units) for gi, (u_first, n_units) in enumerate(groups)
+                            if gi % nl.num_programs(0) == nl.program_id(0)])
     return out
 
 
@@ -196,8 +199,10 @@ class Piece(nl.NKIObject):
 
 
 class LayoutConstants(nl.NKIObject):
-    """Per tile layout: the -sink rows [rows, 1] (None without sinks) and the mask one-hot
-    [tokens, rows] (None until a tile of the layout needs a mask)."""
+    """Per tile layout: the sink logits as loaded [1, rows] and their negated column [rows, 1] (made
+    before the first softmax that needs it; both None without sinks), and the mask one-hot [tokens,
+    rows] (None until a tile of the layout needs a mask)."""
+    sink_row: object = None
     neg_sink: object = None
     onehot: object = None
 
@@ -234,7 +239,9 @@ class UnitGroup(nl.NKIObject):
         self.split_tokens = max([t.tokens for t in self.tiles])
         self.chunks = key_chunks(min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles]))
         self.q_buf = None
+        self.q_runs = []         # a packed group's Q^T as loaded, per run, until copied into q_buf
         self.tile_setup = []     # per unit: [TileSetup]
+        self.result = None       # [rows, tiles, Dv] bf16 SBUF: the group's output rows
 
     def unit_sequences(self, u: int):
         """(sequence, run) of unit u of the group, in row order."""
@@ -271,31 +278,127 @@ def run_rows(tiling, run) -> RunRows:
                                                                 for head in heads]))
 
 
-def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
-    """Queries, per-tile setup, then the key chunks of a unit group; its rows go out in one store."""
-    if grp.packed:
-        load_packed_queries(setup, grp)
-    else:
-        load_split_queries(setup, grp)
-    for u in range(grp.count):
-        grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
-    result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
-                        dtype=setup.out.dtype, buffer=nl.sbuf)
-    for ci, (c0, c1) in enumerate(grp.chunks):
-        k_sb, v_sb = load_chunk_kv(setup, grp, c0, c1)
+class ChunkStep(nl.NKIObject):
+    """One key chunk of a unit group, a step of `decode_pipeline`: its K^T and V parts (per run), the
+    key positions of each unit (None: no mask in the chunk) and its batches (BatchWork) between their
+    softmax and their P V."""
+
+    def __init__(self, grp: UnitGroup, ci: int):
+        self.grp, self.ci = grp, ci
+        self.k_sb, self.v_sb, self.kpos_rows = None, None, []
+        self.scored = []
+
+    def last(self) -> bool:
+        return self.ci == len(self.grp.chunks) - 1
+
+
+class BatchWork(nl.NKIObject):
+    """A TileBatch of unit u on its way through a step: its RowState, layout constants and per tile
+    the end of its own logit columns; its scores in PSUM until the softmax takes them, then alpha
+    (None on a first chunk) and P^T until its P V."""
+
+    def __init__(self, u: int, batch: TileBatch, state: RowState, consts: LayoutConstants, ends, scores):
+        self.u, self.batch, self.state, self.consts, self.ends = u, batch, state, consts, ends
+        self.scores = scores
+        self.alpha, self.probs_t = None, None
+
+    def take_scores(self):
+        """The scores, no longer held here (the softmax releases their PSUM before its transposes)."""
+        scores, self.scores = self.scores, None
+        return scores
+
+
+def decode_pipeline(setup: DecodeSetup, groups) -> None:
+    """The key chunks (ChunkStep) of the program's unit groups, software-pipelined in program order
+    so that each engine has independent work queued while a chunk waits for its data:
+
+        K^T(0); then per step i: K^T(i + 1), V(i), scores and softmax(i), P V and output(i - 1)
+
+    and a group's store after its last P V. The keys of the next chunk load before this chunk's
+    values, so its scores and softmax (which need K^T only) run while V streams in; the P V of a
+    chunk comes after the next chunk's scores on TensorE (it waits for V, they only for K^T); and a
+    group's store waits in the DMA queues behind the next chunk's loads, not in front of them."""
+    steps = [ChunkStep(grp, ci) for grp in groups for ci in range(len(grp.chunks))]
+    if steps:
+        load_step_keys(setup, steps[0])
+    for i in range(len(steps) + 1):
+        if i + 1 < len(steps):
+            load_step_keys(setup, steps[i + 1])
+        if i < len(steps):
+            step = steps[i]
+            step.v_sb = load_chunk_values(setup, step.grp, *step.grp.chunks[step.ci])
+            score_step(setup, step)
+        if i > 0:
+            finish_step(setup, steps[i - 1])
+
+
+def load_step_keys(setup: DecodeSetup, step: ChunkStep) -> None:
+    """HBM -> SBUF: a step's K^T chunk and the key positions of its masked units; on a group's first
+    chunk first its queries, per-tile setup and output buffer."""
+    grp, ci = step.grp, step.ci
+    if ci == 0:
+        if grp.packed:
+            load_packed_queries(setup, grp)
+        else:
+            load_split_queries(setup, grp)
         for u in range(grp.count):
-            tiles = setup.units[grp.first + u].tiles
-            kpos_rows = None
-            if any([t.masks[ci] for t in tiles]):
-                kpos_rows = load_key_positions(setup, grp, u, c0, c1)
-            for batch in unit_batches(tiles, grp.tile_setup[u], c0, c1, setup.group, grp.packed):
-                decode_batch(setup, grp, u, ci, batch, k_sb, v_sb, kpos_rows, result)
-        del k_sb, v_sb
+            grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
+        grp.result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
+                                dtype=setup.out.dtype, buffer=nl.sbuf)
+    c0, c1 = grp.chunks[ci]
+    step.k_sb = load_chunk_keys(setup, grp, c0, c1)
+    for u in range(grp.count):
+        masked = any([t.masks[ci] for t in setup.units[grp.first + u].tiles])
+        step.kpos_rows.append(load_key_positions(setup, grp, u, c0, c1) if masked else None)
+
+
+def score_step(setup: DecodeSetup, step: ChunkStep) -> None:
+    """Scores, online softmax and P^T of every batch of a step (`unit_batches`). The next batch's
+    QK goes to TensorE before this batch's softmax when both score tiles fit SKEW_SCORE_BANKS, so
+    TensorE computes it while VectorE / ScalarE / GpSimd run the softmax; the K^T chunk is released
+    after."""
+    grp, ci = step.grp, step.ci
+    if ci == 0 and grp.packed:
+        copy_packed_queries(setup, grp)
+    c0, c1 = grp.chunks[ci]
+    waiting = None
+    for u in range(grp.count):
+        for batch in unit_batches(setup.units[grp.first + u].tiles, grp.tile_setup[u], c0, c1, setup.group,
+                                  grp.packed):
+            if waiting is not None and score_banks(waiting.batch) + score_banks(batch) > SKEW_SCORE_BANKS:
+                step.scored.append(softmax_batch(setup, grp, waiting))
+                waiting = None
+            scoring = score_batch(setup, step, u, batch)
+            if waiting is not None:
+                step.scored.append(softmax_batch(setup, grp, waiting))
+            waiting = scoring
+    if waiting is not None:
+        step.scored.append(softmax_batch(setup, grp, waiting))
+    step.k_sb, step.kpos_rows = None, []
+
+
+def score_banks(batch: TileBatch) -> int:
+    """PSUM banks of a batch's score tile (`score_tile`)."""
+    return (batch.count * slot_width(batch.width) + BANK_FP32 - 1) // BANK_FP32
+
+
+def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
+    """P V and the output update of a step's batches; after a group's last chunk, its store."""
+    for work in step.scored:
+        output_batch(setup, step, work)
+    step.scored, step.v_sb = [], None
+    if step.last():
+        store_group(setup, step.grp)
+
+
+def store_group(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """SBUF -> HBM: the group's rows in one store (`store_rows_transposed` or `store_rows`)."""
     tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
     if transposed_rows(setup.units):
-        store_rows_transposed(setup, setup.unit_row0[grp.first], result, tile_rows)
+        store_rows_transposed(setup, setup.unit_row0[grp.first], grp.result, tile_rows)
     else:
-        store_rows(setup.out, setup.unit_row0[grp.first], result, tile_rows)          # SBUF -> HBM
+        store_rows(setup.out, setup.unit_row0[grp.first], grp.result, tile_rows)          # SBUF -> HBM
+    grp.result = None
 
 
 def transposed_rows(units) -> bool:
@@ -332,39 +435,67 @@ def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> N
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     """HBM -> SBUF: Q^T of the group's packed units, one DMA per run ([parts, sequence, tile,
-    columns]: one run per partition), then one copy per piece of a KV
-    head's rows into a buffer zeroed outside each piece's columns (set up once per layout): the
-    stationaries of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for
-    the head's pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
-    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
+    columns]: one run per partition), into grp.q_runs until `copy_packed_queries`; and the group's
+    buffer zeroed outside each piece's columns (`padded_queries`), whose views are the stationaries:
+    those of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for the head's
+    pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
+    rows = grp.rows[0]
     if not all([r == rows for r in grp.rows]):
         raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
-    parts = setup.tiling.parts
-    key = (grp.layout, n_units)
-    if key not in setup.padded_q:
-        buf = nl.ndarray((parts, rows.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
-        for u in range(n_units):
-            nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
-        setup.padded_q[key] = buf
-    buf = setup.padded_q[key]
-    p = 0
+    grp.q_buf = padded_queries(setup, grp)
     for run in grp.runs:
-        n = (run.token_end - run.token_start) * setup.group
-        heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
-        q_run = nl.ndarray((parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        n, n_seq = (run.token_end - run.token_start) * setup.group, grp.count * run.seqs
+        q_run = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
         nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
                                        run.token_start * setup.group:run.token_end * setup.group])
+        grp.q_runs.append(q_run)
+
+
+def padded_queries(setup: DecodeSetup, grp: UnitGroup):
+    """The zero-padded Q^T buffer [parts, tile, unit, sequence slot, rows] of the group's packed
+    layout: two per layout, zeroed once each and taken in turns, so a group's copies never write the
+    buffer the previous group's QK may still read."""
+    key = (grp.layout, grp.count)
+    if key not in setup.padded_q:
+        setup.padded_q[key] = PaddedQueries()
+    pair = setup.padded_q[key]
+    if len(pair.buffers) < 2:
+        buf = nl.ndarray((setup.tiling.parts, grp.rows[0].tiles, grp.count, grp.seqs, grp.tiles[0].rows),
+                         dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q) + len(pair.buffers))
+        for u in range(grp.count):
+            nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
+        pair.buffers.append(buf)
+    pair.turn += 1
+    return pair.buffers[(pair.turn - 1) % 2]
+
+
+class PaddedQueries(nl.NKIObject):
+    """The (up to) two zero-padded Q^T buffers of a packed layout and how many groups took one."""
+
+    def __init__(self):
+        self.buffers = []
+        self.turn = 0
+
+
+def copy_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """SBUF -> SBUF: each piece's rows of the loaded Q^T into its columns of the padded buffer, one
+    copy per KV head of a run and partition tile (on GpSimd and VectorE in turns)."""
+    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
+    p = 0
+    for run, q_run in zip(grp.runs, grp.q_runs):
+        n = (run.token_end - run.token_start) * setup.group
+        heads = run.kv_end - run.kv_start
         for h in range(heads):
             for t, p0, p1 in rows.pieces[h]:
                 # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
-                dst = buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
-                                        [rows0 + heads * n, run.seqs], [1, n]],
-                                       offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
+                dst = grp.q_buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0],
+                                              [n_seqs * rows0, n_units], [rows0 + heads * n, run.seqs], [1, n]],
+                                             offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
                 nisa.tensor_copy(dst, q_run[p0:p1, :, t, :].reshape((p1 - p0, n_units, run.seqs, n)),
                                  engine=setup.q_copies.next())
         p += run.seqs * heads
-    grp.q_buf = buf
+    grp.q_runs = []
 
 
 def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
@@ -405,13 +536,15 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
 
 
 def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: int, batched: bool) -> None:
-    """The -sink rows of the tile's layout on first sight, its mask one-hot once a tile of the layout
-    needs masks (or shares batches with other tiles)."""
+    """HBM -> SBUF: the sink logits of the tile's layout on first sight (as one partition's row: a
+    transfer on one DMA engine; `negated_sink` turns them into the -m start column), its mask one-hot
+    once a tile of the layout needs masks (or shares batches with other tiles)."""
     key = (tile.rows, grp.layout)
     if key not in setup.per_layout:
         consts = LayoutConstants()
         if setup.sink_rows is not None:
-            consts.neg_sink = load_neg_sink_row(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
+            consts.sink_row = nl.ndarray((1, tile.rows), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(consts.sink_row, setup.sink_rows[tile_index, 0:tile.rows, :].reshape((1, tile.rows)))
         setup.per_layout[key] = consts
     consts = setup.per_layout[key]
     if (any(tile.masks) or batched) and consts.onehot is None:
@@ -419,17 +552,16 @@ def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: 
         nisa.dma_copy(consts.onehot, setup.tile_onehot[tile_index, 0:tile.tokens, 0:tile.rows])
 
 
-def load_neg_sink_row(sink_src, rows: int):
-    """HBM -> SBUF: the [rows, 1] fp32 column of negated sink logits (the -m start of each row),
-    loaded as one partition's row (a transfer on one DMA engine, whose setup leaves the other 15 to
-    the K / V stream) and transposed on TensorE."""
-    sink = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(sink, sink_src.reshape((1, rows)))
-    sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(sink_t, sink)
-    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(neg_sink, sink_t, nl.multiply, -1.0)
-    return neg_sink
+def negated_sink(consts: LayoutConstants):
+    """The layout's [rows, 1] fp32 column of negated sink logits (None without sinks): its loaded row
+    transposed on TensorE and negated, before the first softmax that needs it."""
+    if consts.sink_row is not None and consts.neg_sink is None:
+        rows = consts.sink_row.shape[1]
+        sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(sink_t, consts.sink_row)
+        consts.neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(consts.neg_sink, sink_t, nl.multiply, -1.0)
+    return consts.neg_sink
 
 
 def load_split_query_positions(setup: DecodeSetup, grp: UnitGroup, tiles):
@@ -470,19 +602,24 @@ def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: 
     return kpos_rows
 
 
-def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
+def load_chunk_keys(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
     """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (the row tiles
-    holding its KV heads) and of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA
-    each (a second for a V tail). Returns (K^T parts, V parts)."""
-    k_sb, v_sb = [], []
+    holding its KV heads) for all the group's units, one DMA each. Returns the K^T parts."""
+    k_sb = []
     for run, rows in zip(grp.runs, grp.rows):
         n_seq = grp.count * run.seqs
         k_part = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
         src = setup.k_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles, c0:c1]
         nisa.dma_copy(k_part, src.permute((1, 0, 2, 3)))
         k_sb.append(k_part)
-        v_sb.append(load_value_tiles(setup.v[run.first_seq:run.first_seq + n_seq, :, run.kv_start:run.kv_end], c0, c1))
-    return k_sb, v_sb
+    return k_sb
+
+
+def load_chunk_values(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of V [128, seq, key tile, kv, Dv] for all the
+    group's units (`load_value_tiles`). Returns the V parts."""
+    return [load_value_tiles(setup.v[run.first_seq:run.first_seq + grp.count * run.seqs, :, run.kv_start:run.kv_end],
+                             c0, c1) for run in grp.runs]
 
 
 def load_value_tiles(v_seqs, c0: int, c1: int):
@@ -506,9 +643,9 @@ def load_value_tiles(v_seqs, c0: int, c1: int):
     return v_sb
 
 
-def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, v_sb, kpos_rows,
-                 result) -> None:
-    """One TileBatch of unit u against key chunk ci: scores, online softmax, P V, output update."""
+def score_batch(setup: DecodeSetup, step: ChunkStep, u: int, batch: TileBatch) -> BatchWork:
+    """A TileBatch of unit u against the step's key chunk, up to its scores in PSUM (`decode_scores`)."""
+    grp, ci = step.grp, step.ci
     tiles = setup.units[grp.first + u].tiles
     c0, c1 = grp.chunks[ci]
     state = grp.tile_setup[u][batch.first].state
@@ -519,20 +656,36 @@ def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Til
     for j in batch.tiles():
         a, b = max(c0, tiles[j].key_start), min(c1, tiles[j].key_end)
         ends.append(b - a + batch.lead)
-    # the scores go straight into the softmax, which releases their PSUM before the transposes
-    alpha, probs_t = softmax_transposed(decode_scores(setup, grp, u, ci, batch, k_sb, kpos_rows, consts.onehot, ends),
-                                        batch, state, consts.neg_sink, ends, setup.evict,
-                                        setup.no_dma if grp.packed else setup.split_dma)
+    scores = decode_scores(setup, grp, u, ci, batch, step.k_sb, step.kpos_rows[u], consts.onehot, ends)
+    return BatchWork(u, batch, state, consts, ends, scores)
+
+
+def softmax_batch(setup: DecodeSetup, grp: UnitGroup, work: BatchWork) -> BatchWork:
+    """The online-softmax step and P^T of a scored batch (its score PSUM released before the
+    transposes)."""
+    neg_sink = negated_sink(work.consts)
+    work.alpha, work.probs_t = softmax_transposed(work.take_scores(), work.batch, work.state, neg_sink, work.ends,
+                                                  setup.evict, setup.no_dma if grp.packed else setup.split_dma)
+    return work
+
+
+def output_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork) -> None:
+    """P V of a softmaxed batch and the output update (on the last chunk into the group's rows)."""
+    grp, u, batch = step.grp, work.u, work.batch
+    tiles = setup.units[grp.first + u].tiles
+    c0, _ = grp.chunks[step.ci]
     o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
     if grp.packed:
-        packed_pv(setup, grp, u, batch, probs_t, v_sb, c0, o_psum)
+        packed_pv(setup, grp, u, batch, work.probs_t, step.v_sb, c0, o_psum)
     else:
         for i, j in enumerate(batch.tiles()):
             # key tiles past the tile's own columns hold only zeros: skipped
             v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
-            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0, ends[i])
-    del probs_t
-    update_output(state, o_psum, alpha, result[0:batch.rows, batch.tile_slice(u * len(tiles)), :], setup.evict)
+            pv_matmuls(o_psum[:, i, :], work.probs_t[:, i], step.v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0,
+                       work.ends[i])
+    work.probs_t = None
+    update_output(work.state, o_psum, work.alpha, grp.result[0:batch.rows, batch.tile_slice(u * len(tiles)), :],
+                  setup.evict)
 
 
 def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, kpos_rows, onehot,
