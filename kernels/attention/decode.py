@@ -295,12 +295,13 @@ class ChunkStep(nl.NKIObject):
 class BatchWork(nl.NKIObject):
     """A TileBatch of unit u on its way through a step: its RowState, layout constants and per tile
     the end of its own logit columns; its scores in PSUM until the softmax takes them, then alpha
-    (None on a first chunk) and P^T until its P V."""
+    (None on a first chunk) and P^T until its P V, then that product until the output update."""
 
     def __init__(self, u: int, batch: TileBatch, state: RowState, consts: LayoutConstants, ends, scores):
         self.u, self.batch, self.state, self.consts, self.ends = u, batch, state, consts, ends
         self.scores = scores
         self.alpha, self.probs_t = None, None
+        self.product = None      # its P V in PSUM until the output update
 
     def take_scores(self):
         """The scores, no longer held here (the softmax releases their PSUM before its transposes)."""
@@ -383,9 +384,18 @@ def score_banks(batch: TileBatch) -> int:
 
 
 def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
-    """P V and the output update of a step's batches; after a group's last chunk, its store."""
+    """P V and the output update of a step's batches, the next batch's P V going to TensorE before
+    this one's output update (a packed tile's transpose back waits for its O^T eviction); after a
+    group's last chunk, its store."""
+    waiting = None
     for work in step.scored:
-        output_batch(setup, step, work)
+        product = batch_pv(setup, step, work)
+        if waiting is not None:
+            update_batch(setup, step, waiting, waiting.product)
+        work.product = product
+        waiting = work
+    if waiting is not None:
+        update_batch(setup, step, waiting, waiting.product)
     step.scored, step.v_sb = [], None
     if step.last():
         store_group(setup, step.grp)
@@ -669,21 +679,35 @@ def softmax_batch(setup: DecodeSetup, grp: UnitGroup, work: BatchWork) -> BatchW
     return work
 
 
-def output_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork) -> None:
-    """P V of a softmaxed batch and the output update (on the last chunk into the group's rows)."""
+def batch_pv(setup: DecodeSetup, step: ChunkStep, work: BatchWork):
+    """P V of a softmaxed batch into PSUM: O^T [Dv, rows] of a packed tile (`packed_pv_t`), else O
+    [rows, n, Dv]."""
     grp, u, batch = step.grp, work.u, work.batch
-    tiles = setup.units[grp.first + u].tiles
     c0, _ = grp.chunks[step.ci]
-    o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
     if grp.packed:
-        packed_pv(setup, grp, u, batch, work.probs_t, step.v_sb, c0, o_psum)
-    else:
-        for i, j in enumerate(batch.tiles()):
-            # key tiles past the tile's own columns hold only zeros: skipped
-            v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
-            pv_matmuls(o_psum[:, i, :], work.probs_t[:, i], step.v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0,
-                       work.ends[i])
-    work.probs_t = None
+        return packed_pv_t(setup, grp, u, batch, work.probs_t, step.v_sb, c0)
+    tiles = setup.units[grp.first + u].tiles
+    o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
+    for i, j in enumerate(batch.tiles()):
+        # key tiles past the tile's own columns hold only zeros: skipped
+        v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
+        pv_matmuls(o_psum[:, i, :], work.probs_t[:, i], step.v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0,
+                   work.ends[i])
+    return o_psum
+
+
+def update_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork, product) -> None:
+    """The output update of a batch from its P V (`batch_pv`; a packed tile's O^T evicted and
+    transposed back first), on the last chunk into the group's rows."""
+    grp, u, batch = step.grp, work.u, work.batch
+    o_psum = product
+    if grp.packed:
+        o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
+        setup.evict.copy(o_t, product)
+        o_psum = nl.ndarray((batch.rows, 1, setup.dv), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(o_psum[:, 0, :], o_t)
+    work.probs_t, work.product = None, None
+    tiles = setup.units[grp.first + u].tiles
     update_output(work.state, o_psum, work.alpha, grp.result[0:batch.rows, batch.tile_slice(u * len(tiles)), :],
                   setup.evict)
 
@@ -717,9 +741,9 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
     return scores
 
 
-def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int, o_psum) -> None:
-    """P V of a packed tile: O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows] per piece, then
-    one transpose back into o_psum [rows, 1, Dv]."""
+def packed_pv_t(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int):
+    """P V of a packed tile, transposed: O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows] per
+    piece. Returns O^T [Dv, rows] fp32 in PSUM."""
     v_tile0 = (max(c0, setup.units[grp.first + u].tiles[0].key_start) - batch.lead - c0) // P_MAX
     n_kt = (batch.width + P_MAX - 1) // P_MAX
     o_t_psum = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.psum)
@@ -730,9 +754,7 @@ def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, prob
             kw = min(P_MAX, batch.width - kt * P_MAX)
             nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, v_tile0 + kt, piece.kv, :],
                            probs_t[0:kw, 0, kt, rows], accumulate=kt > 0)
-    o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
-    setup.evict.copy(o_t, o_t_psum)
-    nisa.nc_transpose(o_psum[:, 0, :], o_t)
+    return o_t_psum
 
 
 def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engine):
