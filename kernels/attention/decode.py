@@ -69,6 +69,8 @@ GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units
 # PSUM banks for two batches' score tiles at once (the next one's QK before this one's softmax),
 # next to the P^T blocks (2 banks) and the P V outputs (2)
 SKEW_SCORE_BANKS = 4
+QUERY_BLOCK_BYTES = 16 * 1024    # per partition: Q^T of consecutive groups loaded in one DMA
+STORE_BATCH_BYTES = 16 * 1024    # per partition: rows of consecutive groups stored in one DMA
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -242,6 +244,8 @@ class UnitGroup(nl.NKIObject):
         self.q_runs = []         # a packed group's Q^T as loaded, per run, until copied into q_buf
         self.tile_setup = []     # per unit: [TileSetup]
         self.result = None       # [rows, tiles, Dv] bf16 SBUF: the group's output rows
+        self.q_block, self.q_seq0 = None, 0          # its Q^T load, shared (`share_dma`)
+        self.store, self.store_tile0 = None, 0       # its store, shared (`share_dma`)
 
     def unit_sequences(self, u: int):
         """(sequence, run) of unit u of the group, in row order."""
@@ -319,6 +323,7 @@ def decode_pipeline(setup: DecodeSetup, groups) -> None:
     values, so its scores and softmax (which need K^T only) run while V streams in; the P V of a
     chunk comes after the next chunk's scores on TensorE (it waits for V, they only for K^T); and a
     group's store waits in the DMA queues behind the next chunk's loads, not in front of them."""
+    share_dma(setup, groups)
     steps = [ChunkStep(grp, ci) for grp in groups for ci in range(len(grp.chunks))]
     if steps:
         load_step_keys(setup, steps[0])
@@ -331,6 +336,66 @@ def decode_pipeline(setup: DecodeSetup, groups) -> None:
             score_step(setup, step)
         if i > 0:
             finish_step(setup, steps[i - 1])
+
+
+class QueryBlock(nl.NKIObject):
+    """Q^T of consecutive packed groups of a program (`share_dma`): sequences [run.first_seq,
+    run.first_seq + seqs) of the first group's run as [parts, sequences, tile, columns], from one DMA
+    issued by the first group."""
+
+    def __init__(self, run):
+        self.run, self.seqs = run, 0
+        self.q = None
+
+
+class StoreBatch(nl.NKIObject):
+    """Consecutive groups of a program whose rows leave in one store (`share_dma`): each transposes
+    its tiles into result_t [Dv, tiles, rows] (allocated by the first), the last stores it from
+    output column row0."""
+
+    def __init__(self, row0: int):
+        self.row0, self.tile_rows, self.last = row0, [], None
+        self.result_t = None
+
+
+def share_dma(setup: DecodeSetup, groups) -> None:
+    """Which of the program's unit groups share their Q^T load (`query_block`) and their store
+    (StoreBatch: groups whose rows follow each other, in full tiles of one height but for the
+    batch's last, up to STORE_BATCH_BYTES per partition). The program's last group stores alone, so
+    the store after the pipeline's last P V stays short."""
+    prev = None
+    for gi, grp in enumerate(groups):
+        follows = prev is not None and prev.first + prev.count == grp.first
+        grp.q_block = query_block(setup, prev.q_block if follows else None, grp)
+        tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
+        batch = prev.store if follows and gi < len(groups) - 1 else None
+        if batch is not None:
+            rows0 = batch.tile_rows[0]
+            fits = (len(batch.tile_rows) + len(tile_rows)) * rows0 * 2 <= STORE_BATCH_BYTES
+            if not (fits and all([r == rows0 for r in batch.tile_rows + tile_rows[0:-1]]) and tile_rows[-1] <= rows0):
+                batch = None
+        grp.store = StoreBatch(setup.unit_row0[grp.first]) if batch is None else batch
+        grp.store_tile0 = len(grp.store.tile_rows)
+        grp.store.tile_rows = grp.store.tile_rows + tile_rows
+        grp.store.last = grp
+        prev = grp
+
+
+def query_block(setup: DecodeSetup, block, grp: UnitGroup):
+    """The QueryBlock of a packed group of one run: the previous group's `block` when the group's
+    sequences come right after the block's, with the same run shape, and the block stays within
+    QUERY_BLOCK_BYTES per partition; else a new block (None for other groups)."""
+    if not (grp.packed and len(grp.runs) == 1):
+        return None
+    run = grp.runs[0]
+    seq_bytes = 2 * grp.rows[0].tiles * (run.token_end - run.token_start) * setup.group
+    joins = block is not None and block.run._replace(first_seq=block.run.first_seq + block.seqs) == run and \
+        (block.seqs + grp.count * run.seqs) * seq_bytes <= QUERY_BLOCK_BYTES
+    if not joins:
+        block = QueryBlock(run)
+    grp.q_seq0 = block.seqs
+    block.seqs += grp.count * run.seqs
+    return block
 
 
 def load_step_keys(setup: DecodeSetup, step: ChunkStep) -> None:
@@ -402,13 +467,23 @@ def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
 
 
 def store_group(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """SBUF -> HBM: the group's rows in one store (`store_rows_transposed` or `store_rows`)."""
+    """SBUF -> HBM: the group's rows, transposed into its StoreBatch and stored with it by the
+    batch's last group (`store_columns`), or in rows when the plan has a single tile (`store_rows`)."""
     tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
-    if transposed_rows(setup.units):
-        store_rows_transposed(setup, setup.unit_row0[grp.first], grp.result, tile_rows)
-    else:
+    if not transposed_rows(setup.units):
         store_rows(setup.out, setup.unit_row0[grp.first], grp.result, tile_rows)          # SBUF -> HBM
+        grp.result = None
+        return
+    batch = grp.store
+    if batch.result_t is None:
+        batch.result_t = nl.ndarray((setup.dv, len(batch.tile_rows), batch.tile_rows[0]), dtype=grp.result.dtype,
+                                    buffer=nl.sbuf)
+    transpose_rows(setup, grp.result, batch.result_t[:, grp.store_tile0:grp.store_tile0 + len(tile_rows), :],
+                   tile_rows)
     grp.result = None
+    if batch.last is grp:
+        store_columns(setup, batch.row0, batch.result_t, batch.tile_rows)
+        batch.result_t = None
 
 
 def transposed_rows(units) -> bool:
@@ -417,14 +492,13 @@ def transposed_rows(units) -> bool:
     return sum([len(unit[1]) for unit in units]) > 1
 
 
-def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> None:
-    """SBUF [R, tiles, Dv] -> HBM out [Dv, rows] from column row0: the tiles transposed on TensorE
-    (evicted one PSUM bank at a time), then one DMA for the full tiles, in which a value dim's
-    rows of the whole group are one run (a row-major store would write 256 B runs, one row of
-    each tile per partition), and one for a ragged last tile."""
-    rows0, n, dv = result.shape
+def transpose_rows(setup: DecodeSetup, result, result_t, tile_rows) -> None:
+    """SBUF [>= rows, tiles, Dv] -> SBUF [Dv, tiles, R]: the tiles (of `tile_rows` rows: R, but for
+    a shorter last one) transposed on TensorE, evicted one PSUM bank at a time (stored as columns, a
+    value dim's rows of a whole batch are one run, where a row-major store would write 256 B runs, one
+    row of each tile per partition)."""
+    dv, n, rows0 = result_t.shape
     full = sum([1 for rows in tile_rows if rows == rows0])
-    result_t = nl.ndarray((dv, n, rows0), dtype=result.dtype, buffer=nl.sbuf)
     per_bank = BANK_FP32 * 4 // (rows0 * 2)          # bf16 [Dv, R] blocks per PSUM bank
     for b0 in range(0, n, per_bank):
         b1 = min(n, b0 + per_bank)
@@ -436,9 +510,16 @@ def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> N
             setup.evict.copy(result_t[:, b0:b0 + whole, :], blocks[:, 0:whole, :])          # PSUM -> SBUF
         if b1 > full:
             setup.evict.copy(result_t[:, full, 0:tile_rows[full]], blocks[:, full - b0, 0:tile_rows[full]])
+
+
+def store_columns(setup: DecodeSetup, row0: int, result_t, tile_rows) -> None:
+    """SBUF [Dv, tiles, R] -> HBM out [Dv, rows] from column row0: one DMA for the full tiles, one for
+    a ragged last tile."""
+    rows0 = result_t.shape[2]
+    full = sum([1 for rows in tile_rows if rows == rows0])
     if full:
         nisa.dma_copy(setup.out[:, row0:row0 + full * rows0], result_t[:, 0:full, :])     # SBUF -> HBM
-    if full < n:
+    if full < len(tile_rows):
         start = row0 + full * rows0
         nisa.dma_copy(setup.out[:, start:start + tile_rows[full]], result_t[:, full, 0:tile_rows[full]])
 
@@ -453,12 +534,25 @@ def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     if not all([r == rows for r in grp.rows]):
         raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
     grp.q_buf = padded_queries(setup, grp)
-    for run in grp.runs:
-        n, n_seq = (run.token_end - run.token_start) * setup.group, grp.count * run.seqs
-        q_run = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
-                                       run.token_start * setup.group:run.token_end * setup.group])
-        grp.q_runs.append(q_run)
+    block = grp.q_block
+    if block is not None:
+        if block.q is None:
+            block.q = load_query_run(setup, rows, block.run, block.seqs)
+        grp.q_runs = [block.q[:, grp.q_seq0:grp.q_seq0 + grp.count * block.run.seqs]]
+        if grp.q_seq0 + grp.count * block.run.seqs == block.seqs:
+            block.q = None
+        return
+    grp.q_runs = [load_query_run(setup, rows, run, grp.count * run.seqs) for run in grp.runs]
+
+
+def load_query_run(setup: DecodeSetup, rows: RunRows, run, n_seq: int):
+    """HBM -> SBUF: Q^T [parts, sequence, tile, columns] of n_seq sequences from run.first_seq with
+    the run's KV heads (the partition tiles `rows`) and tokens, one DMA."""
+    n = (run.token_end - run.token_start) * setup.group
+    q_run = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
+                                   run.token_start * setup.group:run.token_end * setup.group])
+    return q_run
 
 
 def padded_queries(setup: DecodeSetup, grp: UnitGroup):
