@@ -71,6 +71,7 @@ GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units
 SKEW_SCORE_BANKS = 4
 QUERY_BLOCK_BYTES = 16 * 1024    # per partition: Q^T of consecutive groups loaded in one DMA
 STORE_BATCH_BYTES = 16 * 1024    # per partition: rows of consecutive groups stored in one DMA
+PIPELINE_SBUF_BYTES = 160 * 1024  # per partition: at most `pipeline_bytes` for a pipelined group
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -183,6 +184,7 @@ class DecodeSetup(nl.NKIObject):
         self.mask_vector = Share(mask_vector_share)
         self.memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
         self.q_copies = EngineRotation(self.memset_engines)
+        self.columns = None      # ColumnConstants, made on first use
         self.ones = None
         if any([len(unit.tiles) > 1 for unit in self.units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
             self.ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -228,7 +230,7 @@ class UnitGroup(nl.NKIObject):
         self.seqs = sum([r.seqs for r in self.runs])
         self.rows = [run_rows(setup.tiling, r) for r in self.runs]
         run0 = self.runs[0]
-        self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
+        self.packed = packed_unit(unit)
         if self.packed:
             self.pieces = unit_pieces(self.runs, setup.group)
             if not (self.pieces[-1].row0 + self.pieces[-1].rows == self.tiles[0].rows):
@@ -240,10 +242,13 @@ class UnitGroup(nl.NKIObject):
             self.layout = (self.tiles[0].rows, run0.kv_start)
         self.split_tokens = max([t.tokens for t in self.tiles])
         self.chunks = key_chunks(min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles]))
+        self.columns = output_columns(unit)
+        self.pipelined = pipeline_bytes(setup, self) <= PIPELINE_SBUF_BYTES
         self.q_buf = None
         self.q_runs = []         # a packed group's Q^T as loaded, per run, until copied into q_buf
         self.tile_setup = []     # per unit: [TileSetup]
-        self.result = None       # [rows, tiles, Dv] bf16 SBUF: the group's output rows
+        self.result = None       # bf16 SBUF: the group's output rows, [rows, tiles, Dv], or its slice
+                                 # [Dv, tiles, rows] of its StoreBatch's buffer when `columns`
         self.q_block, self.q_seq0 = None, 0          # its Q^T load, shared (`share_dma`)
         self.store, self.store_tile0 = None, 0       # its store, shared (`share_dma`)
 
@@ -251,6 +256,35 @@ class UnitGroup(nl.NKIObject):
         """(sequence, run) of unit u of the group, in row order."""
         return [(self.runs[ri].first_seq + u * self.seqs + i, self.runs[ri])
                 for ri in range(len(self.runs)) for i in range(self.runs[ri].seqs)]
+
+
+def pipeline_bytes(setup: DecodeSetup, grp: UnitGroup) -> int:
+    """Per partition, about what pipelining a group's steps keeps in SBUF at once (`decode_pipeline`):
+    the K^T chunks of two steps, a V chunk, and two groups' queries, P^T of a chunk and rows."""
+    keys = max([c1 - c0 for c0, c1 in grp.chunks])
+    key_tiles = (keys + P_MAX - 1) // P_MAX
+    tiles = grp.count * len(grp.tiles)
+    chunk, queries = 0, 0
+    for run, rows in zip(grp.runs, grp.rows):
+        n_seq = grp.count * run.seqs
+        chunk += n_seq * (2 * rows.tiles * keys + key_tiles * (run.kv_end - run.kv_start) * setup.dv)
+        queries += rows.tiles * (grp.count * grp.seqs * grp.tiles[0].rows if grp.packed
+                                 else (run.token_end - run.token_start) * setup.group)
+    return 2 * (chunk + 2 * (queries + tiles * ((key_tiles + 1) * P_MAX + setup.dv)))
+
+
+def packed_unit(unit) -> bool:
+    """Whether a plan unit is one tile packing several sequences or KV heads (else one sequence and
+    KV head, whose tiles split the tokens)."""
+    run0 = unit.runs[0]
+    return len(unit.tiles) == 1 and (len(unit.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
+
+
+def output_columns(unit) -> bool:
+    """Whether a unit's P V gives its output as it is stored, O^T [Dv, rows] (`column_outputs`): a
+    packed tile that sees all its keys in one chunk."""
+    tile = unit.tiles[0]
+    return packed_unit(unit) and len(key_chunks(tile.key_start, tile.key_end)) == 1
 
 
 def unit_pieces(runs, group: int):
@@ -305,6 +339,7 @@ class BatchWork(nl.NKIObject):
         self.u, self.batch, self.state, self.consts, self.ends = u, batch, state, consts, ends
         self.scores = scores
         self.alpha, self.probs_t = None, None
+        self.sink_diag = None    # `sink_diagonal`, for `column_outputs`
         self.product = None      # its P V in PSUM until the output update
 
     def take_scores(self):
@@ -314,28 +349,58 @@ class BatchWork(nl.NKIObject):
 
 
 def decode_pipeline(setup: DecodeSetup, groups) -> None:
-    """The key chunks (ChunkStep) of the program's unit groups, software-pipelined in program order
-    so that each engine has independent work queued while a chunk waits for its data:
+    """The key chunks (ChunkStep) of the program's unit groups in program order, software-pipelined
+    so that each engine has independent work queued while a chunk waits for its data. A pipelined
+    group's step i (`UnitGroup.pipelined`: two steps' K^T fit next to its V and its rows):
 
-        K^T(0); then per step i: K^T(i + 1), V(i), scores and softmax(i), P V and output(i - 1)
+        K^T(i + 1), scores and softmax(i), P V and output(i - 1), V(i), store(i - 1)
 
-    and a group's store after its last P V. The keys of the next chunk load before this chunk's
-    values, so its scores and softmax (which need K^T only) run while V streams in; the P V of a
-    chunk comes after the next chunk's scores on TensorE (it waits for V, they only for K^T); and a
-    group's store waits in the DMA queues behind the next chunk's loads, not in front of them."""
+    The keys of the next chunk load before this chunk's values, so its scores and softmax (which
+    need K^T only) run while V streams in, and the P V of a chunk waits on TensorE behind the next
+    chunk's scores (they wait for K^T only); a group's store goes after the next step's loads (a
+    store waiting for its rows would hold the DMA queues). V(i) goes after the P V of step i - 1,
+    which frees its V chunk, except for split tiles, whose softmax transposes part of P^T by DMA
+    (V(i) goes before, lest those wait in front of it). Other steps (large split units, which
+    compute more than they load) run as they come: K^T and V, each batch's P V right after its
+    softmax, the store."""
     share_dma(setup, groups)
     steps = [ChunkStep(grp, ci) for grp in groups for ci in range(len(grp.chunks))]
-    if steps:
-        load_step_keys(setup, steps[0])
-    for i in range(len(steps) + 1):
-        if i + 1 < len(steps):
-            load_step_keys(setup, steps[i + 1])
-        if i < len(steps):
-            step = steps[i]
-            step.v_sb = load_chunk_values(setup, step.grp, *step.grp.chunks[step.ci])
+    pending = None           # the previous step: its P V (when pipelined) and its store are to come
+    for i, step in enumerate(steps):
+        if step.k_sb is None:
+            load_step_keys(setup, step)
+        if step.grp.pipelined:
+            if i + 1 < len(steps) and steps[i + 1].grp.pipelined:
+                load_step_keys(setup, steps[i + 1])
+            early = not step.grp.packed      # split tiles: DMA transposes in the softmax would hold V
+            if early:
+                load_step_values(setup, step)
             score_step(setup, step)
-        if i > 0:
-            finish_step(setup, steps[i - 1])
+            close_step(setup, pending, None if early else step)
+            pending = step
+        else:
+            close_step(setup, pending, step)
+            score_step(setup, step)
+            close_step(setup, step, None)
+            pending = None
+    close_step(setup, pending, None)
+
+
+def load_step_values(setup: DecodeSetup, step: ChunkStep) -> None:
+    """HBM -> SBUF: a step's V chunk (`load_chunk_values`)."""
+    step.v_sb = load_chunk_values(setup, step.grp, *step.grp.chunks[step.ci])
+
+
+def close_step(setup: DecodeSetup, step: ChunkStep, loading: ChunkStep) -> None:
+    """The step's P V and output update, then the V chunk of the step `loading` (None: none), then
+    the step's store if it ends its group (releasing the group's row states)."""
+    if step is not None:
+        finish_step(setup, step)
+    if loading is not None:
+        load_step_values(setup, loading)
+    if step is not None and step.last():
+        store_group(setup, step.grp)
+        step.grp.tile_setup = []
 
 
 class QueryBlock(nl.NKIObject):
@@ -409,8 +474,11 @@ def load_step_keys(setup: DecodeSetup, step: ChunkStep) -> None:
             load_split_queries(setup, grp)
         for u in range(grp.count):
             grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
-        grp.result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
-                                dtype=setup.out.dtype, buffer=nl.sbuf)
+        if grp.columns:
+            grp.result = store_buffer(setup, grp.store)[:, grp.store_tile0:grp.store_tile0 + grp.count, :]
+        else:
+            grp.result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
+                                    dtype=setup.out.dtype, buffer=nl.sbuf)
     c0, c1 = grp.chunks[ci]
     step.k_sb = load_chunk_keys(setup, grp, c0, c1)
     for u in range(grp.count):
@@ -419,10 +487,11 @@ def load_step_keys(setup: DecodeSetup, step: ChunkStep) -> None:
 
 
 def score_step(setup: DecodeSetup, step: ChunkStep) -> None:
-    """Scores, online softmax and P^T of every batch of a step (`unit_batches`). The next batch's
-    QK goes to TensorE before this batch's softmax when both score tiles fit SKEW_SCORE_BANKS, so
-    TensorE computes it while VectorE / ScalarE / GpSimd run the softmax; the K^T chunk is released
-    after."""
+    """Scores, online softmax and P^T of every batch of a step (`unit_batches`), and right after
+    each softmax its P V and output update unless the group is pipelined (`finish_step` does them
+    later). The next batch's QK goes to TensorE before this batch's softmax when both score tiles
+    fit SKEW_SCORE_BANKS, so TensorE computes it while VectorE / ScalarE / GpSimd run the softmax;
+    the K^T chunk is released after."""
     grp, ci = step.grp, step.ci
     if ci == 0 and grp.packed:
         copy_packed_queries(setup, grp)
@@ -432,15 +501,30 @@ def score_step(setup: DecodeSetup, step: ChunkStep) -> None:
         for batch in unit_batches(setup.units[grp.first + u].tiles, grp.tile_setup[u], c0, c1, setup.group,
                                   grp.packed):
             if waiting is not None and score_banks(waiting.batch) + score_banks(batch) > SKEW_SCORE_BANKS:
-                step.scored.append(softmax_batch(setup, grp, waiting))
+                settle_batch(setup, step, waiting)
                 waiting = None
             scoring = score_batch(setup, step, u, batch)
             if waiting is not None:
-                step.scored.append(softmax_batch(setup, grp, waiting))
+                settle_batch(setup, step, waiting)
             waiting = scoring
     if waiting is not None:
-        step.scored.append(softmax_batch(setup, grp, waiting))
+        settle_batch(setup, step, waiting)
     step.k_sb, step.kpos_rows = None, []
+    if step.last():         # the group's queries are done with
+        grp.q_buf = None
+        for unit_setup in grp.tile_setup:
+            for tile_setup in unit_setup:
+                tile_setup.stationaries, tile_setup.qpos_col = [], None
+
+
+def settle_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork) -> None:
+    """A scored batch's softmax; then its P V and output update at once unless its group is
+    pipelined (then it waits in step.scored for `finish_step`)."""
+    softmax_batch(setup, step.grp, work)
+    if step.grp.pipelined:
+        step.scored.append(work)
+    else:
+        update_batch(setup, step, work, batch_pv(setup, step, work))
 
 
 def score_banks(batch: TileBatch) -> int:
@@ -449,9 +533,8 @@ def score_banks(batch: TileBatch) -> int:
 
 
 def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
-    """P V and the output update of a step's batches, the next batch's P V going to TensorE before
-    this one's output update (a packed tile's transpose back waits for its O^T eviction); after a
-    group's last chunk, its store."""
+    """P V and the output update of a step's scored batches, the next batch's P V going to TensorE
+    before this one's output update (which waits for evictions); the V chunk is released after."""
     waiting = None
     for work in step.scored:
         product = batch_pv(setup, step, work)
@@ -462,34 +545,40 @@ def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
     if waiting is not None:
         update_batch(setup, step, waiting, waiting.product)
     step.scored, step.v_sb = [], None
-    if step.last():
-        store_group(setup, step.grp)
 
 
 def store_group(setup: DecodeSetup, grp: UnitGroup) -> None:
-    """SBUF -> HBM: the group's rows, transposed into its StoreBatch and stored with it by the
-    batch's last group (`store_columns`), or in rows when the plan has a single tile (`store_rows`)."""
+    """SBUF -> HBM: the group's rows, transposed into its StoreBatch's buffer (unless they are there
+    as columns already) and stored with it by the batch's last group (`store_columns`), or in rows
+    when the plan has a single tile of rows (`store_rows`)."""
     tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
     if not transposed_rows(setup.units):
         store_rows(setup.out, setup.unit_row0[grp.first], grp.result, tile_rows)          # SBUF -> HBM
         grp.result = None
         return
     batch = grp.store
-    if batch.result_t is None:
-        batch.result_t = nl.ndarray((setup.dv, len(batch.tile_rows), batch.tile_rows[0]), dtype=grp.result.dtype,
-                                    buffer=nl.sbuf)
-    transpose_rows(setup, grp.result, batch.result_t[:, grp.store_tile0:grp.store_tile0 + len(tile_rows), :],
-                   tile_rows)
+    if not grp.columns:
+        transpose_rows(setup, grp.result, store_buffer(setup, batch)[:, grp.store_tile0:grp.store_tile0 + len(tile_rows),
+                                                                       :], tile_rows)
     grp.result = None
     if batch.last is grp:
         store_columns(setup, batch.row0, batch.result_t, batch.tile_rows)
         batch.result_t = None
 
 
+def store_buffer(setup: DecodeSetup, batch: StoreBatch):
+    """The StoreBatch's [Dv, tiles, rows] buffer, allocated by its first group that writes it."""
+    if batch.result_t is None:
+        batch.result_t = nl.ndarray((setup.dv, len(batch.tile_rows), batch.tile_rows[0]), dtype=setup.out.dtype,
+                                    buffer=nl.sbuf)
+    return batch.result_t
+
+
 def transposed_rows(units) -> bool:
-    """Whether the kernel returns its rows transposed: when the plan has several row tiles (a
-    single tile of up to 128 rows stores as cheaply row by row, on as many DMA engines as rows)."""
-    return sum([len(unit[1]) for unit in units]) > 1
+    """Whether the kernel returns its rows transposed: when the plan has several row tiles or its
+    tile's P V gives columns (`output_columns`; a single tile of up to 128 rows otherwise stores as
+    cheaply row by row, on as many DMA engines as rows)."""
+    return sum([len(unit.tiles) for unit in units]) > 1 or output_columns(units[0])
 
 
 def transpose_rows(setup: DecodeSetup, result, result_t, tile_rows) -> None:
@@ -770,7 +859,20 @@ def softmax_batch(setup: DecodeSetup, grp: UnitGroup, work: BatchWork) -> BatchW
     neg_sink = negated_sink(work.consts)
     work.alpha, work.probs_t = softmax_transposed(work.take_scores(), work.batch, work.state, neg_sink, work.ends,
                                                   setup.evict, setup.no_dma if grp.packed else setup.split_dma)
+    if grp.columns and neg_sink is not None:
+        work.sink_diag = sink_diagonal(setup, work.state, neg_sink)
     return work
+
+
+def sink_diagonal(setup: DecodeSetup, state: RowState, neg_sink):
+    """diag(exp(sink - m)) [rows, rows] bf16: the sink's share of each row's denominator on the
+    diagonal, for `column_outputs` (bf16 like the probabilities it joins)."""
+    rows = state.rows
+    sink_share = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(sink_share, nl.exp, neg_sink, bias=state.neg_m, scale=-1.0)         # exp(sink - m)
+    diag = nl.ndarray((rows, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_scalar(diag, column_constants(setup).identity[0:rows, 0:rows], nl.multiply, sink_share)
+    return diag
 
 
 def batch_pv(setup: DecodeSetup, step: ChunkStep, work: BatchWork):
@@ -778,6 +880,8 @@ def batch_pv(setup: DecodeSetup, step: ChunkStep, work: BatchWork):
     [rows, n, Dv]."""
     grp, u, batch = step.grp, work.u, work.batch
     c0, _ = grp.chunks[step.ci]
+    if grp.columns:
+        return column_outputs(setup, grp, u, work, step.v_sb, c0)
     if grp.packed:
         return packed_pv_t(setup, grp, u, batch, work.probs_t, step.v_sb, c0)
     tiles = setup.units[grp.first + u].tiles
@@ -794,6 +898,12 @@ def update_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork, product) 
     """The output update of a batch from its P V (`batch_pv`; a packed tile's O^T evicted and
     transposed back first), on the last chunk into the group's rows."""
     grp, u, batch = step.grp, work.u, work.batch
+    if grp.columns:         # O^T / l straight into the group's columns
+        denom = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(denom, product[1], engine=nisa.scalar_engine)
+        nisa.tensor_tensor(grp.result[:, u, 0:batch.rows], product[0], denom, nl.divide)
+        work.probs_t, work.sink_diag, work.product = None, None, None
+        return
     o_psum = product
     if grp.packed:
         o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
@@ -833,6 +943,43 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
             # the batch's later columns: keys no query of this tile sees
             mask_matmuls(scores[:, i, :], onehot, setup.ones[0:tile.tokens, 0:width - ends[i]], ends[i], width)
     return scores
+
+
+def column_outputs(setup: DecodeSetup, grp: UnitGroup, u: int, work: BatchWork, v_sb, c0: int):
+    """A packed tile that sees all its keys in this chunk, computed as it is stored: O^T [Dv, rows]
+    (`packed_pv_t`) and its denominators l on every partition, [Dv, rows] = ones^T P^T (+ ones^T
+    diag(exp(sink - m))), both fp32 in PSUM; `update_batch` divides. l sums the bf16 probabilities
+    the P V used, so each output is a convex combination of values (the max's probability, 1, stays
+    exact, unlike a normalized P), and no transposes back to rows and forth to columns are needed.
+    Returns (O^T, l)."""
+    batch = work.batch
+    o_t = packed_pv_t(setup, grp, u, batch, work.probs_t, v_sb, c0)
+    ones = column_constants(setup).ones
+    denom = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.psum)
+    n_kt = (batch.width + P_MAX - 1) // P_MAX
+    for kt in range(n_kt):
+        kw = min(P_MAX, batch.width - kt * P_MAX)
+        nisa.nc_matmul(denom, ones[0:kw, 0:setup.dv], work.probs_t[0:kw, 0, kt, :], accumulate=kt > 0)
+    if work.sink_diag is not None:
+        nisa.nc_matmul(denom, ones[0:batch.rows, 0:setup.dv], work.sink_diag, accumulate=True)
+    return o_t, denom
+
+
+class ColumnConstants(nl.NKIObject):
+    """SBUF constants of `column_outputs`: ones [128, 128] and the identity [128, 128], bf16."""
+
+    def __init__(self):
+        self.ones = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.memset(self.ones, 1.0, engine=nisa.gpsimd_engine)
+        self.identity = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.affine_select(self.identity, [[-1, P_MAX]], 1, self.ones, 0.0)     # 1 where partition == column
+
+
+def column_constants(setup: DecodeSetup) -> ColumnConstants:
+    """The launch's ColumnConstants, made on first use."""
+    if setup.columns is None:
+        setup.columns = ColumnConstants()
+    return setup.columns
 
 
 def packed_pv_t(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int):
