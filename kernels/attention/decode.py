@@ -26,9 +26,14 @@ sequence; here a tile also packs several KV heads and several short sequences ("
 sequence and KV head each), so a decode tile of full attention holds 2 sequences x 4 KV heads x 16
 heads. Each piece has its own keys: its QK matmul uses a stationary Q^T that is zero outside the
 piece's columns and accumulates into the shared score tile; its PV matmul is `O^T[dv, piece rows]
-= V_piece^T P^T[:, piece rows]` (moving = the piece's P^T columns), and the tile's O^T is transposed
-back once per chunk for the online-softmax rescale. Pieces of one tile cover the same key range
-(sequences of similar length are packed together).
+= V_piece^T P^T[:, piece rows]` (moving = the piece's P^T columns). Pieces of one tile cover the
+same key range (sequences of similar length are packed together). A packed tile that sees all its
+keys in one chunk (every SWA decode tile, full layers up to 2048 keys) keeps O^T: its denominators
+come out of TensorE on every value partition too, `l[dv, rows] = ones^T P^T` (+ ones^T diag(exp(sink
+- m)) with sinks), and one VectorE divide writes O^T / l where the output store reads it (the rows
+of a launch leave as [Dv, rows]); l sums the same bf16 probabilities as the P V, so no rounding of
+a normalized P (which would make the max's probability, 1, inexact). A tile spanning several
+chunks transposes O^T back once per chunk for the online-softmax rescale.
 
 Masks (only over the key ranges the host plan flags: keys newer than some query or padding, and
 keys outside some query's window): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) and/or
@@ -41,6 +46,18 @@ bookkeeping, the P^T evictions and the final 1/l scaling are one instruction per
 shares its widest logit range; a tile's columns past its own keys get MASK_BIAS through the same
 one-hot matmul with an all-ones indicator, and its exp() and P V skip them. The softmax machinery
 is shared with the prefill kernel (`flash.py`); the plan is built on the host (`plan.py`).
+
+Schedule. Decode is bound by the K / V stream (every DMA over 128 partitions holds all 16 DMA
+engines, 1.3 us setup included), so the kernel is written for the cost model's in-order engines
+(an instruction starts when its engine is free and its inputs are written): the key chunks of a
+core's unit groups form a software pipeline (`decode_pipeline`). The next chunk's K^T loads before
+this chunk's V, its scores and softmax (which need K^T only) go to the engines before the previous
+chunk's P V (which needs V), the next batch's QK before this batch's softmax when PSUM holds both
+score tiles, and a group's store after the next chunk's loads, so no DMA waits for compute in
+front of the stream and TensorE / VectorE / ScalarE work while V arrives. Consecutive packed
+groups share one Q^T load and one store (the core's last group stores alone: the pipeline's tail
+after the last V is that group's P V and a short store). Groups too large to keep two chunks in
+SBUF (long prefills on a history) run their chunks one after the other.
 """
 from __future__ import annotations
 
@@ -110,8 +127,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order; transposed, [Dv, rows],
-                when the plan has several tiles (`transposed_rows`: a group's rows then leave in
-                one DMA with one run per value dim).
+                when the plan has several tiles or its tile's P V gives O^T (`transposed_rows`:
+                consecutive groups' rows then leave in one DMA with one run per value dim).
 
     The Hkv x D contraction rows are in the partition tiles of `head_row_tiling` (TensorE time
     does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
