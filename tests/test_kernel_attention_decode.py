@@ -153,14 +153,15 @@ def test_misuse_is_rejected_with_clear_errors():
 
 
 def test_units_of_a_decode_batch_share_their_dma():
-    """Packed units of equal shape load Q^T, K^T, V and store O with one DMA each for the group,
-    masks (padding of the shorter sequence of a unit) still per unit; LNC=2 splits the groups."""
+    """Packed units of equal shape load K^T and V with one DMA each for the group, consecutive
+    groups share their Q^T load and (but for the last group) their store, masks (padding of the
+    shorter sequence of a unit) still per unit; LNC=2 splits the groups."""
     specs = [(40, 1), (30, 1)] * 3 + [(300, 1)] * 4
     _, out1, rep1 = run(specs, **SWA, sink=random_sink(64), seed=8)
-    # units (2 sequences each, by key count): 128, 128 | 41, 41+31 (masked) | 31 keys: 3 groups of Q, K,
-    # V and the store; the sink rows and the mask one-hot once; query and key positions of the masked
-    # unit's 2 sequences
-    assert rep1.engines["DMA"].instructions == 3 * 4 + 2 + 2 * 2
+    # units (2 sequences each, by key count): 128, 128 | 41, 41+31 (masked) | 31 keys: 3 groups of K
+    # and V, one Q^T load, a store for the first two groups and one for the last; the sink rows and the
+    # mask one-hot once; query and key positions of the masked unit's 2 sequences
+    assert rep1.engines["DMA"].instructions == 3 * 2 + 1 + 2 + 2 + 2 * 2
     _, out2, rep2 = run(specs, **SWA, sink=random_sink(64), seed=8, lnc=2)
     for a, b in zip(out1, out2):
         np.testing.assert_array_equal(a, b)

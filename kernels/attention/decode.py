@@ -26,9 +26,14 @@ sequence; here a tile also packs several KV heads and several short sequences ("
 sequence and KV head each), so a decode tile of full attention holds 2 sequences x 4 KV heads x 16
 heads. Each piece has its own keys: its QK matmul uses a stationary Q^T that is zero outside the
 piece's columns and accumulates into the shared score tile; its PV matmul is `O^T[dv, piece rows]
-= V_piece^T P^T[:, piece rows]` (moving = the piece's P^T columns), and the tile's O^T is transposed
-back once per chunk for the online-softmax rescale. Pieces of one tile cover the same key range
-(sequences of similar length are packed together).
+= V_piece^T P^T[:, piece rows]` (moving = the piece's P^T columns). Pieces of one tile cover the
+same key range (sequences of similar length are packed together). A packed tile that sees all its
+keys in one chunk (every SWA decode tile, full layers up to 2048 keys) keeps O^T: its denominators
+come out of TensorE on every value partition too, `l[dv, rows] = ones^T P^T` (+ ones^T diag(exp(sink
+- m)) with sinks), and one VectorE divide writes O^T / l where the output store reads it (the rows
+of a launch leave as [Dv, rows]); l sums the same bf16 probabilities as the P V, so no rounding of
+a normalized P (which would make the max's probability, 1, inexact). A tile spanning several
+chunks transposes O^T back once per chunk for the online-softmax rescale.
 
 Masks (only over the key ranges the host plan flags: keys newer than some query or padding, and
 keys outside some query's window): the 0/1 indicator [tokens, keys] = (k_pos > q_pos) and/or
@@ -41,6 +46,18 @@ bookkeeping, the P^T evictions and the final 1/l scaling are one instruction per
 shares its widest logit range; a tile's columns past its own keys get MASK_BIAS through the same
 one-hot matmul with an all-ones indicator, and its exp() and P V skip them. The softmax machinery
 is shared with the prefill kernel (`flash.py`); the plan is built on the host (`plan.py`).
+
+Schedule. Decode is bound by the K / V stream (every DMA over 128 partitions holds all 16 DMA
+engines, 1.3 us setup included), so the kernel is written for the cost model's in-order engines
+(an instruction starts when its engine is free and its inputs are written): the key chunks of a
+core's unit groups form a software pipeline (`decode_pipeline`). The next chunk's K^T loads before
+this chunk's V, its scores and softmax (which need K^T only) go to the engines before the previous
+chunk's P V (which needs V), the next batch's QK before this batch's softmax when PSUM holds both
+score tiles, and a group's store after the next chunk's loads, so no DMA waits for compute in
+front of the stream and TensorE / VectorE / ScalarE work while V arrives. Consecutive packed
+groups share one Q^T load and one store (the core's last group stores alone: the pipeline's tail
+after the last V is that group's P V and a short store). Groups too large to keep two chunks in
+SBUF (long prefills on a history) run their chunks one after the other.
 """
 from __future__ import annotations
 
@@ -53,7 +70,8 @@ from mimo_kernels.launch import RESIDENT, device, launch, on_device, to_device
 from mimo_kernels.linear import EngineRotation
 from mimo_kernels.checks import KernelInputError
 from .flash import (BANK_FP32, CHUNK_KEYS, P_MAX, EvictEngines, RowState, RowTile, Share, TileBatch, mask_matmuls,
-                    pv_matmuls, qk_matmuls, score_tile, softmax_transposed, store_rows, tile_batches, update_output)
+                    pv_matmuls, qk_matmuls, score_tile, slot_width, softmax_transposed, store_rows, tile_batches,
+                    update_output)
 from .host import BF16, check_attention_shapes, scaled_rows_t
 from .plan import (DecodePlan, head_row_tiling, key_chunks, limit_keys, output_rows, plan_decode_units,
                    plan_tensors, static_output_rows, static_plan_tensors, tiled_rows, typed_units, value_rows)
@@ -65,6 +83,12 @@ MASK_VECTOR_SHARE = {"full": 0.0, "swa": 0.6}   # mask indicators on VectorE (Gp
 # the DMA queues carry their K / V)
 SPLIT_DMA_TRANSPOSE_SHARE = {"full": 0.3, "swa": 0.0}
 GROUP_SBUF_BYTES = 96 * 1024     # per partition: Q^T, K^T and V chunks of units sharing their DMAs
+# PSUM banks for two batches' score tiles at once (the next one's QK before this one's softmax),
+# next to the P^T blocks (2 banks) and the P V outputs (2)
+SKEW_SCORE_BANKS = 4
+QUERY_BLOCK_BYTES = 16 * 1024    # per partition: Q^T of consecutive groups loaded in one DMA
+STORE_BATCH_BYTES = 16 * 1024    # per partition: rows of consecutive groups stored in one DMA
+PIPELINE_SBUF_BYTES = 160 * 1024  # per partition: at most `pipeline_bytes` for a pipelined group
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -103,8 +127,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     split_dma_transpose_share           share of the split tiles' P^T blocks transposed by DMA
                                         (None: SPLIT_DMA_TRANSPOSE_SHARE of the layer type).
     Returns     [sum of tile rows, Dv] bf16: the tiles' rows, in plan order; transposed, [Dv, rows],
-                when the plan has several tiles (`transposed_rows`: a group's rows then leave in
-                one DMA with one run per value dim).
+                when the plan has several tiles or its tile's P V gives O^T (`transposed_rows`:
+                consecutive groups' rows then leave in one DMA with one run per value dim).
 
     The Hkv x D contraction rows are in the partition tiles of `head_row_tiling` (TensorE time
     does not depend on the contraction rows), so Q^T and each K^T chunk arrive in one DMA. LNC=2
@@ -119,9 +143,8 @@ def attention_decode_kernel(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, pla
     setup = DecodeSetup(q_t, k_t, v, kpos, qpos, tile_onehot, sink_rows, out, group, units, window)
     setup.set_engines(evict_vector_share, mask_vector_share, split_dma_transpose_share)
     groups = unit_groups(units, setup.tiling, v.shape[3], nl.num_programs(0))
-    for gi, (u_first, n_units) in enumerate(groups):
-        if gi % nl.num_programs(0) == nl.program_id(0):
-            decode_unit_group(setup, UnitGroup(setup, u_first, n_units))
+    decode_pipeline(setup, [UnitGroup(setup, u_first, n_units) for gi, (u_first, n_units) in enumerate(groups)
+                            if gi % nl.num_programs(0) == nl.program_id(0)])
     return out
 
 
@@ -178,6 +201,7 @@ class DecodeSetup(nl.NKIObject):
         self.mask_vector = Share(mask_vector_share)
         self.memset_engines = [nisa.gpsimd_engine, nisa.vector_engine]     # memset: VectorE or GpSimd only
         self.q_copies = EngineRotation(self.memset_engines)
+        self.columns = None      # ColumnConstants, made on first use
         self.ones = None
         if any([len(unit.tiles) > 1 for unit in self.units]):    # (batches of 2+ tiles are <= CHUNK_KEYS / 2 wide)
             self.ones = nl.ndarray((P_MAX, CHUNK_KEYS // 2), dtype=nl.bfloat16, buffer=nl.sbuf)
@@ -196,8 +220,10 @@ class Piece(nl.NKIObject):
 
 
 class LayoutConstants(nl.NKIObject):
-    """Per tile layout: the -sink rows [rows, 1] (None without sinks) and the mask one-hot
-    [tokens, rows] (None until a tile of the layout needs a mask)."""
+    """Per tile layout: the sink logits as loaded [1, rows] and their negated column [rows, 1] (made
+    before the first softmax that needs it; both None without sinks), and the mask one-hot [tokens,
+    rows] (None until a tile of the layout needs a mask)."""
+    sink_row: object = None
     neg_sink: object = None
     onehot: object = None
 
@@ -221,7 +247,7 @@ class UnitGroup(nl.NKIObject):
         self.seqs = sum([r.seqs for r in self.runs])
         self.rows = [run_rows(setup.tiling, r) for r in self.runs]
         run0 = self.runs[0]
-        self.packed = len(self.tiles) == 1 and (len(self.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
+        self.packed = packed_unit(unit)
         if self.packed:
             self.pieces = unit_pieces(self.runs, setup.group)
             if not (self.pieces[-1].row0 + self.pieces[-1].rows == self.tiles[0].rows):
@@ -233,13 +259,49 @@ class UnitGroup(nl.NKIObject):
             self.layout = (self.tiles[0].rows, run0.kv_start)
         self.split_tokens = max([t.tokens for t in self.tiles])
         self.chunks = key_chunks(min([t.key_start for t in self.tiles]), max([t.key_end for t in self.tiles]))
+        self.columns = output_columns(unit)
+        self.pipelined = pipeline_bytes(setup, self) <= PIPELINE_SBUF_BYTES
         self.q_buf = None
+        self.q_runs = []         # a packed group's Q^T as loaded, per run, until copied into q_buf
         self.tile_setup = []     # per unit: [TileSetup]
+        self.result = None       # bf16 SBUF: the group's output rows, [rows, tiles, Dv], or its slice
+                                 # [Dv, tiles, rows] of its StoreBatch's buffer when `columns`
+        self.q_block, self.q_seq0 = None, 0          # its Q^T load, shared (`share_dma`)
+        self.store, self.store_tile0 = None, 0       # its store, shared (`share_dma`)
 
     def unit_sequences(self, u: int):
         """(sequence, run) of unit u of the group, in row order."""
         return [(self.runs[ri].first_seq + u * self.seqs + i, self.runs[ri])
                 for ri in range(len(self.runs)) for i in range(self.runs[ri].seqs)]
+
+
+def pipeline_bytes(setup: DecodeSetup, grp: UnitGroup) -> int:
+    """Per partition, about what pipelining a group's steps keeps in SBUF at once (`decode_pipeline`):
+    the K^T chunks of two steps, a V chunk, and two groups' queries, P^T of a chunk and rows."""
+    keys = max([c1 - c0 for c0, c1 in grp.chunks])
+    key_tiles = (keys + P_MAX - 1) // P_MAX
+    tiles = grp.count * len(grp.tiles)
+    chunk, queries = 0, 0
+    for run, rows in zip(grp.runs, grp.rows):
+        n_seq = grp.count * run.seqs
+        chunk += n_seq * (2 * rows.tiles * keys + key_tiles * (run.kv_end - run.kv_start) * setup.dv)
+        queries += rows.tiles * (grp.count * grp.seqs * grp.tiles[0].rows if grp.packed
+                                 else (run.token_end - run.token_start) * setup.group)
+    return 2 * (chunk + 2 * (queries + tiles * ((key_tiles + 1) * P_MAX + setup.dv)))
+
+
+def packed_unit(unit) -> bool:
+    """Whether a plan unit is one tile packing several sequences or KV heads (else one sequence and
+    KV head, whose tiles split the tokens)."""
+    run0 = unit.runs[0]
+    return len(unit.tiles) == 1 and (len(unit.runs) > 1 or run0.seqs > 1 or run0.kv_end - run0.kv_start > 1)
+
+
+def output_columns(unit) -> bool:
+    """Whether a unit's P V gives its output as it is stored, O^T [Dv, rows] (`column_outputs`): a
+    packed tile that sees all its keys in one chunk."""
+    tile = unit.tiles[0]
+    return packed_unit(unit) and len(key_chunks(tile.key_start, tile.key_end)) == 1
 
 
 def unit_pieces(runs, group: int):
@@ -271,47 +333,278 @@ def run_rows(tiling, run) -> RunRows:
                                                                 for head in heads]))
 
 
-def decode_unit_group(setup: DecodeSetup, grp: UnitGroup):
-    """Queries, per-tile setup, then the key chunks of a unit group; its rows go out in one store."""
-    if grp.packed:
-        load_packed_queries(setup, grp)
-    else:
-        load_split_queries(setup, grp)
-    for u in range(grp.count):
-        grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
-    result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
-                        dtype=setup.out.dtype, buffer=nl.sbuf)
-    for ci, (c0, c1) in enumerate(grp.chunks):
-        k_sb, v_sb = load_chunk_kv(setup, grp, c0, c1)
+class ChunkStep(nl.NKIObject):
+    """One key chunk of a unit group, a step of `decode_pipeline`: its K^T and V parts (per run), the
+    key positions of each unit (None: no mask in the chunk) and its batches (BatchWork) between their
+    softmax and their P V."""
+
+    def __init__(self, grp: UnitGroup, ci: int):
+        self.grp, self.ci = grp, ci
+        self.k_sb, self.v_sb, self.kpos_rows = None, None, []
+        self.scored = []
+
+    def last(self) -> bool:
+        return self.ci == len(self.grp.chunks) - 1
+
+
+class BatchWork(nl.NKIObject):
+    """A TileBatch of unit u on its way through a step: its RowState, layout constants and per tile
+    the end of its own logit columns; its scores in PSUM until the softmax takes them, then alpha
+    (None on a first chunk) and P^T until its P V, then that product until the output update."""
+
+    def __init__(self, u: int, batch: TileBatch, state: RowState, consts: LayoutConstants, ends, scores):
+        self.u, self.batch, self.state, self.consts, self.ends = u, batch, state, consts, ends
+        self.scores = scores
+        self.alpha, self.probs_t = None, None
+        self.sink_diag = None    # `sink_diagonal`, for `column_outputs`
+        self.product = None      # its P V in PSUM until the output update
+
+    def take_scores(self):
+        """The scores, no longer held here (the softmax releases their PSUM before its transposes)."""
+        scores, self.scores = self.scores, None
+        return scores
+
+
+def decode_pipeline(setup: DecodeSetup, groups) -> None:
+    """The key chunks (ChunkStep) of the program's unit groups in program order, software-pipelined
+    so that each engine has independent work queued while a chunk waits for its data. A pipelined
+    group's step i (`UnitGroup.pipelined`: two steps' K^T fit next to its V and its rows):
+
+        K^T(i + 1), scores and softmax(i), P V and output(i - 1), V(i), store(i - 1)
+
+    The keys of the next chunk load before this chunk's values, so its scores and softmax (which
+    need K^T only) run while V streams in, and the P V of a chunk waits on TensorE behind the next
+    chunk's scores (they wait for K^T only); a group's store goes after the next step's loads (a
+    store waiting for its rows would hold the DMA queues). V(i) goes after the P V of step i - 1,
+    which frees its V chunk, except for split tiles, whose softmax transposes part of P^T by DMA
+    (V(i) goes before, lest those wait in front of it). Other steps (large split units, which
+    compute more than they load) run as they come: K^T and V, each batch's P V right after its
+    softmax, the store."""
+    share_dma(setup, groups)
+    steps = [ChunkStep(grp, ci) for grp in groups for ci in range(len(grp.chunks))]
+    pending = None           # the previous step: its P V (when pipelined) and its store are to come
+    for i, step in enumerate(steps):
+        if step.k_sb is None:
+            load_step_keys(setup, step)
+        if step.grp.pipelined:
+            if i + 1 < len(steps) and steps[i + 1].grp.pipelined:
+                load_step_keys(setup, steps[i + 1])
+            early = not step.grp.packed      # split tiles: DMA transposes in the softmax would hold V
+            if early:
+                load_step_values(setup, step)
+            score_step(setup, step)
+            close_step(setup, pending, None if early else step)
+            pending = step
+        else:
+            close_step(setup, pending, step)
+            score_step(setup, step)
+            close_step(setup, step, None)
+            pending = None
+    close_step(setup, pending, None)
+
+
+def load_step_values(setup: DecodeSetup, step: ChunkStep) -> None:
+    """HBM -> SBUF: a step's V chunk (`load_chunk_values`)."""
+    step.v_sb = load_chunk_values(setup, step.grp, *step.grp.chunks[step.ci])
+
+
+def close_step(setup: DecodeSetup, step: ChunkStep, loading: ChunkStep) -> None:
+    """The step's P V and output update, then the V chunk of the step `loading` (None: none), then
+    the step's store if it ends its group (releasing the group's row states)."""
+    if step is not None:
+        finish_step(setup, step)
+    if loading is not None:
+        load_step_values(setup, loading)
+    if step is not None and step.last():
+        store_group(setup, step.grp)
+        step.grp.tile_setup = []
+
+
+class QueryBlock(nl.NKIObject):
+    """Q^T of consecutive packed groups of a program (`share_dma`): sequences [run.first_seq,
+    run.first_seq + seqs) of the first group's run as [parts, sequences, tile, columns], from one DMA
+    issued by the first group."""
+
+    def __init__(self, run):
+        self.run, self.seqs = run, 0
+        self.q = None
+
+
+class StoreBatch(nl.NKIObject):
+    """Consecutive groups of a program whose rows leave in one store (`share_dma`): each transposes
+    its tiles into result_t [Dv, tiles, rows] (allocated by the first), the last stores it from
+    output column row0."""
+
+    def __init__(self, row0: int):
+        self.row0, self.tile_rows, self.last = row0, [], None
+        self.result_t = None
+
+
+def share_dma(setup: DecodeSetup, groups) -> None:
+    """Which of the program's unit groups share their Q^T load (`query_block`) and their store
+    (StoreBatch: groups whose rows follow each other, in full tiles of one height but for the
+    batch's last, up to STORE_BATCH_BYTES per partition). The program's last group stores alone, so
+    the store after the pipeline's last P V stays short."""
+    prev = None
+    for gi, grp in enumerate(groups):
+        follows = prev is not None and prev.first + prev.count == grp.first
+        grp.q_block = query_block(setup, prev.q_block if follows else None, grp)
+        tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
+        batch = prev.store if follows and gi < len(groups) - 1 else None
+        if batch is not None:
+            rows0 = batch.tile_rows[0]
+            fits = (len(batch.tile_rows) + len(tile_rows)) * rows0 * 2 <= STORE_BATCH_BYTES
+            if not (fits and all([r == rows0 for r in batch.tile_rows + tile_rows[0:-1]]) and tile_rows[-1] <= rows0):
+                batch = None
+        grp.store = StoreBatch(setup.unit_row0[grp.first]) if batch is None else batch
+        grp.store_tile0 = len(grp.store.tile_rows)
+        grp.store.tile_rows = grp.store.tile_rows + tile_rows
+        grp.store.last = grp
+        prev = grp
+
+
+def query_block(setup: DecodeSetup, block, grp: UnitGroup):
+    """The QueryBlock of a packed group of one run: the previous group's `block` when the group's
+    sequences come right after the block's, with the same run shape, and the block stays within
+    QUERY_BLOCK_BYTES per partition; else a new block (None for other groups)."""
+    if not (grp.packed and len(grp.runs) == 1):
+        return None
+    run = grp.runs[0]
+    seq_bytes = 2 * grp.rows[0].tiles * (run.token_end - run.token_start) * setup.group
+    joins = block is not None and block.run._replace(first_seq=block.run.first_seq + block.seqs) == run and \
+        (block.seqs + grp.count * run.seqs) * seq_bytes <= QUERY_BLOCK_BYTES
+    if not joins:
+        block = QueryBlock(run)
+    grp.q_seq0 = block.seqs
+    block.seqs += grp.count * run.seqs
+    return block
+
+
+def load_step_keys(setup: DecodeSetup, step: ChunkStep) -> None:
+    """HBM -> SBUF: a step's K^T chunk and the key positions of its masked units; on a group's first
+    chunk first its queries, per-tile setup and output buffer."""
+    grp, ci = step.grp, step.ci
+    if ci == 0:
+        if grp.packed:
+            load_packed_queries(setup, grp)
+        else:
+            load_split_queries(setup, grp)
         for u in range(grp.count):
-            tiles = setup.units[grp.first + u].tiles
-            kpos_rows = None
-            if any([t.masks[ci] for t in tiles]):
-                kpos_rows = load_key_positions(setup, grp, u, c0, c1)
-            for batch in unit_batches(tiles, grp.tile_setup[u], c0, c1, setup.group, grp.packed):
-                decode_batch(setup, grp, u, ci, batch, k_sb, v_sb, kpos_rows, result)
-        del k_sb, v_sb
-    tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
-    if transposed_rows(setup.units):
-        store_rows_transposed(setup, setup.unit_row0[grp.first], result, tile_rows)
+            grp.tile_setup.append(setup_unit_tiles(setup, grp, u))
+        if grp.columns:
+            grp.result = store_buffer(setup, grp.store)[:, grp.store_tile0:grp.store_tile0 + grp.count, :]
+        else:
+            grp.result = nl.ndarray((max([t.rows for t in grp.tiles]), grp.count * len(grp.tiles), setup.dv),
+                                    dtype=setup.out.dtype, buffer=nl.sbuf)
+    c0, c1 = grp.chunks[ci]
+    step.k_sb = load_chunk_keys(setup, grp, c0, c1)
+    for u in range(grp.count):
+        masked = any([t.masks[ci] for t in setup.units[grp.first + u].tiles])
+        step.kpos_rows.append(load_key_positions(setup, grp, u, c0, c1) if masked else None)
+
+
+def score_step(setup: DecodeSetup, step: ChunkStep) -> None:
+    """Scores, online softmax and P^T of every batch of a step (`unit_batches`), and right after
+    each softmax its P V and output update unless the group is pipelined (`finish_step` does them
+    later). The next batch's QK goes to TensorE before this batch's softmax when both score tiles
+    fit SKEW_SCORE_BANKS, so TensorE computes it while VectorE / ScalarE / GpSimd run the softmax;
+    the K^T chunk is released after."""
+    grp, ci = step.grp, step.ci
+    if ci == 0 and grp.packed:
+        copy_packed_queries(setup, grp)
+    c0, c1 = grp.chunks[ci]
+    waiting = None
+    for u in range(grp.count):
+        for batch in unit_batches(setup.units[grp.first + u].tiles, grp.tile_setup[u], c0, c1, setup.group,
+                                  grp.packed):
+            if waiting is not None and score_banks(waiting.batch) + score_banks(batch) > SKEW_SCORE_BANKS:
+                settle_batch(setup, step, waiting)
+                waiting = None
+            scoring = score_batch(setup, step, u, batch)
+            if waiting is not None:
+                settle_batch(setup, step, waiting)
+            waiting = scoring
+    if waiting is not None:
+        settle_batch(setup, step, waiting)
+    step.k_sb, step.kpos_rows = None, []
+    if step.last():         # the group's queries are done with
+        grp.q_buf = None
+        for unit_setup in grp.tile_setup:
+            for tile_setup in unit_setup:
+                tile_setup.stationaries, tile_setup.qpos_col = [], None
+
+
+def settle_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork) -> None:
+    """A scored batch's softmax; then its P V and output update at once unless its group is
+    pipelined (then it waits in step.scored for `finish_step`)."""
+    softmax_batch(setup, step.grp, work)
+    if step.grp.pipelined:
+        step.scored.append(work)
     else:
-        store_rows(setup.out, setup.unit_row0[grp.first], result, tile_rows)          # SBUF -> HBM
+        update_batch(setup, step, work, batch_pv(setup, step, work))
+
+
+def score_banks(batch: TileBatch) -> int:
+    """PSUM banks of a batch's score tile (`score_tile`)."""
+    return (batch.count * slot_width(batch.width) + BANK_FP32 - 1) // BANK_FP32
+
+
+def finish_step(setup: DecodeSetup, step: ChunkStep) -> None:
+    """P V and the output update of a step's scored batches, the next batch's P V going to TensorE
+    before this one's output update (which waits for evictions); the V chunk is released after."""
+    waiting = None
+    for work in step.scored:
+        product = batch_pv(setup, step, work)
+        if waiting is not None:
+            update_batch(setup, step, waiting, waiting.product)
+        work.product = product
+        waiting = work
+    if waiting is not None:
+        update_batch(setup, step, waiting, waiting.product)
+    step.scored, step.v_sb = [], None
+
+
+def store_group(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """SBUF -> HBM: the group's rows, transposed into its StoreBatch's buffer (unless they are there
+    as columns already) and stored with it by the batch's last group (`store_columns`), or in rows
+    when the plan has a single tile of rows (`store_rows`)."""
+    tile_rows = [t.rows for u in range(grp.count) for t in setup.units[grp.first + u].tiles]
+    if not transposed_rows(setup.units):
+        store_rows(setup.out, setup.unit_row0[grp.first], grp.result, tile_rows)          # SBUF -> HBM
+        grp.result = None
+        return
+    batch = grp.store
+    if not grp.columns:
+        transpose_rows(setup, grp.result, store_buffer(setup, batch)[:, grp.store_tile0:grp.store_tile0 + len(tile_rows),
+                                                                       :], tile_rows)
+    grp.result = None
+    if batch.last is grp:
+        store_columns(setup, batch.row0, batch.result_t, batch.tile_rows)
+        batch.result_t = None
+
+
+def store_buffer(setup: DecodeSetup, batch: StoreBatch):
+    """The StoreBatch's [Dv, tiles, rows] buffer, allocated by its first group that writes it."""
+    if batch.result_t is None:
+        batch.result_t = nl.ndarray((setup.dv, len(batch.tile_rows), batch.tile_rows[0]), dtype=setup.out.dtype,
+                                    buffer=nl.sbuf)
+    return batch.result_t
 
 
 def transposed_rows(units) -> bool:
-    """Whether the kernel returns its rows transposed: when the plan has several row tiles (a
-    single tile of up to 128 rows stores as cheaply row by row, on as many DMA engines as rows)."""
-    return sum([len(unit[1]) for unit in units]) > 1
+    """Whether the kernel returns its rows transposed: when the plan has several row tiles or its
+    tile's P V gives columns (`output_columns`; a single tile of up to 128 rows otherwise stores as
+    cheaply row by row, on as many DMA engines as rows)."""
+    return sum([len(unit.tiles) for unit in units]) > 1 or output_columns(units[0])
 
 
-def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> None:
-    """SBUF [R, tiles, Dv] -> HBM out [Dv, rows] from column row0: the tiles transposed on TensorE
-    (evicted one PSUM bank at a time), then one DMA for the full tiles, in which a value dim's
-    rows of the whole group are one run (a row-major store would write 256 B runs, one row of
-    each tile per partition), and one for a ragged last tile."""
-    rows0, n, dv = result.shape
+def transpose_rows(setup: DecodeSetup, result, result_t, tile_rows) -> None:
+    """SBUF [>= rows, tiles, Dv] -> SBUF [Dv, tiles, R]: the tiles (of `tile_rows` rows: R, but for
+    a shorter last one) transposed on TensorE, evicted one PSUM bank at a time (stored as columns, a
+    value dim's rows of a whole batch are one run, where a row-major store would write 256 B runs, one
+    row of each tile per partition)."""
+    dv, n, rows0 = result_t.shape
     full = sum([1 for rows in tile_rows if rows == rows0])
-    result_t = nl.ndarray((dv, n, rows0), dtype=result.dtype, buffer=nl.sbuf)
     per_bank = BANK_FP32 * 4 // (rows0 * 2)          # bf16 [Dv, R] blocks per PSUM bank
     for b0 in range(0, n, per_bank):
         b1 = min(n, b0 + per_bank)
@@ -323,48 +616,96 @@ def store_rows_transposed(setup: DecodeSetup, row0: int, result, tile_rows) -> N
             setup.evict.copy(result_t[:, b0:b0 + whole, :], blocks[:, 0:whole, :])          # PSUM -> SBUF
         if b1 > full:
             setup.evict.copy(result_t[:, full, 0:tile_rows[full]], blocks[:, full - b0, 0:tile_rows[full]])
+
+
+def store_columns(setup: DecodeSetup, row0: int, result_t, tile_rows) -> None:
+    """SBUF [Dv, tiles, R] -> HBM out [Dv, rows] from column row0: one DMA for the full tiles, one for
+    a ragged last tile."""
+    rows0 = result_t.shape[2]
+    full = sum([1 for rows in tile_rows if rows == rows0])
     if full:
         nisa.dma_copy(setup.out[:, row0:row0 + full * rows0], result_t[:, 0:full, :])     # SBUF -> HBM
-    if full < n:
+    if full < len(tile_rows):
         start = row0 + full * rows0
         nisa.dma_copy(setup.out[:, start:start + tile_rows[full]], result_t[:, full, 0:tile_rows[full]])
 
 
 def load_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
     """HBM -> SBUF: Q^T of the group's packed units, one DMA per run ([parts, sequence, tile,
-    columns]: one run per partition), then one copy per piece of a KV
-    head's rows into a buffer zeroed outside each piece's columns (set up once per layout): the
-    stationaries of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for
-    the head's pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
-    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
+    columns]: one run per partition), into grp.q_runs until `copy_packed_queries`; and the group's
+    buffer zeroed outside each piece's columns (`padded_queries`), whose views are the stationaries:
+    those of piece (sequence slot s, KV head h) of unit u are q_buf[p0:p1, t, u, s, :] for the head's
+    pieces (t, p0, p1) (every partition of a tile holds one head's rows)."""
+    rows = grp.rows[0]
     if not all([r == rows for r in grp.rows]):
         raise KernelInputError(f"unit {grp.first}: the runs of a packed tile must have the same KV heads")
-    parts = setup.tiling.parts
-    key = (grp.layout, n_units)
+    grp.q_buf = padded_queries(setup, grp)
+    block = grp.q_block
+    if block is not None:
+        if block.q is None:
+            block.q = load_query_run(setup, rows, block.run, block.seqs)
+        grp.q_runs = [block.q[:, grp.q_seq0:grp.q_seq0 + grp.count * block.run.seqs]]
+        if grp.q_seq0 + grp.count * block.run.seqs == block.seqs:
+            block.q = None
+        return
+    grp.q_runs = [load_query_run(setup, rows, run, grp.count * run.seqs) for run in grp.runs]
+
+
+def load_query_run(setup: DecodeSetup, rows: RunRows, run, n_seq: int):
+    """HBM -> SBUF: Q^T [parts, sequence, tile, columns] of n_seq sequences from run.first_seq with
+    the run's KV heads (the partition tiles `rows`) and tokens, one DMA."""
+    n = (run.token_end - run.token_start) * setup.group
+    q_run = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
+                                   run.token_start * setup.group:run.token_end * setup.group])
+    return q_run
+
+
+def padded_queries(setup: DecodeSetup, grp: UnitGroup):
+    """The zero-padded Q^T buffer [parts, tile, unit, sequence slot, rows] of the group's packed
+    layout: two per layout, zeroed once each and taken in turns, so a group's copies never write the
+    buffer the previous group's QK may still read."""
+    key = (grp.layout, grp.count)
     if key not in setup.padded_q:
-        buf = nl.ndarray((parts, rows.tiles, n_units, n_seqs, rows0), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q))
-        for u in range(n_units):
+        setup.padded_q[key] = PaddedQueries()
+    pair = setup.padded_q[key]
+    if len(pair.buffers) < 2:
+        buf = nl.ndarray((setup.tiling.parts, grp.rows[0].tiles, grp.count, grp.seqs, grp.tiles[0].rows),
+                         dtype=setup.q_t.dtype, buffer=nl.sbuf)
+        zeroing = EngineRotation(setup.memset_engines, len(setup.padded_q) + len(pair.buffers))
+        for u in range(grp.count):
             nisa.memset(buf[:, :, u], 0.0, engine=zeroing.next())
-        setup.padded_q[key] = buf
-    buf = setup.padded_q[key]
+        pair.buffers.append(buf)
+    pair.turn += 1
+    return pair.buffers[(pair.turn - 1) % 2]
+
+
+class PaddedQueries(nl.NKIObject):
+    """The (up to) two zero-padded Q^T buffers of a packed layout and how many groups took one."""
+
+    def __init__(self):
+        self.buffers = []
+        self.turn = 0
+
+
+def copy_packed_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
+    """SBUF -> SBUF: each piece's rows of the loaded Q^T into its columns of the padded buffer, one
+    copy per KV head of a run and partition tile (on GpSimd and VectorE in turns)."""
+    rows, rows0, n_units, n_seqs = grp.rows[0], grp.tiles[0].rows, grp.count, grp.seqs
     p = 0
-    for run in grp.runs:
+    for run, q_run in zip(grp.runs, grp.q_runs):
         n = (run.token_end - run.token_start) * setup.group
-        heads, n_seq = run.kv_end - run.kv_start, n_units * run.seqs
-        q_run = nl.ndarray((parts, n_seq, rows.tiles, n), dtype=setup.q_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(q_run, setup.q_t[:, run.first_seq:run.first_seq + n_seq, rows.tile0:rows.tile0 + rows.tiles,
-                                       run.token_start * setup.group:run.token_end * setup.group])
+        heads = run.kv_end - run.kv_start
         for h in range(heads):
             for t, p0, p1 in rows.pieces[h]:
                 # piece (s, h) of unit u -> buf[p0:p1, t, u, slot + s, row0 + (s heads + h) n ...]
-                dst = buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0], [n_seqs * rows0, n_units],
-                                        [rows0 + heads * n, run.seqs], [1, n]],
-                                       offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
+                dst = grp.q_buf[p0:p1, t].ap([[rows.tiles * n_units * n_seqs * rows0, p1 - p0],
+                                              [n_seqs * rows0, n_units], [rows0 + heads * n, run.seqs], [1, n]],
+                                             offset=grp.pieces[p].slot * rows0 + grp.pieces[p].row0 + h * n)
                 nisa.tensor_copy(dst, q_run[p0:p1, :, t, :].reshape((p1 - p0, n_units, run.seqs, n)),
                                  engine=setup.q_copies.next())
         p += run.seqs * heads
-    grp.q_buf = buf
+    grp.q_runs = []
 
 
 def load_split_queries(setup: DecodeSetup, grp: UnitGroup) -> None:
@@ -405,13 +746,15 @@ def setup_unit_tiles(setup: DecodeSetup, grp: UnitGroup, u: int):
 
 
 def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: int, batched: bool) -> None:
-    """The -sink rows of the tile's layout on first sight, its mask one-hot once a tile of the layout
-    needs masks (or shares batches with other tiles)."""
+    """HBM -> SBUF: the sink logits of the tile's layout on first sight (as one partition's row: a
+    transfer on one DMA engine; `negated_sink` turns them into the -m start column), its mask one-hot
+    once a tile of the layout needs masks (or shares batches with other tiles)."""
     key = (tile.rows, grp.layout)
     if key not in setup.per_layout:
         consts = LayoutConstants()
         if setup.sink_rows is not None:
-            consts.neg_sink = load_neg_sink_row(setup.sink_rows[tile_index, 0:tile.rows, :], tile.rows)
+            consts.sink_row = nl.ndarray((1, tile.rows), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(consts.sink_row, setup.sink_rows[tile_index, 0:tile.rows, :].reshape((1, tile.rows)))
         setup.per_layout[key] = consts
     consts = setup.per_layout[key]
     if (any(tile.masks) or batched) and consts.onehot is None:
@@ -419,17 +762,16 @@ def load_layout_constants(setup: DecodeSetup, grp: UnitGroup, tile, tile_index: 
         nisa.dma_copy(consts.onehot, setup.tile_onehot[tile_index, 0:tile.tokens, 0:tile.rows])
 
 
-def load_neg_sink_row(sink_src, rows: int):
-    """HBM -> SBUF: the [rows, 1] fp32 column of negated sink logits (the -m start of each row),
-    loaded as one partition's row (a transfer on one DMA engine, whose setup leaves the other 15 to
-    the K / V stream) and transposed on TensorE."""
-    sink = nl.ndarray((1, rows), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(sink, sink_src.reshape((1, rows)))
-    sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_transpose(sink_t, sink)
-    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(neg_sink, sink_t, nl.multiply, -1.0)
-    return neg_sink
+def negated_sink(consts: LayoutConstants):
+    """The layout's [rows, 1] fp32 column of negated sink logits (None without sinks): its loaded row
+    transposed on TensorE and negated, before the first softmax that needs it."""
+    if consts.sink_row is not None and consts.neg_sink is None:
+        rows = consts.sink_row.shape[1]
+        sink_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(sink_t, consts.sink_row)
+        consts.neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(consts.neg_sink, sink_t, nl.multiply, -1.0)
+    return consts.neg_sink
 
 
 def load_split_query_positions(setup: DecodeSetup, grp: UnitGroup, tiles):
@@ -470,19 +812,24 @@ def load_key_positions(setup: DecodeSetup, grp: UnitGroup, u: int, c0: int, c1: 
     return kpos_rows
 
 
-def load_chunk_kv(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
+def load_chunk_keys(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
     """HBM -> SBUF: per run, the key chunk [c0, c1) of K^T [parts, seq, tile, keys] (the row tiles
-    holding its KV heads) and of V [128, seq, key tile, kv, Dv] for all the group's units, one DMA
-    each (a second for a V tail). Returns (K^T parts, V parts)."""
-    k_sb, v_sb = [], []
+    holding its KV heads) for all the group's units, one DMA each. Returns the K^T parts."""
+    k_sb = []
     for run, rows in zip(grp.runs, grp.rows):
         n_seq = grp.count * run.seqs
         k_part = nl.ndarray((setup.tiling.parts, n_seq, rows.tiles, c1 - c0), dtype=setup.k_t.dtype, buffer=nl.sbuf)
         src = setup.k_t[run.first_seq:run.first_seq + n_seq, :, rows.tile0:rows.tile0 + rows.tiles, c0:c1]
         nisa.dma_copy(k_part, src.permute((1, 0, 2, 3)))
         k_sb.append(k_part)
-        v_sb.append(load_value_tiles(setup.v[run.first_seq:run.first_seq + n_seq, :, run.kv_start:run.kv_end], c0, c1))
-    return k_sb, v_sb
+    return k_sb
+
+
+def load_chunk_values(setup: DecodeSetup, grp: UnitGroup, c0: int, c1: int):
+    """HBM -> SBUF: per run, the key chunk [c0, c1) of V [128, seq, key tile, kv, Dv] for all the
+    group's units (`load_value_tiles`). Returns the V parts."""
+    return [load_value_tiles(setup.v[run.first_seq:run.first_seq + grp.count * run.seqs, :, run.kv_start:run.kv_end],
+                             c0, c1) for run in grp.runs]
 
 
 def load_value_tiles(v_seqs, c0: int, c1: int):
@@ -506,9 +853,9 @@ def load_value_tiles(v_seqs, c0: int, c1: int):
     return v_sb
 
 
-def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, v_sb, kpos_rows,
-                 result) -> None:
-    """One TileBatch of unit u against key chunk ci: scores, online softmax, P V, output update."""
+def score_batch(setup: DecodeSetup, step: ChunkStep, u: int, batch: TileBatch) -> BatchWork:
+    """A TileBatch of unit u against the step's key chunk, up to its scores in PSUM (`decode_scores`)."""
+    grp, ci = step.grp, step.ci
     tiles = setup.units[grp.first + u].tiles
     c0, c1 = grp.chunks[ci]
     state = grp.tile_setup[u][batch.first].state
@@ -519,20 +866,71 @@ def decode_batch(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Til
     for j in batch.tiles():
         a, b = max(c0, tiles[j].key_start), min(c1, tiles[j].key_end)
         ends.append(b - a + batch.lead)
-    # the scores go straight into the softmax, which releases their PSUM before the transposes
-    alpha, probs_t = softmax_transposed(decode_scores(setup, grp, u, ci, batch, k_sb, kpos_rows, consts.onehot, ends),
-                                        batch, state, consts.neg_sink, ends, setup.evict,
-                                        setup.no_dma if grp.packed else setup.split_dma)
-    o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
+    scores = decode_scores(setup, grp, u, ci, batch, step.k_sb, step.kpos_rows[u], consts.onehot, ends)
+    return BatchWork(u, batch, state, consts, ends, scores)
+
+
+def softmax_batch(setup: DecodeSetup, grp: UnitGroup, work: BatchWork) -> BatchWork:
+    """The online-softmax step and P^T of a scored batch (its score PSUM released before the
+    transposes)."""
+    neg_sink = negated_sink(work.consts)
+    work.alpha, work.probs_t = softmax_transposed(work.take_scores(), work.batch, work.state, neg_sink, work.ends,
+                                                  setup.evict, setup.no_dma if grp.packed else setup.split_dma)
+    if grp.columns and neg_sink is not None:
+        work.sink_diag = sink_diagonal(setup, work.state, neg_sink)
+    return work
+
+
+def sink_diagonal(setup: DecodeSetup, state: RowState, neg_sink):
+    """diag(exp(sink - m)) [rows, rows] bf16: the sink's share of each row's denominator on the
+    diagonal, for `column_outputs` (bf16 like the probabilities it joins)."""
+    rows = state.rows
+    sink_share = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(sink_share, nl.exp, neg_sink, bias=state.neg_m, scale=-1.0)         # exp(sink - m)
+    diag = nl.ndarray((rows, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
+    nisa.tensor_scalar(diag, column_constants(setup).identity[0:rows, 0:rows], nl.multiply, sink_share)
+    return diag
+
+
+def batch_pv(setup: DecodeSetup, step: ChunkStep, work: BatchWork):
+    """P V of a softmaxed batch into PSUM: O^T [Dv, rows] of a packed tile (`packed_pv_t`), else O
+    [rows, n, Dv]."""
+    grp, u, batch = step.grp, work.u, work.batch
+    c0, _ = grp.chunks[step.ci]
+    if grp.columns:
+        return column_outputs(setup, grp, u, work, step.v_sb, c0)
     if grp.packed:
-        packed_pv(setup, grp, u, batch, probs_t, v_sb, c0, o_psum)
-    else:
-        for i, j in enumerate(batch.tiles()):
-            # key tiles past the tile's own columns hold only zeros: skipped
-            v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
-            pv_matmuls(o_psum[:, i, :], probs_t[:, i], v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0, ends[i])
-    del probs_t
-    update_output(state, o_psum, alpha, result[0:batch.rows, batch.tile_slice(u * len(tiles)), :], setup.evict)
+        return packed_pv_t(setup, grp, u, batch, work.probs_t, step.v_sb, c0)
+    tiles = setup.units[grp.first + u].tiles
+    o_psum = nl.ndarray((batch.rows, batch.count, setup.dv), dtype=nl.float32, buffer=nl.psum)
+    for i, j in enumerate(batch.tiles()):
+        # key tiles past the tile's own columns hold only zeros: skipped
+        v_tile0 = (max(c0, tiles[j].key_start) - batch.lead - c0) // P_MAX
+        pv_matmuls(o_psum[:, i, :], work.probs_t[:, i], step.v_sb[0][:, u * grp.runs[0].seqs, :, 0, :], v_tile0,
+                   work.ends[i])
+    return o_psum
+
+
+def update_batch(setup: DecodeSetup, step: ChunkStep, work: BatchWork, product) -> None:
+    """The output update of a batch from its P V (`batch_pv`; a packed tile's O^T evicted and
+    transposed back first), on the last chunk into the group's rows."""
+    grp, u, batch = step.grp, work.u, work.batch
+    if grp.columns:         # O^T / l straight into the group's columns
+        denom = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(denom, product[1], engine=nisa.scalar_engine)
+        nisa.tensor_tensor(grp.result[:, u, 0:batch.rows], product[0], denom, nl.divide)
+        work.probs_t, work.sink_diag, work.product = None, None, None
+        return
+    o_psum = product
+    if grp.packed:
+        o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
+        setup.evict.copy(o_t, product)
+        o_psum = nl.ndarray((batch.rows, 1, setup.dv), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(o_psum[:, 0, :], o_t)
+    work.probs_t, work.product = None, None
+    tiles = setup.units[grp.first + u].tiles
+    update_output(work.state, o_psum, work.alpha, grp.result[0:batch.rows, batch.tile_slice(u * len(tiles)), :],
+                  setup.evict)
 
 
 def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: TileBatch, k_sb, kpos_rows, onehot,
@@ -564,9 +962,46 @@ def decode_scores(setup: DecodeSetup, grp: UnitGroup, u: int, ci: int, batch: Ti
     return scores
 
 
-def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int, o_psum) -> None:
-    """P V of a packed tile: O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows] per piece, then
-    one transpose back into o_psum [rows, 1, Dv]."""
+def column_outputs(setup: DecodeSetup, grp: UnitGroup, u: int, work: BatchWork, v_sb, c0: int):
+    """A packed tile that sees all its keys in this chunk, computed as it is stored: O^T [Dv, rows]
+    (`packed_pv_t`) and its denominators l on every partition, [Dv, rows] = ones^T P^T (+ ones^T
+    diag(exp(sink - m))), both fp32 in PSUM; `update_batch` divides. l sums the bf16 probabilities
+    the P V used, so each output is a convex combination of values (the max's probability, 1, stays
+    exact, unlike a normalized P), and no transposes back to rows and forth to columns are needed.
+    Returns (O^T, l)."""
+    batch = work.batch
+    o_t = packed_pv_t(setup, grp, u, batch, work.probs_t, v_sb, c0)
+    ones = column_constants(setup).ones
+    denom = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.psum)
+    n_kt = (batch.width + P_MAX - 1) // P_MAX
+    for kt in range(n_kt):
+        kw = min(P_MAX, batch.width - kt * P_MAX)
+        nisa.nc_matmul(denom, ones[0:kw, 0:setup.dv], work.probs_t[0:kw, 0, kt, :], accumulate=kt > 0)
+    if work.sink_diag is not None:
+        nisa.nc_matmul(denom, ones[0:batch.rows, 0:setup.dv], work.sink_diag, accumulate=True)
+    return o_t, denom
+
+
+class ColumnConstants(nl.NKIObject):
+    """SBUF constants of `column_outputs`: ones [128, 128] and the identity [128, 128], bf16."""
+
+    def __init__(self):
+        self.ones = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.memset(self.ones, 1.0, engine=nisa.gpsimd_engine)
+        self.identity = nl.ndarray((P_MAX, P_MAX), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.affine_select(self.identity, [[-1, P_MAX]], 1, self.ones, 0.0)     # 1 where partition == column
+
+
+def column_constants(setup: DecodeSetup) -> ColumnConstants:
+    """The launch's ColumnConstants, made on first use."""
+    if setup.columns is None:
+        setup.columns = ColumnConstants()
+    return setup.columns
+
+
+def packed_pv_t(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, probs_t, v_sb, c0: int):
+    """P V of a packed tile, transposed: O^T[dv, piece rows] = V_piece^T @ P^T[:, piece rows] per
+    piece. Returns O^T [Dv, rows] fp32 in PSUM."""
     v_tile0 = (max(c0, setup.units[grp.first + u].tiles[0].key_start) - batch.lead - c0) // P_MAX
     n_kt = (batch.width + P_MAX - 1) // P_MAX
     o_t_psum = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.psum)
@@ -577,9 +1012,7 @@ def packed_pv(setup: DecodeSetup, grp: UnitGroup, u: int, batch: TileBatch, prob
             kw = min(P_MAX, batch.width - kt * P_MAX)
             nisa.nc_matmul(o_t_psum[:, rows], v_sb[piece.run][0:kw, seq, v_tile0 + kt, piece.kv, :],
                            probs_t[0:kw, 0, kt, rows], accumulate=kt > 0)
-    o_t = nl.ndarray((setup.dv, batch.rows), dtype=nl.float32, buffer=nl.sbuf)
-    setup.evict.copy(o_t, o_t_psum)
-    nisa.nc_transpose(o_psum[:, 0, :], o_t)
+    return o_t_psum
 
 
 def masked_indicator(kpos, qpos_col, width: int, late: bool, early_window, engine):
