@@ -10,7 +10,7 @@ matmul computes the scores of every head of the group, and a window of W keys co
 `W + 128 / G` key columns per tile instead of the `W + 127` of a 128-token query block.
 
 Q arrives multiplied by the softmax scale (on the device the scale folds into W_q), so the PSUM
-scores are the logits. Per row tile and key chunk (up to 2048 keys = 4 PSUM banks of fp32):
+scores are the logits. Per row tile and key chunk (up to 1024 keys = 2 PSUM banks of fp32):
 
     S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM
     S     += onehot^T @ masked   TensorE, only on boundary columns (causal diagonal, window edge)
