@@ -575,8 +575,8 @@ def store_group(setup: DecodeSetup, grp: UnitGroup) -> None:
         return
     batch = grp.store
     if not grp.columns:
-        transpose_rows(setup, grp.result, store_buffer(setup, batch)[:, grp.store_tile0:grp.store_tile0 + len(tile_rows),
-                                                                       :], tile_rows)
+        tiles = slice(grp.store_tile0, grp.store_tile0 + len(tile_rows))
+        transpose_rows(setup, grp.result, store_buffer(setup, batch)[:, tiles, :], tile_rows)
     grp.result = None
     if batch.last is grp:
         store_columns(setup, batch.row0, batch.result_t, batch.tile_rows)

@@ -204,15 +204,6 @@ def softmax_transposed(scores, batch, state: RowState, neg_sink, ends, evict: Ev
     return alpha, transpose_probs(probs, batch.width, evict, dma_share)
 
 
-def load_neg_sink(sink_src, rows: int):
-    """HBM -> SBUF: a [rows, 1] fp32 column of sink logits, negated (the -m start of each row)."""
-    sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(sink, sink_src)
-    neg_sink = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(neg_sink, sink, nl.multiply, -1.0)
-    return neg_sink
-
-
 def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
     """P [rows, n, >= 128 * ceil(width / 128)] bf16 (zero past `width`) -> P^T in SBUF as
     [128 keys, n, key tile, rows].

@@ -407,7 +407,7 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
                 loaded += 1
             work.scores = prefill_scores(setup, work)
         if flight[0] is not None:
-            softmax_stage(setup, flight[0])
+            softmax_stage(flight[0])
         if flight[1] is not None:
             transpose_stage(setup, flight[1])
         if flight[OUTPUT_STAGE] is not None:
@@ -415,7 +415,7 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
         flight = [work] + flight[:OUTPUT_STAGE]
 
 
-def softmax_stage(setup: PrefillSetup, work: BatchWork):
+def softmax_stage(work: BatchWork):
     """Row max and exp of the work's scores (released here): its alpha and P."""
     batch, block = work.batch, work.block
     tiles = block.tiles[work.h]
