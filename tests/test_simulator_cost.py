@@ -71,6 +71,50 @@ def test_double_row_matmul_numerics():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
 
+def _row_tiled_pair(tile_rows, positions):
+    """Matmuls with K = tile_rows (moving N = 512) at the given PE tile positions (None: untiled):
+    the report and the time after the operands' memsets."""
+    def body():
+        n = len(positions)
+        stationary = nl.zeros((tile_rows, n, 128), dtype=nl.bfloat16)     # both ready at once
+        moving = nl.zeros((tile_rows, n, 512), dtype=nl.bfloat16)
+        for i, pos in enumerate(positions):
+            d = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
+            kw = {} if pos is None else dict(tile_position=pos, tile_size=(tile_rows, 128))
+            nisa.nc_matmul(d, stationary[:, i, :], moving[:, i, :], **kw)
+    rep = report_of(body)
+    return rep, rep.estimated_time_s - rep.engines["VectorE"].time_s     # after the operands' memsets
+
+
+def test_row_tiled_matmuls_on_disjoint_rows_run_side_by_side():
+    """nc_matmul tiling mode: two 64-row tiles of the PE array run in parallel, so two K = 64
+    matmuls take the time of one; untiled (or on the same rows) they run one after the other."""
+    one = 512 / 2.4e9
+    apart, matmuls = _row_tiled_pair(64, [(0, 0), (64, 0)])
+    assert matmuls == pytest.approx(one)
+    assert apart.engines["TensorE"].time_s == pytest.approx(one)       # two halves of the array busy
+    assert apart.engines["TensorE"].cycles == 2 * 512
+    assert _row_tiled_pair(32, [(0, 0), (96, 0)])[1] == pytest.approx(one)
+    for positions in ([(0, 0), (0, 0)], [None, None], [(0, 0), None], [(64, 0), None]):
+        assert _row_tiled_pair(64, positions)[1] == pytest.approx(2 * one), positions
+
+
+def test_row_tiled_matmul_numerics_equal_untiled():
+    def body(a, b):
+        out = nl.ndarray((2, 32, 16), dtype=nl.float32, buffer=nl.shared_hbm)
+        for i in range(2):
+            d = nl.ndarray((32, 16), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(d, nl.load(a[i]), nl.load(b[i]), tile_position=(32 * i, 96), tile_size=(32, 32))
+            nl.store(out[i], nl.copy(d))
+        return out
+    rng = np.random.default_rng(1)
+    a = rng.uniform(-2, 2, (2, 32, 32)).astype(BF16)
+    b = rng.uniform(-2, 2, (2, 32, 16)).astype(BF16)
+    out = simulate(nki.jit(body))(a, b)
+    ref = np.einsum("ikm,ikn->imn", a.astype(np.float32), b.astype(np.float32))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_vector_instruction_cost():
     """memset N cycles; tensor_tensor two inputs 2N (fp32: no fast mode) plus the static overhead
     of 100 cycles because it reads what the previous VectorE instruction wrote."""

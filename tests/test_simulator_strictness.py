@@ -105,6 +105,38 @@ def test_matmul_moving_free_over_512():
         run(_matmul((128, 128), (128, 1024), (128, 1024)))
 
 
+@pytest.mark.parametrize("position, size, shapes, fragments", [
+    ((0, 0), (48, 128), ((32, 128), (32, 64)), ("tile_size (48, 128)", "32, 64 or 128")),
+    ((32, 0), (64, 128), ((64, 128), (64, 64)), ("tile_position (32, 0)", "multiples of tile_size")),
+    ((0, 64), (128, 128), ((64, 128), (64, 64)), ("tile_position (0, 64)", "inside the 128 x 128")),
+    ((0, 0), (64, 128), ((128, 128), (128, 64)), ("stationary [128, 128]", "tile_size (64, 128)")),
+    ((0, 0), (128, 64), ((128, 128), (128, 64)), ("stationary [128, 128]", "tile_size (128, 64)")),
+])
+def test_matmul_pe_tile_limits(position, size, shapes, fragments):
+    """nc_matmul tiling mode: tiles of 32 / 64 / 128 PEs, starts at multiples of the size inside
+    the array, the stationary no larger than the tile."""
+    (sk, sm), (mk, mn) = shapes
+
+    def k():
+        s = nl.zeros((sk, sm), dtype=nl.bfloat16)
+        m = nl.zeros((mk, mn), dtype=nl.bfloat16)
+        d = nl.ndarray((sm, mn), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(d, s, m, tile_position=position, tile_size=size)
+    with raises(E.TileSizeError, "nc_matmul", *fragments):
+        run(k)
+
+
+def test_matmul_double_row_without_column_tiling():
+    def k():
+        s = nl.zeros((64, 2, 64), dtype=nl.float8_e4m3)
+        m = nl.zeros((64, 2, 64), dtype=nl.float8_e4m3)
+        d = nl.ndarray((64, 64), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(d, s, m, perf_mode=nisa.matmul_perf_mode.double_row, tile_position=(0, 64),
+                       tile_size=(64, 64))
+    with raises(E.UnsupportedError, "double_row", "column tiling"):
+        run(k)
+
+
 def test_matmul_contraction_mismatch():
     with raises(E.PartitionMismatchError, "nc_matmul", "stationary[128, 128]", "moving[64, 512]"):
         run(_matmul((128, 128), (64, 512), (128, 512)))

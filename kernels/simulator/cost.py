@@ -7,6 +7,8 @@ model.  In short, per program instance (= one physical NeuronCore-v3):
 
 * TensorE ``nc_matmul``: ``max(min(64, M), N)`` cycles at 2.4 GHz (16-bit and fp8), 4x for fp32;
   fp8 double_row contracts K=256 in the same cycles.  A transpose is a matmul with the identity.
+  Matmuls tiled onto disjoint parts of the PE array (``tile_position`` / ``tile_size``) run side
+  by side, as the nc_matmul docs say.
 * VectorE / ScalarE: ``max(MIN_II, cycles_per_element * N)`` cycles, N = elements per partition:
   1 per element for one input, 2 for two-input VectorE instructions (``tensor_tensor``), 8 for the
   VectorE ``reciprocal``; the trn2 VectorE performance mode (bf16/fp16) divides by 4 or 2 only
@@ -32,6 +34,7 @@ from ..trn2 import TRN2, Trn2Model
 
 ENGINES = ("TensorE", "VectorE", "ScalarE", "GpSimd", "DMA")
 _WRITES_TRACKED = 256       # most recent write regions remembered per tensor
+PE_BLOCK = 32               # TensorE tiling granularity (nc_matmul: 32-row / -column tiles on v3)
 
 
 @dataclass
@@ -70,7 +73,10 @@ class CostRecorder:
         self.tensor_columns = 0
         self.hbm_bytes = 0
         self.dma_bytes = 0
-        self.engine_free = {name: 0.0 for name in ENGINES if name != "DMA"}
+        self.engine_free = {name: 0.0 for name in ENGINES if name not in ("DMA", "TensorE")}
+        side = model.partitions // PE_BLOCK
+        self.pe_free = [0.0] * (side * side)   # TensorE: when each PE block is free
+        self.tensor_issued = 0.0               # start of the last TensorE instruction (in-order issue)
         self.dma_free = [0.0] * model.dma_engines
         self.makespan = 0.0
         self._writes = {}                  # storage uid -> [(region, finish time)]
@@ -136,18 +142,22 @@ class CostRecorder:
         self._run(engine, seconds)
 
     def matmul(self, op: str, k: int, m: int, n: int, operand_kind: str, nbytes: int,
-               flops: bool = True) -> None:
+               flops: bool = True, pe_tile=None) -> None:
         """A TensorE instruction: stationary [k, m], moving [k, n] (k = contraction rows).
 
         ``operand_kind`` is "fp32", "fp8" or "16bit"; double-row fp8 passes k up to 256.
+        ``pe_tile`` (row0, col0, rows, cols): the PE sub-array of a tiled matmul (None: all of
+        it).  Instructions issue in order; one starts when the PE blocks it uses are free, so
+        matmuls on disjoint tiles run side by side.  Busy time counts the share of the array used.
         """
         st = self._count("TensorE", op, k * n, nbytes)
         cycles = max(min(self.model.min_ii_cycles, m), n)
         if operand_kind == "fp32":
             cycles *= self.model.fp32_matmul_passes
         seconds = cycles / self.model.tensor_hz
+        blocks = self._pe_blocks(pe_tile)
         st.cycles += cycles
-        st.time_s += seconds
+        st.time_s += seconds * len(blocks) / len(self.pe_free)
         self.tensor_columns += n
         if flops:
             f = 2 * k * m * n
@@ -155,7 +165,20 @@ class CostRecorder:
             peak = {"fp32": self.model.peak_flops_fp32, "fp8": self.model.peak_flops_fp8}.get(
                 operand_kind, self.model.peak_flops_bf16)
             self.matmul_time_at_peak_s += f / peak
-        self._run("TensorE", seconds)
+        start = max(self.tensor_issued, max([self.pe_free[b] for b in blocks]), self._ready_time())
+        for b in blocks:
+            self.pe_free[b] = start + seconds
+        self.tensor_issued = start
+        self._retire("TensorE", start + seconds)
+
+    def _pe_blocks(self, pe_tile) -> list:
+        """Indices of the PE_BLOCK x PE_BLOCK blocks of the array a matmul occupies."""
+        side = self.model.partitions // PE_BLOCK
+        if pe_tile is None:
+            return list(range(side * side))
+        row0, col0, rows, cols = pe_tile
+        return [r * side + c for r in range(row0 // PE_BLOCK, (row0 + rows) // PE_BLOCK)
+                for c in range(col0 // PE_BLOCK, (col0 + cols) // PE_BLOCK)]
 
     def dma(self, op: str, elements: int, nbytes: int, hbm_bytes: int, partitions: int,
             run_bytes: float, rate: float = 1.0, descriptors: int = 0) -> None:

@@ -516,11 +516,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     if n > model.gemm_moving_fmax:
         raise _err.TileSizeError(f"{instr}: moving free size N={n} ({moving.describe()}) exceeds "
                                  f"gemm_moving_fmax {model.gemm_moving_fmax}")
-    if tile_size:
-        rows, cols = (int(v) for v in tile_size)
-        if rows % 32 or cols % 32 or kk > rows * (2 if double_row else 1) or m > cols:
-            raise _err.TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {tuple(tile_size)} "
-                                     f"(multiples of 32)")
+    pe_tile = _pe_tile(instr, tile_position, tile_size, kk, m, double_row)
     if dst.partitions != m or dst.free_size != n:
         raise _err.ShapeMismatchError(f"{instr}: dst {dst.describe()} must be [{m}, {n}] for stationary "
                                       f"{list(stationary.shape)} and moving {list(moving.shape)}")
@@ -551,7 +547,38 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     _store(dst, result, instr, matmul=True)
     kind = "fp32" if stationary.dtype == dt.float32 else (
         "fp8" if stationary.dtype in dt.FP8 and moving.dtype in dt.FP8 else "16bit")
-    ctx.cost.matmul(instr, kk, m, n, kind, _bytes(stationary, moving, dst))
+    ctx.cost.matmul(instr, kk, m, n, kind, _bytes(stationary, moving, dst), pe_tile=pe_tile)
+
+
+_PE_TILE_SIZES = (32, 64, 128)      # NeuronCore-v3 row / column tile sizes
+
+
+def _pe_tile(instr, tile_position, tile_size, kk, m, double_row):
+    """The PE sub-array (row0, col0, rows, cols) a tiled ``nc_matmul`` occupies, or None for the
+    whole 128 x 128 array.  The nc_matmul docstring: row and column tiles of 32, 64 or 128 PEs
+    (32 from NeuronCore-v3), each start a multiple of its size inside the array, the stationary no
+    larger than the tile, no column tiling with ``double_row``.  (Its parameter line says "start_column
+    must be 0"; the prose, the SDK's own nc_matmul test and the NKI Library's column-tiled kernels
+    start columns at multiples of the size, so that is what is accepted.)  Tiles that do not
+    overlap run in parallel (the cost model schedules them so)."""
+    if not tile_size:
+        return None
+    if len(tile_size) != 2 or len(tile_position) != 2:
+        raise _err.TileSizeError(f"{instr}: tile_position {tuple(tile_position)} and tile_size {tuple(tile_size)} "
+                                 f"must be (row, column) pairs")
+    rows, cols = (int(v) for v in tile_size)
+    row0, col0 = (int(v) for v in tile_position)
+    if rows not in _PE_TILE_SIZES or cols not in _PE_TILE_SIZES:
+        raise _err.TileSizeError(f"{instr}: tile_size {(rows, cols)} must be 32, 64 or 128 PE rows / columns")
+    if row0 % rows or col0 % cols or not (0 <= row0 <= _mem.PMAX - rows and 0 <= col0 <= _mem.PMAX - cols):
+        raise _err.TileSizeError(f"{instr}: tile_position {(row0, col0)} must be multiples of tile_size "
+                                 f"{(rows, cols)} inside the 128 x 128 PE array")
+    if kk > rows * (2 if double_row else 1) or m > cols:
+        raise _err.TileSizeError(f"{instr}: stationary [{kk}, {m}] does not fit tile_size {(rows, cols)}")
+    if double_row and cols < _mem.PMAX:
+        raise _err.UnsupportedError(f"{instr}: perf_mode=double_row cannot be combined with column tiling "
+                                    f"(tile_size {(rows, cols)})")
+    return row0, col0, rows, cols
 
 
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
