@@ -427,6 +427,44 @@ def test_tensor_scalar_reduce(red, ref):
         run(bitvec, x, col)
 
 
+def test_tensor_scalar_reduce_accumulator_commands():
+    """reduce_cmd: load_reduce starts from reduce_init (a [P, 1] tile or a number), reduce continues
+    the VectorE accumulators, reduce_res_negate negates the result; reduce without a reset raises."""
+    x, y, init = f32(32, 40), f32(32, 24), f32(32, 1)
+
+    def k(x, y, init):
+        scratch = nl.ndarray((32, 40), nl.float32, buffer=nl.sbuf)
+        first = nl.ndarray((32, 1), nl.float32, buffer=nl.sbuf)
+        both = nl.ndarray((32, 1), nl.float32, buffer=nl.sbuf)
+        capped = nl.ndarray((32, 1), nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(scratch, load(x), nl.multiply, -1.0, reduce_op=nl.minimum, reduce_res=first,
+                                  reduce_cmd=nisa.reduce_cmd.load_reduce, reduce_init=load(init),
+                                  reduce_res_negate=True)
+        nisa.tensor_scalar_reduce(scratch[:, 0:24], load(y), nl.multiply, -1.0, reduce_op=nl.minimum,
+                                  reduce_res=both, reduce_cmd=nisa.reduce_cmd.reduce)
+        nisa.tensor_scalar_reduce(scratch, load(x), nl.add, 0.0, reduce_op=nl.maximum, reduce_res=capped,
+                                  reduce_cmd=nisa.reduce_cmd.load_reduce, reduce_init=0.5)
+        return store(first), store(both), store(capped)
+    first, both, capped = run(k, x, y, init)
+    np.testing.assert_allclose(first[:, 0], -np.minimum(init[:, 0], (-x).min(axis=1)), rtol=1e-6)
+    np.testing.assert_allclose(both[:, 0], np.minimum(-first[:, 0], (-y).min(axis=1)), rtol=1e-6)
+    np.testing.assert_allclose(capped[:, 0], np.maximum(0.5, x.max(axis=1)), rtol=1e-6)
+
+    def unset(x, y, init):
+        scratch = nl.ndarray((32, 40), nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(scratch, load(x), nl.add, 1.0, reduce_op=nl.add, reduce_init=load(init))
+        return store(scratch)
+    with pytest.raises(E.UnsupportedError, match="reduce_init"):
+        run(unset, x, y, init)
+
+    def no_reset(x, y, init):
+        scratch = nl.ndarray((32, 40), nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar_reduce(scratch, load(x), nl.add, 1.0, reduce_op=nl.add, reduce_cmd=nisa.reduce_cmd.reduce)
+        return store(scratch)
+    with pytest.raises(E.UninitializedReadError, match="never reset"):
+        run(no_reset, x, y, init)
+
+
 def test_scalar_tensor_tensor():
     x, col, y = f32(48, 30), f32(48, 1), f32(48, 30)
 

@@ -13,6 +13,7 @@ from mimo_kernels.checks import KernelInputError
 
 P_MAX = nl.tile_size.pmax                       # partitions: score rows, keys per PV matmul
 MATMUL_COLS = nl.tile_size.gemm_moving_fmax     # keys per QK matmul (one PSUM bank of fp32)
+HALF_ROWS = P_MAX // 2                          # a row tile of the PE array (nc_matmul tile_size)
 BANK_FP32 = nl.tile_size.psum_bank_fmax
 CHUNK_KEYS = 4 * BANK_FP32                      # keys per softmax step (4 PSUM banks of scores)
 BATCH_TILES = 8                                 # single-chunk row tiles per softmax instruction
@@ -116,17 +117,43 @@ def score_tile(rows: int, n: int, width: int):
     return nl.ndarray((rows, n, slot_width(width)), dtype=nl.float32, buffer=nl.psum)
 
 
-def qk_matmuls(scores, q_parts, k_parts, col0: int, col1: int, key0: int, first: bool):
-    """scores[:, col0:col1] (+)= sum over D partition tiles of Q^T[d, rows].T @ K^T[d, keys].
+class QkJob(nl.NKIObject):
+    """The QK of one tile's score view: scores[:, col0:col1] (+)= sum over D partition tiles of
+    Q^T[d, rows].T @ K^T[d, keys]; `q_parts` / `k_parts` per D tile, score column c holds key
+    column `key0 + c - col0` of the K^T tiles; `first`: the view starts a new accumulation."""
+    scores: object
+    q_parts: list
+    k_parts: list
+    col0: int
+    col1: int
+    key0: int
+    first: bool
 
-    `scores` is one tile's [rows, C] PSUM view; `q_parts` / `k_parts`: per D tile, [d, rows]
-    stationaries and [d, keys] moving tiles; score column c holds key column
-    `key0 + c - col0` of the K^T tiles."""
-    for c0, c1 in bank_pieces(col0, col1):
-        k0 = key0 + c0 - col0
-        for i, (q_part, k_part) in enumerate(zip(q_parts, k_parts)):
-            nisa.nc_matmul(scores[:, c0:c1], q_part, k_part[:, k0:k0 + (c1 - c0)],
-                           accumulate=not (first and i == 0))
+
+def qk_matmuls(scores, q_parts, k_parts, col0: int, col1: int, key0: int, first: bool):
+    """The QK matmuls of one QkJob (the arguments are its fields)."""
+    qk_batch_matmuls([QkJob(scores, q_parts, k_parts, col0, col1, key0, first)])
+
+
+def qk_batch_matmuls(jobs):
+    """The QK matmuls of several QkJobs, one per PSUM bank piece and D tile. The passes that start
+    an accumulation and the full-height ones go first; the accumulating passes of D tiles of at
+    most 64 rows (the 64 of 192) follow, alternating between the two 64-row halves of the PE array
+    (nc_matmul row tiling), so each pair of them runs side by side in the time of one."""
+    short = []
+    for job in jobs:
+        for c0, c1 in bank_pieces(job.col0, job.col1):
+            k0 = job.key0 + c0 - job.col0
+            for i, (q_part, k_part) in enumerate(zip(job.q_parts, job.k_parts)):
+                dst, moving = job.scores[:, c0:c1], k_part[:, k0:k0 + (c1 - c0)]
+                accumulate = not (job.first and i == 0)
+                if q_part.shape[0] <= HALF_ROWS and accumulate:
+                    short.append((dst, q_part, moving, accumulate))
+                else:
+                    nisa.nc_matmul(dst, q_part, moving, accumulate=accumulate)
+    for n, (dst, q_part, moving, accumulate) in enumerate(short):
+        nisa.nc_matmul(dst, q_part, moving, accumulate=accumulate, tile_position=((n % 2) * HALF_ROWS, 0),
+                       tile_size=(HALF_ROWS, P_MAX))
 
 
 def mask_matmuls(scores, onehot, masked, col0: int, col1: int):
@@ -142,31 +169,44 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
     `neg_sink` [rows, 1] (-sink per row) or None, `ends` None or per tile the end of its own
     columns (<= col1; the batch's later columns are masked for it: exp() is skipped there and
     the caller zeroes them). Updates `state` (-m, l) and returns alpha = exp(m_old - m_new)
-    [rows, n] (None on the first step). The [rows, n] bookkeeping runs on GpSimd, which is
-    otherwise idle."""
+    [rows, n] (None on the first step). A lone tile (n = 1) leaves -S in `scores`. The [rows, n]
+    bookkeeping runs on GpSimd, which is otherwise idle."""
     rows, n = state.rows, state.n
     gpsimd = nisa.gpsimd_engine
-    neg_rowmax = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, :, col0:col1], axis=2, negate=True)
     neg_m = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
     alpha = None
-    if state.first and neg_sink is None:
-        nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP)   # GpSimd: rsqrt only
-    elif state.first:
-        # the sink is the first "key": m = max(rowmax, sink)
-        nisa.tensor_tensor(neg_m, neg_rowmax, neg_sink.broadcast(1, n), nl.minimum, engine=gpsimd)
+    # the running -m starts at the sink's -logit (the sink is the first "key") or at NEG_MAX_CAP
+    start = state.neg_m if not state.first else NEG_MAX_CAP if neg_sink is None else neg_sink
+    if n == 1:
+        # one VectorE pass: the scores negated in place, -m = min(-m_old, min(-S)) through the
+        # accumulator loaded with -m_old; the exp below undoes the negation with scale=-1
+        nisa.tensor_scalar_reduce(scores[:, 0, col0:col1], scores[:, 0, col0:col1], nl.multiply, -1.0,
+                                  reduce_op=nl.minimum, reduce_res=neg_m, reduce_cmd=nisa.reduce_cmd.load_reduce,
+                                  reduce_init=start)
+        sign = -1.0
     else:
-        nisa.tensor_tensor(neg_m, neg_rowmax, state.neg_m, nl.minimum, engine=gpsimd)
-        alpha = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(alpha, neg_m, state.neg_m, nl.subtract, engine=gpsimd)
-        nisa.activation(alpha, nl.exp, alpha)                       # exp(m_old - m_new)
+        neg_rowmax = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, :, col0:col1], axis=2, negate=True)
+        if state.first and neg_sink is None:
+            nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP)   # GpSimd: rsqrt only
+        else:
+            operand = start if not state.first else neg_sink.broadcast(1, n)
+            nisa.tensor_tensor(neg_m, neg_rowmax, operand, nl.minimum, engine=gpsimd)
+        sign = 1.0
     rowsum = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
     for j in range(n):
         end = col1 if ends is None else ends[j]
         # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
-        nisa.activation(probs[:, j, col0:end], nl.exp, scores[:, j, col0:end], bias=neg_m[:, j:j + 1],
+        nisa.activation(probs[:, j, col0:end], nl.exp, scores[:, j, col0:end], bias=neg_m[:, j:j + 1], scale=sign,
                         reduce_op=nl.add, reduce_res=rowsum[:, j:j + 1],
                         reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    if not state.first:
+        alpha = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
+        if n == 1:
+            nisa.activation(alpha, nl.exp, state.neg_m, bias=neg_m, scale=-1.0)   # exp(m_old - m_new)
+        else:
+            nisa.tensor_tensor(alpha, neg_m, state.neg_m, nl.subtract, engine=gpsimd)
+            nisa.activation(alpha, nl.exp, alpha)
     if alpha is not None:
         denom = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor(denom, state.denom, alpha, nl.multiply, engine=gpsimd)
@@ -206,31 +246,51 @@ def softmax_transposed(scores, batch, state: RowState, neg_sink, ends, evict: Ev
 
 def transpose_probs(probs, width: int, evict: EvictEngines, dma_share: Share):
     """P [rows, n, >= 128 * ceil(width / 128)] bf16 (zero past `width`) -> P^T in SBUF as
-    [128 keys, n, key tile, rows].
+    [128 keys, n, key tile, rows]: `start_transpose` then `finish_transpose`."""
+    return finish_transpose(start_transpose(probs, width, dma_share), evict)
 
-    Most 128 x 128 blocks go through TensorE transposes into PSUM, evicted one PSUM bank at a
-    time; the last `dma_share` of them through SBUF -> SBUF DMA transposes."""
+
+class Transposing(nl.NKIObject):
+    """P^T on its way to SBUF: `probs_t` [128 keys, n, key tile, rows] (its DMA-transposed blocks
+    already written), the first `n_pe` blocks still in `psum` (None when there are none)."""
+    probs_t: object
+    psum: object
+    n_pe: int
+
+
+def start_transpose(probs, width: int, dma_share: Share):
+    """The transposes of P's 128 x 128 blocks: most by TensorE into PSUM (evicted by
+    `finish_transpose`), the last `dma_share` of them by one SBUF -> SBUF DMA transpose."""
     rows, n = probs.shape[0], probs.shape[1]
     n_kt = (width + P_MAX - 1) // P_MAX
     blocks = [(j, kt) for j in range(n) for kt in range(n_kt)]
     n_pe = len(blocks) - dma_share.take_count(len(blocks))
     probs_t = nl.ndarray((P_MAX, n, n_kt, rows), dtype=nl.bfloat16, buffer=nl.sbuf)
-    flat_t = probs_t.reshape((P_MAX, n * n_kt, rows))
+    psum = None
     if n_pe:
         # blocks at a 128-column stride, so none straddles a PSUM bank whatever `rows` is
-        probs_t_psum = nl.ndarray((P_MAX, n_pe, P_MAX), dtype=nl.bfloat16, buffer=nl.psum)
+        psum = nl.ndarray((P_MAX, n_pe, P_MAX), dtype=nl.bfloat16, buffer=nl.psum)
         for i, (j, kt) in enumerate(blocks[:n_pe]):
-            nisa.nc_transpose(probs_t_psum[:, i, 0:rows], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
-        per_bank = BANK_FP32 * 4 // (P_MAX * 2)          # bf16 [128, 128] blocks per PSUM bank
-        for b0 in range(0, n_pe, per_bank):
-            b1 = min(n_pe, b0 + per_bank)
-            evict.copy(flat_t[:, b0:b1, :], probs_t_psum[:, b0:b1, 0:rows])     # PSUM -> SBUF
+            nisa.nc_transpose(psum[:, i, 0:rows], probs[:, j, kt * P_MAX:(kt + 1) * P_MAX])
     if n_pe < len(blocks):
         # SBUF -> SBUF: the remaining blocks (a suffix in (tile, key tile) order) in one 3-D DMA
         # transpose, [rows, block, 128 keys] -> [128 keys, block, rows]
+        flat_t = probs_t.reshape((P_MAX, n * n_kt, rows))
         blocks_src = probs.reshape((rows, n * n_kt, P_MAX))
         nisa.dma_transpose(flat_t[:, n_pe:, :], blocks_src[:, n_pe:, :], axes=(2, 1, 0))
-    return probs_t
+    return Transposing(probs_t, psum, n_pe)
+
+
+def finish_transpose(tr: Transposing, evict: EvictEngines):
+    """Evict the TensorE-transposed blocks PSUM -> SBUF one PSUM bank at a time; returns P^T."""
+    if tr.n_pe:
+        _, n, n_kt, rows = tr.probs_t.shape
+        flat_t = tr.probs_t.reshape((P_MAX, n * n_kt, rows))
+        per_bank = BANK_FP32 * 4 // (P_MAX * 2)          # bf16 [128, 128] blocks per PSUM bank
+        for b0 in range(0, tr.n_pe, per_bank):
+            b1 = min(tr.n_pe, b0 + per_bank)
+            evict.copy(flat_t[:, b0:b1, :], tr.psum[:, b0:b1, 0:rows])
+    return tr.probs_t
 
 
 def zero_probs_margins(probs, lead: int, width: int):

@@ -84,8 +84,8 @@ from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch
 from mimo_kernels.checks import KernelInputError
 from .flash import (BANK_FP32, MASK_BIAS, P_MAX, EvictEngines, RowState, RowTile, Share, contraction_tiles,
-                    load_key_tiles, mask_matmuls, pv_matmuls, qk_matmuls, score_tile, softmax_probs,
-                    tile_batches, transpose_probs, update_output)
+                    QkJob, load_key_tiles, mask_matmuls, pv_matmuls, qk_batch_matmuls, score_tile, softmax_probs,
+                    finish_transpose, start_transpose, tile_batches, update_output)
 from .host import check_attention_shapes, from_rows, kv_layout, sink_per_row, to_rows_t
 
 SUPER_TOKENS = 512                              # tokens whose row tiles share one K/V chunk load
@@ -93,7 +93,8 @@ HEAD_GROUP_SBUF_BYTES = 64 * 1024               # per partition: a head group's 
 PIPELINE_SCORE_COLUMNS = 2 * BANK_FP32          # fp32 score columns of a batch: two score tiles in flight
 PREFILL_CHUNK_KEYS = PIPELINE_SCORE_COLUMNS     # keys per softmax step
 FIRST_BLOCK_Q_PIECES = 2                        # the first block's Q^T loads in this many column pieces
-OUTPUT_STAGE = 2                                # steps from a batch's softmax to its P V (run_pipeline; >= 1)
+# run_pipeline's stages: (name, steps behind the newest work), in issue order within a step
+PIPELINE_STAGES = (("evict", 3), ("scores", 0), ("softmax", 1), ("transpose", 2), ("pv", 4), ("update", 5))
 LAST_BLOCK_STORE_PIECES = 2                     # the last block's result stores in this many tile pieces
 SPLIT_ELEMENTS = 4096                           # per partition: a <= 64-partition load this big goes as two
 # The engine shares by attention type and length (module docstring), swept under the cost model:
@@ -350,13 +351,14 @@ class SuperBlock(nl.NKIObject):
 
 class BatchWork(nl.NKIObject):
     """One TileBatch of one head of a super block against one key chunk, and what its pipeline
-    stages hand on: scores (PSUM) -> alpha and P (SBUF) -> P^T -> the output update."""
+    stages hand on: scores (PSUM) -> alpha and P (SBUF) -> P^T (PSUM, then SBUF) -> P V (PSUM)."""
 
     def __init__(self, block: SuperBlock, h: int, batch, chunk, k_sb, v_sb):
         self.block, self.h, self.batch, self.chunk = block, h, batch, chunk
         self.k_sb, self.v_sb = k_sb, v_sb
         self.prefetch = False             # starting this work loads the next key chunk
         self.scores = self.state = self.ends = self.alpha = self.probs = self.probs_t = None
+        self.transposing = self.o_psum = None
 
 
 def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
@@ -376,14 +378,18 @@ def chunk_works(setup: PrefillSetup, tensors, block: SuperBlock, chunk):
 
 
 def run_pipeline(setup: PrefillSetup, tensors, blocks):
-    """Every BatchWork of the super blocks through four stages, issued skewed so that in program
-    order each engine has independent work queued while the stage before it finishes:
+    """Every BatchWork of the super blocks through six stages, one engine's work each, issued
+    skewed (PIPELINE_STAGES: name, steps behind the newest work, in issue order within a step), so
+    that what an instruction reads was written a step earlier and no engine's in-order queue waits
+    on another engine's work of the same step:
 
-        scores(i + 1)   QK and mask matmuls (TensorE)
-        softmax(i)      row max, exp (VectorE, ScalarE, GpSimd bookkeeping)
-        transpose(i-1)  P^T by TensorE (evicted by VectorE / ScalarE) or DMA
-        output(i-2)     P V (TensorE), output update (VectorE / ScalarE), a store piece once
-                        its row tiles are done (SuperBlock.finished)
+        scores      QK and mask matmuls (TensorE)
+        softmax     row max (VectorE), bookkeeping (GpSimd), exp (ScalarE)
+        transpose   P^T by TensorE into PSUM (or by DMA)
+        evict       P^T PSUM -> SBUF (VectorE / ScalarE)
+        pv          P V (TensorE)
+        update      output update (VectorE / ScalarE / GpSimd), a store piece once its row tiles
+                    are done (SuperBlock.finished)
 
     Two score tiles are live at once (hence PIPELINE_SCORE_COLUMNS, 2 PSUM banks each). Key chunks
     (and a block's Q^T with its first chunk) are loaded one chunk ahead: the next when the first
@@ -394,7 +400,8 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
             plan.append((block, chunk))
     queue = []
     loaded = 0
-    flight = [None] * (OUTPUT_STAGE + 1)          # works in flight: [i] is i + 1 stages behind the scores
+    depth = max([lag for _, lag in PIPELINE_STAGES])
+    flight = [None] * depth            # works in flight: [i] is i + 1 steps behind the newest
     while loaded < len(plan) or queue or any([w is not None for w in flight]):
         if not queue and loaded < len(plan):
             queue = chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
@@ -405,14 +412,27 @@ def run_pipeline(setup: PrefillSetup, tensors, blocks):
             if work.prefetch and loaded < len(plan):
                 queue = queue + chunk_works(setup, tensors, plan[loaded][0], plan[loaded][1])
                 loaded += 1
-            work.scores = prefill_scores(setup, work)
-        if flight[0] is not None:
-            softmax_stage(flight[0])
-        if flight[1] is not None:
-            transpose_stage(setup, flight[1])
-        if flight[OUTPUT_STAGE] is not None:
-            output_stage(setup, flight[OUTPUT_STAGE], tensors.out)
-        flight = [work] + flight[:OUTPUT_STAGE]
+        for stage, lag in PIPELINE_STAGES:
+            w = work if lag == 0 else flight[lag - 1]
+            if w is not None:
+                run_stage(setup, stage, w, tensors.out)
+        flight = [work] + flight[:depth - 1]
+
+
+def run_stage(setup: PrefillSetup, stage: str, work: BatchWork, out):
+    if stage == "scores":
+        work.scores = prefill_scores(setup, work)
+    elif stage == "softmax":
+        softmax_stage(work)
+    elif stage == "transpose":
+        transpose_stage(setup, work)
+    elif stage == "evict":
+        work.probs_t = finish_transpose(work.transposing, setup.evict)
+        work.transposing = None
+    elif stage == "pv":
+        pv_stage(work)
+    else:
+        update_stage(setup, work, out)
 
 
 def softmax_stage(work: BatchWork):
@@ -432,28 +452,33 @@ def softmax_stage(work: BatchWork):
 
 
 def transpose_stage(setup: PrefillSetup, work: BatchWork):
-    """P^T of the work's batch: all its blocks by TensorE or all by one DMA transpose (each
+    """The transposes of the work's P: all its blocks by TensorE or all by one DMA transpose (each
     transfer pays its setup), keeping the DMA share near `dma_transpose_share`."""
     batch = work.batch
     n_blocks = batch.count * ((batch.width + P_MAX - 1) // P_MAX)
     by_dma = setup.all_by_dma if setup.dma_share.take_all(n_blocks) else setup.none_by_dma
-    work.probs_t = transpose_probs(work.probs, batch.width, setup.evict, by_dma)
+    work.transposing = start_transpose(work.probs, batch.width, by_dma)
     work.probs = None
 
 
-def output_stage(setup: PrefillSetup, work: BatchWork, out):
-    """P V of the work's tiles into PSUM and the output update; stores the block after its last work."""
-    batch, block = work.batch, work.block
-    c0 = work.chunk[0]
-    tiles = block.tiles[work.h]
-    o_psum = nl.ndarray((batch.rows, batch.count, work.v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
+def pv_stage(work: BatchWork):
+    """P V of the work's tiles into PSUM."""
+    batch, c0 = work.batch, work.chunk[0]
+    tiles = work.block.tiles[work.h]
+    work.o_psum = nl.ndarray((batch.rows, batch.count, work.v_sb.shape[-1]), dtype=nl.float32, buffer=nl.psum)
     for j, t in enumerate(batch.tiles()):
         # key tiles past the tile's own columns hold only zeros: skipped
         first_key = max(c0, tiles[t].key_start) - batch.lead
-        pv_matmuls(o_psum[:, j, :], work.probs_t[:, j], work.v_sb, (first_key - c0) // P_MAX, work.ends[j])
+        pv_matmuls(work.o_psum[:, j, :], work.probs_t[:, j], work.v_sb, (first_key - c0) // P_MAX, work.ends[j])
     work.probs_t = None
-    update_output(work.state, o_psum, work.alpha, block.result[0:batch.rows, work.h, batch.tile_slice(), :],
+
+
+def update_stage(setup: PrefillSetup, work: BatchWork, out):
+    """The output update of the work's tiles; stores a piece of the block when its tiles are done."""
+    batch, block = work.batch, work.block
+    update_output(work.state, work.o_psum, work.alpha, block.result[0:batch.rows, work.h, batch.tile_slice(), :],
                   setup.evict)
+    work.o_psum = None
     block.finished(setup, batch.tiles(), out)
 
 
@@ -478,12 +503,15 @@ def prefill_scores(setup: PrefillSetup, work: BatchWork):
     tiles = block.tiles[work.h]
     q_parts = [q_part[:, work.h, :] for q_part in block.q_sb]
     scores = score_tile(rows, batch.count, width)
+    jobs = []
+    for j, t in enumerate(batch.tiles()):
+        r0 = (tiles[t].token_start - block.s0) * setup.group
+        jobs.append(QkJob(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_parts], work.k_sb, lead, width,
+                          max(c0, tiles[t].key_start) - c0, True))
+    qk_batch_matmuls(jobs)
     for j, t in enumerate(batch.tiles()):
         q0, q1 = tiles[t].token_start, tiles[t].token_end
         a = max(c0, tiles[t].key_start)
-        r0 = (q0 - block.s0) * setup.group
-        qk_matmuls(scores[:, j, :], [q_part[:, r0:r0 + rows] for q_part in q_parts], work.k_sb, lead, width,
-                   a - c0, first=True)
         a_aligned = a - lead
         for m0, m1 in boundary_regions(q0, q1, a, a_aligned + width, setup.window):
             mask_matmuls(scores[:, j, :], setup.onehot[0:q1 - q0, 0:rows], setup.indicator(q1 - q0, m1 - m0, m0 - q0),

@@ -908,8 +908,12 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
 
 
 def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,
-                         name=None):
-    """``dst = data op0 operand0`` and ``reduce_res[P, 1] = reduce_op`` over all free elements."""
+                         reduce_cmd=reduce_cmd.reset_reduce, reduce_init=None, reduce_res_negate=False, name=None):
+    """``dst = data op0 operand0`` and a ``reduce_op`` over all its free elements through the VectorE
+    accumulator registers: ``reduce_cmd`` ``reset_reduce`` starts from the op's identity, ``reduce``
+    continues the accumulators (shared with the other VectorE accumulating instructions),
+    ``load_reduce`` starts from ``reduce_init`` (a number or a [P, 1] tile).  ``reduce_res[P, 1]``
+    receives the accumulators (negated with ``reduce_res_negate``)."""
     instr = "tensor_scalar_reduce"
     ctx = _current("nisa.tensor_scalar_reduce")
     alu0, red = ops.alu(op0, instr, "op0"), ops.alu(reduce_op, instr, "reduce_op")
@@ -918,19 +922,47 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
                                     f"operators are supported")
     if red.name not in ("add", "multiply", "maximum", "minimum"):
         raise _err.UnsupportedError(f"{instr}: reduce_op must be add, multiply, maximum or minimum")
+    rc = globals()["reduce_cmd"]
+    if reduce_cmd not in (rc.reset_reduce, rc.reduce, rc.load_reduce):
+        raise _err.UnsupportedError(f"{instr}: reduce_cmd must be reset_reduce, reduce or load_reduce, "
+                                    f"got {reduce_cmd!r}")
+    if (reduce_init is not None) != (reduce_cmd is rc.load_reduce):
+        raise _err.UnsupportedError(f"{instr}: reduce_init is set exactly when reduce_cmd is load_reduce")
     data = _in(instr, "data", data)
     dst = _in(instr, "dst", dst)
     p = _same_partitions(instr, dst=dst, data=data)
     _same_free(instr, "dst", dst, "data", data)
     o0 = None if alu0.kind == "unary" else _scalar_operand(instr, "operand0", operand0, p)
     values = _apply_scalar_op(alu0, _vals(data, instr, "data"), o0, reverse0)
+    reduced = red.reduce(values, axis=1).astype(np.float32)
+    acc = _vector_accumulator(ctx)
+    if reduce_cmd is rc.reset_reduce:
+        acc["value"][:p] = reduced
+    else:
+        if reduce_cmd is rc.load_reduce:
+            start = _scalar_operand(instr, "reduce_init", reduce_init, p)
+            acc["value"][:p] = np.broadcast_to(np.asarray(start, np.float32).reshape(-1), (p,))
+        elif not acc["valid"][:p].all():
+            raise _err.UninitializedReadError(f"{instr}: reduce_cmd=reduce reads VectorE accumulators "
+                                              f"0..{p - 1} that were never reset; start with reset_reduce")
+        acc["value"][:p] = red.fn(acc["value"][:p], reduced)
+    acc["valid"][:p] = True
     _store(dst, values, instr)
     if reduce_res is not None:
         reduce_res = _in(instr, "reduce_res", reduce_res)
         if reduce_res.partitions != p or reduce_res.free_size != 1:
             raise _err.ShapeMismatchError(f"{instr}: reduce_res {reduce_res.describe()} must be [{p}, 1]")
-        _store(reduce_res, red.reduce(values, axis=1).astype(np.float32), instr)
+        result = acc["value"][:p].reshape(p, 1)
+        _store(reduce_res, -result if reduce_res_negate else result, instr)
     ctx.cost.compute("VectorE", instr, p, data.free_size, _bytes(data, dst, reduce_res))
+
+
+def _vector_accumulator(ctx) -> dict:
+    """VectorE accumulator registers (one fp32 per partition lane), created on first use."""
+    acc = ctx.__dict__.get("vector_acc")
+    if acc is None:
+        acc = ctx.__dict__["vector_acc"] = {"value": np.zeros(128, np.float32), "valid": np.zeros(128, bool)}
+    return acc
 
 
 def tensor_copy(dst, src, engine=engine.unknown, name=None):

@@ -15,7 +15,7 @@ from .context import current
 from .errors import DtypeError, PartitionMismatchError, ShapeMismatchError, UninitializedReadError, \
     UnsupportedError
 from .isa import (_bytes, _in, _not_both_psum, _raw, _same_free, _same_partitions, _scalar_operand,
-                  _store, _vals, fp32, reduce_cmd)
+                  _store, _vals, fp32, reduce_cmd, _vector_accumulator)
 from .memory import runtime_int
 
 
@@ -93,14 +93,6 @@ def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
 
 
 _RANGE_COMPARES = ("equal", "less", "less_equal", "greater", "greater_equal")
-
-
-def _vector_accumulator(ctx) -> dict:
-    """VectorE accumulator registers (one fp32 per partition lane), created on first use."""
-    acc = ctx.__dict__.get("vector_acc")
-    if acc is None:
-        acc = ctx.__dict__["vector_acc"] = {"value": np.zeros(128, np.float32), "valid": np.zeros(128, bool)}
-    return acc
 
 
 def range_select(dst, on_true_tile, comp_op0, comp_op1, bound0, bound1, reduce_cmd=reduce_cmd.reset_reduce,
