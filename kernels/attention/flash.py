@@ -169,44 +169,31 @@ def softmax_step(scores, probs, col0: int, col1: int, state: RowState, neg_sink=
     `neg_sink` [rows, 1] (-sink per row) or None, `ends` None or per tile the end of its own
     columns (<= col1; the batch's later columns are masked for it: exp() is skipped there and
     the caller zeroes them). Updates `state` (-m, l) and returns alpha = exp(m_old - m_new)
-    [rows, n] (None on the first step). A lone tile (n = 1) leaves -S in `scores`. The [rows, n]
-    bookkeeping runs on GpSimd, which is otherwise idle."""
+    [rows, n] (None on the first step). Leaves -S in the tiles' own columns of `scores`. The
+    denominator bookkeeping runs on GpSimd, which is otherwise idle."""
     rows, n = state.rows, state.n
     gpsimd = nisa.gpsimd_engine
     neg_m = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-    alpha = None
-    # the running -m starts at the sink's -logit (the sink is the first "key") or at NEG_MAX_CAP
-    start = state.neg_m if not state.first else NEG_MAX_CAP if neg_sink is None else neg_sink
-    if n == 1:
-        # one VectorE pass: the scores negated in place, -m = min(-m_old, min(-S)) through the
-        # accumulator loaded with -m_old; the exp below undoes the negation with scale=-1
-        nisa.tensor_scalar_reduce(scores[:, 0, col0:col1], scores[:, 0, col0:col1], nl.multiply, -1.0,
-                                  reduce_op=nl.minimum, reduce_res=neg_m, reduce_cmd=nisa.reduce_cmd.load_reduce,
+    spans = [(col0, col1 if ends is None else ends[j]) for j in range(n)]
+    for j, (a, b) in enumerate(spans):
+        # the running -m starts at the sink's -logit (the sink is the first "key") or NEG_MAX_CAP
+        start = state.neg_m[:, j:j + 1] if not state.first else NEG_MAX_CAP if neg_sink is None else neg_sink
+        # one VectorE pass over the tile's own columns: the scores negated in place, and
+        # -m = min(-m_old, min(-S)) through the accumulator loaded with -m_old
+        nisa.tensor_scalar_reduce(scores[:, j, a:b], scores[:, j, a:b], nl.multiply, -1.0, reduce_op=nl.minimum,
+                                  reduce_res=neg_m[:, j:j + 1], reduce_cmd=nisa.reduce_cmd.load_reduce,
                                   reduce_init=start)
-        sign = -1.0
-    else:
-        neg_rowmax = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(neg_rowmax, nl.maximum, scores[:, :, col0:col1], axis=2, negate=True)
-        if state.first and neg_sink is None:
-            nisa.tensor_scalar(neg_m, neg_rowmax, nl.minimum, NEG_MAX_CAP)   # GpSimd: rsqrt only
-        else:
-            operand = start if not state.first else neg_sink.broadcast(1, n)
-            nisa.tensor_tensor(neg_m, neg_rowmax, operand, nl.minimum, engine=gpsimd)
-        sign = 1.0
     rowsum = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-    for j in range(n):
-        end = col1 if ends is None else ends[j]
-        # PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
-        nisa.activation(probs[:, j, col0:end], nl.exp, scores[:, j, col0:end], bias=neg_m[:, j:j + 1], scale=sign,
-                        reduce_op=nl.add, reduce_res=rowsum[:, j:j + 1],
-                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    for j, (a, b) in enumerate(spans):
+        # exp(-(-S) - m) PSUM -> SBUF as bf16 probabilities; the row sums come from the fp32 values
+        nisa.activation(probs[:, j, a:b], nl.exp, scores[:, j, a:b], bias=neg_m[:, j:j + 1], scale=-1.0,
+                        reduce_op=nl.add, reduce_res=rowsum[:, j:j + 1], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    alpha = None
     if not state.first:
         alpha = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
-        if n == 1:
-            nisa.activation(alpha, nl.exp, state.neg_m, bias=neg_m, scale=-1.0)   # exp(m_old - m_new)
-        else:
-            nisa.tensor_tensor(alpha, neg_m, state.neg_m, nl.subtract, engine=gpsimd)
-            nisa.activation(alpha, nl.exp, alpha)
+        for j in range(n):
+            nisa.activation(alpha[:, j:j + 1], nl.exp, state.neg_m[:, j:j + 1], bias=neg_m[:, j:j + 1],
+                            scale=-1.0)                                 # exp(m_old - m_new)
     if alpha is not None:
         denom = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor(denom, state.denom, alpha, nl.multiply, engine=gpsimd)
