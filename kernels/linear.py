@@ -63,6 +63,11 @@ PSUM_BANK_BYTES = nl.tile_size.psum_bank_fmax_bytes
 
 X_T_BUDGET = 64 * 1024        # SBUF bytes per partition for the transposed token group
 WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight column group
+# Prefill with a large K (the dense MLP's down projection, K = 16384): weights in K parts, so the
+# x^T of a token group may take more (each group streams all the weights once) and the group's
+# accumulators stay open in PSUM over K.
+K_SPLIT_X_T_BUDGET = 128 * 1024
+K_SPLIT_PSUM_BANKS = 4
 # Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
 # partition and row, the run length from which the DMA engines reach their rate. The budget is
 # shared by the weights of a group (gate and up), and two groups are live at a time (the next
@@ -195,28 +200,30 @@ def _scale_columns(scale, nb0, blocks):
     return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
 
 
-def _load_raw_columns(w, n0, cols, k_chunks):
-    """Weight columns n0 .. n0+cols-1 as stored, SBUF [128, K/128, cols], by one DMA per entry of
-    `k_chunks` (K blocks each; cols-element runs per partition)."""
-    raw = nl.ndarray((P, w.shape[0] // P, cols), dtype=w.dtype, buffer=nl.sbuf)
+def _load_raw_columns(w, n0, cols, k_chunks, kb0=0):
+    """Weight columns n0 .. n0+cols-1 of the K blocks kb0 .. kb0+sum(k_chunks)-1 as stored, SBUF
+    [128, sum(k_chunks), cols], by one DMA per entry of `k_chunks` (K blocks each; cols-element
+    runs per partition)."""
+    raw = nl.ndarray((P, sum(k_chunks), cols), dtype=w.dtype, buffer=nl.sbuf)
     columns = _weight_columns(w, n0, cols)
     k0 = 0
     for kn in k_chunks:
-        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, k0:k0 + kn, :])
+        nisa.dma_copy(dst=raw[:, k0:k0 + kn, :], src=columns[:, kb0 + k0:kb0 + k0 + kn, :])
         k0 += kn
     return raw
 
 
-def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None):
-    """Weight columns n0 .. n0+cols-1 as bf16 SBUF [128, K/128, cols] (FP8: dequantised on chip,
-    the engines taking turns from `first_turn`); `k_chunks`: K blocks per DMA (default one DMA)."""
-    KT = w.shape[0] // P
-    raw = _load_raw_columns(w, n0, cols, [KT] if k_chunks is None else k_chunks)
+def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
+    """Weight columns n0 .. n0+cols-1 of K blocks kb0 .. kb0+kbs-1 (default all) as bf16 SBUF
+    [128, kbs, cols] (FP8: dequantised on chip, the engines taking turns from `first_turn`);
+    `k_chunks`: K blocks per DMA (default one DMA)."""
+    KT = w.shape[0] // P - kb0 if kbs is None else kbs
+    raw = _load_raw_columns(w, n0, cols, [KT] if k_chunks is None else k_chunks, kb0)
     if scale is None:
         return raw
     blocks = cols // P
     scales = nl.ndarray((P, KT, blocks), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=scales, src=_scale_columns(scale, n0 // P, blocks))
+    nisa.dma_copy(dst=scales, src=_scale_columns(scale, n0 // P, blocks)[:, kb0:kb0 + KT, :])
     tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
     per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
     tile_blocks, raw_blocks = tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P))
@@ -327,8 +334,9 @@ def _store(pending, y, epilogue):
     pending.clear()
 
 
-def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hooks):
-    """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it.
+def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, columns, hooks):
+    """Tokens g0 .. g0+tg-1: x^T resident, every weight column group streamed once past it, in
+    parts of `k_part` K blocks (fewer than K / 128: `_k_split_column_group`).
     `columns` = (share, shares): this program takes column groups share, share + shares, ...
 
     A function of its own so that the group's x^T is freed before the next group's is loaded.
@@ -349,6 +357,9 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
     pending_bytes = 0                                              # per partition
     for n0 in range(share * col_group, N, shares * col_group):
         cols = min(col_group, N - n0)
+        if k_part < KT:
+            _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending, epilogue)
+            continue
         k_chunks = tail_chunks(KT) if decode and n0 + shares * col_group >= N else None
         tiles = [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
         if not decode or pending_bytes >= STORE_BATCH_BYTES:
@@ -369,14 +380,49 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, y, columns, hook
     _store(pending, y, None if decode else epilogue)
 
 
+def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending, epilogue):
+    """Columns n0 .. n0+cols-1 of every token block of the group, the weights streamed in parts of
+    `k_part` K blocks: each part's matmuls accumulate into the blocks' PSUM accumulators, which
+    stay open over K. (A large K in one tile would leave the weight budget only 128 columns, whose
+    256-byte runs the DMA streams at half its rate; and the token group x^T could not grow.) The
+    pending outputs are stored after the first part's loads are issued."""
+    KT, tg = x_t.shape[1], x_t.shape[2]
+    blocks = [(b0, min(P, tg - b0)) for b0 in range(0, tg, P)]
+    accs = [[nl.ndarray((tb, cols), dtype=nl.float32, buffer=nl.psum) for _ in weights] for _, tb in blocks]
+    for kb0 in range(0, KT, k_part):
+        kbs = min(k_part, KT - kb0)
+        tiles = [load_weight_tile(w, s, n0, cols, i, None, kb0, kbs)
+                 for i, (w, s) in enumerate(zip(weights, scales))]
+        if kb0 == 0:
+            _store(pending, y, epilogue)
+        for (b0, tb), block_accs in zip(blocks, accs):
+            for tile, acc in zip(tiles, block_accs):
+                for kt in range(kbs):
+                    nisa.nc_matmul(dst=acc, stationary=x_t[:, kb0 + kt, b0:b0 + tb], moving=tile[:, kt, :],
+                                   accumulate=kb0 + kt > 0)
+    for (b0, tb), block_accs in zip(blocks, accs):
+        y_tile = nl.ndarray((tb, cols), dtype=y.dtype, buffer=nl.sbuf)
+        evict(y_tile, block_accs, n0 // MOVING_FMAX + b0 // P)
+        pending.append((y_tile, g0 + b0, n0))
+
+
 def _project_weights_moving(x, weights, scales, y, hooks):
     """With several token groups the programs of LNC=2 take whole groups (rows), otherwise column
-    groups: every output element is written by one program, and x^T is loaded once per group."""
+    groups: every output element is written by one program, and x^T is loaded once per group.
+    At prefill a K too large for MOVING_FMAX columns of all K in WEIGHT_BUDGET streams its weights
+    in K parts (`_k_split_column_group`), with a larger x^T budget and at most K_SPLIT_PSUM_BANKS
+    accumulators."""
     T, K = x.shape
     KT = K // P
     token_group = min(MAX_TOKEN_GROUP, max(P, X_T_BUDGET // (KT * 2) // P * P))
+    k_part = KT
     if T <= WEIGHTS_STATIONARY_MAX_TOKENS:     # decode: x^T is small, so larger weight groups fit
         col_group = max(P, min(STATIONARY_COLS, STATIONARY_WEIGHT_BUDGET // (KT * 2 * len(weights)) // P * P))
+    elif WEIGHT_BUDGET // (KT * 2) < MOVING_FMAX:
+        col_group = MOVING_FMAX
+        k_part = WEIGHT_BUDGET // (MOVING_FMAX * 2)
+        token_group = min(K_SPLIT_PSUM_BANKS // len(weights) * P,
+                          max(P, K_SPLIT_X_T_BUDGET // (KT * 2) // P * P))
     else:
         col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
     groups = list(range(0, T, token_group))
@@ -386,7 +432,8 @@ def _project_weights_moving(x, weights, scales, y, hooks):
     else:
         columns = (share, shares)
     for g0 in groups:
-        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, y, columns, hooks)
+        _project_token_group(x, g0, min(token_group, T - g0), weights, scales, col_group, k_part, y, columns,
+                             hooks)
 
 
 def _load_all_scales(scale):
