@@ -19,6 +19,11 @@ weight loads are issued, so the weight stream never waits behind a store; at dec
 are stored in batches (every store between two weight loads, over all 16 DMA engines, holds one
 engine they wait for) and the last group streams in K chunks, so that only the matmuls of a
 small last chunk come after the last weight byte.
+At prefill a large K (o_proj's 8192, the dense MLP's 16384) would leave one column group only 128
+or 256 columns of all K in the weight budget (256- or 512-byte runs, streamed at half or two
+thirds of the DMA rate) and x^T only 256 or 512 tokens (every group reads all the weights): such
+weights stream as [128, 32 K blocks, 512 columns] parts into PSUM accumulators that stay open over
+K, with up to 512 tokens per group (`_k_split_column_group`).
 Per block of up to 128 tokens, one of two matmul forms:
 
 * weights moving (blocks of more than 64 tokens):
@@ -321,16 +326,25 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
 
 
 def _store(pending, y, epilogue):
-    """Store the pending output tiles [(y_tile, t0, n0)] (after `epilogue`) and empty the list.
+    """Store the pending outputs [(y_tile [rows, blocks, cols], t0, n0, tokens)] (after `epilogue`,
+    block by block) and empty the list: the tile's blocks hold tokens t0 .., `rows` each (the
+    last one ragged), columns n0 ..; the whole blocks go in one DMA.
 
     Called once the next column group's weight loads are issued: a store waits for its tile's
     matmuls and evictions, and issued first it would hold the DMA queues the weight stream
     needs, stalling that stream once per column group."""
-    for y_tile, t0, n0 in pending:
+    for y_tile, t0, n0, tokens in pending:
+        rows, blocks, cols = y_tile.shape
         if epilogue is not None:
-            epilogue(y_tile, t0, n0)
-        tb, cols = y_tile.shape
-        nisa.dma_copy(dst=y[t0:t0 + tb, n0:n0 + cols], src=y_tile)                 # SBUF -> HBM
+            for b in range(blocks):
+                epilogue(y_tile[0:min(rows, tokens - b * rows), b, :], t0 + b * rows, n0)
+        full = tokens // rows
+        if full:
+            dst = y[t0:t0 + full * rows, n0:n0 + cols].reshape((full, rows, cols))
+            nisa.dma_copy(dst=dst.permute((1, 0, 2)), src=y_tile[:, 0:full, :])             # SBUF -> HBM
+        if full < blocks:
+            tail = tokens - full * rows
+            nisa.dma_copy(dst=y[t0 + full * rows:t0 + tokens, n0:n0 + cols], src=y_tile[0:tail, full, :])
     pending.clear()
 
 
@@ -375,7 +389,7 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, colum
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
             if decode and epilogue is not None:
                 epilogue(y_tile, g0 + b0, n0)
-            pending.append((y_tile, g0 + b0, n0))
+            pending.append((y_tile.expand_dim(1), g0 + b0, n0, tb))
             pending_bytes += cols * _element_bytes(y.dtype)
     _store(pending, y, None if decode else epilogue)
 
@@ -385,7 +399,8 @@ def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending
     `k_part` K blocks: each part's matmuls accumulate into the blocks' PSUM accumulators, which
     stay open over K. (A large K in one tile would leave the weight budget only 128 columns, whose
     256-byte runs the DMA streams at half its rate; and the token group x^T could not grow.) The
-    pending outputs are stored after the first part's loads are issued."""
+    pending outputs are stored after the first part's loads are issued; the group's output tile
+    [128, blocks, cols] is stored by one DMA."""
     KT, tg = x_t.shape[1], x_t.shape[2]
     blocks = [(b0, min(P, tg - b0)) for b0 in range(0, tg, P)]
     accs = [[nl.ndarray((tb, cols), dtype=nl.float32, buffer=nl.psum) for _ in weights] for _, tb in blocks]
@@ -400,10 +415,10 @@ def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending
                 for kt in range(kbs):
                     nisa.nc_matmul(dst=acc, stationary=x_t[:, kb0 + kt, b0:b0 + tb], moving=tile[:, kt, :],
                                    accumulate=kb0 + kt > 0)
-    for (b0, tb), block_accs in zip(blocks, accs):
-        y_tile = nl.ndarray((tb, cols), dtype=y.dtype, buffer=nl.sbuf)
-        evict(y_tile, block_accs, n0 // MOVING_FMAX + b0 // P)
-        pending.append((y_tile, g0 + b0, n0))
+    y_tile = nl.ndarray((blocks[0][1], len(blocks), cols), dtype=y.dtype, buffer=nl.sbuf)
+    for b, ((b0, tb), block_accs) in enumerate(zip(blocks, accs)):
+        evict(y_tile[0:tb, b, :], block_accs, n0 // MOVING_FMAX + b)
+    pending.append((y_tile, g0, n0, tg))                             # one store for the blocks
 
 
 def _project_weights_moving(x, weights, scales, y, hooks):
@@ -473,7 +488,7 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
         _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile, step)
         if epilogue is not None:
             epilogue(y_tile, 0, nb0 * P)
-        pending.append((y_tile, 0, nb0 * P))
+        pending.append((y_tile.expand_dim(1), 0, nb0 * P, T))
     # All stores after the last weight load: a store between two weight loads would hold a DMA
     # engine the next load (over all 16) waits for; at the end the stores run side by side.
     _store(pending, y, None)

@@ -9,11 +9,13 @@ float8_e4m3 (or its uint8 bytes) with w_scale [K/128, H/128] fp32; residual [T, 
 norm_weight [H] bf16. Returns (s, y), both [T, H] in residual's dtype.
 
 The decoder layer runs o_proj and then add_rmsnorm on its result: two launches, the second paying a
-first-DMA latency (~2 us) and its own transfers for a few KiB at decode. Here o goes to an HBM
-scratch that the norm reads back straight away (the norm needs whole rows, and the projection
-produces them a column group at a time). LNC=2: the projection splits its columns between the
-programs, so o is shared HBM and a core barrier separates the two steps; the norm then splits
-the tokens.
+first-DMA latency (~2 us) and its own transfers for a few KiB at decode. Here, at prefill (more
+than 64 tokens, LNC=1), the add and the norm run in the projection's epilogue (`ResidualNorm`):
+each output tile becomes s = residual + o before the projection stores it, and a 128-token
+block's y goes out once all its columns are in, overlapping the projection of the rest. At
+decode, and at LNC=2 (where the programs split the columns, so neither sees whole rows), o goes
+to an HBM scratch that the norm reads back straight away (shared HBM and a core barrier at LNC=2;
+the norm then splits the tokens).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import numpy as np
 
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch, on_device
-from mimo_kernels.linear import BF16, kernel_weight, project
-from mimo_kernels.rmsnorm import rmsnorm_rows
+from mimo_kernels.linear import BF16, P, WEIGHTS_STATIONARY_MAX_TOKENS, kernel_weight, project
+from mimo_kernels.rmsnorm import broadcast_row, rmsnorm_rows
 
 
 @nki.jit
@@ -31,14 +33,64 @@ def linear_add_rmsnorm_kernel(a, w, residual, norm_weight, w_scale=None, eps=1e-
     T = a.shape[0]
     H = w.shape[1]
     shares = nl.num_programs(0)
+    total = nl.ndarray(residual.shape, dtype=residual.dtype, buffer=nl.shared_hbm)
+    y = nl.ndarray(residual.shape, dtype=residual.dtype, buffer=nl.shared_hbm)
+    if shares == 1 and T > WEIGHTS_STATIONARY_MAX_TOKENS:
+        project(a, (w,), (w_scale,), total, epilogue=ResidualNorm(residual, norm_weight, y, eps).add_tile)
+        return total, y
     o = nl.ndarray((T, H), dtype=a.dtype, buffer=nl.hbm if shares == 1 else nl.shared_hbm)
     project(a, (w,), (w_scale,), o)
     if shares > 1:
         nisa.core_barrier(o, (0, 1))
-    total = nl.ndarray(residual.shape, dtype=residual.dtype, buffer=nl.shared_hbm)
-    y = nl.ndarray(residual.shape, dtype=residual.dtype, buffer=nl.shared_hbm)
     rmsnorm_rows(residual, o, norm_weight, y, total, eps)
     return total, y
+
+
+class ResidualNorm(nl.NKIObject):
+    """The projection's epilogue at prefill (LNC=1): each output tile o [tokens, columns] becomes
+    s = residual + o in place (so the projection stores the new residual stream), its squares
+    summed per row on ScalarE; when a 128-token block has all its columns, y = s * rstd * weight
+    goes out. The block's residual rows are loaded once (one DMA) and receive s, so no o scratch
+    is written to HBM and read back, and a block's norm overlaps the projection of the next."""
+
+    def __init__(self, residual, norm_weight, y, eps):
+        T, H = residual.shape
+        self.residual, self.y, self.eps = residual, y, eps
+        w_row = nl.ndarray((1, H), dtype=norm_weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_row, src=norm_weight.reshape((1, H)))
+        self.weight_rows = nl.ndarray((P, H), dtype=norm_weight.dtype, buffer=nl.sbuf)
+        broadcast_row(w_row, self.weight_rows)
+        blocks = (T + P - 1) // P
+        self.rows = [None] * blocks          # per 128-token block: residual rows, then s
+        self.sums = [None] * blocks          # per block: squares summed per column tile [rows, H / 128]
+        self.done = [0] * blocks             # columns added so far
+
+    def add_tile(self, o_tile, t0, n0):
+        rows, cols = o_tile.shape
+        H = self.residual.shape[1]
+        b = t0 // P
+        if self.rows[b] is None:
+            self.rows[b] = nl.ndarray((rows, H), dtype=self.residual.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=self.rows[b], src=self.residual[t0:t0 + rows, :])
+            self.sums[b] = nl.ndarray((rows, H // P), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(dst=self.sums[b], value=0.0, engine=nisa.engine.gpsimd)
+        s = self.rows[b][:, n0:n0 + cols]
+        nisa.tensor_tensor(dst=s, data1=s, data2=o_tile, op=nl.add)                       # VectorE
+        nisa.tensor_copy(dst=o_tile, src=s, engine=nisa.engine.gpsimd)
+        squares = nl.ndarray((rows, cols), dtype=nl.float32, buffer=nl.sbuf)             # by-product
+        nisa.activation(dst=squares, op=nl.square, data=s, reduce_op=nl.add,
+                        reduce_res=self.sums[b][:, n0 // P:n0 // P + 1], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        self.done[b] += cols
+        if self.done[b] == H:
+            sum_sq = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_reduce(dst=sum_sq, op=nl.add, data=self.sums[b], axis=1)
+            rstd = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=self.eps)
+            y_rows = nl.ndarray((rows, H), dtype=self.y.dtype, buffer=nl.sbuf)
+            nisa.scalar_tensor_tensor(dst=y_rows, data=self.rows[b], op0=nl.multiply, operand0=rstd,
+                                      op1=nl.multiply, operand1=self.weight_rows[0:rows, :])
+            nisa.dma_copy(dst=self.y[t0:t0 + rows, :], src=y_rows)
+            self.rows[b], self.sums[b] = None, None
 
 
 def linear_add_rmsnorm(a, weight, residual, norm_weight, scale=None, eps=1e-5, dtype=BF16, report=False):

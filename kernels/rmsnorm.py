@@ -43,7 +43,7 @@ PSUM_FMAX = nl.tile_size.psum_bank_fmax      # fp32 elements of one PSUM bank pe
 TOKEN_MAJOR_MIN_ROWS = 32
 
 
-def _broadcast_row(row, rows_out):
+def broadcast_row(row, rows_out):
     """Copy `row` [1, H] (SBUF) to every partition of `rows_out` [P, H] (SBUF) on TensorE.
 
     out[p, h] = ones[0, p] * row[0, h]: a K=1 matmul per 512 columns into PSUM, evicted by ScalarE.
@@ -155,7 +155,7 @@ def rmsnorm_rows(x, delta, weight, y, total, eps):
         w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
         weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
-        _broadcast_row(w_row, weight_rows)
+        broadcast_row(w_row, weight_rows)
     if False in layouts:
         if not (H % P == 0):
             raise KernelInputError(

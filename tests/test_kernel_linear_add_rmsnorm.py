@@ -57,6 +57,13 @@ def test_small_shapes(tokens, fp8):
     run(tokens, 1024, 256, fp8, seed=tokens)
 
 
+def test_prefill_fused_norm_over_token_groups_and_column_groups():
+    """Past 64 tokens the norm runs in the projection's epilogue: K = 8192 streams in K parts with
+    512-token groups, so 600 tokens make two groups (the second one 88-token block) and H = 1536
+    three 512-column groups, each 128-token block normalised once all three have been added."""
+    run(600, 8192, 1536, seed=11)
+
+
 @pytest.mark.parametrize("tokens, in_features, hidden", [(1, 8192, 4096), (64, 1024, 256), (130, 1024, 256)])
 def test_lnc2_splits_projection_then_tokens(lnc1_and_lnc2, tokens, in_features, hidden):
     """At LNC=2 the cores split o's columns (shared HBM, then a core barrier) and then the tokens
