@@ -12,10 +12,14 @@ matmul computes the scores of every head of the group, and a window of W keys co
 Q arrives multiplied by the softmax scale (on the device the scale folds into W_q), so the PSUM
 scores are the logits. Per row tile and key chunk (up to 1024 keys = 2 PSUM banks of fp32):
 
-    S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM
+    S      = Q K^T               TensorE, 128 + 64 contraction rows accumulated in PSUM (the
+                                 64-row passes of two PSUM banks side by side on the two row
+                                 halves of the PE array)
     S     += onehot^T @ masked   TensorE, only on boundary columns (causal diagonal, window edge)
-    m      = max(m, rowmax(S))                                          VectorE reduce, GpSimd max
-    P      = exp(S - m), rowsum  ScalarE (P in bf16), per tile only up to its last unmasked key
+    -m     = min(-m, min(-S))    VectorE, one tensor_scalar_reduce per tile: S negated in place,
+                                 the accumulator loaded with -m (reduce_cmd=load_reduce)
+    P      = exp(S - m), rowsum  ScalarE (P in bf16; scale -1 undoes the negation), per tile only
+                                 up to its last unmasked key
     P^T    = transpose(P)        TensorE 128 x 128 blocks evicted PSUM -> SBUF, or DMA transposes
     O      = O * exp(m_old - m) + P^T^T @ V                             TensorE + VectorE (fp32)
     l      = l * exp(m_old - m) + rowsum                                GpSimd
@@ -32,11 +36,13 @@ boundary region instead of a VectorE pass over the scores.
 Pipeline (the cost model schedules each engine's instructions in program order, an instruction
 waiting for the data it reads, so a batch's chain QK -> row max -> exp -> P transposes -> PV ->
 output update issued in one piece leaves every engine waiting for the one before it: at T = 512
-the old order took 430 us against 131 us of busiest-engine time). Every batch is a `BatchWork`
-that `run_pipeline` moves through four stages issued skewed: the scores of batch i + 1, the
-softmax of batch i, the transposes of batch i - 1 and the P V and output update of batch i - 2,
-so each engine always has work whose inputs were made a stage earlier. Two score tiles are live
-at once, so a key chunk is 1024 keys (2 PSUM banks of fp32) and a batch's scores fit 2 banks.
+that order took 430 us against 131 us of busiest-engine time). Every batch is a `BatchWork` that
+`run_pipeline` moves through six stages of one engine each (scores, softmax, transposes, P^T
+evictions, P V, output update), issued skewed (PIPELINE_STAGES) so that what a stage reads was
+written a step earlier and no engine's queue waits for another engine's work of the same step
+(with four stages, where the eviction and the output update followed the transposes and the P V
+of the same step, T = 4096 took 8.2 ms instead of 7.7). Two score tiles are live at once, so a
+key chunk is 1024 keys (2 PSUM banks of fp32) and a batch's scores fit 2 banks.
 Loads run one key chunk ahead (the next chunk's K^T and V, with its super block's Q^T when it is
 the block's first, are issued when the current chunk's first batch starts); the kernel's first
 block loads its Q^T in FIRST_BLOCK_Q_PIECES column pieces so the first row tiles start early,
@@ -46,16 +52,17 @@ HEAD_GROUP_SBUF_BYTES, so the three blocks the pipeline can hold at once fit SBU
 chunk later, when the works of the chunk before have left the pipeline, would leave two and allow
 larger groups, but under the cost model the shorter lead costs more than the transfers saved).
 
-Engine balance (the cost report decides): per key column TensorE spends 2 cycles on QK (the
-64-row half of the contraction costs as much as the 128-row half), 1 on the P transpose and 1 on
-PV; VectorE reads every score once (row max), ScalarE once (exp), and the PSUM -> SBUF eviction
+Engine balance (the cost report decides): per key column TensorE spends 1.5 cycles on QK (a pass
+costs its moving columns whatever its rows, so the 64-row passes pair up on the PE array's row
+tiles), 1 on the P transpose and 1 on PV, against 2.5 of roofline; VectorE reads every score once
+(row max), ScalarE once (exp), and the PSUM -> SBUF eviction
 of P^T is split between them (`evict_vector_share`; VectorE copies bf16 out of PSUM in its 2x
 mode, ScalarE at 1x). Row tiles whose keys fit one chunk are processed up to BATCH_TILES at a
-time, so the row max, the P^T eviction and the final 1/l scaling are one instruction per batch (a
-window of 128 keys gives ~143-key tiles, where per-instruction costs would otherwise dominate);
+time, so the P^T eviction and the final 1/l scaling are one instruction per batch (a window of
+128 keys gives ~143-key tiles, where per-instruction costs would otherwise dominate);
 `output_scalar_share` of the tiles instead get their 1/l scaling one by one on ScalarE. A batch
-shares its widest tile's logit columns for QK and the row max; the exp and PV of each tile stop
-at its own last unmasked key (the rest of its P is zeroed by one GpSimd memset per batch).
+shares its widest tile's logit columns for QK; the row max, exp and PV of each tile stop at its
+own last unmasked key (the rest of its P is zeroed by one GpSimd memset per batch).
 `dma_transpose_share` moves that share of the P transposes to the DMA queues, a whole batch at
 a time (one SBUF -> SBUF 3-D `dma_transpose` per batch, each transfer paying its ~1.3 us setup),
 taking work off TensorE, VectorE and ScalarE. SBUF -> SBUF DMA transposes run at up to 50 % of
@@ -63,8 +70,9 @@ DMA throughput (Trainium2 architecture guide; the cost model charges exactly tha
 per key column of 128 rows against 0.4 ns of TensorE plus ~1 ns of PSUM eviction, and in the
 in-order DMA queues a transpose waits for its exp while the loads behind it wait for the
 transpose. DEFAULT_SHARES holds the values swept under the cost model (no DMA transposes: at
-T = 4096 a share of 0.2 took 9.9 ms against 8.3 ms without, 0.4 10.3 ms, 0.1 with P V a stage
-later 8.4 ms). The
+T = 4096, with the four-stage pipeline and unpaired 64-row passes, a share of 0.2 took 9.9 ms
+against 8.3 ms without, 0.4 10.3 ms; with the six stages the eviction share barely matters: 0.3
+7.69 ms against 7.71 at 0.4). The
 transpose rate is an upper bound from the documentation, so that share is the first knob to
 revisit on hardware.
 
