@@ -90,6 +90,10 @@ WEIGHTS_STATIONARY_MAX_TOKENS = 64   # token blocks this short put the weights o
 # Engines that can take an element-wise pass over SBUF operands (rotated to share the load), and
 # the ones that may read PSUM (GpSimd cannot).
 SBUF_ENGINES = (nisa.engine.vector, nisa.engine.gpsimd, nisa.engine.scalar)
+# The dequantisation's turns at prefill: a two-input multiply costs VectorE 2 cycles per element
+# at 0.96 GHz and GpSimd / ScalarE one at 1.2 GHz, so VectorE takes one turn in five.
+DEQUANT_ENGINES = (nisa.engine.gpsimd, nisa.engine.scalar, nisa.engine.vector, nisa.engine.gpsimd,
+                   nisa.engine.scalar)
 PSUM_ENGINES = (nisa.engine.vector, nisa.engine.scalar)
 
 
@@ -199,12 +203,6 @@ def _weight_columns(w, n0, cols):
     return w.reshape((K // P, P, N))[:, :, n0:n0 + cols].permute((1, 0, 2))
 
 
-def _scale_columns(scale, nb0, blocks):
-    """HBM view of scale[:, nb0:nb0+blocks] repeated on all 128 partitions: [128, K/128, blocks]."""
-    KB, NB = scale.shape
-    return scale.ap([[0, P], [NB, KB], [1, blocks]], offset=nb0)
-
-
 def _load_raw_columns(w, n0, cols, k_chunks, kb0=0):
     """Weight columns n0 .. n0+cols-1 of the K blocks kb0 .. kb0+sum(k_chunks)-1 as stored, SBUF
     [128, sum(k_chunks), cols], by one DMA per entry of `k_chunks` (K blocks each; cols-element
@@ -218,21 +216,21 @@ def _load_raw_columns(w, n0, cols, k_chunks, kb0=0):
     return raw
 
 
-def load_weight_tile(w, scale, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
+def load_weight_tile(w, all_scales, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
     """Weight columns n0 .. n0+cols-1 of K blocks kb0 .. kb0+kbs-1 (default all) as bf16 SBUF
-    [128, kbs, cols] (FP8: dequantised on chip, the engines taking turns from `first_turn`);
-    `k_chunks`: K blocks per DMA (default one DMA)."""
+    [128, kbs, cols] (FP8: dequantised on chip with `all_scales`, the block scales already in SBUF
+    as `_load_all_scales` puts them, the engines taking turns from `first_turn`); `k_chunks`: K
+    blocks per DMA (default one DMA)."""
     KT = w.shape[0] // P - kb0 if kbs is None else kbs
     raw = _load_raw_columns(w, n0, cols, [KT] if k_chunks is None else k_chunks, kb0)
-    if scale is None:
+    if all_scales is None:
         return raw
     blocks = cols // P
-    scales = nl.ndarray((P, KT, blocks), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=scales, src=_scale_columns(scale, n0 // P, blocks)[:, kb0:kb0 + KT, :])
+    scales = all_scales[:, kb0:kb0 + KT, n0 // P:n0 // P + blocks]
     tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
     per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
     tile_blocks, raw_blocks = tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P))
-    dequant = EngineRotation(SBUF_ENGINES, first_turn)
+    dequant = EngineRotation(DEQUANT_ENGINES, first_turn)
     for k0 in range(0, KT, per_pass):
         k1 = min(KT, k0 + per_pass)
         # K block kt = scale row kt: each 128-column block times its scale, [128, kb, blocks, 128].
@@ -326,9 +324,9 @@ def _weights_moving_block(tiles, x_t, b0, tb, y_tile, step):
 
 
 def _store(pending, y, epilogue):
-    """Store the pending outputs [(y_tile [rows, blocks, cols], t0, n0, tokens)] (after `epilogue`,
-    block by block) and empty the list: the tile's blocks hold tokens t0 .., `rows` each (the
-    last one ragged), columns n0 ..; the whole blocks go in one DMA.
+    """Store the pending outputs [(y_tile [rows, blocks, cols], t0, n0, tokens)] (after `epilogue`)
+    and empty the list: the tile's blocks hold tokens t0 .., `rows` each (the last one ragged),
+    columns n0 ..; the whole blocks go in one DMA.
 
     Called once the next column group's weight loads are issued: a store waits for its tile's
     matmuls and evictions, and issued first it would hold the DMA queues the weight stream
@@ -336,8 +334,7 @@ def _store(pending, y, epilogue):
     for y_tile, t0, n0, tokens in pending:
         rows, blocks, cols = y_tile.shape
         if epilogue is not None:
-            for b in range(blocks):
-                epilogue(y_tile[0:min(rows, tokens - b * rows), b, :], t0 + b * rows, n0)
+            epilogue(y_tile, t0, n0, tokens)
         full = tokens // rows
         if full:
             dst = y[t0:t0 + full * rows, n0:n0 + cols].reshape((full, rows, cols))
@@ -369,29 +366,45 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, colum
     decode = tg <= WEIGHTS_STATIONARY_MAX_TOKENS
     pending = []
     pending_bytes = 0                                              # per partition
-    for n0 in range(share * col_group, N, shares * col_group):
+    starts = list(range(share * col_group, N, shares * col_group))
+    # Prefill with FP8 weights: the next group's tiles are loaded and dequantised before this
+    # group's matmuls are issued, so the dequantising engines do not wait in their in-order
+    # queues behind this group's evictions while TensorE waits for them.
+    ahead = not decode and k_part == KT and scales[0] is not None
+    prefetched = None
+    for i, n0 in enumerate(starts):
         cols = min(col_group, N - n0)
         if k_part < KT:
             _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending, epilogue)
             continue
         k_chunks = tail_chunks(KT) if decode and n0 + shares * col_group >= N else None
-        tiles = [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
+        tiles = prefetched if prefetched is not None else _load_group(weights, scales, n0, cols, k_chunks)
+        prefetched = None
+        if ahead and i + 1 < len(starts):
+            prefetched = _load_group(weights, scales, starts[i + 1], min(col_group, N - starts[i + 1]), None)
         if not decode or pending_bytes >= STORE_BATCH_BYTES:
             _store(pending, y, None if decode else epilogue)
             pending_bytes = 0
+        # the group's token blocks side by side, so the column group's output is one store
+        y_group = nl.ndarray((min(P, tg), (tg + P - 1) // P, cols), dtype=y.dtype, buffer=nl.sbuf)
         for b0 in range(0, tg, P):
             tb = min(P, tg - b0)
             step = n0 // col_group + b0 // P                       # rotates the eviction engines
-            y_tile = nl.ndarray((tb, cols), dtype=y.dtype, buffer=nl.sbuf)
+            y_tile = y_group[0:tb, b0 // P, :]
             if tb <= WEIGHTS_STATIONARY_MAX_TOKENS:                # a short block: decode or a tail
                 _weights_stationary_block(tiles, x_t[:, :, b0:b0 + tb], None, y_tile, step)
             else:
                 _weights_moving_block(tiles, x_t, b0, tb, y_tile, step)
-            if decode and epilogue is not None:
-                epilogue(y_tile, g0 + b0, n0)
-            pending.append((y_tile.expand_dim(1), g0 + b0, n0, tb))
-            pending_bytes += cols * _element_bytes(y.dtype)
+        if decode and epilogue is not None:
+            epilogue(y_group, g0, n0, tg)
+        pending.append((y_group, g0, n0, tg))
+        pending_bytes += cols * _element_bytes(y.dtype)
     _store(pending, y, None if decode else epilogue)
+
+
+def _load_group(weights, scales, n0, cols, k_chunks):
+    """The bf16 tiles of every weight's columns n0 .. n0+cols-1 (`load_weight_tile`)."""
+    return [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
 
 
 def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending, epilogue):
@@ -440,6 +453,9 @@ def _project_weights_moving(x, weights, scales, y, hooks):
                           max(P, K_SPLIT_X_T_BUDGET // (KT * 2) // P * P))
     else:
         col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
+    # FP8: every block scale on all partitions by one DMA (per column group they would move in
+    # 16-byte runs, a twentieth of the DMA rate)
+    scales = tuple([None if sc is None else _load_all_scales(sc) for sc in scales])
     groups = list(range(0, T, token_group))
     share, shares = lnc_share()
     if len(groups) >= shares:
@@ -484,11 +500,11 @@ def _project_activations_scaled(x, weights, scales, y, hooks):
         k_chunks = tail_chunks(KT) if nb0 + shares * blocks >= NB else [KT]
         for w in weights:
             raws.append(_load_raw_columns(w, nb0 * P, cols, k_chunks))     # fp8 as stored
-        y_tile = nl.ndarray((T, cols), dtype=y.dtype, buffer=nl.sbuf)
-        _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile, step)
+        y_tile = nl.ndarray((T, 1, cols), dtype=y.dtype, buffer=nl.sbuf)
+        _weights_stationary_block(raws, x_t, [st[:, :, nb0:nb0 + nbs] for st in all_scales], y_tile[:, 0, :], step)
         if epilogue is not None:
-            epilogue(y_tile, 0, nb0 * P)
-        pending.append((y_tile.expand_dim(1), 0, nb0 * P, T))
+            epilogue(y_tile, 0, nb0 * P, T)
+        pending.append((y_tile, 0, nb0 * P, T))
     # All stores after the last weight load: a store between two weight loads would hold a DMA
     # engine the next load (over all 16) waits for; at the end the stores run side by side.
     _store(pending, y, None)
@@ -500,8 +516,10 @@ def project(x, weights, scales, y, epilogue=None, prologue=None):
     One weight: y = x @ W. Two weights (SwiGLU gate and up): y = silu(x @ W_0) * (x @ W_1), both
     products accumulated side by side in PSUM and combined on eviction. FP8 weights may come as
     uint8 bytes (`as_fp8`). `prologue(x_t)`, if given, may rewrite each loaded x^T [128, K/128,
-    tokens] (SBUF) before it is used; `epilogue(y_tile, t0, n0)` each output tile [tokens t0..,
-    columns n0..] (SBUF, tokens on partitions) before it is stored. At LNC=2 the
+    tokens] (SBUF) before it is used; `epilogue(y_tile, t0, n0, tokens)` each output tile before
+    it is stored: a whole SBUF tensor [rows, blocks, columns] holding tokens t0 .. t0+tokens-1 in
+    blocks of `rows` (tokens on partitions; the last block may be ragged, its other rows never
+    written), columns n0 ... At LNC=2 the
     programs split the output (columns, or token groups at prefill), each element written once.
     """
     weights = tuple([as_fp8(w) for w in weights])

@@ -65,7 +65,13 @@ class ResidualNorm(nl.NKIObject):
         self.sums = [None] * blocks          # per block: squares summed per column tile [rows, H / 128]
         self.done = [0] * blocks             # columns added so far
 
-    def add_tile(self, o_tile, t0, n0):
+    def add_tile(self, o_group, t0, n0, tokens):
+        """The epilogue: every 128-token block of the output tile [rows, blocks, cols]."""
+        rows, blocks, cols = o_group.shape
+        for b in range(blocks):
+            self.add_block(o_group[0:min(rows, tokens - b * rows), b, :], t0 + b * rows, n0)
+
+    def add_block(self, o_tile, t0, n0):
         rows, cols = o_tile.shape
         H = self.residual.shape[1]
         b = t0 // P

@@ -15,11 +15,11 @@ DMA under the cost model) dominate RMSNorm (one 8 KiB row) and RoPE (a few rows)
 launches they reach a few % of their roofline. Here the norm runs on the x^T the projection loads
 anyway (`project`'s prologue, `rmsnorm.normalise_transposed`: sums of squares per partition, a
 ones matmul across partitions, two multiplies), so the normalised activations never exist in
-HBM; and RoPE runs on every projected [tokens, columns] tile in SBUF before it is stored
-(`project`'s epilogue): q and k never make an HBM round trip either. The rotation is
-the six element-wise instructions of `rope.rotate_half` over all rotary heads of a tile at once
-(a strided SBUF view [tokens, heads, R/2]); cos/sin rows are gathered once per block of tokens by
-an indirect DMA on the positions, from the host's float64-exact table as in kernels/rope.py.
+HBM; and RoPE runs on every projected output tile in SBUF before it is stored (`project`'s
+epilogue): q and k never make an HBM round trip either. The rotation is the six element-wise
+instructions of `rope.rotate_half` over all rotary heads of a tile's token blocks at once (a
+strided SBUF view [tokens, blocks, heads, R/2]); cos/sin rows are gathered once per token group
+by indirect DMAs on the positions, from the host's float64-exact table as in kernels/rope.py.
 
 A rotary range [h*D, h*D + R) never straddles an output tile when R divides 128 and D (tiles are
 multiples of 128 columns), which the kernel requires (MiMo: R = 64, D = 192).
@@ -44,39 +44,53 @@ from mimo_kernels.rope import positions_and_table, rotate_half
 P = nl.tile_size.pmax
 
 
-def _gather_rows(positions, cos_sin_table, t0, n):
-    """cos | sin rows [n, R] fp32 (SBUF) of tokens t0 .. t0+n-1: an indirect DMA on their positions."""
-    R = cos_sin_table.shape[1]
+def gather_rows(dst, positions, cos_sin_table, t0):
+    """dst [n, R] fp32 (SBUF) <- the cos | sin rows of tokens t0 .. t0+n-1: an indirect DMA on
+    their positions."""
+    n, R = dst.shape[0], cos_sin_table.shape[1]
     pos = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=pos, src=positions[t0:t0 + n].reshape((n, 1)))
-    rows = nl.ndarray((n, R), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=rows, src=cos_sin_table.ap([[R, n], [1, R]], vector_offset=pos, indirect_dim=0))
-    return rows
+    nisa.dma_copy(dst=dst, src=cos_sin_table.ap([[R, n], [1, R]], vector_offset=pos, indirect_dim=0))
 
 
 def rope_epilogue(positions, cos_sin_table, rope_heads, head_dim):
     """`project`'s epilogue rotating the first R dims of heads 0 .. rope_heads-1 (columns h*D ..)
-    of each output tile [tokens t0.., columns n0..] in place."""
+    of an output tile [rows, blocks, columns] holding tokens t0 .. t0+tokens-1 (blocks of `rows`,
+    the last one ragged), columns n0 ..: one rotate_half over the whole blocks' rotary heads, one
+    over the ragged block's valid rows. The tile is a whole SBUF tensor, so its rotary columns
+    are an access pattern from its base. cos | sin rows are gathered once per token group."""
     R = cos_sin_table.shape[1]
     half = R // 2
-    gathered = {}          # cos | sin rows per token block, gathered once
+    gathered = {}          # cos | sin rows per token group [rows, blocks, R], gathered once
 
-    def apply(y_tile, t0, n0):
-        tokens, cols = y_tile.shape
+    def apply(y_group, t0, n0, tokens):
+        rows, blocks, cols = y_group.shape
         first = (n0 + head_dim - 1) // head_dim                 # first head starting in the tile
         heads = min(rope_heads, (n0 + cols - 1) // head_dim + 1) - first
         if heads <= 0:
             return
         key = str(t0)
         if key not in gathered:
-            gathered[key] = _gather_rows(positions, cos_sin_table, t0, tokens)
-        rows = gathered[key]
+            table_rows = nl.ndarray((rows, blocks, R), dtype=nl.float32, buffer=nl.sbuf)
+            for b in range(blocks):
+                n = min(rows, tokens - b * rows)
+                gather_rows(table_rows[0:n, b, :], positions, cos_sin_table, t0 + b * rows)
+            gathered[key] = table_rows
+        table_rows = gathered[key]
         start = first * head_dim - n0
-        x1 = y_tile.ap([[cols, tokens], [head_dim, heads], [1, half]], offset=start)
-        x2 = y_tile.ap([[cols, tokens], [head_dim, heads], [1, half]], offset=start + half)
-        cos = rows[:, 0:half].expand_dim(1).broadcast(1, heads)              # [tokens, heads, R/2]
-        sin = rows[:, half:R].expand_dim(1).broadcast(1, heads)
-        rotate_half(x1, x2, cos, sin)
+        full = tokens // rows
+        pieces = [(0, full, rows)] if full else []
+        if full < blocks:
+            pieces.append((full, 1, tokens - full * rows))
+        for b0, nb, n in pieces:
+            # [n tokens, nb blocks, heads, R/2] at columns start + h * D (+ R/2) of blocks b0 ..
+            pattern = [[blocks * cols, n], [cols, nb], [head_dim, heads], [1, half]]
+            x1 = y_group.ap(pattern, offset=b0 * cols + start)
+            x2 = y_group.ap(pattern, offset=b0 * cols + start + half)
+            cs = table_rows[0:n, b0:b0 + nb, :]
+            cos = cs[:, :, 0:half].expand_dim(2).broadcast(2, heads)          # [n, nb, heads, R/2]
+            sin = cs[:, :, half:R].expand_dim(2).broadcast(2, heads)
+            rotate_half(x1, x2, cos, sin)
     return apply
 
 
