@@ -14,8 +14,9 @@ The tiled matmul (`project`) is shared with the dense SwiGLU kernel (kernels/den
 passes two weights (gate and up: h = silu(x Wg) * (x Wu) on PSUM eviction). x is transposed on TensorE once per token group
 (x^T: K on partitions, up to 1024 tokens resident in SBUF); weights are streamed from HBM in column
 groups as [128, K/128, cols] (cols-element contiguous runs per partition; 1024 columns at decode,
-2 KiB bf16 runs), once per token group. Each group's output is stored only after the next group's
-weight loads are issued, so the weight stream never waits behind a store; at decode the outputs
+2 KiB bf16 runs), once per token group. A column group's output, its token blocks side by side in
+one SBUF tile, is one store, issued only after the next group's weight loads, so the weight
+stream never waits behind a store; at decode the outputs
 are stored in batches (every store between two weight loads, over all 16 DMA engines, holds one
 engine they wait for) and the last group streams in K chunks, so that only the matmuls of a
 small last chunk come after the last weight byte.
@@ -37,8 +38,10 @@ Per block of up to 128 tokens, one of two matmul forms:
 
 FP8 weights:
 * more than 64 tokens: each weight tile is dequantised to bf16 in SBUF after the load (one multiply
-  per 128-row K block by its row of block scales, rotating over VectorE / GpSimd / ScalarE), paid
-  once per token group and hidden under the matmuls of its token blocks.
+  per 128-row K block by its row of block scales, in turns over GpSimd, ScalarE and VectorE
+  weighted by their rates), paid once per token group and hidden under the matmuls of its token
+  blocks: the block scales all come first by one DMA, and the next column group's tiles are
+  loaded and dequantised before this group's matmuls are issued.
 * at most 64 tokens (decode): dequantising would cost an engine pass per weight element, slower
   than the DMA of the fp8 bytes. The 128x128 block scale goes on the activations instead: per K
   block, one instruction forms x^T[128 k, T] * scale[kb, nb] for every column block nb of the group,
