@@ -24,7 +24,7 @@ import numpy as np
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch, on_device
 from mimo_kernels.linear import BF16, P, WEIGHTS_STATIONARY_MAX_TOKENS, kernel_weight, project
-from mimo_kernels.rmsnorm import broadcast_row, rmsnorm_rows
+from mimo_kernels.rmsnorm import broadcast_row, rmsnorm_rows, store_normalised_rows
 
 
 @nki.jit
@@ -90,12 +90,7 @@ class ResidualNorm(nl.NKIObject):
         if self.done[b] == H:
             sum_sq = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.tensor_reduce(dst=sum_sq, op=nl.add, data=self.sums[b], axis=1)
-            rstd = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=self.eps)
-            y_rows = nl.ndarray((rows, H), dtype=self.y.dtype, buffer=nl.sbuf)
-            nisa.scalar_tensor_tensor(dst=y_rows, data=self.rows[b], op0=nl.multiply, operand0=rstd,
-                                      op1=nl.multiply, operand1=self.weight_rows[0:rows, :])
-            nisa.dma_copy(dst=self.y[t0:t0 + rows, :], src=y_rows)
+            store_normalised_rows(self.rows[b], sum_sq, self.weight_rows, self.y, t0, self.eps)
             self.rows[b], self.sums[b] = None, None
 
 

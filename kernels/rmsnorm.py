@@ -77,10 +77,17 @@ def _token_major_tile(x, delta, weight_rows, y, total, t0, eps, n=P):
     sum_sq = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=squares, op=nl.square, data=x_tile, reduce_op=nl.add, reduce_res=sum_sq,
                     reduce_cmd=nisa.reduce_cmd.reset_reduce)             # fp32 sum over the row
+    store_normalised_rows(x_tile, sum_sq, weight_rows, y, t0, eps)
+
+
+def store_normalised_rows(x_rows, sum_sq, weight_rows, y, t0, eps):
+    """y[t0 .. t0+n-1] = x_rows * rsqrt(sum_sq / H + eps) * weight: x_rows [n, H] and the rows'
+    fp32 sums of squares sum_sq [n, 1] in SBUF, weight_rows [P, H] the weight on every row."""
+    n, H = x_rows.shape
     rstd = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=sum_sq, scale=1.0 / H, bias=eps)
     y_tile = nl.ndarray((n, H), dtype=y.dtype, buffer=nl.sbuf)
-    nisa.scalar_tensor_tensor(dst=y_tile, data=x_tile, op0=nl.multiply, operand0=rstd,
+    nisa.scalar_tensor_tensor(dst=y_tile, data=x_rows, op0=nl.multiply, operand0=rstd,
                               op1=nl.multiply, operand1=weight_rows[0:n, :])
     nisa.dma_copy(dst=y[t0:t0 + n, :], src=y_tile)                       # SBUF -> HBM
 
