@@ -109,6 +109,19 @@ def rotate_half(x1, x2, cos, sin):
     nisa.tensor_tensor(dst=x2, data1=x2_cos, data2=x1_sin, op=nl.add, engine=gpsimd)
 
 
+def _load_tile(x, positions, cos_sin_table, tile):
+    """HBM -> SBUF: a token tile (t0, n, tpp, ppt) of x as [parts, tpp, heads per partition, D]
+    and its cos | sin rows [parts, tpp, R]."""
+    t0, n, tpp, ppt = tile
+    heads, D = x.shape[1], x.shape[2]
+    shape = (n // tpp * ppt, tpp, heads // ppt, D)          # a contiguous view of x[t0:t0+n]
+    x_tile = nl.ndarray(shape, dtype=x.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_tile, src=x[t0:t0 + n].reshape(shape))
+    cos_sin = nl.ndarray((shape[0], tpp, cos_sin_table.shape[1]), dtype=nl.float32, buffer=nl.sbuf)
+    _gather_cos_sin(positions, cos_sin_table, t0, n, tpp, ppt, cos_sin)
+    return x_tile, cos_sin
+
+
 @nki.jit
 def rope_kernel(x, positions, cos_sin_table):
     """Partial rotate-half RoPE.
@@ -126,13 +139,16 @@ def rope_kernel(x, positions, cos_sin_table):
         raise KernelInputError(f"rope: positions shape {positions.shape} must be ({T},)")
     out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     share, shares = nl.program_id(0), nl.num_programs(0)
-    for t0, n, tpp, ppt in _token_tiles(T, heads, D, shares)[share::shares]:   # LNC=2: tiles split
-        parts, hpp = n // tpp * ppt, heads // ppt          # partitions; heads per partition
-        shape = (parts, tpp, hpp, D)                        # a contiguous view of x[t0:t0+n]
-        x_tile = nl.ndarray(shape, dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=x_tile, src=x[t0:t0 + n].reshape(shape))                # HBM -> SBUF
-        cos_sin = nl.ndarray((parts, tpp, R), dtype=nl.float32, buffer=nl.sbuf)
-        _gather_cos_sin(positions, cos_sin_table, t0, n, tpp, ppt, cos_sin)
+    tiles = _token_tiles(T, heads, D, shares)[share::shares]            # LNC=2: tiles split
+    # Each tile's loads are issued before the previous tile's work and store: the DMA queues run
+    # in order, and a load behind a store would wait for the compute the store waits for.
+    ahead = _load_tile(x, positions, cos_sin_table, tiles[0]) if tiles else None
+    for i, (t0, n, tpp, ppt) in enumerate(tiles):
+        x_tile, cos_sin = ahead
+        if i + 1 < len(tiles):
+            ahead = _load_tile(x, positions, cos_sin_table, tiles[i + 1])
+        hpp = heads // ppt                                  # heads per partition
+        shape = x_tile.shape
         cos = cos_sin[:, :, 0:half].expand_dim(2).broadcast(2, hpp)     # [parts, tpp, hpp, R/2]
         sin = cos_sin[:, :, half:R].expand_dim(2).broadcast(2, hpp)
         x1 = x_tile[:, :, :, 0:half]
