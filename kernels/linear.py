@@ -76,6 +76,7 @@ WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight c
 # accumulators stay open in PSUM over K.
 K_SPLIT_X_T_BUDGET = 128 * 1024
 K_SPLIT_PSUM_BANKS = 4
+PREFETCH_SBUF_MARGIN = 32 * 1024   # SBUF per partition left for output tiles and epilogues when FP8 tiles load ahead
 # Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
 # partition and row, the run length from which the DMA engines reach their rate. The budget is
 # shared by the weights of a group (gate and up), and two groups are live at a time (the next
@@ -219,17 +220,34 @@ def _load_raw_columns(w, n0, cols, k_chunks, kb0=0):
     return raw
 
 
-def load_weight_tile(w, all_scales, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
+class BlockScales(nl.NKIObject):
+    """A FP8 weight's fp32 block scales for the dequantisation: all of them in SBUF (`resident`,
+    [128, K/128, N/128] as `_load_all_scales` puts them), or fetched per tile from HBM (`hbm`
+    [K/128, N/128]) where SBUF has no room for them all (the K-split path's x^T takes it)."""
+
+    def __init__(self, hbm, resident):
+        self.hbm, self.resident = hbm, resident
+
+    def tile(self, kb0: int, kbs: int, nb0: int, blocks: int):
+        """The scales of K blocks kb0 .. kb0+kbs-1 and column blocks nb0 .., [128, kbs, blocks]."""
+        if self.resident is not None:
+            return self.resident[:, kb0:kb0 + kbs, nb0:nb0 + blocks]
+        NB = self.hbm.shape[1]
+        scales = nl.ndarray((P, kbs, blocks), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=scales, src=self.hbm.ap([[0, P], [NB, kbs], [1, blocks]], offset=kb0 * NB + nb0))
+        return scales
+
+
+def load_weight_tile(w, scales, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
     """Weight columns n0 .. n0+cols-1 of K blocks kb0 .. kb0+kbs-1 (default all) as bf16 SBUF
-    [128, kbs, cols] (FP8: dequantised on chip with `all_scales`, the block scales already in SBUF
-    as `_load_all_scales` puts them, the engines taking turns from `first_turn`); `k_chunks`: K
-    blocks per DMA (default one DMA)."""
+    [128, kbs, cols] (FP8: dequantised on chip with `scales`, a BlockScales, the engines taking
+    turns from `first_turn`); `k_chunks`: K blocks per DMA (default one DMA)."""
     KT = w.shape[0] // P - kb0 if kbs is None else kbs
     raw = _load_raw_columns(w, n0, cols, [KT] if k_chunks is None else k_chunks, kb0)
-    if all_scales is None:
+    if scales is None:
         return raw
     blocks = cols // P
-    scales = all_scales[:, kb0:kb0 + KT, n0 // P:n0 // P + blocks]
+    scales = scales.tile(kb0, KT, n0 // P, blocks)
     tile = nl.ndarray((P, KT, cols), dtype=nl.bfloat16, buffer=nl.sbuf)
     per_pass = max(1, DEQUANT_PASS_ELEMS // cols)                # K blocks per instruction
     tile_blocks, raw_blocks = tile.reshape((P, KT, blocks, P)), raw.reshape((P, KT, blocks, P))
@@ -372,8 +390,13 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, colum
     starts = list(range(share * col_group, N, shares * col_group))
     # Prefill with FP8 weights: the next group's tiles are loaded and dequantised before this
     # group's matmuls are issued, so the dequantising engines do not wait in their in-order
-    # queues behind this group's evictions while TensorE waits for them.
-    ahead = not decode and k_part == KT and scales[0] is not None
+    # queues behind this group's evictions while TensorE waits for them; when SBUF holds x^T, the
+    # block scales, two groups' bf16 tiles and one group's fp8 bytes (the dense MLP's gate and up
+    # with 1024 tokens do not fit).
+    group_tiles = len(weights) * KT * col_group * 2
+    resident = tg * KT * 2 + len(weights) * KT * (N // P) * 4 + 2 * group_tiles + group_tiles // 2   # bytes
+    ahead = (not decode and k_part == KT and scales[0] is not None
+             and resident + PREFETCH_SBUF_MARGIN <= nl.tile_size.total_available_sbuf_size)
     prefetched = None
     for i, n0 in enumerate(starts):
         cols = min(col_group, N - n0)
@@ -457,8 +480,9 @@ def _project_weights_moving(x, weights, scales, y, hooks):
     else:
         col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
     # FP8: every block scale on all partitions by one DMA (per column group they would move in
-    # 16-byte runs, a twentieth of the DMA rate)
-    scales = tuple([None if sc is None else _load_all_scales(sc) for sc in scales])
+    # 16-byte runs, a twentieth of the DMA rate), except on the K-split path, whose x^T needs the room
+    scales = tuple([None if sc is None else BlockScales(sc, _load_all_scales(sc) if k_part == KT else None)
+                    for sc in scales])
     groups = list(range(0, T, token_group))
     share, shares = lnc_share()
     if len(groups) >= shares:
