@@ -76,7 +76,7 @@ WEIGHT_BUDGET = 32 * 1024     # SBUF bytes per partition for one (bf16) weight c
 # accumulators stay open in PSUM over K.
 K_SPLIT_X_T_BUDGET = 128 * 1024
 K_SPLIT_PSUM_BANKS = 4
-PREFETCH_SBUF_MARGIN = 32 * 1024   # SBUF per partition left for output tiles and epilogues when FP8 tiles load ahead
+SBUF_MARGIN = 8 * 1024       # per partition, for what `_fp8_prefill_plan` does not count (epilogues, scratch)
 # Decode (every block weights-stationary, x^T small): 1024-column groups, i.e. 2 KiB bf16 runs per
 # partition and row, the run length from which the DMA engines reach their rate. The budget is
 # shared by the weights of a group (gate and up), and two groups are live at a time (the next
@@ -221,12 +221,13 @@ def _load_raw_columns(w, n0, cols, k_chunks, kb0=0):
 
 
 class BlockScales(nl.NKIObject):
-    """A FP8 weight's fp32 block scales for the dequantisation: all of them in SBUF (`resident`,
-    [128, K/128, N/128] as `_load_all_scales` puts them), or fetched per tile from HBM (`hbm`
-    [K/128, N/128]) where SBUF has no room for them all (the K-split path's x^T takes it)."""
+    """A FP8 weight's fp32 block scales for the dequantisation at prefill: all of them in SBUF
+    (`resident`, [128, K/128, N/128] as `_load_all_scales` puts them), or fetched per tile from
+    HBM (`hbm` [K/128, N/128]) where SBUF has no room for them all; `ahead`: each column group's
+    tiles are loaded and dequantised one group ahead (`_fp8_prefill_plan`)."""
 
-    def __init__(self, hbm, resident):
-        self.hbm, self.resident = hbm, resident
+    def __init__(self, hbm, resident, ahead: bool):
+        self.hbm, self.resident, self.ahead = hbm, resident, ahead
 
     def tile(self, kb0: int, kbs: int, nb0: int, blocks: int):
         """The scales of K blocks kb0 .. kb0+kbs-1 and column blocks nb0 .., [128, kbs, blocks]."""
@@ -236,6 +237,24 @@ class BlockScales(nl.NKIObject):
         scales = nl.ndarray((P, kbs, blocks), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=scales, src=self.hbm.ap([[0, P], [NB, kbs], [1, blocks]], offset=kb0 * NB + nb0))
         return scales
+
+
+def _fp8_prefill_plan(token_group, KT, N, col_group, n_weights, k_part):
+    """(block scales resident in SBUF, tiles loaded one group ahead) for FP8 weights at prefill.
+    All the scales by one DMA save their per-group 16-byte runs (a twentieth of the DMA rate);
+    loading the next group's tiles before this group's matmuls are issued keeps the dequantising
+    engines from waiting in their in-order queues behind this group's evictions while TensorE
+    waits for them. Each only when SBUF holds it beside x^T, two groups' bf16 tiles (the loop
+    allocates the next before the last dies), one fp8 tile, two output tiles and SBUF_MARGIN; the
+    K-split path's x^T leaves no room for either."""
+    if k_part < KT:
+        return False, False
+    tiles = n_weights * KT * col_group * 2
+    outputs = 2 * ((token_group + P - 1) // P) * col_group * 2
+    base = token_group * KT * 2 + 2 * tiles + KT * col_group + outputs + SBUF_MARGIN
+    scales = n_weights * KT * (N // P) * 4
+    resident = base + scales <= nl.tile_size.sbuf_size_bytes
+    return resident, resident and base + scales + tiles <= nl.tile_size.sbuf_size_bytes
 
 
 def load_weight_tile(w, scales, n0, cols, first_turn=0, k_chunks=None, kb0=0, kbs=None):
@@ -388,15 +407,7 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, colum
     pending = []
     pending_bytes = 0                                              # per partition
     starts = list(range(share * col_group, N, shares * col_group))
-    # Prefill with FP8 weights: the next group's tiles are loaded and dequantised before this
-    # group's matmuls are issued, so the dequantising engines do not wait in their in-order
-    # queues behind this group's evictions while TensorE waits for them; when SBUF holds x^T, the
-    # block scales, two groups' bf16 tiles and one group's fp8 bytes (the dense MLP's gate and up
-    # with 1024 tokens do not fit).
-    group_tiles = len(weights) * KT * col_group * 2
-    resident = tg * KT * 2 + len(weights) * KT * (N // P) * 4 + 2 * group_tiles + group_tiles // 2   # bytes
-    ahead = (not decode and k_part == KT and scales[0] is not None
-             and resident + PREFETCH_SBUF_MARGIN <= nl.tile_size.total_available_sbuf_size)
+    ahead = not decode and scales[0] is not None and scales[0].ahead
     prefetched = None
     for i, n0 in enumerate(starts):
         cols = min(col_group, N - n0)
@@ -479,10 +490,9 @@ def _project_weights_moving(x, weights, scales, y, hooks):
                           max(P, K_SPLIT_X_T_BUDGET // (KT * 2) // P * P))
     else:
         col_group = max(P, min(MOVING_FMAX, WEIGHT_BUDGET // (KT * 2) // P * P))
-    # FP8: every block scale on all partitions by one DMA (per column group they would move in
-    # 16-byte runs, a twentieth of the DMA rate), except on the K-split path, whose x^T needs the room
-    scales = tuple([None if sc is None else BlockScales(sc, _load_all_scales(sc) if k_part == KT else None)
-                    for sc in scales])
+    if scales[0] is not None:
+        resident, ahead = _fp8_prefill_plan(token_group, KT, weights[0].shape[1], col_group, len(weights), k_part)
+        scales = tuple([BlockScales(sc, _load_all_scales(sc) if resident else None, ahead) for sc in scales])
     groups = list(range(0, T, token_group))
     share, shares = lnc_share()
     if len(groups) >= shares:
