@@ -439,9 +439,10 @@ def _project_token_group(x, g0, tg, weights, scales, col_group, k_part, y, colum
     _store(pending, y, None if decode else epilogue)
 
 
-def _load_group(weights, scales, n0, cols, k_chunks):
-    """The bf16 tiles of every weight's columns n0 .. n0+cols-1 (`load_weight_tile`)."""
-    return [load_weight_tile(w, s, n0, cols, i, k_chunks) for i, (w, s) in enumerate(zip(weights, scales))]
+def _load_group(weights, scales, n0, cols, k_chunks, kb0=0, kbs=None):
+    """The bf16 tiles of every weight's columns n0 .. n0+cols-1, K blocks kb0 .. kb0+kbs-1 (default
+    all; `load_weight_tile`)."""
+    return [load_weight_tile(w, s, n0, cols, i, k_chunks, kb0, kbs) for i, (w, s) in enumerate(zip(weights, scales))]
 
 
 def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending, epilogue):
@@ -456,8 +457,7 @@ def _k_split_column_group(x_t, g0, weights, scales, n0, cols, k_part, y, pending
     accs = [[nl.ndarray((tb, cols), dtype=nl.float32, buffer=nl.psum) for _ in weights] for _, tb in blocks]
     for kb0 in range(0, KT, k_part):
         kbs = min(k_part, KT - kb0)
-        tiles = [load_weight_tile(w, s, n0, cols, i, None, kb0, kbs)
-                 for i, (w, s) in enumerate(zip(weights, scales))]
+        tiles = _load_group(weights, scales, n0, cols, None, kb0, kbs)
         if kb0 == 0:
             _store(pending, y, epilogue)
         for (b0, tb), block_accs in zip(blocks, accs):

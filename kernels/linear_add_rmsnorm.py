@@ -24,7 +24,7 @@ import numpy as np
 from mimo_kernels.backend import nki, nl, nisa
 from mimo_kernels.launch import launch, on_device
 from mimo_kernels.linear import BF16, P, WEIGHTS_STATIONARY_MAX_TOKENS, kernel_weight, project
-from mimo_kernels.rmsnorm import broadcast_row, rmsnorm_rows, store_normalised_rows
+from mimo_kernels.rmsnorm import load_weight_rows, rmsnorm_rows, store_normalised_rows
 
 
 @nki.jit
@@ -56,10 +56,7 @@ class ResidualNorm(nl.NKIObject):
     def __init__(self, residual, norm_weight, y, eps):
         T, H = residual.shape
         self.residual, self.y, self.eps = residual, y, eps
-        w_row = nl.ndarray((1, H), dtype=norm_weight.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_row, src=norm_weight.reshape((1, H)))
-        self.weight_rows = nl.ndarray((P, H), dtype=norm_weight.dtype, buffer=nl.sbuf)
-        broadcast_row(w_row, self.weight_rows)
+        self.weight_rows = load_weight_rows(norm_weight)
         blocks = (T + P - 1) // P
         self.rows = [None] * blocks          # per 128-token block: residual rows, then s
         self.sums = [None] * blocks          # per block: squares summed per column tile [rows, H / 128]

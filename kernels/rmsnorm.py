@@ -47,7 +47,7 @@ TOKEN_MAJOR_MIN_ROWS = 32
 ROW_CHUNK_TILES = 2          # consecutive 128-token tiles moved by one DMA
 
 
-def broadcast_row(row, rows_out):
+def _broadcast_row(row, rows_out):
     """Copy `row` [1, H] (SBUF) to every partition of `rows_out` [P, H] (SBUF) on TensorE.
 
     out[p, h] = ones[0, p] * row[0, h]: a K=1 matmul per 512 columns into PSUM, evicted by ScalarE.
@@ -61,6 +61,16 @@ def broadcast_row(row, rows_out):
         bank = nl.ndarray((P, c1 - c0), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(dst=bank, stationary=ones, moving=row[:, c0:c1])
         nisa.tensor_copy(dst=rows_out[:, c0:c1], src=bank, engine=nisa.engine.scalar)   # PSUM -> SBUF
+
+
+def load_weight_rows(weight):
+    """weight [H] (HBM) on every row of an SBUF [128, H] tile: one 1-row DMA, then `_broadcast_row`."""
+    H = weight.shape[0]
+    w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
+    weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
+    _broadcast_row(w_row, weight_rows)
+    return weight_rows
 
 
 def _rows_view(t, t0, blocks, n):
@@ -210,10 +220,7 @@ def rmsnorm_rows(x, delta, weight, y, total, eps):
     mine = _token_tiles(T, shares)[share::shares]
     layouts = [token_major for _, _, token_major in mine]
     if True in layouts:
-        w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))             # HBM -> SBUF, 1 row
-        weight_rows = nl.ndarray((P, H), dtype=weight.dtype, buffer=nl.sbuf)
-        broadcast_row(w_row, weight_rows)
+        weight_rows = load_weight_rows(weight)
     if False in layouts:
         if not (H % P == 0):
             raise KernelInputError(
